@@ -1,0 +1,263 @@
+"""The ``attnscope`` command line: thin click commands over the library.
+
+Every library error (:class:`~attnscope.errors.AttnscopeError`) is printed as one line
+and exits with status 1; no traceback.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+
+from attnscope import __version__
+from attnscope.errors import AttnscopeError
+
+
+class _Group(click.Group):
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except AttnscopeError as e:
+            msg = " ".join(str(e).split())  # one line, always
+            raise click.ClickException(f"{type(e).__name__}: {msg}") from None
+
+
+def _int_list(ctx: click.Context, param: click.Parameter, value: str | None) -> list[int] | None:
+    if value is None:
+        return None
+    out: list[int] = []
+    try:
+        for part in value.split(","):
+            part = part.strip()
+            if "-" in part[1:]:
+                a, b = part.split("-", 1)
+                out.extend(range(int(a), int(b) + 1))
+            elif part:
+                out.append(int(part))
+    except ValueError:
+        raise click.BadParameter(f"expected integers like '0,2,4-7', got {value!r}") from None
+    return out
+
+
+def _str_list(ctx: click.Context, param: click.Parameter, value: str | None) -> list[str] | None:
+    return None if value is None else [v.strip() for v in value.split(",") if v.strip()]
+
+
+layers_opt = click.option("--layers", callback=_int_list, help="Layer indices, e.g. '0,2', '0-3'.")
+heads_opt = click.option("--heads", callback=_int_list, help="Head indices, e.g. '0,3'.")
+kinds_opt = click.option(
+    "--kinds",
+    callback=_str_list,
+    help="Kinds: self_attention, cross_attention or stack/kind, comma-separated.",
+)
+format_opt = click.option(
+    "--format", "fmt", type=click.Choice(["zarr", "hdf5"]), default=None,
+    help="Archive format (default: from the suffix; .h5 is HDF5, anything else Zarr).",
+)
+progress_opt = click.option("--progress/--no-progress", default=True, help="Progress bar.")
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="attnscope")
+def cli() -> None:
+    """attnscope: capture, store, analyse and render transformer attention."""
+
+
+@cli.command()
+@click.option("--out", type=click.Path(path_type=Path), default=Path("attnscope-demo"),
+              show_default=True, help="Output folder.")
+@format_opt
+@click.option("--batches", default=8, show_default=True, help="Batches to capture.")
+@click.option("--batch-size", default=4, show_default=True, help="Samples per batch.")
+@click.option("--seed", default=0, show_default=True)
+@progress_opt
+def demo(out: Path, fmt: str | None, batches: int, batch_size: int, seed: int,
+         progress: bool) -> None:
+    """Capture, analyse, render and report the built-in model on synthetic inputs.
+
+    The guide's reference model (512 wide, 8 heads, 3+3 layers) with its modality
+    layout (text, robot0_eef_pos, agentview_image, ...) runs BATCHES x BATCH_SIZE samples.
+
+    Example: attnscope demo --out demo --format hdf5
+    """
+    from attnscope.demo import run_demo
+
+    result = run_demo(out, format=fmt, n_batches=batches, batch_size=batch_size, seed=seed,
+                      progress=progress, echo=click.echo)
+    click.echo(f"done in {result['seconds']:.1f} s")
+
+
+@cli.command()
+@click.option("--model", "model_kind", type=click.Choice(["reference", "hf"]), default="reference",
+              show_default=True, help="Built-in reference model or a Hugging Face config.")
+@click.option("--config", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Reference model config JSON (TransformerConfig fields; optional "
+                   "'enc_modalities'/'dec_modalities' token counts).")
+@click.option("--hf-config", type=click.Path(exists=True, path_type=Path),
+              help="Hugging Face config.json (or its folder); random weights, no download.")
+@click.option("--inputs", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Inputs .npz ('enc/<modality>', 'dec/<modality>' arrays (N, n, D); for HF "
+                   "'input_ids' etc.) or .pt (same keys, loaded with weights_only=True).")
+@click.option("--batches", default=4, show_default=True, help="Batches of synthetic inputs.")
+@click.option("--batch-size", default=8, show_default=True)
+@click.option("--seq-len", default=32, show_default=True, help="HF synthetic sequence length.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Archive path.")
+@format_opt
+@layers_opt
+@heads_opt
+@kinds_opt
+@click.option("--dtype", type=click.Choice(["float16", "float32", "bfloat16"]),
+              default="float16", show_default=True)
+@click.option("--topk", type=int, default=None, help="Sparse mode: keep top-k keys per row.")
+@click.option("--device", default=None, help="torch device (default: cuda if available).")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--resume", is_flag=True, help="Continue after the last committed sample.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing archive.")
+@progress_opt
+def capture(model_kind: str, config: Path | None, hf_config: Path | None, inputs: Path | None,
+            batches: int, batch_size: int, seq_len: int, out: Path, fmt: str | None,
+            layers: list[int] | None, heads: list[int] | None, kinds: list[str] | None,
+            dtype: str, topk: int | None, device: str | None, seed: int, resume: bool,
+            overwrite: bool, progress: bool) -> None:
+    """Run a model over batches and stream its attention into an archive.
+
+    Example: attnscope capture --config model.json --batches 16 --batch-size 8 --out run.zarr
+    """
+    from attnscope.capture.cli_support import build_job
+
+    if hf_config is not None:
+        model_kind = "hf"
+    model, source = build_job(model_kind, config=config, hf_config=hf_config, inputs=inputs,
+                              n_batches=batches, batch_size=batch_size, seq_len=seq_len,
+                              seed=seed)
+    from attnscope.capture.job import capture as run_capture
+
+    if device is None:
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    summary = run_capture(model, source, out, layers=layers, heads=heads, kinds=kinds,
+                          dtype=dtype, format=fmt, device=device, resume=resume,
+                          progress=progress, topk=topk, overwrite=overwrite)
+    click.echo(
+        f"{summary.archive}: {summary.samples} samples ({summary.committed} committed), "
+        f"{summary.bytes / 1e6:.1f} MB in {summary.seconds:.2f} s "
+        f"({summary.mb_per_s:.0f} MB/s, {summary.samples_per_s:.0f} samples/s)"
+    )
+
+
+@cli.command()
+@click.argument("archive", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def info(archive: Path, as_json: bool) -> None:
+    """Summarise an archive: layout, arrays, committed samples, provenance.
+
+    Example: attnscope info run.zarr --json
+    """
+    from attnscope.store import format_info
+    from attnscope.store import info as get_info
+
+    data = get_info(archive)
+    click.echo(json.dumps(data, indent=2, default=str) if as_json else format_info(data))
+
+
+@cli.command()
+@click.argument("archive", type=click.Path(path_type=Path))
+@click.option("--tolerance", default=1e-2, show_default=True, help="Row-sum tolerance.")
+def verify(archive: Path, tolerance: float) -> None:
+    """Check structure, committed counts, row sums and NaN/Inf; exit 1 on any problem.
+
+    Example: attnscope verify run.h5
+    """
+    from attnscope.store import verify as run_verify
+
+    report = run_verify(archive, tolerance=tolerance)
+    if not report.ok:
+        raise click.ClickException(f"{archive}: " + "; ".join(report.problems))
+    click.echo(f"{archive}: ok")
+
+
+@cli.command()
+@click.argument("archive", type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Tables folder.")
+@click.option("--topk", default=10, show_default=True, help="Top pairs per head.")
+@click.option("--sink-token", default=0, show_default=True, help="Token for the sink score.")
+@click.option("--workers", default=1, show_default=True, help="Local parallel workers.")
+@click.option("--scheduler", default=None, help="Dask distributed scheduler address.")
+@progress_opt
+def analyze(archive: Path, out: Path, topk: int, sink_token: int, workers: int,
+            scheduler: str | None, progress: bool) -> None:
+    """Compute attention metrics into Parquet tables (+ attention_statistics.json).
+
+    Example: attnscope analyze run.zarr --out tables --workers 2
+    """
+    from attnscope.analysis import analyze as run_analyze
+
+    paths = run_analyze(archive, out, topk=topk, sink_token=sink_token, workers=workers,
+                        scheduler=scheduler, progress=progress)
+    for name, p in paths.items():
+        click.echo(f"{name}: {p}")
+
+
+@cli.command()
+@click.argument("archive", type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Figures folder.")
+@layers_opt
+@heads_opt
+@click.option("--samples", callback=_int_list, help="Sample indices (default: 0).")
+@kinds_opt
+@click.option("--what", callback=_str_list, default="heatmap,grid,layers,flow,tables",
+              show_default=True, help="Figure families.")
+@click.option("--tables", "tables_dir", type=click.Path(path_type=Path), default=None,
+              help="Analysis tables folder (for --what tables).")
+@click.option("--fmt", type=click.Choice(["png", "svg", "pdf"]), default="png", show_default=True)
+@progress_opt
+def render(archive: Path, out: Path, layers: list[int] | None, heads: list[int] | None,
+           samples: list[int] | None, kinds: list[str] | None, what: list[str],
+           tables_dir: Path | None, fmt: str, progress: bool) -> None:
+    """Render heatmaps, head grids, layer comparisons and flows from an archive.
+
+    Example: attnscope render run.zarr --out figs --layers 0 --heads 0,3 --what heatmap,flow
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from attnscope.render import render_archive
+
+    files = render_archive(archive, out, layers=layers, heads=heads, samples=samples,
+                           kinds=kinds, what=tuple(what), tables_dir=tables_dir, fmt=fmt,
+                           progress=progress)
+    click.echo(f"wrote {len(files)} files to {out}")
+
+
+@cli.command()
+@click.argument("archive", type=click.Path(path_type=Path))
+@click.option("--tables", "tables_dir", type=click.Path(path_type=Path), default=None,
+              help="Analysis tables folder (computed into a temp folder if absent).")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("report.html"),
+              show_default=True)
+@click.option("--sample", default=0, show_default=True, help="Sample shown in the figures.")
+def report(archive: Path, tables_dir: Path | None, out: Path, sample: int) -> None:
+    """Write one self-contained HTML report (figures embedded, works from file://).
+
+    Example: attnscope report run.zarr --tables tables --out report.html
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from attnscope.render.report import write_report
+
+    path = write_report(archive, out, tables_dir=tables_dir, sample=sample)
+    click.echo(f"report: {path}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point."""
+    cli.main(args=argv, prog_name="attnscope")
+
+
+if __name__ == "__main__":
+    main()
