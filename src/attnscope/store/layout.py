@@ -70,7 +70,7 @@ class SideLayout:
 
     @classmethod
     def from_labels(cls, labels: Sequence[str], name: str = "tokens") -> SideLayout:
-        """One segment holding all tokens, with the given per-token labels (e.g. from a tokenizer)."""
+        """One segment holding all tokens, labelled (e.g. by a tokenizer)."""
         return cls((Segment(name, 0, len(labels)),), tuple(str(x) for x in labels))
 
     @property

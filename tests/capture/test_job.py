@@ -1,0 +1,359 @@
+"""Capture jobs: streaming into archives, selection, resume, bounded memory, other models."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from attnscope.capture import Transformer
+from attnscope.capture.job import capture
+from attnscope.capture.synthetic import synthetic_batches
+from attnscope.errors import CaptureError, ConfigError, SelectionError
+from attnscope.store import ArchiveWriter, open_archive
+
+ENC = {"text": 5, "robot0_eef_pos": 1, "agentview_image": 4}
+DEC = {"text": 3, "traj": 4}
+
+
+@pytest.fixture
+def model() -> Transformer:
+    torch.manual_seed(0)
+    return Transformer(32, 16, 4, 2, 2).eval()
+
+
+def batches(n: int = 3, b: int = 2, seed: int = 0) -> list:
+    return list(synthetic_batches(n, b, 32, enc=ENC, dec=DEC, seed=seed))
+
+
+def reference_weights(model: Transformer, data: list) -> dict[str, np.ndarray]:
+    out: dict[str, list] = {}
+    for enc, dec in data:
+        _, w = model(enc, dec, return_attention_weights=True)
+        for stack, layers in w.items():
+            for i, layer in enumerate(layers):
+                for kind, t in layer.items():
+                    out.setdefault(f"{stack}/{i}/{kind}", []).append(t.numpy())
+    return {k: np.concatenate(v) for k, v in out.items()}
+
+
+@pytest.mark.parametrize("suffix", [".zarr", ".h5"])
+def test_capture_writes_every_array_equal_to_model_weights(model, tmp_path, suffix) -> None:
+    data = batches()
+    s = capture(model, data, tmp_path / f"run{suffix}", progress=False)
+    assert s.samples == 6 and s.committed == 6 and s.batches == 3
+    ref = reference_weights(model, data)
+    with open_archive(tmp_path / f"run{suffix}") as a:
+        assert a.n_samples == 6
+        assert sorted(a.arrays()) == sorted(ref)
+        for name, want in ref.items():
+            got = a[name][:]
+            assert got.dtype == np.float16
+            np.testing.assert_allclose(got, want, atol=1e-3)
+        assert [s.name for s in a.layout.encoder.segments] == list(ENC)
+        assert a.layout.decoder.labels[4] == "traj[1]"
+        assert a.metadata["model_config"]["embed_dim"] == 32
+    assert s.bytes == sum(v.size * 2 for v in ref.values())
+
+
+def test_selection_of_layers_heads_kinds_happens_before_storage(model, tmp_path) -> None:
+    data = batches()
+    capture(
+        model,
+        data,
+        tmp_path / "sel.zarr",
+        layers=[1],
+        heads=[0, 3],
+        kinds=["cross_attention"],
+        dtype="float32",
+        progress=False,
+    )
+    ref = reference_weights(model, data)
+    with open_archive(tmp_path / "sel.zarr") as a:
+        assert a.arrays() == ["decoder/1/cross_attention"]
+        assert a.heads("decoder/1/cross_attention") == [0, 3]
+        got = a["decoder/1/cross_attention"][:]
+        assert got.dtype == np.float32
+        np.testing.assert_allclose(got, ref["decoder/1/cross_attention"][:, [0, 3]], atol=1e-6)
+
+
+def test_unselected_modules_stay_on_the_fused_path(model, tmp_path, monkeypatch) -> None:
+    calls = []
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    capture(
+        model, batches(1), tmp_path / "a.zarr", kinds=["encoder/self_attention"], progress=False
+    )
+    assert len(calls) == 4  # 2 decoder layers x (self + cross) ran fused; 2 encoder did not
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "exc", "needle"),
+    [
+        ({"layers": [5]}, SelectionError, "[5]"),
+        ({"kinds": ["bogus"]}, SelectionError, "bogus"),
+        ({"heads": [9]}, SelectionError, "[9]"),
+        ({"dtype": "int8"}, ConfigError, "int8"),
+        ({"topk": 99}, ConfigError, "99"),
+    ],
+)
+def test_bad_selection_is_a_clear_error(model, tmp_path, kwargs, exc, needle) -> None:
+    with pytest.raises(exc, match=None) as info:
+        capture(model, batches(1), tmp_path / "x.zarr", progress=False, **kwargs)
+    assert needle in str(info.value)
+
+
+def test_resume_skips_committed_samples_without_duplicates(model, tmp_path) -> None:
+    data = batches(4)
+    path = tmp_path / "r.zarr"
+    capture(model, data[:2], path, progress=False)
+    s = capture(model, data, path, resume=True, progress=False)
+    assert s.samples == 4 and s.committed == 8
+    ref = reference_weights(model, data)
+    with open_archive(path) as a:
+        np.testing.assert_allclose(
+            a["encoder/0/self_attention"][:], ref["encoder/0/self_attention"], atol=1e-3
+        )
+
+
+def test_resume_mid_batch_appends_only_the_missing_tail(model, tmp_path) -> None:
+    data = batches(3)
+    path = tmp_path / "r.h5"
+    capture(model, data[:1], path, progress=False)  # 2 samples
+    ref = reference_weights(model, data)
+    with ArchiveWriter.open(path) as w:  # one more sample, as if a run died mid-batch
+        w.append({k: v[2:3] for k, v in ref.items()})
+    s = capture(model, data, path, resume=True, progress=False)
+    assert s.samples == 3
+    with open_archive(path) as a:
+        assert a.n_samples == 6
+        np.testing.assert_allclose(
+            a["decoder/1/self_attention"][:], ref["decoder/1/self_attention"], atol=1e-3
+        )
+
+
+def test_sample_ids_are_stored(model, tmp_path) -> None:
+    ids = {"episode": np.arange(6) // 3, "step": np.arange(6) % 3}
+    capture(model, batches(), tmp_path / "ids.zarr", sample_ids=ids, progress=False)
+    with open_archive(tmp_path / "ids.zarr") as a:
+        np.testing.assert_array_equal(a.sample_ids["episode"], ids["episode"])
+        np.testing.assert_array_equal(a.sample_ids["step"], ids["step"])
+
+
+def test_memory_is_bounded_by_the_queue(model, tmp_path, monkeypatch) -> None:
+    """The producer never runs more than queue_depth + 2 batches ahead of the writer."""
+    produced, written, lead = [0], [0], []
+    real_append = ArchiveWriter.append
+
+    def slow_append(self, *a, **k):
+        time.sleep(0.02)
+        out = real_append(self, *a, **k)
+        written[0] += 1
+        return out
+
+    monkeypatch.setattr(ArchiveWriter, "append", slow_append)
+
+    def source():
+        for b in synthetic_batches(12, 2, 32, enc=ENC, dec=DEC):
+            produced[0] += 1
+            lead.append(produced[0] - written[0])
+            yield b
+
+    capture(model, source(), tmp_path / "q.zarr", queue_depth=2, progress=False)
+    assert written[0] == 12
+    assert max(lead) <= 2 + 2
+    assert max(lead) >= 3  # the writer really lagged: the bound was exercised
+
+
+def test_sparse_topk_capture(model, tmp_path) -> None:
+    data = batches(2)
+    capture(model, data, tmp_path / "sp.zarr", topk=3, progress=False)
+    ref = reference_weights(model, data)["encoder/0/self_attention"]
+    with open_archive(tmp_path / "sp.zarr") as a:
+        assert a.mode == "sparse" and a.topk == 3
+        vals, idx, resid = a["encoder/0/self_attention"].topk_arrays(slice(0, 4))
+        want_idx = np.argsort(-ref, axis=-1)[..., :3]
+        np.testing.assert_allclose(vals, np.take_along_axis(ref, want_idx, -1), atol=1e-3)
+        np.testing.assert_allclose(
+            resid, 1 - np.take_along_axis(ref, want_idx, -1).sum(-1), atol=5e-3
+        )
+
+
+def test_writer_crash_leaves_committed_batches(tmp_path) -> None:
+    """Kill a capture process mid-run: the archive opens with whole committed batches."""
+    path = tmp_path / "crash.zarr"
+    script = textwrap.dedent(f"""
+        import time, torch
+        from attnscope.capture import Transformer
+        from attnscope.capture.job import capture
+        from attnscope.capture.synthetic import synthetic_batches
+        torch.manual_seed(0)
+        m = Transformer(32, 16, 4, 2, 2).eval()
+        def slow():
+            for i, b in enumerate(synthetic_batches(1000, 2, 32, enc={ENC!r}, dec={DEC!r})):
+                if i == 3:
+                    print("ready", flush=True)
+                yield b
+                time.sleep(0.01)
+        capture(m, slow(), {str(path)!r}, progress=False)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    time.sleep(0.3)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    with open_archive(path) as a:
+        n = a.n_samples
+        assert n >= 2 and n % 2 == 0
+        x = a["decoder/1/cross_attention"][:].astype(np.float32)
+        np.testing.assert_allclose(x.sum(-1), 1, atol=1e-2)  # no torn (zero) sample
+    # resume after the crash continues from n with no duplicates
+    torch.manual_seed(0)
+    m = Transformer(32, 16, 4, 2, 2).eval()
+    data = list(synthetic_batches(n // 2 + 2, 2, 32, enc=ENC, dec=DEC))
+    s = capture(m, data, path, resume=True, progress=False)
+    assert s.committed == n + 4
+    ref = reference_weights(m, data)
+    with open_archive(path) as a:
+        np.testing.assert_allclose(
+            a["encoder/1/self_attention"][:], ref["encoder/1/self_attention"], atol=1e-3
+        )
+
+
+# -- models beyond ours ---------------------------------------------------------------
+
+
+def test_torch_nn_transformer_all_three_kinds(tmp_path) -> None:
+    torch.manual_seed(0)
+    net = nn.Transformer(
+        d_model=16,
+        nhead=2,
+        num_encoder_layers=2,
+        num_decoder_layers=1,
+        dim_feedforward=32,
+        batch_first=True,
+    ).eval()
+    data = [(torch.randn(3, 7, 16), torch.randn(3, 5, 16)) for _ in range(2)]
+    capture(net, data, tmp_path / "nn.zarr", dtype="float32", progress=False)
+    with open_archive(tmp_path / "nn.zarr") as a:
+        assert a.arrays() == [
+            "encoder/0/self_attention",
+            "encoder/1/self_attention",
+            "decoder/0/self_attention",
+            "decoder/0/cross_attention",
+        ]
+        assert a["decoder/0/cross_attention"].shape == (6, 2, 5, 7)
+        # encoder layer 0 weights equal a direct MHA call on the same input
+        src = data[0][0]
+        mha = net.encoder.layers[0].self_attn
+        _, want = mha(src, src, src, need_weights=True, average_attn_weights=False)
+        np.testing.assert_allclose(
+            a["encoder/0/self_attention"][:3], want.detach().numpy(), atol=1e-6
+        )
+
+
+def test_plain_encoder_stack_bypasses_fast_path(tmp_path) -> None:
+    torch.manual_seed(0)
+    net = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, batch_first=True), 2).eval()
+    capture(net, [torch.randn(2, 6, 16)], tmp_path / "e.h5", progress=False)
+    with open_archive(tmp_path / "e.h5") as a:
+        assert a.arrays() == ["encoder/0/self_attention", "encoder/1/self_attention"]
+        assert a.n_samples == 2
+
+
+def test_model_without_attention_is_refused(tmp_path) -> None:
+    with pytest.raises(CaptureError, match="Adapter"):
+        capture(nn.Linear(3, 3), [torch.randn(1, 3)], tmp_path / "x.zarr", progress=False)
+
+
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(autouse=False)
+def quiet_hf():
+    transformers.logging.set_verbosity_error()
+    yield
+
+
+def test_hf_encoder_only_with_tokenizer_labels(tmp_path, quiet_hf) -> None:
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    bert = BertModel(
+        BertConfig(
+            vocab_size=50,
+            hidden_size=16,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=32,
+        )
+    ).eval()
+
+    class Tok:
+        def convert_ids_to_tokens(self, ids):
+            return [f"tok{i}" for i in ids]
+
+    ids = torch.randint(0, 50, (2, 6))
+    capture(bert, [{"input_ids": ids}], tmp_path / "bert.zarr", tokenizer=Tok(), progress=False)
+    with open_archive(tmp_path / "bert.zarr") as a:
+        assert a.arrays() == ["encoder/0/self_attention", "encoder/1/self_attention"]
+        assert list(a.layout.encoder.labels) == [f"tok{i}" for i in ids[0].tolist()]
+        want = bert(input_ids=ids, output_attentions=True).attentions[1].detach().numpy()
+        np.testing.assert_allclose(a["encoder/1/self_attention"][:], want, atol=1e-3)
+
+
+def test_hf_decoder_only_is_causal(tmp_path, quiet_hf) -> None:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    gpt = GPT2LMHeadModel(
+        GPT2Config(vocab_size=50, n_embd=16, n_layer=2, n_head=2, bos_token_id=0, eos_token_id=0)
+    ).eval()
+    capture(gpt, [{"input_ids": torch.randint(0, 50, (2, 6))}], tmp_path / "g.zarr", progress=False)
+    with open_archive(tmp_path / "g.zarr") as a:
+        assert a.arrays() == ["decoder/0/self_attention", "decoder/1/self_attention"]
+        x = a["decoder/0/self_attention"][:]
+        assert (x[..., np.triu_indices(6, 1)[0], np.triu_indices(6, 1)[1]] == 0).all()
+
+
+def test_hf_encoder_decoder_cross_attention(tmp_path, quiet_hf) -> None:
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    torch.manual_seed(0)
+    cfg = BartConfig(
+        vocab_size=50,
+        d_model=16,
+        encoder_layers=1,
+        decoder_layers=1,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=32,
+        decoder_ffn_dim=32,
+        max_position_embeddings=32,
+    )
+    bart = BartForConditionalGeneration(cfg).eval()
+    batch = {
+        "input_ids": torch.randint(3, 50, (2, 7)),
+        "decoder_input_ids": torch.randint(3, 50, (2, 4)),
+    }
+    capture(bart, [batch], tmp_path / "b.h5", progress=False)
+    with open_archive(tmp_path / "b.h5") as a:
+        assert a.arrays() == [
+            "encoder/0/self_attention",
+            "decoder/0/self_attention",
+            "decoder/0/cross_attention",
+        ]
+        assert a["decoder/0/cross_attention"].shape == (2, 2, 4, 7)
