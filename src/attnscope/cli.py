@@ -116,12 +116,15 @@ def demo(out: Path, fmt: str | None, batches: int, batch_size: int, seed: int,
 @click.option("--seed", default=0, show_default=True)
 @click.option("--resume", is_flag=True, help="Continue after the last committed sample.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing archive.")
+@click.option("--rank", type=int, default=None,
+              help="This process's rank in a multi-process capture (Zarr).")
+@click.option("--world-size", type=int, default=None, help="Number of capture processes.")
 @progress_opt
 def capture(model_kind: str, config: Path | None, hf_config: Path | None, inputs: Path | None,
             batches: int, batch_size: int, seq_len: int, out: Path, fmt: str | None,
             layers: list[int] | None, heads: list[int] | None, kinds: list[str] | None,
             dtype: str, topk: int | None, device: str | None, seed: int, resume: bool,
-            overwrite: bool, progress: bool) -> None:
+            overwrite: bool, rank: int | None, world_size: int | None, progress: bool) -> None:
     """Run a model over batches and stream its attention into an archive.
 
     Example: attnscope capture --config model.json --batches 16 --batch-size 8 --out run.zarr
@@ -141,7 +144,8 @@ def capture(model_kind: str, config: Path | None, hf_config: Path | None, inputs
         device = "cuda" if torch.cuda.is_available() else "cpu"
     summary = run_capture(model, source, out, layers=layers, heads=heads, kinds=kinds,
                           dtype=dtype, format=fmt, device=device, resume=resume,
-                          progress=progress, topk=topk, overwrite=overwrite)
+                          progress=progress, topk=topk, overwrite=overwrite, rank=rank,
+                          world_size=world_size)
     click.echo(
         f"{summary.archive}: {summary.samples} samples ({summary.committed} committed), "
         f"{summary.bytes / 1e6:.1f} MB in {summary.seconds:.2f} s "

@@ -357,3 +357,43 @@ def test_hf_encoder_decoder_cross_attention(tmp_path, quiet_hf) -> None:
             "decoder/0/cross_attention",
         ]
         assert a["decoder/0/cross_attention"].shape == (2, 2, 4, 7)
+
+
+def test_two_processes_write_disjoint_ranges_of_one_archive(tmp_path) -> None:
+    path = tmp_path / "mp.zarr"
+    script = textwrap.dedent(f"""
+        import sys, torch
+        from attnscope.capture import Transformer
+        from attnscope.capture.job import capture
+        from attnscope.capture.synthetic import synthetic_batches
+        torch.manual_seed(0)
+        m = Transformer(32, 16, 4, 2, 2).eval()
+        data = list(synthetic_batches(5, 2, 32, enc={ENC!r}, dec={DEC!r}))
+        s = capture(m, data, {str(path)!r}, rank=int(sys.argv[1]), world_size=2, progress=False)
+        print(s.samples)
+    """)
+    procs = [
+        subprocess.Popen([sys.executable, "-c", script, str(r)], stdout=subprocess.PIPE, text=True)
+        for r in (1, 0)  # rank 1 starts first and must wait for rank 0's archive
+    ]
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0]
+    assert sorted(int(o.split()[-1]) for o in outs) == [4, 6]  # batches 0-1 and 2-4
+    torch.manual_seed(0)
+    m = Transformer(32, 16, 4, 2, 2).eval()
+    ref = reference_weights(m, batches(5))
+    from attnscope.store import verify
+
+    assert verify(path).ok
+    with open_archive(path) as a:
+        assert a.n_samples == 10
+        for name, want in ref.items():
+            np.testing.assert_allclose(a[name][:], want, atol=1e-3)
+
+
+def test_multi_process_needs_sized_batches(model, tmp_path) -> None:
+    with pytest.raises(ConfigError, match="len"):
+        capture(model, iter(batches(2)), tmp_path / "x.zarr", rank=0, world_size=2,
+                progress=False)
+    with pytest.raises(ConfigError, match="rank"):
+        capture(model, batches(2), tmp_path / "x.zarr", rank=2, world_size=2, progress=False)

@@ -1,0 +1,56 @@
+"""Out-of-core attention analysis: metrics on blocks, Parquet tables, the guide's statistics JSON.
+
+Reads archives only; never imports torch.
+
+Examples
+--------
+>>> from attnscope.analysis import analyze, load_table  # doctest: +SKIP
+>>> paths = analyze("run.zarr", "out/", topk=10, workers=2)  # doctest: +SKIP
+>>> load_table("out/", "head_stats", archive="run.zarr").head()  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from attnscope.analysis._engine import AVERAGE_HEAD, densify_topk
+from attnscope.analysis.api import analyze
+from attnscope.analysis.metrics import (
+    allowed_keys,
+    as_float32,
+    distance_matrix,
+    head_similarity_cosine,
+    head_similarity_js,
+    mean_distance,
+    normalized_entropy,
+    row_entropy,
+    row_max,
+    segment_mass,
+    sink_score,
+    top_k_pairs,
+    top_k_pairs_block,
+)
+from attnscope.analysis.statistics import statistics_json
+from attnscope.analysis.tables import TABLE_SCHEMAS, TABLES, StaleTableError, load_table
+
+__all__ = [
+    "AVERAGE_HEAD",
+    "TABLES",
+    "TABLE_SCHEMAS",
+    "StaleTableError",
+    "allowed_keys",
+    "analyze",
+    "as_float32",
+    "densify_topk",
+    "distance_matrix",
+    "head_similarity_cosine",
+    "head_similarity_js",
+    "load_table",
+    "mean_distance",
+    "normalized_entropy",
+    "row_entropy",
+    "row_max",
+    "segment_mass",
+    "sink_score",
+    "statistics_json",
+    "top_k_pairs",
+    "top_k_pairs_block",
+]

@@ -13,6 +13,7 @@ batches run.
 
 from __future__ import annotations
 
+import math
 import os
 import queue
 import sys
@@ -28,7 +29,7 @@ import torch
 from torch import nn
 
 from attnscope.capture.adapters import Adapter, adapter_for, iter_wanted
-from attnscope.errors import ConfigError, SelectionError
+from attnscope.errors import AttnscopeError, CaptureError, ConfigError, SelectionError
 from attnscope.store import ArchiveWriter
 
 __all__ = ["capture", "CaptureSummary"]
@@ -136,6 +137,9 @@ def capture(
     validate: bool = True,
     queue_depth: int = 2,
     total: int | None = None,
+    rank: int | None = None,
+    world_size: int | None = None,
+    wait_s: float = 300.0,
 ) -> CaptureSummary:
     """Run ``model`` over ``batches`` and append every batch's attention to an archive.
 
@@ -166,6 +170,13 @@ def capture(
         remaining mass) instead of dense ``(T, S)`` matrices.
     queue_depth
         Batches that may wait for the writer thread; bounds host memory.
+    total
+        Number of samples ``batches`` yields (progress bar; multi-process capacity).
+    rank, world_size
+        Multi-process capture into one Zarr archive: every process passes the same
+        ``batches`` (equal-sized batches, ``len()`` known) and its own ``rank``; rank ``r``
+        runs only its contiguous share of batches and writes that disjoint sample range.
+        Rank 0 creates the archive; the others wait up to ``wait_s`` seconds for it.
 
     Returns
     -------
@@ -193,7 +204,8 @@ def capture(
 
     writer: ArchiveWriter | None = None
     skip = 0
-    if resume and path.exists():
+    shard = _shard(batches, rank, world_size, sample_ids, total)
+    if shard is None and resume and path.exists():
         writer = ArchiveWriter.open(path, mode="a")
         skip = writer.committed
 
@@ -237,7 +249,11 @@ def capture(
         for bi, batch in enumerate(batches):
             if failure:
                 break
+            if shard is not None and not shard.first_batch <= bi < shard.stop_batch:
+                continue
             bsz = adapter.batch_size(batch)
+            if shard is not None and bi == shard.first_batch:
+                pos = bi * bsz  # equal-sized batches: this rank's first sample
             if pos + bsz <= skip:  # already committed by an earlier run
                 pos += bsz
                 continue
@@ -280,9 +296,7 @@ def capture(
                 raise SelectionError(f"the model produced no weights for {missing}")
             fence = copier.fence()
             if writer is None:
-                writer = ArchiveWriter.create(
-                    path,
-                    adapter.layout(batch, shapes),
+                create_kw = dict(
                     format=format,
                     dtype=dtype,
                     model_config=adapter.config(),
@@ -294,6 +308,21 @@ def capture(
                     validate=validate,
                     overwrite=overwrite,
                 )
+                layout = adapter.layout(batch, shapes)
+                if shard is None:
+                    writer = ArchiveWriter.create(path, layout, **create_kw)
+                else:
+                    writer = shard.open_writer(path, layout, shapes, bsz, create_kw, wait_s)
+                    if writer.committed:  # this rank resumes after its own committed samples
+                        skip = pos + writer.committed
+                        drop = max(0, skip - pos)
+                        if drop >= bsz:
+                            pos += bsz
+                            continue
+                        captured = {
+                            n: (v[0][drop:], v[1][drop:]) if isinstance(v, tuple) else v[drop:]
+                            for n, v in captured.items()
+                        }
             if thread is None:
                 thread = threading.Thread(target=write_loop, name="attnscope-writer", daemon=True)
                 thread.start()
@@ -381,3 +410,77 @@ def _batch_ids(
         # ids of the whole batch; keep the tail that is written (resume may drop a head)
         return {k: np.asarray(v)[-(stop - start) :] for k, v in sample_ids(bi, batch).items()}
     return {k: np.asarray(v)[start:stop] for k, v in sample_ids.items()}
+
+
+@dataclass
+class _Shard:
+    """One rank's contiguous share of the batches, and how it joins the shared archive."""
+
+    rank: int
+    n_batches: int  # batches of the whole job, over all ranks
+    first_batch: int
+    stop_batch: int
+    total: int | None
+
+    def open_writer(
+        self,
+        path: Path,
+        layout: Any,
+        shapes: dict[str, tuple[int, ...]],
+        bsz: int,
+        create_kw: dict[str, Any],
+        wait_s: float,
+    ) -> ArchiveWriter:
+        from attnscope.store import open_archive
+        from attnscope.store._base import choose_chunks
+
+        capacity = self.total if self.total is not None else self.n_batches * bsz
+        a = self.first_batch * bsz
+        b = min(capacity, self.stop_batch * bsz)
+        if self.rank == 0 and not path.exists():
+            itemsize = 4 if create_kw["dtype"] == "float32" else 2
+            specs = {n: tuple(int(x) for x in shp[1:]) for n, shp in shapes.items()}
+            # Chunks along samples must divide the batch size so that ranks never share one.
+            cs = min(choose_chunks(*v, itemsize)[0] for v in specs.values())
+            cs = math.gcd(cs, bsz)
+            if create_kw["heads"]:
+                specs = {n: (len(create_kw["heads"][n]), *v[1:]) for n, v in specs.items()}
+            ArchiveWriter.create(
+                path, layout, capacity=capacity, arrays=specs, chunk_samples=cs, **create_kw
+            ).close()
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                with open_archive(path) as arch:
+                    if arch.arrays():
+                        break
+            except AttnscopeError:
+                pass
+            if time.monotonic() > deadline:
+                raise CaptureError(
+                    f"rank {self.rank}: archive {path} was not created by rank 0 within {wait_s} s"
+                )
+            time.sleep(0.2)
+        return ArchiveWriter.open(path, sample_range=(a, b))
+
+
+def _shard(
+    batches: Any, rank: int | None, world_size: int | None, sample_ids: Any, total: int | None
+) -> _Shard | None:
+    if rank is None and world_size is None:
+        return None
+    if rank is None or world_size is None or not 0 <= rank < world_size:
+        raise ConfigError(
+            f"rank and world_size go together with 0 <= rank < world_size, got rank={rank}, "
+            f"world_size={world_size}"
+        )
+    try:
+        n = len(batches)
+    except TypeError:
+        raise ConfigError(
+            "multi-process capture needs batches with a len() (e.g. a list or DataLoader), "
+            f"got {type(batches).__name__}"
+        ) from None
+    if sample_ids is not None:
+        raise ConfigError("sample_ids are not supported in multi-process capture yet")
+    return _Shard(rank, n, rank * n // world_size, (rank + 1) * n // world_size, total)

@@ -1,0 +1,500 @@
+"""Benchmark: what capturing attention costs next to plain inference, on the same model and batches.
+
+Usage::
+
+    python scripts/bench_capture.py --markdown          # full run, CPU (a few minutes on 2 cores)
+    python scripts/bench_capture.py --quick             # smoke configuration, tiny models
+    python scripts/bench_capture.py --device cuda       # + peak device memory per row
+
+Workloads (``--workloads``, default all three):
+
+* ``guide``: the reference ``Transformer`` at the guide's size (512 wide, 8 heads, 3 + 3
+  layers, S = T = 29 tokens), random weights sharpened by ``demo_model``;
+* ``long``: the same model with 256 encoder and 256 decoder tokens;
+* ``bert``: a Hugging Face ``BertModel`` with all-MiniLM-L6-v2's shape (6 layers x 12
+  heads, hidden 384, 128 tokens, batch 32), random weights, nothing downloaded.
+
+Rows of each workload:
+
+* ``plain``: inference only, fused SDPA, no weights (the compute limit);
+* ``weights``: inference with the weights materialised and dropped (explicit softmax path
+  of the reference model; HF ``eager`` + ``output_attentions=True``);
+* ``torch.save`` (HF only): ``output_attentions=True`` then ``torch.save`` of the whole
+  float32 tuple, one file per batch (what users do today);
+* ``zarr`` / ``hdf5``: ``attnscope`` ``capture`` with its defaults (float16, zstd-1,
+  validation on, writer thread);
+* ``np.save``: no model; ``np.save`` + ``fsync`` per batch of the very float16 bytes that
+  ``capture`` writes (the write-speed limit).
+
+Each row runs in a fresh subprocess (so its peak RSS is its own), warms up on one batch,
+then times ``--repeats`` passes over all batches and reports the median. "x plain" is the
+row's seconds over the ``plain`` row's seconds of the same workload, measured in the same
+run. "attn MB" counts uncompressed bytes written (float16 for capture, float32 for
+``torch.save``); "disk MB" is what the output takes on disk. Neither Zarr nor HDF5 nor
+``torch.save`` fsync: their files may still sit in the page cache when the clock stops.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+MB = 1e6
+REF_ROWS = ("plain", "weights", "zarr", "hdf5", "np.save")
+HF_ROWS = ("plain", "weights", "torch.save", "zarr", "hdf5", "np.save")
+# Random BERT weights give near-uniform heads (max weight ~2/L); scaling the query and key
+# projections (as demo_model does for the reference model) makes heads peaky like trained
+# ones, so archive sizes are not those of pure noise. Timing does not depend on it.
+HF_SHARPNESS = 3.0
+
+
+@dataclass(frozen=True)
+class Workload:
+    """One model + batch source; every row of a workload runs on the same batches."""
+
+    name: str
+    family: str  # "ref" (attnscope Transformer) or "hf" (transformers BertModel)
+    batch_size: int
+    batches: int
+    enc: dict[str, int] = field(default_factory=dict)  # ref: encoder modality -> tokens
+    dec: dict[str, int] = field(default_factory=dict)  # ref: decoder modality -> tokens
+    model: dict[str, int] = field(default_factory=dict)  # ref: demo_model overrides
+    seq: int = 0  # hf: tokens per sample
+    hf: dict[str, int] = field(default_factory=dict)  # hf: BertConfig fields
+
+    @property
+    def rows(self) -> tuple[str, ...]:
+        return HF_ROWS if self.family == "hf" else REF_ROWS
+
+    @property
+    def samples(self) -> int:
+        return self.batch_size * self.batches
+
+    def describe(self) -> str:
+        if self.family == "hf":
+            h = self.hf
+            return (
+                f"BertModel {h['num_hidden_layers']} layers x {h['num_attention_heads']} heads, "
+                f"hidden {h['hidden_size']}, {self.seq} tokens, {self.batches} x "
+                f"{self.batch_size} samples"
+            )
+        from attnscope.capture.synthetic import guide_model_config
+
+        m = {**guide_model_config(), **self.model}
+        return (
+            f"Transformer {m['embed_dim']} wide, {m['num_heads']} heads, "
+            f"{m['num_encoder_layers']}+{m['num_decoder_layers']} layers, "
+            f"S={sum(self.enc.values())} T={sum(self.dec.values())}, {self.batches} x "
+            f"{self.batch_size} samples"
+        )
+
+
+def workloads(args: argparse.Namespace) -> list[Workload]:
+    from attnscope.capture.synthetic import GUIDE_DEC, GUIDE_ENC
+
+    if args.quick:
+        tiny = {"embed_dim": 64, "num_heads": 4, "num_encoder_layers": 1, "num_decoder_layers": 1}
+        found = [
+            Workload("guide", "ref", 4, 2, dict(GUIDE_ENC), dict(GUIDE_DEC), tiny),
+            Workload(
+                "long", "ref", 2, 2, {"text": 16, "image": 48}, {"text": 16, "traj": 48},
+                {**tiny, "context_length": 64},
+            ),
+            Workload(
+                "bert", "hf", 4, 2, seq=32,
+                hf={"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                    "intermediate_size": 128},
+            ),
+        ]  # fmt: skip
+    else:
+        found = [
+            Workload("guide", "ref", 64, 8, dict(GUIDE_ENC), dict(GUIDE_DEC)),
+            Workload(
+                "long", "ref", 4, 8, {"text": 64, "image": 192}, {"text": 64, "traj": 192},
+                {"context_length": 512},
+            ),
+            Workload(
+                "bert", "hf", 32, 2, seq=128,
+                hf={"hidden_size": 384, "num_hidden_layers": 6, "num_attention_heads": 12,
+                    "intermediate_size": 1536},
+            ),
+        ]  # fmt: skip
+    out = []
+    for w in found:
+        if w.name not in args.workloads:
+            continue
+        d = asdict(w)
+        if args.batches is not None:
+            d["batches"] = args.batches
+        if args.batch_size is not None:
+            d["batch_size"] = args.batch_size
+        out.append(Workload(**d))
+    return out
+
+
+# -- one row, run in a worker ---------------------------------------------------------------
+
+
+def _build(w: Workload, device: str) -> tuple[Any, list[Any]]:
+    """The model (eval mode, on ``device``) and the list of batches, all in memory."""
+    import torch
+
+    if w.family == "ref":
+        from attnscope.capture.synthetic import demo_model, synthetic_batches
+
+        model = demo_model(seed=0, **w.model).to(device)
+        d = model.config.embed_dim
+        batches = [
+            ({k: v.to(device) for k, v in e.items()}, {k: v.to(device) for k, v in t.items()})
+            for e, t in synthetic_batches(w.batches, w.batch_size, d, enc=w.enc, dec=w.dec, seed=0)
+        ]
+        return model, batches
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    cfg = BertConfig(max_position_embeddings=max(512, w.seq), **w.hf)
+    model = BertModel(cfg, add_pooling_layer=False).eval()
+    with torch.no_grad():
+        for layer in model.encoder.layer:
+            layer.attention.self.query.weight.mul_(HF_SHARPNESS)
+            layer.attention.self.key.weight.mul_(HF_SHARPNESS)
+    model.to(device)
+    g = torch.Generator().manual_seed(0)
+    batches = [
+        {
+            "input_ids": torch.randint(1000, cfg.vocab_size, (w.batch_size, w.seq), generator=g).to(
+                device
+            ),
+            "attention_mask": torch.ones(w.batch_size, w.seq, dtype=torch.long, device=device),
+        }
+        for _ in range(w.batches)
+    ]
+    return model, batches
+
+
+def _captured_bytes(model: Any, batches: list[Any]) -> list[dict[str, np.ndarray]]:
+    """Per batch, the float16 arrays ``capture`` would write (same adapter, same cast)."""
+    import torch
+
+    from attnscope.capture.adapters import adapter_for
+
+    adapter = adapter_for(model)
+    names = set(adapter.names())
+    out = []
+    for b in batches:
+        got: dict[str, np.ndarray] = {}
+
+        def sink(name: str, t: torch.Tensor, got: dict[str, np.ndarray] = got) -> None:
+            got[name] = t.to(torch.float16).cpu().numpy()
+
+        with torch.inference_mode():
+            adapter.run(b, sink, names)
+        out.append(got)
+    return out
+
+
+def _disk_bytes(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def _row_pass(w: Workload, row: str, model: Any, data: Any, dest: Path) -> int:
+    """Run ``row`` once over ``data`` (batches, or arrays for np.save); return bytes written."""
+    import torch
+
+    if row == "np.save":
+        dest.mkdir(parents=True)
+        n = 0
+        for i, arrays in enumerate(data):
+            with open(dest / f"batch{i}.npy", "wb") as f:
+                for a in arrays.values():
+                    np.save(f, a)
+                    n += a.nbytes
+                f.flush()
+                os.fsync(f.fileno())
+        return n
+    if row in ("zarr", "hdf5"):
+        from attnscope.capture.job import capture
+
+        s = capture(model, data, dest, format=row, progress=False, overwrite=True)
+        return s.bytes
+    n = 0
+    with torch.inference_mode():
+        for i, b in enumerate(data):
+            if w.family == "ref":
+                if row == "plain":
+                    model(*b)
+                else:
+                    model(*b, return_attention_weights=True)
+                continue
+            if row == "plain":
+                model(**b)
+                continue
+            out = model(**b, output_attentions=True)
+            if row == "torch.save":
+                dest.mkdir(parents=True, exist_ok=True)
+                torch.save(out.attentions, dest / f"batch{i}.pt")
+                n += sum(a.nbytes for a in out.attentions)
+    return n
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def run_row(w: Workload, row: str, device: str, repeats: int, out_dir: Path) -> dict[str, Any]:
+    import torch
+
+    model, batches = _build(w, device)
+    if w.family == "hf":
+        # sdpa only for the plain row; every other row needs eager to get weights
+        model.set_attn_implementation("sdpa" if row == "plain" else "eager")
+    data: Any = _captured_bytes(model, batches) if row == "np.save" else batches
+    cuda = device.startswith("cuda")
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize()
+
+    base = out_dir / f"{w.name}-{row.replace('.', '_')}"
+    suffix = {"zarr": ".zarr", "hdf5": ".h5"}.get(row, "")
+    shutil.rmtree(base, ignore_errors=True)
+    base.mkdir(parents=True)
+    _row_pass(w, row, model, data[:1], base / f"warmup{suffix}")
+    sync()
+    setup_rss = _rss()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    times, nbytes, disk = [], 0, 0
+    for r in range(repeats):
+        dest = base / f"r{r}{suffix}"
+        t0 = time.perf_counter()
+        nbytes = _row_pass(w, row, model, data, dest)
+        sync()
+        times.append(time.perf_counter() - t0)
+        disk = _disk_bytes(dest) if dest.exists() else 0
+        shutil.rmtree(base / f"r{r - 1}{suffix}", ignore_errors=True)
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {
+        "workload": w.name,
+        "row": row,
+        "seconds": statistics.median(times),
+        "all_seconds": times,
+        "samples": w.samples,
+        "bytes": nbytes,
+        "disk": disk,
+        "peak_rss": maxrss * (1 if sys.platform == "darwin" else 1024),
+        "setup_rss": setup_rss,
+        "peak_device": torch.cuda.max_memory_allocated() if cuda else None,
+    }
+
+
+# -- orchestration --------------------------------------------------------------------------
+
+
+def _forwarded(args: argparse.Namespace) -> list[str]:
+    out = ["--device", args.device, "--repeats", str(args.repeats)]
+    out += ["--workloads", *args.workloads]
+    if args.quick:
+        out.append("--quick")
+    if args.batches is not None:
+        out += ["--batches", str(args.batches)]
+    if args.batch_size is not None:
+        out += ["--batch-size", str(args.batch_size)]
+    return out
+
+
+def measure(args: argparse.Namespace, out_dir: Path, log: Callable[[str], None]) -> list[dict]:
+    results = []
+    for w in workloads(args):
+        log(f"{w.name}: {w.describe()}")
+        for row in w.rows:
+            t0 = time.perf_counter()
+            if args.in_process:
+                res = run_row(w, row, args.device, args.repeats, out_dir)
+                res["peak_rss"] = None  # a process-wide high-water mark says nothing per row
+            else:
+                cmd = [sys.executable, __file__, *_forwarded(args), "--out-dir", str(out_dir)]
+                cmd += ["--_row", f"{w.name}:{row}"]
+                p = subprocess.run(cmd, capture_output=True, text=True)
+                if p.returncode:
+                    raise RuntimeError(f"row {w.name}:{row} failed:\n{p.stderr[-4000:]}")
+                res = json.loads(p.stdout.strip().splitlines()[-1])
+            log(
+                f"  {row:<10} {res['seconds']:8.3f} s  (runs {_fmt_runs(res['all_seconds'])}; "
+                f"{time.perf_counter() - t0:.0f} s with setup)"
+            )
+            results.append(res)
+    return results
+
+
+def _fmt_runs(xs: list[float]) -> str:
+    return ", ".join(f"{x:.2f}" for x in xs)
+
+
+def table(results: list[dict], device: str) -> tuple[list[str], list[list[str]]]:
+    head = ["workload", "row", "s", "samples/s", "attn MB", "MB/s", "x plain", "disk MB (ratio)"]
+    head += ["peak RSS MB (+ over setup)"]
+    if device.startswith("cuda"):
+        head.append("peak GPU MB")
+    plain = {r["workload"]: r["seconds"] for r in results if r["row"] == "plain"}
+    rows = []
+    for r in results:
+        s, b = r["seconds"], r["bytes"]
+        disk = f"{_num(r['disk'] / MB)} ({b / r['disk']:.2f}x)" if r["disk"] else "-"
+        rss = (
+            f"{r['peak_rss'] / MB:.0f} (+{(r['peak_rss'] - r['setup_rss']) / MB:.0f})"
+            if r["peak_rss"] is not None
+            else "-"
+        )
+        line = [
+            r["workload"],
+            r["row"],
+            f"{s:.3f}",
+            "-" if r["row"] == "np.save" else f"{r['samples'] / s:.1f}",
+            _num(b / MB) if b else "-",
+            _num(b / MB / s) if b else "-",
+            f"{s / plain[r['workload']]:.2f}" if r["workload"] in plain else "-",
+            disk,
+            rss,
+        ]
+        if device.startswith("cuda"):
+            line.append(f"{(r['peak_device'] or 0) / MB:.0f}")
+        rows.append(line)
+    return head, rows
+
+
+def _num(x: float) -> str:
+    return f"{x:.0f}" if x >= 100 else f"{x:.1f}" if x >= 1 else f"{x:.2f}"
+
+
+def render(head: list[str], rows: list[list[str]], markdown: bool) -> str:
+    if markdown:
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        lines += ["| " + " | ".join(r) + " |" for r in rows]
+        return "\n".join(lines)
+    widths = [max(len(x) for x in col) for col in zip(head, *rows)]
+    return "\n".join("  ".join(x.rjust(n) for x, n in zip(r, widths)) for r in [head, *rows])
+
+
+def limits(results: list[dict]) -> list[str]:
+    """Per workload: our throughput next to the limits measured in the same run."""
+    out = []
+    by: dict[str, dict[str, dict]] = {}
+    for r in results:
+        by.setdefault(r["workload"], {})[r["row"]] = r
+    for name, rows in by.items():
+        plain, raw = rows.get("plain"), rows.get("np.save")
+        for fmt in ("zarr", "hdf5"):
+            r = rows.get(fmt)
+            if r is None or plain is None or raw is None:
+                continue
+            mbs, lim = r["bytes"] / MB / r["seconds"], raw["bytes"] / MB / raw["seconds"]
+            out.append(
+                f"{name}/{fmt}: {r['samples'] / r['seconds']:.1f} samples/s vs plain SDPA "
+                f"{plain['samples'] / plain['seconds']:.1f} ({plain['seconds'] / r['seconds']:.0%}"
+                f"); {mbs:.0f} MB/s vs np.save+fsync {lim:.0f} MB/s ({mbs / lim:.0%})"
+            )
+        ts = rows.get("torch.save")
+        if ts is not None:
+            for fmt in ("zarr", "hdf5"):
+                if fmt in rows:
+                    out.append(
+                        f"{name}: {fmt} capture takes {rows[fmt]['seconds'] / ts['seconds']:.2f}x "
+                        f"the time of output_attentions + torch.save, and "
+                        f"{rows[fmt]['disk'] / max(ts['disk'], 1):.2f}x its disk space"
+                    )
+    return out
+
+
+def machine(device: str) -> str:
+    import torch
+
+    dev = "no GPU"
+    if device.startswith("cuda"):
+        dev = torch.cuda.get_device_name(torch.device(device))
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    return (
+        f"{_dt.date.today().isoformat()}, {platform.machine()}, {os.cpu_count()} CPU cores "
+        f"(torch threads {torch.get_num_threads()}), {dev}, torch {torch.__version__}, "
+        f"python {platform.python_version()}, load average {load}"
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
+    p.add_argument("--workloads", nargs="+", default=["guide", "long", "bert"],
+                   choices=["guide", "long", "bert"])  # fmt: skip
+    p.add_argument("--batches", type=int, default=None, help="override every workload's count")
+    p.add_argument("--batch-size", type=int, default=None, help="override every workload's B")
+    p.add_argument("--repeats", type=int, default=None, help="timed passes (default 3, quick 1)")
+    p.add_argument("--quick", action="store_true", help="tiny models; a smoke test")
+    p.add_argument("--in-process", action="store_true",
+                   help="run rows in this process (faster start, no per-row peak RSS)")  # fmt: skip
+    p.add_argument("--out-dir", type=Path, default=None, help="default: a temporary folder")
+    p.add_argument("--markdown", action="store_true", help="print a markdown table")
+    p.add_argument("--json", type=Path, default=None, help="also write raw results here")
+    p.add_argument("--_row", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.repeats is None:
+        args.repeats = 1 if args.quick else 3
+    if args.quick:
+        args.in_process = True  # subprocesses would spend longer importing than measuring
+    if args.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            p.error(f"--device {args.device}: CUDA is not available here")
+
+    if args._row is not None:  # worker: one row, JSON on stdout
+        name, row = args._row.split(":", 1)
+        (w,) = [w for w in workloads(args) if w.name == name]
+        print(json.dumps(run_row(w, row, args.device, args.repeats, args.out_dir)))
+        return
+
+    tmp = args.out_dir is None
+    out_dir = Path(tempfile.mkdtemp(prefix="bench-capture-")) if tmp else args.out_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    log(f"machine: {machine(args.device)}")
+    try:
+        results = measure(args, out_dir, log)
+    finally:
+        if tmp:
+            shutil.rmtree(out_dir, ignore_errors=True)
+    print(f"machine: {machine(args.device)}")
+    for w in workloads(args):
+        print(f"{w.name}: {w.describe()}")
+    print()
+    print(render(*table(results, args.device), args.markdown))
+    print()
+    for line in limits(results):
+        print(("- " if args.markdown else "") + line)
+    if args.json is not None:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,129 @@
+"""Benchmark the archive store: write/read MB/s and compression ratio per format and codec.
+
+Compares against raw ``np.save`` / ``np.load`` of the same bytes in the same run, on
+softmax-like float16 attention (a mix of soft, sharp and causal heads).
+
+    python scripts/bench_store.py            # ~1-2 minutes on 2 cores
+    python scripts/bench_store.py --quick    # smaller, for a smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+import time
+
+import numpy as np
+
+from attnscope.store import ArchiveWriter, SideLayout, TokenLayout, open_archive
+
+
+def attention(rng: np.random.Generator, n: int, h: int, t: int) -> np.ndarray:
+    """(n, h, t, t) float16 softmax rows: heads 0-1 causal, 2-3 sharp, rest soft."""
+    x = rng.standard_normal((n, h, t, t), dtype=np.float32)
+    x[:, 2:4] *= 8.0  # sharp heads
+    x[:, 0:2] = np.where(np.tril(np.ones((t, t), bool)), x[:, 0:2], -np.inf)
+    x -= x.max(-1, keepdims=True)
+    np.exp(x, out=x)
+    x /= x.sum(-1, keepdims=True)
+    return x.astype(np.float16)
+
+
+def disk_size(path: str) -> int:
+    if os.path.isdir(path):
+        return sum(os.path.getsize(os.path.join(r, f)) for r, _d, fs in os.walk(path) for f in fs)
+    return os.path.getsize(path)
+
+
+def bench_case(tmp: str, data: np.ndarray, fmt: str, comp: str, batch: int) -> dict:
+    n, h, t, s = data.shape
+    mb = data.nbytes / 2**20
+    path = os.path.join(tmp, f"b.{'h5' if fmt == 'hdf5' else 'zarr'}")
+    lay = TokenLayout(encoder=SideLayout.from_lengths({"tok": t}))
+    name = "encoder/0/self_attention"
+    t0 = time.perf_counter()
+    with ArchiveWriter.create(path, lay, compressor=comp, validate=False, overwrite=True) as w:
+        for a in range(0, n, batch):
+            w.append({name: data[a : a + batch]})
+    t_write = time.perf_counter() - t0
+    size = disk_size(path)
+    with open_archive(path) as arc:
+        arr = arc[name]
+        t0 = time.perf_counter()
+        for _sl, _blk in arr.iter_blocks(max_bytes=64 * 2**20):
+            pass
+        t_read = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        k = min(n, 50)
+        for i in range(k):
+            arr[i, i % h]
+        t_head = (time.perf_counter() - t0) / k
+        chunks = arr.chunks
+    (shutil.rmtree if os.path.isdir(path) else os.remove)(path)
+    return {
+        "case": f"{fmt} / {comp}",
+        "write": mb / t_write,
+        "read": mb / t_read,
+        "ratio": data.nbytes / size,
+        "head_ms": t_head * 1e3,
+        "chunks": "x".join(map(str, chunks)),
+    }
+
+
+def bench_npy(tmp: str, data: np.ndarray) -> dict:
+    path = os.path.join(tmp, "raw.npy")
+    mb = data.nbytes / 2**20
+    t0 = time.perf_counter()
+    np.save(path, data)
+    t_write = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    np.load(path)
+    t_read = time.perf_counter() - t0
+    os.remove(path)
+    return {
+        "case": "np.save / np.load",
+        "write": mb / t_write,
+        "read": mb / t_read,
+        "ratio": 1.0,
+        "head_ms": float("nan"),
+        "chunks": "-",
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--dir", default=None, help="scratch directory (default: system temp)")
+    args = ap.parse_args()
+    rng = np.random.default_rng(0)
+    configs = [
+        # (label, n, h, t, batch)
+        ("medium 8x256x256", 32 if args.quick else 128, 8, 256, 16),
+        ("guide model 8x29x29", 1024 if args.quick else 8192, 8, 29, 32),
+        ("long 4x2048x2048 (row blocks)", 2 if args.quick else 8, 4, 2048, 2),
+    ]
+    cases = [(f, c) for f in ("zarr", "hdf5") for c in ("none", "zstd", "blosc-zstd", "blosc-lz4")]
+    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+        warm = attention(rng, 4, 2, 16)
+        for f, c in cases:  # import codecs, start zarr's event loop: not part of the figures
+            bench_case(tmp, warm, f, c, 2)
+        for label, n, h, t, batch in configs:
+            data = attention(rng, n, h, t)
+            print(
+                f"\n### {label}: {n} samples, {data.nbytes / 2**20:.0f} MiB float16, "
+                f"batches of {batch}\n"
+            )
+            print("| format / codec | write MB/s | read MB/s | ratio | 1 head ms | chunk |")
+            print("|---|---:|---:|---:|---:|---|")
+            rows = [bench_npy(tmp, data)] + [bench_case(tmp, data, f, c, batch) for f, c in cases]
+            for r in rows:
+                print(
+                    f"| {r['case']} | {r['write']:.0f} | {r['read']:.0f} | {r['ratio']:.2f} | "
+                    f"{r['head_ms']:.2f} | {r['chunks']} |"
+                )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,214 @@
+"""The guide's ``save_attention_statistics`` JSON, from tensors in memory or from an archive.
+
+Schema (exactly the guide's, section 7)::
+
+    {"encoder": [{"layer": 0, "type": "self_attention",
+                  "mean": 0.034, "std": 0.028, "min": 0.001, "max": 0.215,
+                  "shape": [8, 29, 29]}],
+     "decoder": [{"layer": 0, "type": "self_attention", ...},
+                 {"layer": 0, "type": "cross_attention", ...}]}
+
+Decisions the guide leaves open:
+
+* ``mean``/``std``/``min``/``max`` pool every element of the array over **all samples**
+  of the batch (or archive), all heads, all query rows and all keys — zeros of a causal
+  mask included, as ``tensor.mean()`` on the whole tensor would.
+* ``std`` is the population standard deviation (``ddof=0``, like ``numpy.std``); torch's
+  ``tensor.std()`` uses ``ddof=1``, which differs by a factor ``sqrt(n / (n - 1))``,
+  below 1e-4 relative for any real attention tensor.
+* ``shape`` is the per-sample shape ``[H, T, S]`` (the guide's ``[8, 29, 29]`` is 8 heads),
+  not including the batch or sample count.
+* Both ``"encoder"`` and ``"decoder"`` keys are always present (an empty list for a missing
+  stack); entries are ordered by layer, ``self_attention`` before ``cross_attention``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from attnscope.analysis import metrics as M
+from attnscope.analysis._engine import StatsAccumulator
+from attnscope.errors import InputError, ShapeError
+
+__all__ = ["statistics_json", "statistics_entry", "to_numpy"]
+
+_STACKS = ("encoder", "decoder")
+_KIND_ORDER = {"self_attention": 0, "cross_attention": 1}
+
+
+def to_numpy(x: Any) -> np.ndarray:
+    """A numpy array from a numpy array or any tensor with ``.detach()`` (torch, not imported)."""
+    if hasattr(x, "detach"):
+        x = x.detach()
+        if hasattr(x, "cpu"):
+            x = x.cpu()
+        if hasattr(x, "float"):
+            x = x.float()
+        return np.asarray(x.numpy())
+    if isinstance(x, np.ndarray):
+        return x
+    raise InputError(
+        f"attention weights must be numpy arrays or tensors with .detach(), got {type(x).__name__}"
+    )
+
+
+def statistics_entry(layer: int, kind: str, acc: StatsAccumulator, shape: Iterable[int]) -> dict:
+    """One list entry of the guide's statistics JSON."""
+    return {
+        "layer": int(layer),
+        "type": str(kind),
+        "mean": float(acc.mean),
+        "std": float(acc.std),
+        "min": float(acc.min),
+        "max": float(acc.max),
+        "shape": [int(v) for v in shape],
+    }
+
+
+def _accumulate(x: np.ndarray, acc: StatsAccumulator) -> None:
+    xf = M.as_float32(x)
+    if xf.size == 0:
+        return
+    flat = xf.reshape(-1, xf.shape[-1])
+    total = float(flat.sum(axis=-1, dtype=np.float32).astype(np.float64).sum())
+    sumsq = float(np.vecdot(flat, flat).astype(np.float64).sum())
+    acc.add_partial(xf.size, total, sumsq, float(flat.min()), float(flat.max()))
+
+
+def _entries_from_nested(weights: Mapping[str, Any]) -> dict[str, list[dict]]:
+    items: list[tuple[str, int, str, Any]] = []
+    flat_keys = [k for k in weights if isinstance(k, str) and k.count("/") == 2]
+    if flat_keys and len(flat_keys) == len(weights):
+        for key, val in weights.items():
+            stack, layer, kind = key.split("/")
+            items.append((stack, int(layer), kind, val))
+    else:
+        unknown = [k for k in weights if k not in _STACKS]
+        if unknown:
+            raise InputError(
+                f"unknown attention keys {unknown}; expected 'encoder'/'decoder' lists of "
+                "{kind: tensor} dicts or flat 'stack/layer/kind' keys"
+            )
+        for stack in _STACKS:
+            layers = weights.get(stack)
+            if layers is None:
+                continue
+            if not isinstance(layers, (list, tuple)):
+                raise InputError(
+                    f"weights[{stack!r}] must be a list of per-layer dicts, "
+                    f"got {type(layers).__name__}"
+                )
+            for i, layer in enumerate(layers):
+                if layer is None:
+                    continue
+                if not isinstance(layer, Mapping):
+                    raise InputError(
+                        f"weights[{stack!r}][{i}] must be a dict of kind -> tensor, "
+                        f"got {type(layer).__name__}"
+                    )
+                for kind, val in layer.items():
+                    if val is not None:
+                        items.append((stack, i, kind, val))
+    out: dict[str, list[dict]] = {s: [] for s in _STACKS}
+    for stack, layer, kind, val in sorted(
+        items, key=lambda it: (it[0], it[1], _KIND_ORDER.get(it[2], 9), it[2])
+    ):
+        if stack not in out:
+            raise InputError(f"unknown stack {stack!r}; expected one of {_STACKS}")
+        arr = to_numpy(val)
+        if arr.ndim == 3:
+            arr = arr[None]
+        if arr.ndim != 4:
+            raise ShapeError(
+                f"{stack}/{layer}/{kind} must have shape (B, H, T, S) or (H, T, S); got {arr.shape}"
+            )
+        acc = StatsAccumulator()
+        _accumulate(arr, acc)
+        out[stack].append(statistics_entry(layer, kind, acc, arr.shape[1:]))
+    return out
+
+
+def _entries_from_archive(archive: Any, *, max_bytes: int = 64 << 20) -> dict[str, list[dict]]:
+    from attnscope.analysis.api import _iter_array_blocks, _open
+
+    a = _open(archive)
+    accs: dict[str, tuple[StatsAccumulator, Any]] = {}
+    for name in a.arrays():
+        arr = a[name]
+        acc = StatsAccumulator()
+        for x in _iter_array_blocks(a, arr, max_bytes=max_bytes):
+            _accumulate(x, acc)
+        accs[name] = (acc, arr)
+    return entries_from_accumulators(accs)
+
+
+def entries_from_accumulators(accs: Mapping[str, tuple[StatsAccumulator, Any]]) -> dict:
+    """Build the JSON document from per-array accumulators keyed by array name."""
+    out: dict[str, list[dict]] = {s: [] for s in _STACKS}
+    rows = []
+    for _name, (acc, arr) in accs.items():
+        rows.append((arr.stack, int(arr.layer), arr.kind, acc, tuple(arr.shape[1:])))
+    for stack, layer, kind, acc, shape in sorted(
+        rows, key=lambda r: (r[0], r[1], _KIND_ORDER.get(r[2], 9), r[2])
+    ):
+        out.setdefault(stack, []).append(statistics_entry(layer, kind, acc, shape))
+    return out
+
+
+def statistics_json(
+    weights_or_archive: Any, save_path: str | os.PathLike[str] | None = None
+) -> dict:
+    """Summary statistics of every attention array, in the guide's JSON schema.
+
+    Parameters
+    ----------
+    weights_or_archive : dict, AttentionArchive, str or Path
+        Either the guide's nested weights ``{"encoder": [{"self_attention": (B, H, T, S)}],
+        "decoder": [{"self_attention": ..., "cross_attention": ...}]}`` (torch tensors or
+        numpy arrays; a flat ``{"encoder/0/self_attention": arr}`` dict works too), or an
+        archive / archive path, which is read chunk by chunk (out of core).
+    save_path : str or Path, optional
+        Also write the JSON there (UTF-8, indented).
+
+    Returns
+    -------
+    dict
+        ``{"encoder": [entry, ...], "decoder": [entry, ...]}``, each entry
+        ``{"layer", "type", "mean", "std", "min", "max", "shape"}`` with ``shape`` the
+        per-sample ``[H, T, S]`` and statistics pooled over all samples.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> w = {"encoder": [{"self_attention": np.full((2, 8, 29, 29), 1 / 29)}]}
+    >>> statistics_json(w)["encoder"][0]["shape"]
+    [8, 29, 29]
+    """
+    if isinstance(weights_or_archive, Mapping):
+        doc = _entries_from_nested(weights_or_archive)
+    elif isinstance(weights_or_archive, (str, os.PathLike)) or hasattr(
+        weights_or_archive, "arrays"
+    ):
+        doc = _entries_from_archive(weights_or_archive)
+    else:
+        raise InputError(
+            "statistics_json expects the nested attention dict, an AttentionArchive or an "
+            f"archive path; got {type(weights_or_archive).__name__}"
+        )
+    if save_path is not None:
+        write_statistics(doc, save_path)
+    return doc
+
+
+def write_statistics(doc: Mapping[str, Any], save_path: str | os.PathLike[str]) -> Path:
+    """Write a statistics document as indented UTF-8 JSON."""
+    path = Path(save_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return path

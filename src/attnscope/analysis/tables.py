@@ -1,0 +1,302 @@
+"""Parquet table schemas, the streaming writer, and stale-table detection.
+
+Each table is long format, one row group per analysed block, written through
+:class:`pyarrow.parquet.ParquetWriter` so memory stays bounded. Every table carries
+the archive identity twice: an ``archive_fingerprint`` column and the full identity
+JSON in the Parquet schema metadata (key ``attnscope.identity``). Column reference:
+``docs/analysis-tables.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from attnscope.analysis._engine import ArraySpec
+from attnscope.errors import ArchiveError, ConfigError, SelectionError
+
+__all__ = ["TABLES", "TABLE_SCHEMAS", "TableWriter", "load_table", "StaleTableError"]
+
+IDENTITY_KEY = b"attnscope.identity"
+
+_KEYS = [
+    ("archive_fingerprint", pa.string()),
+    ("stack", pa.string()),
+    ("layer", pa.int32()),
+    ("kind", pa.string()),
+]
+_F32 = pa.float32()
+_I64 = pa.int64()
+
+TABLE_SCHEMAS: dict[str, pa.Schema] = {
+    "head_stats": pa.schema(
+        _KEYS
+        + [
+            ("sample", _I64),
+            ("head", _I64),
+            ("n_queries", pa.int32()),
+            ("n_keys", pa.int32()),
+            ("causal", pa.bool_()),
+            ("entropy_mean", _F32),
+            ("entropy_min", _F32),
+            ("entropy_max", _F32),
+            ("norm_entropy_mean", _F32),
+            ("norm_entropy_min", _F32),
+            ("norm_entropy_max", _F32),
+            ("row_max_mean", _F32),
+            ("row_max_min", _F32),
+            ("mean_distance", _F32),
+            ("sink_score", _F32),
+            ("mean", pa.float64()),
+            ("std", pa.float64()),
+            ("min", _F32),
+            ("max", _F32),
+        ]
+    ),
+    "row_stats": pa.schema(
+        _KEYS
+        + [
+            ("sample", _I64),
+            ("head", _I64),
+            ("query", _I64),
+            ("query_label", pa.string()),
+            ("query_segment", pa.string()),
+            ("entropy", _F32),
+            ("norm_entropy", _F32),
+            ("row_max", _F32),
+            ("mean_distance", _F32),
+            ("sink_score", _F32),
+        ]
+    ),
+    "top_pairs": pa.schema(
+        _KEYS
+        + [
+            ("sample", _I64),
+            ("head", _I64),
+            ("rank", _I64),
+            ("query", _I64),
+            ("key", _I64),
+            ("weight", _F32),
+            ("query_label", pa.string()),
+            ("key_label", pa.string()),
+            ("query_segment", pa.string()),
+            ("key_segment", pa.string()),
+        ]
+    ),
+    "segment_mass": pa.schema(
+        _KEYS
+        + [
+            ("sample", _I64),
+            ("head", _I64),
+            ("query_segment", pa.string()),
+            ("key_segment", pa.string()),
+            ("mass", _F32),
+        ]
+    ),
+    "head_similarity": pa.schema(
+        _KEYS
+        + [
+            ("sample", _I64),
+            ("head_a", _I64),
+            ("head_b", _I64),
+            ("js", _F32),
+            ("cosine", _F32),
+        ]
+    ),
+}
+TABLES = tuple(TABLE_SCHEMAS)
+
+
+class StaleTableError(ArchiveError, ValueError):
+    """A table was computed from a different archive (or an older state of it)."""
+
+
+def _const(value: Any, n: int, typ: pa.DataType) -> pa.Array:
+    # A one-entry dictionary expanded in C++: no Python list of n strings.
+    dic = pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, dtype=np.int32)), pa.array([value]))
+    return dic.cast(typ)
+
+
+def _lookup(idx: np.ndarray, names: tuple[str, ...]) -> pa.Array:
+    dic = pa.DictionaryArray.from_arrays(
+        pa.array(np.asarray(idx, dtype=np.int32)), pa.array(list(names), type=pa.string())
+    )
+    return dic.cast(pa.string())
+
+
+class TableWriter:
+    """Streams block results into ``<out_dir>/<table>.parquet`` (via ``.partial`` files).
+
+    Files only get their final names in :meth:`commit`, so an interrupted run never
+    leaves a complete-looking but partial table behind.
+    """
+
+    def __init__(self, out_dir: Path, identity: dict[str, Any], similarity: str | None) -> None:
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.identity = identity
+        self.similarity = similarity
+        self._writers: dict[str, pq.ParquetWriter] = {}
+        meta = {IDENTITY_KEY: json.dumps(identity, sort_keys=True).encode()}
+        self._schemas = {k: v.with_metadata(meta) for k, v in TABLE_SCHEMAS.items()}
+
+    def tables(self) -> list[str]:
+        out = ["head_stats", "row_stats", "top_pairs", "segment_mass"]
+        return out + (["head_similarity"] if self.similarity else [])
+
+    def _partial(self, name: str) -> Path:
+        return self.out_dir / f"{name}.parquet.partial"
+
+    def _writer(self, name: str) -> pq.ParquetWriter:
+        w = self._writers.get(name)
+        if w is None:
+            w = pq.ParquetWriter(self._partial(name), self._schemas[name], compression="zstd")
+            self._writers[name] = w
+        return w
+
+    def write(self, spec: ArraySpec, result: dict[str, Any]) -> None:
+        for name, cols in result["tables"].items():
+            self._writer(name).write_table(self._to_table(name, spec, cols))
+
+    def _to_table(self, name: str, spec: ArraySpec, cols: dict[str, np.ndarray]) -> pa.Table:
+        schema = self._schemas[name]
+        n = len(cols["sample"])
+        data: dict[str, pa.Array] = {
+            "archive_fingerprint": _const(str(self.identity.get("fingerprint")), n, pa.string()),
+            "stack": _const(spec.stack, n, pa.string()),
+            "layer": pa.array(np.full(n, spec.layer, dtype=np.int32)),
+            "kind": _const(spec.kind, n, pa.string()),
+        }
+        for key, arr in cols.items():
+            if key in ("query_segment", "key_segment"):
+                continue
+            data[key] = pa.array(arr)
+        if name == "head_stats":
+            data["n_queries"] = pa.array(np.full(n, spec.n_queries, dtype=np.int32))
+            data["n_keys"] = pa.array(np.full(n, spec.n_keys, dtype=np.int32))
+            data["causal"] = pa.array(np.full(n, spec.causal, dtype=bool))
+        elif name == "row_stats":
+            q = cols["query"]
+            data["query_label"] = _lookup(q, spec.q_labels)
+            data["query_segment"] = _lookup(np.asarray(spec.q_seg_ids)[q], spec.q_seg_names)
+        elif name == "top_pairs":
+            q, k = cols["query"], cols["key"]
+            data["query_label"] = _lookup(q, spec.q_labels)
+            data["key_label"] = _lookup(k, spec.k_labels)
+            data["query_segment"] = _lookup(np.asarray(spec.q_seg_ids)[q], spec.q_seg_names)
+            data["key_segment"] = _lookup(np.asarray(spec.k_seg_ids)[k], spec.k_seg_names)
+        elif name == "segment_mass":
+            data["query_segment"] = _lookup(cols["query_segment"], spec.q_seg_names)
+            data["key_segment"] = _lookup(cols["key_segment"], spec.k_seg_names)
+        elif name == "head_similarity":
+            for m in ("js", "cosine"):
+                if m not in data:
+                    data[m] = pa.nulls(n, _F32)
+        arrays = [data[f.name].cast(f.type) for f in schema]
+        return pa.Table.from_arrays(arrays, schema=schema)
+
+    def commit(self) -> dict[str, Path]:
+        """Close the writers and give every table its final name (empty tables included)."""
+        out: dict[str, Path] = {}
+        for name in self.tables():
+            w = self._writers.pop(name, None)
+            if w is None:
+                pq.write_table(self._schemas[name].empty_table(), self._partial(name))
+            else:
+                w.close()
+            final = self.out_dir / f"{name}.parquet"
+            os.replace(self._partial(name), final)
+            out[name] = final
+        return out
+
+    def abort(self) -> None:
+        """Close and delete the partial files."""
+        for name, w in list(self._writers.items()):
+            try:
+                w.close()
+            finally:
+                self._partial(name).unlink(missing_ok=True)
+        self._writers.clear()
+
+
+def _resolve(path: Any) -> str:
+    return str(Path(str(path)).resolve()) if path is not None else ""
+
+
+def table_identity(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The archive identity stored in a table's Parquet metadata."""
+    meta = pq.read_schema(path).metadata or {}
+    raw = meta.get(IDENTITY_KEY)
+    if raw is None:
+        raise ArchiveError(
+            f"{path} has no {IDENTITY_KEY.decode()} metadata; not an attnscope table"
+        )
+    return json.loads(raw)
+
+
+def load_table(
+    out_dir: str | os.PathLike[str],
+    name: str,
+    archive: Any = None,
+    *,
+    columns: list[str] | None = None,
+) -> Any:
+    """Read one analysis table as a pandas DataFrame, optionally checking it is current.
+
+    Parameters
+    ----------
+    out_dir : str or Path
+        The directory :func:`attnscope.analysis.analyze` wrote to.
+    name : str
+        Table name, one of :data:`TABLES` (with or without ``.parquet``).
+    archive : AttentionArchive or path, optional
+        If given, the table's stored identity must match ``archive.identity()``
+        (fingerprint, committed sample count and resolved path), else
+        :class:`StaleTableError`.
+    columns : list of str, optional
+        Read only these columns.
+
+    Returns
+    -------
+    pandas.DataFrame
+
+    Examples
+    --------
+    >>> df = load_table("out", "head_stats", archive="run.zarr")  # doctest: +SKIP
+    """
+    name = name.removesuffix(".parquet")
+    if name not in TABLE_SCHEMAS:
+        raise SelectionError(f"unknown table {name!r}; expected one of {list(TABLES)}")
+    path = Path(out_dir) / f"{name}.parquet"
+    if not path.exists():
+        raise FileNotFoundError(
+            f"no table {path}; run attnscope analyze first (similarity tables need "
+            "head_similarity set)"
+        )
+    if archive is not None:
+        from attnscope.analysis.api import _open
+
+        a = _open(archive)
+        want = a.identity()
+        if a is not archive and hasattr(a, "close"):
+            a.close()  # opened here from a path: do not keep an HDF5 handle open
+        got = table_identity(path)
+        for key in ("fingerprint", "n_samples", "archive"):
+            g, w = got.get(key), want.get(key)
+            if key == "archive":
+                g, w = _resolve(g), _resolve(w)
+            if g != w:
+                raise StaleTableError(
+                    f"{path} is stale: it was computed from {got.get('archive')!r} with "
+                    f"{key}={got.get(key)!r}, but the archive now has {key}={want.get(key)!r}; "
+                    "re-run attnscope analyze"
+                )
+    if columns is not None and not isinstance(columns, list):
+        raise ConfigError(f"columns must be a list of names, got {type(columns).__name__}")
+    return pq.read_table(path, columns=columns).to_pandas()

@@ -1,0 +1,301 @@
+"""Data preparation for plots: selection, head averaging, downsampling, axis layout.
+
+Nothing in here draws. Every plot function first turns its input into a
+:class:`PreparedMatrix` (a small 2-D numpy array plus how it maps back to token
+indices), so tests can check the numbers without rendering pixels.
+
+Inputs accepted wherever an "attention" argument is documented:
+
+* numpy arrays of shape ``(B, H, T, S)``, ``(H, T, S)`` or ``(T, S)``;
+* torch tensors (duck-typed: anything with ``.detach``), converted with
+  ``.detach().cpu().float().numpy()`` -- this module never imports torch;
+* an archive selection: an ``AttentionArray`` from
+  ``archive.attention(stack, layer, kind)`` (anything with a 4-D ``.shape`` that is
+  indexed as ``arr[sample, head]`` / ``arr[sample]``). Only the selected sample and
+  head are read; the head average is accumulated one head at a time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from attnscope.errors import InputError, SelectionError, ShapeError
+from attnscope.store.layout import SideLayout
+
+__all__ = [
+    "MAX_PIXELS",
+    "MAX_TICK_LABELS",
+    "PreparedMatrix",
+    "as_numpy",
+    "block_reduce",
+    "check_layout",
+    "n_heads",
+    "n_samples",
+    "prepare_matrix",
+    "select_matrix",
+]
+
+#: Largest number of matrix cells drawn along one axis; longer axes are block-reduced.
+MAX_PIXELS = 1024
+#: Largest number of tokens on an axis for which every token gets its own tick label.
+MAX_TICK_LABELS = 40
+
+
+def as_numpy(x: Any) -> np.ndarray:
+    """Return ``x`` as a float numpy array (torch tensors are duck-typed via ``.detach``)."""
+    if hasattr(x, "detach"):
+        x = x.detach().cpu().float().numpy()
+    if isinstance(x, np.ndarray):
+        return x if x.dtype.kind == "f" else x.astype(np.float32)
+    if isinstance(x, (list, tuple)):
+        return np.asarray(x, dtype=np.float32)
+    raise InputError(
+        "expected a numpy array, a torch tensor or an archive AttentionArray, "
+        f"got {type(x).__name__}"
+    )
+
+
+def _is_lazy(x: Any) -> bool:
+    """True for archive selections: 4-D shaped, indexable, not an in-memory array."""
+    shape = getattr(x, "shape", None)
+    return (
+        not isinstance(x, np.ndarray)
+        and not hasattr(x, "detach")
+        and shape is not None
+        and len(shape) == 4
+        and hasattr(x, "__getitem__")
+    )
+
+
+def _shape4(x: Any) -> tuple[int, int, int, int]:
+    """``(B, H, T, S)`` of an attention input, with 3-D/2-D inputs given leading singleton axes."""
+    shape = tuple(int(n) for n in x.shape)
+    if len(shape) == 4:
+        return shape  # type: ignore[return-value]
+    if len(shape) == 3:
+        return (1, *shape)  # type: ignore[return-value]
+    if len(shape) == 2:
+        return (1, 1, *shape)  # type: ignore[return-value]
+    raise ShapeError(
+        f"attention must have shape (B, H, T, S), (H, T, S) or (T, S); got shape {shape}"
+    )
+
+
+def n_heads(attn: Any) -> int:
+    """Number of heads of an attention input."""
+    return _shape4(attn)[1]
+
+
+def n_samples(attn: Any) -> int:
+    """Number of samples (batch entries) of an attention input."""
+    return _shape4(attn)[0]
+
+
+def _check_index(value: int, n: int, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise SelectionError(f"{what} must be an integer in [0, {n}), got {value!r}")
+    v = int(value)
+    if not 0 <= v < n:
+        raise SelectionError(f"{what} {v} out of range: this attention has {n} ({what} 0..{n - 1})")
+    return v
+
+
+def select_matrix(attn: Any, *, head_idx: int | None = None, batch_idx: int = 0) -> np.ndarray:
+    """The ``(T, S)`` matrix of one sample: one head, or the mean over heads (``head_idx=None``).
+
+    Archive selections read only sample ``batch_idx`` (and head ``head_idx``); the head
+    average is accumulated head by head so peak memory stays at two matrices.
+    """
+    b, h, _, _ = _shape4(attn)
+    batch_idx = _check_index(batch_idx, b, "batch_idx")
+    if head_idx is not None:
+        head_idx = _check_index(head_idx, h, "head_idx")
+    if _is_lazy(attn):
+        if head_idx is not None:
+            return np.asarray(attn[batch_idx, head_idx], dtype=np.float32)
+        acc = np.asarray(attn[batch_idx, 0], dtype=np.float64)
+        for i in range(1, h):
+            acc += np.asarray(attn[batch_idx, i], dtype=np.float64)
+        return (acc / h).astype(np.float32)
+    x = as_numpy(attn)
+    x = x.reshape(_shape4(x))[batch_idx]
+    if head_idx is not None:
+        return np.asarray(x[head_idx], dtype=np.float32)
+    return x.mean(axis=0, dtype=np.float64).astype(np.float32)
+
+
+def block_reduce(
+    mat: np.ndarray, max_pixels: int = MAX_PIXELS, how: str = "max"
+) -> tuple[np.ndarray, int, int]:
+    """Shrink ``mat`` to at most ``max_pixels`` cells per axis by block max or mean.
+
+    Each axis is cut into blocks of ``f = ceil(n / max_pixels)`` consecutive tokens (the
+    last block may be shorter) and every block is replaced by its max (default: a single
+    sharp key stays visible) or its mean (preserves mass). Returns
+    ``(reduced, f_rows, f_cols)``; factors of 1 mean the axis was left alone.
+    """
+    if how not in ("max", "mean"):
+        raise SelectionError(f"reduce must be 'max' or 'mean', got {how!r}")
+    if max_pixels < 1:
+        raise SelectionError(f"max_pixels must be >= 1, got {max_pixels}")
+    t, s = mat.shape
+    fr = -(-t // max_pixels)
+    fc = -(-s // max_pixels)
+    if fr == 1 and fc == 1:
+        return mat, 1, 1
+    fill = -np.inf if how == "max" else np.nan
+    tp, sp = -(-t // fr) * fr, -(-s // fc) * fc
+    padded = np.full((tp, sp), fill, dtype=np.float32)
+    padded[:t, :s] = mat
+    blocks = padded.reshape(tp // fr, fr, sp // fc, fc)
+    out = blocks.max(axis=(1, 3)) if how == "max" else np.nanmean(blocks, axis=(1, 3))
+    return out.astype(np.float32), fr, fc
+
+
+def check_layout(layout: SideLayout | None, n: int, what: str) -> SideLayout | None:
+    """Check that a side layout covers ``n`` tokens (or is ``None``)."""
+    if layout is None:
+        return None
+    if not isinstance(layout, SideLayout):
+        raise InputError(f"{what} layout must be a SideLayout or None, got {type(layout).__name__}")
+    if layout.length != n:
+        raise ShapeError(f"{what} layout covers {layout.length} tokens but the matrix has {n}")
+    return layout
+
+
+@dataclass(frozen=True)
+class AxisSpec:
+    """How one matrix axis is decorated: per-token tick labels, or segment boundaries + names."""
+
+    n: int
+    labels: tuple[str, ...] | None
+    #: token indices where a new segment starts (boundary drawn at ``index - 0.5``)
+    boundaries: tuple[int, ...] = ()
+    #: ``(name, centre)`` of each segment, centre in token coordinates
+    segment_names: tuple[tuple[str, float], ...] = ()
+
+    @classmethod
+    def build(
+        cls, n: int, layout: SideLayout | None, max_labels: int = MAX_TICK_LABELS
+    ) -> AxisSpec:
+        if layout is None:
+            return cls(n, None)
+        bounds = tuple(seg.start for seg in layout.segments[1:])
+        names = tuple((seg.name, (seg.start + seg.stop - 1) / 2) for seg in layout.segments)
+        labels = tuple(layout.labels) if n <= max_labels else None
+        return cls(n, labels, bounds, names)
+
+
+@dataclass(frozen=True)
+class PreparedMatrix:
+    """A matrix ready to draw: values, colour range, and how its cells map to tokens."""
+
+    data: np.ndarray
+    #: query / key token counts of the full matrix (before any reduction)
+    n_rows: int
+    n_cols: int
+    row_factor: int = 1
+    col_factor: int = 1
+    rows: AxisSpec = field(default=None)  # type: ignore[assignment]
+    cols: AxisSpec = field(default=None)  # type: ignore[assignment]
+    vmin: float | None = None
+    vmax: float | None = None
+    log: bool = False
+
+    @property
+    def extent(self) -> tuple[float, float, float, float]:
+        """``imshow`` extent so data coordinates are token indices even after reduction."""
+        return (-0.5, self.n_cols - 0.5, self.n_rows - 0.5, -0.5)
+
+
+def colour_limits(
+    data: np.ndarray, vmin: float | None, vmax: float | None, log: bool
+) -> tuple[float, float]:
+    """Colour limits: explicit values win; log scales start at the smallest positive value."""
+    finite = data[np.isfinite(data)]
+    hi = float(finite.max()) if finite.size else 1.0
+    if log:
+        pos = finite[finite > 0]
+        lo = float(pos.min()) if pos.size else 1e-6
+        lo = max(lo, hi * 1e-6) if hi > 0 else lo
+        lo = lo if vmin is None or vmin <= 0 else float(vmin)
+        hi = hi if vmax is None else float(vmax)
+        if hi <= lo:
+            hi = lo * 10
+        return lo, hi
+    lo = float(finite.min()) if finite.size else 0.0
+    lo = lo if vmin is None else float(vmin)
+    hi = hi if vmax is None else float(vmax)
+    return lo, hi
+
+
+def prepare_matrix(
+    attn: Any,
+    *,
+    head_idx: int | None = None,
+    batch_idx: int = 0,
+    query_layout: SideLayout | None = None,
+    key_layout: SideLayout | None = None,
+    vmin: float | None = None,
+    vmax: float | None = None,
+    log: bool = False,
+    reduce: str = "max",
+    max_pixels: int = MAX_PIXELS,
+) -> PreparedMatrix:
+    """Select, average and downsample one matrix, and work out its axis decoration."""
+    mat = select_matrix(attn, head_idx=head_idx, batch_idx=batch_idx)
+    return prepare_2d(
+        mat,
+        query_layout=query_layout,
+        key_layout=key_layout,
+        vmin=vmin,
+        vmax=vmax,
+        log=log,
+        reduce=reduce,
+        max_pixels=max_pixels,
+    )
+
+
+def prepare_2d(
+    mat: np.ndarray,
+    *,
+    query_layout: SideLayout | None = None,
+    key_layout: SideLayout | None = None,
+    vmin: float | None = None,
+    vmax: float | None = None,
+    log: bool = False,
+    reduce: str = "max",
+    max_pixels: int = MAX_PIXELS,
+) -> PreparedMatrix:
+    """:func:`prepare_matrix` for a matrix already in memory."""
+    if mat.ndim != 2:
+        raise ShapeError(f"expected a (T, S) matrix, got shape {mat.shape}")
+    t, s = mat.shape
+    check_layout(query_layout, t, "query")
+    check_layout(key_layout, s, "key")
+    data, fr, fc = block_reduce(mat, max_pixels, reduce)
+    lo, hi = colour_limits(data, vmin, vmax, log)
+    return PreparedMatrix(
+        data=data,
+        n_rows=t,
+        n_cols=s,
+        row_factor=fr,
+        col_factor=fc,
+        rows=AxisSpec.build(t, query_layout),
+        cols=AxisSpec.build(s, key_layout),
+        vmin=lo,
+        vmax=hi,
+        log=log,
+    )
+
+
+def shared_limits(
+    mats: Sequence[PreparedMatrix], vmin: float | None, vmax: float | None, log: bool
+) -> tuple[float, float]:
+    """One colour range covering every matrix in ``mats`` (explicit limits win)."""
+    stacked = np.concatenate([m.data[np.isfinite(m.data)].ravel() for m in mats])
+    return colour_limits(stacked, vmin, vmax, log)

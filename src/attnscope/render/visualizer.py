@@ -1,0 +1,379 @@
+"""The guide's ``AttentionVisualizer``: a thin facade over :mod:`attnscope.render.plots`.
+
+It keeps the method names and parameters of the guide this project grew from, so the
+guide's snippets run unchanged with ``from attnscope import Transformer,
+AttentionVisualizer``. Every method accepts the guide's inputs (torch tensors of shape
+``(B, NH, T, S)`` and the nested ``{'encoder': [{'self_attention': ...}], ...}`` dict)
+**and** archive selections:
+
+>>> viz = AttentionVisualizer()                                      # doctest: +SKIP
+>>> arc = open_archive("run.zarr")                                   # doctest: +SKIP
+>>> viz.plot_attention_heatmap(arc.attention("encoder", 0, "self_attention"),
+...                            head_idx=3, batch_idx=5)              # doctest: +SKIP
+>>> viz.plot_layer_comparison(arc, stack="decoder", attention_type="cross_attention")
+...                                                                  # doctest: +SKIP
+>>> viz.plot_attention_flow(arc, layer_idx=0)                        # doctest: +SKIP
+
+An archive selection reads only the chosen sample (and head), and its token layout
+gives modality-aware axes automatically. For in-memory tensors pass
+``AttentionVisualizer(layout=TokenLayout(...))`` to get the same axes.
+
+Like the guide, methods show the figure by default (``show=True``; a no-op on
+headless backends) and, when they only save (``show=False`` with ``save_path``), close
+the figure so loops over many layers do not accumulate open figures. Every method
+returns the Figure.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from matplotlib.figure import Figure
+
+from attnscope.errors import InputError, SelectionError
+from attnscope.render import plots
+from attnscope.render._prepare import MAX_PIXELS
+from attnscope.store.layout import KIND_AXES, SideLayout, TokenLayout
+
+__all__ = ["AttentionVisualizer"]
+
+PathLike = str | os.PathLike
+
+
+def _is_archive(x: Any) -> bool:
+    return hasattr(x, "attention") and hasattr(x, "layers") and hasattr(x, "layout")
+
+
+def _array_layouts(arr: Any) -> tuple[SideLayout | None, SideLayout | None]:
+    """(query, key) layouts of an archive AttentionArray, when it knows where it comes from."""
+    for attr in ("axes_layout", "layouts"):
+        got = getattr(arr, attr, None)
+        if isinstance(got, tuple) and len(got) == 2:
+            return got
+    archive = getattr(arr, "archive", None)
+    stack, kind = getattr(arr, "stack", None), getattr(arr, "kind", None)
+    layout = getattr(arr, "layout", None) or getattr(archive, "layout", None)
+    if isinstance(layout, TokenLayout) and stack and kind:
+        try:
+            return layout.axes(stack, kind)
+        except SelectionError:
+            return None, None
+    return None, None
+
+
+def _close_if_saved_only(fig: Figure, save_path: PathLike | None, show: bool) -> None:
+    if save_path is not None and not show:
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
+
+
+class AttentionVisualizer:
+    """Draw the guide's attention figures from tensors, nested dicts or archive selections.
+
+    Parameters
+    ----------
+    layout
+        Optional :class:`~attnscope.store.layout.TokenLayout` used to label the axes of
+        in-memory tensors (archive selections bring their own layout).
+    max_pixels
+        Longer axes are block-reduced (block max) to this many cells.
+    reduce
+        ``"max"`` (default) or ``"mean"`` block reduction for long sequences.
+    """
+
+    def __init__(
+        self,
+        layout: TokenLayout | None = None,
+        *,
+        max_pixels: int = MAX_PIXELS,
+        reduce: str = "max",
+    ) -> None:
+        if layout is not None and not isinstance(layout, TokenLayout):
+            raise InputError(f"layout must be a TokenLayout or None, got {type(layout).__name__}")
+        self.layout = layout
+        self.max_pixels = max_pixels
+        self.reduce = reduce
+
+    # -- layouts ---------------------------------------------------------------------------
+    def _layouts(
+        self, attn: Any, stack: str | None, kind: str | None, layout: TokenLayout | None = None
+    ) -> tuple[SideLayout | None, SideLayout | None]:
+        q, k = _array_layouts(attn)
+        if q is not None or k is not None:
+            return q, k
+        layout = layout or self.layout
+        if layout is None:
+            return None, None
+        shape = tuple(attn.shape)
+        t, s = int(shape[-2]), int(shape[-1])
+        candidates = [
+            (st, kd)
+            for st, kd in KIND_AXES
+            if (stack is None or st == stack) and (kind is None or kd == kind)
+        ]
+        fits = []
+        for st, kd in candidates:
+            try:
+                ql, kl = layout.axes(st, kd)
+            except SelectionError:
+                continue
+            if ql.length == t and kl.length == s:
+                fits.append((ql, kl))
+        # several (stack, kind) fitting with different layouts is ambiguous: no labels
+        if fits and all(f == fits[0] for f in fits):
+            return fits[0]
+        return None, None
+
+    # -- guide methods -------------------------------------------------------------------
+    def plot_attention_heatmap(
+        self,
+        attention_weights: Any,
+        head_idx: int | None = None,
+        batch_idx: int = 0,
+        title: str | None = None,
+        figsize: tuple[float, float] = (10, 8),
+        cmap: str = "viridis",
+        vmin: float | None = None,
+        vmax: float | None = None,
+        save_path: PathLike | None = None,
+        show: bool = True,
+        *,
+        stack: str | None = None,
+        layer: int | None = None,
+        kind: str | None = None,
+        log: bool = False,
+    ) -> Figure:
+        """Heatmap of one head or the head mean (``head_idx=None``) of sample ``batch_idx``.
+
+        ``attention_weights`` is a ``(B, NH, T, S)`` tensor/array, an archive
+        ``AttentionArray``, or an archive with ``stack=``, ``layer=``, ``kind=``.
+        ``stack``/``kind`` also pick the axis layout of a plain tensor when its shape
+        alone is ambiguous. ``log=True`` uses a logarithmic colour scale.
+        """
+        attn = attention_weights
+        if _is_archive(attn):
+            if stack is None or layer is None or kind is None:
+                raise SelectionError("with an archive, pass stack=, layer= and kind=")
+            q, k = attn.layout.axes(stack, kind)
+            attn = attn.attention(stack, layer, kind)
+        else:
+            q, k = self._layouts(attn, stack, kind)
+        fig = plots.plot_heatmap(
+            attn,
+            head_idx=head_idx,
+            batch_idx=batch_idx,
+            query_layout=q,
+            key_layout=k,
+            title=title,
+            figsize=figsize,
+            cmap=cmap,
+            vmin=vmin,
+            vmax=vmax,
+            log=log,
+            reduce=self.reduce,
+            max_pixels=self.max_pixels,
+            save_path=save_path,
+            show=show,
+        )
+        _close_if_saved_only(fig, save_path, show)
+        return fig
+
+    def plot_multi_head_attention(
+        self,
+        attention_weights: Any,
+        batch_idx: int = 0,
+        title: str | None = None,
+        figsize: tuple[float, float] | None = None,
+        cmap: str = "viridis",
+        save_path: PathLike | None = None,
+        show: bool = True,
+        *,
+        vmin: float | None = None,
+        vmax: float | None = None,
+        stack: str | None = None,
+        layer: int | None = None,
+        kind: str | None = None,
+        log: bool = False,
+    ) -> Figure:
+        """All heads of one layer in a grid with one shared colour scale."""
+        attn = attention_weights
+        if _is_archive(attn):
+            if stack is None or layer is None or kind is None:
+                raise SelectionError("with an archive, pass stack=, layer= and kind=")
+            q, k = attn.layout.axes(stack, kind)
+            attn = attn.attention(stack, layer, kind)
+        else:
+            q, k = self._layouts(attn, stack, kind)
+        fig = plots.plot_head_grid(
+            attn,
+            batch_idx=batch_idx,
+            query_layout=q,
+            key_layout=k,
+            title=title,
+            figsize=figsize,
+            cmap=cmap,
+            vmin=vmin,
+            vmax=vmax,
+            log=log,
+            reduce=self.reduce,
+            max_pixels=min(self.max_pixels, 512),
+            save_path=save_path,
+            show=show,
+        )
+        _close_if_saved_only(fig, save_path, show)
+        return fig
+
+    def plot_layer_comparison(
+        self,
+        layer_attention_list: Any,
+        attention_type: str = "self_attention",
+        head_idx: int | None = None,
+        batch_idx: int = 0,
+        title: str | None = None,
+        figsize: tuple[float, float] | None = None,
+        cmap: str = "viridis",
+        save_path: PathLike | None = None,
+        show: bool = True,
+        *,
+        stack: str | None = None,
+        layers: Sequence[int] | None = None,
+        vmin: float | None = None,
+        vmax: float | None = None,
+        log: bool = False,
+    ) -> Figure:
+        """One panel per layer of ``attention_type``, one head or the head mean.
+
+        ``layer_attention_list`` is the guide's list of per-layer dicts
+        (``attention_weights['encoder']``), a list of tensors, or an archive with
+        ``stack=`` (and optionally ``layers=``).
+        """
+        src = layer_attention_list
+        items: dict[int, Any] = {}
+        q = k = None
+        if _is_archive(src):
+            if stack is None:
+                raise SelectionError("with an archive, pass stack= ('encoder' or 'decoder')")
+            wanted = list(src.layers(stack)) if layers is None else list(layers)
+            for i in wanted:
+                items[i] = src.attention(stack, i, attention_type)
+            q, k = src.layout.axes(stack, attention_type)
+        else:
+            if isinstance(src, Mapping):
+                raise InputError(
+                    "plot_layer_comparison takes one stack's list of layers, e.g. "
+                    "attention_weights['encoder'], not the whole nested dict"
+                )
+            seq = list(src)
+            wanted = range(len(seq)) if layers is None else layers
+            for i in wanted:
+                if not 0 <= i < len(seq):
+                    raise SelectionError(f"layer {i} out of range: there are {len(seq)} layers")
+                entry = seq[i]
+                if isinstance(entry, Mapping):
+                    if attention_type not in entry or entry[attention_type] is None:
+                        raise SelectionError(
+                            f"layer {i} has no {attention_type!r}; it has {sorted(entry)}"
+                        )
+                    entry = entry[attention_type]
+                items[i] = entry
+            if items:
+                q, k = self._layouts(next(iter(items.values())), stack, attention_type)
+        fig = plots.plot_layer_comparison(
+            items,
+            head_idx=head_idx,
+            batch_idx=batch_idx,
+            query_layout=q,
+            key_layout=k,
+            title=title,
+            figsize=figsize,
+            cmap=cmap,
+            vmin=vmin,
+            vmax=vmax,
+            log=log,
+            reduce=self.reduce,
+            max_pixels=min(self.max_pixels, 512),
+            save_path=save_path,
+            show=show,
+        )
+        _close_if_saved_only(fig, save_path, show)
+        return fig
+
+    def plot_attention_flow(
+        self,
+        encoder_attention: Any = None,
+        decoder_self_attention: Any = None,
+        decoder_cross_attention: Any = None,
+        layer_idx: int = 0,
+        head_idx: int | None = None,
+        batch_idx: int = 0,
+        figsize: tuple[float, float] = (14, 12),
+        save_path: PathLike | None = None,
+        show: bool = True,
+        *,
+        title: str | None = None,
+        cmap: str = "viridis",
+        log: bool = False,
+    ) -> Figure:
+        """Encoder self -> decoder self -> decoder cross attention of one layer.
+
+        Pass the three tensors (guide form), or an archive as ``encoder_attention`` and
+        ``layer_idx`` to read all three from it.
+        """
+        enc_layout = dec_layout = None
+        if _is_archive(encoder_attention):
+            arc = encoder_attention
+            enc = arc.attention("encoder", layer_idx, "self_attention")
+            dec = arc.attention("decoder", layer_idx, "self_attention")
+            cross = arc.attention("decoder", layer_idx, "cross_attention")
+            enc_layout, dec_layout = arc.layout.encoder, arc.layout.decoder
+        else:
+            enc, dec, cross = encoder_attention, decoder_self_attention, decoder_cross_attention
+            if enc is None or dec is None or cross is None:
+                raise InputError(
+                    "plot_attention_flow needs encoder_attention, decoder_self_attention and "
+                    "decoder_cross_attention (or an archive as the first argument)"
+                )
+            q_cross, k_cross = _array_layouts(cross)
+            if q_cross is None and self.layout is not None:
+                q_cross, k_cross = self._layouts(cross, "decoder", "cross_attention")
+            dec_layout, enc_layout = q_cross, k_cross
+        fig = plots.plot_attention_flow(
+            enc,
+            dec,
+            cross,
+            layer_idx=layer_idx,
+            head_idx=head_idx,
+            batch_idx=batch_idx,
+            encoder_layout=enc_layout,
+            decoder_layout=dec_layout,
+            title=title,
+            figsize=figsize,
+            cmap=cmap,
+            log=log,
+            reduce=self.reduce,
+            max_pixels=min(self.max_pixels, 512),
+            save_path=save_path,
+            show=show,
+        )
+        _close_if_saved_only(fig, save_path, show)
+        return fig
+
+    def save_attention_statistics(
+        self, attention_weights: Any, save_path: PathLike | None = None
+    ) -> dict:
+        """Write the guide's statistics JSON (mean/std/min/max/shape per layer and kind).
+
+        Delegates to :func:`attnscope.analysis.statistics_json`; accepts the nested dict
+        of tensors or an archive. Returns the statistics as a dict.
+        """
+        try:
+            from attnscope.analysis import statistics_json
+        except ImportError as e:  # pragma: no cover - depends on the analysis package
+            raise InputError(
+                "save_attention_statistics needs attnscope.analysis.statistics_json, "
+                "which this installation lacks"
+            ) from e
+        return statistics_json(attention_weights, save_path=save_path)

@@ -1,0 +1,167 @@
+"""Small backend interface shared by the Zarr and HDF5 stores, plus format-independent policy.
+
+A backend knows how to keep named n-dimensional arrays, one JSON document of root
+metadata, small JSON attributes per array, and per-writer commit records. Everything
+attention-specific (layouts, validation, sparse reconstruction) lives in
+:mod:`attnscope.store.archive`, so both formats behave identically.
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from attnscope.errors import ConfigError
+
+__all__ = ["Backend", "ArrayHandle", "choose_chunks", "COMPRESSORS", "MiB"]
+
+MiB = 1 << 20
+
+# Compressor names accepted by ArchiveWriter.create(compressor=...). Both formats accept
+# the same names; see docs/archive-format.md for the measured trade-offs.
+COMPRESSORS = ("zstd", "none", "blosc-zstd", "blosc-lz4", "lz4")
+
+# Chunk sizing (see docs/archive-format.md): aim for ~1 MiB of uncompressed data per chunk,
+# never more than 4 MiB, and keep one (sample, head) matrix (or a block of its rows) per
+# chunk whenever a matrix is big enough to be worth a request of its own.
+TARGET_CHUNK = 1 * MiB
+MAX_CHUNK = 4 * MiB
+MIN_HEAD_CHUNK = 256 * 1024
+MAX_CHUNK_SAMPLES = 256
+
+
+def choose_chunks(
+    h: int, t: int, s: int, itemsize: int, *, chunk_samples: int | None = None
+) -> tuple[int, int, int, int]:
+    """Default chunk shape ``(n, h, t, s)`` for an attention array of ``(N, H, T, S)``.
+
+    * one head matrix >= 4 MiB: blocks of rows of one head, ~1 MiB each;
+    * one head matrix >= 256 KiB: one whole (sample, head) matrix per chunk;
+    * smaller: all heads of a sample together, and several samples per chunk (a power of
+      two, at most 256) to reach ~1 MiB — per-chunk overhead dominates tiny chunks.
+
+    ``chunk_samples`` forces the sample extent (e.g. ``1`` so that any disjoint sample
+    ranges of concurrent writers are chunk-aligned).
+    """
+    m = t * s * itemsize
+    if m > MAX_CHUNK:
+        rows = max(1, min(t, TARGET_CHUNK // max(1, s * itemsize)))
+        shape = [1, 1, rows, s]
+    elif m >= MIN_HEAD_CHUNK:
+        shape = [1, 1, t, s]
+    else:
+        hc = min(h, max(1, MAX_CHUNK // m))
+        if hc < h:
+            shape = [1, hc, t, s]
+        else:
+            per = h * m
+            n = max(1, TARGET_CHUNK // per)
+            n = min(MAX_CHUNK_SAMPLES, 1 << (int(n).bit_length() - 1))
+            shape = [n, h, t, s]
+    if chunk_samples is not None:
+        if int(chunk_samples) < 1:
+            raise ConfigError(f"chunk_samples must be >= 1, got {chunk_samples}")
+        shape[0] = int(chunk_samples)
+    return tuple(shape)  # type: ignore[return-value]
+
+
+def chunk_grid(shape: Sequence[int], chunks: Sequence[int]) -> tuple[int, ...]:
+    """Number of chunks along each dimension."""
+    return tuple(math.ceil(n / c) if n else 0 for n, c in zip(shape, chunks))
+
+
+class ArrayHandle(abc.ABC):
+    """One stored n-d array. Selections are tuples of ``slice`` with step 1, one per dim."""
+
+    shape: tuple[int, ...]
+    chunks: tuple[int, ...]
+    dtype: np.dtype
+
+    @abc.abstractmethod
+    def read(self, sel: tuple[slice, ...]) -> np.ndarray:
+        """Read a box; only the chunks it touches are read."""
+
+    @abc.abstractmethod
+    def write(self, sel: tuple[slice, ...], data: np.ndarray) -> None:
+        """Write a box."""
+
+    @abc.abstractmethod
+    def resize(self, n: int) -> None:
+        """Set the extent of the first (sample) dimension."""
+
+    @abc.abstractmethod
+    def stored_nbytes(self) -> int | None:
+        """Bytes the array occupies in storage, if cheaply known."""
+
+
+class Backend(abc.ABC):
+    """A container of arrays plus JSON metadata; one per open archive."""
+
+    format: str
+    path: str
+    writable: bool
+    # Incremented by every chunk read through read(); tests use it to prove lazy reads.
+    chunk_reads: int = 0
+
+    @abc.abstractmethod
+    def read_root_meta(self) -> dict[str, Any]:
+        """The root JSON metadata; raises ArchiveCorruptError if absent or unreadable."""
+
+    @abc.abstractmethod
+    def write_root_meta(self, meta: dict[str, Any]) -> None: ...
+
+    @abc.abstractmethod
+    def list_nodes(self) -> list[str]:
+        """Attention node paths (dense arrays or sparse groups), e.g. 'encoder/0/self_attention'."""
+
+    @abc.abstractmethod
+    def has(self, path: str) -> bool: ...
+
+    @abc.abstractmethod
+    def create_array(
+        self,
+        path: str,
+        shape: tuple[int, ...],
+        chunks: tuple[int, ...],
+        dtype: np.dtype,
+        *,
+        dims: tuple[str, ...],
+        attrs: dict[str, Any] | None = None,
+        compressor: str = "zstd",
+    ) -> ArrayHandle: ...
+
+    @abc.abstractmethod
+    def get_array(self, path: str) -> ArrayHandle: ...
+
+    @abc.abstractmethod
+    def get_attrs(self, path: str) -> dict[str, Any]:
+        """JSON attributes of a node (array or group)."""
+
+    @abc.abstractmethod
+    def set_attrs(self, path: str, attrs: dict[str, Any], *, group: bool = False) -> None:
+        """Set JSON attributes of a node, creating a group at ``path`` when ``group``."""
+
+    @abc.abstractmethod
+    def list_children(self, path: str) -> list[str]: ...
+
+    @abc.abstractmethod
+    def read_commits(self) -> dict[str, tuple[int, int, int]]:
+        """``{record id: (start, stop, committed)}`` of every writer that ever committed."""
+
+    @abc.abstractmethod
+    def write_commit(self, rid: str, start: int, stop: int, committed: int) -> None:
+        """Durably record that ``committed`` samples from ``start`` are complete."""
+
+    @abc.abstractmethod
+    def missing_chunks(self, path: str, n: int) -> list[tuple[int, ...]]:
+        """Chunk indices of array ``path`` inside samples ``[0, n)`` that are not stored."""
+
+    def flush(self) -> None:  # noqa: B027 - optional hook
+        """Make everything written so far durable (HDF5: H5Fflush)."""
+
+    @abc.abstractmethod
+    def close(self) -> None: ...

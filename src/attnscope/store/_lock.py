@@ -1,0 +1,127 @@
+"""Writer leases: JSON lock files naming pid, host and sample range.
+
+A directory archive keeps its locks in ``<archive>/.attnscope-locks/``; a file archive
+(HDF5, zip) in a sidecar ``<archive>.attnscope-locks/``. Each writer owns one file:
+``all.json`` for a whole-archive writer, ``range-<start>-<stop>.json`` for a
+disjoint-range writer. The check-and-create step runs under ``flock`` on a mutex file
+so two writers cannot both pass it. A lock whose pid is dead on this host is stale and
+removed; a lock from another host is reported, never broken.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import socket
+from contextlib import contextmanager
+from typing import Any
+
+from attnscope.errors import ArchiveLockedError
+
+__all__ = ["Lease", "lock_dir"]
+
+ALL = "all"
+LOCK_DIR_NAME = ".attnscope-locks"
+
+
+def lock_dir(path: str, *, inside: bool) -> str:
+    """Where the locks of ``path`` live: inside a directory archive, else a sidecar."""
+    path = os.path.abspath(path)
+    if inside:
+        return os.path.join(path, LOCK_DIR_NAME)
+    return path + LOCK_DIR_NAME
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextmanager
+def _mutex(d: str):  # type: ignore[no-untyped-def]
+    fd = os.open(os.path.join(d, ".mutex"), os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        try:
+            import fcntl
+
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except ImportError:  # pragma: no cover - non-POSIX: best effort
+            pass
+        yield
+    finally:
+        os.close(fd)  # releases the flock
+
+
+def _overlap(a: tuple[int, int] | None, b: tuple[int, int] | None) -> bool:
+    if a is None or b is None:
+        return True
+    return a[0] < b[1] and b[0] < a[1]
+
+
+class Lease:
+    """A held writer lock; :meth:`release` is idempotent."""
+
+    def __init__(self, archive: str, sample_range: tuple[int, int] | None, *, inside: bool) -> None:
+        self.archive = archive
+        self.range = sample_range
+        self.dir = lock_dir(archive, inside=inside)
+        name = ALL if sample_range is None else f"range-{sample_range[0]}-{sample_range[1]}"
+        self.file = os.path.join(self.dir, name + ".json")
+        self.held = False
+
+    def acquire(self) -> Lease:
+        os.makedirs(self.dir, exist_ok=True)
+        me = socket.gethostname()
+        with _mutex(self.dir):
+            for fn in sorted(os.listdir(self.dir)):
+                if not fn.endswith(".json"):
+                    continue
+                full = os.path.join(self.dir, fn)
+                try:
+                    with open(full, encoding="utf-8") as fh:
+                        rec: dict[str, Any] = json.load(fh)
+                    other = None if rec.get("range") is None else tuple(rec["range"])
+                except (OSError, ValueError):
+                    rec, other = {}, None
+                if (
+                    rec.get("host") == me
+                    and isinstance(rec.get("pid"), int)
+                    and not _alive(rec["pid"])
+                ):
+                    os.remove(full)  # stale: its writer died on this host
+                    continue
+                if _overlap(self.range, other):  # type: ignore[arg-type]
+                    want = (
+                        "the whole archive" if self.range is None else f"samples {list(self.range)}"
+                    )
+                    held = "the whole archive" if other is None else f"samples {list(other)}"
+                    raise ArchiveLockedError(
+                        f"{self.archive!r} is locked: a writer (pid {rec.get('pid')} on host "
+                        f"{rec.get('host')!r}, since {rec.get('since')}) holds {held}, and this "
+                        f"writer wants {want}. Wait for it, open a disjoint sample_range, or "
+                        f"delete {full!r} if that writer is gone."
+                    )
+            rec = {
+                "pid": os.getpid(),
+                "host": me,
+                "since": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                "range": None if self.range is None else list(self.range),
+            }
+            with open(self.file, "x", encoding="utf-8") as fh:
+                json.dump(rec, fh)
+        self.held = True
+        return self
+
+    def release(self) -> None:
+        if self.held:
+            self.held = False
+            try:
+                os.remove(self.file)
+            except FileNotFoundError:
+                pass

@@ -1,0 +1,341 @@
+"""``info`` and ``verify``: the library side of ``attnscope info`` / ``attnscope verify``."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from attnscope.errors import AttnscopeError
+from attnscope.store._base import MiB
+from attnscope.store.archive import AttentionArchive, open_archive
+from attnscope.store.layout import KIND_AXES
+
+__all__ = ["VerifyReport", "verify", "info", "format_info"]
+
+MAX_PER_ARRAY = 5
+
+
+@dataclass
+class VerifyReport:
+    """Outcome of :func:`verify`. ``ok`` is True when ``problems`` is empty.
+
+    Each problem is one line naming the array (or part of the archive) and what is wrong.
+    """
+
+    path: str
+    ok: bool
+    problems: list[str] = field(default_factory=list)
+    n_samples: int = 0
+    arrays_checked: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return self.ok
+
+    def summary(self) -> str:
+        """One line: ``OK ...`` or the first problem (and how many more)."""
+        if self.ok:
+            return (
+                f"OK {self.path}: {self.arrays_checked} arrays, {self.n_samples} committed samples"
+            )
+        more = f" (+{len(self.problems) - 1} more)" if len(self.problems) > 1 else ""
+        return f"CORRUPT {self.path}: {self.problems[0]}{more}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "ok": self.ok,
+            "problems": list(self.problems),
+            "n_samples": self.n_samples,
+            "arrays_checked": self.arrays_checked,
+            "notes": list(self.notes),
+        }
+
+
+def _disk_size(path: str) -> int:
+    if os.path.isdir(path):
+        total = 0
+        for root, _dirs, files in os.walk(path):
+            for f in files:
+                try:
+                    total += os.path.getsize(os.path.join(root, f))
+                except OSError:
+                    pass
+        return total
+    return os.path.getsize(path) if os.path.exists(path) else 0
+
+
+def verify(
+    path: str | os.PathLike,
+    *,
+    tolerance: float = 1e-2,
+    check_data: bool = True,
+    max_bytes: int = 64 * MiB,
+) -> VerifyReport:
+    """Check an archive's structure, committed counts, chunks and (optionally) data.
+
+    Parameters
+    ----------
+    path
+        The archive.
+    tolerance
+        Allowed ``|row sum - 1|`` of stored rows (float16 storage rounds each weight).
+    check_data
+        Read every committed sample: NaN/Inf, negative weights, row sums.
+    max_bytes
+        Memory bound of one read block.
+
+    Returns
+    -------
+    VerifyReport
+
+    Raises
+    ------
+    ArchiveNotFoundError
+        Nothing at ``path``.
+    ArchiveCorruptError
+        Not an attnscope archive, or too damaged to open (e.g. truncated HDF5 header).
+    """
+    path = os.fspath(path)
+    with open_archive(path) as a:
+        rep = VerifyReport(path=path, ok=True, n_samples=a.n_samples)
+        _check(a, rep, tolerance, check_data, max_bytes)
+    rep.ok = not rep.problems
+    return rep
+
+
+def _check(
+    a: AttentionArchive, rep: VerifyReport, tol: float, check_data: bool, max_bytes: int
+) -> None:
+    p = rep.problems
+    b = a._backend
+    n = a.n_samples
+    for rid, (start, stop, c) in a._commits.items():
+        if c < 0 or start < 0 or (rid != "main" and c > stop - start):
+            p.append(
+                f"commit record {rid!r} is inconsistent: start={start} stop={stop} committed={c}"
+            )
+    if not a.arrays() and n:
+        p.append(f"{n} samples committed but the archive holds no attention arrays")
+    rows_checked = bool(a.metadata.get("validate", True))
+    if not rows_checked:
+        rep.notes.append("row sums not checked: archive was written with validate=False")
+    for name in a.arrays():
+        try:
+            arr = a.attention(name)
+        except AttnscopeError as e:
+            p.append(f"{name}: {e}")
+            continue
+        except Exception as e:  # noqa: BLE001 - unreadable node metadata
+            p.append(f"{name}: cannot open ({type(e).__name__}: {e})")
+            continue
+        rep.arrays_checked += 1
+        h, t, s = arr.shape[1:]
+        if len(arr.heads) != h:
+            p.append(f"{name}: lists {len(arr.heads)} head ids for {h} stored heads")
+        qs, ks = KIND_AXES[(arr.stack, arr.kind)]
+        for side, got, dim in ((qs, t, "query"), (ks, s, "key")):
+            lay = getattr(a.layout, side)
+            if lay is None:
+                p.append(f"{name}: the layout has no {side} side")
+            elif lay.length != got:
+                p.append(f"{name}: {dim} length {got} != {lay.length} tokens of the {side} layout")
+        parts = ["values", "indices", "residual"] if arr.is_sparse else [""]
+        torn = False
+        for part in parts:
+            key = f"{name}/{part}" if part else name
+            try:
+                stored_n = b.get_array(key).shape[0]
+                if stored_n < n:
+                    p.append(f"{key}: holds {stored_n} samples but {n} are committed (truncated)")
+                    torn = True
+                    continue
+                missing = b.missing_chunks(key, n)
+            except Exception as e:  # noqa: BLE001
+                p.append(f"{key}: chunk index unreadable ({type(e).__name__}: {e})")
+                torn = True
+                continue
+            if missing:
+                cs = b.get_array(key).chunks[0]
+                first = missing[0]
+                p.append(
+                    f"{key}: {len(missing)} chunk(s) missing or truncated inside the committed "
+                    f"samples, first chunk {first} "
+                    f"(samples {first[0] * cs}..{min(n, (first[0] + 1) * cs) - 1})"
+                )
+                torn = True
+        if check_data and not torn and n:
+            _check_data(name, arr, rep, tol, rows_checked, max_bytes)
+    for key, v in _safe_ids(a, rep).items():
+        if v.shape[0] < n:
+            p.append(f"sample_ids[{key!r}]: {v.shape[0]} entries for {n} committed samples")
+
+
+def _safe_ids(a: AttentionArchive, rep: VerifyReport) -> dict[str, np.ndarray]:
+    try:
+        return a.sample_ids
+    except Exception as e:  # noqa: BLE001
+        rep.problems.append(f"sample_ids unreadable ({type(e).__name__}: {e})")
+        return {}
+
+
+def _check_data(
+    name: str, arr: Any, rep: VerifyReport, tol: float, rows: bool, max_bytes: int
+) -> None:
+    found = 0
+    try:
+        if arr.is_sparse:
+            n = arr.shape[0]
+            step = max(arr.chunks[0], 1024)
+            for a0 in range(0, n, step):
+                v, i, r = arr.topk_arrays(slice(a0, min(n, a0 + step)))
+                v = v.astype(np.float32)
+                if not np.isfinite(v).all() or not np.isfinite(r).all():
+                    rep.problems.append(f"{name}: NaN/Inf in samples {a0}..{a0 + len(v) - 1}")
+                    return
+                if (v < 0).any() or (r < 0).any():
+                    rep.problems.append(
+                        f"{name}: negative weight in samples {a0}..{a0 + len(v) - 1}"
+                    )
+                    return
+                if rows:
+                    tot = v.sum(-1) + r
+                    bad = np.argwhere(np.abs(tot - 1) > tol)
+                    if len(bad):
+                        s_, h_, t_ = (int(x) for x in bad[0])
+                        rep.problems.append(
+                            f"{name}: sample {a0 + s_}, head {h_}, row {t_}: kept + residual = "
+                            f"{float(tot[s_, h_, t_]):.4g}, expected 1 within {tol:g}"
+                        )
+                        return
+            return
+        for sl, block in arr.iter_blocks(max_bytes=max_bytes):
+            where = None
+            fin = np.isfinite(block)
+            if not fin.all():
+                where, what = np.argwhere(~fin)[0], "NaN/Inf weight"
+            elif (block < 0).any():
+                where, what = np.argwhere(block < 0)[0], "negative weight"
+            elif rows:
+                sums = block.sum(axis=-1, dtype=np.float32)
+                off = np.abs(sums - 1) > tol
+                if off.any():
+                    where = np.argwhere(off)[0]
+                    got = float(sums[tuple(where[:3])])
+                    what = f"row sums to {got:.4g}, expected 1 within {tol:g}"
+            if where is not None:
+                rep.problems.append(
+                    f"{name}: sample {sl.start + int(where[0])}, head {int(where[1])}, row "
+                    f"{int(where[2])}: {what}"
+                )
+                found += 1
+                if found >= MAX_PER_ARRAY:
+                    return
+    except Exception as e:  # noqa: BLE001 - a chunk that fails to decode is damage
+        rep.problems.append(f"{name}: data unreadable ({type(e).__name__}: {e})")
+
+
+def info(path: str | os.PathLike) -> dict[str, Any]:
+    """JSON-able summary of an archive (what ``attnscope info --json`` prints).
+
+    Raises
+    ------
+    ArchiveNotFoundError, ArchiveCorruptError
+        As :func:`open_archive`.
+    """
+    path = os.fspath(path)
+    with open_archive(path) as a:
+        meta = a.metadata
+        arrays = []
+        for name in a.arrays():
+            arr = a.attention(name)
+            stored = 0
+            parts = ["values", "indices", "residual"] if arr.is_sparse else [""]
+            for part in parts:
+                got = a._backend.get_array(f"{name}/{part}" if part else name).stored_nbytes()
+                stored = None if got is None or stored is None else stored + got
+            arrays.append(
+                {
+                    "name": name,
+                    "shape": list(arr.shape),
+                    "chunks": list(arr.chunks),
+                    "heads": list(arr.heads),
+                    "dtype": str(arr.dtype),
+                    "logical_bytes": arr.nbytes,
+                    "stored_bytes": stored,
+                }
+            )
+        layout = {}
+        for side in ("encoder", "decoder"):
+            lay = getattr(a.layout, side)
+            layout[side] = (
+                None
+                if lay is None
+                else {
+                    "length": lay.length,
+                    "segments": [[s.name, s.start, s.stop] for s in lay.segments],
+                }
+            )
+        return {
+            "path": path,
+            "format": a.format,
+            "schema_version": a.schema_version,
+            "n_samples": a.n_samples,
+            "dtype": a.dtype,
+            "mode": a.mode,
+            "topk": a.topk,
+            "compressor": meta.get("compressor"),
+            "size_bytes": _disk_size(path),
+            "fingerprint": a.identity()["fingerprint"],
+            "layout": layout,
+            "arrays": arrays,
+            "sample_ids": sorted(a.sample_ids),
+            "commits": meta["commits"],
+            "model_config": meta.get("model_config", {}),
+            "capture": meta.get("capture", {}),
+            "provenance": meta.get("provenance", {}),
+        }
+
+
+def _mb(x: int | None) -> str:
+    return "?" if x is None else f"{x / MiB:.1f} MiB"
+
+
+def format_info(d: dict[str, Any]) -> str:
+    """Human-readable rendering of :func:`info`'s dict."""
+    lines = [
+        f"{d['path']}  ({d['format']}, schema v{d['schema_version']}, "
+        f"{_mb(d['size_bytes'])} on disk)",
+        f"  samples: {d['n_samples']} committed   dtype: {d['dtype']}   mode: {d['mode']}"
+        + (f" (top-{d['topk']})" if d.get("topk") else "")
+        + f"   compressor: {d.get('compressor')}",
+    ]
+    for side, lay in d["layout"].items():
+        if lay is not None:
+            segs = ", ".join(f"{n}[{a}:{b}]" for n, a, b in lay["segments"])
+            lines.append(f"  {side}: {lay['length']} tokens  {segs}")
+    if d["sample_ids"]:
+        lines.append(f"  sample ids: {', '.join(d['sample_ids'])}")
+    lines.append(f"  arrays ({len(d['arrays'])}):")
+    for arr in d["arrays"]:
+        ratio = ""
+        if arr["stored_bytes"] and arr["logical_bytes"]:
+            ratio = f"  x{arr['logical_bytes'] / arr['stored_bytes']:.2f}"
+        lines.append(
+            f"    {arr['name']:<28} {'x'.join(map(str, arr['shape']))}  chunks "
+            f"{'x'.join(map(str, arr['chunks']))}  {_mb(arr['stored_bytes'])}{ratio}"
+        )
+    prov = d.get("provenance") or {}
+    if prov:
+        lines.append(
+            f"  written {prov.get('created_utc')} on {prov.get('host')} by attnscope "
+            f"{prov.get('attnscope')} (torch {prov.get('torch')}, seed {prov.get('seed')})"
+        )
+        if prov.get("tags"):
+            lines.append(f"  tags: {prov['tags']}")
+    if d.get("model_config"):
+        lines.append(f"  model: {d['model_config']}")
+    return "\n".join(lines)

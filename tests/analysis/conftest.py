@@ -1,0 +1,27 @@
+"""Fixtures: small seeded attention archives, written through the real store when available."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+# Test modules import shared builders from analysis_helpers (a unique module name: other
+# test folders have their own conftest.py).
+sys.path.insert(0, str(Path(__file__).parent))
+from analysis_helpers import build_archive, make_layout, make_weights, store_available  # noqa: E402
+
+
+@pytest.fixture(params=["zarr", "h5"])
+def fmt(request: pytest.FixtureRequest) -> str:
+    if request.param == "h5" and not store_available():
+        pytest.skip("fake archive has one format")
+    return request.param
+
+
+@pytest.fixture
+def small(tmp_path: Path, fmt: str) -> tuple[Any, dict]:
+    w = make_weights(seed=1)
+    return build_archive(tmp_path / f"a.{fmt}", w, make_layout()), w

@@ -1,0 +1,187 @@
+"""The command line: every command has help, errors are one line with exit 1, jobs run."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from attnscope.cli import cli
+
+
+@pytest.fixture
+def runner() -> CliRunner:
+    return CliRunner()
+
+
+@pytest.mark.parametrize("cmd", sorted(cli.commands))
+def test_every_command_has_help_with_an_example(runner, cmd) -> None:
+    res = runner.invoke(cli, [cmd, "--help"])
+    assert res.exit_code == 0, res.output
+    assert "Example: attnscope " + cmd in res.output
+
+
+def small_config(tmp_path: Path) -> Path:
+    cfg = tmp_path / "model.json"
+    cfg.write_text(
+        json.dumps(
+            {
+                "embed_dim": 32,
+                "context_length": 16,
+                "num_heads": 4,
+                "num_encoder_layers": 1,
+                "num_decoder_layers": 2,
+                "enc_modalities": {"text": 4, "image": 6},
+                "dec_modalities": {"action": 5},
+            }
+        )
+    )
+    return cfg
+
+
+@pytest.mark.parametrize("suffix", [".zarr", ".h5"])
+def test_capture_info_verify(runner, tmp_path, suffix) -> None:
+    out = tmp_path / f"run{suffix}"
+    res = runner.invoke(
+        cli,
+        [
+            "capture",
+            "--config",
+            str(small_config(tmp_path)),
+            "--batches",
+            "3",
+            "--batch-size",
+            "2",
+            "--out",
+            str(out),
+            "--no-progress",
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    assert "6 samples" in res.output
+    res = runner.invoke(cli, ["info", str(out), "--json"])
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.output)
+    assert data["n_samples"] == 6
+    res = runner.invoke(cli, ["info", str(out)])
+    assert res.exit_code == 0 and "image" in res.output
+    res = runner.invoke(cli, ["verify", str(out)])
+    assert res.exit_code == 0, res.output
+
+
+def test_capture_from_npz_inputs_with_selection(runner, tmp_path) -> None:
+    rng = np.random.default_rng(0)
+    npz = tmp_path / "inputs.npz"
+    np.savez(
+        npz,
+        **{
+            "enc/text": rng.normal(size=(5, 4, 32)).astype(np.float32),
+            "enc/image": rng.normal(size=(5, 6, 32)).astype(np.float32),
+            "dec/action": rng.normal(size=(5, 5, 32)).astype(np.float32),
+        },
+    )
+    out = tmp_path / "npz.zarr"
+    res = runner.invoke(
+        cli,
+        [
+            "capture",
+            "--config",
+            str(small_config(tmp_path)),
+            "--inputs",
+            str(npz),
+            "--batch-size",
+            "2",
+            "--out",
+            str(out),
+            "--heads",
+            "1,3",
+            "--kinds",
+            "cross_attention",
+            "--no-progress",
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    from attnscope.store import open_archive
+
+    with open_archive(out) as a:
+        assert a.n_samples == 5
+        assert a.arrays() == ["decoder/0/cross_attention", "decoder/1/cross_attention"]
+        assert a["decoder/1/cross_attention"].shape == (5, 2, 5, 10)
+
+
+def test_capture_hf_config(runner, tmp_path) -> None:
+    pytest.importorskip("transformers")
+    cfg = tmp_path / "config.json"
+    cfg.write_text(
+        json.dumps(
+            {
+                "model_type": "bert",
+                "vocab_size": 60,
+                "hidden_size": 16,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 2,
+                "intermediate_size": 32,
+            }
+        )
+    )
+    out = tmp_path / "hf.zarr"
+    res = runner.invoke(
+        cli,
+        [
+            "capture",
+            "--hf-config",
+            str(cfg),
+            "--batches",
+            "2",
+            "--batch-size",
+            "3",
+            "--seq-len",
+            "9",
+            "--out",
+            str(out),
+            "--no-progress",
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    from attnscope.store import open_archive
+
+    with open_archive(out) as a:
+        assert a.arrays() == ["encoder/0/self_attention", "encoder/1/self_attention"]
+        assert a["encoder/1/self_attention"].shape == (6, 2, 9, 9)
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["info", "does-not-exist.zarr"], "does-not-exist.zarr"),
+        (["verify", "does-not-exist.h5"], "does-not-exist.h5"),
+        (
+            ["capture", "--out", "x.zarr", "--layers", "7", "--batches", "1", "--no-progress"],
+            "layer",
+        ),
+        (["capture", "--out", "x.zarr", "--dtype", "float16", "--batch-size", "0"], "batch-size"),
+    ],
+)
+def test_errors_are_one_line_without_traceback(runner, tmp_path, monkeypatch, args, needle) -> None:
+    monkeypatch.chdir(tmp_path)
+    res = runner.invoke(cli, args)
+    assert res.exit_code == 1, res.output
+    lines = [ln for ln in res.output.splitlines() if ln.strip()]
+    assert len(lines) == 1, res.output
+    assert lines[0].startswith("Error: ") and needle in lines[0]
+    assert "Traceback" not in res.output
+
+
+def test_console_script_exits_nonzero_on_corrupt_archive(tmp_path) -> None:
+    bad = tmp_path / "foreign.h5"
+    bad.write_bytes(b"not an hdf5 file at all")
+    proc = subprocess.run(
+        [sys.executable, "-m", "attnscope.cli", "verify", str(bad)], capture_output=True, text=True
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.count("\n") == 1 and "foreign.h5" in proc.stderr
