@@ -1,0 +1,293 @@
+"""One self-contained HTML report of an archive and its analysis tables.
+
+Everything is inline: figures are base64 PNGs, the stylesheet and a few lines of
+JavaScript (layer/head chooser) are embedded, nothing is fetched, so the file works from
+``file://`` and can be mailed to a colleague. Without tables, they are computed first
+into a temporary folder.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib.pyplot as plt
+import pandas as pd
+from matplotlib.figure import Figure
+
+from attnscope.render.plots import plot_attention_flow, plot_heatmap
+from attnscope.render.tables import plot_head_metric, plot_segment_mass
+from attnscope.store import AttentionArchive, open_archive
+
+__all__ = ["write_report"]
+
+_CSS = """
+body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0;color:#222}
+header{background:#1f2937;color:#fff;padding:14px 24px}header h1{margin:0;font-size:20px}
+main{padding:8px 24px 40px;max-width:1300px}h2{border-bottom:1px solid #ddd;padding-bottom:4px}
+table{border-collapse:collapse;margin:6px 0 14px}td,th{border:1px solid #ddd;padding:3px 8px;
+text-align:right}th{background:#f3f4f6}td.l,th.l{text-align:left}
+.grid{display:flex;flex-wrap:wrap;gap:12px}.grid figure{margin:0}
+img{max-width:100%;height:auto;border:1px solid #eee}
+select{font-size:14px;margin-right:12px}pre{background:#f7f7f7;padding:8px;overflow:auto}
+.muted{color:#666}
+"""
+
+_JS = """
+(function(){
+  var arr=document.getElementById('sel-array'), head=document.getElementById('sel-head');
+  function show(){
+    var key=arr.value+'|'+head.value, found=false;
+    document.querySelectorAll('img.attn').forEach(function(im){
+      var on=im.dataset.key===key; im.style.display=on?'':'none'; if(on){found=true;}
+    });
+    document.getElementById('no-fig').style.display=found?'none':'';
+  }
+  arr.addEventListener('change',show); head.addEventListener('change',show); show();
+  document.body.dataset.ready='1';
+})();
+"""
+
+
+def _png(fig: Figure, dpi: int = 80) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, metadata={"Software": None}, bbox_inches="tight")
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _img(b64: str, alt: str, cls: str = "", key: str = "") -> str:
+    extra = f' class="{cls}" data-key="{html.escape(key)}"' if cls else ""
+    return f'<img{extra} alt="{html.escape(alt)}" src="data:image/png;base64,{b64}">'
+
+
+def _table(df: pd.DataFrame, float_fmt: str = "{:.3f}") -> str:
+    head = "".join(f'<th class="l">{html.escape(str(c))}</th>' for c in df.columns)
+    rows = []
+    for _, r in df.iterrows():
+        cells = []
+        for v in r.tolist():
+            if isinstance(v, float):
+                cells.append(f"<td>{float_fmt.format(v)}</td>")
+            else:
+                cells.append(f'<td class="l">{html.escape(str(v))}</td>')
+        rows.append("<tr>" + "".join(cells) + "</tr>")
+    return f"<table><tr>{head}</tr>{''.join(rows)}</table>"
+
+
+def _kv(d: dict[str, Any]) -> str:
+    rows = "".join(
+        f'<tr><th class="l">{html.escape(str(k))}</th><td class="l">'
+        f"{html.escape(v if isinstance(v, str) else json.dumps(v, default=str))}</td></tr>"
+        for k, v in d.items()
+    )
+    return f"<table>{rows}</table>"
+
+
+def _layout_section(arc: AttentionArchive) -> str:
+    parts = []
+    for side in ("encoder", "decoder"):
+        lay = getattr(arc.layout, side)
+        if lay is None:
+            continue
+        df = pd.DataFrame(
+            [(s.name, s.start, s.stop, len(s)) for s in lay.segments],
+            columns=["segment", "start", "stop", "tokens"],
+        )
+        parts.append(f"<h3>{side} ({lay.length} tokens)</h3>{_table(df)}")
+    return "".join(parts)
+
+
+def _ensure_tables(arc: AttentionArchive, tables_dir: Path | None, tmp: str) -> Path:
+    if tables_dir is not None and (Path(tables_dir) / "head_stats.parquet").exists():
+        return Path(tables_dir)
+    from attnscope.analysis import analyze
+
+    out = Path(tables_dir) if tables_dir is not None else Path(tmp) / "tables"
+    analyze(arc, out, progress=False)
+    return out
+
+
+def write_report(
+    archive: str | os.PathLike[str] | AttentionArchive,
+    out: str | os.PathLike[str],
+    *,
+    tables_dir: str | os.PathLike[str] | None = None,
+    sample: int = 0,
+    arrays: Sequence[str] | None = None,
+    top_pairs: int = 10,
+) -> Path:
+    """Write a self-contained HTML report of ``archive`` to ``out``.
+
+    Parameters
+    ----------
+    archive
+        Archive path or open :class:`AttentionArchive`.
+    tables_dir
+        Folder of ``attnscope analyze`` tables; computed into a temporary folder (or into
+        ``tables_dir`` if it is given but empty) when absent.
+    sample
+        Sample whose attention maps are shown.
+    arrays
+        Array names to include (default all).
+    top_pairs
+        Rows of the top-pairs table per array (head average).
+
+    Returns
+    -------
+    Path of the HTML file.
+
+    Examples
+    --------
+    >>> write_report("run.zarr", "report.html", tables_dir="tables")  # doctest: +SKIP
+    """
+    own = not isinstance(archive, AttentionArchive)
+    arc = open_archive(archive) if own else archive
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            tdir = _ensure_tables(arc, Path(tables_dir) if tables_dir else None, tmp)
+            page = _build(arc, tdir, sample, arrays, top_pairs)
+    finally:
+        if own:
+            arc.close()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp_out = out.with_name(out.name + ".partial")
+    tmp_out.write_text(page, encoding="utf-8")
+    tmp_out.replace(out)
+    return out
+
+
+def _build(
+    arc: AttentionArchive, tdir: Path, sample: int, arrays: Sequence[str] | None, k: int
+) -> str:
+    from attnscope.errors import SelectionError
+
+    names = list(arrays) if arrays is not None else arc.arrays()
+    unknown = [n for n in names if n not in arc.arrays()]
+    if unknown:
+        raise SelectionError(f"unknown array(s) {unknown}; the archive has {arc.arrays()}")
+    if not 0 <= sample < arc.n_samples:
+        raise SelectionError(f"sample {sample} out of range [0, {arc.n_samples})")
+    head_stats = pd.read_parquet(tdir / "head_stats.parquet")
+    seg = pd.read_parquet(tdir / "segment_mass.parquet")
+    pairs = pd.read_parquet(tdir / "top_pairs.parquet")
+    meta = arc.metadata
+    ident = arc.identity()
+
+    body: list[str] = []
+    overview = {
+        "archive": str(arc.path),
+        "format": arc.format,
+        "schema version": arc.schema_version,
+        "samples": arc.n_samples,
+        "stored dtype": arc.dtype,
+        "mode": arc.mode if arc.topk is None else f"{arc.mode} (top-{arc.topk})",
+        "arrays": len(arc.arrays()),
+        "fingerprint": ident.get("fingerprint"),
+    }
+    body.append(f"<h2>Archive</h2>{_kv(overview)}")
+    prov = meta.get("provenance", {})
+    body.append(f"<h3>Provenance</h3>{_kv(prov)}" if prov else "")
+    body.append(
+        "<h3>Model config</h3><pre>"
+        + html.escape(json.dumps(meta.get("model_config", {}), indent=1, default=str))
+        + "</pre>"
+    )
+    body.append(f"<h2>Modality layout</h2>{_layout_section(arc)}")
+
+    # Entropy overview: one layer x head heatmap per (stack, kind).
+    figs = []
+    for stack, kind in sorted({tuple(n.split("/")[::2]) for n in names}):
+        fig = plot_head_metric(head_stats, stack=stack, kind=kind, metric="norm_entropy_mean",
+                               title=f"{stack} {kind}: normalised entropy")
+        figs.append(f"<figure>{_img(_png(fig), f'{stack} {kind} entropy')}</figure>")
+    body.append(
+        "<h2>Entropy per layer and head</h2><p class='muted'>Mean row entropy divided by the "
+        "log of the keys each row may attend to (1 = uniform, 0 = one key); column avg is "
+        f"the head-average map.</p><div class='grid'>{''.join(figs)}</div>"
+    )
+
+    # Attention maps with a chooser.
+    heads_all = sorted({h for n in names for h in arc.heads(n)})
+    opts_a = "".join(f'<option value="{n}">{n}</option>' for n in names)
+    opts_h = '<option value="avg">average</option>' + "".join(
+        f'<option value="{h}">head {h}</option>' for h in heads_all
+    )
+    imgs = []
+    for n in names:
+        arr = arc[n]
+        stored = arc.heads(n)
+        for pos, h in [(None, "avg"), *enumerate(stored)]:
+            fig = plot_heatmap(arr, head_idx=pos, batch_idx=sample, figsize=(7, 5.6),
+                               title=f"{n} · sample {sample} · "
+                                     + ("head average" if pos is None else f"head {h}"))
+            imgs.append(_img(_png(fig), f"{n} {h}", cls="attn", key=f"{n}|{h}"))
+    body.append(
+        f"<h2>Attention maps (sample {sample})</h2><p><label>array <select id='sel-array'>"
+        f"{opts_a}</select></label><label>head <select id='sel-head'>{opts_h}</select></label>"
+        f"</p><p id='no-fig' class='muted'>This head was not stored for this array.</p>"
+        + "".join(imgs)
+    )
+
+    # Encoder -> decoder flow per decoder layer with cross attention.
+    flows = []
+    for n in names:
+        stack, layer, kind = n.split("/")
+        enc_n, dec_n = f"encoder/{layer}/self_attention", f"decoder/{layer}/self_attention"
+        if kind == "cross_attention" and enc_n in arc and dec_n in arc:
+            fig = plot_attention_flow(arc[enc_n], arc[dec_n], arc[n], layer_idx=int(layer),
+                                      batch_idx=sample, figsize=(12, 10))
+            flows.append(f"<figure>{_img(_png(fig, dpi=64), f'flow layer {layer}')}</figure>")
+    if flows:
+        body.append(f"<h2>Encoder → decoder flow</h2><div class='grid'>{''.join(flows)}</div>")
+
+    # Modality-to-modality mass: figure + table of the head average over samples.
+    seg_parts = []
+    for n in names:
+        stack, layer, kind = n.split("/")
+        sub = seg[(seg["stack"] == stack) & (seg["layer"] == int(layer)) & (seg["kind"] == kind)
+                  & (seg["head"] == -1)]
+        if sub.empty:
+            continue
+        pv = sub.pivot_table(index="query_segment", columns="key_segment", values="mass",
+                             aggfunc="mean", sort=False).reset_index()
+        fig = plot_segment_mass(seg, stack=stack, layer=int(layer), kind=kind)
+        seg_parts.append(
+            f"<h3>{n}</h3><div class='grid'><figure>{_img(_png(fig), n)}</figure>"
+            f"<div>{_table(pv)}</div></div>"
+        )
+    body.append(
+        "<h2>Modality-to-modality attention mass</h2><p class='muted'>Rows: query segment; "
+        "columns: key segment; mean over samples of the head-average attention. Each row "
+        f"sums to 1.</p>{''.join(seg_parts)}"
+    )
+
+    # Top pairs of the head average, sample `sample`.
+    tp_parts = []
+    for n in names:
+        stack, layer, kind = n.split("/")
+        sub = pairs[(pairs["stack"] == stack) & (pairs["layer"] == int(layer))
+                    & (pairs["kind"] == kind) & (pairs["head"] == -1)
+                    & (pairs["sample"] == sample)].sort_values("rank").head(k)
+        if sub.empty:
+            continue
+        cols = ["rank", "query_label", "key_label", "query_segment", "key_segment", "weight"]
+        tp_parts.append(f"<h3>{n}</h3>{_table(sub[cols].reset_index(drop=True), '{:.4f}')}")
+    body.append(f"<h2>Top attention pairs (head average, sample {sample})</h2>"
+                + "".join(tp_parts))
+
+    title = f"attnscope report: {html.escape(Path(str(arc.path)).name)}"
+    return (
+        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
+        f"<title>{title}</title><style>{_CSS}</style></head><body>"
+        f"<header><h1>{title}</h1></header><main>{''.join(body)}</main>"
+        f"<script>{_JS}</script></body></html>"
+    )
