@@ -1,16 +1,17 @@
 """Benchmark: attention analysed per second vs a plain numpy read + sum over the same arrays.
 
-Usage: python scripts/bench_analysis.py [--samples 256] [--heads 8] [--tokens 128]
+Usage: python scripts/bench_analysis.py [--samples 256] [--heads 8] [--tokens 128] [--repeat 3]
 
 Writes a synthetic float16 Zarr archive (soft, seeded attention) to a temporary folder,
 then times, in the same run: a numpy pass (read every block + ``.sum()``), and
-``analyze`` with 1 and 2 workers and each head-similarity option. MB/s counts the
-archive's logical bytes (N * H * T * S * itemsize).
+``analyze`` with 1 and 2 workers and each head-similarity option; each pass is the median
+of ``--repeat`` runs. MB/s counts the archive's logical bytes (N * H * T * S * itemsize).
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -41,13 +42,14 @@ def numpy_pass(path: Path) -> float:
     return total
 
 
-def timed(fn, repeat: int = 2) -> float:  # noqa: ANN001
-    best = float("inf")
+def timed(fn, repeat: int = 3) -> float:  # noqa: ANN001
+    """Median wall time of ``repeat`` runs (the machine is shared: medians, not minima)."""
+    times = []
     for _ in range(repeat):
         t0 = time.perf_counter()
         fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
 def main() -> None:
@@ -55,6 +57,7 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=256)
     ap.add_argument("--heads", type=int, default=8)
     ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--repeat", type=int, default=3, help="runs per pass; the median is shown")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "bench.zarr"
@@ -62,7 +65,7 @@ def main() -> None:
         a = open_archive(path)
         mb = sum(a[x].nbytes for x in a.arrays()) / 1e6
         print(f"archive: {a.arrays()} {a[a.arrays()[0]].shape} float16, {mb:.1f} MB logical")
-        rows = [("numpy read + sum", timed(lambda: numpy_pass(path)))]
+        rows = [("numpy read + sum", timed(lambda: numpy_pass(path), args.repeat))]
         for sim in ("js", "cosine", None):
             for workers in (1, 2):
                 out = Path(d) / f"out-{sim}-{workers}"
@@ -70,7 +73,7 @@ def main() -> None:
                 def run(out: Path = out, w: int = workers, sim: str | None = sim) -> None:
                     analyze(path, out, workers=w, head_similarity=sim, progress=False)
 
-                dt = timed(run)
+                dt = timed(run, args.repeat)
                 rows.append((f"analyze workers={workers} head_similarity={sim}", dt))
         print("| pass | seconds | MB/s | vs numpy |")
         print("|---|---|---|---|")

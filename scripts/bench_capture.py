@@ -124,9 +124,9 @@ def workloads(args: argparse.Namespace) -> list[Workload]:
         ]  # fmt: skip
     else:
         found = [
-            Workload("guide", "ref", 64, 8, dict(GUIDE_ENC), dict(GUIDE_DEC)),
+            Workload("guide", "ref", 16, 8, dict(GUIDE_ENC), dict(GUIDE_DEC)),
             Workload(
-                "long", "ref", 4, 8, {"text": 64, "image": 192}, {"text": 64, "traj": 192},
+                "long", "ref", 2, 4, {"text": 64, "image": 192}, {"text": 64, "traj": 192},
                 {"context_length": 512},
             ),
             Workload(
@@ -260,59 +260,104 @@ def _rss() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def run_row(w: Workload, row: str, device: str, repeats: int, out_dir: Path) -> dict[str, Any]:
-    import torch
+class RowRunner:
+    """One row of one workload: model, batches and warm-up at construction, then timed passes."""
 
-    model, batches = _build(w, device)
-    if w.family == "hf":
-        # sdpa only for the plain row; every other row needs eager to get weights
-        model.set_attn_implementation("sdpa" if row == "plain" else "eager")
-    data: Any = _captured_bytes(model, batches) if row == "np.save" else batches
-    cuda = device.startswith("cuda")
+    def __init__(self, w: Workload, row: str, device: str, out_dir: Path) -> None:
+        import torch
 
-    def sync() -> None:
-        if cuda:
+        self.w, self.row, self.cuda = w, row, device.startswith("cuda")
+        self.model, batches = _build(w, device)
+        if w.family == "hf":
+            # sdpa only for the plain row; every other row needs eager to get weights
+            self.model.set_attn_implementation("sdpa" if row == "plain" else "eager")
+        self.data: Any = _captured_bytes(self.model, batches) if row == "np.save" else batches
+        self.base = out_dir / f"{w.name}-{row.replace('.', '_')}"
+        self.suffix = {"zarr": ".zarr", "hdf5": ".h5"}.get(row, "")
+        shutil.rmtree(self.base, ignore_errors=True)
+        self.base.mkdir(parents=True)
+        _row_pass(w, row, self.model, self.data[:1], self.base / f"warmup{self.suffix}")
+        self._sync()
+        self.setup_rss = _rss()
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+        self.last: Path | None = None
+
+    def _sync(self) -> None:
+        if self.cuda:
+            import torch
+
             torch.cuda.synchronize()
 
-    base = out_dir / f"{w.name}-{row.replace('.', '_')}"
-    suffix = {"zarr": ".zarr", "hdf5": ".h5"}.get(row, "")
-    shutil.rmtree(base, ignore_errors=True)
-    base.mkdir(parents=True)
-    _row_pass(w, row, model, data[:1], base / f"warmup{suffix}")
-    sync()
-    setup_rss = _rss()
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    times, nbytes, disk = [], 0, 0
-    for r in range(repeats):
-        dest = base / f"r{r}{suffix}"
+    def run(self, r: int) -> dict[str, Any]:
+        """One timed pass over all batches; the previous pass's output is removed first."""
+        if self.last is not None:
+            shutil.rmtree(self.last, ignore_errors=True)
+        dest = self.last = self.base / f"r{r}{self.suffix}"
         t0 = time.perf_counter()
-        nbytes = _row_pass(w, row, model, data, dest)
-        sync()
-        times.append(time.perf_counter() - t0)
-        disk = _disk_bytes(dest) if dest.exists() else 0
-        shutil.rmtree(base / f"r{r - 1}{suffix}", ignore_errors=True)
-    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {
-        "workload": w.name,
-        "row": row,
-        "seconds": statistics.median(times),
-        "all_seconds": times,
-        "samples": w.samples,
-        "bytes": nbytes,
-        "disk": disk,
-        "peak_rss": maxrss * (1 if sys.platform == "darwin" else 1024),
-        "setup_rss": setup_rss,
-        "peak_device": torch.cuda.max_memory_allocated() if cuda else None,
-    }
+        nbytes = _row_pass(self.w, self.row, self.model, self.data, dest)
+        self._sync()
+        dt = time.perf_counter() - t0
+        return {"seconds": dt, "bytes": nbytes, "disk": _disk_bytes(dest) if dest.exists() else 0}
+
+    def finish(self) -> dict[str, Any]:
+        import torch
+
+        maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return {
+            "peak_rss": maxrss * (1 if sys.platform == "darwin" else 1024),
+            "setup_rss": self.setup_rss,
+            "peak_device": torch.cuda.max_memory_allocated() if self.cuda else None,
+        }
+
+
+def _worker(w: Workload, row: str, device: str, out_dir: Path) -> None:
+    """Subprocess side: build, report ready, then answer 'run R' / 'finish' lines on stdin."""
+    runner = RowRunner(w, row, device, out_dir)
+    print(json.dumps({"ready": True}), flush=True)
+    for line in sys.stdin:
+        cmd = line.split()
+        if cmd[0] == "run":
+            print(json.dumps(runner.run(int(cmd[1]))), flush=True)
+        else:
+            print(json.dumps(runner.finish()), flush=True)
+            return
+
+
+class _Remote:
+    """Parent side of :func:`_worker`; same ``run`` / ``finish`` as :class:`RowRunner`."""
+
+    def __init__(self, args: argparse.Namespace, w: Workload, row: str, out_dir: Path) -> None:
+        cmd = [sys.executable, __file__, *_forwarded(args), "--out-dir", str(out_dir)]
+        cmd += ["--_row", f"{w.name}:{row}"]
+        self.name = f"{w.name}:{row}"
+        self.p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self._ask(None)
+
+    def _ask(self, msg: str | None) -> dict[str, Any]:
+        assert self.p.stdin is not None and self.p.stdout is not None
+        if msg is not None:
+            self.p.stdin.write(msg + "\n")
+            self.p.stdin.flush()
+        line = self.p.stdout.readline()
+        if not line:
+            raise RuntimeError(f"row {self.name} died (exit {self.p.wait()}); see stderr above")
+        return json.loads(line)
+
+    def run(self, r: int) -> dict[str, Any]:
+        return self._ask(f"run {r}")
+
+    def finish(self) -> dict[str, Any]:
+        out = self._ask("finish")
+        self.p.wait()
+        return out
 
 
 # -- orchestration --------------------------------------------------------------------------
 
 
 def _forwarded(args: argparse.Namespace) -> list[str]:
-    out = ["--device", args.device, "--repeats", str(args.repeats)]
-    out += ["--workloads", *args.workloads]
+    out = ["--device", args.device, "--workloads", *args.workloads]
     if args.quick:
         out.append("--quick")
     if args.batches is not None:
@@ -323,26 +368,45 @@ def _forwarded(args: argparse.Namespace) -> list[str]:
 
 
 def measure(args: argparse.Namespace, out_dir: Path, log: Callable[[str], None]) -> list[dict]:
+    """Per workload: start every row, then time the rows round-robin, ``repeats`` rounds.
+
+    Interleaving spreads any background load over all rows alike, so the ratios of one
+    workload stay comparable even on a busy machine. Only one row runs at a time.
+    """
     results = []
     for w in workloads(args):
         log(f"{w.name}: {w.describe()}")
-        for row in w.rows:
-            t0 = time.perf_counter()
-            if args.in_process:
-                res = run_row(w, row, args.device, args.repeats, out_dir)
-                res["peak_rss"] = None  # a process-wide high-water mark says nothing per row
-            else:
-                cmd = [sys.executable, __file__, *_forwarded(args), "--out-dir", str(out_dir)]
-                cmd += ["--_row", f"{w.name}:{row}"]
-                p = subprocess.run(cmd, capture_output=True, text=True)
-                if p.returncode:
-                    raise RuntimeError(f"row {w.name}:{row} failed:\n{p.stderr[-4000:]}")
-                res = json.loads(p.stdout.strip().splitlines()[-1])
-            log(
-                f"  {row:<10} {res['seconds']:8.3f} s  (runs {_fmt_runs(res['all_seconds'])}; "
-                f"{time.perf_counter() - t0:.0f} s with setup)"
-            )
-            results.append(res)
+        t0 = time.perf_counter()
+        runners: dict[str, Any] = {}
+        try:
+            for row in w.rows:
+                runners[row] = (
+                    RowRunner(w, row, args.device, out_dir)
+                    if args.in_process
+                    else _Remote(args, w, row, out_dir)
+                )
+            runs: dict[str, list[dict[str, Any]]] = {row: [] for row in w.rows}
+            for r in range(args.repeats):
+                for row, runner in runners.items():
+                    runs[row].append(runner.run(r))
+            for row, runner in runners.items():
+                res = {"workload": w.name, "row": row, "samples": w.samples, **runner.finish()}
+                if args.in_process:
+                    res["peak_rss"] = None  # a process-wide high-water mark says nothing per row
+                times = [x["seconds"] for x in runs[row]]
+                res.update(
+                    seconds=statistics.median(times),
+                    all_seconds=times,
+                    bytes=runs[row][-1]["bytes"],
+                    disk=runs[row][-1]["disk"],
+                )
+                log(f"  {row:<10} {res['seconds']:8.3f} s  (runs {_fmt_runs(times)})")
+                results.append(res)
+        finally:
+            for runner in runners.values():
+                if isinstance(runner, _Remote) and runner.p.poll() is None:
+                    runner.p.kill()
+        log(f"  ({time.perf_counter() - t0:.0f} s in all)")
     return results
 
 
@@ -351,7 +415,8 @@ def _fmt_runs(xs: list[float]) -> str:
 
 
 def table(results: list[dict], device: str) -> tuple[list[str], list[list[str]]]:
-    head = ["workload", "row", "s", "samples/s", "attn MB", "MB/s", "x plain", "disk MB (ratio)"]
+    head = ["workload", "row", "s (median)", "min s", "samples/s", "attn MB", "MB/s", "x plain"]
+    head += ["disk MB (ratio)"]
     head += ["peak RSS MB (+ over setup)"]
     if device.startswith("cuda"):
         head.append("peak GPU MB")
@@ -361,7 +426,7 @@ def table(results: list[dict], device: str) -> tuple[list[str], list[list[str]]]
         s, b = r["seconds"], r["bytes"]
         disk = f"{_num(r['disk'] / MB)} ({b / r['disk']:.2f}x)" if r["disk"] else "-"
         rss = (
-            f"{r['peak_rss'] / MB:.0f} (+{(r['peak_rss'] - r['setup_rss']) / MB:.0f})"
+            f"{r['peak_rss'] / MB:.0f} ({(r['peak_rss'] - r['setup_rss']) / MB:+.0f})"
             if r["peak_rss"] is not None
             else "-"
         )
@@ -369,6 +434,7 @@ def table(results: list[dict], device: str) -> tuple[list[str], list[list[str]]]
             r["workload"],
             r["row"],
             f"{s:.3f}",
+            f"{min(r['all_seconds']):.3f}",
             "-" if r["row"] == "np.save" else f"{r['samples'] / s:.1f}",
             _num(b / MB) if b else "-",
             _num(b / MB / s) if b else "-",
@@ -468,7 +534,7 @@ def main(argv: list[str] | None = None) -> None:
     if args._row is not None:  # worker: one row, JSON on stdout
         name, row = args._row.split(":", 1)
         (w,) = [w for w in workloads(args) if w.name == name]
-        print(json.dumps(run_row(w, row, args.device, args.repeats, args.out_dir)))
+        _worker(w, row, args.device, args.out_dir)
         return
 
     tmp = args.out_dir is None

@@ -17,7 +17,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "Transformer": "attnscope.capture.model",
     "TransformerConfig": "attnscope.capture.model",
-    "capture": "attnscope.capture.job",
+    "capture": "attnscope.capture",  # the package is callable: attnscope.capture(model, ...)
     "open_archive": "attnscope.store",
     "ArchiveWriter": "attnscope.store",
     "AttentionArchive": "attnscope.store",
@@ -29,6 +29,8 @@ __all__ = ["AttnscopeError", "__version__", *_LAZY]
 
 
 def __getattr__(name: str) -> Any:
+    if name == "capture":
+        return importlib.import_module("attnscope.capture")
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'attnscope' has no attribute {name!r}")

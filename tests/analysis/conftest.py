@@ -1,4 +1,4 @@
-"""Fixtures: small seeded attention archives, written through the real store when available."""
+"""Fixtures: small seeded attention archives, written through the real store."""
 
 from __future__ import annotations
 
@@ -11,13 +11,11 @@ import pytest
 # Test modules import shared builders from analysis_helpers (a unique module name: other
 # test folders have their own conftest.py).
 sys.path.insert(0, str(Path(__file__).parent))
-from analysis_helpers import build_archive, make_layout, make_weights, store_available  # noqa: E402
+from analysis_helpers import build_archive, make_layout, make_weights  # noqa: E402
 
 
 @pytest.fixture(params=["zarr", "h5"])
 def fmt(request: pytest.FixtureRequest) -> str:
-    if request.param == "h5" and not store_available():
-        pytest.skip("fake archive has one format")
     return request.param
 
 

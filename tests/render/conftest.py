@@ -127,3 +127,19 @@ def real_archive(request, tmp_path, guide_weights, layout):
     arc = open_archive(path)
     yield arc
     arc.close()
+
+
+@pytest.fixture
+def small_archive(rng) -> FakeArchive:
+    """Like ``fake_archive`` but tiny (4 heads, 5/4 tokens) so batch tests stay fast."""
+    lay = TokenLayout(SideLayout.from_lengths({"text": 3, "img": 2}),
+                      SideLayout.from_lengths({"text": 2, "traj": 2}))
+    w = {
+        "encoder": [{"self_attention": random_attention(rng, (2, 4, 5, 5))} for _ in range(3)],
+        "decoder": [
+            {"self_attention": random_attention(rng, (2, 4, 4, 4)),
+             "cross_attention": random_attention(rng, (2, 4, 4, 5))}
+            for _ in range(3)
+        ],
+    }
+    return FakeArchive(w, lay)

@@ -6,12 +6,14 @@ same :func:`analyze_block` runs in the main thread, a thread pool, or a Dask wor
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from attnscope.analysis import metrics as M
+from attnscope.errors import InputError
 
 __all__ = ["ArraySpec", "StatsAccumulator", "analyze_block", "densify_topk"]
 
@@ -145,55 +147,12 @@ def _masked_agg(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return mean.astype(np.float32), lo.astype(np.float32), hi.astype(np.float32)
 
 
-def _per_head(x: np.ndarray, spec: ArraySpec, cache: dict[str, Any]) -> dict[str, np.ndarray]:
-    """Row and head metrics of ``x`` ``(n, h, T, S)`` float32."""
-    n, h, t, s = x.shape
-    work = cache.get("work")
-    if work is None or work.shape != x.shape:
-        work = np.empty_like(x)
-        cache["work"] = work
-    ent = M.row_entropy(x, work=work)
-    nent = M._normalize_entropy(ent, s, spec.causal)
-    rmax = x.max(axis=-1)
-    dist = np.vecdot(x, cache["dist"])
-    sink = x[..., spec.sink_token].copy()
-    rowsum = x.sum(axis=-1, dtype=np.float32)
-    sumsq = np.vecdot(x, x)
-    flat = x.reshape(n, h, t * s)
-    total = rowsum.astype(np.float64).sum(axis=-1)
-    sq = sumsq.astype(np.float64).sum(axis=-1)
-    cnt = t * s
-    mean = total / cnt
-    std = np.sqrt(np.maximum(sq / cnt - mean * mean, 0))
-    nmean, nmin, nmax = _masked_agg(nent)
-    out = {
-        "ent": ent,
-        "nent": nent,
-        "rmax": rmax,
-        "dist": dist,
-        "sink": sink,
-        "entropy_mean": ent.mean(axis=-1),
-        "entropy_min": ent.min(axis=-1),
-        "entropy_max": ent.max(axis=-1),
-        "norm_entropy_mean": nmean,
-        "norm_entropy_min": nmin,
-        "norm_entropy_max": nmax,
-        "row_max_mean": rmax.mean(axis=-1),
-        "row_max_min": rmax.min(axis=-1),
-        "mean_distance": dist.mean(axis=-1),
-        "sink_score": sink.mean(axis=-1),
-        "mean": mean,
-        "std": std,
-        "min": flat.min(axis=-1),
-        "max": rmax.max(axis=-1),
-        "_total": total,
-        "_sumsq": sq,
-    }
-    out["seg"] = np.einsum("nhtk,tq->nhqk", x @ cache["koh"], cache["qoh"]) / cache["qcount"]
-    out["top"] = M.top_k_pairs_block(x, spec.topk)
-    return out
+# Float32 bytes of one slab ((samples, H + 1, T, S)) that every metric is computed on in
+# turn, so the data stays in this core's L2 cache between passes (see docs/benchmarks.md).
+SLAB_BYTES = 512 * 1024
 
 
+@functools.lru_cache(maxsize=64)
 def _block_cache(spec: ArraySpec) -> dict[str, Any]:
     t, s = spec.n_queries, spec.n_keys
     qoh = np.zeros((t, len(spec.q_seg_names)), dtype=np.float32)
@@ -205,6 +164,91 @@ def _block_cache(spec: ArraySpec) -> dict[str, Any]:
         "qoh": qoh,
         "koh": koh,
         "qcount": qoh.sum(axis=0)[:, None],
+    }
+
+
+def _load(src: np.ndarray, dst: np.ndarray) -> None:
+    """Convert ``src`` into the float32 view ``dst`` (float16 through the lookup table)."""
+    if src.dtype == np.float16:
+        np.take(M._F16_TABLE, np.ascontiguousarray(src).view(np.uint16), out=dst)
+    elif src.dtype.kind in "fiub":
+        np.copyto(dst, src, casting="unsafe")
+    else:
+        raise InputError(f"attention must be a real numeric array, got dtype {src.dtype}")
+
+
+def _compute(src: np.ndarray, spec: ArraySpec) -> dict[str, np.ndarray]:
+    """Every per-row and per-matrix quantity of ``src`` ``(n, H, T, S)`` plus its head mean.
+
+    One fused pass: slabs of a few samples are converted to float32 next to their head
+    average (head ``H`` of a ``(m, H + 1, T, S)`` buffer), and every metric runs on the slab
+    while it is cache-resident. Outputs are ``(n, H + 1, ...)``, the average head last.
+    """
+    n, h, t, s = src.shape
+    hh = h + 1
+    cache = _block_cache(spec)
+    # At most a quarter of the block per slab: the slab's scratch buffers (about four
+    # slabs) then stay within the block's own size, whatever block_bytes is.
+    ns = max(1, min(n // 4, SLAB_BYTES // max(1, hh * t * s * 4)))
+    buf = np.empty((ns, hh, t, s), dtype=np.float32)
+    logs = np.empty_like(buf)
+    f32 = np.float32
+    ent = np.empty((n, hh, t), f32)
+    rmax = np.empty((n, hh, t), f32)
+    dist = np.empty((n, hh, t), f32)
+    sink = np.empty((n, hh, t), f32)
+    rowsum = np.empty((n, hh, t), f32)
+    sumsq = np.empty((n, hh, t), f32)
+    mn = np.empty((n, hh), f32)
+    nk = len(spec.k_seg_names)
+    segrow = np.empty((n, hh, t, nk), f32)
+    k = spec.topk
+    tq = np.empty((n, hh, k), np.int64)
+    tk = np.empty((n, hh, k), np.int64)
+    tw = np.empty((n, hh, k), f32)
+    sim = None
+    if spec.similarity is not None and h > 1:
+        sim = np.zeros((n, h, h), f32)
+        pair = np.empty(ns * (h - 1) * t * s, f32) if spec.similarity == "js" else None
+        plog = np.empty_like(pair) if pair is not None else None
+    for i in range(0, n, ns):
+        m = min(ns, n - i)
+        sl = slice(i, i + m)
+        x = buf[:m]
+        lg = logs[:m]
+        _load(src[sl], x[:, :h])
+        np.mean(x[:, :h], axis=1, dtype=f32, out=x[:, h])
+        # entropy: -sum p log(p + tiny), see metrics.row_entropy
+        np.add(x, M._TINY, out=lg)
+        np.log(lg, out=lg)
+        e = ent[sl]
+        np.vecdot(x, lg, out=e)
+        np.negative(e, out=e)
+        np.maximum(e, 0, out=e)
+        np.max(x, axis=-1, out=rmax[sl])
+        np.vecdot(x, cache["dist"], out=dist[sl])
+        sink[sl] = x[..., spec.sink_token]
+        np.sum(x, axis=-1, dtype=f32, out=rowsum[sl])
+        np.vecdot(x, x, out=sumsq[sl])
+        np.min(x.reshape(m, hh, t * s), axis=-1, out=mn[sl])
+        np.matmul(x, cache["koh"], out=segrow[sl])
+        tq[sl], tk[sl], tw[sl] = M.top_k_pairs_block(x, k, row_max=rmax[sl])
+        if sim is not None:
+            if spec.similarity == "js":
+                M._js_into(x[:, :h], e[:, :h], rowsum[sl, :h], sim[sl], pair, plog)
+            else:
+                sim[sl] = M.head_similarity_cosine(x[:, :h])
+    return {
+        "ent": ent,
+        "rmax": rmax,
+        "dist": dist,
+        "sink": sink,
+        "rowsum": rowsum,
+        "sumsq": sumsq,
+        "min": mn,
+        "segrow": segrow,
+        "top": (tq, tk, tw),
+        "sim": sim,
     }
 
 
@@ -229,65 +273,63 @@ def analyze_block(block: Any, spec: ArraySpec, sample0: int) -> dict[str, Any]:
     """
     if isinstance(block, tuple):
         nbytes = int(sum(np.asarray(b).nbytes for b in block))
-        x = densify_topk(*block, spec.n_keys, causal=spec.causal)
+        src = densify_topk(*block, spec.n_keys, causal=spec.causal)
     else:
-        block = np.asarray(block)
-        nbytes = int(block.nbytes)
-        x = M.as_float32(block)
+        src = np.asarray(block)
+        nbytes = int(src.nbytes)
     if spec.head_index is not None:
-        x = np.ascontiguousarray(x[:, list(spec.head_index)])
-    n, h, t, s = x.shape
-    cache = _block_cache(spec)
-    real = _per_head(x, spec, cache)
-    avg = _per_head(x.mean(axis=1, keepdims=True, dtype=np.float32), spec, cache)
+        src = src[:, list(spec.head_index)]  # a copy, at the stored dtype
+    n, h, t, s = src.shape
+    hh = h + 1
+    r = _compute(src, spec)
+    ent = r["ent"]
+    nent = M._normalize_entropy(ent, s, spec.causal)
+    rmax = r["rmax"]
+    total = r["rowsum"].astype(np.float64).sum(axis=-1)  # (n, hh)
+    sq = r["sumsq"].astype(np.float64).sum(axis=-1)
+    cnt = t * s
+    mean = total / cnt
+    std = np.sqrt(np.maximum(sq / cnt - mean * mean, 0))
+    nmean, nmin, nmax = _masked_agg(nent)
+    mx = rmax.max(axis=-1)
 
     head_ids = np.array([*spec.heads, AVERAGE_HEAD], dtype=np.int64)
-    hh = h + 1
     samples = np.arange(sample0, sample0 + n, dtype=np.int64)
-
-    def cat(key: str) -> np.ndarray:
-        return np.concatenate([real[key], avg[key]], axis=1)
-
     tables: dict[str, dict[str, np.ndarray]] = {}
     head_cols = {
         "sample": np.repeat(samples, hh),
         "head": np.tile(head_ids, n),
+        "entropy_mean": ent.mean(axis=-1),
+        "entropy_min": ent.min(axis=-1),
+        "entropy_max": ent.max(axis=-1),
+        "norm_entropy_mean": nmean,
+        "norm_entropy_min": nmin,
+        "norm_entropy_max": nmax,
+        "row_max_mean": rmax.mean(axis=-1),
+        "row_max_min": rmax.min(axis=-1),
+        "mean_distance": r["dist"].mean(axis=-1),
+        "sink_score": r["sink"].mean(axis=-1),
+        "mean": mean,
+        "std": std,
+        "min": r["min"],
+        "max": mx,
     }
-    for key in (
-        "entropy_mean",
-        "entropy_min",
-        "entropy_max",
-        "norm_entropy_mean",
-        "norm_entropy_min",
-        "norm_entropy_max",
-        "row_max_mean",
-        "row_max_min",
-        "mean_distance",
-        "sink_score",
-        "mean",
-        "std",
-        "min",
-        "max",
-    ):
-        head_cols[key] = cat(key).reshape(-1)
-    tables["head_stats"] = head_cols
+    tables["head_stats"] = {key: v.reshape(-1) for key, v in head_cols.items()}
 
     if spec.row_stats:
         tables["row_stats"] = {
             "sample": np.repeat(samples, hh * t),
             "head": np.tile(np.repeat(head_ids, t), n),
             "query": np.tile(np.arange(t, dtype=np.int64), n * hh),
-            "entropy": cat("ent").reshape(-1),
-            "norm_entropy": cat("nent").reshape(-1),
-            "row_max": cat("rmax").reshape(-1),
-            "mean_distance": cat("dist").reshape(-1),
-            "sink_score": cat("sink").reshape(-1),
+            "entropy": ent.reshape(-1),
+            "norm_entropy": nent.reshape(-1),
+            "row_max": rmax.reshape(-1),
+            "mean_distance": r["dist"].reshape(-1),
+            "sink_score": r["sink"].reshape(-1),
         }
 
     k = spec.topk
-    tq = np.concatenate([real["top"][0], avg["top"][0]], axis=1)
-    tk = np.concatenate([real["top"][1], avg["top"][1]], axis=1)
-    tw = np.concatenate([real["top"][2], avg["top"][2]], axis=1)
+    tq, tk, tw = r["top"]
     tables["top_pairs"] = {
         "sample": np.repeat(samples, hh * k),
         "head": np.tile(np.repeat(head_ids, k), n),
@@ -297,8 +339,11 @@ def analyze_block(block: Any, spec: ArraySpec, sample0: int) -> dict[str, Any]:
         "weight": tw.reshape(-1),
     }
 
+    cache = _block_cache(spec)
     nq, nk = len(spec.q_seg_names), len(spec.k_seg_names)
-    seg = cat("seg").astype(np.float32)  # (n, hh, nq, nk)
+    seg = (np.einsum("nhtk,tq->nhqk", r["segrow"], cache["qoh"]) / cache["qcount"]).astype(
+        np.float32
+    )  # (n, hh, nq, nk)
     tables["segment_mass"] = {
         "sample": np.repeat(samples, hh * nq * nk),
         "head": np.tile(np.repeat(head_ids, nq * nk), n),
@@ -307,11 +352,8 @@ def analyze_block(block: Any, spec: ArraySpec, sample0: int) -> dict[str, Any]:
         "mass": seg.reshape(-1),
     }
 
-    if spec.similarity is not None and h > 1:
-        if spec.similarity == "js":
-            sim = M.head_similarity_js(x, entropy=real["ent"])
-        else:
-            sim = M.head_similarity_cosine(x)
+    sim = r["sim"]
+    if sim is not None:
         ia, ib = np.triu_indices(h, 1)
         hid = np.asarray(spec.heads, dtype=np.int64)
         npairs = ia.size
@@ -322,11 +364,13 @@ def analyze_block(block: Any, spec: ArraySpec, sample0: int) -> dict[str, Any]:
             spec.similarity: sim[:, ia, ib].reshape(-1),
         }
 
+    real_min = r["min"][:, :h]
+    real_max = mx[:, :h]
     stats = (
         int(n * h * t * s),
-        float(real["_total"].sum()),
-        float(real["_sumsq"].sum()),
-        float(real["min"].min()) if real["min"].size else float("inf"),
-        float(real["max"].max()) if real["max"].size else float("-inf"),
+        float(total[:, :h].sum()),
+        float(sq[:, :h].sum()),
+        float(real_min.min()) if real_min.size else float("inf"),
+        float(real_max.max()) if real_max.size else float("-inf"),
     )
     return {"tables": tables, "stats": stats, "nbytes": nbytes, "n": n}

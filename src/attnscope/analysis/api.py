@@ -33,10 +33,7 @@ DEFAULT_BLOCK_BYTES = 32 << 20
 def _open(archive: Any) -> Any:
     """An AttentionArchive from an archive object or a path."""
     if isinstance(archive, (str, os.PathLike)):
-        try:
-            from attnscope.store import open_archive
-        except ImportError:  # store package that does not re-export yet
-            from attnscope.store.archive import open_archive
+        from attnscope.store import open_archive
 
         return open_archive(archive)
     if hasattr(archive, "arrays") and hasattr(archive, "attention"):
@@ -313,7 +310,9 @@ def analyze(
         Head-to-head similarity metric: Jensen-Shannon (``O(H^2)`` passes, the slowest
         metric), cosine (one matrix product) or none (no ``head_similarity`` table).
     row_stats : bool
-        Write the per-query-row table (the largest table: ``N * (H + 1) * T`` rows).
+        Write the per-query-row table (the largest table: ``N * (H + 1) * T`` rows). On by
+        default: its metrics are computed anyway, and writing it costs a few percent of the
+        run (docs/benchmarks.md); ``False`` skips the file.
     block_bytes : int
         Target float32 size of one analysed block; peak memory is a small multiple of this
         per worker.

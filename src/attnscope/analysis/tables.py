@@ -156,7 +156,16 @@ class TableWriter:
     def _writer(self, name: str) -> pq.ParquetWriter:
         w = self._writers.get(name)
         if w is None:
-            w = pq.ParquetWriter(self._partial(name), self._schemas[name], compression="zstd")
+            schema = self._schemas[name]
+            w = pq.ParquetWriter(
+                self._partial(name),
+                schema,
+                compression="zstd",
+                # Dictionary-encode the repetitive columns only: for float metrics Parquet's
+                # dictionary attempt hashes every value before falling back (~10x the cost
+                # of the plain write, measured on row_stats; docs/benchmarks.md).
+                use_dictionary=[f.name for f in schema if not pa.types.is_floating(f.type)],
+            )
             self._writers[name] = w
         return w
 

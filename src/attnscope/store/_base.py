@@ -98,6 +98,10 @@ class ArrayHandle(abc.ABC):
         """Bytes the array occupies in storage, if cheaply known."""
 
 
+# One box to write: (array, selection, data).
+Write = tuple[ArrayHandle, tuple[slice, ...], np.ndarray]
+
+
 class Backend(abc.ABC):
     """A container of arrays plus JSON metadata; one per open archive."""
 
@@ -159,6 +163,19 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def missing_chunks(self, path: str, n: int) -> list[tuple[int, ...]]:
         """Chunk indices of array ``path`` inside samples ``[0, n)`` that are not stored."""
+
+    def resize_many(self, sizes: Sequence[tuple[ArrayHandle, int]]) -> None:
+        """Set the sample extent of several arrays (backends may do it concurrently)."""
+        for handle, n in sizes:
+            handle.resize(n)
+
+    def write_many(self, writes: Sequence[Write]) -> None:
+        """Write boxes into several arrays (one batch); backends may overlap the work.
+
+        Returns only when every box is written; nothing here is a commit.
+        """
+        for handle, sel, data in writes:
+            handle.write(sel, data)
 
     def flush(self) -> None:  # noqa: B027 - optional hook
         """Make everything written so far durable (HDF5: H5Fflush)."""

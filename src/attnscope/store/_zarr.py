@@ -9,8 +9,11 @@ range exists on disk and a missing one means damage, not zeros.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import uuid
+from collections.abc import Sequence
 from itertools import product
 from typing import Any
 
@@ -19,7 +22,7 @@ import zarr
 from zarr.storage import LocalStore, WrapperStore, ZipStore
 
 from attnscope.errors import ArchiveCorruptError, ArchiveNotFoundError, ConfigError
-from attnscope.store._base import ArrayHandle, Backend, chunk_grid
+from attnscope.store._base import ArrayHandle, Backend, Write, chunk_grid
 
 __all__ = ["ZarrBackend"]
 
@@ -80,6 +83,10 @@ class _ZarrArray(ArrayHandle):
 
     def resize(self, n: int) -> None:
         self._a.resize((n, *self._a.shape[1:]))
+
+    def _setitem(self, sel: tuple[slice, ...], data: np.ndarray) -> Any:
+        """Coroutine writing one box (so several arrays can be written in one event-loop trip)."""
+        return self._a._async_array.setitem(sel, data)
 
     def stored_nbytes(self) -> int | None:
         try:
@@ -203,6 +210,39 @@ class ZarrBackend(Backend):
         node = self._root.require_group(path) if group else self._root[path]
         node.attrs[ROOT_KEY] = json.loads(json.dumps(attrs))
 
+    def resize_many(self, sizes: Sequence[tuple[ArrayHandle, int]]) -> None:
+        """Grow several arrays in one event-loop trip (each rewrites its zarr.json)."""
+        if len(sizes) <= 1 or not all(isinstance(h, _ZarrArray) for h, _n in sizes):
+            super().resize_many(sizes)
+            return
+        from zarr.core.sync import sync
+
+        async def _all() -> None:
+            await asyncio.gather(
+                *(
+                    h._a._async_array.resize((n, *h.shape[1:]))  # type: ignore[attr-defined]
+                    for h, n in sizes
+                )
+            )
+
+        sync(_all())
+
+    def write_many(self, writes: Sequence[Write]) -> None:
+        """Write boxes of several arrays concurrently: one event-loop round trip per batch.
+
+        zarr encodes each chunk in a worker thread (numcodecs releases the GIL), so the
+        chunks of all arrays of a batch compress in parallel.
+        """
+        if len(writes) <= 1 or not all(isinstance(h, _ZarrArray) for h, _s, _d in writes):
+            super().write_many(writes)
+            return
+        from zarr.core.sync import sync
+
+        async def _all() -> None:
+            await asyncio.gather(*(h._setitem(sel, d) for h, sel, d in writes))  # type: ignore[attr-defined]
+
+        sync(_all())
+
     # -- commits ----------------------------------------------------------------------
     def read_commits(self) -> dict[str, tuple[int, int, int]]:
         if not self.has(COMMITS):
@@ -222,17 +262,31 @@ class ZarrBackend(Backend):
         return out
 
     def write_commit(self, rid: str, start: int, stop: int, committed: int) -> None:
-        # One small zarr.json per writer: disjoint-range writers never touch the same file,
-        # and LocalStore replaces it atomically.
+        # One small zarr.json per writer: disjoint-range writers never touch the same file.
+        rec = {"start": int(start), "stop": int(stop), "committed": int(committed)}
         group = self._commit_groups.get(rid)
-        if group is None:
-            group = self._root.require_group(COMMITS).require_group(rid)
-            self._commit_groups[rid] = group
-        group.attrs[ROOT_KEY] = {
-            "start": int(start),
-            "stop": int(stop),
-            "committed": int(committed),
-        }
+        base = self._store._store
+        if group is None or not isinstance(base, LocalStore):
+            if group is None:
+                group = self._root.require_group(COMMITS).require_group(rid)
+                self._commit_groups[rid] = group
+            group.attrs[ROOT_KEY] = rec
+            return
+        # Fast path (every commit after the first): the record group exists and belongs to
+        # this writer alone, so replace its zarr.json directly: the same document zarr
+        # writes, atomically (temporary file + rename, like LocalStore), without an
+        # event-loop round trip and a metadata read-merge (~3 ms -> ~0.1 ms).
+        doc = {"attributes": {ROOT_KEY: rec}, "zarr_format": 3, "node_type": "group"}
+        final = os.path.join(str(base.root), COMMITS, rid, "zarr.json")
+        tmp = f"{final}.{uuid.uuid4().hex}.partial"
+        try:
+            with open(tmp, "wb") as fh:
+                fh.write(json.dumps(doc, indent=2).encode())
+            os.replace(tmp, final)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
 
     def missing_chunks(self, path: str, n: int) -> list[tuple[int, ...]]:
         arr = self._root[path]
