@@ -185,3 +185,59 @@ def test_console_script_exits_nonzero_on_corrupt_archive(tmp_path) -> None:
     )
     assert proc.returncode == 1
     assert proc.stderr.count("\n") == 1 and "foreign.h5" in proc.stderr
+
+
+def test_analyze_render_report_commands(runner, tmp_path) -> None:
+    out = tmp_path / "run.zarr"
+    res = runner.invoke(
+        cli,
+        [
+            "capture",
+            "--config",
+            str(small_config(tmp_path)),
+            "--batches",
+            "2",
+            "--batch-size",
+            "2",
+            "--out",
+            str(out),
+            "--no-progress",
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    tables = tmp_path / "tables"
+    res = runner.invoke(
+        cli, ["analyze", str(out), "--out", str(tables), "--topk", "3", "--no-progress"]
+    )
+    assert res.exit_code == 0, res.output
+    assert (tables / "head_stats.parquet").exists() and "top_pairs" in res.output
+    figs = tmp_path / "figs"
+    res = runner.invoke(
+        cli,
+        [
+            "render",
+            str(out),
+            "--out",
+            str(figs),
+            "--layers",
+            "1",
+            "--heads",
+            "2",
+            "--what",
+            "heatmap,flow",
+            "--fmt",
+            "svg",
+            "--no-progress",
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    names = sorted(p.relative_to(figs).as_posix() for p in figs.rglob("*.svg"))
+    assert "heatmap/decoder-L01-cross_attention-s0000-h02.svg" in names
+    assert "flow/L01-s0000-h02.svg" not in names  # no encoder layer 1: no flow for layer 1
+    res = runner.invoke(cli, ["render", str(out), "--out", str(figs), "--heads", "9"])
+    assert res.exit_code == 1 and "9" in res.output
+    res = runner.invoke(
+        cli, ["report", str(out), "--tables", str(tables), "--out", str(tmp_path / "r.html")]
+    )
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "r.html").read_text().startswith("<!DOCTYPE html>")
