@@ -309,10 +309,12 @@ def capture(
                     overwrite=overwrite,
                 )
                 layout = adapter.layout(batch, shapes)
+                specs = _array_specs(shapes, head_sel)
+                create_kw["chunk_samples"] = _chunk_samples(specs, dtype, bsz)
                 if shard is None:
                     writer = ArchiveWriter.create(path, layout, **create_kw)
                 else:
-                    writer = shard.open_writer(path, layout, shapes, bsz, create_kw, wait_s)
+                    writer = shard.open_writer(path, layout, specs, bsz, create_kw, wait_s)
                     if writer.committed:  # this rank resumes after its own committed samples
                         skip = pos + writer.committed
                         drop = max(0, skip - pos)
@@ -367,6 +369,29 @@ def _nbytes(p: Any) -> int:
 
 def _n_samples(p: Any) -> int:
     return (p["values"] if isinstance(p, dict) else p).shape[0]
+
+
+def _array_specs(
+    shapes: dict[str, tuple[int, ...]], heads: list[int] | None
+) -> dict[str, tuple[int, int, int]]:
+    """Stored ``(H, T, S)`` of each array from the model's ``(B, H, T, S)`` weight shapes."""
+    return {
+        n: (len(heads) if heads is not None else int(shp[1]), int(shp[2]), int(shp[3]))
+        for n, shp in shapes.items()
+    }
+
+
+def _chunk_samples(specs: dict[str, tuple[int, int, int]], dtype: str, bsz: int) -> int:
+    """Samples per chunk: the store's choice, cut to divide the batch size.
+
+    A chunk filled by one append is compressed once; one that straddles appends is
+    re-read and re-compressed by each of them. Dividing the batch size also keeps
+    multi-process ranks (which start at batch boundaries) on separate chunks.
+    """
+    from attnscope.store._base import choose_chunks
+
+    itemsize = 4 if dtype == "float32" else 2
+    return math.gcd(min(choose_chunks(*v, itemsize)[0] for v in specs.values()), bsz)
 
 
 def _check_heads(heads: Sequence[int], n: int, name: str) -> None:
@@ -426,28 +451,18 @@ class _Shard:
         self,
         path: Path,
         layout: Any,
-        shapes: dict[str, tuple[int, ...]],
+        specs: dict[str, tuple[int, int, int]],
         bsz: int,
         create_kw: dict[str, Any],
         wait_s: float,
     ) -> ArchiveWriter:
         from attnscope.store import open_archive
-        from attnscope.store._base import choose_chunks
 
         capacity = self.total if self.total is not None else self.n_batches * bsz
         a = self.first_batch * bsz
         b = min(capacity, self.stop_batch * bsz)
         if self.rank == 0 and not path.exists():
-            itemsize = 4 if create_kw["dtype"] == "float32" else 2
-            specs = {n: tuple(int(x) for x in shp[1:]) for n, shp in shapes.items()}
-            # Chunks along samples must divide the batch size so that ranks never share one.
-            cs = min(choose_chunks(*v, itemsize)[0] for v in specs.values())
-            cs = math.gcd(cs, bsz)
-            if create_kw["heads"]:
-                specs = {n: (len(create_kw["heads"][n]), *v[1:]) for n, v in specs.items()}
-            ArchiveWriter.create(
-                path, layout, capacity=capacity, arrays=specs, chunk_samples=cs, **create_kw
-            ).close()
+            ArchiveWriter.create(path, layout, capacity=capacity, arrays=specs, **create_kw).close()
         deadline = time.monotonic() + wait_s
         while True:
             try:
