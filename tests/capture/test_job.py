@@ -393,7 +393,38 @@ def test_two_processes_write_disjoint_ranges_of_one_archive(tmp_path) -> None:
 
 def test_multi_process_needs_sized_batches(model, tmp_path) -> None:
     with pytest.raises(ConfigError, match="len"):
-        capture(model, iter(batches(2)), tmp_path / "x.zarr", rank=0, world_size=2,
-                progress=False)
+        capture(model, iter(batches(2)), tmp_path / "x.zarr", rank=0, world_size=2, progress=False)
     with pytest.raises(ConfigError, match="rank"):
         capture(model, batches(2), tmp_path / "x.zarr", rank=2, world_size=2, progress=False)
+
+
+def test_bad_weights_are_refused_and_committed_batches_kept(model, tmp_path) -> None:
+    from attnscope.errors import ValidationError
+
+    mod = model.attention_modules()["decoder/1/cross_attention"]
+    calls = [0]
+
+    def corrupt(module, args, output):
+        calls[0] += 1
+        if calls[0] == 3 and module.attention_weights is not None:
+            module.attention_weights[1, 2, 0, 0] = float("nan")
+
+    h = mod.register_forward_hook(corrupt)
+    try:
+        with pytest.raises(ValidationError, match=r"decoder/1/cross_attention: sample 5 .*NaN"):
+            capture(model, batches(4), tmp_path / "bad.zarr", progress=False)
+    finally:
+        h.remove()
+    with open_archive(tmp_path / "bad.zarr") as a:
+        assert a.n_samples == 4  # the two good batches before it
+
+
+def test_train_mode_stores_pre_dropout_softmax(tmp_path) -> None:
+    """Dropout applies to the value mix; the stored weights are the softmax (rows sum to 1)."""
+    torch.manual_seed(0)
+    m = Transformer(32, 16, 4, 1, 1, dropout=0.5).train()
+    capture(m, batches(1), tmp_path / "d.zarr", dtype="float32", progress=False)
+    with open_archive(tmp_path / "d.zarr") as a:
+        x = a["encoder/0/self_attention"][:]
+        np.testing.assert_allclose(x.sum(-1), 1, atol=1e-5)
+        assert (x > 0).all()  # no dropped (zeroed) weights

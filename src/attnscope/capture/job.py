@@ -29,7 +29,13 @@ import torch
 from torch import nn
 
 from attnscope.capture.adapters import Adapter, adapter_for, iter_wanted
-from attnscope.errors import AttnscopeError, CaptureError, ConfigError, SelectionError
+from attnscope.errors import (
+    AttnscopeError,
+    CaptureError,
+    ConfigError,
+    SelectionError,
+    ValidationError,
+)
 from attnscope.store import ArchiveWriter
 
 __all__ = ["capture", "CaptureSummary"]
@@ -70,9 +76,7 @@ def _resolve_selection(
                 f"{sorted({int(n.split('/')[1]) for n in names})}"
             )
     if kinds is not None:
-        known_k = {n.split("/")[2] for n in names} | {
-            "/".join(n.split("/")[::2]) for n in names
-        }
+        known_k = {n.split("/")[2] for n in names} | {"/".join(n.split("/")[::2]) for n in names}
         bad = [k for k in kinds if k not in known_k]
         if bad:
             raise SelectionError(f"unknown kind(s) {bad}; expected one of {sorted(known_k)}")
@@ -168,6 +172,11 @@ def capture(
     topk
         Sparse mode: keep the ``topk`` largest weights per query row (+ indices and the
         remaining mass) instead of dense ``(T, S)`` matrices.
+    validate
+        Check every captured matrix on the device, in full precision and before the
+        cast: finite, non-negative, rows summing to 1 (within 1e-3). A bad batch raises
+        :class:`~attnscope.errors.ValidationError` naming array and sample; batches
+        committed before it stay in the archive.
     queue_depth
         Batches that may wait for the writer thread; bounds host memory.
     total
@@ -261,12 +270,14 @@ def capture(
             batch = adapter.to_device(batch, dev)
             captured: dict[str, Any] = {}
             shapes: dict[str, tuple[int, ...]] = {}
+            checks: dict[str, torch.Tensor] = {}
 
             def sink(
                 name: str,
                 w: torch.Tensor,
                 captured: dict[str, Any] = captured,
                 shapes: dict[str, tuple[int, ...]] = shapes,
+                checks: dict[str, torch.Tensor] = checks,
                 drop: int = drop,
             ) -> None:
                 nonlocal head_index
@@ -278,6 +289,8 @@ def capture(
                     w = w.index_select(1, head_index)
                 if drop:
                     w = w[drop:]
+                if validate:
+                    checks[name] = _device_checks(w)
                 if topk is not None:
                     if topk > w.shape[-1]:
                         raise ConfigError(
@@ -294,6 +307,8 @@ def capture(
             missing = [n for n in wanted if n not in captured]
             if missing:
                 raise SelectionError(f"the model produced no weights for {missing}")
+            if checks:
+                _raise_on_bad_weights(checks, pos + drop)
             fence = copier.fence()
             if writer is None:
                 create_kw = dict(
@@ -305,7 +320,7 @@ def capture(
                     tags=dict(tags) if tags else None,
                     seed=torch.initial_seed() % 2**63,
                     sparse_topk=topk,
-                    validate=validate,
+                    validate=False,  # validated on the device, before the cast (see sink)
                     overwrite=overwrite,
                 )
                 layout = adapter.layout(batch, shapes)
@@ -369,6 +384,44 @@ def _nbytes(p: Any) -> int:
 
 def _n_samples(p: Any) -> int:
     return (p["values"] if isinstance(p, dict) else p).shape[0]
+
+
+# |row sum - 1| allowed before the cast; the explicit softmax path in float32 is within 1e-6.
+ROW_SUM_TOLERANCE = 1e-3
+
+
+def _device_checks(w: torch.Tensor) -> torch.Tensor:
+    """Per-sample flags ``(B, 3)``: non-finite, negative, row sum off by > tolerance.
+
+    Computed on the weights' device in full precision; read back once per batch.
+    """
+    flat = w.flatten(1)
+    return torch.stack(
+        [
+            ~torch.isfinite(flat).all(1),
+            (flat < 0).any(1),
+            ((w.sum(-1, dtype=torch.float32) - 1).abs() > ROW_SUM_TOLERANCE).flatten(1).any(1),
+        ],
+        dim=1,
+    )
+
+
+def _raise_on_bad_weights(checks: dict[str, torch.Tensor], first_sample: int) -> None:
+    """One device->host sync per batch; on a problem, name the array, sample and issue."""
+    names = list(checks)
+    flags = torch.stack([checks[n] for n in names]).cpu()  # (arrays, B, 3)
+    if not flags.any():
+        return
+    a, b, k = (int(i) for i in flags.nonzero()[0])
+    problem = [
+        "has NaN or Inf weights",
+        "has negative weights",
+        f"has rows that do not sum to 1 (tolerance {ROW_SUM_TOLERANCE})",
+    ][k]
+    raise ValidationError(
+        f"{names[a]}: sample {first_sample + b} {problem}; nothing of this batch was written "
+        "(pass validate=False to store such weights anyway, e.g. with attention dropout)"
+    )
 
 
 def _array_specs(
