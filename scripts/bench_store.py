@@ -105,6 +105,7 @@ def main() -> None:
         ("long 4x2048x2048 (row blocks)", 2 if args.quick else 8, 4, 2048, 2),
     ]
     cases = [(f, c) for f in ("zarr", "hdf5") for c in ("none", "zstd", "blosc-zstd", "blosc-lz4")]
+    print(f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         warm = attention(rng, 4, 2, 16)
         for f, c in cases:  # import codecs, start zarr's event loop: not part of the figures
@@ -123,6 +124,7 @@ def main() -> None:
                     f"| {r['case']} | {r['write']:.0f} | {r['read']:.0f} | {r['ratio']:.2f} | "
                     f"{r['head_ms']:.2f} | {r['chunks']} |"
                 )
+    print(f"\nload average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ from attnscope.errors import (
     SelectionError,
     ValidationError,
 )
-from attnscope.store import ArchiveWriter
+from attnscope.store import ArchiveWriter, choose_chunks
 
 __all__ = ["capture", "CaptureSummary"]
 
@@ -441,8 +441,6 @@ def _chunk_samples(specs: dict[str, tuple[int, int, int]], dtype: str, bsz: int)
     re-read and re-compressed by each of them. Dividing the batch size also keeps
     multi-process ranks (which start at batch boundaries) on separate chunks.
     """
-    from attnscope.store._base import choose_chunks
-
     itemsize = 4 if dtype == "float32" else 2
     return math.gcd(min(choose_chunks(*v, itemsize)[0] for v in specs.values()), bsz)
 

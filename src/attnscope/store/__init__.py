@@ -4,6 +4,7 @@ See ``docs/archive-format.md`` for the on-disk format. Only this package imports
 and h5py (h5py, dask and xarray lazily, inside the functions that need them).
 """
 
+from attnscope.store._base import choose_chunks
 from attnscope.store.archive import (
     SCHEMA_VERSION,
     ArchiveWriter,
@@ -31,4 +32,5 @@ __all__ = [
     "SCHEMA_VERSION",
     "array_name",
     "parse_array_name",
+    "choose_chunks",
 ]

@@ -80,6 +80,10 @@ class ArrayHandle(abc.ABC):
     shape: tuple[int, ...]
     chunks: tuple[int, ...]
     dtype: np.dtype
+    # Whether the writer should merge a partly filled chunk in memory (ArchiveWriter keeps
+    # its own tail samples) rather than let the backend read-modify-write it. False
+    # where a partial write is cheap anyway (HDF5 without a filter: its chunk cache).
+    merge_tails: bool = True
 
     @abc.abstractmethod
     def read(self, sel: tuple[slice, ...]) -> np.ndarray:

@@ -77,6 +77,7 @@ class _H5Array(ArrayHandle):
         self.dtype = np.dtype(ds.dtype)
         comp = ds.attrs.get("attnscope_codec")
         self._codec = _codec(str(comp))[0] if comp is not None else None
+        self.merge_tails = self._codec is not None
 
     @property
     def shape(self) -> tuple[int, ...]:  # type: ignore[override]

@@ -675,7 +675,7 @@ class ArchiveWriter:
                 cs = handle.chunks[0]
                 data, lo = parts[part], pos
                 key = (name, part)
-                if cs > 1:
+                if cs > 1 and handle.merge_tails:
                     # Several samples per chunk: prepend the in-memory copy of this
                     # writer's own samples already in the last, partly filled chunk, so
                     # the backend writes whole chunks instead of reading the chunk back,
