@@ -11,8 +11,9 @@ def test_heatmap_from_archive_selection(real_archive, guide_weights):
     arr = real_archive.attention("decoder", 1, "cross_attention")
     fig = AttentionVisualizer().plot_attention_heatmap(arr, head_idx=3, batch_idx=1, show=False)
     ax = fig.axes[0]
-    np.testing.assert_allclose(ax.images[0].get_array(),
-                               guide_weights["decoder"][1]["cross_attention"][1, 3], rtol=1e-6)
+    np.testing.assert_allclose(
+        ax.images[0].get_array(), guide_weights["decoder"][1]["cross_attention"][1, 3], rtol=1e-6
+    )
     # layout from the archive: keys are encoder tokens, queries decoder tokens
     assert ax.get_xticklabels()[10].get_text() == "robot0_eef_pos"
     assert ax.get_yticklabels()[10].get_text() == "robot0_eef_pos_past_traj[0]"
@@ -20,9 +21,11 @@ def test_heatmap_from_archive_selection(real_archive, guide_weights):
 
 def test_head_average_from_archive(real_archive, guide_weights):
     fig = plot_heatmap(real_archive.attention("encoder", 2, "self_attention"), batch_idx=0)
-    np.testing.assert_allclose(fig.axes[0].images[0].get_array(),
-                               guide_weights["encoder"][2]["self_attention"][0].mean(0),
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+        fig.axes[0].images[0].get_array(),
+        guide_weights["encoder"][2]["self_attention"][0].mean(0),
+        rtol=1e-5,
+    )
 
 
 def test_render_archive_from_path_is_reproducible(real_archive, tmp_path):
@@ -40,11 +43,42 @@ def test_tables_from_real_analysis(real_archive, tmp_path):
     if str(real_archive.identity()["archive"]).endswith(".h5"):
         pytest.skip("tables do not depend on the backend; run once, on zarr")
     analyze(real_archive, tmp_path / "tables")
-    paths = render_archive(real_archive, tmp_path / "out", layers=[1], stacks=["decoder"],
-                           kinds=["cross_attention"], what=["tables"],
-                           tables_dir=tmp_path / "tables", progress=False)
+    paths = render_archive(
+        real_archive,
+        tmp_path / "out",
+        layers=[1],
+        stacks=["decoder"],
+        kinds=["cross_attention"],
+        what=["tables"],
+        tables_dir=tmp_path / "tables",
+        progress=False,
+    )
     assert sorted(p.name for p in paths) == [
         "entropy-decoder-cross_attention.png",
         "segment_mass-decoder-L01-cross_attention.png",
         "top_pairs-decoder-L01-cross_attention.png",
     ]
+
+
+def test_archive_selection_brings_its_modality_axes(tmp_path) -> None:
+    from attnscope.render import plot_heatmap
+    from attnscope.store import ArchiveWriter, SideLayout, TokenLayout, open_archive
+
+    rng = np.random.default_rng(0)
+    enc = SideLayout.from_lengths({"text": 3, "image": 4})
+    path = tmp_path / "lay.zarr"
+    w = rng.random((2, 2, 7, 7))
+    with ArchiveWriter.create(path, TokenLayout(enc, None)) as wr:
+        wr.append({"encoder/0/self_attention": w / w.sum(-1, keepdims=True)})
+    with open_archive(path) as a:
+        fig = plot_heatmap(a["encoder/0/self_attention"], head_idx=1)
+        ax = fig.axes[0]
+        assert [t.get_text() for t in ax.get_yticklabels()][:4] == [
+            "text[0]",
+            "text[1]",
+            "text[2]",
+            "image[0]",
+        ]
+        # one boundary between text and image on each axis, at token 3 - 0.5
+        xs = sorted({round(float(x), 2) for ln in ax.lines for x in ln.get_xdata()})
+        assert 2.5 in xs

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from attnscope.errors import InputError, SelectionError, ShapeError
-from attnscope.store.layout import SideLayout
+from attnscope.store.layout import SideLayout, TokenLayout
 
 __all__ = [
     "MAX_PIXELS",
@@ -233,6 +233,23 @@ def colour_limits(
     return lo, hi
 
 
+def array_layouts(arr: Any) -> tuple[SideLayout | None, SideLayout | None]:
+    """(query, key) layouts of an archive AttentionArray, when it knows where it comes from."""
+    for attr in ("axes_layout", "layouts"):
+        got = getattr(arr, attr, None)
+        if isinstance(got, tuple) and len(got) == 2:
+            return got
+    archive = getattr(arr, "archive", None)
+    stack, kind = getattr(arr, "stack", None), getattr(arr, "kind", None)
+    layout = getattr(arr, "layout", None) or getattr(archive, "layout", None)
+    if isinstance(layout, TokenLayout) and stack and kind:
+        try:
+            return layout.axes(stack, kind)
+        except SelectionError:
+            return None, None
+    return None, None
+
+
 def prepare_matrix(
     attn: Any,
     *,
@@ -246,7 +263,12 @@ def prepare_matrix(
     reduce: str = "max",
     max_pixels: int = MAX_PIXELS,
 ) -> PreparedMatrix:
-    """Select, average and downsample one matrix, and work out its axis decoration."""
+    """Select, average and downsample one matrix, and work out its axis decoration.
+
+    An archive selection without explicit layouts brings its own (modality-aware axes).
+    """
+    if query_layout is None and key_layout is None:
+        query_layout, key_layout = array_layouts(attn)
     mat = select_matrix(attn, head_idx=head_idx, batch_idx=batch_idx)
     return prepare_2d(
         mat,

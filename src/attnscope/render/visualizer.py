@@ -34,7 +34,7 @@ from matplotlib.figure import Figure
 
 from attnscope.errors import InputError, SelectionError
 from attnscope.render import plots
-from attnscope.render._prepare import MAX_PIXELS
+from attnscope.render._prepare import MAX_PIXELS, array_layouts
 from attnscope.store.layout import KIND_AXES, SideLayout, TokenLayout
 
 __all__ = ["AttentionVisualizer"]
@@ -44,23 +44,6 @@ PathLike = str | os.PathLike
 
 def _is_archive(x: Any) -> bool:
     return hasattr(x, "attention") and hasattr(x, "layers") and hasattr(x, "layout")
-
-
-def _array_layouts(arr: Any) -> tuple[SideLayout | None, SideLayout | None]:
-    """(query, key) layouts of an archive AttentionArray, when it knows where it comes from."""
-    for attr in ("axes_layout", "layouts"):
-        got = getattr(arr, attr, None)
-        if isinstance(got, tuple) and len(got) == 2:
-            return got
-    archive = getattr(arr, "archive", None)
-    stack, kind = getattr(arr, "stack", None), getattr(arr, "kind", None)
-    layout = getattr(arr, "layout", None) or getattr(archive, "layout", None)
-    if isinstance(layout, TokenLayout) and stack and kind:
-        try:
-            return layout.axes(stack, kind)
-        except SelectionError:
-            return None, None
-    return None, None
 
 
 def _close_if_saved_only(fig: Figure, save_path: PathLike | None, show: bool) -> None:
@@ -101,7 +84,7 @@ class AttentionVisualizer:
     def _layouts(
         self, attn: Any, stack: str | None, kind: str | None, layout: TokenLayout | None = None
     ) -> tuple[SideLayout | None, SideLayout | None]:
-        q, k = _array_layouts(attn)
+        q, k = array_layouts(attn)
         if q is not None or k is not None:
             return q, k
         layout = layout or self.layout
@@ -336,7 +319,7 @@ class AttentionVisualizer:
                     "plot_attention_flow needs encoder_attention, decoder_self_attention and "
                     "decoder_cross_attention (or an archive as the first argument)"
                 )
-            q_cross, k_cross = _array_layouts(cross)
+            q_cross, k_cross = array_layouts(cross)
             if q_cross is None and self.layout is not None:
                 q_cross, k_cross = self._layouts(cross, "decoder", "cross_attention")
             dec_layout, enc_layout = q_cross, k_cross
