@@ -5,6 +5,9 @@ softmax-like float16 attention (a mix of soft, sharp and causal heads).
 
     python scripts/bench_store.py            # ~1-2 minutes on 2 cores
     python scripts/bench_store.py --quick    # smaller, for a smoke test
+
+The last table times ``ArchiveWriter.append`` itself with several arrays per batch (the guide
+model: 9 arrays of 8x29x29 float16, batches of 32), wall and CPU ms per append.
 """
 
 from __future__ import annotations
@@ -92,6 +95,28 @@ def bench_npy(tmp: str, data: np.ndarray) -> dict:
     }
 
 
+def bench_append(
+    tmp: str, rng: np.random.Generator, fmt: str, comp: str, *, validate: bool, appends: int
+) -> tuple[float, float]:
+    """Median (wall ms, CPU ms) of one append of 9 arrays of (32, 8, 29, 29) float16."""
+    arrays, b, h, t = 9, 32, 8, 29
+    batch = {f"encoder/{i}/self_attention": attention(rng, b, h, t) for i in range(arrays)}
+    path = os.path.join(tmp, f"a.{'h5' if fmt == 'hdf5' else 'zarr'}")
+    lay = TokenLayout(encoder=SideLayout.from_lengths({"tok": t}))
+    wall, cpu = [], []
+    with ArchiveWriter.create(
+        path, lay, compressor=comp, validate=validate, overwrite=True, dtype="float16"
+    ) as w:
+        w.append(batch)  # creates the arrays: not timed
+        for _ in range(appends):
+            t0, c0 = time.perf_counter(), time.process_time()
+            w.append(batch)
+            wall.append(time.perf_counter() - t0)
+            cpu.append(time.process_time() - c0)
+    (shutil.rmtree if os.path.isdir(path) else os.remove)(path)
+    return float(np.median(wall)) * 1e3, float(np.median(cpu)) * 1e3
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
@@ -124,6 +149,14 @@ def main() -> None:
                     f"| {r['case']} | {r['write']:.0f} | {r['read']:.0f} | {r['ratio']:.2f} | "
                     f"{r['head_ms']:.2f} | {r['chunks']} |"
                 )
+        appends = 16 if args.quick else 64
+        print(f"\n### append: guide model, 9 arrays of 32x8x29x29 float16, {appends} appends\n")
+        print("| format / codec | validate | wall ms / append | CPU ms / append |")
+        print("|---|---|---:|---:|")
+        for f, c in (("zarr", "zstd"), ("zarr", "none"), ("hdf5", "zstd")):
+            for v in (False, True):
+                ms, cms = bench_append(tmp, rng, f, c, validate=v, appends=appends)
+                print(f"| {f} / {c} | {v} | {ms:.1f} | {cms:.1f} |")
     print(f"\nload average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 

@@ -218,10 +218,12 @@ def analyze(archive: Path, out: Path, topk: int, sink_token: int, workers: int,
 @click.option("--tables", "tables_dir", type=click.Path(path_type=Path), default=None,
               help="Analysis tables folder (for --what tables).")
 @click.option("--fmt", type=click.Choice(["png", "svg", "pdf"]), default="png", show_default=True)
+@click.option("--workers", type=int, default=None,
+              help="Processes drawing in parallel (default: one per core).")
 @progress_opt
 def render(archive: Path, out: Path, layers: list[int] | None, heads: list[int] | None,
            samples: list[int] | None, kinds: list[str] | None, what: list[str],
-           tables_dir: Path | None, fmt: str, progress: bool) -> None:
+           tables_dir: Path | None, fmt: str, workers: int | None, progress: bool) -> None:
     """Render heatmaps, head grids, layer comparisons and flows from an archive.
 
     Example: attnscope render run.zarr --out figs --layers 0 --heads 0,3 --what heatmap,flow
@@ -233,7 +235,7 @@ def render(archive: Path, out: Path, layers: list[int] | None, heads: list[int] 
 
     files = render_archive(archive, out, layers=layers, heads=heads, samples=samples,
                            kinds=kinds, what=tuple(what), tables_dir=tables_dir, fmt=fmt,
-                           progress=progress)
+                           progress=progress, workers=workers)
     click.echo(f"wrote {len(files)} files to {out}")
 
 

@@ -67,7 +67,12 @@ def run_demo(
     echo(f"analysis: {len(tables)} files -> {tables_dir}")
     figures_dir = out / "figures"
     figures = render_archive(
-        archive, figures_dir, tables_dir=tables_dir, layers=None, samples=[0], progress=progress
+        archive,
+        figures_dir,
+        tables_dir=tables_dir,
+        samples=[0],
+        progress=progress,
+        workers=None,  # one process per core: matplotlib is single-threaded
     )
     echo(f"render: {len(figures)} figures -> {figures_dir}")
     report = write_report(archive, out / "report.html", tables_dir=tables_dir)

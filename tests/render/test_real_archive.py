@@ -82,3 +82,44 @@ def test_archive_selection_brings_its_modality_axes(tmp_path) -> None:
         # one boundary between text and image on each axis, at token 3 - 0.5
         xs = sorted({round(float(x), 2) for ln in ax.lines for x in ln.get_xdata()})
         assert 2.5 in xs
+
+
+def test_parallel_rendering_writes_identical_files(tmp_path) -> None:
+    from attnscope.store import ArchiveWriter, SideLayout, TokenLayout
+
+    rng = np.random.default_rng(1)
+    lay = TokenLayout(SideLayout.from_lengths({"a": 3, "b": 3}), SideLayout.from_lengths({"c": 4}))
+    path = tmp_path / "par.zarr"
+
+    def soft(*shape):
+        x = rng.random(shape)
+        return x / x.sum(-1, keepdims=True)
+
+    with ArchiveWriter.create(path, lay) as w:
+        w.append(
+            {
+                "encoder": [{"self_attention": soft(2, 2, 6, 6)}] * 2,
+                "decoder": [
+                    {
+                        "self_attention": _causal(2, 2, 4),
+                        "cross_attention": soft(2, 2, 4, 6),
+                    }
+                ]
+                * 2,
+            }
+        )
+    one = render_archive(
+        path, tmp_path / "one", what=["heatmap", "grid"], heads=[None, 1], progress=False, workers=1
+    )
+    two = render_archive(
+        path, tmp_path / "two", what=["heatmap", "grid"], heads=[None, 1], progress=False, workers=2
+    )
+    assert len(one) == len(two) >= 8
+    for a, b in zip(one, two):
+        assert a.relative_to(tmp_path / "one") == b.relative_to(tmp_path / "two")
+        assert a.read_bytes() == b.read_bytes()
+
+
+def _causal(b: int, h: int, t: int) -> np.ndarray:
+    m = np.tril(np.ones((t, t)))
+    return np.broadcast_to(m / m.sum(-1, keepdims=True), (b, h, t, t)).copy()

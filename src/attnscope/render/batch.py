@@ -80,6 +80,7 @@ def render_archive(
     fmt: str = "png",
     progress: bool = True,
     log: bool = False,
+    workers: int | None = 1,
 ) -> list[Path]:
     """Render a batch of figures from an archive into ``out_dir``; return the written paths.
 
@@ -104,6 +105,10 @@ def render_archive(
         ``png`` (default), ``svg`` or ``pdf``. Output is byte-identical across runs.
     progress
         tqdm progress bar on stderr (only when stderr is a terminal).
+    workers
+        Processes drawing figures in parallel (``None``: one per core). Matplotlib is
+        single-threaded, so this is the way to use several cores; each worker opens the
+        archive read-only by path. Output is identical to ``workers=1``.
 
     Returns
     -------
@@ -125,7 +130,6 @@ def render_archive(
     arc, opened = _open(archive_or_path)
     out = Path(out_dir)
     try:
-        layout = arc.layout
         all_stacks = [s for s in ("encoder", "decoder") if s in _stacks(arc)]
         stacks_ = _check_subset(_as_list(stacks), all_stacks, "stack")
         kinds_ = _as_list(kinds)
@@ -171,130 +175,20 @@ def render_archive(
                         f"head {hd} out of range: {st} layer {lyr} {kd} has heads 0..{h - 1}"
                     )
 
-        jobs: list[tuple[str, dict[str, Any], Callable[[], Any]]] = []
-
-        def axes(st: str, kd: str) -> tuple[Any, Any]:
-            try:
-                return layout.axes(st, kd) if layout is not None else (None, None)
-            except SelectionError:
-                return None, None
-
-        if "heatmap" in what:
-            for st, lyr, kd in sel:
-                q, k = axes(st, kd)
-                for s in samples_:
-                    for hd in heads_:
-                        name = f"heatmap/{st}-L{lyr:02d}-{kd}-s{s:04d}-{_head_tag(hd)}.{fmt}"
-                        meta = dict(what="heatmap", stack=st, layer=lyr, kind=kd, sample=s, head=hd)
-                        jobs.append(
-                            (
-                                name,
-                                meta,
-                                _bind(
-                                    plots.plot_heatmap,
-                                    arc.attention(st, lyr, kd),
-                                    head_idx=hd,
-                                    batch_idx=s,
-                                    query_layout=q,
-                                    key_layout=k,
-                                    log=log,
-                                    title=f"{st} layer {lyr} {kd}, "
-                                    f"{_head_name(hd)}, sample {s}",
-                                ),
-                            )
-                        )
-        if "grid" in what:
-            for st, lyr, kd in sel:
-                q, k = axes(st, kd)
-                for s in samples_:
-                    name = f"grid/{st}-L{lyr:02d}-{kd}-s{s:04d}.{fmt}"
-                    meta = dict(what="grid", stack=st, layer=lyr, kind=kd, sample=s)
-                    jobs.append(
-                        (
-                            name,
-                            meta,
-                            _bind(
-                                plots.plot_head_grid,
-                                arc.attention(st, lyr, kd),
-                                batch_idx=s,
-                                query_layout=q,
-                                key_layout=k,
-                                log=log,
-                                title=f"{st} layer {lyr} {kd}, all heads, sample {s}",
-                            ),
-                        )
-                    )
-        if "layers" in what:
-            groups: dict[tuple[str, str], list[int]] = {}
-            for st, lyr, kd in sel:
-                groups.setdefault((st, kd), []).append(lyr)
-            for (st, kd), lyrs in groups.items():
-                q, k = axes(st, kd)
-                for s in samples_:
-                    for hd in heads_:
-                        name = f"layers/{st}-{kd}-s{s:04d}-{_head_tag(hd)}.{fmt}"
-                        meta = dict(
-                            what="layers", stack=st, layers=lyrs, kind=kd, sample=s, head=hd
-                        )
-                        jobs.append(
-                            (
-                                name,
-                                meta,
-                                _bind(
-                                    plots.plot_layer_comparison,
-                                    {lyr: arc.attention(st, lyr, kd) for lyr in lyrs},
-                                    head_idx=hd,
-                                    batch_idx=s,
-                                    query_layout=q,
-                                    key_layout=k,
-                                    log=log,
-                                    title=f"{st} {kd} across layers, "
-                                    f"{_head_name(hd)}, sample {s}",
-                                ),
-                            )
-                        )
-        if "flow" in what:
-            existing = set(_all_sel(arc, all_stacks))
-            for lyr in sorted({lyr for (_, lyr, _) in sel}):
-                need = [
-                    ("encoder", lyr, "self_attention"),
-                    ("decoder", lyr, "self_attention"),
-                    ("decoder", lyr, "cross_attention"),
-                ]
-                if not all(x in existing for x in need):
-                    continue
-                for s in samples_:
-                    for hd in heads_:
-                        name = f"flow/L{lyr:02d}-s{s:04d}-{_head_tag(hd)}.{fmt}"
-                        meta = dict(what="flow", layer=lyr, sample=s, head=hd)
-                        jobs.append(
-                            (
-                                name,
-                                meta,
-                                _bind(
-                                    plots.plot_attention_flow,
-                                    *(arc.attention(*x) for x in need),
-                                    layer_idx=lyr,
-                                    head_idx=hd,
-                                    batch_idx=s,
-                                    log=log,
-                                    encoder_layout=getattr(layout, "encoder", None),
-                                    decoder_layout=getattr(layout, "decoder", None),
-                                ),
-                            )
-                        )
-        if "tables" in what:
-            jobs.extend(_table_jobs(Path(tables_dir) if tables_dir else out / "tables", sel, fmt))
-
+        jobs = _build_jobs(arc, sel, samples_, heads_, what, fmt, log, out, tables_dir, all_stacks)
         written: list[Path] = []
-        manifest: list[dict[str, Any]] = []
-        for name, meta, make in _progress(jobs, progress):
-            fig = make()
-            try:
-                written.append(save_figure(fig, out / name, fmt=fmt))
-            finally:
-                plt.close(fig)
-            manifest.append({"file": name, **meta})
+        manifest = [{"file": name, **meta} for name, meta, _ in jobs]
+        workers = _n_workers(workers, len(jobs), arc)
+        if workers > 1:
+            args = (sel, samples_, heads_, what, fmt, log, out, tables_dir, all_stacks)
+            written = _render_parallel(str(arc.path), args, len(jobs), workers, progress)
+        else:
+            for name, _, make in _progress(jobs, progress):
+                fig = make()
+                try:
+                    written.append(save_figure(fig, out / name, fmt=fmt))
+                finally:
+                    plt.close(fig)
         ident = _identity(arc)
         (out / "manifest.json").write_text(
             json.dumps(
@@ -309,6 +203,187 @@ def render_archive(
     finally:
         if opened and hasattr(arc, "close"):
             arc.close()
+
+
+def _n_workers(workers: int | None, n_jobs: int, arc: Any) -> int:
+    if workers is None:
+        workers = os.cpu_count() or 1
+    if workers < 1:
+        raise ConfigError(f"workers must be >= 1 or None, got {workers}")
+    # Spawning a worker costs ~1-2 s of imports: only worth it for a handful of figures.
+    if n_jobs < 8 or getattr(arc, "path", None) is None:
+        return 1
+    return min(workers, n_jobs // 4)
+
+
+_WORKER: dict[str, Any] = {}
+
+
+def _worker_init(path: str, args: tuple) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from attnscope.store import open_archive
+
+    arc = open_archive(path)
+    _WORKER["arc"] = arc
+    _WORKER["jobs"] = _build_jobs(arc, *args)
+    _WORKER["out"] = Path(args[6])
+    _WORKER["fmt"] = args[4]
+
+
+def _worker_render(i: int) -> str:
+    import matplotlib.pyplot as plt
+
+    name, _, make = _WORKER["jobs"][i]
+    fig = make()
+    try:
+        return str(save_figure(fig, _WORKER["out"] / name, fmt=_WORKER["fmt"]))
+    finally:
+        plt.close(fig)
+
+
+def _render_parallel(
+    path: str, args: tuple, n_jobs: int, workers: int, progress: bool
+) -> list[Path]:
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    # spawn, not fork: the parent may hold zarr's event-loop thread or an open HDF5 file.
+    ctx = mp.get_context("spawn")
+    with ProcessPoolExecutor(
+        workers, mp_context=ctx, initializer=_worker_init, initargs=(path, args)
+    ) as pool:
+        done = pool.map(_worker_render, range(n_jobs), chunksize=2)
+        return [Path(p) for p in _progress(done, progress, total=n_jobs)]
+
+
+def _build_jobs(
+    arc: Any,
+    sel: list[tuple[str, int, str]],
+    samples_: list[int],
+    heads_: list[int | None],
+    what: list[str],
+    fmt: str,
+    log: bool,
+    out: Path,
+    tables_dir: str | os.PathLike | None,
+    all_stacks: list[str],
+) -> list[tuple[str, dict[str, Any], Callable[[], Any]]]:
+    """``(file name, metadata, make figure)`` for every figure; deterministic in its inputs."""
+    layout = arc.layout
+    jobs: list[tuple[str, dict[str, Any], Callable[[], Any]]] = []
+
+    def axes(st: str, kd: str) -> tuple[Any, Any]:
+        try:
+            return layout.axes(st, kd) if layout is not None else (None, None)
+        except SelectionError:
+            return None, None
+
+    if "heatmap" in what:
+        for st, lyr, kd in sel:
+            q, k = axes(st, kd)
+            for s in samples_:
+                for hd in heads_:
+                    name = f"heatmap/{st}-L{lyr:02d}-{kd}-s{s:04d}-{_head_tag(hd)}.{fmt}"
+                    meta = dict(what="heatmap", stack=st, layer=lyr, kind=kd, sample=s, head=hd)
+                    jobs.append(
+                        (
+                            name,
+                            meta,
+                            _bind(
+                                plots.plot_heatmap,
+                                arc.attention(st, lyr, kd),
+                                head_idx=hd,
+                                batch_idx=s,
+                                query_layout=q,
+                                key_layout=k,
+                                log=log,
+                                title=f"{st} layer {lyr} {kd}, {_head_name(hd)}, sample {s}",
+                            ),
+                        )
+                    )
+    if "grid" in what:
+        for st, lyr, kd in sel:
+            q, k = axes(st, kd)
+            for s in samples_:
+                name = f"grid/{st}-L{lyr:02d}-{kd}-s{s:04d}.{fmt}"
+                meta = dict(what="grid", stack=st, layer=lyr, kind=kd, sample=s)
+                jobs.append(
+                    (
+                        name,
+                        meta,
+                        _bind(
+                            plots.plot_head_grid,
+                            arc.attention(st, lyr, kd),
+                            batch_idx=s,
+                            query_layout=q,
+                            key_layout=k,
+                            log=log,
+                            title=f"{st} layer {lyr} {kd}, all heads, sample {s}",
+                        ),
+                    )
+                )
+    if "layers" in what:
+        groups: dict[tuple[str, str], list[int]] = {}
+        for st, lyr, kd in sel:
+            groups.setdefault((st, kd), []).append(lyr)
+        for (st, kd), lyrs in groups.items():
+            q, k = axes(st, kd)
+            for s in samples_:
+                for hd in heads_:
+                    name = f"layers/{st}-{kd}-s{s:04d}-{_head_tag(hd)}.{fmt}"
+                    meta = dict(what="layers", stack=st, layers=lyrs, kind=kd, sample=s, head=hd)
+                    jobs.append(
+                        (
+                            name,
+                            meta,
+                            _bind(
+                                plots.plot_layer_comparison,
+                                {lyr: arc.attention(st, lyr, kd) for lyr in lyrs},
+                                head_idx=hd,
+                                batch_idx=s,
+                                query_layout=q,
+                                key_layout=k,
+                                log=log,
+                                title=f"{st} {kd} across layers, {_head_name(hd)}, sample {s}",
+                            ),
+                        )
+                    )
+    if "flow" in what:
+        existing = set(_all_sel(arc, all_stacks))
+        for lyr in sorted({lyr for (_, lyr, _) in sel}):
+            need = [
+                ("encoder", lyr, "self_attention"),
+                ("decoder", lyr, "self_attention"),
+                ("decoder", lyr, "cross_attention"),
+            ]
+            if not all(x in existing for x in need):
+                continue
+            for s in samples_:
+                for hd in heads_:
+                    name = f"flow/L{lyr:02d}-s{s:04d}-{_head_tag(hd)}.{fmt}"
+                    meta = dict(what="flow", layer=lyr, sample=s, head=hd)
+                    jobs.append(
+                        (
+                            name,
+                            meta,
+                            _bind(
+                                plots.plot_attention_flow,
+                                *(arc.attention(*x) for x in need),
+                                layer_idx=lyr,
+                                head_idx=hd,
+                                batch_idx=s,
+                                log=log,
+                                encoder_layout=getattr(layout, "encoder", None),
+                                decoder_layout=getattr(layout, "decoder", None),
+                            ),
+                        )
+                    )
+    if "tables" in what:
+        jobs.extend(_table_jobs(Path(tables_dir) if tables_dir else out / "tables", sel, fmt))
+
+    return jobs
 
 
 def _head_name(h: int | None) -> str:
@@ -376,9 +451,9 @@ def _table_jobs(tdir: Path, sel: list[tuple[str, int, str]], fmt: str) -> list:
     return jobs
 
 
-def _progress(jobs: list, progress: bool) -> Iterable:
+def _progress(jobs: Iterable, progress: bool, total: int | None = None) -> Iterable:
     if not progress or not sys.stderr.isatty():
         return jobs
     from tqdm.auto import tqdm
 
-    return tqdm(jobs, desc="render", unit="fig")
+    return tqdm(jobs, desc="render", unit="fig", total=total)

@@ -246,7 +246,9 @@ def plot_head_grid(
     if figsize is None:
         figsize = (3.2 * ncols + 1.2, 3.0 * nrows + 0.8)
     fig = new_figure(figsize)
-    axes = fig.subplots(nrows, ncols, sharex=True, sharey=True, squeeze=False)
+    # Not shared axes: inner panels drop their ticks entirely (shared axes would keep
+    # every panel's hidden tick artists, which made a grid ~2x slower to draw).
+    axes = fig.subplots(nrows, ncols, squeeze=False)
     norm = LogNorm(lo, hi) if log else Normalize(lo, hi)
     im = None
     for k, (i, p) in enumerate(zip(heads, prepared)):
@@ -261,6 +263,11 @@ def plot_head_grid(
             ylabel="query" if c == 0 else None,
         )
         ax.set_title(f"head {i}", fontsize=10)
+        last_in_col = k + ncols >= len(heads)
+        if not last_in_col:
+            ax.set_xticks([])
+        if c != 0:
+            ax.set_yticks([])
     for k in range(len(heads), nrows * ncols):
         axes[k // ncols][k % ncols].remove()
     fig.colorbar(im, ax=[a for row in axes for a in row if a.figure is fig], shrink=0.8)
