@@ -241,3 +241,42 @@ def test_analyze_render_report_commands(runner, tmp_path) -> None:
     )
     assert res.exit_code == 0, res.output
     assert (tmp_path / "r.html").read_text().startswith("<!DOCTYPE html>")
+
+
+def test_capture_under_torchrun_environment_writes_one_archive(tmp_path) -> None:
+    import os
+
+    cfg = small_config(tmp_path)
+    out = tmp_path / "mp.zarr"
+    cmd = [
+        sys.executable,
+        "-m",
+        "attnscope.cli",
+        "capture",
+        "--config",
+        str(cfg),
+        "--batches",
+        "4",
+        "--batch-size",
+        "2",
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
+    procs = [
+        subprocess.Popen(
+            cmd,
+            env={**os.environ, "RANK": str(r), "WORLD_SIZE": "2"},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in (1, 0)
+    ]
+    results = [p.communicate(timeout=180) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], results
+    from attnscope.store import open_archive, verify
+
+    assert verify(out).ok
+    with open_archive(out) as a:
+        assert a.n_samples == 8

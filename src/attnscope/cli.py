@@ -7,6 +7,7 @@ and exits with status 1; no traceback.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -117,7 +118,8 @@ def demo(out: Path, fmt: str | None, batches: int, batch_size: int, seed: int,
 @click.option("--resume", is_flag=True, help="Continue after the last committed sample.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing archive.")
 @click.option("--rank", type=int, default=None,
-              help="This process's rank in a multi-process capture (Zarr).")
+              help="This process's rank in a multi-process capture (Zarr); default: "
+                   "torchrun's RANK/WORLD_SIZE when set.")
 @click.option("--world-size", type=int, default=None, help="Number of capture processes.")
 @progress_opt
 def capture(model_kind: str, config: Path | None, hf_config: Path | None, inputs: Path | None,
@@ -133,6 +135,8 @@ def capture(model_kind: str, config: Path | None, hf_config: Path | None, inputs
 
     if hf_config is not None:
         model_kind = "hf"
+    if rank is None and world_size is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])  # torchrun
     model, source = build_job(model_kind, config=config, hf_config=hf_config, inputs=inputs,
                               n_batches=batches, batch_size=batch_size, seq_len=seq_len,
                               seed=seed)
