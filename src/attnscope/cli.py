@@ -153,7 +153,7 @@ def capture(model_kind: str, config: Path | None, hf_config: Path | None, inputs
     click.echo(
         f"{summary.archive}: {summary.samples} samples ({summary.committed} committed), "
         f"{summary.bytes / 1e6:.1f} MB in {summary.seconds:.2f} s "
-        f"({summary.mb_per_s:.0f} MB/s, {summary.samples_per_s:.0f} samples/s)"
+        f"({summary.mb_per_s:.1f} MB/s, {summary.samples_per_s:.1f} samples/s)"
     )
 
 

@@ -60,11 +60,13 @@ def run_demo(
     )
     echo(
         f"capture: {summary.samples} samples, {summary.bytes / 1e6:.1f} MB of attention "
-        f"-> {archive} ({summary.mb_per_s:.0f} MB/s)"
+        f"-> {archive} ({summary.seconds:.1f} s)"
     )
+    t = time.perf_counter()
     tables_dir = out / "tables"
     tables = analyze(archive, tables_dir, progress=progress)
-    echo(f"analysis: {len(tables)} files -> {tables_dir}")
+    echo(f"analysis: {len(tables)} files -> {tables_dir} ({time.perf_counter() - t:.1f} s)")
+    t = time.perf_counter()
     figures_dir = out / "figures"
     figures = render_archive(
         archive,
@@ -74,9 +76,10 @@ def run_demo(
         progress=progress,
         workers=None,  # one process per core: matplotlib is single-threaded
     )
-    echo(f"render: {len(figures)} figures -> {figures_dir}")
+    echo(f"render: {len(figures)} figures -> {figures_dir} ({time.perf_counter() - t:.1f} s)")
+    t = time.perf_counter()
     report = write_report(archive, out / "report.html", tables_dir=tables_dir)
-    echo(f"report: {report}")
+    echo(f"report: {report} ({time.perf_counter() - t:.1f} s)")
     return {
         "archive": archive,
         "tables": tables,
