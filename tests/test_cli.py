@@ -280,3 +280,46 @@ def test_capture_under_torchrun_environment_writes_one_archive(tmp_path) -> None
     assert verify(out).ok
     with open_archive(out) as a:
         assert a.n_samples == 8
+
+
+def test_render_tables_without_tables_is_not_a_traceback(runner, tmp_path) -> None:
+    out = tmp_path / "run.zarr"
+    runner.invoke(
+        cli,
+        [
+            "capture",
+            "--config",
+            str(small_config(tmp_path)),
+            "--batches",
+            "1",
+            "--batch-size",
+            "2",
+            "--out",
+            str(out),
+            "--no-progress",
+        ],
+    )
+    res = runner.invoke(
+        cli, ["render", str(out), "--out", str(tmp_path / "f"), "--what", "tables", "--no-progress"]
+    )
+    assert res.exit_code == 0, res.output
+    assert "wrote 0 files" in res.output
+    assert (tmp_path / "f" / "manifest.json").exists()
+
+
+def test_world_size_without_rank_is_a_one_line_error(runner, tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("RANK", raising=False)
+    res = runner.invoke(
+        cli,
+        [
+            "capture",
+            "--config",
+            str(small_config(tmp_path)),
+            "--out",
+            str(tmp_path / "w.zarr"),
+            "--no-progress",
+        ],
+    )
+    assert res.exit_code == 1
+    assert res.output.count("\n") == 1 and "RANK" in res.output

@@ -14,7 +14,7 @@ from typing import Any
 import click
 
 from attnscope import __version__
-from attnscope.errors import AttnscopeError
+from attnscope.errors import AttnscopeError, ConfigError
 
 
 class _Group(click.Group):
@@ -135,8 +135,8 @@ def capture(model_kind: str, config: Path | None, hf_config: Path | None, inputs
 
     if hf_config is not None:
         model_kind = "hf"
-    if rank is None and world_size is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])  # torchrun
+    if rank is None and world_size is None:
+        rank, world_size = _torchrun_rank()
     model, source = build_job(model_kind, config=config, hf_config=hf_config, inputs=inputs,
                               n_batches=batches, batch_size=batch_size, seq_len=seq_len,
                               seed=seed)
@@ -155,6 +155,21 @@ def capture(model_kind: str, config: Path | None, hf_config: Path | None, inputs
         f"{summary.bytes / 1e6:.1f} MB in {summary.seconds:.2f} s "
         f"({summary.mb_per_s:.1f} MB/s, {summary.samples_per_s:.1f} samples/s)"
     )
+
+
+def _torchrun_rank() -> tuple[int | None, int | None]:
+    """``(RANK, WORLD_SIZE)`` from torchrun's environment, or ``(None, None)``."""
+    env_ws, env_rank = os.environ.get("WORLD_SIZE"), os.environ.get("RANK")
+    if env_ws is None or env_ws.strip() == "1":
+        return None, None
+    try:
+        world_size, rank = int(env_ws), int(env_rank)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise ConfigError(
+            f"WORLD_SIZE={env_ws!r} is set but RANK={env_rank!r} is not an integer; run under "
+            "torchrun or pass --rank/--world-size"
+        ) from None
+    return rank, world_size
 
 
 @cli.command()
@@ -182,9 +197,13 @@ def verify(archive: Path, tolerance: float) -> None:
     """
     from attnscope.store import verify as run_verify
 
+    if tolerance < 0:
+        raise ConfigError(f"--tolerance must be >= 0, got {tolerance}")
     report = run_verify(archive, tolerance=tolerance)
     if not report.ok:
         raise click.ClickException(f"{archive}: " + "; ".join(report.problems))
+    for note in report.notes:
+        click.echo(f"note: {note}")
     click.echo(f"{archive}: ok")
 
 

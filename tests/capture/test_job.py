@@ -279,86 +279,6 @@ def test_model_without_attention_is_refused(tmp_path) -> None:
         capture(nn.Linear(3, 3), [torch.randn(1, 3)], tmp_path / "x.zarr", progress=False)
 
 
-transformers = pytest.importorskip("transformers")
-
-
-@pytest.fixture(autouse=False)
-def quiet_hf():
-    transformers.logging.set_verbosity_error()
-    yield
-
-
-def test_hf_encoder_only_with_tokenizer_labels(tmp_path, quiet_hf) -> None:
-    from transformers import BertConfig, BertModel
-
-    torch.manual_seed(0)
-    bert = BertModel(
-        BertConfig(
-            vocab_size=50,
-            hidden_size=16,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            intermediate_size=32,
-        )
-    ).eval()
-
-    class Tok:
-        def convert_ids_to_tokens(self, ids):
-            return [f"tok{i}" for i in ids]
-
-    ids = torch.randint(0, 50, (2, 6))
-    capture(bert, [{"input_ids": ids}], tmp_path / "bert.zarr", tokenizer=Tok(), progress=False)
-    with open_archive(tmp_path / "bert.zarr") as a:
-        assert a.arrays() == ["encoder/0/self_attention", "encoder/1/self_attention"]
-        assert list(a.layout.encoder.labels) == [f"tok{i}" for i in ids[0].tolist()]
-        want = bert(input_ids=ids, output_attentions=True).attentions[1].detach().numpy()
-        np.testing.assert_allclose(a["encoder/1/self_attention"][:], want, atol=1e-3)
-
-
-def test_hf_decoder_only_is_causal(tmp_path, quiet_hf) -> None:
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(0)
-    gpt = GPT2LMHeadModel(
-        GPT2Config(vocab_size=50, n_embd=16, n_layer=2, n_head=2, bos_token_id=0, eos_token_id=0)
-    ).eval()
-    capture(gpt, [{"input_ids": torch.randint(0, 50, (2, 6))}], tmp_path / "g.zarr", progress=False)
-    with open_archive(tmp_path / "g.zarr") as a:
-        assert a.arrays() == ["decoder/0/self_attention", "decoder/1/self_attention"]
-        x = a["decoder/0/self_attention"][:]
-        assert (x[..., np.triu_indices(6, 1)[0], np.triu_indices(6, 1)[1]] == 0).all()
-
-
-def test_hf_encoder_decoder_cross_attention(tmp_path, quiet_hf) -> None:
-    from transformers import BartConfig, BartForConditionalGeneration
-
-    torch.manual_seed(0)
-    cfg = BartConfig(
-        vocab_size=50,
-        d_model=16,
-        encoder_layers=1,
-        decoder_layers=1,
-        encoder_attention_heads=2,
-        decoder_attention_heads=2,
-        encoder_ffn_dim=32,
-        decoder_ffn_dim=32,
-        max_position_embeddings=32,
-    )
-    bart = BartForConditionalGeneration(cfg).eval()
-    batch = {
-        "input_ids": torch.randint(3, 50, (2, 7)),
-        "decoder_input_ids": torch.randint(3, 50, (2, 4)),
-    }
-    capture(bart, [batch], tmp_path / "b.h5", progress=False)
-    with open_archive(tmp_path / "b.h5") as a:
-        assert a.arrays() == [
-            "encoder/0/self_attention",
-            "decoder/0/self_attention",
-            "decoder/0/cross_attention",
-        ]
-        assert a["decoder/0/cross_attention"].shape == (2, 2, 4, 7)
-
-
 def test_two_processes_write_disjoint_ranges_of_one_archive(tmp_path) -> None:
     path = tmp_path / "mp.zarr"
     script = textwrap.dedent(f"""
@@ -428,3 +348,33 @@ def test_train_mode_stores_pre_dropout_softmax(tmp_path) -> None:
         x = a["encoder/0/self_attention"][:]
         np.testing.assert_allclose(x.sum(-1), 1, atol=1e-5)
         assert (x > 0).all()  # no dropped (zeroed) weights
+
+
+def test_verify_checks_row_sums_of_captured_archives(model, tmp_path) -> None:
+    """Capture validates on the device and records it, so verify checks row sums later."""
+    import zarr
+
+    from attnscope.store import verify
+
+    path = tmp_path / "v.zarr"
+    capture(model, batches(2), path, progress=False)
+    assert verify(path).ok
+    z = zarr.open_array(str(path / "encoder" / "0" / "self_attention"), mode="r+")
+    z[0] = z[0] * 0.5  # rows now sum to 0.5
+    report = verify(path)
+    assert not report.ok
+    assert any("encoder/0/self_attention" in p for p in report.problems)
+
+
+def test_progress_bar_shows_samples_and_mb_only_on_a_terminal(
+    model, tmp_path, monkeypatch, capsys
+) -> None:
+    capture(model, batches(2), tmp_path / "p1.zarr", progress=True)
+    assert capsys.readouterr().err == ""  # stderr is not a TTY under pytest: silent
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    capture(model, batches(2), tmp_path / "p2.zarr", progress=True, total=4)
+    err = capsys.readouterr().err
+    assert "capture" in err and "sample" in err and "MBps" in err
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    capture(model, batches(2), tmp_path / "p3.zarr", progress=False)
+    assert capsys.readouterr().err == ""

@@ -67,6 +67,9 @@ class Adapter:
     def to_device(self, batch: Any, device: torch.device) -> Any:
         return _to_device(batch, device)
 
+    def close(self) -> None:
+        """Undo any change made to the model for recording (called when capture ends)."""
+
 
 def _to_device(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, Tensor):
@@ -269,7 +272,23 @@ class HFAdapter(Adapter):
             stack = "decoder" if self.is_decoder else "encoder"
             self._names = [f"{stack}/{i}/self_attention" for i in range(n_enc)]
 
+    def close(self) -> None:
+        previous = self._previous_impl
+        if previous and previous != "eager":
+            try:
+                self._apply_impl(previous)
+            except Exception:  # noqa: BLE001 - best effort: the eager model still works
+                warnings.warn(f"could not restore attn_implementation={previous!r}", stacklevel=2)
+
+    def _apply_impl(self, impl: str) -> None:
+        setter = getattr(self.model, "set_attn_implementation", None)
+        if setter is not None:
+            setter(impl)
+        else:
+            self.model.config._attn_implementation = impl
+
     def _set_eager(self) -> None:
+        self._previous_impl = getattr(self.model.config, "_attn_implementation", None)
         setter = getattr(self.model, "set_attn_implementation", None)
         try:
             if setter is not None:

@@ -36,7 +36,7 @@ from attnscope.errors import (
     SelectionError,
     ValidationError,
 )
-from attnscope.store import ArchiveWriter, choose_chunks
+from attnscope.store import ArchiveWriter, archive_format, choose_chunks
 
 __all__ = ["capture", "CaptureSummary"]
 
@@ -254,6 +254,7 @@ def capture(
     n_batches = 0
     pos = 0
     head_index: torch.Tensor | None = None
+    heads_checked: set[str] = set()
     try:
         for bi, batch in enumerate(batches):
             if failure:
@@ -283,8 +284,10 @@ def capture(
                 nonlocal head_index
                 shapes[name] = tuple(w.shape)
                 if head_sel is not None:
-                    if head_index is None or head_index.device != w.device:
+                    if name not in heads_checked:  # arrays may differ in head count
                         _check_heads(head_sel, w.shape[1], name)
+                        heads_checked.add(name)
+                    if head_index is None or head_index.device != w.device:
                         head_index = torch.tensor(head_sel, device=w.device)
                     w = w.index_select(1, head_index)
                 if drop:
@@ -320,12 +323,16 @@ def capture(
                     tags=dict(tags) if tags else None,
                     seed=torch.initial_seed() % 2**63,
                     sparse_topk=topk,
-                    validate=False,  # validated on the device, before the cast (see sink)
+                    # Checked on the device before the cast (see sink) with precise errors;
+                    # the writer re-checks the stored values cheaply, and the flag tells
+                    # `verify` that rows must sum to 1.
+                    validate=validate,
                     overwrite=overwrite,
                 )
                 layout = adapter.layout(batch, shapes)
                 specs = _array_specs(shapes, head_sel)
-                create_kw["chunk_samples"] = _chunk_samples(specs, dtype, bsz)
+                if archive_format(path, format) == "zarr":  # HDF5 keeps one sample per chunk
+                    create_kw["chunk_samples"] = _chunk_samples(specs, dtype, bsz)
                 if shard is None:
                     writer = ArchiveWriter.create(path, layout, **create_kw)
                 else:
@@ -352,6 +359,7 @@ def capture(
                 dt = time.perf_counter() - t0
                 bar.set_postfix(MBps=f"{written['bytes'] / 1e6 / max(dt, 1e-9):.0f}")
     finally:
+        adapter.close()
         if thread is not None:
             q.put(None)
             thread.join()

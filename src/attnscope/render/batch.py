@@ -190,6 +190,7 @@ def render_archive(
                 finally:
                     plt.close(fig)
         ident = _identity(arc)
+        out.mkdir(parents=True, exist_ok=True)  # even when no figure was due
         (out / "manifest.json").write_text(
             json.dumps(
                 {"archive": ident, "format": fmt, "files": manifest},

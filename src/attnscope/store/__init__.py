@@ -10,6 +10,7 @@ from attnscope.store.archive import (
     ArchiveWriter,
     AttentionArchive,
     AttentionArray,
+    archive_format,
     array_name,
     open_archive,
     parse_array_name,
@@ -33,4 +34,5 @@ __all__ = [
     "array_name",
     "parse_array_name",
     "choose_chunks",
+    "archive_format",
 ]

@@ -88,7 +88,10 @@ class Lease:
                         rec: dict[str, Any] = json.load(fh)
                     other = None if rec.get("range") is None else tuple(rec["range"])
                 except (OSError, ValueError):
-                    rec, other = {}, None
+                    # Records are written atomically (below), so an unreadable one is debris
+                    # of an older crash, not a live writer.
+                    os.remove(full)
+                    continue
                 if (
                     rec.get("host") == me
                     and isinstance(rec.get("pid"), int)
@@ -113,8 +116,10 @@ class Lease:
                 "since": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                 "range": None if self.range is None else list(self.range),
             }
-            with open(self.file, "x", encoding="utf-8") as fh:
+            tmp = f"{self.file}.{os.getpid()}.tmp"
+            with open(tmp, "w", encoding="utf-8") as fh:
                 json.dump(rec, fh)
+            os.replace(tmp, self.file)  # under the mutex: never a torn record
         self.held = True
         return self
 

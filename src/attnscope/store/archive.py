@@ -16,6 +16,8 @@ import platform
 import shutil
 import socket
 import sys
+import warnings
+import weakref
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -241,6 +243,12 @@ def _json_ok(obj: Any, what: str) -> Any:
         raise InputError(f"{what} must be JSON-serialisable (no pickles): {e}") from e
 
 
+def archive_format(path: str | os.PathLike, format: str | None = None) -> str:
+    """The format a new archive at ``path`` gets: ``format``, else ``.h5``/``.hdf5`` -> hdf5,
+    anything else zarr."""
+    return _detect_format(os.fspath(path), format)
+
+
 def _detect_format(path: str, format: str | None) -> str:
     if format is not None:
         if format not in FORMATS:
@@ -277,6 +285,19 @@ def _sniff_format(path: str) -> str:
     raise ArchiveCorruptError(
         f"{path!r} is neither a Zarr directory/zip nor an HDF5 file: not an attnscope archive"
     )
+
+
+def _is_archive(path: str) -> bool:
+    """Whether ``path`` holds an attnscope archive (root metadata names our format)."""
+    try:
+        fmt = _sniff_format(path)
+        backend = _open_backend(path, fmt, "r")
+        try:
+            return backend.read_root_meta().get("format") == FORMAT_NAME
+        finally:
+            backend.close()
+    except Exception:  # noqa: BLE001 - anything unreadable is "not ours"
+        return False
 
 
 def _check_meta(meta: dict[str, Any], path: str) -> TokenLayout:
@@ -416,6 +437,13 @@ class ArchiveWriter:
             raise ConfigError(f"unknown compressor {compressor!r}; expected one of {COMPRESSORS}")
         if sparse_topk is not None and (isinstance(sparse_topk, bool) or int(sparse_topk) < 1):
             raise ConfigError(f"sparse_topk must be a positive int or None, got {sparse_topk!r}")
+        if fmt == "hdf5" and chunk_samples not in (None, 1):
+            warnings.warn(
+                f"chunk_samples={chunk_samples} ignored: HDF5 archives keep one sample per "
+                "chunk so that committed data is never rewritten in place",
+                stacklevel=2,
+            )
+            chunk_samples = 1
         if capacity is not None and int(capacity) < 0:
             raise ConfigError(f"capacity must be >= 0, got {capacity}")
         if not isinstance(layout, TokenLayout):
@@ -428,6 +456,11 @@ class ArchiveWriter:
                 raise ConfigError(
                     f"{path!r} already exists; pass overwrite=True to replace it or use "
                     f"ArchiveWriter.open(path) to append to it"
+                )
+            if not _is_archive(path):
+                raise ConfigError(
+                    f"{path!r} exists but is not an attnscope archive; refusing to delete it "
+                    "(overwrite=True only replaces archives)"
                 )
         meta = {
             "format": FORMAT_NAME,
@@ -450,7 +483,7 @@ class ArchiveWriter:
             ),
         }
         self = cls()
-        self._lease = Lease(path, None, inside=inside).acquire()
+        self._lease = self._hold(Lease(path, None, inside=inside))
         try:
             if os.path.exists(path):
                 if os.path.isdir(path):
@@ -528,7 +561,7 @@ class ArchiveWriter:
                 )
             sample_range = (a, b)
         self = cls()
-        self._lease = Lease(path, sample_range, inside=inside).acquire()
+        self._lease = self._hold(Lease(path, sample_range, inside=inside))
         try:
             backend = _open_backend(path, fmt, "a")
             self._backend = backend
@@ -795,7 +828,8 @@ class ArchiveWriter:
             elif b != bsz:
                 raise ShapeError(f"{name}: batch size {b} differs from {bsz} of the other arrays")
             self._check_shape(name, stack, kind, h, t, s)
-            tol = self._meta.get("tolerance") or (1e-2 if half else 1e-3)
+            tol = self._meta.get("tolerance")
+            tol = (1e-2 if half else 1e-3) if tol is None else tol
             if dense is not None:
                 if self._meta.get("validate", True):
                     self._validate_dense(name, dense, tol)
@@ -956,7 +990,10 @@ class ArchiveWriter:
         }
         sdt = _storage_dtype(self._dtype)
         comp = self._meta.get("compressor", "zstd")
-        cs = self._meta.get("chunk_samples")
+        # HDF5 grows a rewritten chunk in place at the end of the file; a crash before the
+        # next flush leaves it undecodable. One sample per chunk means a chunk holding
+        # committed samples is never rewritten (Zarr renames whole chunk files instead).
+        cs = 1 if self.format == "hdf5" else self._meta.get("chunk_samples")
         spec = _Spec(name, h, t, s, attrs["heads"])
         if self._sparse:
             k = int(self._topk)
@@ -1013,6 +1050,12 @@ class ArchiveWriter:
                 )
 
     # -- closing ------------------------------------------------------------------------
+    def _hold(self, lease: Lease) -> Lease:
+        """Acquire ``lease``; it is also released if this writer is dropped unclosed."""
+        lease.acquire()
+        weakref.finalize(self, lease.release)
+        return lease
+
     def close(self) -> None:
         """Release the lock and close the store; safe to call more than once."""
         self._closed = True
