@@ -35,6 +35,7 @@ import numpy as np
 from attnscope.analysis import metrics as M
 from attnscope.analysis._engine import StatsAccumulator
 from attnscope.errors import InputError, ShapeError
+from attnscope.store import flatten_weights, parse_array_name
 
 __all__ = ["statistics_json", "statistics_entry", "to_numpy"]
 
@@ -82,45 +83,11 @@ def _accumulate(x: np.ndarray, acc: StatsAccumulator) -> None:
 
 
 def _entries_from_nested(weights: Mapping[str, Any]) -> dict[str, list[dict]]:
-    items: list[tuple[str, int, str, Any]] = []
-    flat_keys = [k for k in weights if isinstance(k, str) and k.count("/") == 2]
-    if flat_keys and len(flat_keys) == len(weights):
-        for key, val in weights.items():
-            stack, layer, kind = key.split("/")
-            items.append((stack, int(layer), kind, val))
-    else:
-        unknown = [k for k in weights if k not in _STACKS]
-        if unknown:
-            raise InputError(
-                f"unknown attention keys {unknown}; expected 'encoder'/'decoder' lists of "
-                "{kind: tensor} dicts or flat 'stack/layer/kind' keys"
-            )
-        for stack in _STACKS:
-            layers = weights.get(stack)
-            if layers is None:
-                continue
-            if not isinstance(layers, (list, tuple)):
-                raise InputError(
-                    f"weights[{stack!r}] must be a list of per-layer dicts, "
-                    f"got {type(layers).__name__}"
-                )
-            for i, layer in enumerate(layers):
-                if layer is None:
-                    continue
-                if not isinstance(layer, Mapping):
-                    raise InputError(
-                        f"weights[{stack!r}][{i}] must be a dict of kind -> tensor, "
-                        f"got {type(layer).__name__}"
-                    )
-                for kind, val in layer.items():
-                    if val is not None:
-                        items.append((stack, i, kind, val))
+    items = [(*parse_array_name(n), v) for n, v in flatten_weights(weights).items()]
     out: dict[str, list[dict]] = {s: [] for s in _STACKS}
     for stack, layer, kind, val in sorted(
         items, key=lambda it: (it[0], it[1], _KIND_ORDER.get(it[2], 9), it[2])
     ):
-        if stack not in out:
-            raise InputError(f"unknown stack {stack!r}; expected one of {_STACKS}")
         arr = to_numpy(val)
         if arr.ndim == 3:
             arr = arr[None]

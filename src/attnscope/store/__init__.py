@@ -12,6 +12,7 @@ from attnscope.store.archive import (
     AttentionArray,
     archive_format,
     array_name,
+    flatten_weights,
     open_archive,
     parse_array_name,
 )
@@ -35,4 +36,5 @@ __all__ = [
     "parse_array_name",
     "choose_chunks",
     "archive_format",
+    "flatten_weights",
 ]

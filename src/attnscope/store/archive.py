@@ -83,6 +83,52 @@ def parse_array_name(name: str) -> tuple[str, int, str]:
     return parts[0], int(parts[1]), parts[2]
 
 
+def flatten_weights(weights: Mapping[str, Any]) -> dict[str, Any]:
+    """Array name -> weights, from the model's nested dict or an already flat one.
+
+    ``{"encoder": [{"self_attention": w}], "decoder": [...]}`` becomes
+    ``{"encoder/0/self_attention": w, ...}``; ``None`` entries (not captured) are dropped.
+    """
+    if not isinstance(weights, Mapping):
+        raise InputError(
+            f"weights must be a dict (nested by stack or flat by array name), got "
+            f"{type(weights).__name__}"
+        )
+    out: dict[str, Any] = {}
+    if weights and all(k in STACKS for k in weights):
+        for stack, layers in weights.items():
+            if layers is None:
+                continue
+            if isinstance(layers, Mapping) or not hasattr(layers, "__len__"):
+                raise InputError(
+                    f"weights[{stack!r}] must be a list of per-layer dicts, got "
+                    f"{type(layers).__name__}"
+                )
+            for layer, kinds in enumerate(layers):
+                if kinds is None:
+                    continue
+                if not isinstance(kinds, Mapping):
+                    raise InputError(
+                        f"weights[{stack!r}][{layer}] must be a dict kind -> tensor, got "
+                        f"{type(kinds).__name__}"
+                    )
+                for kind, w in kinds.items():
+                    if w is not None:
+                        out[array_name(stack, layer, kind)] = w
+        return out
+    unknown = [k for k in weights if not (isinstance(k, str) and "/" in k)]
+    if unknown:
+        raise InputError(
+            f"unknown attention keys {unknown}; expected 'encoder'/'decoder' lists of "
+            "{kind: tensor} dicts or flat 'stack/layer/kind' keys"
+        )
+    for name, w in weights.items():
+        if w is not None:
+            parse_array_name(name)
+            out[name] = w
+    return out
+
+
 def _sort_key(name: str) -> tuple[int, int, int]:
     s, layer, k = parse_array_name(name)
     return STACKS.index(s), layer, KINDS.index(k)
@@ -756,38 +802,7 @@ class ArchiveWriter:
         return self._count
 
     def _flatten(self, weights: Mapping[str, Any]) -> dict[str, Any]:
-        if not isinstance(weights, Mapping):
-            raise InputError(
-                f"weights must be a dict (nested by stack or flat by array name), got "
-                f"{type(weights).__name__}"
-            )
-        out: dict[str, Any] = {}
-        if weights and all(k in STACKS for k in weights):
-            for stack, layers in weights.items():
-                if layers is None:
-                    continue
-                if isinstance(layers, Mapping) or not hasattr(layers, "__len__"):
-                    raise InputError(
-                        f"weights[{stack!r}] must be a list of per-layer dicts, got "
-                        f"{type(layers).__name__}"
-                    )
-                for layer, kinds in enumerate(layers):
-                    if kinds is None:
-                        continue
-                    if not isinstance(kinds, Mapping):
-                        raise InputError(
-                            f"weights[{stack!r}][{layer}] must be a dict kind -> tensor, got "
-                            f"{type(kinds).__name__}"
-                        )
-                    for kind, w in kinds.items():
-                        if w is not None:
-                            out[array_name(stack, layer, kind)] = w
-        else:
-            for name, w in weights.items():
-                if w is not None:
-                    parse_array_name(name)
-                    out[name] = w
-        return out
+        return flatten_weights(weights)
 
     def _prepare(self, items: dict[str, Any]) -> tuple[dict[str, dict[str, Any]], int]:
         bsz = None
