@@ -113,5 +113,5 @@ def test_statistics_json_bad_input() -> None:
         statistics_json({"encoder": [{"self_attention": np.ones((3, 3))}]})
     with pytest.raises(InputError):
         statistics_json(42)
-    with pytest.raises(InputError, match="numpy arrays or tensors"):
+    with pytest.raises(InputError, match="encoder/0/self_attention: expected a numpy array"):
         statistics_json({"encoder": [{"self_attention": [[1.0]]}]})

@@ -35,28 +35,12 @@ import numpy as np
 from attnscope.analysis import metrics as M
 from attnscope.analysis._engine import StatsAccumulator
 from attnscope.errors import InputError, ShapeError
-from attnscope.store import flatten_weights, parse_array_name
+from attnscope.store import as_numpy, flatten_weights, parse_array_name
 
-__all__ = ["statistics_json", "statistics_entry", "to_numpy"]
+__all__ = ["statistics_json", "statistics_entry"]
 
 _STACKS = ("encoder", "decoder")
 _KIND_ORDER = {"self_attention": 0, "cross_attention": 1}
-
-
-def to_numpy(x: Any) -> np.ndarray:
-    """A numpy array from a numpy array or any tensor with ``.detach()`` (torch, not imported)."""
-    if hasattr(x, "detach"):
-        x = x.detach()
-        if hasattr(x, "cpu"):
-            x = x.cpu()
-        if hasattr(x, "float"):
-            x = x.float()
-        return np.asarray(x.numpy())
-    if isinstance(x, np.ndarray):
-        return x
-    raise InputError(
-        f"attention weights must be numpy arrays or tensors with .detach(), got {type(x).__name__}"
-    )
 
 
 def statistics_entry(layer: int, kind: str, acc: StatsAccumulator, shape: Iterable[int]) -> dict:
@@ -88,7 +72,7 @@ def _entries_from_nested(weights: Mapping[str, Any]) -> dict[str, list[dict]]:
     for stack, layer, kind, val in sorted(
         items, key=lambda it: (it[0], it[1], _KIND_ORDER.get(it[2], 9), it[2])
     ):
-        arr = to_numpy(val)
+        arr = as_numpy(val, f"{stack}/{layer}/{kind}")
         if arr.ndim == 3:
             arr = arr[None]
         if arr.ndim != 4:

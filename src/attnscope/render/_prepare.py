@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from attnscope.errors import InputError, SelectionError, ShapeError
+from attnscope.store import as_numpy as _store_numpy
 from attnscope.store.layout import SideLayout, TokenLayout
 
 __all__ = [
@@ -48,7 +49,7 @@ MAX_TICK_LABELS = 40
 def as_numpy(x: Any) -> np.ndarray:
     """Return ``x`` as a float numpy array (torch tensors are duck-typed via ``.detach``)."""
     if hasattr(x, "detach"):
-        x = x.detach().cpu().float().numpy()
+        x = _store_numpy(x)
     if isinstance(x, np.ndarray):
         return x if x.dtype.kind == "f" else x.astype(np.float32)
     if isinstance(x, (list, tuple)):

@@ -12,6 +12,7 @@ from attnscope.store.archive import (
     AttentionArray,
     archive_format,
     array_name,
+    as_numpy,
     flatten_weights,
     open_archive,
     parse_array_name,
@@ -37,4 +38,5 @@ __all__ = [
     "choose_chunks",
     "archive_format",
     "flatten_weights",
+    "as_numpy",
 ]

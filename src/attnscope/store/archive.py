@@ -175,8 +175,11 @@ def _is_half(x: Any) -> bool:
     return any(s in str(getattr(x, "dtype", "")) for s in ("float16", "bfloat16", "half"))
 
 
-def _to_numpy(x: Any, what: str) -> np.ndarray:
-    """numpy view of a numpy array or (duck-typed) torch tensor; bfloat16 -> float32."""
+def as_numpy(x: Any, what: str = "weights") -> np.ndarray:
+    """numpy view of a numpy array or (duck-typed, never imported) torch tensor.
+
+    The dtype is kept (float16 stays float16) except bfloat16, which numpy lacks: float32.
+    """
     if hasattr(x, "detach"):
         t = x.detach()
         if "bfloat16" in str(getattr(t, "dtype", "")):
@@ -817,8 +820,8 @@ class ArchiveWriter:
                         f"(B, H, T, S) weights"
                     )
                 half = _is_half(w.get("values"))
-                vals = _to_numpy(w.get("values"), f"{name}['values']")
-                idx = _to_numpy(w.get("indices"), f"{name}['indices']")
+                vals = as_numpy(w.get("values"), f"{name}['values']")
+                idx = as_numpy(w.get("indices"), f"{name}['indices']")
                 vals = vals.astype(np.float32, copy=False)
                 if vals.ndim != 4 or idx.shape != vals.shape:
                     raise ShapeError(
@@ -830,7 +833,7 @@ class ArchiveWriter:
                 dense = None
             else:
                 half = _is_half(w)
-                dense = _to_numpy(w, name)
+                dense = as_numpy(w, name)
                 if dense.ndim != 4:
                     raise ShapeError(
                         f"{name}: expected a 4-d (B, H, T, S) array, got shape {dense.shape}"
@@ -977,7 +980,7 @@ class ArchiveWriter:
         for key, v in ids.items():
             if not isinstance(key, str) or not key or "/" in key:
                 raise InputError(f"sample_ids key must be a non-empty str without '/', got {key!r}")
-            arr = np.asarray(_to_numpy(v, f"sample_ids[{key!r}]") if hasattr(v, "detach") else v)
+            arr = np.asarray(as_numpy(v, f"sample_ids[{key!r}]") if hasattr(v, "detach") else v)
             if arr.shape != (bsz,):
                 raise ShapeError(f"sample_ids[{key!r}] must have shape ({bsz},), got {arr.shape}")
             if arr.dtype.kind not in "biuf":
