@@ -81,6 +81,17 @@ class AttentionVisualizer:
         self.reduce = reduce
 
     # -- layouts ---------------------------------------------------------------------------
+    def _select(
+        self, attn: Any, stack: str | None, layer: int | None, kind: str | None
+    ) -> tuple[Any, SideLayout | None, SideLayout | None]:
+        """``(attention, query layout, key layout)`` for a tensor, array or archive + names."""
+        if _is_archive(attn):
+            if stack is None or layer is None or kind is None:
+                raise SelectionError("with an archive, pass stack=, layer= and kind=")
+            q, k = attn.layout.axes(stack, kind)
+            return attn.attention(stack, layer, kind), q, k
+        return (attn, *self._layouts(attn, stack, kind))
+
     def _layouts(
         self, attn: Any, stack: str | None, kind: str | None, layout: TokenLayout | None = None
     ) -> tuple[SideLayout | None, SideLayout | None]:
@@ -136,14 +147,7 @@ class AttentionVisualizer:
         ``stack``/``kind`` also pick the axis layout of a plain tensor when its shape
         alone is ambiguous. ``log=True`` uses a logarithmic colour scale.
         """
-        attn = attention_weights
-        if _is_archive(attn):
-            if stack is None or layer is None or kind is None:
-                raise SelectionError("with an archive, pass stack=, layer= and kind=")
-            q, k = attn.layout.axes(stack, kind)
-            attn = attn.attention(stack, layer, kind)
-        else:
-            q, k = self._layouts(attn, stack, kind)
+        attn, q, k = self._select(attention_weights, stack, layer, kind)
         fig = plots.plot_heatmap(
             attn,
             head_idx=head_idx,
@@ -182,14 +186,7 @@ class AttentionVisualizer:
         log: bool = False,
     ) -> Figure:
         """All heads of one layer in a grid with one shared colour scale."""
-        attn = attention_weights
-        if _is_archive(attn):
-            if stack is None or layer is None or kind is None:
-                raise SelectionError("with an archive, pass stack=, layer= and kind=")
-            q, k = attn.layout.axes(stack, kind)
-            attn = attn.attention(stack, layer, kind)
-        else:
-            q, k = self._layouts(attn, stack, kind)
+        attn, q, k = self._select(attention_weights, stack, layer, kind)
         fig = plots.plot_head_grid(
             attn,
             batch_idx=batch_idx,
