@@ -323,10 +323,10 @@ def capture(
                     tags=dict(tags) if tags else None,
                     seed=torch.initial_seed() % 2**63,
                     sparse_topk=topk,
-                    # Checked on the device before the cast (see sink) with precise errors;
-                    # the writer re-checks the stored values cheaply, and the flag tells
+                    # Checked on the device before the cast (see sink); `normalized` tells
                     # `verify` that rows must sum to 1.
-                    validate=validate,
+                    validate=False,
+                    normalized=validate,
                     overwrite=overwrite,
                 )
                 layout = adapter.layout(batch, shapes)

@@ -430,6 +430,7 @@ class ArchiveWriter:
         seed: int | None = None,
         compressor: str = "zstd",
         validate: bool = True,
+        normalized: bool | None = None,
         tolerance: float | None = None,
         overwrite: bool = False,
         capacity: int | None = None,
@@ -461,6 +462,10 @@ class ArchiveWriter:
             ``"blosc-lz4"``.
         validate
             Check every batch for NaN/Inf, negative weights and rows not summing to 1.
+        normalized
+            Whether rows are softmax rows that sum to 1, so that :func:`verify` checks them;
+            default ``validate``. A caller that validated upstream (``capture`` does, on
+            the device) passes ``validate=False, normalized=True``.
         tolerance
             Allowed ``|row sum - 1|``; default 1e-2 for 16-bit input, 1e-3 otherwise.
         overwrite
@@ -523,6 +528,7 @@ class ArchiveWriter:
             "chunk_samples": None if chunk_samples is None else int(chunk_samples),
             "capacity": None if capacity is None else int(capacity),
             "validate": bool(validate),
+            "normalized": bool(validate if normalized is None else normalized),
             "tolerance": tolerance,
             "model_config": _json_ok(model_config or {}, "model_config"),
             "capture": _json_ok(capture or {}, "capture"),

@@ -120,9 +120,12 @@ def _check(
             )
     if not a.arrays() and n:
         p.append(f"{n} samples committed but the archive holds no attention arrays")
-    rows_checked = bool(a.metadata.get("validate", True))
+    meta = a.metadata
+    rows_checked = bool(meta.get("normalized", meta.get("validate", True)))
     if not rows_checked:
-        rep.notes.append("row sums not checked: archive was written with validate=False")
+        rep.notes.append(
+            "row sums not checked: rows not declared normalized (written with validate=False)"
+        )
     for name in a.arrays():
         try:
             arr = a.attention(name)
