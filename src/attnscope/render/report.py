@@ -73,36 +73,28 @@ def _head_maps(
 ) -> list[tuple[str, str]]:
     """``[(head tag, base64 PNG)]``: the head average, then every stored head of one sample.
 
-    All maps of an array share one colour scale (so heads compare at a glance) and one
-    layout: the figure is drawn once, then only the image, the segment lines and the title
-    are re-drawn over a cached background (matplotlib blitting) — ~10x cheaper per head
-    than a full ``savefig``, which mostly lays out and rasterises tick labels.
+    The average has its own colour scale (it is much flatter than single heads); the
+    heads of an array share one scale, so they compare at a glance, and one layout: that
+    figure is drawn once, then only the image, the segment lines and the title are
+    re-drawn over a cached background (matplotlib blitting) — ~10x cheaper per head than
+    a full ``savefig``, which mostly lays out and rasterises tick labels.
     """
     arr = arc[name]
     stack, _, kind = name.split("/")
     q_lay, k_lay = arc.layout.axes(stack, kind)
     heads = arc.heads(name)
+    common = dict(batch_idx=sample, query_layout=q_lay, key_layout=k_lay, figsize=(7, 5.6))
+    avg = plot_heatmap(
+        arr, head_idx=None, title=f"{name} · sample {sample} · head average", **common
+    )
+    out = [("avg", _png(avg, dpi=dpi))]
     mats = [
-        prepare_matrix(arr, head_idx=None, batch_idx=sample, query_layout=q_lay, key_layout=k_lay)
-    ]
-    mats += [
         prepare_matrix(arr, head_idx=i, batch_idx=sample, query_layout=q_lay, key_layout=k_lay)
         for i in range(len(heads))
     ]
     vmax = max(float(np.nanmax(p.data)) for p in mats)
-    titles = [f"{name} · sample {sample} · head average"]
-    titles += [f"{name} · sample {sample} · head {h}" for h in heads]
-    fig = plot_heatmap(
-        arr,
-        head_idx=None,
-        batch_idx=sample,
-        query_layout=q_lay,
-        key_layout=k_lay,
-        figsize=(7, 5.6),
-        vmin=0.0,
-        vmax=vmax,
-        title=titles[0],
-    )
+    titles = [f"{name} · sample {sample} · head {h}" for h in heads]
+    fig = plot_heatmap(arr, head_idx=0, vmin=0.0, vmax=vmax, title=titles[0], **common)
     fig.set_dpi(dpi)
     canvas = FigureCanvasAgg(fig)
     canvas.draw()
@@ -118,8 +110,7 @@ def _head_maps(
     background = canvas.copy_from_bbox(fig.bbox)
     for a in fore:
         a.set_visible(True)
-    out = []
-    for tag, p, title in zip(["avg", *map(str, heads)], mats, titles):
+    for tag, p, title in zip(map(str, heads), mats, titles):
         canvas.restore_region(background)
         im.set_data(p.data)
         ax.title.set_text(title)
