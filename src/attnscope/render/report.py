@@ -60,11 +60,10 @@ _JS = """
 """
 
 
-def _png(fig: Figure, dpi: int = 80, close: bool = True) -> str:
+def _png(fig: Figure, dpi: int = 80) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi, metadata={"Software": None})
-    if close:
-        plt.close(fig)
+    plt.close(fig)
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 

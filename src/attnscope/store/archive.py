@@ -295,15 +295,11 @@ def _json_ok(obj: Any, what: str) -> Any:
 def archive_format(path: str | os.PathLike, format: str | None = None) -> str:
     """The format a new archive at ``path`` gets: ``format``, else ``.h5``/``.hdf5`` -> hdf5,
     anything else zarr."""
-    return _detect_format(os.fspath(path), format)
-
-
-def _detect_format(path: str, format: str | None) -> str:
     if format is not None:
         if format not in FORMATS:
             raise ConfigError(f"unknown format {format!r}; expected one of {FORMATS}")
         return format
-    return "hdf5" if path.lower().endswith((".h5", ".hdf5")) else "zarr"
+    return "hdf5" if os.fspath(path).lower().endswith((".h5", ".hdf5")) else "zarr"
 
 
 def _open_backend(path: str, fmt: str, mode: str) -> Backend:
@@ -484,7 +480,7 @@ class ArchiveWriter:
         ArchiveWriter
         """
         path = os.fspath(path)
-        fmt = _detect_format(path, format)
+        fmt = archive_format(path, format)
         if dtype not in DTYPES:
             raise ConfigError(f"unknown dtype {dtype!r}; expected one of {DTYPES}")
         if compressor not in COMPRESSORS:
