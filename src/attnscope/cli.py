@@ -14,6 +14,7 @@ from typing import Any
 import click
 
 from attnscope import __version__
+from attnscope.contracts import DTYPES, FIGURE_FORMATS, FIGURE_KINDS, FORMATS
 from attnscope.errors import AttnscopeError, ConfigError
 
 
@@ -55,7 +56,7 @@ kinds_opt = click.option(
     help="Kinds: self_attention, cross_attention or stack/kind, comma-separated.",
 )
 format_opt = click.option(
-    "--format", "fmt", type=click.Choice(["zarr", "hdf5"]), default=None,
+    "--format", "fmt", type=click.Choice(FORMATS), default=None,
     help="Archive format (default: from the suffix; .h5 is HDF5, anything else Zarr).",
 )
 progress_opt = click.option("--progress/--no-progress", default=True, help="Progress bar.")
@@ -110,7 +111,7 @@ def demo(out: Path, fmt: str | None, batches: int, batch_size: int, seed: int,
 @layers_opt
 @heads_opt
 @kinds_opt
-@click.option("--dtype", type=click.Choice(["float16", "float32", "bfloat16"]),
+@click.option("--dtype", type=click.Choice(DTYPES),
               default="float16", show_default=True)
 @click.option("--topk", type=int, default=None, help="Sparse mode: keep top-k keys per row.")
 @click.option("--device", default=None, help="torch device (default: cuda if available).")
@@ -236,11 +237,11 @@ def analyze(archive: Path, out: Path, topk: int, sink_token: int, workers: int,
 @heads_opt
 @click.option("--samples", callback=_int_list, help="Sample indices (default: 0).")
 @kinds_opt
-@click.option("--what", callback=_str_list, default="heatmap,grid,layers,flow,tables",
+@click.option("--what", callback=_str_list, default=",".join(FIGURE_KINDS),
               show_default=True, help="Figure families.")
 @click.option("--tables", "tables_dir", type=click.Path(path_type=Path), default=None,
               help="Analysis tables folder (for --what tables).")
-@click.option("--fmt", type=click.Choice(["png", "svg", "pdf"]), default="png", show_default=True)
+@click.option("--fmt", type=click.Choice(FIGURE_FORMATS), default="png", show_default=True)
 @click.option("--workers", type=int, default=None,
               help="Processes drawing in parallel (default: one per core).")
 @progress_opt

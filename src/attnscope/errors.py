@@ -15,6 +15,7 @@ __all__ = [
     "ArchiveNotFoundError",
     "ArchiveCorruptError",
     "ArchiveLockedError",
+    "StaleTableError",
     "SelectionError",
     "ValidationError",
     "CaptureError",
@@ -63,3 +64,7 @@ class ArchiveCorruptError(ArchiveError, ValueError):
 
 class ArchiveLockedError(ArchiveError, PermissionError):
     """Another writer holds the archive."""
+
+
+class StaleTableError(ArchiveError, ValueError):
+    """A table was computed from a different archive (or an older state of it)."""

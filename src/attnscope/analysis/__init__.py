@@ -11,7 +11,7 @@ Examples
 
 from __future__ import annotations
 
-from attnscope.analysis._engine import AVERAGE_HEAD, densify_topk
+from attnscope.analysis._engine import densify_topk
 from attnscope.analysis.api import analyze
 from attnscope.analysis.metrics import (
     allowed_keys,
@@ -29,7 +29,9 @@ from attnscope.analysis.metrics import (
     top_k_pairs_block,
 )
 from attnscope.analysis.statistics import statistics_json
-from attnscope.analysis.tables import TABLE_SCHEMAS, TABLES, StaleTableError, load_table
+from attnscope.analysis.tables import TABLE_SCHEMAS, TABLES, load_table
+from attnscope.contracts import AVERAGE_HEAD
+from attnscope.errors import StaleTableError
 
 __all__ = [
     "AVERAGE_HEAD",

@@ -13,11 +13,11 @@ from typing import Any
 import numpy as np
 
 from attnscope.analysis import metrics as M
+from attnscope.contracts import AVERAGE_HEAD
 from attnscope.errors import InputError
 
 __all__ = ["ArraySpec", "StatsAccumulator", "analyze_block", "densify_topk"]
 
-AVERAGE_HEAD = -1  # head id of the rows computed on the mean over the (selected) heads
 
 
 @dataclass(frozen=True)

@@ -34,12 +34,12 @@ import numpy as np
 
 from attnscope.analysis import metrics as M
 from attnscope.analysis._engine import StatsAccumulator
+from attnscope.contracts import STACKS
 from attnscope.errors import InputError, ShapeError
 from attnscope.store import as_numpy, flatten_weights, parse_array_name
 
 __all__ = ["statistics_json", "statistics_entry"]
 
-_STACKS = ("encoder", "decoder")
 _KIND_ORDER = {"self_attention": 0, "cross_attention": 1}
 
 
@@ -68,7 +68,7 @@ def _accumulate(x: np.ndarray, acc: StatsAccumulator) -> None:
 
 def _entries_from_nested(weights: Mapping[str, Any]) -> dict[str, list[dict]]:
     items = [(*parse_array_name(n), v) for n, v in flatten_weights(weights).items()]
-    out: dict[str, list[dict]] = {s: [] for s in _STACKS}
+    out: dict[str, list[dict]] = {s: [] for s in STACKS}
     for stack, layer, kind, val in sorted(
         items, key=lambda it: (it[0], it[1], _KIND_ORDER.get(it[2], 9), it[2])
     ):
@@ -101,7 +101,7 @@ def _entries_from_archive(archive: Any, *, max_bytes: int = 64 << 20) -> dict[st
 
 def entries_from_accumulators(accs: Mapping[str, tuple[StatsAccumulator, Any]]) -> dict:
     """Build the JSON document from per-array accumulators keyed by array name."""
-    out: dict[str, list[dict]] = {s: [] for s in _STACKS}
+    out: dict[str, list[dict]] = {s: [] for s in STACKS}
     rows = []
     for _name, (acc, arr) in accs.items():
         rows.append((arr.stack, int(arr.layer), arr.kind, acc, tuple(arr.shape[1:])))

@@ -19,102 +19,25 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from attnscope.analysis._engine import ArraySpec
-from attnscope.errors import ArchiveError, ConfigError, SelectionError
+from attnscope.contracts import IDENTITY_KEY, TABLE_COLUMNS, TABLES
+from attnscope.errors import ArchiveError, ConfigError, SelectionError, StaleTableError
 
 __all__ = ["TABLES", "TABLE_SCHEMAS", "TableWriter", "load_table", "StaleTableError"]
 
-IDENTITY_KEY = b"attnscope.identity"
-
-_KEYS = [
-    ("archive_fingerprint", pa.string()),
-    ("stack", pa.string()),
-    ("layer", pa.int32()),
-    ("kind", pa.string()),
-]
-_F32 = pa.float32()
-_I64 = pa.int64()
-
-TABLE_SCHEMAS: dict[str, pa.Schema] = {
-    "head_stats": pa.schema(
-        _KEYS
-        + [
-            ("sample", _I64),
-            ("head", _I64),
-            ("n_queries", pa.int32()),
-            ("n_keys", pa.int32()),
-            ("causal", pa.bool_()),
-            ("entropy_mean", _F32),
-            ("entropy_min", _F32),
-            ("entropy_max", _F32),
-            ("norm_entropy_mean", _F32),
-            ("norm_entropy_min", _F32),
-            ("norm_entropy_max", _F32),
-            ("row_max_mean", _F32),
-            ("row_max_min", _F32),
-            ("mean_distance", _F32),
-            ("sink_score", _F32),
-            ("mean", pa.float64()),
-            ("std", pa.float64()),
-            ("min", _F32),
-            ("max", _F32),
-        ]
-    ),
-    "row_stats": pa.schema(
-        _KEYS
-        + [
-            ("sample", _I64),
-            ("head", _I64),
-            ("query", _I64),
-            ("query_label", pa.string()),
-            ("query_segment", pa.string()),
-            ("entropy", _F32),
-            ("norm_entropy", _F32),
-            ("row_max", _F32),
-            ("mean_distance", _F32),
-            ("sink_score", _F32),
-        ]
-    ),
-    "top_pairs": pa.schema(
-        _KEYS
-        + [
-            ("sample", _I64),
-            ("head", _I64),
-            ("rank", _I64),
-            ("query", _I64),
-            ("key", _I64),
-            ("weight", _F32),
-            ("query_label", pa.string()),
-            ("key_label", pa.string()),
-            ("query_segment", pa.string()),
-            ("key_segment", pa.string()),
-        ]
-    ),
-    "segment_mass": pa.schema(
-        _KEYS
-        + [
-            ("sample", _I64),
-            ("head", _I64),
-            ("query_segment", pa.string()),
-            ("key_segment", pa.string()),
-            ("mass", _F32),
-        ]
-    ),
-    "head_similarity": pa.schema(
-        _KEYS
-        + [
-            ("sample", _I64),
-            ("head_a", _I64),
-            ("head_b", _I64),
-            ("js", _F32),
-            ("cosine", _F32),
-        ]
-    ),
+_ARROW_TYPES = {
+    "string": pa.string(),
+    "int32": pa.int32(),
+    "int64": pa.int64(),
+    "float32": pa.float32(),
+    "float64": pa.float64(),
+    "bool": pa.bool_(),
 }
-TABLES = tuple(TABLE_SCHEMAS)
-
-
-class StaleTableError(ArchiveError, ValueError):
-    """A table was computed from a different archive (or an older state of it)."""
+#: Arrow schemas of the tables, built from :data:`attnscope.contracts.TABLE_COLUMNS`
+TABLE_SCHEMAS: dict[str, pa.Schema] = {
+    table: pa.schema([(name, _ARROW_TYPES[typ]) for name, typ in cols])
+    for table, cols in TABLE_COLUMNS.items()
+}
+_IDENTITY_KEY = IDENTITY_KEY.encode()
 
 
 def _const(value: Any, n: int, typ: pa.DataType) -> pa.Array:
@@ -143,7 +66,7 @@ class TableWriter:
         self.identity = identity
         self.similarity = similarity
         self._writers: dict[str, pq.ParquetWriter] = {}
-        meta = {IDENTITY_KEY: json.dumps(identity, sort_keys=True).encode()}
+        meta = {_IDENTITY_KEY: json.dumps(identity, sort_keys=True).encode()}
         self._schemas = {k: v.with_metadata(meta) for k, v in TABLE_SCHEMAS.items()}
 
     def tables(self) -> list[str]:
@@ -206,7 +129,7 @@ class TableWriter:
         elif name == "head_similarity":
             for m in ("js", "cosine"):
                 if m not in data:
-                    data[m] = pa.nulls(n, _F32)
+                    data[m] = pa.nulls(n, pa.float32())
         arrays = [data[f.name].cast(f.type) for f in schema]
         return pa.Table.from_arrays(arrays, schema=schema)
 
@@ -241,10 +164,10 @@ def _resolve(path: Any) -> str:
 def table_identity(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The archive identity stored in a table's Parquet metadata."""
     meta = pq.read_schema(path).metadata or {}
-    raw = meta.get(IDENTITY_KEY)
+    raw = meta.get(_IDENTITY_KEY)
     if raw is None:
         raise ArchiveError(
-            f"{path} has no {IDENTITY_KEY.decode()} metadata; not an attnscope table"
+            f"{path} has no {IDENTITY_KEY} metadata; not an attnscope table"
         )
     return json.loads(raw)
 

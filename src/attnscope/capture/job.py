@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from attnscope.capture.adapters import Adapter, adapter_for, iter_wanted
+from attnscope.contracts import DTYPES
 from attnscope.errors import (
     AttnscopeError,
     CaptureError,
@@ -195,8 +196,8 @@ def capture(
     --------
     >>> summary = capture(model, [(enc, dec)] * 4, "run.zarr", heads=[0, 3], progress=False)
     """
-    if dtype not in _DTYPES:
-        raise ConfigError(f"dtype {dtype!r} is not supported; expected one of {list(_DTYPES)}")
+    if dtype not in DTYPES:
+        raise ConfigError(f"dtype {dtype!r} is not supported; expected one of {DTYPES}")
     if queue_depth < 1:
         raise ConfigError(f"queue_depth must be >= 1, got {queue_depth}")
     if topk is not None and topk < 1:

@@ -13,11 +13,11 @@ from pathlib import Path
 import matplotlib as mpl
 from matplotlib.figure import Figure
 
+from attnscope.contracts import FIGURE_FORMATS
 from attnscope.errors import ConfigError
 
-__all__ = ["FORMATS", "finish", "save_figure"]
+__all__ = ["finish", "save_figure"]
 
-FORMATS = ("png", "svg", "pdf")
 _METADATA = {
     "png": {"Software": None},
     "pdf": {"Creator": None, "Producer": None, "CreationDate": None},
@@ -34,8 +34,8 @@ def save_figure(fig: Figure, path: str | os.PathLike, *, fmt: str | None = None)
     """
     path = Path(path)
     fmt = (fmt or path.suffix.lstrip(".") or "png").lower()
-    if fmt not in FORMATS:
-        raise ConfigError(f"unsupported figure format {fmt!r}; expected one of {FORMATS}")
+    if fmt not in FIGURE_FORMATS:
+        raise ConfigError(f"unsupported figure format {fmt!r}; expected one of {FIGURE_FORMATS}")
     if path.parent and not path.parent.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
     with mpl.rc_context({"svg.hashsalt": "attnscope", "svg.fonttype": "path"}):

@@ -28,13 +28,14 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from attnscope.contracts import FIGURE_FORMATS, FIGURE_KINDS
 from attnscope.errors import ConfigError, SelectionError
 from attnscope.render import plots
-from attnscope.render._save import FORMATS, save_figure
+from attnscope.render._save import save_figure
 
 __all__ = ["WHAT", "render_archive"]
 
-WHAT = ("heatmap", "grid", "layers", "flow", "tables")
+WHAT = FIGURE_KINDS
 
 
 def _head_tag(h: int | None) -> str:
@@ -121,8 +122,8 @@ def render_archive(
     import matplotlib.pyplot as plt
 
     fmt = fmt.lower()
-    if fmt not in FORMATS:
-        raise ConfigError(f"unsupported figure format {fmt!r}; expected one of {FORMATS}")
+    if fmt not in FIGURE_FORMATS:
+        raise ConfigError(f"unsupported figure format {fmt!r}; expected one of {FIGURE_FORMATS}")
     what = _as_list(what) or []
     bad = [w for w in what if w not in WHAT]
     if bad:

@@ -23,6 +23,7 @@ from matplotlib.axes import Axes
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 
+from attnscope.contracts import AVERAGE_HEAD
 from attnscope.errors import InputError, SelectionError
 from attnscope.render._save import finish
 from attnscope.render.plots import _cmap, new_figure
@@ -38,8 +39,6 @@ __all__ = [
 ]
 
 PathLike = str | os.PathLike
-#: head number the analysis tables use for rows about the mean over heads
-AVERAGE_HEAD = -1
 
 _ALIASES: dict[str, tuple[str, ...]] = {
     "stack": ("stack", "side"),

@@ -18,10 +18,13 @@ from attnscope.store.archive import (
     parse_array_name,
 )
 from attnscope.store.layout import Segment, SideLayout, TokenLayout
+from attnscope.store.spec import ArchiveSpec, batch_chunk_samples
 from attnscope.store.verify import VerifyReport, format_info, info, verify
 
 __all__ = [
     "ArchiveWriter",
+    "ArchiveSpec",
+    "batch_chunk_samples",
     "AttentionArchive",
     "AttentionArray",
     "open_archive",

@@ -15,15 +15,13 @@ from typing import Any
 
 import numpy as np
 
+from attnscope.contracts import COMPRESSORS
 from attnscope.errors import ConfigError
 
 __all__ = ["Backend", "ArrayHandle", "choose_chunks", "COMPRESSORS", "MiB"]
 
 MiB = 1 << 20
 
-# Compressor names accepted by ArchiveWriter.create(compressor=...). Both formats accept
-# the same names; see docs/archive-format.md for the measured trade-offs.
-COMPRESSORS = ("zstd", "none", "blosc-zstd", "blosc-lz4", "lz4")
 
 # Chunk sizing (see docs/archive-format.md): aim for ~1 MiB of uncompressed data per chunk,
 # never more than 4 MiB, and keep one (sample, head) matrix (or a block of its rows) per

@@ -8,6 +8,8 @@ written, through a commit record written last.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import datetime as _dt
 import hashlib
 import json
@@ -23,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from attnscope.contracts import DIMS, DTYPES, FORMATS, SAMPLE_IDS
 from attnscope.errors import (
     ArchiveCorruptError,
     ArchiveError,
@@ -36,6 +39,7 @@ from attnscope.errors import (
 from attnscope.store._base import COMPRESSORS, Backend, MiB, choose_chunks
 from attnscope.store._lock import LOCK_DIR_NAME, Lease
 from attnscope.store.layout import KIND_AXES, KINDS, STACKS, TokenLayout
+from attnscope.store.spec import ArchiveSpec, batch_chunk_samples
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -50,10 +54,6 @@ __all__ = [
 
 SCHEMA_VERSION = 1
 FORMAT_NAME = "attnscope-archive"
-DIMS = ("sample", "head", "query", "key")
-DTYPES = ("float16", "float32", "bfloat16")
-FORMATS = ("zarr", "hdf5")
-SAMPLE_IDS = "_sample_ids"
 MAIN = "main"
 
 
@@ -416,23 +416,10 @@ class ArchiveWriter:
         cls,
         path: str | os.PathLike,
         layout: TokenLayout,
+        spec: ArchiveSpec | None = None,
         *,
-        format: str | None = None,
-        dtype: str = "float16",
-        model_config: dict | None = None,
-        capture: dict | None = None,
-        heads: dict[str, list[int]] | None = None,
-        tags: dict | None = None,
-        seed: int | None = None,
-        compressor: str = "zstd",
-        validate: bool = True,
-        normalized: bool | None = None,
-        tolerance: float | None = None,
         overwrite: bool = False,
-        capacity: int | None = None,
-        sparse_topk: int | None = None,
-        arrays: dict[str, tuple[int, int, int]] | None = None,
-        chunk_samples: int | None = None,
+        **options: Any,
     ) -> ArchiveWriter:
         """Create a new archive and return a writer holding its lock.
 
@@ -443,6 +430,8 @@ class ArchiveWriter:
             ``*.h5`` / ``*.hdf5`` (HDF5).
         layout
             Token layout of both sides; fixes ``T`` and ``S`` of every array.
+        spec
+            The options below as one :class:`ArchiveSpec`; keywords override its fields.
         format
             ``"zarr"`` or ``"hdf5"``; default from the path suffix.
         dtype
@@ -474,13 +463,25 @@ class ArchiveWriter:
             Array name -> ``(H, T, S)`` to create now rather than on the first append.
         chunk_samples
             Force the number of samples per chunk (e.g. 1 to align any ranges).
+        batch_size
+            Appends come in batches of this size: Zarr chunks along samples then divide it
+            (:func:`batch_chunk_samples`), so no chunk is compressed twice.
 
         Returns
         -------
         ArchiveWriter
         """
+        unknown = sorted(set(options) - {f.name for f in dataclasses.fields(ArchiveSpec)})
+        if unknown:
+            raise ConfigError(f"unknown archive option(s) {unknown}")
+        spec = dataclasses.replace(spec or ArchiveSpec(), **options)
+        dtype, compressor, sparse_topk = spec.dtype, spec.compressor, spec.sparse_topk
+        chunk_samples, capacity, arrays = spec.chunk_samples, spec.capacity, spec.arrays
+        validate, normalized = spec.validate, spec.normalized
         path = os.fspath(path)
-        fmt = archive_format(path, format)
+        fmt = archive_format(path, spec.format)
+        if chunk_samples is None and spec.batch_size and arrays and fmt == "zarr":
+            chunk_samples = batch_chunk_samples(arrays, dtype, int(spec.batch_size))
         if dtype not in DTYPES:
             raise ConfigError(f"unknown dtype {dtype!r}; expected one of {DTYPES}")
         if compressor not in COMPRESSORS:
@@ -525,12 +526,12 @@ class ArchiveWriter:
             "capacity": None if capacity is None else int(capacity),
             "validate": bool(validate),
             "normalized": bool(validate if normalized is None else normalized),
-            "tolerance": tolerance,
-            "model_config": _json_ok(model_config or {}, "model_config"),
-            "capture": _json_ok(capture or {}, "capture"),
-            "heads": _json_ok(heads or {}, "heads"),
+            "tolerance": spec.tolerance,
+            "model_config": _json_ok(spec.model_config or {}, "model_config"),
+            "capture": _json_ok(spec.capture or {}, "capture"),
+            "heads": _json_ok(spec.heads or {}, "heads"),
             "provenance": _provenance(
-                seed, _json_ok(tags, "tags"), "h5py" if fmt == "hdf5" else "zarr"
+                spec.seed, _json_ok(spec.tags, "tags"), "h5py" if fmt == "hdf5" else "zarr"
             ),
         }
         self = cls()
@@ -1287,6 +1288,14 @@ class AttentionArchive:
             self._backend.close()
             raise
         self._cache: dict[str, AttentionArray] = {}
+        self._borrowed = False
+
+    def _borrow(self) -> AttentionArchive:
+        # The same open archive (backend and caches shared) whose close() is a no-op: what
+        # open_archive() returns for an archive it did not open.
+        view = copy.copy(self)
+        view._borrowed = True
+        return view
 
     # -- metadata -----------------------------------------------------------------------
     @property
@@ -1462,7 +1471,9 @@ class AttentionArchive:
 
     # -- lifetime -----------------------------------------------------------------------
     def close(self) -> None:
-        self._backend.close()
+        """Close the archive, unless it was passed into :func:`open_archive` by its owner."""
+        if not self._borrowed:
+            self._backend.close()
 
     def __enter__(self) -> AttentionArchive:
         return self
@@ -1477,13 +1488,20 @@ class AttentionArchive:
         )
 
 
-def open_archive(path: str | os.PathLike, *, format: str | None = None) -> AttentionArchive:
-    """Open an archive read-only.
+def open_archive(
+    path: str | os.PathLike | AttentionArchive, *, format: str | None = None
+) -> AttentionArchive:
+    """Open an archive read-only: the one way in for every stage.
+
+    Used as a context manager it closes only what it opened (as xarray's
+    ``open_dataset``): given an already open :class:`AttentionArchive` it returns a view of
+    it whose ``close()`` leaves the caller's archive open.
 
     Parameters
     ----------
     path
-        Zarr directory / zip or HDF5 file written by :class:`ArchiveWriter`.
+        Zarr directory / zip or HDF5 file written by :class:`ArchiveWriter`, or an open
+        :class:`AttentionArchive`.
     format
         ``"zarr"`` or ``"hdf5"``; sniffed from the path when omitted.
 
@@ -1503,4 +1521,10 @@ def open_archive(path: str | os.PathLike, *, format: str | None = None) -> Atten
     >>> with open_archive("run.zarr") as a:                        # doctest: +SKIP
     ...     w = a.attention("encoder", 0, "self_attention")[0, 3]  # (T, S) of sample 0 head 3
     """
+    if isinstance(path, AttentionArchive):
+        return path._borrow()
+    if not isinstance(path, (str, os.PathLike)):
+        raise InputError(
+            f"expected an archive path or an AttentionArchive, got {type(path).__name__}"
+        )
     return AttentionArchive(path, format=format)

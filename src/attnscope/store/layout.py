@@ -11,18 +11,11 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from attnscope.contracts import KIND_AXES, KINDS, STACKS
 from attnscope.errors import ConfigError, SelectionError
 
 __all__ = ["Segment", "SideLayout", "TokenLayout", "KIND_AXES", "STACKS", "KINDS"]
 
-STACKS = ("encoder", "decoder")
-KINDS = ("self_attention", "cross_attention")
-# (query side, key side) of each (stack, kind).
-KIND_AXES: dict[tuple[str, str], tuple[str, str]] = {
-    ("encoder", "self_attention"): ("encoder", "encoder"),
-    ("decoder", "self_attention"): ("decoder", "decoder"),
-    ("decoder", "cross_attention"): ("decoder", "encoder"),
-}
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,140 @@
+"""The names the stages share: one place for every contract between capture, store,
+analysis and render.
+
+Standard library only, so every stage (and the torch-free core install) imports it
+freely. A name used by two stages is defined here and imported there; the CLI's
+choices come from here too.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "STACKS",
+    "KINDS",
+    "KIND_AXES",
+    "DIMS",
+    "DTYPES",
+    "FORMATS",
+    "COMPRESSORS",
+    "DEFAULT_COMPRESSOR",
+    "SAMPLE_IDS",
+    "AVERAGE_HEAD",
+    "TABLE_COLUMNS",
+    "TABLES",
+    "IDENTITY_KEY",
+    "MANIFEST",
+    "STATISTICS_JSON",
+    "FIGURE_FORMATS",
+    "FIGURE_KINDS",
+]
+
+# --- the archive -------------------------------------------------------------------------
+#: attention stacks of an encoder-decoder (encoder-only / decoder-only models use one)
+STACKS = ("encoder", "decoder")
+#: attention kinds; cross-attention exists only in the decoder
+KINDS = ("self_attention", "cross_attention")
+#: (query side, key side) of each valid (stack, kind)
+KIND_AXES: dict[tuple[str, str], tuple[str, str]] = {
+    ("encoder", "self_attention"): ("encoder", "encoder"),
+    ("decoder", "self_attention"): ("decoder", "decoder"),
+    ("decoder", "cross_attention"): ("decoder", "encoder"),
+}
+#: dimension names of every attention array, in storage order: (N, H, T, S)
+DIMS = ("sample", "head", "query", "key")
+#: storage dtypes (bfloat16 is kept as its uint16 bit pattern; see docs/archive-format.md)
+DTYPES = ("float16", "float32", "bfloat16")
+#: archive formats
+FORMATS = ("zarr", "hdf5")
+#: chunk compressors every format writes
+COMPRESSORS = ("zstd", "none", "blosc-zstd", "blosc-lz4")
+DEFAULT_COMPRESSOR = "zstd"
+#: the per-sample id array beside the attention arrays
+SAMPLE_IDS = "_sample_ids"
+
+# --- the analysis tables -----------------------------------------------------------------
+#: head number of the rows computed on the mean over the (selected) heads
+AVERAGE_HEAD = -1
+_KEYS = (
+    ("archive_fingerprint", "string"),
+    ("stack", "string"),
+    ("layer", "int32"),
+    ("kind", "string"),
+)
+#: every table's columns, in order, with their Arrow type names (docs/analysis-tables.md)
+TABLE_COLUMNS: dict[str, tuple[tuple[str, str], ...]] = {
+    "head_stats": _KEYS
+    + (
+        ("sample", "int64"),
+        ("head", "int64"),
+        ("n_queries", "int32"),
+        ("n_keys", "int32"),
+        ("causal", "bool"),
+        ("entropy_mean", "float32"),
+        ("entropy_min", "float32"),
+        ("entropy_max", "float32"),
+        ("norm_entropy_mean", "float32"),
+        ("norm_entropy_min", "float32"),
+        ("norm_entropy_max", "float32"),
+        ("row_max_mean", "float32"),
+        ("row_max_min", "float32"),
+        ("mean_distance", "float32"),
+        ("sink_score", "float32"),
+        ("mean", "float64"),
+        ("std", "float64"),
+        ("min", "float32"),
+        ("max", "float32"),
+    ),
+    "row_stats": _KEYS
+    + (
+        ("sample", "int64"),
+        ("head", "int64"),
+        ("query", "int64"),
+        ("query_label", "string"),
+        ("query_segment", "string"),
+        ("entropy", "float32"),
+        ("norm_entropy", "float32"),
+        ("row_max", "float32"),
+        ("mean_distance", "float32"),
+        ("sink_score", "float32"),
+    ),
+    "top_pairs": _KEYS
+    + (
+        ("sample", "int64"),
+        ("head", "int64"),
+        ("rank", "int64"),
+        ("query", "int64"),
+        ("key", "int64"),
+        ("weight", "float32"),
+        ("query_label", "string"),
+        ("key_label", "string"),
+        ("query_segment", "string"),
+        ("key_segment", "string"),
+    ),
+    "segment_mass": _KEYS
+    + (
+        ("sample", "int64"),
+        ("head", "int64"),
+        ("query_segment", "string"),
+        ("key_segment", "string"),
+        ("mass", "float32"),
+    ),
+    "head_similarity": _KEYS
+    + (
+        ("sample", "int64"),
+        ("head_a", "int64"),
+        ("head_b", "int64"),
+        ("js", "float32"),
+        ("cosine", "float32"),
+    ),
+}
+TABLES = tuple(TABLE_COLUMNS)
+#: Parquet schema-metadata key holding the identity JSON of the analysed archive
+IDENTITY_KEY = "attnscope.identity"
+#: file names written beside the tables
+MANIFEST = "manifest.json"
+STATISTICS_JSON = "attention_statistics.json"
+
+# --- figures -----------------------------------------------------------------------------
+FIGURE_FORMATS = ("png", "svg", "pdf")
+#: what `render_archive` / `attnscope render --what` can draw
+FIGURE_KINDS = ("heatmap", "grid", "layers", "flow", "tables")

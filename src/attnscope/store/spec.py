@@ -1,0 +1,52 @@
+"""What a new archive holds besides its token layout: the typed options of
+:meth:`ArchiveWriter.create <attnscope.store.ArchiveWriter.create>`."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from attnscope.store._base import choose_chunks
+
+__all__ = ["ArchiveSpec", "batch_chunk_samples"]
+
+
+@dataclass(frozen=True)
+class ArchiveSpec:
+    """Options of a new archive (all stored in its root metadata).
+
+    Field meanings are those of :meth:`ArchiveWriter.create`, which takes either a spec or
+    the same names as keywords.
+    """
+
+    format: str | None = None  # "zarr" | "hdf5"; default from the path suffix
+    dtype: str = "float16"  # stored dtype, one of contracts.DTYPES
+    model_config: dict | None = None  # JSON, stored verbatim
+    capture: dict | None = None  # JSON: the capture settings
+    heads: dict[str, list[int]] | None = None  # array name -> original head indices kept
+    tags: dict | None = None  # JSON: user tags, in the provenance
+    seed: int | None = None  # random seed of the run, in the provenance
+    compressor: str = "zstd"  # one of contracts.COMPRESSORS
+    validate: bool = True  # check every appended batch (NaN/Inf, negatives, row sums)
+    normalized: bool | None = None  # rows are softmax rows (verify checks sums); default validate
+    tolerance: float | None = None  # allowed |row sum - 1|; default by dtype
+    capacity: int | None = None  # pre-size N (concurrent disjoint-range writers)
+    sparse_topk: int | None = None  # keep only the top-k keys of each query row
+    arrays: Mapping[str, tuple[int, int, int]] | None = None  # name -> (H, T, S) created now
+    chunk_samples: int | None = None  # force samples per chunk
+    batch_size: int | None = None  # appends come in batches of this size (chunk policy)
+
+
+def batch_chunk_samples(
+    arrays: Mapping[str, tuple[int, int, int]], dtype: str, batch_size: int
+) -> int:
+    """Samples per chunk for archives appended to in batches of ``batch_size``: the default
+    chunking's choice, cut to divide the batch size.
+
+    A chunk filled by one append is compressed once; one that straddles appends is re-read
+    and re-compressed by each of them. Dividing the batch size also keeps multi-process
+    ranks (which start at batch boundaries) on separate chunks.
+    """
+    itemsize = 4 if dtype == "float32" else 2
+    return math.gcd(min(choose_chunks(*v, itemsize)[0] for v in arrays.values()), batch_size)
