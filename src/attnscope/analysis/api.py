@@ -20,72 +20,16 @@ from typing import Any
 import numpy as np
 
 from attnscope.analysis._engine import ArraySpec, StatsAccumulator, analyze_block
+from attnscope.analysis.blocks import detect_causal, read_block, sample_slices
 from attnscope.analysis.statistics import entries_from_accumulators, write_statistics
 from attnscope.analysis.tables import TableWriter
-from attnscope.errors import ConfigError, InputError, SelectionError
+from attnscope.errors import ConfigError, SelectionError
+from attnscope.store import open_archive
 
 __all__ = ["analyze", "SIMILARITIES"]
 
 SIMILARITIES = ("js", "cosine", None)
 DEFAULT_BLOCK_BYTES = 32 << 20
-
-
-def _open(archive: Any) -> Any:
-    """An AttentionArchive from an archive object or a path."""
-    if isinstance(archive, (str, os.PathLike)):
-        from attnscope.store import open_archive
-
-        return open_archive(archive)
-    if hasattr(archive, "arrays") and hasattr(archive, "attention"):
-        return archive
-    raise InputError(
-        f"expected an AttentionArchive or an archive path, got {type(archive).__name__}"
-    )
-
-
-def _sample_slices(arr: Any, max_bytes: int) -> list[slice]:
-    n, h, t, s = arr.shape
-    per_sample = max(1, h * t * s * 4)  # analysed as float32
-    chunk_n = max(1, int(arr.chunks[0]) if arr.chunks else 1)
-    per = max(1, max_bytes // per_sample)
-    per = max(chunk_n, (per // chunk_n) * chunk_n)
-    return [slice(i, min(i + per, n)) for i in range(0, n, per)]
-
-
-def _read(arr: Any, sl: slice) -> Any:
-    """A dense block, or ``(values, indices, residual)`` for sparse arrays."""
-    if getattr(arr, "is_sparse", False):
-        v, i, r = arr.topk_arrays(sl)
-        return (np.asarray(v), np.asarray(i), np.asarray(r))
-    return np.asarray(arr[sl])
-
-
-def _iter_array_blocks(a: Any, arr: Any, *, max_bytes: int) -> Iterator[np.ndarray]:
-    """Dense ``(n, H, T, S)`` blocks of one array (sparse ones densified)."""
-    from attnscope.analysis._engine import densify_topk
-
-    for sl in _sample_slices(arr, max_bytes):
-        b = _read(arr, sl)
-        if isinstance(b, tuple):
-            yield densify_topk(*b, arr.shape[-1], causal=_detect_causal(arr))
-        else:
-            yield b
-
-
-def _detect_causal(arr: Any) -> bool:
-    """Self-attention whose first sample has an all-zero upper triangle (every head)."""
-    n, h, t, s = arr.shape
-    if arr.kind != "self_attention" or n == 0 or t != s or t < 2:
-        return False
-    b = _read(arr, slice(0, 1))
-    if isinstance(b, tuple):
-        from attnscope.analysis._engine import densify_topk
-
-        x = densify_topk(b[0], b[1], None, s)
-    else:
-        x = b
-    upper = np.triu(np.ones((t, s), dtype=bool), 1)
-    return bool(not np.any(np.asarray(x)[..., upper]))
 
 
 def _side(layout: Any, stack: str, kind: str, t: int, s: int) -> tuple[Any, Any]:
@@ -146,7 +90,7 @@ def _spec(
         heads=tuple(use_heads),
         n_queries=t,
         n_keys=s,
-        causal=_detect_causal(arr),
+        causal=detect_causal(arr),
         q_seg_ids=tuple(q.segment_ids()),
         k_seg_ids=tuple(k.segment_ids()),
         q_seg_names=tuple(x.name for x in q.segments),
@@ -188,7 +132,7 @@ def _progress(total: int, enabled: bool) -> Any:
 
 
 def _task(arr: Any, sl: slice, spec: ArraySpec) -> dict[str, Any]:
-    return analyze_block(_read(arr, sl), spec, sl.start)
+    return analyze_block(read_block(arr, sl), spec, sl.start)
 
 
 def _run_local(a: Any, jobs: list[tuple[ArraySpec, slice]], workers: int) -> Iterator[tuple]:
@@ -214,13 +158,13 @@ def _run_local(a: Any, jobs: list[tuple[ArraySpec, slice]], workers: int) -> Ite
 def _open_cached(path: str) -> Any:
     cache = _open_cached.__dict__.setdefault("cache", {})
     if path not in cache:
-        cache[path] = _open(path)
+        cache[path] = open_archive(path)
     return cache[path]
 
 
 def _remote_sparse_task(path: str, sl: slice, spec: ArraySpec) -> dict[str, Any]:
     a = _open_cached(path)
-    return analyze_block(_read(a[spec.name], sl), spec, sl.start)
+    return analyze_block(read_block(a[spec.name], sl), spec, sl.start)
 
 
 def _run_dask(a: Any, jobs: list[tuple[ArraySpec, slice]], scheduler: Any) -> Iterator[tuple]:
@@ -329,66 +273,66 @@ def analyze(
     >>> paths = analyze("run.zarr", "analysis/", topk=5, workers=2)  # doctest: +SKIP
     >>> import pandas as pd; pd.read_parquet(paths["head_stats"])  # doctest: +SKIP
     """
-    a = _open(archive_or_path)
     if head_similarity not in SIMILARITIES:
         raise ConfigError(f"head_similarity={head_similarity!r}; expected one of {SIMILARITIES}")
     if not isinstance(workers, int) or workers < 1:
         raise ConfigError(f"workers must be a positive integer, got {workers!r}")
     if int(block_bytes) < 1:
         raise ConfigError(f"block_bytes must be positive, got {block_bytes}")
-    names = _select(a, arrays)
-    specs = [
-        _spec(
-            a,
-            nm,
-            topk=topk,
-            sink_token=sink_token,
-            similarity=head_similarity,
-            heads=heads,
-            row_stats=row_stats,
+    with open_archive(archive_or_path) as a:
+        names = _select(a, arrays)
+        specs = [
+            _spec(
+                a,
+                nm,
+                topk=topk,
+                sink_token=sink_token,
+                similarity=head_similarity,
+                heads=heads,
+                row_stats=row_stats,
+            )
+            for nm in names
+        ]
+        jobs = [(sp, sl) for sp in specs for sl in sample_slices(a[sp.name], int(block_bytes))]
+        identity = dict(a.identity())
+        identity["archive"] = str(identity.get("archive", a.path))
+        out = Path(out_dir)
+        writer = TableWriter(out, identity, head_similarity)
+        accs = {sp.name: StatsAccumulator() for sp in specs}
+        total = sum(
+            int(np.prod(a[sp.name].shape[1:])) * (sl.stop - sl.start) * a[sp.name].dtype.itemsize
+            for sp, sl in jobs
         )
-        for nm in names
-    ]
-    jobs = [(sp, sl) for sp in specs for sl in _sample_slices(a[sp.name], int(block_bytes))]
-    identity = dict(a.identity())
-    identity["archive"] = str(identity.get("archive", a.path))
-    out = Path(out_dir)
-    writer = TableWriter(out, identity, head_similarity)
-    accs = {sp.name: StatsAccumulator() for sp in specs}
-    total = sum(
-        int(np.prod(a[sp.name].shape[1:])) * (sl.stop - sl.start) * a[sp.name].dtype.itemsize
-        for sp, sl in jobs
-    )
-    runner = (
-        _run_dask(a, jobs, scheduler) if scheduler is not None else _run_local(a, jobs, workers)
-    )
-    try:
-        with _progress(total, progress) as bar:
-            for spec, res in runner:
-                writer.write(spec, res)
-                accs[spec.name].add_partial(*res["stats"])
-                bar.update(res["nbytes"])
-        paths = writer.commit()
-    except BaseException:
-        writer.abort()
-        raise
-    stats_doc = entries_from_accumulators({nm: (accs[nm], a[nm]) for nm in names})
-    paths["statistics"] = write_statistics(stats_doc, out / "attention_statistics.json")
-    manifest = {
-        "identity": identity,
-        "tables": {k: v.name for k, v in paths.items()},
-        "options": {
-            "topk": int(topk),
-            "sink_token": int(sink_token),
-            "arrays": names,
-            "heads": None if heads is None else [int(x) for x in heads],
-            "head_similarity": head_similarity,
-            "row_stats": row_stats,
-            "sparse_approximate": bool(getattr(a, "mode", "dense") == "sparse"),
-            "causal": {sp.name: sp.causal for sp in specs},
-        },
-    }
-    mpath = out / "manifest.json"
-    mpath.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-    paths["manifest"] = mpath
-    return paths
+        runner = (
+            _run_dask(a, jobs, scheduler) if scheduler is not None else _run_local(a, jobs, workers)
+        )
+        try:
+            with _progress(total, progress) as bar:
+                for spec, res in runner:
+                    writer.write(spec, res)
+                    accs[spec.name].add_partial(*res["stats"])
+                    bar.update(res["nbytes"])
+            paths = writer.commit()
+        except BaseException:
+            writer.abort()
+            raise
+        stats_doc = entries_from_accumulators({nm: (accs[nm], a[nm]) for nm in names})
+        paths["statistics"] = write_statistics(stats_doc, out / "attention_statistics.json")
+        manifest = {
+            "identity": identity,
+            "tables": {k: v.name for k, v in paths.items()},
+            "options": {
+                "topk": int(topk),
+                "sink_token": int(sink_token),
+                "arrays": names,
+                "heads": None if heads is None else [int(x) for x in heads],
+                "head_similarity": head_similarity,
+                "row_stats": row_stats,
+                "sparse_approximate": bool(getattr(a, "mode", "dense") == "sparse"),
+                "causal": {sp.name: sp.causal for sp in specs},
+            },
+        }
+        mpath = out / "manifest.json"
+        mpath.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+        paths["manifest"] = mpath
+        return paths

@@ -34,9 +34,16 @@ import numpy as np
 
 from attnscope.analysis import metrics as M
 from attnscope.analysis._engine import StatsAccumulator
+from attnscope.analysis.blocks import iter_array_blocks
 from attnscope.contracts import STACKS
 from attnscope.errors import InputError, ShapeError
-from attnscope.store import as_numpy, flatten_weights, parse_array_name
+from attnscope.store import (
+    AttentionArchive,
+    as_numpy,
+    flatten_weights,
+    open_archive,
+    parse_array_name,
+)
 
 __all__ = ["statistics_json", "statistics_entry"]
 
@@ -86,17 +93,15 @@ def _entries_from_nested(weights: Mapping[str, Any]) -> dict[str, list[dict]]:
 
 
 def _entries_from_archive(archive: Any, *, max_bytes: int = 64 << 20) -> dict[str, list[dict]]:
-    from attnscope.analysis.api import _iter_array_blocks, _open
-
-    a = _open(archive)
-    accs: dict[str, tuple[StatsAccumulator, Any]] = {}
-    for name in a.arrays():
-        arr = a[name]
-        acc = StatsAccumulator()
-        for x in _iter_array_blocks(a, arr, max_bytes=max_bytes):
-            _accumulate(x, acc)
-        accs[name] = (acc, arr)
-    return entries_from_accumulators(accs)
+    with open_archive(archive) as a:
+        accs: dict[str, tuple[StatsAccumulator, Any]] = {}
+        for name in a.arrays():
+            arr = a[name]
+            acc = StatsAccumulator()
+            for x in iter_array_blocks(arr, max_bytes=max_bytes):
+                _accumulate(x, acc)
+            accs[name] = (acc, arr)
+        return entries_from_accumulators(accs)
 
 
 def entries_from_accumulators(accs: Mapping[str, tuple[StatsAccumulator, Any]]) -> dict:
@@ -143,9 +148,7 @@ def statistics_json(
     """
     if isinstance(weights_or_archive, Mapping):
         doc = _entries_from_nested(weights_or_archive)
-    elif isinstance(weights_or_archive, (str, os.PathLike)) or hasattr(
-        weights_or_archive, "arrays"
-    ):
+    elif isinstance(weights_or_archive, (str, os.PathLike, AttentionArchive)):
         doc = _entries_from_archive(weights_or_archive)
     else:
         raise InputError(

@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 from attnscope.analysis._engine import ArraySpec
 from attnscope.contracts import IDENTITY_KEY, TABLE_COLUMNS, TABLES
 from attnscope.errors import ArchiveError, ConfigError, SelectionError, StaleTableError
+from attnscope.store import open_archive
 
 __all__ = ["TABLES", "TABLE_SCHEMAS", "TableWriter", "load_table", "StaleTableError"]
 
@@ -212,12 +213,8 @@ def load_table(
             "head_similarity set)"
         )
     if archive is not None:
-        from attnscope.analysis.api import _open
-
-        a = _open(archive)
-        want = a.identity()
-        if a is not archive and hasattr(a, "close"):
-            a.close()  # opened here from a path: do not keep an HDF5 handle open
+        with open_archive(archive) as a:
+            want = a.identity()
         got = table_identity(path)
         for key in ("fingerprint", "n_samples", "archive"):
             g, w = got.get(key), want.get(key)

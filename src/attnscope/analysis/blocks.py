@@ -1,0 +1,55 @@
+"""Reading an archive array block by block, as analysis needs it: whole samples,
+aligned to the array's sample chunks, densified when the array is sparse."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+from attnscope.analysis._engine import densify_topk
+
+__all__ = ["sample_slices", "read_block", "iter_array_blocks", "detect_causal"]
+
+
+def sample_slices(arr: Any, max_bytes: int) -> list[slice]:
+    """Slices of whole samples, ~``max_bytes`` of float32 each, on sample-chunk bounds."""
+    n, h, t, s = arr.shape
+    per_sample = max(1, h * t * s * 4)  # analysed as float32
+    chunk_n = max(1, int(arr.chunks[0]) if arr.chunks else 1)
+    per = max(1, max_bytes // per_sample)
+    per = max(chunk_n, (per // chunk_n) * chunk_n)
+    return [slice(i, min(i + per, n)) for i in range(0, n, per)]
+
+
+def read_block(arr: Any, sl: slice) -> Any:
+    """A dense block, or ``(values, indices, residual)`` for sparse arrays."""
+    if getattr(arr, "is_sparse", False):
+        v, i, r = arr.topk_arrays(sl)
+        return (np.asarray(v), np.asarray(i), np.asarray(r))
+    return np.asarray(arr[sl])
+
+
+def iter_array_blocks(arr: Any, *, max_bytes: int) -> Iterator[np.ndarray]:
+    """Dense ``(n, H, T, S)`` blocks of one array (sparse ones densified)."""
+    for sl in sample_slices(arr, max_bytes):
+        b = read_block(arr, sl)
+        if isinstance(b, tuple):
+            yield densify_topk(*b, arr.shape[-1], causal=detect_causal(arr))
+        else:
+            yield b
+
+
+def detect_causal(arr: Any) -> bool:
+    """Self-attention whose first sample has an all-zero upper triangle (every head)."""
+    n, h, t, s = arr.shape
+    if arr.kind != "self_attention" or n == 0 or t != s or t < 2:
+        return False
+    b = read_block(arr, slice(0, 1))
+    if isinstance(b, tuple):
+        x = densify_topk(b[0], b[1], None, s)
+    else:
+        x = b
+    upper = np.triu(np.ones((t, s), dtype=bool), 1)
+    return bool(not np.any(np.asarray(x)[..., upper]))
