@@ -11,6 +11,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from attnscope.errors import ConfigError
+
 __all__ = ["run_demo"]
 
 
@@ -32,6 +34,11 @@ def run_demo(
     >>> result["report"]
     PosixPath('demo/report.html')
     """
+    for name, value in (("n_batches", n_batches), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+    if Path(out).exists() and not Path(out).is_dir():
+        raise ConfigError(f"demo output {str(out)!r} is a file; expected a folder")
     import matplotlib
 
     matplotlib.use("Agg")

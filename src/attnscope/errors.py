@@ -16,6 +16,7 @@ __all__ = [
     "ArchiveCorruptError",
     "ArchiveLockedError",
     "StaleTableError",
+    "MissingExtraError",
     "SelectionError",
     "ValidationError",
     "CaptureError",
@@ -68,3 +69,7 @@ class ArchiveLockedError(ArchiveError, PermissionError):
 
 class StaleTableError(ArchiveError, ValueError):
     """A table was computed from a different archive (or an older state of it)."""
+
+
+class MissingExtraError(AttnscopeError, ImportError):
+    """A feature needs an optional dependency that is not installed (names the extra)."""

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-# Test modules import shared builders from analysis_helpers (a unique module name: other
-# test folders have their own conftest.py).
-sys.path.insert(0, str(Path(__file__).parent))
-from analysis_helpers import build_archive, make_layout, make_weights  # noqa: E402
+# analysis_helpers is importable through pytest's `pythonpath` setting (pyproject.toml).
+from analysis_helpers import build_archive, make_layout, make_weights
 
 
 @pytest.fixture(params=["zarr", "h5"])

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from attnscope._extras import require
 from attnscope.analysis._engine import ArraySpec, StatsAccumulator, analyze_block
 from attnscope.analysis.blocks import detect_causal, read_block, sample_slices
 from attnscope.analysis.statistics import entries_from_accumulators, write_statistics
@@ -30,6 +31,7 @@ __all__ = ["analyze", "SIMILARITIES"]
 
 SIMILARITIES = ("js", "cosine", None)
 DEFAULT_BLOCK_BYTES = 32 << 20
+SCHEDULER_TIMEOUT = "10s"  # connecting to a scheduler; distributed's default is 30 s
 
 
 def _side(layout: Any, stack: str, kind: str, t: int, s: int) -> tuple[Any, Any]:
@@ -167,9 +169,19 @@ def _remote_sparse_task(path: str, sl: slice, spec: ArraySpec) -> dict[str, Any]
     return analyze_block(read_block(a[spec.name], sl), spec, sl.start)
 
 
+def _connect(client_cls: Any, address: Any) -> Any:
+    try:
+        return client_cls(address, timeout=SCHEDULER_TIMEOUT)
+    except (OSError, ValueError, TypeError) as e:
+        raise ConfigError(
+            f"cannot reach the Dask scheduler {address!r} ({' '.join(str(e).split())}); "
+            "expected the address of a running scheduler, e.g. tcp://host:8786"
+        ) from e
+
+
 def _run_dask(a: Any, jobs: list[tuple[ArraySpec, slice]], scheduler: Any) -> Iterator[tuple]:
-    import dask
-    from distributed import Client
+    dask = require("dask", "analysis on a Dask cluster")
+    Client = require("distributed", "analysis on a Dask cluster").Client
 
     if getattr(a, "format", "zarr") != "zarr":
         raise ConfigError(
@@ -177,7 +189,7 @@ def _run_dask(a: Any, jobs: list[tuple[ArraySpec, slice]], scheduler: Any) -> It
             "cannot be shared with Dask workers; use workers=N, or write the archive as .zarr"
         )
 
-    client = scheduler if isinstance(scheduler, Client) else Client(scheduler)
+    client = scheduler if isinstance(scheduler, Client) else _connect(Client, scheduler)
     own = client is not scheduler
     try:
         nthreads = max(1, sum(client.nthreads().values()))
@@ -279,6 +291,8 @@ def analyze(
         raise ConfigError(f"workers must be a positive integer, got {workers!r}")
     if int(block_bytes) < 1:
         raise ConfigError(f"block_bytes must be positive, got {block_bytes}")
+    if Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise ConfigError(f"tables folder {os.fspath(out_dir)!r} is a file; expected a folder")
     with open_archive(archive_or_path) as a:
         names = _select(a, arrays)
         specs = [
