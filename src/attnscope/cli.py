@@ -14,6 +14,7 @@ from typing import Any
 import click
 
 from attnscope import __version__
+from attnscope._extras import EXTRA_OF, missing_extra_error
 from attnscope.contracts import DTYPES, FIGURE_FORMATS, FIGURE_KINDS, FORMATS
 from attnscope.errors import AttnscopeError, ConfigError
 
@@ -23,8 +24,19 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except AttnscopeError as e:
-            msg = " ".join(str(e).split())  # one line, always
-            raise click.ClickException(f"{type(e).__name__}: {msg}") from None
+            raise click.ClickException(_one_line(e)) from None
+        except ModuleNotFoundError as e:
+            if e.name is None or e.name.split(".")[0] not in EXTRA_OF:
+                raise
+            raise click.ClickException(_one_line(missing_extra_error(e.name))) from None
+        except OSError as e:
+            # Disk full, permission denied, a file where a folder was expected...: the
+            # library's writes are atomic, so what was committed before stays readable.
+            raise click.ClickException(_one_line(e)) from None
+
+
+def _one_line(e: BaseException) -> str:
+    return f"{type(e).__name__}: {' '.join(str(e).split())}"
 
 
 def _int_list(ctx: click.Context, param: click.Parameter, value: str | None) -> list[int] | None:
