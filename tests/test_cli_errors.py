@@ -1,0 +1,315 @@
+"""The CLI against a table of bad inputs: every command refuses in one line.
+
+Each case runs one command on hostile input and checks the promise the README makes:
+exit status 1 (or click's 2 for usage errors), exactly one line on stderr, no traceback,
+and no change to any file that existed before the command ran.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from attnscope.cli import cli
+
+MODEL = {
+    "embed_dim": 32,
+    "context_length": 32,
+    "num_heads": 4,
+    "num_encoder_layers": 2,
+    "num_decoder_layers": 2,
+    "enc_modalities": {"text": 4, "image": 6},
+    "dec_modalities": {"act": 5},
+}
+HF_BERT = {
+    "model_type": "bert",
+    "vocab_size": 60,
+    "hidden_size": 16,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "intermediate_size": 32,
+    "max_position_embeddings": 16,
+}
+
+
+def _ok(args: list[str]) -> None:
+    res = CliRunner().invoke(cli, args, catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Good inputs the bad cases start from: a config, two archives and their tables."""
+    root = tmp_path_factory.mktemp("world")
+    (root / "model.json").write_text(json.dumps(MODEL))
+    for name, seed in (("x", "0"), ("y", "1")):
+        _ok(["capture", "--config", str(root / "model.json"), "--batches", "2",
+             "--batch-size", "2", "--seed", seed, "--out", str(root / f"{name}.zarr"),
+             "--no-progress"])
+        _ok(["analyze", str(root / f"{name}.zarr"), "--out", str(root / f"t{name}"),
+             "--no-progress"])
+    _ok(["capture", "--config", str(root / "model.json"), "--batches", "2", "--batch-size", "2",
+         "--out", str(root / "x.h5"), "--no-progress"])
+    return root
+
+
+# --- builders of bad inputs: each gets a fresh copy of the world and returns argv -------------
+
+
+def _json(path: Path, obj: object) -> str:
+    path.write_text(json.dumps(obj))
+    return str(path)
+
+
+def _cfg(w: Path, **change: object) -> str:
+    return _json(w / "bad.json", {**MODEL, **change})
+
+
+def _capture(w: Path, *extra: str, config: str | None = None) -> list[str]:
+    return ["capture", "--config", config or str(w / "model.json"), "--batches", "1",
+            "--batch-size", "2", "--out", str(w / "new.zarr"), "--no-progress", *extra]
+
+
+def _resume(w: Path, *extra: str) -> list[str]:
+    return ["capture", "--config", str(w / "model.json"), "--batches", "3", "--batch-size", "2",
+            "--out", str(w / "x.zarr"), "--resume", "--no-progress", *extra]
+
+
+def _npz_strings(w: Path) -> list[str]:
+    np.savez(w / "s.npz", **{"enc/text": np.array([["a", "b"]]), "dec/act": np.zeros((1, 5, 32))})
+    return _capture(w, "--inputs", str(w / "s.npz"))
+
+
+def _npz_object(w: Path) -> list[str]:
+    arr = np.empty((1,), dtype=object)
+    arr[0] = {"x": 1}
+    np.savez(w / "o.npz", **{"enc/text": arr})
+    return _capture(w, "--inputs", str(w / "o.npz"))
+
+
+def _npz_not_zip(w: Path) -> list[str]:
+    (w / "junk.npz").write_bytes(b"this is not a zip file at all")
+    return _capture(w, "--inputs", str(w / "junk.npz"))
+
+
+def _pt_pickle(w: Path) -> list[str]:
+    import pickle
+
+    class Evil:
+        def __reduce__(self) -> tuple:
+            return (os.system, ("echo pwned",))
+
+    (w / "evil.pt").write_bytes(pickle.dumps({"enc/text": Evil()}))
+    return _capture(w, "--inputs", str(w / "evil.pt"))
+
+
+def _pt_junk(w: Path) -> list[str]:
+    (w / "junk.pt").write_bytes(os.urandom(256))
+    return _capture(w, "--inputs", str(w / "junk.pt"))
+
+
+def _hf(w: Path, **change: object) -> list[str]:
+    path = _json(w / "hf.json", {**HF_BERT, **change})
+    return ["capture", "--model", "hf", "--hf-config", path, "--batches", "1", "--batch-size",
+            "2", "--seq-len", "8", "--out", str(w / "hf.zarr"), "--no-progress"]
+
+
+def _hf_too_long(w: Path) -> list[str]:
+    args = _hf(w)
+    args[args.index("--seq-len") + 1] = "100"  # > max_position_embeddings
+    return args
+
+
+def _drop_chunk(w: Path) -> list[str]:
+    arr = w / "x.zarr" / "encoder" / "0" / "self_attention" / "c"
+    victim = sorted(p for p in arr.rglob("*") if p.is_file())[0]
+    victim.unlink()
+    return ["analyze", str(w / "x.zarr"), "--out", str(w / "tz"), "--no-progress"]
+
+
+def _flip_byte(w: Path) -> list[str]:
+    arr = w / "x.zarr" / "encoder" / "0" / "self_attention" / "c"
+    victim = sorted(p for p in arr.rglob("*") if p.is_file())[0]
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0x40
+    victim.write_bytes(bytes(data))
+    return ["analyze", str(w / "x.zarr"), "--out", str(w / "tz"), "--no-progress"]
+
+
+def _junk_array_meta(cmd: str) -> Callable[[Path], list[str]]:
+    def build(w: Path) -> list[str]:
+        (w / "x.zarr" / "encoder" / "0" / "self_attention" / "zarr.json").write_text("{not json")
+        extra = {
+            "info": [],
+            "verify": [],
+            "analyze": ["--out", str(w / "tz"), "--no-progress"],
+            "render": ["--out", str(w / "figs"), "--no-progress"],
+            "report": ["--tables", str(w / "tx"), "--out", str(w / "r.html")],
+        }[cmd]
+        return [cmd, str(w / "x.zarr"), *extra]
+
+    return build
+
+
+def _delete_array(w: Path) -> list[str]:
+    shutil.rmtree(w / "x.zarr" / "decoder" / "1" / "cross_attention")
+    return ["verify", str(w / "x.zarr")]
+
+
+def _truncated_h5(cmd: str) -> Callable[[Path], list[str]]:
+    def build(w: Path) -> list[str]:
+        data = (w / "x.h5").read_bytes()
+        (w / "x.h5").write_bytes(data[: len(data) // 3])
+        if cmd == "resume":
+            return ["capture", "--config", str(w / "model.json"), "--batches", "3",
+                    "--batch-size", "2", "--out", str(w / "x.h5"), "--resume", "--no-progress"]
+        return [cmd, str(w / "x.h5")]
+
+    return build
+
+
+def _file(w: Path, name: str = "existing.txt") -> str:
+    (w / name).write_text("user data\n")
+    return str(w / name)
+
+
+def _dir(w: Path, name: str = "existing_dir") -> str:
+    (w / name).mkdir(exist_ok=True)
+    (w / name / "keep.txt").write_text("user data\n")
+    return str(w / name)
+
+
+CASES: dict[str, Callable[[Path], list[str]]] = {
+    # capture: configs
+    "config modality count is a string": lambda w: _capture(
+        w, config=_cfg(w, enc_modalities={"text": "x"})),
+    "config modalities is a list": lambda w: _capture(w, config=_cfg(w, enc_modalities=[4, 6])),
+    "config negative modality count": lambda w: _capture(
+        w, config=_cfg(w, enc_modalities={"text": -4})),
+    "config top-level list": lambda w: _capture(w, config=_json(w / "l.json", [1, 2])),
+    "config embed_dim a string": lambda w: _capture(w, config=_cfg(w, embed_dim="64")),
+    "config not json": lambda w: _capture(w, config=_file(w, "n.json")),
+    "hf config hidden_size a string": lambda w: _hf(w, hidden_size="x"),
+    "hf config unknown model_type": lambda w: _hf(w, model_type="no-such-model"),
+    "hf model error (seq-len > positions)": _hf_too_long,
+    # capture: selections, devices, inputs
+    "capture duplicate heads": lambda w: _capture(w, "--heads", "0,0"),
+    "capture head out of range": lambda w: _capture(w, "--heads", "9"),
+    "capture reversed layer range": lambda w: _capture(w, "--layers", "1-0"),
+    "capture unknown kind": lambda w: _capture(w, "--kinds", "bogus"),
+    "capture device bogus": lambda w: _capture(w, "--device", "bogus"),
+    "capture device cuda without a GPU": lambda w: _capture(w, "--device", "cuda"),
+    "capture npz with strings": _npz_strings,
+    "capture npz with objects": _npz_object,
+    "capture npz not a zip": _npz_not_zip,
+    "capture pt with a pickle": _pt_pickle,
+    "capture pt junk": _pt_junk,
+    "capture out exists": lambda w: _capture(w)[:-4] + ["--out", str(w / "x.zarr"),
+                                                         "--no-progress"],
+    "capture out is a user folder": lambda w: _capture(w)[:-4] + ["--out", _dir(w),
+                                                                   "--overwrite",
+                                                                   "--no-progress"],
+    "capture batch size 0": lambda w: _capture(w)[:5] + ["--batch-size", "0", "--out",
+                                                           str(w / "new.zarr")],
+    # capture: resume must refuse what changes the archive's meaning
+    "resume other heads": lambda w: _resume(w, "--heads", "2,3"),
+    "resume other dtype": lambda w: _resume(w, "--dtype", "float32"),
+    "resume other seed (weights)": lambda w: _resume(w, "--seed", "7"),
+    "resume other layers": lambda w: _resume(w, "--layers", "0"),
+    "resume other kinds": lambda w: _resume(w, "--kinds", "self_attention"),
+    "resume other topk": lambda w: _resume(w, "--topk", "2"),
+    "resume renamed modality": lambda w: [
+        "capture", "--config", _cfg(w, enc_modalities={"words": 4, "image": 6}),
+        *_resume(w)[3:]],
+    # info / verify
+    "info missing path": lambda w: ["info", str(w / "nope.zarr")],
+    "info plain folder": lambda w: ["info", _dir(w)],
+    "info random bytes": lambda w: ["info", _file(w, "r.h5")],
+    "verify empty zip": lambda w: ["verify", _file(w, "e.zarr.zip")],
+    "verify tolerance nan": lambda w: ["verify", str(w / "x.zarr"), "--tolerance", "nan"],
+    "verify tolerance negative": lambda w: ["verify", str(w / "x.zarr"), "--tolerance", "-1"],
+    "verify deleted array folder": _delete_array,
+    "info truncated hdf5": _truncated_h5("info"),
+    "verify truncated hdf5": _truncated_h5("verify"),
+    "resume truncated hdf5": _truncated_h5("resume"),
+    # analyze
+    "analyze out is a file": lambda w: ["analyze", str(w / "x.zarr"), "--out", _file(w)],
+    "analyze scheduler refused": lambda w: ["analyze", str(w / "x.zarr"), "--out",
+                                            str(w / "tz"), "--scheduler", "tcp://127.0.0.1:1"],
+    "analyze scheduler not an address": lambda w: ["analyze", str(w / "x.zarr"), "--out",
+                                                   str(w / "tz"), "--scheduler", "notanaddress"],
+    "analyze topk 0": lambda w: ["analyze", str(w / "x.zarr"), "--out", str(w / "tz"),
+                                 "--topk", "0"],
+    "analyze workers 0": lambda w: ["analyze", str(w / "x.zarr"), "--out", str(w / "tz"),
+                                    "--workers", "0"],
+    "analyze missing chunk": _drop_chunk,
+    "analyze flipped byte": _flip_byte,
+    # render / report
+    "render out is a file": lambda w: ["render", str(w / "x.zarr"), "--out", _file(w)],
+    "render reversed layer range": lambda w: ["render", str(w / "x.zarr"), "--out",
+                                              str(w / "figs"), "--layers", "3-1"],
+    "render layer out of range": lambda w: ["render", str(w / "x.zarr"), "--out",
+                                            str(w / "figs"), "--layers", "7"],
+    "render head out of range": lambda w: ["render", str(w / "x.zarr"), "--out",
+                                           str(w / "figs"), "--heads", "9"],
+    "render unknown figure kind": lambda w: ["render", str(w / "x.zarr"), "--out",
+                                             str(w / "figs"), "--what", "bogus"],
+    "render another archive's tables": lambda w: [
+        "render", str(w / "x.zarr"), "--out", str(w / "figs"), "--what", "tables",
+        "--tables", str(w / "ty")],
+    "report another archive's tables": lambda w: [
+        "report", str(w / "x.zarr"), "--tables", str(w / "ty"), "--out", str(w / "r.html")],
+    "report out is an existing folder": lambda w: [
+        "report", str(w / "x.zarr"), "--tables", str(w / "tx"), "--out", _dir(w)],
+    "report sample out of range": lambda w: [
+        "report", str(w / "x.zarr"), "--tables", str(w / "tx"), "--out", str(w / "r.html"),
+        "--sample", "99"],
+    # demo
+    "demo batch size -1": lambda w: ["demo", "--out", str(w / "demo"), "--batch-size", "-1"],
+    "demo batches 0": lambda w: ["demo", "--out", str(w / "demo"), "--batches", "0"],
+    "demo out is a file": lambda w: ["demo", "--out", _file(w)],
+    # every reading command on an array whose metadata is junk
+    **{f"{cmd} junk array zarr.json": _junk_array_meta(cmd)
+       for cmd in ("info", "verify", "analyze", "render", "report")},
+}
+
+
+def _snapshot(root: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and ".attnscope-lock" not in str(p)
+    }
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_input_is_refused_in_one_line(world: Path, tmp_path: Path, case: str) -> None:
+    w = tmp_path / "w"
+    shutil.copytree(world, w)
+    args = CASES[case](w)
+    before = _snapshot(w)
+    res = CliRunner().invoke(cli, args)
+    err = res.stderr
+    if res.exception is not None and not isinstance(res.exception, SystemExit):
+        pytest.fail(f"{case}: raised {type(res.exception).__name__}: {res.exception}"[:500])
+    assert res.exit_code in (1, 2), f"{case}: exit {res.exit_code}\n{res.output}\n{err}"
+    assert "Traceback" not in res.output + err, f"{case}:\n{res.output}{err}"
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    if res.exit_code == 1:
+        assert len(lines) == 1, f"{case}: stderr is not one line:\n{err}"
+        assert lines[0].startswith("Error: "), lines
+    after = _snapshot(w)
+    changed = [p for p, digest in before.items() if after.get(p) != digest]
+    assert not changed, f"{case}: changed or removed files that existed before: {changed}"
+
+
+def test_the_table_is_large() -> None:
+    assert len(CASES) >= 50
