@@ -209,7 +209,7 @@ def test_bad_options_raise_clear_errors(
 
 
 def test_missing_and_foreign_archives(tmp_path: Path) -> None:
-    pytest.importorskip("attnscope.store.archive")
+    pytest.importorskip("attnscope.store.reader")
     with pytest.raises(AttnscopeError):
         analyze(tmp_path / "missing.zarr", tmp_path / "o", progress=False)
     foreign = tmp_path / "foreign.zarr"

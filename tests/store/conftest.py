@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import sys
-
 import numpy as np
 import pytest
 
-# tests/ has no packages; make the shared helpers importable by their unique name.
-sys.path.insert(0, os.path.dirname(__file__))
-from store_testlib import DEC, FORMATS  # noqa: E402
+from attnscope.store import SideLayout, TokenLayout
 
-from attnscope.store import SideLayout, TokenLayout  # noqa: E402
+from .store_testlib import DEC, FORMATS
 
 
 @pytest.fixture

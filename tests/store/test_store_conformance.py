@@ -7,7 +7,6 @@ import os
 
 import numpy as np
 import pytest
-from store_testlib import DEC, ENC, H, concat, make_batch, nested, softmax
 
 from attnscope.errors import (
     ArchiveError,
@@ -29,6 +28,8 @@ from attnscope.store import (
     parse_array_name,
     verify,
 )
+
+from .store_testlib import DEC, ENC, H, concat, make_batch, nested, softmax
 
 ATOL = {"float16": 1e-3, "float32": 1e-7, "bfloat16": 4e-3}
 

@@ -12,10 +12,11 @@ import os
 import numpy as np
 import pytest
 import zarr
-from store_testlib import softmax
 
 from attnscope.store import ArchiveWriter, SideLayout, TokenLayout, open_archive, verify
 from attnscope.store import _zarr as Z
+
+from .store_testlib import softmax
 
 NAME = "encoder/0/self_attention"
 
@@ -124,14 +125,15 @@ def test_direct_writes_read_back_identically(tmp_path, rng, shape, chunks, dtype
 
 
 def test_direct_zstd_blob_matches_zarr_codec_config(tmp_path, rng):
-    """The blob is a zstd frame with the level and checksum the array metadata names."""
+    """The blob is a zstd frame with the level the array metadata names, then its crc32c."""
+    import google_crc32c
     import numcodecs
 
     path = str(tmp_path / "z.zarr")
     b = Z.ZarrBackend(path, "w")
     h = b.create_array("x", (4, 3, 5), (2, 3, 5), np.dtype("float16"), dims=("a", "b", "c"))
     md = zarr.open_array(os.path.join(path, "x"), mode="r").metadata.to_dict()
-    assert [c["name"] for c in md["codecs"]] == ["bytes", "zstd"]
+    assert [c["name"] for c in md["codecs"]] == ["bytes", "zstd", "crc32c"]
     assert md["codecs"][0]["configuration"] == {"endian": "little"}
     conf = md["codecs"][1]["configuration"]
     assert h._direct.codec.get_config() == numcodecs.Zstd(**conf).get_config()
@@ -139,7 +141,8 @@ def test_direct_zstd_blob_matches_zarr_codec_config(tmp_path, rng):
     b.write_many([(h, (slice(0, 4), slice(0, 3), slice(0, 5)), x)])
     b.close()
     raw = open(os.path.join(path, "x", "c", "1", "0", "0"), "rb").read()
-    got = np.frombuffer(numcodecs.Zstd().decode(raw), np.float16).reshape(2, 3, 5)
+    assert raw[-4:] == google_crc32c.value(raw[:-4]).to_bytes(4, "little")
+    got = np.frombuffer(numcodecs.Zstd().decode(raw[:-4]), np.float16).reshape(2, 3, 5)
     np.testing.assert_array_equal(got, x[2:])
 
 
@@ -149,7 +152,7 @@ def test_zip_store_uses_zarr_path(tmp_path, rng):
     x = softmax(rng, (5, 2, 6, 6)).astype(np.float16)
     with ArchiveWriter.create(path, _lay(6)) as w:
         w.append({NAME: x[:3]})
-        assert w._specs[NAME].handles[""]._direct is None
+        assert w._nodes[NAME].handles[""]._direct is None
         w.append({NAME: x[3:]})
     with open_archive(path) as a:
         np.testing.assert_array_equal(a[NAME][:], x)
@@ -169,7 +172,7 @@ def test_archive_dense_roundtrip_resume_and_plain_zarr(tmp_path, rng, compressor
     with ArchiveWriter.open(path) as w:  # first append merges into the stored chunk
         for x, i in zip(xs[3:], ids[3:]):
             w.append({NAME: x}, sample_ids={"step": i, "zero": np.zeros_like(i)})
-        handle = w._specs[NAME].handles[""]
+        handle = w._nodes[NAME].handles[""]
         assert (handle._direct is not None) == (compressor != "blosc-lz4")
         assert all(h._direct is not None for h in w._id_handles.values())
     n = sum(sizes)
@@ -208,7 +211,7 @@ def test_verify_detects_deleted_direct_chunk(tmp_path, rng):
     x = softmax(rng, (6, 2, 8, 8)).astype(np.float16)
     with ArchiveWriter.create(path, _lay(8), chunk_samples=2) as w:
         w.append({NAME: x})
-        assert w._specs[NAME].handles[""]._direct is not None
+        assert w._nodes[NAME].handles[""]._direct is not None
     assert verify(path).ok
     os.remove(os.path.join(path, *NAME.split("/"), "c", "1", "0", "0", "0"))
     rep = verify(path)

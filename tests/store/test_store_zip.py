@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from store_testlib import concat, make_batch
 
 from attnscope.store import ArchiveWriter, open_archive, verify
+
+from .store_testlib import concat, make_batch
 
 
 @pytest.mark.filterwarnings("ignore:Duplicate name:UserWarning")  # zip appends rewritten chunks

@@ -2,24 +2,24 @@
 
 See ``docs/archive-format.md`` for the on-disk format. Only this package imports zarr
 and h5py (h5py, dask and xarray lazily, inside the functions that need them).
+
+Modules, one job each: ``names`` (array names), ``codecs`` (dtype encodings),
+``validation`` (checks of appended weights), ``meta`` (root metadata, format sniffing),
+``batch`` (what one appended batch must look like), ``writer`` (``ArchiveWriter``),
+``reader`` (``open_archive``, ``AttentionArchive``, ``AttentionArray``), ``views``
+(dask / xarray), ``verify`` (``verify`` / ``info``); ``_base`` is the backend interface,
+``_zarr`` and ``_hdf5`` its two implementations, ``_lock`` the writer leases.
 """
 
 from attnscope.store._base import choose_chunks
-from attnscope.store.archive import (
-    SCHEMA_VERSION,
-    ArchiveWriter,
-    AttentionArchive,
-    AttentionArray,
-    archive_format,
-    array_name,
-    as_numpy,
-    flatten_weights,
-    open_archive,
-    parse_array_name,
-)
+from attnscope.store.codecs import as_numpy
 from attnscope.store.layout import Segment, SideLayout, TokenLayout
+from attnscope.store.meta import SCHEMA_VERSION, archive_format
+from attnscope.store.names import array_name, flatten_weights, parse_array_name
+from attnscope.store.reader import AttentionArchive, AttentionArray, open_archive
 from attnscope.store.spec import ArchiveSpec, batch_chunk_samples
 from attnscope.store.verify import VerifyReport, format_info, info, verify
+from attnscope.store.writer import ArchiveWriter
 
 __all__ = [
     "ArchiveWriter",

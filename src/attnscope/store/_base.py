@@ -3,7 +3,7 @@
 A backend knows how to keep named n-dimensional arrays, one JSON document of root
 metadata, small JSON attributes per array, and per-writer commit records. Everything
 attention-specific (layouts, validation, sparse reconstruction) lives in
-:mod:`attnscope.store.archive`, so both formats behave identically.
+:mod:`attnscope.store.writer` and :mod:`attnscope.store.reader`, so both formats behave identically.
 """
 
 from __future__ import annotations
@@ -11,14 +11,23 @@ from __future__ import annotations
 import abc
 import math
 from collections.abc import Sequence
+from itertools import product
 from typing import Any
 
 import numpy as np
 
 from attnscope.contracts import COMPRESSORS
-from attnscope.errors import ConfigError
+from attnscope.errors import ArchiveCorruptError, ConfigError
 
-__all__ = ["Backend", "ArrayHandle", "choose_chunks", "COMPRESSORS", "MiB"]
+__all__ = [
+    "Backend",
+    "ArrayHandle",
+    "choose_chunks",
+    "chunk_grid",
+    "chunk_ranges",
+    "COMPRESSORS",
+    "MiB",
+]
 
 MiB = 1 << 20
 
@@ -33,7 +42,13 @@ MAX_CHUNK_SAMPLES = 256
 
 
 def choose_chunks(
-    h: int, t: int, s: int, itemsize: int, *, chunk_samples: int | None = None
+    h: int,
+    t: int,
+    s: int,
+    itemsize: int,
+    *,
+    chunk_samples: int | None = None,
+    batch_size: int | None = None,
 ) -> tuple[int, int, int, int]:
     """Default chunk shape ``(n, h, t, s)`` for an attention array of ``(N, H, T, S)``.
 
@@ -43,7 +58,9 @@ def choose_chunks(
       two, at most 256) to reach ~1 MiB — per-chunk overhead dominates tiny chunks.
 
     ``chunk_samples`` forces the sample extent (e.g. ``1`` so that any disjoint sample
-    ranges of concurrent writers are chunk-aligned).
+    ranges of concurrent writers are chunk-aligned). Otherwise ``batch_size`` (appends
+    come in batches of this size) cuts the sample extent to divide it, so that no chunk
+    straddles two appends and is compressed twice.
     """
     m = t * s * itemsize
     if m > MAX_CHUNK:
@@ -64,6 +81,8 @@ def choose_chunks(
         if int(chunk_samples) < 1:
             raise ConfigError(f"chunk_samples must be >= 1, got {chunk_samples}")
         shape[0] = int(chunk_samples)
+    elif batch_size:
+        shape[0] = math.gcd(shape[0], int(batch_size))
     return tuple(shape)  # type: ignore[return-value]
 
 
@@ -72,9 +91,18 @@ def chunk_grid(shape: Sequence[int], chunks: Sequence[int]) -> tuple[int, ...]:
     return tuple(math.ceil(n / c) if n else 0 for n, c in zip(shape, chunks))
 
 
+def chunk_ranges(sel: Sequence[slice], chunks: Sequence[int]) -> list[range]:
+    """Chunk indices along each dimension that a box of step-1 slices touches."""
+    return [
+        range(s.start // c, (s.stop - 1) // c + 1) if s.stop > s.start else range(0)
+        for s, c in zip(sel, chunks)
+    ]
+
+
 class ArrayHandle(abc.ABC):
     """One stored n-d array. Selections are tuples of ``slice`` with step 1, one per dim."""
 
+    name: str  # path of the array inside the archive, e.g. "a/0/b"
     shape: tuple[int, ...]
     chunks: tuple[int, ...]
     dtype: np.dtype
@@ -83,9 +111,53 @@ class ArrayHandle(abc.ABC):
     # where a partial write is cheap anyway (HDF5 without a filter: its chunk cache).
     merge_tails: bool = True
 
-    @abc.abstractmethod
+    archive: str  # path of the archive holding it (for messages)
+
     def read(self, sel: tuple[slice, ...]) -> np.ndarray:
-        """Read a box; only the chunks it touches are read."""
+        """Read a box; only the chunks it touches are read.
+
+        A chunk that is not stored reads as the fill value (use :meth:`missing_in` first
+        where that would be damage); one that fails to decode or to match its checksum
+        raises ArchiveCorruptError naming the array and the chunk.
+        """
+        try:
+            return self._read(sel)
+        except ArchiveCorruptError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a codec (checksum, decompression) failed
+            raise self._damage(sel, e) from e
+
+    @abc.abstractmethod
+    def _read(self, sel: tuple[slice, ...]) -> np.ndarray:
+        """Read a box through the format library (errors are located by :meth:`read`)."""
+
+    def _damage(self, sel: tuple[slice, ...], err: Exception) -> ArchiveCorruptError:
+        """Read chunk by chunk to name the first one of a failed box that fails to decode."""
+        for idx in product(*chunk_ranges(sel, self.chunks)):
+            box = tuple(
+                slice(i * c, min((i + 1) * c, n)) for i, c, n in zip(idx, self.chunks, self.shape)
+            )
+            try:
+                self._read(box)
+            except Exception as e:  # noqa: BLE001
+                err, where = e, f"chunk {idx} does not decode (checksum or compression error: "
+                break
+        else:
+            where = "cannot be read ("
+        msg = (str(err).splitlines() or [type(err).__name__])[0][:200]
+        return ArchiveCorruptError(
+            f"{self.archive!r}: array {self.name!r} {where}{msg}); the archive is damaged "
+            "(run 'attnscope verify')"
+        )
+
+    @abc.abstractmethod
+    def stored_chunks(self) -> frozenset[tuple[int, ...]]:
+        """Indices of the chunks present in storage: listed once per handle, then cached."""
+
+    def missing_in(self, sel: tuple[slice, ...]) -> list[tuple[int, ...]]:
+        """Chunks a box touches that are not stored (uses :meth:`stored_chunks`)."""
+        have = self.stored_chunks()
+        return [idx for idx in product(*chunk_ranges(sel, self.chunks)) if idx not in have]
 
     @abc.abstractmethod
     def write(self, sel: tuple[slice, ...], data: np.ndarray) -> None:
@@ -121,10 +193,6 @@ class Backend(abc.ABC):
     def write_root_meta(self, meta: dict[str, Any]) -> None: ...
 
     @abc.abstractmethod
-    def list_nodes(self) -> list[str]:
-        """Attention node paths (dense arrays or sparse groups), e.g. 'encoder/0/self_attention'."""
-
-    @abc.abstractmethod
     def has(self, path: str) -> bool: ...
 
     @abc.abstractmethod
@@ -152,7 +220,8 @@ class Backend(abc.ABC):
         """Set JSON attributes of a node, creating a group at ``path`` when ``group``."""
 
     @abc.abstractmethod
-    def list_children(self, path: str) -> list[str]: ...
+    def list_children(self, path: str) -> list[str]:
+        """Sorted names of the arrays and groups directly under ``path`` ([] if absent)."""
 
     @abc.abstractmethod
     def read_commits(self) -> dict[str, tuple[int, int, int]]:
@@ -162,9 +231,11 @@ class Backend(abc.ABC):
     def write_commit(self, rid: str, start: int, stop: int, committed: int) -> None:
         """Durably record that ``committed`` samples from ``start`` are complete."""
 
-    @abc.abstractmethod
     def missing_chunks(self, path: str, n: int) -> list[tuple[int, ...]]:
         """Chunk indices of array ``path`` inside samples ``[0, n)`` that are not stored."""
+        arr = self.get_array(path)
+        sel = (slice(0, min(n, arr.shape[0])), *(slice(0, d) for d in arr.shape[1:]))
+        return arr.missing_in(sel)
 
     def resize_many(self, sizes: Sequence[tuple[ArrayHandle, int]]) -> None:
         """Set the sample extent of several arrays (backends may do it concurrently)."""

@@ -43,19 +43,40 @@ def _alive(pid: int) -> bool:
     return True
 
 
+MUTEX = ".mutex"
+
+
 @contextmanager
 def _mutex(d: str):  # type: ignore[no-untyped-def]
-    fd = os.open(os.path.join(d, ".mutex"), os.O_CREAT | os.O_RDWR, 0o644)
-    try:
-        try:
-            import fcntl
+    """Hold the flock of ``d/.mutex``, creating the folder if needed.
 
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        except ImportError:  # pragma: no cover - non-POSIX: best effort
-            pass
-        yield
-    finally:
-        os.close(fd)  # releases the flock
+    The last writer to leave removes the folder (see :meth:`Lease.release`), so after
+    getting the lock check that the file is still the one at that path; if it was
+    removed meanwhile, start again on a fresh one.
+    """
+    path = os.path.join(d, MUTEX)
+    while True:
+        os.makedirs(d, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+        except FileNotFoundError:  # the folder went away between the two calls
+            continue
+        try:
+            try:
+                import fcntl
+
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            except ImportError:  # pragma: no cover - non-POSIX: best effort
+                pass
+            try:
+                same = os.stat(path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                yield
+                return
+        finally:
+            os.close(fd)  # releases the flock
 
 
 def _overlap(a: tuple[int, int] | None, b: tuple[int, int] | None) -> bool:
@@ -76,7 +97,6 @@ class Lease:
         self.held = False
 
     def acquire(self) -> Lease:
-        os.makedirs(self.dir, exist_ok=True)
         me = socket.gethostname()
         with _mutex(self.dir):
             for fn in sorted(os.listdir(self.dir)):
@@ -124,9 +144,18 @@ class Lease:
         return self
 
     def release(self) -> None:
-        if self.held:
-            self.held = False
-            try:
-                os.remove(self.file)
-            except FileNotFoundError:
-                pass
+        """Drop this writer's lock file; the last writer out removes the lock folder."""
+        if not self.held:
+            return
+        self.held = False
+        try:
+            with _mutex(self.dir):
+                try:
+                    os.remove(self.file)
+                except FileNotFoundError:
+                    pass
+                if set(os.listdir(self.dir)) <= {MUTEX}:
+                    os.remove(os.path.join(self.dir, MUTEX))
+                    os.rmdir(self.dir)
+        except OSError:
+            pass  # a read-only or vanished folder: the lock file is what mattered

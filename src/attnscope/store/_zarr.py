@@ -6,17 +6,10 @@ unsharded (concurrent partial shard writes are unsafe, zarr-python #3413) and ar
 created with ``write_empty_chunks=True`` so that every chunk inside the committed
 range exists on disk and a missing one means damage, not zeros.
 
-Direct write path: for a ``LocalStore`` array whose codec chain is exactly ``bytes``
-(little-endian) or ``bytes`` + ``zstd`` (what :func:`_codecs` creates for "none" and
-"zstd"), :meth:`ZarrBackend.write_many` bypasses zarr's codec pipeline. Each chunk is
-assembled, encoded with the same numcodecs ``Zstd(level, checksum)`` that zarr's
-``ZstdCodec`` uses (read from the array's metadata) and written to the file named by the
-array's own chunk key encoding, atomically (temporary file in the same directory +
-``os.replace``, as ``LocalStore`` does; no fsync, also as ``LocalStore``), in a thread pool
-(numcodecs and file writes release the GIL). A chunk the box covers only partly is read,
-decoded and merged first (read-modify-write, as zarr does); a missing chunk reads as the
-fill value. Every chunk is written, even an all-fill one. Other codecs (blosc), other
-stores (``ZipStore``) and anything unexpected go through zarr as before.
+Every chunk ends with a crc32c checksum (zarr's ``Crc32cCodec``), so a flipped byte
+fails on read; archives written before it have none and read as before.
+
+The direct chunk writer of ``LocalStore`` arrays lives in :mod:`._zarr_direct`.
 """
 
 from __future__ import annotations
@@ -24,11 +17,9 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import sys
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from itertools import product
 from typing import Any
 
 import numpy as np
@@ -36,7 +27,8 @@ import zarr
 from zarr.storage import LocalStore, WrapperStore, ZipStore
 
 from attnscope.errors import ArchiveCorruptError, ArchiveNotFoundError, ConfigError
-from attnscope.store._base import ArrayHandle, Backend, Write, chunk_grid
+from attnscope.store._base import ArrayHandle, Backend, Write
+from attnscope.store._zarr_direct import direct_plan
 
 __all__ = ["ZarrBackend"]
 
@@ -63,198 +55,58 @@ class _CountingStore(WrapperStore):
         return buf
 
 
-def _codecs(name: str) -> Any:
-    from zarr.codecs import BloscCodec, BloscShuffle, ZstdCodec
+def _codecs(name: str) -> list[Any]:
+    """Bytes-to-bytes codecs of a compressor name, ending with a crc32c checksum."""
+    from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec, ZstdCodec
 
     if name == "none":
-        return None
-    if name == "zstd":
-        return ZstdCodec(level=1)
-    if name == "blosc-zstd":
-        return BloscCodec(cname="zstd", clevel=1, shuffle=BloscShuffle.shuffle)
-    if name == "blosc-lz4":
-        return BloscCodec(cname="lz4", clevel=5, shuffle=BloscShuffle.shuffle)
-    raise ConfigError(
-        f"unknown compressor {name!r}; expected one of zstd, none, blosc-zstd, blosc-lz4"
-    )
-
-
-class _Direct:
-    """How to write encoded chunks of one array straight into a ``LocalStore`` directory."""
-
-    __slots__ = ("root", "key", "codec", "fill")
-
-    def __init__(self, root: str, key: Callable[[tuple[int, ...]], str], codec: Any, fill: Any):
-        self.root = root  # the array's directory
-        self.key = key  # zarr's own chunk key encoding, e.g. (0, 1) -> "c/0/1"
-        self.codec = codec  # numcodecs.Zstd, or None for the bare little-endian bytes codec
-        self.fill = fill  # fill value as a numpy scalar of the array's dtype
-
-
-def _direct_plan(arr: zarr.Array, base: Any, dtype: np.dtype) -> _Direct | None:
-    """A :class:`_Direct` when this module can encode the array's chunks exactly as zarr would.
-
-    Only a ``LocalStore``, zarr v3, a regular chunk grid, C order, no storage transformers,
-    a native little-endian fixed-size dtype, and the codec chain ``bytes`` or
-    ``bytes`` + ``zstd``; anything else returns None (zarr's own write path).
-    """
-    try:
-        import numcodecs
-        from zarr.codecs import BytesCodec, ZstdCodec
-        from zarr.core.chunk_grids import RegularChunkGrid
-
-        md = arr.metadata
-        if not isinstance(base, LocalStore) or sys.byteorder != "little":
-            return None
-        if md.zarr_format != 3 or not isinstance(md.chunk_grid, RegularChunkGrid):
-            return None
-        if getattr(md, "storage_transformers", ()) or arr._async_array.config.order != "C":
-            return None
-        if dtype.hasobject or dtype.itemsize == 0 or dtype.byteorder not in "=<|":
-            return None
-        codecs = tuple(md.codecs)
-        if not codecs or type(codecs[0]) is not BytesCodec:
-            return None
-        endian = codecs[0].endian
-        if endian is not None and getattr(endian, "value", endian) != "little":
-            return None
-        if len(codecs) == 1:
-            codec = None
-        elif len(codecs) == 2 and type(codecs[1]) is ZstdCodec:
-            z = codecs[1]
-            codec = numcodecs.Zstd(level=int(z.level), checksum=bool(z.checksum))
-        else:
-            return None
-        fill = np.asarray(md.fill_value, dtype=dtype)[()]
-        root = os.path.join(str(base.root), *arr.path.split("/"))
-        return _Direct(root, md.encode_chunk_key, codec, fill)
-    except Exception:  # noqa: BLE001 - anything unexpected: let zarr write
-        return None
-
-
-def _atomic_put(path: str, blob: Any) -> None:
-    """Replace ``path`` by ``blob`` atomically (same scheme and tmp name as ``LocalStore``)."""
-    tmp = f"{path}.{uuid.uuid4().hex}.partial"
-    try:
-        fh = open(tmp, "wb")  # noqa: SIM115 - closed below
-    except FileNotFoundError:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        fh = open(tmp, "wb")  # noqa: SIM115
-    try:
-        with fh:
-            fh.write(blob)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.remove(tmp)
-        except OSError:
-            pass
-        raise
+        comp = []
+    elif name == "zstd":
+        comp = [ZstdCodec(level=1)]
+    elif name == "blosc-zstd":
+        comp = [BloscCodec(cname="zstd", clevel=1, shuffle=BloscShuffle.shuffle)]
+    elif name == "blosc-lz4":
+        comp = [BloscCodec(cname="lz4", clevel=5, shuffle=BloscShuffle.shuffle)]
+    else:
+        raise ConfigError(
+            f"unknown compressor {name!r}; expected one of zstd, none, blosc-zstd, blosc-lz4"
+        )
+    return [*comp, Crc32cCodec()]
 
 
 class _ZarrArray(ArrayHandle):
     def __init__(self, arr: zarr.Array, backend: ZarrBackend | None = None) -> None:
         self._a = arr
         self._b = backend
+        self.name = arr.path
+        self.archive = backend.path if backend is not None else str(arr.store)
+        self._stored: frozenset[tuple[int, ...]] | None = None
         self.chunks = tuple(arr.chunks)
         self.dtype = np.dtype(
             arr.dtype.to_native_dtype() if hasattr(arr.dtype, "to_native_dtype") else arr.dtype
         )
         base = backend._store._store if backend is not None and backend.writable else None
-        self._direct = None if base is None else _direct_plan(arr, base, self.dtype)
+        self._direct = None if base is None else direct_plan(arr, base, self.dtype)
 
     @property
     def shape(self) -> tuple[int, ...]:  # type: ignore[override]
         return tuple(self._a.shape)
 
-    def read(self, sel: tuple[slice, ...]) -> np.ndarray:
+    def _read(self, sel: tuple[slice, ...]) -> np.ndarray:
         return np.asarray(self._a[sel])
+
+    def stored_chunks(self) -> frozenset[tuple[int, ...]]:
+        """Chunk keys under ``<array>/c/``: one directory walk (or store listing), cached."""
+        if self._stored is None:
+            assert self._b is not None
+            self._stored = frozenset(self._b._list_chunks(self.name, len(self.chunks)))
+        return self._stored
 
     def write(self, sel: tuple[slice, ...], data: np.ndarray) -> None:
         if self._b is not None:
             self._b.write_many([(self, sel, data)])
         else:
             self._a[sel] = data
-
-    def _direct_ok(self, sel: tuple[slice, ...], data: Any) -> bool:
-        """Whether the direct path can write this box exactly as ``self._a[sel] = data``."""
-        if self._direct is None or not isinstance(data, np.ndarray) or data.dtype != self.dtype:
-            return False
-        shape = self.shape
-        if not isinstance(sel, tuple) or len(sel) != len(shape) or data.ndim != len(shape):
-            return False
-        for s, n, d in zip(sel, shape, data.shape):
-            if not isinstance(s, slice) or s.step not in (None, 1):
-                return False
-            if not (isinstance(s.start, int) and isinstance(s.stop, int)):
-                return False
-            if not 0 <= s.start <= s.stop <= n or s.stop - s.start != d:
-                return False
-        return True
-
-    def _direct_chunks(
-        self, sel: tuple[slice, ...], data: np.ndarray
-    ) -> Iterator[tuple[tuple[int, ...], np.ndarray, tuple[slice, ...] | None, bool]]:
-        """``(coords, part, dst, merge)`` for every chunk a box touches.
-
-        ``dst`` None: ``part`` is the whole chunk. Otherwise ``part`` goes to ``dst`` of a
-        chunk that starts as the stored chunk (``merge``: the box covers only part of
-        the chunk's in-bounds region) or as the fill value (an edge chunk covered whole).
-        """
-        shape, chunks = self.shape, self.chunks
-        ranges = [
-            range(s.start // c, (s.stop - 1) // c + 1) if s.stop > s.start else range(0)
-            for s, c in zip(sel, chunks)
-        ]
-        for idx in product(*ranges):
-            covered, edge = True, False
-            src, dst = [], []
-            for i, c, s, n in zip(idx, chunks, sel, shape):
-                c0, c1 = i * c, min((i + 1) * c, n)
-                lo, hi = max(s.start, c0), min(s.stop, c1)
-                covered &= lo == c0 and hi == c1
-                edge |= c1 - c0 != c
-                src.append(slice(lo - s.start, hi - s.start))
-                dst.append(slice(lo - c0, hi - c0))
-            part = data[tuple(src)]
-            if covered and not edge:
-                yield idx, part, None, False
-            else:
-                yield idx, part, tuple(dst), not covered
-
-    def _store_chunk(
-        self, idx: tuple[int, ...], part: np.ndarray, dst: tuple[slice, ...] | None, merge: bool
-    ) -> None:
-        """Assemble, encode and atomically write one chunk (runs in a worker thread)."""
-        d = self._direct
-        assert d is not None
-        path = os.path.join(d.root, d.key(idx))
-        if dst is None:
-            chunk = np.ascontiguousarray(part)
-        else:
-            chunk = self._load_chunk(path) if merge else None
-            if chunk is None:
-                chunk = np.full(self.chunks, d.fill, dtype=self.dtype)
-            chunk[dst] = part
-        _atomic_put(path, chunk if d.codec is None else d.codec.encode(chunk))
-
-    def _load_chunk(self, path: str) -> np.ndarray | None:
-        """The stored chunk as a writable array, or None where it does not exist."""
-        d = self._direct
-        assert d is not None
-        try:
-            with open(path, "rb") as fh:
-                raw = fh.read()
-        except FileNotFoundError:
-            return None
-        n = int(np.prod(self.chunks)) * self.dtype.itemsize
-        try:
-            buf = raw if d.codec is None else d.codec.decode(raw)
-            if len(buf) != n:
-                raise ValueError(f"{len(buf)} bytes decoded, {n} expected")
-        except Exception as e:  # noqa: BLE001 - any codec failure is damage
-            raise ArchiveCorruptError(f"chunk {path!r} does not decode: {e}") from e
-        return np.frombuffer(buf, dtype=self.dtype).reshape(self.chunks).copy()
 
     def resize(self, n: int) -> None:
         self._a.resize((n, *self._a.shape[1:]))
@@ -337,18 +189,6 @@ class ZarrBackend(Backend):
             return False
         return True
 
-    def list_nodes(self) -> list[str]:
-        out = []
-        for stack in ("encoder", "decoder"):
-            if not self.has(stack):
-                continue
-            sg = self._root[stack]
-            for layer in sg.group_keys():
-                lg = sg[layer]
-                for kind in list(lg.array_keys()) + list(lg.group_keys()):
-                    out.append(f"{stack}/{layer}/{kind}")
-        return out
-
     def list_children(self, path: str) -> list[str]:
         if not self.has(path):
             return []
@@ -356,13 +196,12 @@ class ZarrBackend(Backend):
         return sorted(list(node.array_keys()) + list(node.group_keys()))
 
     def create_array(self, path, shape, chunks, dtype, *, dims, attrs=None, compressor="zstd"):  # type: ignore[no-untyped-def]
-        comp = _codecs(compressor)
         arr = self._root.create_array(
             path,
             shape=shape,
             chunks=chunks,
             dtype=np.dtype(dtype),
-            compressors=None if comp is None else comp,
+            compressors=_codecs(compressor),
             filters=None,
             fill_value=0,
             dimension_names=dims,
@@ -419,7 +258,7 @@ class ZarrBackend(Backend):
         rest: list[Write] = []
         for w in writes:
             h, sel, data = w
-            if isinstance(h, _ZarrArray) and h._direct_ok(sel, data):
+            if isinstance(h, _ZarrArray) and h._direct and h._direct.fits(h.shape, sel, data):
                 direct.append((h, sel, data))
             else:
                 rest.append(w)
@@ -449,11 +288,13 @@ class ZarrBackend(Backend):
             if id(h) in seen:
                 self._drain(pending)  # a partly covered chunk must be read after its last write
             seen.add(id(h))
-            for job in h._direct_chunks(sel, data):
+            d = h._direct
+            assert d is not None
+            for job in d.jobs(h.shape, sel, data):
                 if pool is None:
-                    h._store_chunk(*job)
+                    d.store(*job)
                 else:
-                    pending.append(pool.submit(h._store_chunk, *job))
+                    pending.append(pool.submit(d.store, *job))
 
     @staticmethod
     def _drain(pending: list) -> None:
@@ -535,28 +376,30 @@ class ZarrBackend(Backend):
                 os.remove(tmp)
             raise
 
-    def missing_chunks(self, path: str, n: int) -> list[tuple[int, ...]]:
-        arr = self._root[path]
-        shape = (min(n, arr.shape[0]), *arr.shape[1:])
-        grid = chunk_grid(shape, arr.chunks)
+    def _list_chunks(self, path: str, ndim: int) -> list[tuple[int, ...]]:
+        """Indices of the chunk files of array ``path`` (default "c/i/j/..." key encoding)."""
         base = self._store._store
-        missing = []
+        out = []
         if isinstance(base, LocalStore):
             root = os.path.join(str(base.root), *path.split("/"), "c")
-            for idx in product(*(range(g) for g in grid)):
-                if not os.path.exists(os.path.join(root, *map(str, idx))):
-                    missing.append(idx)
-        else:
-            from zarr.core.sync import sync
+            for d, _dirs, files in os.walk(root):
+                rel = os.path.relpath(d, root)
+                head = [] if rel == "." else rel.split(os.sep)
+                for f in files:
+                    parts = [*head, f]
+                    if len(parts) == ndim and all(p.isdigit() for p in parts):
+                        out.append(tuple(int(p) for p in parts))
+            return out
+        from zarr.core.sync import sync
 
-            async def _keys() -> set[str]:
-                return {k async for k in base.list_prefix(f"{path}/c/")}
+        async def _keys() -> list[str]:
+            return [k async for k in base.list_prefix(f"{path}/c/")]
 
-            keys = sync(_keys())
-            for idx in product(*(range(g) for g in grid)):
-                if f"{path}/c/" + "/".join(map(str, idx)) not in keys:
-                    missing.append(idx)
-        return missing
+        for key in sync(_keys()):
+            parts = key[len(path) + 3 :].split("/")
+            if len(parts) == ndim and all(p.isdigit() for p in parts):
+                out.append(tuple(int(p) for p in parts))
+        return out
 
     def close(self) -> None:
         if self._pool is not None:

@@ -17,7 +17,6 @@ from attnscope.errors import ConfigError, SelectionError
 __all__ = ["Segment", "SideLayout", "TokenLayout", "KIND_AXES", "STACKS", "KINDS"]
 
 
-
 @dataclass(frozen=True)
 class Segment:
     """A contiguous run of tokens ``[start, stop)`` from one modality."""

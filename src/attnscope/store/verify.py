@@ -8,10 +8,11 @@ from typing import Any
 
 import numpy as np
 
-from attnscope.errors import AttnscopeError
+from attnscope.contracts import KIND_AXES
+from attnscope.errors import ArchiveCorruptError, AttnscopeError
 from attnscope.store._base import MiB
-from attnscope.store.archive import AttentionArchive, open_archive
-from attnscope.store.layout import KIND_AXES
+from attnscope.store.reader import AttentionArchive, open_archive
+from attnscope.store.validation import check_tolerance
 
 __all__ = ["VerifyReport", "verify", "info", "format_info"]
 
@@ -82,9 +83,10 @@ def verify(
     path
         The archive.
     tolerance
-        Allowed ``|row sum - 1|`` of stored rows (float16 storage rounds each weight).
+        Allowed ``|row sum - 1|`` of stored rows (float16 storage rounds each weight);
+        a finite number >= 0.
     check_data
-        Read every committed sample: NaN/Inf, negative weights, row sums.
+        Read every committed sample: checksums, NaN/Inf, negative weights, row sums.
     max_bytes
         Memory bound of one read block.
 
@@ -94,15 +96,18 @@ def verify(
 
     Raises
     ------
+    ConfigError
+        ``tolerance`` is NaN, infinite or negative.
     ArchiveNotFoundError
         Nothing at ``path``.
     ArchiveCorruptError
         Not an attnscope archive, or too damaged to open (e.g. truncated HDF5 header).
     """
+    tol = check_tolerance(tolerance)
     path = os.fspath(path)
     with open_archive(path) as a:
         rep = VerifyReport(path=path, ok=True, n_samples=a.n_samples)
-        _check(a, rep, tolerance, check_data, max_bytes)
+        _check(a, rep, tol, check_data, max_bytes)
     rep.ok = not rep.problems
     return rep
 
@@ -111,13 +116,14 @@ def _check(
     a: AttentionArchive, rep: VerifyReport, tol: float, check_data: bool, max_bytes: int
 ) -> None:
     p = rep.problems
-    b = a._backend
     n = a.n_samples
-    for rid, (start, stop, c) in a._commits.items():
+    for rid, (start, stop, c) in a.commits.items():
         if c < 0 or start < 0 or (rid != "main" and c > stop - start):
             p.append(
                 f"commit record {rid!r} is inconsistent: start={start} stop={stop} committed={c}"
             )
+    for name in a.missing_arrays():
+        p.append(f"{name}: listed in the root metadata but missing from storage (deleted?)")
     if not a.arrays() and n:
         p.append(f"{n} samples committed but the archive holds no attention arrays")
     meta = a.metadata
@@ -126,55 +132,57 @@ def _check(
         rep.notes.append(
             "row sums not checked: rows not declared normalized (written with validate=False)"
         )
+    if "arrays" not in meta:
+        rep.notes.append("array list not recorded (older archive): deleted arrays not checked")
     for name in a.arrays():
         try:
             arr = a.attention(name)
         except AttnscopeError as e:
-            p.append(f"{name}: {e}")
-            continue
-        except Exception as e:  # noqa: BLE001 - unreadable node metadata
-            p.append(f"{name}: cannot open ({type(e).__name__}: {e})")
+            p.append(f"{name}: {e}" if not str(e).startswith(name) else str(e))
             continue
         rep.arrays_checked += 1
-        h, t, s = arr.shape[1:]
-        if len(arr.heads) != h:
-            p.append(f"{name}: lists {len(arr.heads)} head ids for {h} stored heads")
-        qs, ks = KIND_AXES[(arr.stack, arr.kind)]
-        for side, got, dim in ((qs, t, "query"), (ks, s, "key")):
-            lay = getattr(a.layout, side)
-            if lay is None:
-                p.append(f"{name}: the layout has no {side} side")
-            elif lay.length != got:
-                p.append(f"{name}: {dim} length {got} != {lay.length} tokens of the {side} layout")
-        parts = ["values", "indices", "residual"] if arr.is_sparse else [""]
-        torn = False
-        for part in parts:
-            key = f"{name}/{part}" if part else name
-            try:
-                stored_n = b.get_array(key).shape[0]
-                if stored_n < n:
-                    p.append(f"{key}: holds {stored_n} samples but {n} are committed (truncated)")
-                    torn = True
-                    continue
-                missing = b.missing_chunks(key, n)
-            except Exception as e:  # noqa: BLE001
-                p.append(f"{key}: chunk index unreadable ({type(e).__name__}: {e})")
-                torn = True
-                continue
-            if missing:
-                cs = b.get_array(key).chunks[0]
-                first = missing[0]
-                p.append(
-                    f"{key}: {len(missing)} chunk(s) missing or truncated inside the committed "
-                    f"samples, first chunk {first} "
-                    f"(samples {first[0] * cs}..{min(n, (first[0] + 1) * cs) - 1})"
-                )
-                torn = True
+        _check_shape(a, name, arr, p)
+        torn = _check_chunks(arr, n, p)
         if check_data and not torn and n:
             _check_data(name, arr, rep, tol, rows_checked, max_bytes)
     for key, v in _safe_ids(a, rep).items():
         if v.shape[0] < n:
             p.append(f"sample_ids[{key!r}]: {v.shape[0]} entries for {n} committed samples")
+
+
+def _check_shape(a: AttentionArchive, name: str, arr: Any, p: list[str]) -> None:
+    h, t, s = arr.shape[1:]
+    if len(arr.heads) != h:
+        p.append(f"{name}: lists {len(arr.heads)} head ids for {h} stored heads")
+    qs, ks = KIND_AXES[(arr.stack, arr.kind)]
+    for side, got, dim in ((qs, t, "query"), (ks, s, "key")):
+        lay = getattr(a.layout, side)
+        if lay is None:
+            p.append(f"{name}: the layout has no {side} side")
+        elif lay.length != got:
+            p.append(f"{name}: {dim} length {got} != {lay.length} tokens of the {side} layout")
+
+
+def _check_chunks(arr: Any, n: int, p: list[str]) -> bool:
+    """Report chunks missing inside the committed samples; True if any is."""
+    try:
+        missing = arr.missing_chunks()
+    except Exception as e:  # noqa: BLE001 - an unreadable chunk index is damage
+        p.append(f"{arr.name}: chunk index unreadable ({type(e).__name__}: {e})")
+        return True
+    chunks = arr.storage_chunks()
+    torn = False
+    for key, gone in missing.items():
+        if gone:
+            cs = chunks[key][0]
+            first = gone[0]
+            p.append(
+                f"{key}: {len(gone)} chunk(s) missing or truncated inside the committed "
+                f"samples, first chunk {first} "
+                f"(samples {first[0] * cs}..{min(n, (first[0] + 1) * cs) - 1})"
+            )
+            torn = True
+    return torn
 
 
 def _safe_ids(a: AttentionArchive, rep: VerifyReport) -> dict[str, np.ndarray]:
@@ -237,7 +245,9 @@ def _check_data(
                 found += 1
                 if found >= MAX_PER_ARRAY:
                     return
-    except Exception as e:  # noqa: BLE001 - a chunk that fails to decode is damage
+    except ArchiveCorruptError as e:  # a chunk that is missing or fails its checksum
+        rep.problems.append(f"{name}: data unreadable ({e})")
+    except Exception as e:  # noqa: BLE001 - anything else failing to decode is damage too
         rep.problems.append(f"{name}: data unreadable ({type(e).__name__}: {e})")
 
 
@@ -255,11 +265,7 @@ def info(path: str | os.PathLike) -> dict[str, Any]:
         arrays = []
         for name in a.arrays():
             arr = a.attention(name)
-            stored = 0
-            parts = ["values", "indices", "residual"] if arr.is_sparse else [""]
-            for part in parts:
-                got = a._backend.get_array(f"{name}/{part}" if part else name).stored_nbytes()
-                stored = None if got is None or stored is None else stored + got
+            stored = arr.stored_nbytes()
             arrays.append(
                 {
                     "name": name,

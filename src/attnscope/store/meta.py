@@ -1,0 +1,248 @@
+"""Root metadata of an archive: building and checking it, provenance, the format of a
+path, opening the matching backend, and the committed prefix of the commit records."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import socket
+import sys
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+
+from attnscope.contracts import COMPRESSORS, DTYPES, FORMATS
+from attnscope.errors import (
+    ArchiveCorruptError,
+    ArchiveNotFoundError,
+    AttnscopeError,
+    ConfigError,
+    InputError,
+)
+from attnscope.store._base import Backend
+from attnscope.store.codecs import storage_dtype
+from attnscope.store.layout import TokenLayout
+from attnscope.store.spec import ArchiveSpec
+from attnscope.store.validation import check_tolerance
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "FORMAT_NAME",
+    "MAIN",
+    "archive_format",
+    "sniff_format",
+    "open_backend",
+    "is_archive",
+    "root_meta",
+    "check_meta",
+    "committed_prefix",
+    "damage_is_corruption",
+]
+
+SCHEMA_VERSION = 1
+FORMAT_NAME = "attnscope-archive"
+#: commit record id of the whole-archive writer
+MAIN = "main"
+
+
+@contextmanager
+def damage_is_corruption(path: str) -> Iterator[None]:
+    """Turn any non-attnscope error raised inside into a one-line ArchiveCorruptError.
+
+    Library errors on damaged files (``JSONDecodeError`` from a junk ``zarr.json``,
+    ``OSError``/``KeyError`` from a truncated HDF5 file) would otherwise reach the user
+    as tracebacks.
+    """
+    try:
+        yield
+    except AttnscopeError:
+        raise
+    except Exception as e:  # noqa: BLE001 - anything else means the archive is damaged
+        msg = str(e).splitlines()[0] if str(e) else ""
+        raise ArchiveCorruptError(
+            f"{path!r} is damaged and cannot be read ({type(e).__name__}: {msg}); "
+            "run 'attnscope verify' for details"
+        ) from e
+
+
+def _provenance(seed: int | None, tags: dict | None, backend_lib: str) -> dict[str, Any]:
+    import importlib.metadata as im
+
+    def ver(pkg: str) -> str | None:
+        mod = sys.modules.get(pkg)
+        if mod is not None and hasattr(mod, "__version__"):
+            return str(mod.__version__)
+        try:
+            return im.version(pkg)
+        except im.PackageNotFoundError:
+            return None
+
+    from attnscope import __version__
+
+    return {
+        "attnscope": __version__,
+        "torch": ver("torch"),
+        "numpy": np.__version__,
+        backend_lib: ver(backend_lib),
+        "python": platform.python_version(),
+        "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "seed": seed,
+        "tags": dict(tags or {}),
+    }
+
+
+def _json_ok(obj: Any, what: str) -> Any:
+    try:
+        return json.loads(json.dumps(obj))
+    except (TypeError, ValueError) as e:
+        raise InputError(f"{what} must be JSON-serialisable (no pickles): {e}") from e
+
+
+def _opt_int(x: Any) -> int | None:
+    return None if x is None else int(x)
+
+
+def root_meta(spec: ArchiveSpec, layout: TokenLayout, fmt: str) -> dict[str, Any]:
+    """The root metadata of a new archive (checks every option first).
+
+    ``chunk_samples`` and ``batch_size`` record the chunk policy, so arrays created on a
+    later first append are chunked like those created up front.
+    """
+    if spec.dtype not in DTYPES:
+        raise ConfigError(f"unknown dtype {spec.dtype!r}; expected one of {DTYPES}")
+    if spec.compressor not in COMPRESSORS:
+        raise ConfigError(f"unknown compressor {spec.compressor!r}; expected one of {COMPRESSORS}")
+    topk = spec.sparse_topk
+    if topk is not None and (isinstance(topk, bool) or int(topk) < 1):
+        raise ConfigError(f"sparse_topk must be a positive int or None, got {topk!r}")
+    for what in ("capacity", "chunk_samples", "batch_size"):
+        v = getattr(spec, what)
+        low = 0 if what == "capacity" else 1
+        if v is not None and (isinstance(v, bool) or int(v) < low):
+            raise ConfigError(f"{what} must be an int >= {low} or None, got {v!r}")
+    if not isinstance(layout, TokenLayout):
+        raise InputError(f"layout must be a TokenLayout, got {type(layout).__name__}")
+    tol = None if spec.tolerance is None else check_tolerance(spec.tolerance)
+    return {
+        "format": FORMAT_NAME,
+        "schema_version": SCHEMA_VERSION,
+        "layout": layout.to_json(),
+        "dtype": spec.dtype,
+        "storage_dtype": str(storage_dtype(spec.dtype)),
+        "mode": "dense" if topk is None else "sparse",
+        "topk": _opt_int(topk),
+        "compressor": spec.compressor,
+        "chunk_samples": _opt_int(spec.chunk_samples),
+        "batch_size": _opt_int(spec.batch_size),
+        "capacity": _opt_int(spec.capacity),
+        "validate": bool(spec.validate),
+        "normalized": bool(spec.validate if spec.normalized is None else spec.normalized),
+        "tolerance": tol,
+        "model_config": _json_ok(spec.model_config or {}, "model_config"),
+        "capture": _json_ok(spec.capture or {}, "capture"),
+        "heads": _json_ok(spec.heads or {}, "heads"),
+        "arrays": [],
+        "provenance": _provenance(
+            spec.seed, _json_ok(spec.tags, "tags"), "h5py" if fmt == "hdf5" else "zarr"
+        ),
+    }
+
+
+def archive_format(path: str | os.PathLike, format: str | None = None) -> str:
+    """The format a new archive at ``path`` gets: ``format``, else ``.h5``/``.hdf5`` -> hdf5,
+    anything else zarr."""
+    if format is not None:
+        if format not in FORMATS:
+            raise ConfigError(f"unknown format {format!r}; expected one of {FORMATS}")
+        return format
+    return "hdf5" if os.fspath(path).lower().endswith((".h5", ".hdf5")) else "zarr"
+
+
+def open_backend(path: str, fmt: str, mode: str) -> Backend:
+    """The backend of ``fmt`` opened at ``path`` (``"r"``, ``"a"`` or ``"w"``)."""
+    if fmt not in FORMATS:
+        raise ConfigError(f"unknown format {fmt!r}; expected one of {FORMATS}")
+    if fmt == "hdf5":
+        from attnscope.store._hdf5 import HDF5Backend
+
+        return HDF5Backend(path, mode)
+    from attnscope.store._zarr import ZarrBackend
+
+    return ZarrBackend(path, mode)
+
+
+def sniff_format(path: str) -> str:
+    """``"zarr"`` or ``"hdf5"`` for an existing archive, from what is on disk."""
+    if not os.path.exists(path):
+        raise ArchiveNotFoundError(f"no archive at {path!r}")
+    if os.path.isdir(path):
+        if not os.path.exists(os.path.join(path, "zarr.json")):
+            raise ArchiveCorruptError(
+                f"{path!r} is a directory without zarr.json: not an attnscope Zarr archive"
+            )
+        return "zarr"
+    if path.lower().endswith(".zip"):
+        return "zarr"
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+    if head == b"\x89HDF\r\n\x1a\n" or path.lower().endswith((".h5", ".hdf5")):
+        return "hdf5"
+    raise ArchiveCorruptError(
+        f"{path!r} is neither a Zarr directory/zip nor an HDF5 file: not an attnscope archive"
+    )
+
+
+def is_archive(path: str) -> bool:
+    """Whether ``path`` holds an attnscope archive (root metadata names our format)."""
+    try:
+        backend = open_backend(path, sniff_format(path), "r")
+        try:
+            return backend.read_root_meta().get("format") == FORMAT_NAME
+        finally:
+            backend.close()
+    except Exception:  # noqa: BLE001 - anything unreadable is "not ours"
+        return False
+
+
+def check_meta(meta: dict[str, Any], path: str) -> TokenLayout:
+    """Check root metadata read from ``path``; return its token layout."""
+    if meta.get("format") != FORMAT_NAME:
+        raise ArchiveCorruptError(
+            f"{path!r}: root metadata 'format' is {meta.get('format')!r}, expected {FORMAT_NAME!r}"
+        )
+    ver = meta.get("schema_version")
+    if not isinstance(ver, int) or not 1 <= ver <= SCHEMA_VERSION:
+        raise ArchiveCorruptError(
+            f"{path!r}: schema_version {ver!r} is not supported; this attnscope reads "
+            f"versions 1..{SCHEMA_VERSION}"
+        )
+    if meta.get("dtype") not in DTYPES:
+        raise ArchiveCorruptError(
+            f"{path!r}: stored dtype {meta.get('dtype')!r} is not one of {DTYPES}"
+        )
+    if meta.get("mode", "dense") not in ("dense", "sparse"):
+        raise ArchiveCorruptError(f"{path!r}: mode {meta.get('mode')!r} is not dense or sparse")
+    arrays = meta.get("arrays", [])
+    if not isinstance(arrays, list) or not all(isinstance(a, str) for a in arrays):
+        raise ArchiveCorruptError(f"{path!r}: root metadata 'arrays' is not a list of names")
+    try:
+        return TokenLayout.from_json(meta["layout"])
+    except Exception as e:  # noqa: BLE001 - any malformed layout is corruption
+        raise ArchiveCorruptError(f"{path!r}: token layout in root metadata is invalid: {e}") from e
+
+
+def committed_prefix(commits: Mapping[str, tuple[int, int, int]]) -> int:
+    """Number of samples ``[0, n)`` covered without gap by the commit records."""
+    spans = sorted((a, a + c) for a, _b, c in commits.values() if c > 0)
+    n = 0
+    for a, b in spans:
+        if a > n:
+            break
+        n = max(n, b)
+    return n

@@ -1,0 +1,443 @@
+"""Reading archives: ``open_archive``, ``AttentionArchive`` and lazy ``AttentionArray``s.
+
+Every read of committed samples is checked: a chunk that is missing (Zarr would read it
+as zeros) or fails to decode or to match its checksum raises ArchiveCorruptError naming
+the array and the chunk, never a silently wrong number.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+from attnscope.contracts import DIMS, FORMATS, SAMPLE_IDS, STACKS
+from attnscope.errors import ArchiveCorruptError, ConfigError, InputError, SelectionError
+from attnscope.store._base import ArrayHandle, MiB
+from attnscope.store.codecs import decode, read_dtype
+from attnscope.store.meta import (
+    check_meta,
+    committed_prefix,
+    damage_is_corruption,
+    open_backend,
+    sniff_format,
+)
+from attnscope.store.names import array_name, parse_array_name, stored_names
+
+__all__ = ["AttentionArchive", "AttentionArray", "open_archive"]
+
+
+def _norm_index(key: Any, shape: tuple[int, ...]) -> tuple[tuple[slice, ...], tuple[Any, ...]]:
+    """Basic numpy index -> (bounding box of step-1 slices, index to apply to the box)."""
+    if not isinstance(key, tuple):
+        key = (key,)
+    if any(k is Ellipsis for k in key):
+        i = next(j for j, k in enumerate(key) if k is Ellipsis)
+        fill = len(shape) - (len(key) - 1)
+        key = key[:i] + (slice(None),) * fill + key[i + 1 :]
+    if len(key) > len(shape):
+        raise SelectionError(f"too many indices: got {len(key)} for dims {DIMS}")
+    key = key + (slice(None),) * (len(shape) - len(key))
+    box, post = [], []
+    for k, n, dim in zip(key, shape, DIMS):
+        if isinstance(k, (int, np.integer)) and not isinstance(k, bool):
+            i = int(k) + n if k < 0 else int(k)
+            if not 0 <= i < n:
+                raise SelectionError(f"{dim} index {int(k)} out of range for {n} {dim}s")
+            box.append(slice(i, i + 1))
+            post.append(0)
+        elif isinstance(k, slice):
+            start, stop, step = k.indices(n)
+            rng = range(start, stop, step)
+            if len(rng) == 0:
+                box.append(slice(0, 0))
+                post.append(slice(None))
+            elif step > 0:
+                box.append(slice(start, rng[-1] + 1))
+                post.append(slice(None, None, step))
+            else:
+                box.append(slice(rng[-1], rng[0] + 1))
+                post.append(slice(None, None, step))
+        else:
+            raise SelectionError(
+                f"unsupported index {k!r} for {dim}: use ints, slices or '...' (basic indexing)"
+            )
+    return tuple(box), tuple(post)
+
+
+def checked_read(archive: AttentionArchive, handle: ArrayHandle, box: tuple[slice, ...]) -> Any:
+    """Read a box of committed data, refusing chunks that are missing from storage."""
+    gone = handle.missing_in(box)
+    if gone:
+        raise ArchiveCorruptError(
+            f"{archive.path!r}: array {handle.name!r} chunk {gone[0]} is missing although "
+            f"its samples are committed ({len(gone)} missing in this read); the archive is "
+            "damaged (run 'attnscope verify')"
+        )
+    return handle.read(box)
+
+
+class AttentionArray:
+    """Lazy view of one stored attention array, shape ``(N, H, T, S)`` (committed N).
+
+    Indexing reads only the chunks the selection touches and returns numpy. Sparse
+    arrays are returned densely (zeros where a weight was not kept).
+    """
+
+    def __init__(self, archive: AttentionArchive, name: str) -> None:
+        self.archive = archive
+        self.name = name
+        self.stack, self.layer, self.kind = parse_array_name(name)
+        b = archive._backend
+        attrs = b.get_attrs(name)
+        try:
+            h, t, s = (int(x) for x in attrs["hts"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise ArchiveCorruptError(f"{name}: array attributes lack (H, T, S): {attrs!r}") from e
+        self._hts = (h, t, s)
+        self.heads: list[int] = [int(x) for x in attrs.get("heads", range(h))]
+        self.is_sparse = archive.mode == "sparse"
+        self._ldtype = archive.dtype
+        parts = ["values", "indices", "residual"] if self.is_sparse else [""]
+        self._parts = {p: b.get_array(f"{name}/{p}" if p else name) for p in parts}
+        self._main = self._parts["values" if self.is_sparse else ""]
+        if not self.is_sparse and tuple(self._main.shape[1:]) != (h, t, s):
+            raise ArchiveCorruptError(
+                f"{name}: stored shape {self._main.shape} disagrees with its (H, T, S) {(h, t, s)}"
+            )
+        n = archive.n_samples
+        for handle in self._parts.values():
+            if handle.shape[0] < n:
+                raise ArchiveCorruptError(
+                    f"{handle.name}: holds {handle.shape[0]} samples but {n} are committed "
+                    "(truncated, or the commit record claims more than was written)"
+                )
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return (self.archive.n_samples, *self._hts)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return read_dtype(self._ldtype)
+
+    @property
+    def chunks(self) -> tuple[int, ...]:
+        c = tuple(self._main.chunks)
+        return (*c[:3], self._hts[2]) if self.is_sparse else c
+
+    @property
+    def ndim(self) -> int:
+        return 4
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape)) * self.dtype.itemsize
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __repr__(self) -> str:
+        return (
+            f"AttentionArray({self.name!r}, shape={self.shape}, dtype={self.dtype}, "
+            f"chunks={self.chunks})"
+        )
+
+    # -- storage (what verify and info look at) -------------------------------------------
+    def stored_lengths(self) -> dict[str, int]:
+        """Storage array path -> samples allocated (>= the committed count when intact)."""
+        return {h.name: int(h.shape[0]) for h in self._parts.values()}
+
+    def chunk_keys(self) -> dict[str, list[tuple[int, ...]]]:
+        """Storage array path -> sorted indices of the chunks present in storage."""
+        return {h.name: sorted(h.stored_chunks()) for h in self._parts.values()}
+
+    def missing_chunks(self) -> dict[str, list[tuple[int, ...]]]:
+        """Storage array path -> chunks inside the committed samples that are not stored."""
+        n = self.archive.n_samples
+        out = {}
+        for h in self._parts.values():
+            box = (slice(0, min(n, h.shape[0])), *(slice(0, d) for d in h.shape[1:]))
+            out[h.name] = h.missing_in(box)
+        return out
+
+    def storage_chunks(self) -> dict[str, tuple[int, ...]]:
+        """Storage array path -> its chunk shape."""
+        return {h.name: tuple(h.chunks) for h in self._parts.values()}
+
+    def stored_nbytes(self) -> int | None:
+        """Bytes on disk of all parts, if the backend knows them cheaply."""
+        total: int | None = 0
+        for h in self._parts.values():
+            got = h.stored_nbytes()
+            total = None if got is None or total is None else total + got
+        return total
+
+    # -- reading --------------------------------------------------------------------------
+    def _read_box(self, box: tuple[slice, ...]) -> np.ndarray:
+        if not self.is_sparse:
+            return decode(checked_read(self.archive, self._main, box), self._ldtype)
+        vals, idx, _ = self._read_sparse(box[:3])
+        n, h, t, _k = vals.shape
+        out = np.zeros((n, h, t, self._hts[2]), dtype=self.dtype)
+        np.put_along_axis(out, idx.astype(np.intp), vals.astype(self.dtype), axis=-1)
+        return out[..., box[3]]
+
+    def _read_sparse(self, box3: tuple[slice, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        p = self._parts
+        full = box3 + (slice(0, p["values"].shape[3]),)
+        vals = decode(checked_read(self.archive, p["values"], full), self._ldtype)
+        idx = checked_read(self.archive, p["indices"], full)
+        return vals, idx, checked_read(self.archive, p["residual"], box3)
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        box, post = _norm_index(key, self.shape)
+        if any(s.stop <= s.start for s in box):
+            block = np.zeros(tuple(max(0, s.stop - s.start) for s in box), dtype=self.dtype)
+        else:
+            block = self._read_box(box)
+        return block[post]
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        out = self[...]
+        return out if dtype is None else out.astype(dtype)
+
+    def iter_blocks(self, max_bytes: int = 64 * MiB) -> Iterator[tuple[slice, np.ndarray]]:
+        """Yield ``(sample_slice, block (n, H, T, S))`` covering all committed samples.
+
+        Blocks are aligned to the storage chunks along the sample axis and hold at most
+        ``max_bytes`` (but always at least one chunk of samples).
+        """
+        n = self.shape[0]
+        cs = self.chunks[0]
+        per = max(1, int(np.prod(self._hts)) * self.dtype.itemsize)
+        step = max(cs, (max(1, int(max_bytes) // per) // cs) * cs)
+        for a in range(0, n, step):
+            sl = slice(a, min(n, a + step))
+            yield sl, self[sl]
+
+    def topk_arrays(
+        self, sample_slice: slice = slice(None)
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(values (n, H, T, k), indices (n, H, T, k), residual (n, H, T))`` of a sparse array."""
+        if not self.is_sparse:
+            raise SelectionError(f"{self.name} is dense; topk_arrays() needs a sparse archive")
+        if not isinstance(sample_slice, slice):
+            raise SelectionError(f"sample_slice must be a slice, got {sample_slice!r}")
+        a, b, step = sample_slice.indices(self.shape[0])
+        box = (slice(a, max(a, b)), slice(0, self._hts[0]), slice(0, self._hts[1]))
+        v, i, r = self._read_sparse(box)
+        return v[::step], i[::step], r[::step]
+
+
+class AttentionArchive:
+    """Read-only view of an archive; see :func:`open_archive`."""
+
+    def __init__(self, path: str | os.PathLike, *, format: str | None = None) -> None:
+        self.path = os.fspath(path)
+        with damage_is_corruption(self.path):
+            self.format = format or sniff_format(self.path)
+            if self.format not in FORMATS:
+                raise ConfigError(f"unknown format {self.format!r}; expected one of {FORMATS}")
+            self._backend = open_backend(self.path, self.format, "r")
+            try:
+                self._root = self._backend.read_root_meta()
+                self.layout = check_meta(self._root, self.path)
+                self._commits = self._backend.read_commits()
+                self.n_samples = committed_prefix(self._commits)
+                self._names = stored_names(self._backend)
+            except BaseException:
+                self._backend.close()
+                raise
+        self._cache: dict[str, AttentionArray] = {}
+        self._borrowed = False
+
+    def _borrow(self) -> AttentionArchive:
+        # The same open archive (backend and caches shared) whose close() is a no-op: what
+        # open_archive() returns for an archive it did not open.
+        view = copy.copy(self)
+        view._borrowed = True
+        return view
+
+    # -- metadata -----------------------------------------------------------------------
+    @property
+    def schema_version(self) -> int:
+        return int(self._root["schema_version"])
+
+    @property
+    def dtype(self) -> str:
+        return str(self._root["dtype"])
+
+    @property
+    def mode(self) -> str:
+        return str(self._root.get("mode", "dense"))
+
+    @property
+    def topk(self) -> int | None:
+        return self._root.get("topk")
+
+    @property
+    def commits(self) -> dict[str, tuple[int, int, int]]:
+        """``{writer record id: (start, stop, committed)}`` as read when opened."""
+        return dict(self._commits)
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        """All root metadata plus ``n_samples`` and the per-writer ``commits`` records."""
+        return {
+            **json.loads(json.dumps(self._root)),
+            "n_samples": self.n_samples,
+            "commits": {k: list(v) for k, v in sorted(self._commits.items())},
+        }
+
+    def identity(self) -> dict[str, Any]:
+        """Stable handle: path, schema version, committed count and a short fingerprint."""
+        h = hashlib.sha256(json.dumps(self._root, sort_keys=True).encode())
+        h.update(f"|{self.n_samples}".encode())
+        return {
+            "archive": str(self.path),
+            "schema_version": self.schema_version,
+            "n_samples": self.n_samples,
+            "fingerprint": h.hexdigest()[:16],
+        }
+
+    # -- arrays -------------------------------------------------------------------------
+    def arrays(self) -> list[str]:
+        """Array names sorted by (stack, layer, kind)."""
+        return list(self._names)
+
+    def missing_arrays(self) -> list[str]:
+        """Arrays the root metadata lists that storage no longer holds (damage).
+
+        Archives written before the list was recorded report none.
+        """
+        return [n for n in self._root.get("arrays", []) if n not in self._names]
+
+    def layers(self, stack: str) -> list[int]:
+        if stack not in STACKS:
+            raise SelectionError(f"unknown stack {stack!r}; expected one of {STACKS}")
+        return sorted({parse_array_name(n)[1] for n in self._names if n.startswith(stack + "/")})
+
+    def kinds(self, stack: str, layer: int) -> list[str]:
+        pre = f"{stack}/{int(layer)}/"
+        return [n[len(pre) :] for n in self._names if n.startswith(pre)]
+
+    def attention(
+        self, stack: str, layer: int | None = None, kind: str | None = None
+    ) -> AttentionArray:
+        """Lazy array of ``stack/layer/kind`` (or pass one array name)."""
+        name = stack if layer is None and kind is None else array_name(stack, layer, kind)  # type: ignore[arg-type]
+        if name not in self._cache:
+            if name not in self._names:
+                if name in self.missing_arrays():
+                    raise ArchiveCorruptError(
+                        f"{self.path!r}: array {name!r} is listed in the root metadata but "
+                        "missing from storage; the archive is damaged"
+                    )
+                raise SelectionError(
+                    f"archive {self.path!r} has no array {name!r}; it holds {self._names}"
+                )
+            with damage_is_corruption(self.path):
+                self._cache[name] = AttentionArray(self, name)
+        return self._cache[name]
+
+    def __getitem__(self, name: str) -> AttentionArray:
+        return self.attention(name)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names
+
+    def heads(
+        self, name_or_stack: str, layer: int | None = None, kind: str | None = None
+    ) -> list[int]:
+        """Original head indices kept in one array."""
+        return list(self.attention(name_or_stack, layer, kind).heads)
+
+    @property
+    def sample_ids(self) -> dict[str, np.ndarray]:
+        """Per-sample ids of the committed samples, ``{key: (N,)}``; ``{}`` if none."""
+        out = {}
+        with damage_is_corruption(self.path):
+            for key in self._backend.list_children(SAMPLE_IDS):
+                h = self._backend.get_array(f"{SAMPLE_IDS}/{key}")
+                n = min(self.n_samples, h.shape[0])
+                out[key] = checked_read(self, h, (slice(0, n),))
+        return out
+
+    # -- out of core --------------------------------------------------------------------
+    def to_dask(self, name: str) -> Any:
+        """Dask array ``(N, H, T, S)`` over the committed samples, chunked like storage."""
+        from attnscope.store.views import to_dask
+
+        return to_dask(self, name)
+
+    def to_xarray(self, name: str | None = None) -> Any:
+        """Labelled, lazy (dask-backed) view: see :func:`attnscope.store.views.to_xarray`."""
+        from attnscope.store.views import to_xarray
+
+        return to_xarray(self, name)
+
+    # -- lifetime -----------------------------------------------------------------------
+    def close(self) -> None:
+        """Close the archive, unless it was passed into :func:`open_archive` by its owner."""
+        if not self._borrowed:
+            self._backend.close()
+
+    def __enter__(self) -> AttentionArchive:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (
+            f"AttentionArchive({self.path!r}, format={self.format!r}, n_samples={self.n_samples}, "
+            f"arrays={len(self._names)}, dtype={self.dtype!r}, mode={self.mode!r})"
+        )
+
+
+def open_archive(
+    path: str | os.PathLike | AttentionArchive, *, format: str | None = None
+) -> AttentionArchive:
+    """Open an archive read-only: the one way in for every stage.
+
+    Used as a context manager it closes only what it opened (as xarray's
+    ``open_dataset``): given an already open :class:`AttentionArchive` it returns a view of
+    it whose ``close()`` leaves the caller's archive open.
+
+    Parameters
+    ----------
+    path
+        Zarr directory / zip or HDF5 file written by :class:`ArchiveWriter`, or an open
+        :class:`AttentionArchive`.
+    format
+        ``"zarr"`` or ``"hdf5"``; sniffed from the path when omitted.
+
+    Returns
+    -------
+    AttentionArchive
+
+    Raises
+    ------
+    ArchiveNotFoundError
+        Nothing at ``path``.
+    ArchiveCorruptError
+        Not an attnscope archive, or one too damaged to open.
+
+    Examples
+    --------
+    >>> with open_archive("run.zarr") as a:                        # doctest: +SKIP
+    ...     w = a.attention("encoder", 0, "self_attention")[0, 3]  # (T, S) of sample 0 head 3
+    """
+    if isinstance(path, AttentionArchive):
+        return path._borrow()
+    if not isinstance(path, (str, os.PathLike)):
+        raise InputError(
+            f"expected an archive path or an AttentionArchive, got {type(path).__name__}"
+        )
+    return AttentionArchive(path, format=format)

@@ -1,0 +1,545 @@
+"""``ArchiveWriter``: create or resume an archive and append committed batches."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import warnings
+import weakref
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from attnscope.contracts import DIMS, FORMATS, SAMPLE_IDS
+from attnscope.errors import ArchiveError, ConfigError, ShapeError
+from attnscope.store._base import ArrayHandle, Backend, Write, choose_chunks
+from attnscope.store._lock import LOCK_DIR_NAME, Lease
+from attnscope.store.batch import BatchRules, Prepared
+from attnscope.store.codecs import storage_dtype
+from attnscope.store.layout import TokenLayout
+from attnscope.store.meta import (
+    MAIN,
+    archive_format,
+    check_meta,
+    committed_prefix,
+    damage_is_corruption,
+    is_archive,
+    open_backend,
+    root_meta,
+    sniff_format,
+)
+from attnscope.store.names import flatten_weights, parse_array_name, sort_key, stored_names
+from attnscope.store.spec import ArchiveSpec, batch_chunk_samples
+
+__all__ = ["ArchiveWriter"]
+
+
+class _Node:
+    """What the writer knows about one attention node: (H, T, S), heads, storage handles."""
+
+    def __init__(self, name: str, h: int, t: int, s: int, heads: list[int]) -> None:
+        self.name, self.h, self.t, self.s, self.heads = name, h, t, s, heads
+        self.handles: dict[str, ArrayHandle] = {}
+
+
+def _locks_inside(path: str, fmt: str) -> bool:
+    """Whether the writer locks live inside the archive (a Zarr directory) or beside it."""
+    return fmt == "zarr" and not path.lower().endswith(".zip")
+
+
+def _clear(path: str) -> None:
+    """Delete the archive at ``path``, keeping the lock folder of a directory archive."""
+    if os.path.isdir(path):
+        for entry in os.listdir(path):
+            if entry != LOCK_DIR_NAME:
+                full = os.path.join(path, entry)
+                (shutil.rmtree if os.path.isdir(full) else os.remove)(full)
+    elif os.path.exists(path):
+        os.remove(path)
+
+
+def _refuse_existing(path: str, inside: bool, overwrite: bool) -> None:
+    if not os.path.exists(path):
+        return
+    if inside and os.path.isdir(path) and set(os.listdir(path)) <= {LOCK_DIR_NAME}:
+        return  # an empty directory (or one holding only our lock folder) is free
+    if not overwrite:
+        raise ConfigError(
+            f"archive {path!r} already exists (replace it with overwrite / --overwrite, "
+            f"or append to it with resume / --resume)"
+        )
+    if not is_archive(path):
+        raise ConfigError(
+            f"{path!r} exists but is not an attnscope archive; refusing to delete it "
+            "(overwrite only replaces archives)"
+        )
+
+
+def _resolve_spec(spec: ArchiveSpec | None, options: Mapping[str, Any], fmt: str) -> ArchiveSpec:
+    """``spec`` with keyword overrides, and the chunk policy of ``fmt`` applied."""
+    unknown = sorted(set(options) - {f.name for f in dataclasses.fields(ArchiveSpec)})
+    if unknown:
+        names = sorted(f.name for f in dataclasses.fields(ArchiveSpec))
+        raise ConfigError(f"unknown archive option(s) {unknown}; expected some of {names}")
+    spec = dataclasses.replace(spec or ArchiveSpec(), **options)
+    if fmt == "hdf5":
+        if spec.chunk_samples not in (None, 1):
+            warnings.warn(
+                f"chunk_samples={spec.chunk_samples} ignored: HDF5 archives keep one sample "
+                "per chunk so that committed data is never rewritten in place",
+                stacklevel=3,
+            )
+        return dataclasses.replace(spec, chunk_samples=1)
+    if spec.chunk_samples is None and spec.batch_size and spec.arrays:
+        if isinstance(spec.batch_size, bool) or int(spec.batch_size) < 1:
+            raise ConfigError(f"batch_size must be an int >= 1 or None, got {spec.batch_size!r}")
+        cs = batch_chunk_samples(spec.arrays, spec.dtype, int(spec.batch_size))
+        return dataclasses.replace(spec, chunk_samples=cs)
+    return spec
+
+
+class ArchiveWriter:
+    """Append attention batches to an archive; a context manager.
+
+    Create a new archive with :meth:`create`, or resume one with :meth:`open`. Each
+    :meth:`append` writes one batch in place and then advances the committed count;
+    nothing of a batch is visible to readers before that, and earlier batches are never
+    held in memory.
+
+    Examples
+    --------
+    >>> layout = TokenLayout(encoder=SideLayout.from_lengths({"text": 5}))  # doctest: +SKIP
+    >>> with ArchiveWriter.create("run.zarr", layout) as w:                   # doctest: +SKIP
+    ...     w.append({"encoder/0/self_attention": weights})  # (B, H, S, S)
+    """
+
+    def __init__(self) -> None:  # use create() / open()
+        self._backend: Backend | None = None
+        self._lease: Lease | None = None
+        self._closed = False
+
+    # -- construction -------------------------------------------------------------------
+    @classmethod
+    def create(
+        cls,
+        path: str | os.PathLike,
+        layout: TokenLayout,
+        spec: ArchiveSpec | None = None,
+        *,
+        overwrite: bool = False,
+        **options: Any,
+    ) -> ArchiveWriter:
+        """Create a new archive and return a writer holding its lock.
+
+        Parameters
+        ----------
+        path
+            Directory (Zarr, default), ``*.zarr.zip`` (Zarr zip, not crash-safe) or
+            ``*.h5`` / ``*.hdf5`` (HDF5).
+        layout
+            Token layout of both sides; fixes ``T`` and ``S`` of every array.
+        spec
+            The archive's options as one :class:`ArchiveSpec` (format, dtype, compressor,
+            validation, sparse top-k, capacity, arrays created up front, chunk policy,
+            metadata; see its fields). Keywords of the same names override its fields.
+        overwrite
+            Replace an existing archive at ``path`` (never anything that is not one).
+
+        Returns
+        -------
+        ArchiveWriter
+        """
+        path = os.fspath(path)
+        fmt = archive_format(path, options.get("format", spec.format if spec else None))
+        spec = _resolve_spec(spec, options, fmt)
+        meta = root_meta(spec, layout, fmt)
+        inside = _locks_inside(path, fmt)
+        _refuse_existing(path, inside, overwrite)
+        self = cls()
+        self._lease = self._hold(Lease(path, None, inside=inside))
+        try:
+            _clear(path)
+            self._backend = open_backend(path, fmt, "w")
+            self._backend.write_root_meta(meta)
+            self._backend.write_commit(MAIN, 0, 0, 0)
+            self._init(path, fmt, meta, layout, start=0, stop=None, rid=MAIN, count=0)
+            for name, hts in (spec.arrays or {}).items():
+                if len(hts) != 3:
+                    raise ShapeError(f"arrays[{name!r}] must be (H, T, S), got {hts!r}")
+                self._create_node(name, *map(int, hts), n=int(spec.capacity or 0))
+            self._record_arrays()
+            self._backend.flush()
+        except BaseException:
+            if self._backend is not None:
+                self._backend.close()
+            _clear(path)  # leave no half-created archive behind (the lock is still ours)
+            self._lease.release()
+            raise
+        return self
+
+    @classmethod
+    def open(
+        cls,
+        path: str | os.PathLike,
+        mode: str = "a",
+        *,
+        sample_range: tuple[int, int] | None = None,
+        format: str | None = None,
+    ) -> ArchiveWriter:
+        """Reopen an archive to append after its committed samples.
+
+        Parameters
+        ----------
+        path
+            An existing archive.
+        mode
+            Only ``"a"`` (append) is supported; use :meth:`create` for a new archive.
+        sample_range
+            ``(start, stop)``: write only samples ``[start, stop)``, concurrently with
+            other writers of disjoint ranges (Zarr only; needs ``capacity`` and arrays
+            created up front). A range writer resumes after its own committed samples.
+        format
+            Override format detection.
+        """
+        path = os.fspath(path)
+        if mode != "a":
+            raise ConfigError(f"ArchiveWriter.open mode must be 'a', got {mode!r}; use create()")
+        fmt = format or sniff_format(path)
+        if fmt not in FORMATS:
+            raise ConfigError(f"unknown format {fmt!r}; expected one of {FORMATS}")
+        inside = _locks_inside(path, fmt)
+        if sample_range is not None:
+            sample_range = cls._check_range_arg(path, fmt, inside, sample_range)
+        self = cls()
+        self._lease = self._hold(Lease(path, sample_range, inside=inside))
+        try:
+            self._backend = open_backend(path, fmt, "a")
+            with damage_is_corruption(path):
+                self._resume(path, fmt, sample_range)
+        except BaseException:
+            self._lease.release()
+            if self._backend is not None:
+                self._backend.close()
+            raise
+        return self
+
+    @staticmethod
+    def _check_range_arg(path: str, fmt: str, inside: bool, rng: Any) -> tuple[int, int]:
+        if fmt != "zarr" or not inside:
+            raise ConfigError(
+                f"sample_range writers need a Zarr directory archive; {path!r} is {fmt}"
+                f"{' zip' if fmt == 'zarr' else ''} (one HDF5 file has one writer)"
+            )
+        a, b = (int(x) for x in rng)
+        if not 0 <= a < b:
+            raise ConfigError(f"sample_range must satisfy 0 <= start < stop, got {rng!r}")
+        return a, b
+
+    def _resume(self, path: str, fmt: str, sample_range: tuple[int, int] | None) -> None:
+        assert self._backend is not None
+        meta = self._backend.read_root_meta()
+        layout = check_meta(meta, path)
+        commits = self._backend.read_commits()
+        if sample_range is None:
+            n = committed_prefix(commits)
+            self._init(path, fmt, meta, layout, start=0, stop=None, rid=MAIN, count=n)
+            return
+        a, b = sample_range
+        rid = f"range-{a}-{b}"
+        count = commits.get(rid, (a, b, 0))[2]
+        main = commits.get(MAIN, (0, 0, 0))
+        if main[2] > a:
+            raise ConfigError(
+                f"sample_range {sample_range} overlaps the {main[2]} samples already "
+                f"committed by the main writer"
+            )
+        for other, (oa, ob, oc) in commits.items():
+            if other not in (rid, MAIN) and oc > 0 and oa < b and a < ob:
+                raise ConfigError(
+                    f"sample_range {sample_range} overlaps committed range [{oa}, {ob})"
+                )
+        self._init(path, fmt, meta, layout, start=a, stop=b, rid=rid, count=count)
+        for node in self._nodes.values():
+            self._check_range_fits(node)
+
+    def _init(self, path, fmt, meta, layout, *, start, stop, rid, count) -> None:  # type: ignore[no-untyped-def]
+        self.path = path
+        self.format = fmt
+        self._meta = meta
+        self.layout = layout
+        self._rules = BatchRules(layout, meta)
+        self._start = start
+        self._stop = stop
+        self._rid = rid
+        self._count = count
+        self._nodes: dict[str, _Node] = {}
+        self._id_keys: list[str] | None = None
+        self._id_handles: dict[str, ArrayHandle] = {}
+        # (array name, part) -> (first sample, copy of samples [first, committed)) of the
+        # last partly filled chunk this writer wrote; see _data_writes().
+        self._tails: dict[tuple[str, str], tuple[int, np.ndarray]] = {}
+        self._load_existing()
+
+    def _load_existing(self) -> None:
+        b = self._backend
+        assert b is not None
+        for name in stored_names(b):
+            attrs = b.get_attrs(name)
+            h, t, s = (int(x) for x in attrs["hts"])
+            node = _Node(name, h, t, s, list(attrs.get("heads", range(h))))
+            for part in self._parts():
+                node.handles[part] = b.get_array(f"{name}/{part}" if part else name)
+            self._nodes[name] = node
+        self._id_keys = b.list_children(SAMPLE_IDS) or None
+
+    def _parts(self) -> list[str]:
+        return ["values", "indices", "residual"] if self._rules.sparse else [""]
+
+    # -- properties ---------------------------------------------------------------------
+    @property
+    def committed(self) -> int:
+        """Samples committed by this writer (whole archive, or within its sample_range)."""
+        return self._count
+
+    @property
+    def sample_range(self) -> tuple[int, int] | None:
+        return None if self._stop is None else (self._start, self._stop)
+
+    # -- append -------------------------------------------------------------------------
+    def append(
+        self, weights: Mapping[str, Any], *, sample_ids: Mapping[str, Any] | None = None
+    ) -> int:
+        """Write one batch and commit it.
+
+        Parameters
+        ----------
+        weights
+            Either the model's nested dict ``{"encoder": [{"self_attention": (B, H, S, S)},
+            ...], "decoder": [{"self_attention": (B, H, T, T), "cross_attention":
+            (B, H, T, S)}, ...]}`` (``None`` entries = not captured) or a flat dict
+            ``{"encoder/0/self_attention": (B, H, S, S), ...}``. Values are numpy arrays
+            or torch tensors; in sparse mode also ``{"values": (B, H, T, k),
+            "indices": (B, H, T, k)}`` dicts of precomputed top-k.
+        sample_ids
+            Optional per-sample ids, e.g. ``{"episode": (B,), "step": (B,)}`` (numeric).
+
+        Returns
+        -------
+        int
+            The new committed count (see :attr:`committed`).
+        """
+        if self._closed:
+            raise ArchiveError(f"writer of {self.path!r} is closed")
+        items = flatten_weights(weights)
+        if not items:
+            raise ShapeError("append() got no attention arrays (all entries None or empty dict)")
+        later = bool(self._count or self._start)
+        prepared, bsz = self._rules.prepare(
+            items,
+            {n: (x.h, x.t, x.s) for n, x in self._nodes.items()},
+            first_sample=self._start + self._count,
+            complete=later,
+            range_writer=self._stop is not None,
+        )
+        ids = BatchRules.prepare_ids(sample_ids, bsz, self._id_keys, later=later)
+        # Everything is validated; from here on only writes happen.
+        pos = self._start + self._count
+        end = pos + bsz
+        if self._stop is not None and end > self._stop:
+            raise ShapeError(
+                f"batch of {bsz} samples does not fit sample_range [{self._start}, {self._stop}): "
+                f"{self._stop - pos} slots left"
+            )
+        self._ensure_nodes(prepared, end)
+        # Every box of the batch goes to the backend in one call (Zarr writes them
+        # concurrently, HDF5 in one pass); the commit record follows only after it returned.
+        writes, tails = self._data_writes(prepared, pos, end)
+        writes += self._id_writes(ids, pos, end)
+        b = self._backend
+        assert b is not None
+        try:
+            b.write_many(writes)
+        except BaseException:
+            self._tails.clear()  # unknown state on disk: fall back to read-modify-write
+            raise
+        for key, tail in tails.items():
+            if tail is None:
+                self._tails.pop(key, None)
+            else:
+                self._tails[key] = tail
+        self._count += bsz
+        stop = self._stop if self._stop is not None else self._start + self._count
+        b.write_commit(self._rid, self._start, stop, self._count)
+        return self._count
+
+    def _ensure_nodes(self, prepared: Prepared, end: int) -> None:
+        """Create the arrays this batch brings first, and grow every array to ``end``."""
+        b = self._backend
+        assert b is not None
+        new = [name for name in prepared if name not in self._nodes]
+        for name in new:
+            n = max(end, int(self._meta.get("capacity") or 0))
+            self._create_node(name, *prepared[name]["_hts"], n=n)
+        if new:
+            self._record_arrays()
+        grow: list[tuple[ArrayHandle, int]] = []
+        for name in prepared:
+            for handle in self._nodes[name].handles.values():
+                if handle.shape[0] < end:
+                    # Grow geometrically, in whole chunks: each resize rewrites array
+                    # metadata, which costs more than the data of a small batch.
+                    cs = handle.chunks[0]
+                    n = max(end, 2 * handle.shape[0])
+                    grow.append((handle, -(-n // cs) * cs))
+        if grow:
+            b.resize_many(grow)
+
+    def _data_writes(
+        self, prepared: Prepared, pos: int, end: int
+    ) -> tuple[list[Write], dict[tuple[str, str], tuple[int, np.ndarray] | None]]:
+        writes: list[Write] = []
+        tails: dict[tuple[str, str], tuple[int, np.ndarray] | None] = {}
+        for name, parts in prepared.items():
+            for part, handle in self._nodes[name].handles.items():
+                cs = handle.chunks[0]
+                data, lo = parts[part], pos
+                key = (name, part)
+                if cs > 1 and handle.merge_tails:
+                    # Several samples per chunk: prepend the in-memory copy of this
+                    # writer's own samples already in the last, partly filled chunk, so
+                    # the backend writes whole chunks instead of reading the chunk back,
+                    # decoding it and merging (read-modify-write).
+                    tail = self._tails.get(key)
+                    if tail is not None and pos % cs and tail[0] + len(tail[1]) == pos:
+                        data, lo = np.concatenate([tail[1], data]), tail[0]
+                    c0 = end - end % cs
+                    tails[key] = (c0, data[c0 - lo :].copy()) if end % cs and c0 >= lo else None
+                sel = (slice(lo, end),) + tuple(slice(0, d) for d in data.shape[1:])
+                writes.append((handle, sel, data))
+        return writes, tails
+
+    def _id_writes(self, ids: dict[str, np.ndarray], pos: int, end: int) -> list[Write]:
+        b = self._backend
+        assert b is not None
+        writes: list[Write] = []
+        for key, arr in ids.items():
+            h = self._id_handles.get(key)
+            if h is None:
+                path = f"{SAMPLE_IDS}/{key}"
+                if not b.has(path):
+                    h = b.create_array(
+                        path, (0,), (4096,), arr.dtype, dims=("sample",), compressor="none"
+                    )
+                    self._id_keys = sorted(set(self._id_keys or []) | {key})
+                else:
+                    h = b.get_array(path)
+                self._id_handles[key] = h
+            if h.shape[0] < end:
+                h.resize(max(end, 2 * h.shape[0]))
+            writes.append((h, (slice(pos, end),), arr))
+        return writes
+
+    def _create_node(self, name: str, h: int, t: int, s: int, *, n: int) -> _Node:
+        b = self._backend
+        assert b is not None
+        stack, layer, kind = parse_array_name(name)
+        self._rules.check_shape(name, h, t, s, {})
+        heads = self._rules.heads.get(name) or list(range(h))
+        attrs = {
+            "stack": stack,
+            "layer": layer,
+            "kind": kind,
+            "hts": [h, t, s],
+            "heads": [int(x) for x in heads],
+            "dims": list(DIMS),
+        }
+        sdt = storage_dtype(self._rules.dtype)
+        comp = self._meta.get("compressor", "zstd")
+        # HDF5 grows a rewritten chunk in place at the end of the file; a crash before the
+        # next flush leaves it undecodable. One sample per chunk means a chunk holding
+        # committed samples is never rewritten (Zarr renames whole chunk files instead).
+        cs = 1 if self.format == "hdf5" else self._meta.get("chunk_samples")
+        bs = self._meta.get("batch_size")
+        node = _Node(name, h, t, s, attrs["heads"])
+        if self._rules.sparse:
+            k = int(self._rules.topk)  # type: ignore[arg-type]
+            chunks = choose_chunks(h, t, k, sdt.itemsize, chunk_samples=cs, batch_size=bs)
+            b.set_attrs(name, {**attrs, "topk": k}, group=True)
+            idt = np.dtype(np.int16 if s < 32768 else np.int32)
+            rank = DIMS[:3] + ("rank",)
+            for part, dt, shape, ch, dims in (
+                ("values", sdt, (n, h, t, k), chunks, rank),
+                ("indices", idt, (n, h, t, k), chunks, rank),
+                ("residual", np.dtype(np.float32), (n, h, t), chunks[:3], DIMS[:3]),
+            ):
+                node.handles[part] = b.create_array(
+                    f"{name}/{part}", shape, ch, dt, dims=dims, compressor=comp
+                )
+        else:
+            chunks = choose_chunks(h, t, s, sdt.itemsize, chunk_samples=cs, batch_size=bs)
+            node.handles[""] = b.create_array(
+                name, (n, h, t, s), chunks, sdt, dims=DIMS, attrs=attrs, compressor=comp
+            )
+        self._nodes[name] = node
+        return node
+
+    def _record_arrays(self) -> None:
+        """List every array in the root metadata, so a deleted one is noticed by verify."""
+        assert self._backend is not None
+        names = sorted(self._nodes, key=sort_key)
+        if self._meta.get("arrays") != names:
+            self._meta["arrays"] = names
+            self._backend.write_root_meta(self._meta)
+
+    def _check_range_fits(self, node: _Node) -> None:
+        a, b = self._start, self._stop
+        assert b is not None
+        for part, handle in node.handles.items():
+            n, cs = handle.shape[0], handle.chunks[0]
+            if n < b:
+                raise ConfigError(
+                    f"{node.name}{'/' + part if part else ''}: sample_range stop {b} exceeds "
+                    f"the archive capacity {n}; create it with capacity >= {b}"
+                )
+            if a % cs or (b % cs and b != n):
+                raise ConfigError(
+                    f"{node.name}: sample_range ({a}, {b}) is not aligned to the {cs}-sample "
+                    f"chunks (two writers would share a chunk); use multiples of {cs} or "
+                    f"create with chunk_samples=1"
+                )
+
+    # -- closing ------------------------------------------------------------------------
+    def _hold(self, lease: Lease) -> Lease:
+        """Acquire ``lease``; it is also released if this writer is dropped unclosed."""
+        lease.acquire()
+        weakref.finalize(self, lease.release)
+        return lease
+
+    def close(self) -> None:
+        """Release the lock and close the store; safe to call more than once."""
+        self._closed = True
+        try:
+            if self._backend is not None:
+                backend, self._backend = self._backend, None
+                try:
+                    backend.flush()
+                finally:
+                    backend.close()
+        finally:
+            if self._lease is not None:
+                self._lease.release()
+
+    def __enter__(self) -> ArchiveWriter:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "open"
+        return (
+            f"ArchiveWriter({self.path!r}, format={self.format!r}, "
+            f"committed={self._count}, {state})"
+        )
