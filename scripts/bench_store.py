@@ -6,17 +6,24 @@ softmax-like float16 attention (a mix of soft, sharp and causal heads).
     python scripts/bench_store.py            # ~1-2 minutes on 2 cores
     python scripts/bench_store.py --quick    # smaller, for a smoke test
 
-The last table times ``ArchiveWriter.append`` itself with several arrays per batch (the guide
+The append table times ``ArchiveWriter.append`` itself with several arrays per batch (the guide
 model: 9 arrays of 8x29x29 float16, batches of 32), wall and CPU ms per append.
+
+The checksum table measures what per-chunk checksums cost (Zarr: crc32c codec; HDF5:
+Fletcher32 filter): the same write and full read with them on (the default) and off.
+
+    python scripts/bench_store.py --checksums-only   # just that table (~1 minute)
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -117,10 +124,48 @@ def bench_append(
     return float(np.median(wall)) * 1e3, float(np.median(cpu)) * 1e3
 
 
+@contextlib.contextmanager
+def checksums(on: bool) -> Iterator[None]:
+    """New arrays with (the default) or without per-chunk checksums (benchmark only)."""
+    from attnscope.store import _hdf5, _zarr
+
+    if on:
+        yield
+        return
+    zarr_codecs, h5_filters = _zarr._codecs, _hdf5._filters
+    _zarr._codecs = lambda name: zarr_codecs(name)[:-1]  # drop Crc32cCodec
+    _hdf5._filters = lambda name: {**h5_filters(name), "fletcher32": False}
+    try:
+        yield
+    finally:
+        _zarr._codecs, _hdf5._filters = zarr_codecs, h5_filters
+
+
+def bench_checksums(tmp: str, data: np.ndarray, batch: int, repeats: int) -> list[str]:
+    """Table rows: write/read MB/s without and with checksums (best of ``repeats``)."""
+    rows = []
+    for fmt in ("zarr", "hdf5"):
+        for comp in ("zstd", "none"):
+            best: dict[bool, tuple[float, float]] = {}
+            for _ in range(repeats):  # interleaved, so drift hits both sides alike
+                for on in (False, True):
+                    with checksums(on):
+                        r = bench_case(tmp, data, fmt, comp, batch)
+                    w, rd = best.get(on, (0.0, 0.0))
+                    best[on] = (max(w, r["write"]), max(rd, r["read"]))
+            (w0, r0), (w1, r1) = best[False], best[True]
+            rows.append(
+                f"| {fmt} / {comp} | {w0:.0f} | {w1:.0f} ({100 * (w1 / w0 - 1):+.0f} %) | "
+                f"{r0:.0f} | {r1:.0f} ({100 * (r1 / r0 - 1):+.0f} %) |"
+            )
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--dir", default=None, help="scratch directory (default: system temp)")
+    ap.add_argument("--checksums-only", action="store_true", help="only the checksum table")
     args = ap.parse_args()
     rng = np.random.default_rng(0)
     configs = [
@@ -135,6 +180,17 @@ def main() -> None:
         warm = attention(rng, 4, 2, 16)
         for f, c in cases:  # import codecs, start zarr's event loop: not part of the figures
             bench_case(tmp, warm, f, c, 2)
+        for label, n, h, t, batch in configs[:2]:
+            data = attention(rng, n, h, t)
+            print(
+                f"\n### checksums: {label}, {data.nbytes / 2**20:.0f} MiB float16, batches of "
+                f"{batch}, best of 3\n"
+            )
+            print("| format / codec | write MB/s off | on | read MB/s off | on |")
+            print("|---|---:|---:|---:|---:|")
+            print("\n".join(bench_checksums(tmp, data, batch, repeats=3)))
+        if args.checksums_only:
+            return
         for label, n, h, t, batch in configs:
             data = attention(rng, n, h, t)
             print(

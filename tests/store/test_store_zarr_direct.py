@@ -268,3 +268,22 @@ def test_all_zero_chunk_after_resume_is_stored(tmp_path, compressor):
         w.append({NAME: x})
     rep = verify(path)
     assert rep.ok, rep.problems
+
+
+def test_archive_written_before_checksums_still_reads(tmp_path, rng, monkeypatch):
+    """Zarr archives from before the crc32c codec (bytes + zstd only) read and resume."""
+    path = str(tmp_path / "old.zarr")
+    x = softmax(rng, (6, 2, 8, 8)).astype(np.float16)
+    orig = Z._codecs
+    with monkeypatch.context() as m:
+        m.setattr(Z, "_codecs", lambda name: orig(name)[:-1])  # no Crc32cCodec
+        with ArchiveWriter.create(path, _lay(8)) as w:
+            w.append({NAME: x[:4]})
+    md = zarr.open_array(os.path.join(path, NAME), mode="r").metadata.to_dict()
+    assert [c["name"] for c in md["codecs"]] == ["bytes", "zstd"]
+    with ArchiveWriter.open(path) as w:
+        assert w._nodes[NAME].handles[""]._direct.crc is False
+        w.append({NAME: x[4:]})
+    with open_archive(path) as a:
+        np.testing.assert_allclose(a[NAME][...], x, atol=1e-3)
+    assert verify(path).ok

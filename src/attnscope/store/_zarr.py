@@ -153,7 +153,8 @@ class ZarrBackend(Backend):
                 self._root = zarr.open_group(store=self._store, mode="r" if mode == "r" else "r+")
         except Exception as e:  # noqa: BLE001 - any failure here means "not a zarr group"
             raise ArchiveCorruptError(
-                f"{self.path!r} is not a readable Zarr v3 group ({type(e).__name__}: {e})"
+                f"{self.path!r} is not a readable Zarr v3 group "
+                f"({type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]})"
             ) from e
 
     @property

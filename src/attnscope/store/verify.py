@@ -168,7 +168,7 @@ def _check_chunks(arr: Any, n: int, p: list[str]) -> bool:
     try:
         missing = arr.missing_chunks()
     except Exception as e:  # noqa: BLE001 - an unreadable chunk index is damage
-        p.append(f"{arr.name}: chunk index unreadable ({type(e).__name__}: {e})")
+        p.append(f"{arr.name}: chunk index unreadable ({type(e).__name__}: {_line(e)})")
         return True
     chunks = arr.storage_chunks()
     torn = False
@@ -185,11 +185,16 @@ def _check_chunks(arr: Any, n: int, p: list[str]) -> bool:
     return torn
 
 
+def _line(e: BaseException) -> str:
+    """First line of an error message: problems are one line each."""
+    return (str(e).splitlines() or [""])[0][:200]
+
+
 def _safe_ids(a: AttentionArchive, rep: VerifyReport) -> dict[str, np.ndarray]:
     try:
         return a.sample_ids
     except Exception as e:  # noqa: BLE001
-        rep.problems.append(f"sample_ids unreadable ({type(e).__name__}: {e})")
+        rep.problems.append(f"sample_ids unreadable ({type(e).__name__}: {_line(e)})")
         return {}
 
 
@@ -248,7 +253,7 @@ def _check_data(
     except ArchiveCorruptError as e:  # a chunk that is missing or fails its checksum
         rep.problems.append(f"{name}: data unreadable ({e})")
     except Exception as e:  # noqa: BLE001 - anything else failing to decode is damage too
-        rep.problems.append(f"{name}: data unreadable ({type(e).__name__}: {e})")
+        rep.problems.append(f"{name}: data unreadable ({type(e).__name__}: {_line(e)})")
 
 
 def info(path: str | os.PathLike) -> dict[str, Any]:

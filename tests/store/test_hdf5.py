@@ -1,0 +1,107 @@
+"""store._hdf5: files other tools read (plain h5py + hdf5plugin), old files still read."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from attnscope.store import ArchiveWriter, open_archive, verify
+
+from .store_testlib import make_batch
+
+NAME = "decoder/0/cross_attention"
+
+
+@pytest.mark.parametrize("compressor", ["zstd", "none", "blosc-zstd", "blosc-lz4"])
+def test_plain_h5py_with_hdf5plugin_reads_what_attnscope_reads(tmp_path, layout, rng, compressor):
+    import h5py
+    import hdf5plugin
+
+    path = str(tmp_path / "x.h5")
+    with ArchiveWriter.create(path, layout, compressor=compressor) as w:
+        w.append(make_batch(rng, 3, layers=2))
+    with open_archive(path) as a:
+        ours = {n: a[n][...] for n in a.arrays()}
+        n = a.n_samples
+    with h5py.File(path, "r") as f:  # what any h5py user does after `import hdf5plugin`
+        for name, want in ours.items():
+            ds = f[name]
+            assert ds.fletcher32
+            if compressor == "zstd":
+                assert str(hdf5plugin.ZSTD_ID) in ds._filters
+            np.testing.assert_array_equal(ds[:n], want)
+            assert json.loads(ds.attrs["dimension_names"]) == ["sample", "head", "query", "key"]
+
+
+def _old_style(path: str, compressor: str) -> None:
+    """Rewrite a fresh archive the way attnscope wrote HDF5 before Fletcher32: datasets
+    declaring the filter id only, chunks encoded by numcodecs and written directly, an
+    ``attnscope_codec`` attribute, and root metadata without the array list."""
+    import h5py
+    import numcodecs
+
+    if compressor == "zstd":
+        codec, kw = numcodecs.Zstd(level=1), {"compression": 32015, "compression_opts": (1,)}
+    else:
+        codec = numcodecs.Blosc(cname="lz4", clevel=5, shuffle=1)
+        kw = {"compression": 32001, "compression_opts": (2, 2, 0, 0, 5, 1, 1)}
+    with h5py.File(path, "r+") as f:
+        meta = json.loads(f.attrs["attnscope"])
+        for key in ("arrays", "batch_size"):
+            meta.pop(key)
+        f.attrs["attnscope"] = json.dumps(meta)
+        names = []
+        f.visititems(lambda n, o: names.append(n) if isinstance(o, h5py.Dataset) else None)
+        for name in names:
+            if name.startswith("_commits"):
+                continue
+            old = f[name]
+            data, attrs = old[...], dict(old.attrs)
+            shape, chunks, dtype = old.shape, old.chunks, old.dtype
+            del f[name]
+            ds = f.create_dataset(
+                name,
+                shape=shape,
+                chunks=chunks,
+                dtype=dtype,
+                maxshape=(None, *shape[1:]),
+                fillvalue=0,
+                **kw,
+            )
+            for k, v in attrs.items():
+                ds.attrs[k] = v
+            ds.attrs["attnscope_codec"] = compressor
+            for i in range(0, shape[0], chunks[0]):
+                if i >= 3:  # samples past the committed ones were never written
+                    break
+                block = np.ascontiguousarray(data[i : i + chunks[0]])
+                offset = (i,) + (0,) * (len(shape) - 1)
+                ds.id.write_direct_chunk(offset, bytes(codec.encode(block)), 0)
+
+
+@pytest.mark.parametrize("compressor", ["zstd", "blosc-lz4"])
+def test_archive_written_before_checksums_still_reads_and_resumes(
+    tmp_path, layout, rng, compressor
+):
+    path = str(tmp_path / "old.h5")
+    first = make_batch(rng, 3, layers=1)
+    with ArchiveWriter.create(path, layout, compressor=compressor) as w:
+        w.append(first)
+    with open_archive(path) as a:
+        want = {n: a[n][...] for n in a.arrays()}
+    _old_style(path, compressor)
+    with open_archive(path) as a:
+        assert a.missing_arrays() == []
+        for n, x in want.items():
+            np.testing.assert_array_equal(a[n][...], x)
+    rep = verify(path)
+    assert rep.ok, rep.problems
+    assert any("array list not recorded" in note for note in rep.notes)
+    with ArchiveWriter.open(path) as w:
+        w.append(make_batch(rng, 2, layers=1))
+    with open_archive(path) as a:
+        assert a.n_samples == 5
+        np.testing.assert_array_equal(a[NAME][:3], want[NAME])
+    assert verify(path).ok
