@@ -378,3 +378,34 @@ def test_progress_bar_shows_samples_and_mb_only_on_a_terminal(
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
     capture(model, batches(2), tmp_path / "p3.zarr", progress=False)
     assert capsys.readouterr().err == ""
+
+
+class _FailsOnLongInput(nn.Module):
+    """An MHA model whose forward raises an IndexError beyond 4 tokens (like a position table)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mha = nn.MultiheadAttention(8, 2, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[1] > 4:
+            raise IndexError("index out of range in self")
+        return self.mha(x, x, x)[0]
+
+
+def test_model_forward_error_is_a_capture_error_naming_the_batch(tmp_path) -> None:
+    torch.manual_seed(0)
+    data = [torch.randn(2, 4, 8), torch.randn(2, 5, 8)]
+    with pytest.raises(CaptureError) as info:
+        capture(_FailsOnLongInput().eval(), data, tmp_path / "f.zarr", progress=False)
+    assert str(info.value) == (
+        "model forward failed on batch 1: IndexError: index out of range in self"
+    )
+    assert isinstance(info.value.__cause__, IndexError)  # the model's error stays chained
+    with open_archive(tmp_path / "f.zarr") as a:
+        assert a.n_samples == 2  # batch 0 was committed
+
+
+def test_library_errors_inside_the_forward_pass_through(model, tmp_path) -> None:
+    with pytest.raises(ConfigError, match="topk=99"):
+        capture(model, batches(1), tmp_path / "t.zarr", topk=99, progress=False)

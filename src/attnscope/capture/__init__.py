@@ -3,14 +3,27 @@
 ``attnscope.capture`` is both this package and the capture function: calling the
 package, ``attnscope.capture(model, batches, "run.zarr")``, runs
 :func:`attnscope.capture.job.capture`.
+
+Why the package is callable (and not a plain attribute of :mod:`attnscope` holding the
+function): importing any submodule, ``from attnscope.capture import Transformer`` or the
+lazy ``attnscope.Transformer`` alike, makes Python set ``attnscope.capture`` to this
+package, replacing whatever ``attnscope`` held under that name. So the package itself
+must be the callable. Setting a module's ``__class__`` to a :class:`types.ModuleType`
+subclass is the mechanism Python documents for this ("Customizing module attribute
+access" in the language reference). See ``docs/capture.md``.
 """
 
+import inspect
 import sys
 import types
 from typing import Any
 
-from attnscope.capture.job import CaptureSummary, capture
-from attnscope.capture.model import (
+from attnscope._extras import require
+
+require("torch", "attnscope.capture")
+
+from attnscope.capture.job import CaptureOptions, CaptureSummary, capture  # noqa: E402
+from attnscope.capture.model import (  # noqa: E402
     CausalSelfAttention,
     CrossAttention,
     NormalSelfAttention,
@@ -20,6 +33,7 @@ from attnscope.capture.model import (
 
 __all__ = [
     "capture",
+    "CaptureOptions",
     "CaptureSummary",
     "Transformer",
     "TransformerConfig",
@@ -35,3 +49,5 @@ class _CallableModule(types.ModuleType):
 
 
 sys.modules[__name__].__class__ = _CallableModule
+# What inspect.signature(attnscope.capture) and IDEs report for the call.
+__signature__ = inspect.signature(capture)

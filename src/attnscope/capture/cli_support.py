@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import re
+import warnings
+import zipfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -10,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from attnscope._extras import require
 from attnscope.capture.model import Transformer
 from attnscope.capture.synthetic import GUIDE_DEC, GUIDE_ENC, guide_model_config, synthetic_batches
 from attnscope.errors import ConfigError, InputError
@@ -19,19 +23,52 @@ __all__ = ["build_job", "load_inputs", "hf_model_from_config"]
 
 def _read_json(path: Path) -> dict[str, Any]:
     try:
-        return json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        obj = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ConfigError(f"cannot read JSON config {path}: {e}") from e
+    if not isinstance(obj, dict):
+        raise ConfigError(
+            f"config {path} holds a JSON {type(obj).__name__}; expected an object "
+            '(e.g. {"embed_dim": 64, ...})'
+        )
+    return obj
+
+
+def _modalities(raw: Any, key: str, path: Path) -> dict[str, int]:
+    """``{"text": 8, "image": 16}``: modality name -> token count (an integer >= 1)."""
+    if not isinstance(raw, dict) or not raw:
+        raise ConfigError(
+            f"config {path}: {key!r} is {raw!r}; expected a non-empty object of modality name "
+            'to token count, e.g. {"text": 8, "image": 16}'
+        )
+    for name, n in raw.items():
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ConfigError(
+                f"config {path}: {key}[{name!r}] is {n!r}; expected a token count, an integer >= 1"
+            )
+    return raw
 
 
 def load_inputs(path: Path) -> dict[str, np.ndarray]:
-    """Arrays from ``.npz`` or ``.pt`` (``torch.load(weights_only=True)``), flat key -> array."""
+    """Numeric arrays from ``.npz`` or ``.pt``, flat key -> array.
+
+    Nothing is unpickled: ``.npz`` is read with ``allow_pickle=False``, ``.pt`` with
+    ``weights_only=True``; anything else is an :class:`InputError` saying what was expected.
+    """
     path = Path(path)
     if path.suffix == ".npz":
-        with np.load(path, allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
+        return _checked(path, _load_npz(path))
     if path.suffix in (".pt", ".pth"):
-        obj = torch.load(path, weights_only=True, map_location="cpu")
+        try:
+            with warnings.catch_warnings():  # e.g. "pickle protocol 4": refused anyway
+                warnings.simplefilter("ignore")
+                obj = torch.load(path, weights_only=True, map_location="cpu")
+        except Exception as e:  # noqa: BLE001 - pickle, zip and torch errors alike
+            raise InputError(
+                f"{path} was refused by torch.load(weights_only=True): {_torch_load_why(e)}; "
+                "expected a dict of tensors saved with torch.save (other pickled objects are "
+                "never loaded: they could run code)"
+            ) from e
         flat: dict[str, np.ndarray] = {}
 
         def walk(prefix: str, o: Any) -> None:
@@ -44,8 +81,57 @@ def load_inputs(path: Path) -> dict[str, np.ndarray]:
                 raise InputError(f"{path}: entry {prefix!r} is {type(o).__name__}, not a tensor")
 
         walk("", obj)
-        return flat
+        return _checked(path, flat)
     raise InputError(f"inputs file {path} must end in .npz or .pt, got {path.suffix!r}")
+
+
+def _load_npz(path: Path) -> dict[str, np.ndarray]:
+    if not zipfile.is_zipfile(path):
+        raise InputError(
+            f"{path} is not a .npz file (not a zip archive); expected numpy.savez output"
+        )
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except ValueError as e:  # object arrays would need pickle
+        raise InputError(
+            f"{path} holds object arrays ({_first_line(e)}); expected numeric arrays "
+            "(nothing is unpickled)"
+        ) from e
+    except (OSError, zipfile.BadZipFile) as e:
+        raise InputError(f"{path} cannot be read as a .npz file: {_first_line(e)}") from e
+
+
+def _checked(path: Path, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Refuse empty inputs, non-numeric arrays and arrays of different sample counts."""
+    if not arrays:
+        raise InputError(f"{path} holds no arrays")
+    n = None
+    for k, a in arrays.items():
+        if a.dtype.kind not in "biuf":
+            raise InputError(
+                f"{path}: array {k!r} has dtype {a.dtype}; expected numbers (bool, int or float)"
+            )
+        if a.ndim == 0:
+            raise InputError(f"{path}: array {k!r} is a scalar; expected (N, ...) per sample")
+        if n is not None and len(a) != n:
+            raise InputError(
+                f"{path}: array {k!r} has {len(a)} samples, the others {n}; expected equal counts"
+            )
+        n = len(a)
+    return arrays
+
+
+def _torch_load_why(e: BaseException) -> str:
+    # torch's weights_only message is a paragraph whose advice (weights_only=False) we do
+    # not give; keep its one specific line.
+    m = re.search(r"WeightsUnpickler error:\s*(.+?)\s*(\n\n|$)", str(e))
+    return m.group(1) if m else f"{type(e).__name__}: {_first_line(e)}"
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def _slices(n: int, batch_size: int) -> Iterator[slice]:
@@ -67,22 +153,26 @@ class _Batches:
         return self._n
 
 
-def _reference(config: Path | None, inputs: Path | None, n_batches: int, batch_size: int,
-               seed: int) -> tuple[torch.nn.Module, Iterable[Any]]:
+def _reference(
+    config: Path | None, inputs: Path | None, n_batches: int, batch_size: int, seed: int
+) -> tuple[torch.nn.Module, Iterable[Any]]:
     cfg = dict(guide_model_config())
     enc_mod, dec_mod = dict(GUIDE_ENC), dict(GUIDE_DEC)
     if config is not None:
         raw = _read_json(config)
-        enc_mod = raw.pop("enc_modalities", enc_mod)
-        dec_mod = raw.pop("dec_modalities", dec_mod)
+        if "enc_modalities" in raw:
+            enc_mod = _modalities(raw.pop("enc_modalities"), "enc_modalities", config)
+        if "dec_modalities" in raw:
+            dec_mod = _modalities(raw.pop("dec_modalities"), "dec_modalities", config)
         cfg.update(raw)
     torch.manual_seed(seed)
     model = Transformer.from_config(cfg).eval()
     if inputs is None:
         d = model.config.embed_dim
         return model, _Batches(
-            lambda: synthetic_batches(n_batches, batch_size, d, enc=enc_mod, dec=dec_mod,
-                                      seed=seed),
+            lambda: synthetic_batches(
+                n_batches, batch_size, d, enc=enc_mod, dec=dec_mod, seed=seed
+            ),
             n_batches,
         )
     arrays = load_inputs(inputs)
@@ -106,29 +196,60 @@ def _reference(config: Path | None, inputs: Path | None, n_batches: int, batch_s
 
 def hf_model_from_config(path: Path, seed: int = 0) -> torch.nn.Module:
     """A Hugging Face model with random weights from a local ``config.json`` (no download)."""
-    try:
-        import transformers
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ConfigError("--hf-config needs `pip install transformers`") from e
+    transformers = require("transformers", "--hf-config")
     path = Path(path)
     cfg_file = path / "config.json" if path.is_dir() else path
     raw = _read_json(cfg_file)
     model_type = raw.get("model_type")
     if not model_type:
         raise ConfigError(f"{cfg_file} has no 'model_type'; expected a transformers config.json")
-    cfg = transformers.AutoConfig.for_model(**raw)
-    torch.manual_seed(seed)
-    if cfg.is_encoder_decoder:
-        cls = transformers.AutoModelForSeq2SeqLM
-    elif "CausalLM" in (raw.get("architectures") or [""])[0] or raw.get("is_decoder"):
-        cls = transformers.AutoModelForCausalLM
-    else:
-        cls = transformers.AutoModel
-    return cls.from_config(cfg, attn_implementation="eager").eval()
+    if not isinstance(model_type, str) or model_type not in transformers.CONFIG_MAPPING:
+        raise ConfigError(
+            f"{cfg_file}: model_type {model_type!r} is not a model type of the installed "
+            f"transformers {transformers.__version__}; expected e.g. 'bert', 'gpt2', 't5', 'llama'"
+        )
+    _check_hf_types(cfg_file, raw, transformers.CONFIG_MAPPING[model_type]())
+    try:
+        cfg = transformers.AutoConfig.for_model(**raw)
+        torch.manual_seed(seed)
+        if cfg.is_encoder_decoder:
+            cls = transformers.AutoModelForSeq2SeqLM
+        elif "CausalLM" in (raw.get("architectures") or [""])[0] or raw.get("is_decoder"):
+            cls = transformers.AutoModelForCausalLM
+        else:
+            cls = transformers.AutoModel
+        return cls.from_config(cfg, attn_implementation="eager").eval()
+    except Exception as e:  # noqa: BLE001 - transformers raises many types on a bad config
+        msg = " ".join(str(e).split())
+        raise ConfigError(f"cannot build a {model_type} model from {cfg_file}: {msg}") from e
 
 
-def _hf(hf_config: Path, inputs: Path | None, n_batches: int, batch_size: int, seq_len: int,
-        seed: int) -> tuple[torch.nn.Module, Iterable[Any]]:
+def _check_hf_types(cfg_file: Path, raw: dict[str, Any], defaults: Any) -> None:
+    """Each key whose default is a bool, int, float or str must hold a value of that type."""
+    for key, value in raw.items():
+        default = getattr(defaults, key, None)
+        if default is None or value is None:
+            continue
+        if isinstance(default, bool):
+            ok, want = isinstance(value, bool), "true or false"
+        elif isinstance(default, int):
+            ok, want = isinstance(value, int) and not isinstance(value, bool), "an integer"
+        elif isinstance(default, float):
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            want = "a number"
+        elif isinstance(default, str):
+            ok, want = isinstance(value, str), "a string"
+        else:
+            continue
+        if not ok:
+            raise ConfigError(
+                f"{cfg_file}: {key!r} is {value!r}; expected {want} (default {default!r})"
+            )
+
+
+def _hf(
+    hf_config: Path, inputs: Path | None, n_batches: int, batch_size: int, seq_len: int, seed: int
+) -> tuple[torch.nn.Module, Iterable[Any]]:
     model = hf_model_from_config(hf_config, seed)
     if inputs is not None:
         arrays = load_inputs(inputs)
@@ -152,9 +273,17 @@ def _hf(hf_config: Path, inputs: Path | None, n_batches: int, batch_size: int, s
     return model, _Batches(make_synth, n_batches)
 
 
-def build_job(kind: str, *, config: Path | None = None, hf_config: Path | None = None,
-              inputs: Path | None = None, n_batches: int = 4, batch_size: int = 8,
-              seq_len: int = 32, seed: int = 0) -> tuple[torch.nn.Module, Iterable[Any]]:
+def build_job(
+    kind: str,
+    *,
+    config: Path | None = None,
+    hf_config: Path | None = None,
+    inputs: Path | None = None,
+    n_batches: int = 4,
+    batch_size: int = 8,
+    seq_len: int = 32,
+    seed: int = 0,
+) -> tuple[torch.nn.Module, Iterable[Any]]:
     """(model, re-iterable batches) for ``attnscope capture``."""
     if n_batches < 1 or batch_size < 1:
         raise ConfigError(f"--batches and --batch-size must be >= 1, got {n_batches}, {batch_size}")

@@ -2,10 +2,12 @@
 
 The pipeline has three stages that overlap:
 
-1. the model runs batch ``k+1`` under :func:`torch.inference_mode`; hooks select the
-   wanted layers/heads and cast to the stored dtype *on the device*;
+1. the model runs batch ``k+1`` under :func:`torch.inference_mode`; the
+   :class:`~attnscope.capture.recorder.Recorder` hooked into it selects the wanted
+   layers/heads, validates and casts to the stored dtype *on the device*;
 2. the selected weights are copied to the host (pinned buffers, asynchronously on CUDA);
-3. a writer thread appends batch ``k`` to the archive behind a bounded queue.
+3. a :class:`~attnscope.capture.writer.WriterThread` appends batch ``k`` to the archive
+   behind a bounded queue.
 
 Memory stays bounded by ``queue_depth`` batches of selected weights, however many
 batches run.
@@ -13,11 +15,8 @@ batches run.
 
 from __future__ import annotations
 
-import math
 import os
-import queue
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -29,19 +28,15 @@ import torch
 from torch import nn
 
 from attnscope.capture.adapters import Adapter, adapter_for, iter_wanted
-from attnscope.contracts import DTYPES
-from attnscope.errors import (
-    AttnscopeError,
-    CaptureError,
-    ConfigError,
-    SelectionError,
-    ValidationError,
-)
-from attnscope.store import ArchiveWriter, archive_format, choose_chunks
+from attnscope.capture.identity import CaptureIdentity, param_hash
+from attnscope.capture.options import CaptureOptions, resolve_device
+from attnscope.capture.recorder import Recorder, trim
+from attnscope.capture.shard import shard_for
+from attnscope.capture.writer import WriterThread, storage_error
+from attnscope.errors import AttnscopeError, CaptureError, ConfigError, SelectionError
+from attnscope.store import ArchiveSpec, ArchiveWriter, TokenLayout, open_archive
 
-__all__ = ["capture", "CaptureSummary"]
-
-_DTYPES = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
+__all__ = ["capture", "CaptureSummary", "CaptureOptions"]
 
 
 @dataclass(frozen=True)
@@ -52,73 +47,13 @@ class CaptureSummary:
     samples: int  # samples written by this call
     committed: int  # samples committed in the archive in total
     batches: int
-    bytes: int  # uncompressed bytes of attention written
+    bytes: int  # uncompressed bytes of attention written, in the stored dtype
     seconds: float
     samples_per_s: float
     mb_per_s: float
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def _resolve_selection(
-    adapter: Adapter,
-    layers: Sequence[int | str] | None,
-    kinds: Sequence[str] | None,
-) -> list[str]:
-    names = adapter.names()
-    if layers is not None:
-        layers = [int(x) if isinstance(x, (int, np.integer)) else x for x in layers]
-        known = {int(n.split("/")[1]) for n in names} | set(names)
-        bad = [x for x in layers if x not in known]
-        if bad:
-            raise SelectionError(
-                f"unknown layer(s) {bad}; this model has layers "
-                f"{sorted({int(n.split('/')[1]) for n in names})}"
-            )
-    if kinds is not None:
-        known_k = {n.split("/")[2] for n in names} | {"/".join(n.split("/")[::2]) for n in names}
-        bad = [k for k in kinds if k not in known_k]
-        if bad:
-            raise SelectionError(f"unknown kind(s) {bad}; expected one of {sorted(known_k)}")
-    wanted = list(iter_wanted(names, layers, kinds))
-    if not wanted:
-        raise SelectionError(f"the selection keeps no attention array; available: {names}")
-    return wanted
-
-
-class _HostCopier:
-    """Device -> host copies. On CUDA: pinned buffers, non-blocking, one event per batch."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.cuda = device.type == "cuda"
-
-    def __call__(self, t: torch.Tensor) -> torch.Tensor:
-        if not self.cuda:
-            return t.contiguous()
-        buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-        buf.copy_(t, non_blocking=True)
-        return buf
-
-    def fence(self) -> Any:
-        if not self.cuda:
-            return None
-        ev = torch.cuda.Event()
-        ev.record()
-        return ev
-
-
-def _host_numpy(t: torch.Tensor) -> Any:
-    # numpy has no bfloat16: hand bfloat16 to the store as float32 (it stores the declared dtype).
-    return t.float().numpy() if t.dtype == torch.bfloat16 else t.numpy()
-
-
-def _progress_bar(progress: bool, total: int | None) -> Any:
-    if not progress or not sys.stderr.isatty():
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, unit="sample", desc="capture", dynamic_ncols=True)
 
 
 def capture(
@@ -191,273 +126,264 @@ def capture(
     Returns
     -------
     CaptureSummary
+        ``bytes`` and ``mb_per_s`` count the attention in the stored dtype.
+
+    Raises
+    ------
+    ConfigError
+        A bad option (unknown dtype, repeated head, unusable ``device``); on ``resume``, an
+        option that would change what the archive means (layers, kinds, heads, dtype,
+        ``topk``, token layout, model config, model weights), naming both values.
+    CaptureError
+        The model's forward failed (the model's exception is ``__cause__``), or a write
+        failed (e.g. disk full): the samples committed before stay readable and resumable.
+    ValidationError
+        A captured matrix is not a softmax (with ``validate=True``).
 
     Examples
     --------
     >>> summary = capture(model, [(enc, dec)] * 4, "run.zarr", heads=[0, 3], progress=False)
     """
-    if dtype not in DTYPES:
-        raise ConfigError(f"dtype {dtype!r} is not supported; expected one of {DTYPES}")
-    if queue_depth < 1:
-        raise ConfigError(f"queue_depth must be >= 1, got {queue_depth}")
-    if topk is not None and topk < 1:
-        raise ConfigError(f"topk must be >= 1, got {topk}")
-    adapter = adapter_for(model, tokenizer)
-    net = adapter.model
-    dev = torch.device(device) if device is not None else _model_device(net)
-    net.to(dev)
-    wanted = _resolve_selection(adapter, layers, kinds)
-    head_sel = None if heads is None else [int(h) for h in heads]
-    copier = _HostCopier(dev)
-    tdtype = _DTYPES[dtype]
-    path = Path(archive_path)
+    opts = CaptureOptions(
+        layers=layers, heads=heads, kinds=kinds, dtype=dtype, format=format,
+        sample_ids=sample_ids, device=device, resume=resume, progress=progress, topk=topk,
+        tokenizer=tokenizer, tags=tags, overwrite=overwrite, validate=validate,
+        queue_depth=queue_depth, total=total, rank=rank, world_size=world_size, wait_s=wait_s,
+    )  # fmt: skip
+    return _Job(model, batches, Path(archive_path), opts).run()
 
-    writer: ArchiveWriter | None = None
-    skip = 0
-    shard = _shard(batches, rank, world_size, sample_ids, total)
-    if shard is None and resume and path.exists():
-        writer = ArchiveWriter.open(path, mode="a")
-        skip = writer.committed
 
-    q: queue.Queue[Any] = queue.Queue(maxsize=queue_depth)
-    failure: list[BaseException] = []
-    written = {"bytes": 0, "samples": 0}
+class _Job:
+    """One call of :func:`capture`: the loop over batches and the archive it feeds."""
 
-    def write_loop() -> None:
-        while True:
-            item = q.get()
-            if item is None:
-                return
-            if failure:
-                continue  # drain after an error so the producer never blocks
-            arrays, ids, fence = item
-            try:
-                if fence is not None:
-                    fence.synchronize()
-                payload = {
-                    n: (
-                        {"values": _host_numpy(v[0]), "indices": v[1].numpy()}
-                        if isinstance(v, tuple)
-                        else _host_numpy(v)
-                    )
-                    for n, v in arrays.items()
-                }
-                assert writer is not None
-                writer.append(payload, sample_ids=ids)
-                written["bytes"] += sum(_nbytes(p) for p in payload.values())
-                written["samples"] += _n_samples(next(iter(payload.values())))
-            except BaseException as e:  # re-raised in the producer thread
-                failure.append(e)
+    def __init__(
+        self, model: nn.Module | Adapter, batches: Iterable[Any], path: Path, opts: CaptureOptions
+    ) -> None:
+        self.opts = opts
+        self.path = path
+        self.batches = batches
+        self.shard = shard_for(batches, opts)
+        dev = None if opts.device is None else resolve_device(opts.device)
+        self.adapter = adapter_for(model, opts.tokenizer)
+        try:
+            net = self.adapter.model
+            self.device = dev if dev is not None else _model_device(net)
+            net.to(self.device)
+            self.wanted = _resolve_selection(self.adapter, opts.layers, opts.kinds)
+            digest, n_params = param_hash(net)
+        except BaseException:
+            self.adapter.close()
+            raise
+        self.identity = CaptureIdentity(
+            arrays=tuple(self.wanted),
+            heads=opts.heads,
+            dtype=opts.dtype,
+            topk=opts.topk,
+            model_config=self.adapter.config(),
+            param_hash=digest,
+            n_params=n_params,
+        )
+        self.recorder = Recorder(
+            heads=opts.heads, dtype=opts.dtype, topk=opts.topk, validate=opts.validate,
+            device=self.device,
+        )  # fmt: skip
+        self.writer: WriterThread | None = None
+        self.resumed: dict[str, Any] | None = None  # archive metadata whose layout is unchecked
+        self.skip = 0  # samples committed before this run (skipped, not re-run)
+        self.pos = 0  # index of the next batch's first sample
+        self.n_batches = 0
+        self.bar = _progress_bar(opts.progress, opts.total)
+        self.t0 = time.perf_counter()
 
-    thread: threading.Thread | None = None
-    bar = _progress_bar(progress, total)
-    t0 = time.perf_counter()
-    n_batches = 0
-    pos = 0
-    head_index: torch.Tensor | None = None
-    heads_checked: set[str] = set()
-    try:
-        for bi, batch in enumerate(batches):
-            if failure:
-                break
-            if shard is not None and not shard.first_batch <= bi < shard.stop_batch:
-                continue
-            bsz = adapter.batch_size(batch)
-            if shard is not None and bi == shard.first_batch:
-                pos = bi * bsz  # equal-sized batches: this rank's first sample
-            if pos + bsz <= skip:  # already committed by an earlier run
-                pos += bsz
-                continue
-            drop = max(0, skip - pos)
-            batch = adapter.to_device(batch, dev)
-            captured: dict[str, Any] = {}
-            shapes: dict[str, tuple[int, ...]] = {}
-            checks: dict[str, torch.Tensor] = {}
+    def run(self) -> CaptureSummary:
+        try:
+            if self.shard is None and not (self.opts.resume or self.opts.overwrite):
+                _refuse_existing(self.path)
+            if self.shard is None and self.opts.resume and self.path.exists():
+                self._reopen()
+            for bi, batch in enumerate(self.batches):
+                if self.writer is not None:
+                    self.writer.raise_if_failed()
+                self._step(bi, batch)
+        except BaseException:
+            self._close(quiet=True)  # the error that stopped the job is the one to report
+            raise
+        self._close()
+        if self.writer is None:
+            raise ConfigError("no batch to capture: the batch source was empty")
+        w, dt = self.writer, time.perf_counter() - self.t0
+        return CaptureSummary(
+            archive=str(self.path),
+            samples=w.samples,
+            committed=w.writer.committed,
+            batches=self.n_batches,
+            bytes=w.bytes,
+            seconds=dt,
+            samples_per_s=w.samples / dt if dt else 0.0,
+            mb_per_s=w.bytes / 1e6 / dt if dt else 0.0,
+        )
 
-            def sink(
-                name: str,
-                w: torch.Tensor,
-                captured: dict[str, Any] = captured,
-                shapes: dict[str, tuple[int, ...]] = shapes,
-                checks: dict[str, torch.Tensor] = checks,
-                drop: int = drop,
-            ) -> None:
-                nonlocal head_index
-                shapes[name] = tuple(w.shape)
-                if head_sel is not None:
-                    if name not in heads_checked:  # arrays may differ in head count
-                        _check_heads(head_sel, w.shape[1], name)
-                        heads_checked.add(name)
-                    if head_index is None or head_index.device != w.device:
-                        head_index = torch.tensor(head_sel, device=w.device)
-                    w = w.index_select(1, head_index)
-                if drop:
-                    w = w[drop:]
-                if validate:
-                    checks[name] = _device_checks(w)
-                if topk is not None:
-                    if topk > w.shape[-1]:
-                        raise ConfigError(
-                            f"topk={topk} is larger than the {w.shape[-1]} keys of {name}"
-                        )
-                    vals, idx = w.float().topk(topk, dim=-1, sorted=True)
-                    itype = torch.int16 if w.shape[-1] < 2**15 else torch.int32
-                    captured[name] = (copier(vals.to(tdtype)), copier(idx.to(itype)))
-                else:
-                    captured[name] = copier(w.to(tdtype))
+    def _step(self, bi: int, batch: Any) -> None:
+        """Run, check and queue one batch, skipping the samples already committed."""
+        if self.shard is not None and not self.shard.owns(bi):
+            return
+        bsz = self.adapter.batch_size(batch)
+        if self.shard is not None and bi == self.shard.first_batch:
+            self.pos = bi * bsz  # equal-sized batches: this rank's first sample
+        if self.pos + bsz <= self.skip:  # committed by an earlier run
+            self.pos += bsz
+            return
+        drop = max(0, self.skip - self.pos)
+        batch = self.adapter.to_device(batch, self.device)
+        self.recorder.begin(drop)
+        self._forward(bi, batch)
+        captured, fence = self.recorder.finish(self.wanted, self.pos + drop)
+        if self.writer is None:
+            self.writer = WriterThread(self._create(batch, bsz), self.opts.queue_depth)
+            if self.shard is not None and self.writer.writer.committed:
+                # this rank resumes after its own committed samples
+                self.skip = self.pos + self.writer.writer.committed
+                drop = min(bsz, self.skip - self.pos)
+                captured = trim(captured, drop)
+        elif self.resumed is not None:
+            CaptureIdentity.check_layout(self.resumed, self._layout(batch))
+            self.resumed = None
+        if drop < bsz:
+            ids = _batch_ids(self.opts.sample_ids, bi, batch, self.pos + drop, self.pos + bsz)
+            self.writer.put(captured, ids, fence)
+            self.n_batches += 1
+        self.pos += bsz
+        if self.bar is not None:
+            self.bar.update(bsz - drop)
+            dt = time.perf_counter() - self.t0
+            self.bar.set_postfix(MBps=f"{self.writer.bytes / 1e6 / max(dt, 1e-9):.0f}")
 
+    def _forward(self, bi: int, batch: Any) -> None:
+        try:
             with torch.inference_mode():
-                adapter.run(batch, sink, set(wanted))
-            missing = [n for n in wanted if n not in captured]
-            if missing:
-                raise SelectionError(f"the model produced no weights for {missing}")
-            if checks:
-                _raise_on_bad_weights(checks, pos + drop)
-            fence = copier.fence()
-            if writer is None:
-                create_kw = dict(
-                    format=format,
-                    dtype=dtype,
-                    model_config=adapter.config(),
-                    capture=_settings(wanted, head_sel, dtype, topk, dev, queue_depth),
-                    heads=None if head_sel is None else {n: head_sel for n in wanted},
-                    tags=dict(tags) if tags else None,
-                    seed=torch.initial_seed() % 2**63,
-                    sparse_topk=topk,
-                    # Checked on the device before the cast (see sink); `normalized` tells
-                    # `verify` that rows must sum to 1.
-                    validate=False,
-                    normalized=validate,
-                    overwrite=overwrite,
-                )
-                layout = adapter.layout(batch, shapes)
-                specs = _array_specs(shapes, head_sel)
-                if archive_format(path, format) == "zarr":  # HDF5 keeps one sample per chunk
-                    create_kw["chunk_samples"] = _chunk_samples(specs, dtype, bsz)
-                if shard is None:
-                    writer = ArchiveWriter.create(path, layout, **create_kw)
-                else:
-                    writer = shard.open_writer(path, layout, specs, bsz, create_kw, wait_s)
-                    if writer.committed:  # this rank resumes after its own committed samples
-                        skip = pos + writer.committed
-                        drop = max(0, skip - pos)
-                        if drop >= bsz:
-                            pos += bsz
-                            continue
-                        captured = {
-                            n: (v[0][drop:], v[1][drop:]) if isinstance(v, tuple) else v[drop:]
-                            for n, v in captured.items()
-                        }
-            if thread is None:
-                thread = threading.Thread(target=write_loop, name="attnscope-writer", daemon=True)
-                thread.start()
-            ids = _batch_ids(sample_ids, bi, batch, pos + drop, pos + bsz)
-            q.put((captured, ids, fence))
-            n_batches += 1
-            pos += bsz
-            if bar is not None:
-                bar.update(bsz - drop)
-                dt = time.perf_counter() - t0
-                bar.set_postfix(MBps=f"{written['bytes'] / 1e6 / max(dt, 1e-9):.0f}")
-    finally:
-        adapter.close()
-        if thread is not None:
-            q.put(None)
-            thread.join()
-        if bar is not None:
-            bar.close()
-        if writer is not None:
-            writer.close()
-    if failure:
-        raise failure[0]
-    if writer is None:
-        raise ConfigError("no batch to capture: the batch source was empty")
-    dt = time.perf_counter() - t0
-    return CaptureSummary(
-        archive=str(path),
-        samples=written["samples"],
-        committed=writer.committed,
-        batches=n_batches,
-        bytes=written["bytes"],
-        seconds=dt,
-        samples_per_s=written["samples"] / dt if dt else 0.0,
-        mb_per_s=written["bytes"] / 1e6 / dt if dt else 0.0,
-    )
+                self.adapter.run(batch, self.recorder, set(self.wanted))
+        except AttnscopeError:
+            raise
+        except Exception as e:
+            raise CaptureError(
+                f"model forward failed on batch {bi}: {type(e).__name__}: {e}"
+            ) from e
+
+    def _layout(self, batch: Any) -> TokenLayout:
+        return self.adapter.layout(batch, self.recorder.shapes)
+
+    def _reopen(self) -> None:
+        """Resume: check the archive means what this run would write, then append to it."""
+        with open_archive(self.path) as arch:
+            meta = arch.metadata
+        self.identity.check(meta)
+        self.resumed = meta
+        writer = ArchiveWriter.open(self.path, mode="a")
+        self.writer = WriterThread(writer, self.opts.queue_depth)
+        self.skip = writer.committed
+
+    def _create(self, batch: Any, bsz: int) -> ArchiveWriter:
+        """The archive writer, created from the first batch's layout and shapes."""
+        o = self.opts
+        spec = ArchiveSpec(
+            format=o.format,
+            dtype=o.dtype,
+            model_config=self.identity.model_config,
+            capture=self.identity.settings(self.device, o.queue_depth),
+            heads=None if o.heads is None else {n: list(o.heads) for n in self.wanted},
+            tags=dict(o.tags) if o.tags else None,
+            seed=torch.initial_seed() % 2**63,
+            sparse_topk=o.topk,
+            # Checked on the device before the cast (see Recorder); `normalized` tells
+            # `verify` that rows must sum to 1.
+            validate=False,
+            normalized=o.validate,
+            arrays=self.recorder.array_shapes(),
+            batch_size=bsz,  # Zarr chunks then divide the batch: each append fills whole chunks
+        )
+        layout = self._layout(batch)
+        try:
+            if self.shard is None:
+                return ArchiveWriter.create(self.path, layout, spec, overwrite=o.overwrite)
+
+            def check(meta: dict[str, Any]) -> None:
+                self.identity.check(meta)
+                CaptureIdentity.check_layout(meta, layout)
+
+            return self.shard.open_writer(self.path, layout, spec, check)
+        except AttnscopeError:
+            raise
+        except OSError as e:
+            raise storage_error(e, self.path, 0) from e
+
+    def _close(self, quiet: bool = False) -> None:
+        """Stop the writer thread, close the archive and the adapter.
+
+        ``quiet``: another error is on its way out and stays the one reported. Otherwise
+        the writer thread's error comes first (a disk-full append also fails the final
+        flush; the append is the one to report), then any error of closing.
+        """
+        steps: list[Callable[[], None]] = [self.adapter.close]
+        if self.writer is not None:
+            steps += [self.writer.close, self.writer.writer.close]
+        if self.bar is not None:
+            steps.append(self.bar.close)
+        errors: list[Exception] = []
+        for step in steps:
+            try:
+                step()
+            except Exception as e:  # noqa: BLE001 - every step runs; the first error is raised
+                errors.append(e)
+        if quiet:
+            return
+        if self.writer is not None:
+            self.writer.raise_if_failed()
+        if errors:
+            e = errors[0]
+            if isinstance(e, OSError) and not isinstance(e, AttnscopeError):
+                committed = self.writer.writer.committed if self.writer is not None else 0
+                raise storage_error(e, self.path, committed) from e
+            raise e
 
 
-def _nbytes(p: Any) -> int:
-    if isinstance(p, dict):
-        return sum(v.nbytes for v in p.values())
-    return p.nbytes
-
-
-def _n_samples(p: Any) -> int:
-    return (p["values"] if isinstance(p, dict) else p).shape[0]
-
-
-# |row sum - 1| allowed before the cast; the explicit softmax path in float32 is within 1e-6.
-ROW_SUM_TOLERANCE = 1e-3
-
-
-def _device_checks(w: torch.Tensor) -> torch.Tensor:
-    """Per-sample flags ``(B, 3)``: non-finite, negative, row sum off by > tolerance.
-
-    Computed on the weights' device in full precision; read back once per batch.
-    """
-    flat = w.flatten(1)
-    return torch.stack(
-        [
-            ~torch.isfinite(flat).all(1),
-            (flat < 0).any(1),
-            ((w.sum(-1, dtype=torch.float32) - 1).abs() > ROW_SUM_TOLERANCE).flatten(1).any(1),
-        ],
-        dim=1,
-    )
-
-
-def _raise_on_bad_weights(checks: dict[str, torch.Tensor], first_sample: int) -> None:
-    """One device->host sync per batch; on a problem, name the array, sample and issue."""
-    names = list(checks)
-    flags = torch.stack([checks[n] for n in names]).cpu()  # (arrays, B, 3)
-    if not flags.any():
+def _refuse_existing(path: Path) -> None:
+    """Refuse, before the model runs, to capture into an existing archive without a choice."""
+    if not path.exists():
         return
-    a, b, k = (int(i) for i in flags.nonzero()[0])
-    problem = [
-        "has NaN or Inf weights",
-        "has negative weights",
-        f"has rows that do not sum to 1 (tolerance {ROW_SUM_TOLERANCE})",
-    ][k]
-    raise ValidationError(
-        f"{names[a]}: sample {first_sample + b} {problem}; nothing of this batch was written "
-        "(pass validate=False to store such weights anyway, e.g. with attention dropout)"
+    try:
+        with open_archive(path):
+            pass
+    except Exception:  # noqa: BLE001 - not an archive: ArchiveWriter.create decides
+        return
+    raise ConfigError(
+        f"{str(path)!r} already exists; pass overwrite=True to replace it or resume=True to "
+        "continue after its committed samples (attnscope capture: --overwrite / --resume)"
     )
 
 
-def _array_specs(
-    shapes: dict[str, tuple[int, ...]], heads: list[int] | None
-) -> dict[str, tuple[int, int, int]]:
-    """Stored ``(H, T, S)`` of each array from the model's ``(B, H, T, S)`` weight shapes."""
-    return {
-        n: (len(heads) if heads is not None else int(shp[1]), int(shp[2]), int(shp[3]))
-        for n, shp in shapes.items()
-    }
-
-
-def _chunk_samples(specs: dict[str, tuple[int, int, int]], dtype: str, bsz: int) -> int:
-    """Samples per chunk: the store's choice, cut to divide the batch size.
-
-    A chunk filled by one append is compressed once; one that straddles appends is
-    re-read and re-compressed by each of them. Dividing the batch size also keeps
-    multi-process ranks (which start at batch boundaries) on separate chunks.
-    """
-    itemsize = 4 if dtype == "float32" else 2
-    return math.gcd(min(choose_chunks(*v, itemsize)[0] for v in specs.values()), bsz)
-
-
-def _check_heads(heads: Sequence[int], n: int, name: str) -> None:
-    bad = [h for h in heads if not 0 <= h < n]
-    if bad:
-        raise SelectionError(f"head(s) {bad} out of range for {name}: it has heads 0..{n - 1}")
+def _resolve_selection(
+    adapter: Adapter,
+    layers: Sequence[int | str] | None,
+    kinds: Sequence[str] | None,
+) -> list[str]:
+    names = adapter.names()
+    if layers is not None:
+        known = {int(n.split("/")[1]) for n in names} | set(names)
+        bad = [x for x in layers if x not in known]
+        if bad:
+            raise SelectionError(
+                f"unknown layer(s) {bad}; this model has layers "
+                f"{sorted({int(n.split('/')[1]) for n in names})}"
+            )
+    if kinds is not None:
+        known_k = {n.split("/")[2] for n in names} | {"/".join(n.split("/")[::2]) for n in names}
+        bad = [k for k in kinds if k not in known_k]
+        if bad:
+            raise SelectionError(f"unknown kind(s) {bad}; expected one of {sorted(known_k)}")
+    wanted = list(iter_wanted(names, layers, kinds))
+    if not wanted:
+        raise SelectionError(f"the selection keeps no attention array; available: {names}")
+    return wanted
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -466,24 +392,12 @@ def _model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def _settings(
-    wanted: list[str],
-    heads: list[int] | None,
-    dtype: str,
-    topk: int | None,
-    dev: torch.device,
-    queue_depth: int,
-) -> dict[str, Any]:
-    return {
-        "arrays": wanted,
-        "heads": heads,
-        "dtype": dtype,
-        "mode": "dense" if topk is None else "sparse",
-        "topk": topk,
-        "device": str(dev),
-        "queue_depth": queue_depth,
-        "torch": torch.__version__,
-    }
+def _progress_bar(progress: bool, total: int | None) -> Any:
+    if not progress or not sys.stderr.isatty():
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="sample", desc="capture", dynamic_ncols=True)
 
 
 def _batch_ids(
@@ -495,67 +409,3 @@ def _batch_ids(
         # ids of the whole batch; keep the tail that is written (resume may drop a head)
         return {k: np.asarray(v)[-(stop - start) :] for k, v in sample_ids(bi, batch).items()}
     return {k: np.asarray(v)[start:stop] for k, v in sample_ids.items()}
-
-
-@dataclass
-class _Shard:
-    """One rank's contiguous share of the batches, and how it joins the shared archive."""
-
-    rank: int
-    n_batches: int  # batches of the whole job, over all ranks
-    first_batch: int
-    stop_batch: int
-    total: int | None
-
-    def open_writer(
-        self,
-        path: Path,
-        layout: Any,
-        specs: dict[str, tuple[int, int, int]],
-        bsz: int,
-        create_kw: dict[str, Any],
-        wait_s: float,
-    ) -> ArchiveWriter:
-        from attnscope.store import open_archive
-
-        capacity = self.total if self.total is not None else self.n_batches * bsz
-        a = self.first_batch * bsz
-        b = min(capacity, self.stop_batch * bsz)
-        if self.rank == 0 and not path.exists():
-            ArchiveWriter.create(path, layout, capacity=capacity, arrays=specs, **create_kw).close()
-        deadline = time.monotonic() + wait_s
-        while True:
-            try:
-                with open_archive(path) as arch:
-                    if arch.arrays():
-                        break
-            except AttnscopeError:
-                pass
-            if time.monotonic() > deadline:
-                raise CaptureError(
-                    f"rank {self.rank}: archive {path} was not created by rank 0 within {wait_s} s"
-                )
-            time.sleep(0.2)
-        return ArchiveWriter.open(path, sample_range=(a, b))
-
-
-def _shard(
-    batches: Any, rank: int | None, world_size: int | None, sample_ids: Any, total: int | None
-) -> _Shard | None:
-    if rank is None and world_size is None:
-        return None
-    if rank is None or world_size is None or not 0 <= rank < world_size:
-        raise ConfigError(
-            f"rank and world_size go together with 0 <= rank < world_size, got rank={rank}, "
-            f"world_size={world_size}"
-        )
-    try:
-        n = len(batches)
-    except TypeError:
-        raise ConfigError(
-            "multi-process capture needs batches with a len() (e.g. a list or DataLoader), "
-            f"got {type(batches).__name__}"
-        ) from None
-    if sample_ids is not None:
-        raise ConfigError("sample_ids are not supported in multi-process capture yet")
-    return _Shard(rank, n, rank * n // world_size, (rank + 1) * n // world_size, total)

@@ -21,8 +21,9 @@ torch.Size([2, 4, 7, 14])
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import torch
@@ -60,6 +61,16 @@ class TransformerConfig:
     output_dim: int | None = None  # optional linear head on the decoder output
 
     def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "output_dim" and value is None:
+                continue
+            if f.name == "dropout":
+                ok, want = isinstance(value, numbers.Real), "a number"
+            else:
+                ok, want = isinstance(value, numbers.Integral), "an integer"
+            if isinstance(value, bool) or not ok:
+                raise ConfigError(f"{f.name} is {value!r}; expected {want}")
         for name in ("embed_dim", "context_length", "num_heads", "mlp_ratio"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -245,9 +256,15 @@ class Transformer(nn.Module):
         """Build from a :class:`TransformerConfig` or its JSON dict."""
         if isinstance(cfg, Mapping):
             cfg = {k: v for k, v in cfg.items() if k != "model"}
+            unknown = sorted(set(cfg) - {f.name for f in fields(TransformerConfig)})
+            if unknown:
+                raise ConfigError(
+                    f"unknown model config key(s) {unknown}; expected TransformerConfig fields "
+                    f"{[f.name for f in fields(TransformerConfig)]}"
+                )
             try:
                 cfg = TransformerConfig(**cfg)
-            except TypeError as e:
+            except TypeError as e:  # a missing field
                 raise ConfigError(f"bad model config: {e}") from e
         return cls(**asdict(cfg))
 

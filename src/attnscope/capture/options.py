@@ -1,0 +1,129 @@
+"""The options of one capture job, checked once, before the model runs."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from attnscope.contracts import DTYPES, FORMATS
+from attnscope.errors import ConfigError
+
+__all__ = ["CaptureOptions", "resolve_device", "TORCH_DTYPES"]
+
+TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
+
+SampleIds = Mapping[str, Any] | Callable[[int, Any], Mapping[str, Any]]
+
+
+@dataclass(frozen=True)
+class CaptureOptions:
+    """Keyword options of :func:`attnscope.capture.job.capture`, normalised and checked.
+
+    Selections become tuples; a repeated layer, head or kind is refused (it would store
+    the same weights twice under two labels).
+    """
+
+    layers: tuple[int | str, ...] | None = None  # layer indices or array names kept; None: all
+    heads: tuple[int, ...] | None = None  # original head indices kept, in this order; None: all
+    kinds: tuple[str, ...] | None = None  # "self_attention", "cross_attention" or "stack/kind"
+    dtype: str = "float16"  # stored dtype (contracts.DTYPES); the cast happens on the device
+    format: str | None = None  # "zarr" | "hdf5"; None: from the archive path's suffix
+    sample_ids: SampleIds | None = None  # full-length arrays, or f(batch_index, batch) -> arrays
+    device: str | torch.device | None = None  # None: the device of the model's parameters
+    resume: bool = False  # continue after the archive's committed samples
+    progress: bool = True  # tqdm bar, only when stderr is a terminal
+    topk: int | None = None  # sparse mode: keep the top-k keys of each query row
+    tokenizer: Any = None  # HF tokenizer that labels the token axes
+    tags: Mapping[str, Any] | None = None  # JSON user tags, stored in the provenance
+    overwrite: bool = False  # replace an existing archive
+    validate: bool = True  # check every matrix on the device before the cast
+    queue_depth: int = 2  # batches that may wait for the writer thread (bounds host memory)
+    total: int | None = None  # samples the batch source yields (progress, shard capacity)
+    rank: int | None = None  # this process's rank in a multi-process capture
+    world_size: int | None = None  # processes writing the one archive
+    wait_s: float = 300.0  # how long ranks > 0 wait for rank 0 to create the archive
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype {self.dtype!r} is not supported; expected one of {DTYPES}")
+        if self.format is not None and self.format not in FORMATS:
+            raise ConfigError(f"format {self.format!r} is not supported; expected one of {FORMATS}")
+        _positive("queue_depth", self.queue_depth)
+        if self.topk is not None:
+            _positive("topk", self.topk)
+        if (self.rank is None) != (self.world_size is None) or (
+            self.rank is not None and not 0 <= self.rank < self.world_size  # type: ignore[operator]
+        ):
+            raise ConfigError(
+                f"rank and world_size go together with 0 <= rank < world_size, got "
+                f"rank={self.rank}, world_size={self.world_size}"
+            )
+        layers = _selection("layers", self.layers, _layer)
+        object.__setattr__(self, "layers", layers)
+        object.__setattr__(self, "heads", _selection("heads", self.heads, _index))
+        object.__setattr__(self, "kinds", _selection("kinds", self.kinds, str))
+
+    @property
+    def sharded(self) -> bool:
+        """Whether this process writes one rank's share of a multi-process capture."""
+        return self.rank is not None
+
+
+def _positive(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+def _index(x: Any) -> int:
+    if isinstance(x, bool) or not isinstance(x, (int, np.integer)):
+        raise ConfigError(f"head indices must be integers, got {x!r}")
+    return int(x)
+
+
+def _layer(x: Any) -> int | str:
+    if isinstance(x, str):
+        return x
+    return _index(x)
+
+
+def _selection(name: str, values: Sequence[Any] | None, conv: Callable[[Any], Any]) -> Any:
+    if values is None:
+        return None
+    if isinstance(values, str):
+        raise ConfigError(f"{name} must be a list, got the string {values!r}")
+    out = tuple(conv(v) for v in values)
+    repeated = sorted({v for v in out if out.count(v) > 1}, key=str)
+    if repeated:
+        raise ConfigError(
+            f"{name} {list(out)} repeat {repeated}; expected each at most once "
+            "(a repeated selection would store the same weights twice)"
+        )
+    return out
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """A torch device that this build and machine can allocate on, or a one-line ConfigError."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise ConfigError(
+            f"device {str(device)!r} is not a torch device; expected e.g. 'cpu', 'cuda', "
+            "'cuda:1' or 'mps'"
+        ) from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        why = "this torch build has no CUDA" if torch.version.cuda is None else "no GPU is visible"
+        raise ConfigError(f"device {str(device)!r} is not available: {why}; use 'cpu'")
+    try:
+        torch.empty(1, device=dev)
+    except Exception as e:  # noqa: BLE001 - any failure means the device cannot hold the model
+        raise ConfigError(f"device {str(device)!r} is not available: {_first_line(e)}") from e
+    return dev
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

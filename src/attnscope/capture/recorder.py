@@ -1,0 +1,175 @@
+"""The hook sink of a capture job: what happens to each weight tensor on the device.
+
+An adapter calls the :class:`Recorder` with ``(array name, weights (B, H, T, S))`` for
+every selected attention module. The recorder keeps the selected heads, drops samples an
+earlier run already committed, checks the rows in full precision, takes the top-k keys
+in sparse mode, casts to the stored dtype and starts the copy to the host, all before
+anything leaves the device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from attnscope.capture.options import TORCH_DTYPES
+from attnscope.errors import ConfigError, SelectionError, ValidationError
+
+__all__ = ["Recorder", "HostCopier", "Captured", "ROW_SUM_TOLERANCE", "trim"]
+
+# array name -> host tensor (B, H, T, S), or (values (B, H, T, k), indices (B, H, T, k))
+Captured = dict[str, Any]
+
+# |row sum - 1| allowed before the cast; the explicit softmax path in float32 is within 1e-6.
+ROW_SUM_TOLERANCE = 1e-3
+
+
+class HostCopier:
+    """Device -> host copies. On CUDA: pinned buffers, non-blocking, one event per batch."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+
+    def __call__(self, t: torch.Tensor) -> torch.Tensor:
+        if not self.cuda:
+            return t.contiguous()
+        buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        buf.copy_(t, non_blocking=True)
+        return buf
+
+    def fence(self) -> Any:
+        """An event the writer thread waits on before reading this batch's buffers."""
+        if not self.cuda:
+            return None
+        ev = torch.cuda.Event()
+        ev.record()
+        return ev
+
+
+class Recorder:
+    """Sink for one job's weights; :meth:`begin` / :meth:`finish` bracket each batch.
+
+    Parameters
+    ----------
+    heads
+        Original head indices to keep (``None``: all), checked against each array's
+        head count the first time the array is seen.
+    dtype
+        Stored dtype name (``contracts.DTYPES``); the cast happens on the device.
+    topk
+        Sparse mode: keep the ``topk`` largest weights of each query row and their keys.
+    validate
+        Flag NaN/Inf, negative weights and rows not summing to 1 (one host sync per batch).
+    device
+        Where the model runs; decides how the host copy is made.
+    """
+
+    def __init__(
+        self,
+        *,
+        heads: Sequence[int] | None,
+        dtype: str,
+        topk: int | None,
+        validate: bool,
+        device: torch.device,
+    ) -> None:
+        self.heads = None if heads is None else list(heads)
+        self.dtype = TORCH_DTYPES[dtype]
+        self.topk = topk
+        self.validate = validate
+        self.copier = HostCopier(device)
+        self._head_index: torch.Tensor | None = None
+        self._heads_checked: set[str] = set()
+        self.begin(0)
+
+    def begin(self, drop: int) -> None:
+        """Start a batch whose first ``drop`` samples are already committed."""
+        self.drop = drop
+        self.captured: Captured = {}
+        self.shapes: dict[str, tuple[int, ...]] = {}  # the model's (B, H, T, S) per array
+        self._checks: dict[str, torch.Tensor] = {}
+
+    def __call__(self, name: str, w: torch.Tensor) -> None:
+        self.shapes[name] = tuple(w.shape)
+        if self.heads is not None:
+            if name not in self._heads_checked:  # arrays may differ in head count
+                _check_heads(self.heads, w.shape[1], name)
+                self._heads_checked.add(name)
+            if self._head_index is None or self._head_index.device != w.device:
+                self._head_index = torch.tensor(self.heads, device=w.device)
+            w = w.index_select(1, self._head_index)
+        if self.drop:
+            w = w[self.drop :]
+        if self.validate:
+            self._checks[name] = _device_checks(w)
+        if self.topk is None:
+            self.captured[name] = self.copier(w.to(self.dtype))
+            return
+        if self.topk > w.shape[-1]:
+            raise ConfigError(f"topk={self.topk} is larger than the {w.shape[-1]} keys of {name}")
+        vals, idx = w.float().topk(self.topk, dim=-1, sorted=True)
+        itype = torch.int16 if w.shape[-1] < 2**15 else torch.int32
+        self.captured[name] = (self.copier(vals.to(self.dtype)), self.copier(idx.to(itype)))
+
+    def finish(self, wanted: Sequence[str], first_sample: int) -> tuple[Captured, Any]:
+        """``(captured arrays, fence)`` of the batch; raise if an array is missing or bad."""
+        missing = [n for n in wanted if n not in self.captured]
+        if missing:
+            raise SelectionError(f"the model produced no weights for {missing}")
+        if self._checks:
+            _raise_on_bad_weights(self._checks, first_sample)
+        return self.captured, self.copier.fence()
+
+    def array_shapes(self) -> dict[str, tuple[int, int, int]]:
+        """Stored ``(H, T, S)`` of each array, from the model's ``(B, H, T, S)`` shapes."""
+        return {
+            n: (len(self.heads) if self.heads is not None else int(s[1]), int(s[2]), int(s[3]))
+            for n, s in self.shapes.items()
+        }
+
+
+def trim(captured: Captured, n: int) -> Captured:
+    """The captured arrays without their first ``n`` samples."""
+    return {k: (v[0][n:], v[1][n:]) if isinstance(v, tuple) else v[n:] for k, v in captured.items()}
+
+
+def _check_heads(heads: Sequence[int], n: int, name: str) -> None:
+    bad = [h for h in heads if not 0 <= h < n]
+    if bad:
+        raise SelectionError(f"head(s) {bad} out of range for {name}: it has heads 0..{n - 1}")
+
+
+def _device_checks(w: torch.Tensor) -> torch.Tensor:
+    """Per-sample flags ``(B, 3)``: non-finite, negative, row sum off by > tolerance.
+
+    Computed on the weights' device in full precision; read back once per batch.
+    """
+    flat = w.flatten(1)
+    return torch.stack(
+        [
+            ~torch.isfinite(flat).all(1),
+            (flat < 0).any(1),
+            ((w.sum(-1, dtype=torch.float32) - 1).abs() > ROW_SUM_TOLERANCE).flatten(1).any(1),
+        ],
+        dim=1,
+    )
+
+
+def _raise_on_bad_weights(checks: dict[str, torch.Tensor], first_sample: int) -> None:
+    """One device->host sync per batch; on a problem, name the array, sample and issue."""
+    names = list(checks)
+    flags = torch.stack([checks[n] for n in names]).cpu()  # (arrays, B, 3)
+    if not flags.any():
+        return
+    a, b, k = (int(i) for i in flags.nonzero()[0])
+    problem = [
+        "has NaN or Inf weights",
+        "has negative weights",
+        f"has rows that do not sum to 1 (tolerance {ROW_SUM_TOLERANCE})",
+    ][k]
+    raise ValidationError(
+        f"{names[a]}: sample {first_sample + b} {problem}; nothing of this batch was written "
+        "(pass validate=False to store such weights anyway, e.g. with attention dropout)"
+    )

@@ -1,0 +1,111 @@
+"""The writer thread of a capture job: appends captured batches behind a bounded queue."""
+
+from __future__ import annotations
+
+import errno
+import queue
+import threading
+from typing import Any
+
+import numpy as np
+import torch
+
+from attnscope.capture.recorder import Captured
+from attnscope.errors import AttnscopeError, CaptureError
+from attnscope.store import ArchiveWriter
+
+__all__ = ["WriterThread", "storage_error", "stored_nbytes"]
+
+
+class WriterThread:
+    """Append batches to ``writer`` from a background thread.
+
+    :meth:`put` blocks while ``depth`` batches wait, so host memory stays bounded however
+    many batches run. The first error of the thread is kept, the queue is drained so the
+    producer never blocks, and :meth:`raise_if_failed` re-raises it in the producer.
+    """
+
+    def __init__(self, writer: ArchiveWriter, depth: int) -> None:
+        self.writer = writer
+        self.bytes = 0  # uncompressed bytes written, counted in the stored dtype
+        self.samples = 0  # samples written
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+
+    def put(self, arrays: Captured, ids: dict[str, np.ndarray] | None, fence: Any) -> None:
+        """Queue one batch (blocks while the queue is full)."""
+        self.raise_if_failed()
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="attnscope-writer", daemon=True)
+            self._thread.start()
+        self._queue.put((arrays, ids, fence))
+
+    def raise_if_failed(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def close(self) -> None:
+        """Write what is queued and stop the thread (the archive writer stays open)."""
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
+
+    def _loop(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            if self._error is not None:
+                continue  # drain after an error so the producer never blocks
+            arrays, ids, fence = item
+            try:
+                if fence is not None:
+                    fence.synchronize()
+                self.writer.append({n: _host(v) for n, v in arrays.items()}, sample_ids=ids)
+                self.bytes += stored_nbytes(arrays)
+                self.samples += _n_samples(next(iter(arrays.values())))
+            except BaseException as e:  # noqa: BLE001 - re-raised in the producer thread
+                if isinstance(e, OSError) and not isinstance(e, AttnscopeError):
+                    e = storage_error(e, self.writer.path, self.writer.committed)
+                self._error = e
+
+
+def storage_error(e: OSError, path: Any, committed: int) -> CaptureError:
+    """A one-line error for a failed write that says the committed samples are safe."""
+    what = "disk full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+    err = CaptureError(
+        f"{what} while writing {str(path)!r} ([Errno {e.errno}]); the {committed} samples "
+        "committed before are safe: free space and run again with resume=True "
+        "(attnscope capture ... --resume)"
+    )
+    err.__cause__ = e
+    return err
+
+
+def stored_nbytes(arrays: Captured) -> int:
+    """Bytes of the captured tensors in the dtype they are stored in.
+
+    Counted on the torch tensors, not on the numpy arrays handed to the store: numpy has
+    no bfloat16, so those are float32 and would count bfloat16 runs twice.
+    """
+    return sum(
+        sum(t.numel() * t.element_size() for t in (v if isinstance(v, tuple) else (v,)))
+        for v in arrays.values()
+    )
+
+
+def _host(v: Any) -> Any:
+    if isinstance(v, tuple):
+        return {"values": _numpy(v[0]), "indices": v[1].numpy()}
+    return _numpy(v)
+
+
+def _numpy(t: torch.Tensor) -> np.ndarray:
+    # numpy has no bfloat16: hand bfloat16 to the store as float32 (it stores the declared dtype).
+    return t.float().numpy() if t.dtype == torch.bfloat16 else t.numpy()
+
+
+def _n_samples(v: Any) -> int:
+    return int((v[0] if isinstance(v, tuple) else v).shape[0])

@@ -1,0 +1,107 @@
+"""The writer thread: bytes counted in the stored dtype, write errors one line and resumable."""
+
+from __future__ import annotations
+
+import errno
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from attnscope.capture.job import capture
+from attnscope.capture.writer import stored_nbytes
+from attnscope.cli import cli
+from attnscope.errors import CaptureError
+from attnscope.store import ArchiveWriter, open_archive
+
+
+def _expected_bytes(path, itemsize: int) -> int:
+    with open_archive(path) as a:
+        return sum(int(np.prod(a[n].shape)) * itemsize for n in a.arrays())
+
+
+@pytest.mark.parametrize(("dtype", "itemsize"), [("float16", 2), ("bfloat16", 2), ("float32", 4)])
+def test_bytes_and_mb_per_s_count_the_stored_dtype(
+    small_model, make_batches, tmp_path, dtype, itemsize
+) -> None:
+    path = tmp_path / f"{dtype}.zarr"
+    s = capture(small_model, make_batches(2), path, dtype=dtype, progress=False)
+    # bfloat16 reaches the store as a float32 numpy copy; it must not count twice
+    assert s.bytes == _expected_bytes(path, itemsize)
+    assert s.mb_per_s == pytest.approx(s.bytes / 1e6 / s.seconds)
+
+
+def test_sparse_bytes_count_values_and_indices(small_model, make_batches, tmp_path) -> None:
+    s = capture(small_model, make_batches(1), tmp_path / "sp.zarr", topk=2, progress=False)
+    with open_archive(tmp_path / "sp.zarr") as a:
+        n_rows = sum(int(np.prod(a[n].shape[:3])) for n in a.arrays())
+    assert s.bytes == n_rows * 2 * (2 + 2)  # k=2 float16 values + k=2 int16 indices per row
+
+
+def test_stored_nbytes_of_tensors_and_pairs() -> None:
+    import torch
+
+    t = torch.zeros(2, 3, 4, 5, dtype=torch.bfloat16)
+    pair = (
+        torch.zeros(2, 3, 4, 2, dtype=torch.float16),
+        torch.zeros(2, 3, 4, 2, dtype=torch.int16),
+    )
+    assert stored_nbytes({"a": t, "b": pair}) == 240 + 96 + 96
+
+
+def _disk_full_after(monkeypatch, n_ok: int) -> None:
+    real = ArchiveWriter.append
+    calls = [0]
+
+    def append(self, *a, **k):
+        calls[0] += 1
+        if calls[0] > n_ok:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(ArchiveWriter, "append", append)
+
+
+@pytest.mark.parametrize("suffix", [".zarr", ".h5"])
+def test_disk_full_says_committed_samples_are_safe_and_resume_continues(
+    small_model, make_batches, tmp_path, monkeypatch, suffix
+) -> None:
+    path = tmp_path / f"full{suffix}"
+    data = make_batches(4)
+    _disk_full_after(monkeypatch, 2)
+    with pytest.raises(CaptureError) as info:
+        capture(small_model, data, path, progress=False)
+    msg = str(info.value)
+    assert "disk full" in msg and "the 4 samples committed before are safe" in msg
+    assert "--resume" in msg and "\n" not in msg
+    assert isinstance(info.value.__cause__, OSError) and info.value.__cause__.errno == 28
+    monkeypatch.undo()
+    with open_archive(path) as a:
+        assert a.n_samples == 4
+    s = capture(small_model, data, path, resume=True, progress=False)
+    assert s.samples == 4 and s.committed == 8
+
+
+def test_cli_disk_full_is_one_line(tmp_path, monkeypatch) -> None:
+    import json
+
+    cfg = tmp_path / "model.json"
+    model = {
+        "embed_dim": 32,
+        "context_length": 16,
+        "num_heads": 4,
+        "num_encoder_layers": 1,
+        "num_decoder_layers": 1,
+        "enc_modalities": {"text": 4},
+        "dec_modalities": {"act": 3},
+    }
+    cfg.write_text(json.dumps(model))
+    _disk_full_after(monkeypatch, 1)
+    res = CliRunner().invoke(cli, ["capture", "--config", str(cfg), "--batches", "3",
+                                   "--batch-size", "2", "--out", str(tmp_path / "f.zarr"),
+                                   "--no-progress"])  # fmt: skip
+    assert res.exit_code == 1
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, res.stderr
+    assert lines[0].startswith("Error: CaptureError: disk full")
+    assert "the 2 samples committed before are safe" in lines[0]
