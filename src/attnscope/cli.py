@@ -242,25 +242,42 @@ def analyze(archive: Path, out: Path, topk: int, sink_token: int, workers: int,
         click.echo(f"{name}: {p}")
 
 
+def _selection(ctx: click.Context, param: click.Parameter, value: str | None) -> list[int] | None:
+    """``_int_list`` that refuses a reversed range ('3-1') instead of selecting nothing."""
+    for part in (value or "").split(","):
+        ends = [e.strip() for e in part.split("-")]
+        if len(ends) == 2 and all(e.isdigit() for e in ends) and int(ends[0]) > int(ends[1]):
+            raise ConfigError(
+                f"--{param.name} {value!r}: range {part.strip()!r} is reversed; expected "
+                "integers like '0,2,4-7' (ranges low-high)"
+            )
+    return _int_list(ctx, param, value)
+
+
 @cli.command()
 @click.argument("archive", type=click.Path(path_type=Path))
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Figures folder.")
-@layers_opt
-@heads_opt
-@click.option("--samples", callback=_int_list, help="Sample indices (default: 0).")
+@click.option("--layers", callback=_selection, help="Layer indices, e.g. '0,2', '0-3'.")
+@click.option("--heads", callback=_selection, help="Head indices, e.g. '0,3'.")
+@click.option("--samples", callback=_selection, help="Sample indices (default: 0).")
 @kinds_opt
-@click.option("--what", callback=_str_list, default=",".join(FIGURE_KINDS),
-              show_default=True, help="Figure families.")
+@click.option("--what", callback=_str_list, default=None,
+              help=f"Figure families, any of {','.join(FIGURE_KINDS)} (default: all; "
+                   "tables only with --tables).")
 @click.option("--tables", "tables_dir", type=click.Path(path_type=Path), default=None,
-              help="Analysis tables folder (for --what tables).")
+              help="Tables folder written by `attnscope analyze` for this archive "
+                   "(needed for --what tables).")
 @click.option("--fmt", type=click.Choice(FIGURE_FORMATS), default="png", show_default=True)
 @click.option("--workers", type=int, default=None,
               help="Processes drawing in parallel (default: one per core).")
 @progress_opt
 def render(archive: Path, out: Path, layers: list[int] | None, heads: list[int] | None,
-           samples: list[int] | None, kinds: list[str] | None, what: list[str],
+           samples: list[int] | None, kinds: list[str] | None, what: list[str] | None,
            tables_dir: Path | None, fmt: str, workers: int | None, progress: bool) -> None:
-    """Render heatmaps, head grids, layer comparisons and flows from an archive.
+    """Render heatmaps, head grids, layer comparisons, flows and table figures from an archive.
+
+    A selection that gives no figure is an error. Table figures need --tables (run
+    `attnscope analyze ARCHIVE --out DIR` first); tables of another archive are refused.
 
     Example: attnscope render run.zarr --out figs --layers 0 --heads 0,3 --what heatmap,flow
     """
@@ -270,7 +287,7 @@ def render(archive: Path, out: Path, layers: list[int] | None, heads: list[int] 
     from attnscope.render import render_archive
 
     files = render_archive(archive, out, layers=layers, heads=heads, samples=samples,
-                           kinds=kinds, what=tuple(what), tables_dir=tables_dir, fmt=fmt,
+                           kinds=kinds, what=what, tables_dir=tables_dir, fmt=fmt,
                            progress=progress, workers=workers)
     click.echo(f"wrote {len(files)} files to {out}")
 
@@ -278,21 +295,34 @@ def render(archive: Path, out: Path, layers: list[int] | None, heads: list[int] 
 @cli.command()
 @click.argument("archive", type=click.Path(path_type=Path))
 @click.option("--tables", "tables_dir", type=click.Path(path_type=Path), default=None,
-              help="Analysis tables folder (computed into a temp folder if absent).")
+              help="Tables folder written by `attnscope analyze` for this archive (default: "
+                   "analyse into a temporary folder, removed afterwards).")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("report.html"),
               show_default=True)
 @click.option("--sample", default=0, show_default=True, help="Sample shown in the figures.")
 def report(archive: Path, tables_dir: Path | None, out: Path, sample: int) -> None:
     """Write one self-contained HTML report (figures embedded, works from file://).
 
+    The report draws the tables of --tables; without it, `attnscope analyze` runs first
+    into a temporary folder. Tables of another archive are refused.
+
     Example: attnscope report run.zarr --tables tables --out report.html
     """
+    import tempfile
+
     import matplotlib
 
     matplotlib.use("Agg")
-    from attnscope.render.report import write_report
+    from attnscope.render.report import check_report_path, write_report
 
-    path = write_report(archive, out, tables_dir=tables_dir, sample=sample)
+    check_report_path(out)  # before the analysis, which may take a while
+    with tempfile.TemporaryDirectory(prefix="attnscope-tables-") as tmp:
+        if tables_dir is None:
+            from attnscope.analysis import analyze
+
+            tables_dir = Path(tmp)
+            analyze(archive, tables_dir, progress=False)
+        path = write_report(archive, out, tables_dir=tables_dir, sample=sample)
     click.echo(f"report: {path}")
 
 

@@ -129,12 +129,9 @@ def real_archive(request, tmp_path, guide_weights, layout):
     arc.close()
 
 
-@pytest.fixture
-def small_archive(rng) -> FakeArchive:
-    """Like ``fake_archive`` but tiny (4 heads, 5/4 tokens) so batch tests stay fast."""
-    lay = TokenLayout(SideLayout.from_lengths({"text": 3, "img": 2}),
-                      SideLayout.from_lengths({"text": 2, "traj": 2}))
-    w = {
+def small_weights(rng: np.random.Generator) -> dict:
+    """Tiny guide-shaped weights: 3 + 3 layers, 2 samples, 4 heads, 5 encoder / 4 decoder tokens."""
+    return {
         "encoder": [{"self_attention": random_attention(rng, (2, 4, 5, 5))} for _ in range(3)],
         "decoder": [
             {"self_attention": random_attention(rng, (2, 4, 4, 4)),
@@ -142,4 +139,25 @@ def small_archive(rng) -> FakeArchive:
             for _ in range(3)
         ],
     }
-    return FakeArchive(w, lay)
+
+
+SMALL_LAYOUT = TokenLayout(SideLayout.from_lengths({"text": 3, "img": 2}),
+                           SideLayout.from_lengths({"text": 2, "traj": 2}))
+
+
+def write_archive(path, weights, layout):
+    from attnscope.store import ArchiveWriter
+
+    with ArchiveWriter.create(path, layout, dtype="float32") as w:
+        w.append(weights)
+    return path
+
+
+@pytest.fixture
+def small_archive(rng, tmp_path):
+    """A real (Zarr) archive of ``small_weights``, open; batch tests stay fast."""
+    from attnscope.store import open_archive
+
+    path = write_archive(tmp_path / "small.zarr", small_weights(rng), SMALL_LAYOUT)
+    with open_archive(path) as arc:
+        yield arc

@@ -39,7 +39,7 @@ def test_batch_writes_documented_files(small_archive, tmp_path):
     entry = next(f for f in manifest["files"] if f["file"] == name)
     assert entry == {"file": entry["file"], "what": "heatmap", "stack": "encoder", "layer": 0,
                      "kind": "self_attention", "sample": 1, "head": 3}
-    assert manifest["archive"]["archive"] == "fake.zarr"
+    assert manifest["archive"]["archive"] == "small.zarr"
 
 
 def test_batch_is_byte_identical_across_runs(small_archive, tmp_path):
@@ -74,14 +74,52 @@ def test_batch_bad_selection(small_archive, tmp_path, kw, err, needle):
     assert not list(tmp_path.rglob("*.png"))
 
 
-def test_batch_tables(small_archive, tmp_path, rng):
-    import pandas as pd
+def test_batch_tables_need_tables_dir(small_archive, tmp_path):
+    with pytest.raises(ConfigError, match="'tables' needs tables_dir"):
+        render_archive(small_archive, tmp_path, what=["tables"], progress=False)
+    # the default draws every figure kind but tables when no tables are given
+    paths = render_archive(small_archive, tmp_path / "all", layers=[0], progress=False)
+    assert {p.relative_to(tmp_path / "all").parts[0] for p in paths} == {
+        "heatmap", "grid", "layers", "flow"}
 
-    tdir = tmp_path / "tables_in"
-    tdir.mkdir()
-    pd.DataFrame([dict(stack="encoder", layer=lyr, kind="self_attention", sample=0, head=h,
-                       entropy_mean=float(rng.random())) for lyr in range(3) for h in range(8)]
-                 ).to_parquet(tdir / "head_stats.parquet")
-    paths = render_archive(small_archive, tmp_path / "out", stacks=["encoder"], what=["tables"],
-                           tables_dir=tdir, progress=False)
-    assert names(paths, tmp_path / "out") == ["tables/entropy-encoder-self_attention.png"]
+
+def test_every_figure_kind_has_a_job_builder():
+    from attnscope.contracts import FIGURE_KINDS
+    from attnscope.render.batch import FIGURES
+
+    assert tuple(FIGURES) == FIGURE_KINDS
+
+
+@pytest.mark.parametrize("kw, needle", [
+    (dict(layers=[]), "layers selects nothing"),
+    (dict(heads=[]), "heads selects nothing"),
+    (dict(what=[]), "what selects nothing"),
+])
+def test_batch_empty_selection_is_an_error(small_archive, tmp_path, kw, needle):
+    with pytest.raises(SelectionError, match=needle):
+        render_archive(small_archive, tmp_path / "o", progress=False, **kw)
+    assert not (tmp_path / "o").exists()
+
+
+def test_batch_out_is_a_file(small_archive, tmp_path):
+    f = tmp_path / "taken"
+    f.write_text("keep")
+    with pytest.raises(ConfigError, match="exists and is a file"):
+        render_archive(small_archive, f, progress=False)
+    assert f.read_text() == "keep"
+
+
+def test_batch_selection_without_figures_is_an_error(rng, tmp_path):
+    from attnscope.store import SideLayout, TokenLayout
+
+    from .conftest import random_attention, write_archive
+
+    enc_only = write_archive(
+        tmp_path / "enc.zarr",
+        {"encoder": [{"self_attention": random_attention(rng, (1, 2, 3, 3))}]},
+        TokenLayout(SideLayout.from_lengths({"text": 3}), None),
+    )
+    # flow needs encoder self, decoder self and cross attention of one layer
+    with pytest.raises(SelectionError, match=r"the selection gives no figures: what=\['flow'\]"):
+        render_archive(enc_only, tmp_path / "o", what=["flow"], progress=False)
+    assert not (tmp_path / "o").exists()

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from attnscope.errors import SelectionError
+from attnscope.errors import ConfigError, SelectionError, StaleTableError
 from attnscope.render.report import write_report
 from attnscope.store import ArchiveWriter, SideLayout, TokenLayout
 
@@ -45,10 +45,17 @@ def archive(tmp_path_factory) -> Path:
     return path
 
 
-def test_report_is_self_contained(archive, tmp_path) -> None:
-    out = write_report(archive, tmp_path / "r.html", tables_dir=tmp_path / "tables")
+@pytest.fixture(scope="module")
+def tables(archive) -> Path:
+    from attnscope.analysis import analyze
+
+    analyze(archive, archive.parent / "tables", progress=False)
+    return archive.parent / "tables"
+
+
+def test_report_is_self_contained(archive, tables, tmp_path) -> None:
+    out = write_report(archive, tmp_path / "r.html", tables_dir=tables)
     page = out.read_text()
-    assert (tmp_path / "tables" / "head_stats.parquet").exists()
     # no network: every src/href is inline
     assert not re.search(r'(src|href)="(?!data:)', page)
     assert "http://" not in page and "https://" not in page
@@ -69,9 +76,46 @@ def test_report_is_self_contained(archive, tmp_path) -> None:
     assert page.count("data:image/png;base64,") > 9
 
 
-def test_report_bad_sample(archive, tmp_path) -> None:
+def test_report_bad_sample(archive, tables, tmp_path) -> None:
     with pytest.raises(SelectionError, match="sample 9"):
-        write_report(archive, tmp_path / "r.html", sample=9)
+        write_report(archive, tmp_path / "r.html", tables_dir=tables, sample=9)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_report_needs_tables_and_does_not_analyse(archive, tmp_path) -> None:
+    with pytest.raises(ConfigError, match="needs tables_dir"):
+        write_report(archive, tmp_path / "r.html")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_report_module_does_not_import_analysis_compute_code() -> None:
+    import ast
+
+    import attnscope.render.report as rep
+
+    tree = ast.parse(Path(rep.__file__).read_text())
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    assert not {m for m in imported if m and m.startswith("attnscope.analysis")}
+
+
+def test_report_refuses_another_archives_tables(archive, tables, tmp_path) -> None:
+    other = tmp_path / "other.zarr"
+    import shutil
+
+    shutil.copytree(archive, other)  # same content, another archive
+    with pytest.raises(StaleTableError, match="stale"):
+        write_report(other, tmp_path / "r.html", tables_dir=tables)
+    assert not (tmp_path / "r.html").exists()
+
+
+def test_report_out_is_an_existing_folder(archive, tables, tmp_path) -> None:
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    with pytest.raises(ConfigError, match="is a folder"):
+        write_report(archive, taken, tables_dir=tables)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
+    assert list(taken.iterdir()) == []
 
 
 def _chromium(args: list[str], url: str, tmp: Path) -> subprocess.CompletedProcess:
@@ -107,8 +151,8 @@ def test_console_check_catches_a_broken_page(tmp_path) -> None:
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="Debian chromium not installed (.ci/run installs it)")
-def test_report_renders_in_headless_chromium(archive, tmp_path) -> None:
-    out = write_report(archive, tmp_path / "r.html")
+def test_report_renders_in_headless_chromium(archive, tables, tmp_path) -> None:
+    out = write_report(archive, tmp_path / "r.html", tables_dir=tables)
     res = _chromium(["--dump-dom"], out.as_uri(), tmp_path)
     assert console_messages(res.stderr) == []
     assert 'data-ready="1"' in res.stdout  # the chooser script ran to the end

@@ -74,3 +74,33 @@ def test_segment_mass_uses_average_head_rows_when_present(segment_mass):
     df = pd.concat([segment_mass, avg])
     pv = prepare_segment_mass(df, stack="encoder", layer=0, kind="self_attention")
     assert (pv.to_numpy() == 0.5).all()
+
+
+def test_missing_column_names_column_and_table(segment_mass):
+    with pytest.raises(InputError, match="table 'segment_mass' has no 'query_segment' column"):
+        prepare_segment_mass(segment_mass.rename(columns={"query_segment": "q_segment"}),
+                             stack="encoder", layer=0, kind="self_attention")
+
+
+def test_unknown_metric_lists_the_head_stats_metrics(head_stats):
+    with pytest.raises(InputError, match="unknown head metric 'entropy'.*'entropy_mean'"):
+        plot_head_metric(head_stats, stack="encoder", kind="self_attention", metric="entropy")
+
+
+def test_every_table_figure_renders_from_analyze_output(small_archive, tmp_path):
+    """Tables written by ``analyze`` feed every table figure: a renamed column fails here."""
+    from attnscope.analysis import analyze
+    from attnscope.render import render_archive
+    from attnscope.render.tables import METRICS
+
+    analyze(small_archive, tmp_path / "tables", topk=3, progress=False)
+    paths = render_archive(small_archive, tmp_path / "figs", what=["tables"],
+                           tables_dir=tmp_path / "tables", progress=False)
+    names = sorted(p.name for p in paths)
+    assert len(names) == 3 + 2 * 9  # entropy per (stack, kind); mass and pairs per array
+    assert "segment_mass-decoder-L02-cross_attention.png" in names
+    assert "top_pairs-encoder-L00-self_attention.png" in names
+    hs = pd.read_parquet(tmp_path / "tables" / "head_stats.parquet")
+    for metric in METRICS:  # every numeric head_stats column is a drawable metric
+        fig = plot_head_metric(hs, stack="decoder", kind="cross_attention", metric=metric)
+        assert fig.axes[0].images[0].get_array().shape == (3, 5)  # 3 layers x (4 heads + avg)

@@ -170,23 +170,29 @@ def test_archive_head_average_reads_one_sample(fake_archive, guide_weights):
                                rtol=1e-5)
 
 
-def test_archive_forms_for_layers_and_flow(fake_archive, guide_weights):
+def test_archive_forms_for_layers_and_flow(real_archive, guide_weights):
     viz = AttentionVisualizer()
-    fig = viz.plot_layer_comparison(fake_archive, stack="decoder",
+    fig = viz.plot_layer_comparison(real_archive, stack="decoder",
                                     attention_type="cross_attention", head_idx=1, show=False)
     panels = [ax for ax in fig.axes if ax.images]
     assert len(panels) == 3
     np.testing.assert_array_equal(panels[2].images[0].get_array(),
                                   guide_weights["decoder"][2]["cross_attention"][0, 1])
-    fig = viz.plot_attention_flow(fake_archive, layer_idx=2, head_idx=0, show=False)
+    fig = viz.plot_attention_flow(real_archive, layer_idx=2, head_idx=0, show=False)
     np.testing.assert_array_equal(fig.axes[1].images[0].get_array(),
                                   guide_weights["decoder"][2]["self_attention"][0, 0])
-    fig = viz.plot_attention_heatmap(fake_archive, stack="encoder", layer=0,
+    fig = viz.plot_attention_heatmap(real_archive, stack="encoder", layer=0,
                                      kind="self_attention", head_idx=0, show=False)
     assert fig.axes[0].images
+    # an archive path works the same, and the archive it opened is closed again
+    fig = viz.plot_multi_head_attention(str(real_archive.path), stack="decoder", layer=1,
+                                        kind="cross_attention", show=False)
+    np.testing.assert_array_equal(fig.axes[3].images[0].get_array(),
+                                  guide_weights["decoder"][1]["cross_attention"][0, 3])
+    assert real_archive.attention("encoder", 0, "self_attention")[0, 0].shape == (29, 29)
 
 
-def test_bad_selections_in_facade(guide_weights, fake_archive):
+def test_bad_selections_in_facade(guide_weights, real_archive):
     viz = AttentionVisualizer()
     x = guide_weights["encoder"][0]["self_attention"]
     with pytest.raises(SelectionError, match="head_idx 9 out of range"):
@@ -196,8 +202,10 @@ def test_bad_selections_in_facade(guide_weights, fake_archive):
     with pytest.raises(SelectionError, match="has no 'cross_attention'"):
         viz.plot_layer_comparison(guide_weights["encoder"], attention_type="cross_attention",
                                   show=False)
-    with pytest.raises(SelectionError, match="no array"):
-        viz.plot_layer_comparison(fake_archive, stack="encoder", attention_type="bogus",
+    with pytest.raises(SelectionError):
+        viz.plot_layer_comparison(real_archive, stack="encoder", attention_type="bogus",
                                   show=False)
     with pytest.raises(InputError, match="not the whole nested dict"):
         viz.plot_layer_comparison(guide_weights, show=False)
+    with pytest.raises(SelectionError, match="pass stack=, layer= and kind="):
+        viz.plot_attention_heatmap(real_archive, stack="encoder", show=False)

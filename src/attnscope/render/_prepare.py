@@ -266,37 +266,12 @@ def prepare_matrix(
 ) -> PreparedMatrix:
     """Select, average and downsample one matrix, and work out its axis decoration.
 
-    An archive selection without explicit layouts brings its own (modality-aware axes).
+    ``attn`` is any attention input (a ``(T, S)`` matrix included). An archive selection
+    without explicit layouts brings its own (modality-aware axes).
     """
     if query_layout is None and key_layout is None:
         query_layout, key_layout = array_layouts(attn)
     mat = select_matrix(attn, head_idx=head_idx, batch_idx=batch_idx)
-    return prepare_2d(
-        mat,
-        query_layout=query_layout,
-        key_layout=key_layout,
-        vmin=vmin,
-        vmax=vmax,
-        log=log,
-        reduce=reduce,
-        max_pixels=max_pixels,
-    )
-
-
-def prepare_2d(
-    mat: np.ndarray,
-    *,
-    query_layout: SideLayout | None = None,
-    key_layout: SideLayout | None = None,
-    vmin: float | None = None,
-    vmax: float | None = None,
-    log: bool = False,
-    reduce: str = "max",
-    max_pixels: int = MAX_PIXELS,
-) -> PreparedMatrix:
-    """:func:`prepare_matrix` for a matrix already in memory."""
-    if mat.ndim != 2:
-        raise ShapeError(f"expected a (T, S) matrix, got shape {mat.shape}")
     t, s = mat.shape
     check_layout(query_layout, t, "query")
     check_layout(key_layout, s, "key")

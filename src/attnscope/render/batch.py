@@ -24,30 +24,229 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from attnscope.contracts import FIGURE_FORMATS, FIGURE_KINDS
-from attnscope.errors import ConfigError, SelectionError
-from attnscope.render import plots
+from attnscope.contracts import FIGURE_FORMATS, FIGURE_KINDS, STACKS
+from attnscope.errors import ArchiveNotFoundError, ConfigError, SelectionError
+from attnscope.render import plots, tables
 from attnscope.render._save import save_figure
+from attnscope.store import open_archive
 
-__all__ = ["WHAT", "render_archive"]
+__all__ = ["FIGURES", "WHAT", "Job", "render_archive"]
 
 WHAT = FIGURE_KINDS
+#: the analysis tables that table figures read
+FIGURE_TABLES = ("head_stats", "segment_mass", "top_pairs")
+
+
+@dataclass(frozen=True)
+class Request:
+    """A checked selection: everything needed to list the figures again in a worker."""
+
+    sel: tuple[tuple[str, int, str], ...]  # (stack, layer, kind) that exist
+    samples: tuple[int, ...]
+    heads: tuple[int | None, ...]
+    what: tuple[str, ...]
+    fmt: str
+    log: bool
+    tables_dir: str | None
+
+
+@dataclass(frozen=True)
+class Job:
+    """One figure to draw: its file, what it shows, and how to draw it."""
+
+    file: str
+    meta: dict[str, Any]
+    draw: Callable[..., Any]
+    args: tuple
+    kwargs: dict[str, Any]
+
+    def figure(self) -> Any:
+        return self.draw(*self.args, **self.kwargs)
+
+
+class _Plan:
+    """An open archive and a :class:`Request`; builds the :class:`Job` of each figure."""
+
+    def __init__(self, arc: Any, req: Request) -> None:
+        self.arc, self.req = arc, req
+        self.tables = load_tables(req.tables_dir, arc) if "tables" in req.what else {}
+
+    def axes(self, stack: str, kind: str) -> dict[str, Any]:
+        layout = self.arc.layout
+        try:
+            q, k = layout.axes(stack, kind) if layout is not None else (None, None)
+        except SelectionError:
+            q, k = None, None
+        return {"query_layout": q, "key_layout": k}
+
+    def samples_heads(self) -> Iterator[tuple[int, int | None]]:
+        return ((s, h) for s in self.req.samples for h in self.req.heads)
+
+    def job(self, stem: str, meta: dict, draw: Callable, *args: Any, **kwargs: Any) -> Job:
+        what = stem.split("/")[0]
+        return Job(f"{stem}.{self.req.fmt}", {"what": what, **meta}, draw, args, kwargs)
 
 
 def _head_tag(h: int | None) -> str:
     return "havg" if h is None else f"h{h:02d}"
 
 
-def _as_list(x: Any) -> list | None:
+def _head_name(h: int | None) -> str:
+    return "mean of heads" if h is None else f"head {h}"
+
+
+def _heatmap_jobs(p: _Plan) -> Iterator[Job]:
+    for st, lyr, kd in p.req.sel:
+        for s, hd in p.samples_heads():
+            yield p.job(
+                f"heatmap/{st}-L{lyr:02d}-{kd}-s{s:04d}-{_head_tag(hd)}",
+                dict(stack=st, layer=lyr, kind=kd, sample=s, head=hd),
+                plots.plot_heatmap,
+                p.arc.attention(st, lyr, kd),
+                head_idx=hd,
+                batch_idx=s,
+                log=p.req.log,
+                title=f"{st} layer {lyr} {kd}, {_head_name(hd)}, sample {s}",
+                **p.axes(st, kd),
+            )
+
+
+def _grid_jobs(p: _Plan) -> Iterator[Job]:
+    for st, lyr, kd in p.req.sel:
+        for s in p.req.samples:
+            yield p.job(
+                f"grid/{st}-L{lyr:02d}-{kd}-s{s:04d}",
+                dict(stack=st, layer=lyr, kind=kd, sample=s),
+                plots.plot_head_grid,
+                p.arc.attention(st, lyr, kd),
+                batch_idx=s,
+                log=p.req.log,
+                title=f"{st} layer {lyr} {kd}, all heads, sample {s}",
+                **p.axes(st, kd),
+            )
+
+
+def _layer_jobs(p: _Plan) -> Iterator[Job]:
+    groups: dict[tuple[str, str], list[int]] = {}
+    for st, lyr, kd in p.req.sel:
+        groups.setdefault((st, kd), []).append(lyr)
+    for (st, kd), lyrs in groups.items():
+        for s, hd in p.samples_heads():
+            yield p.job(
+                f"layers/{st}-{kd}-s{s:04d}-{_head_tag(hd)}",
+                dict(stack=st, layers=lyrs, kind=kd, sample=s, head=hd),
+                plots.plot_layer_comparison,
+                {lyr: p.arc.attention(st, lyr, kd) for lyr in lyrs},
+                head_idx=hd,
+                batch_idx=s,
+                log=p.req.log,
+                title=f"{st} {kd} across layers, {_head_name(hd)}, sample {s}",
+                **p.axes(st, kd),
+            )
+
+
+def _flow_jobs(p: _Plan) -> Iterator[Job]:
+    existing = set(_all_sel(p.arc, STACKS))
+    layout = p.arc.layout
+    for lyr in sorted({lyr for (_, lyr, _) in p.req.sel}):
+        need = [(st, lyr, kd) for st, kd in plots.FLOW_ARRAYS]
+        if not all(x in existing for x in need):
+            continue
+        for s, hd in p.samples_heads():
+            yield p.job(
+                f"flow/L{lyr:02d}-s{s:04d}-{_head_tag(hd)}",
+                dict(layer=lyr, sample=s, head=hd),
+                plots.plot_attention_flow,
+                *(p.arc.attention(*x) for x in need),
+                layer_idx=lyr,
+                head_idx=hd,
+                batch_idx=s,
+                log=p.req.log,
+                encoder_layout=getattr(layout, "encoder", None),
+                decoder_layout=getattr(layout, "decoder", None),
+            )
+
+
+def _table_jobs(p: _Plan) -> Iterator[Job]:
+    for st, kd in dict.fromkeys((st, kd) for st, _, kd in p.req.sel):
+        yield p.job(
+            f"tables/entropy-{st}-{kd}",
+            dict(table="head_stats", stack=st, kind=kd),
+            tables.plot_head_metric,
+            p.tables["head_stats"],
+            stack=st,
+            kind=kd,
+        )
+    for name, draw in (
+        ("segment_mass", tables.plot_segment_mass),
+        ("top_pairs", tables.plot_top_pairs),
+    ):
+        for st, lyr, kd in p.req.sel:
+            yield p.job(
+                f"tables/{name}-{st}-L{lyr:02d}-{kd}",
+                dict(table=name, stack=st, layer=lyr, kind=kd),
+                draw,
+                p.tables[name],
+                stack=st,
+                layer=lyr,
+                kind=kd,
+            )
+
+
+#: figure kind -> the jobs it draws; the one place to add a figure kind
+FIGURES: dict[str, Callable[[_Plan], Iterable[Job]]] = {
+    "heatmap": _heatmap_jobs,
+    "grid": _grid_jobs,
+    "layers": _layer_jobs,
+    "flow": _flow_jobs,
+    "tables": _table_jobs,
+}
+
+
+def _jobs(arc: Any, req: Request) -> list[Job]:
+    """Every figure of ``req``, in :data:`WHAT` order; deterministic in its inputs."""
+    plan = _Plan(arc, req)
+    return [job for kind in WHAT if kind in req.what for job in FIGURES[kind](plan)]
+
+
+def load_tables(tables_dir: str | None, arc: Any) -> dict[str, Any]:
+    """``{name: DataFrame}`` of :data:`FIGURE_TABLES` from ``tables_dir``.
+
+    Read with :func:`attnscope.analysis.load_table` against ``arc``, so tables computed
+    from another archive raise :class:`~attnscope.errors.StaleTableError`.
+    """
+    from attnscope.analysis.tables import load_table  # reading only; no analysis is run
+
+    if tables_dir is None:
+        raise ConfigError(
+            "figure type 'tables' needs tables_dir, the folder written by "
+            "`attnscope analyze ARCHIVE --out DIR`; got none"
+        )
+    found = {}
+    for name in FIGURE_TABLES:
+        if not (Path(tables_dir) / f"{name}.parquet").exists():
+            raise ArchiveNotFoundError(
+                f"no {name}.parquet in {tables_dir}; expected the folder written by "
+                f"`attnscope analyze ARCHIVE --out {tables_dir}`"
+            )
+        found[name] = load_table(tables_dir, name, arc)  # StaleTableError for another archive
+    return found
+
+
+def _as_list(x: Any, what: str) -> list | None:
     if x is None:
         return None
     if isinstance(x, (str, int)):
         return [x]
-    return list(x)
+    out = list(x)
+    if not out:
+        raise SelectionError(f"{what} selects nothing; give at least one, or None for all")
+    return out
 
 
 def _check_subset(given: Sequence[Any] | None, valid: Sequence[Any], what: str) -> list:
@@ -59,12 +258,74 @@ def _check_subset(given: Sequence[Any] | None, valid: Sequence[Any], what: str) 
     return list(given)
 
 
-def _open(archive_or_path: Any) -> tuple[Any, bool]:
-    if hasattr(archive_or_path, "attention"):
-        return archive_or_path, False
-    from attnscope.store import open_archive
+def _request(
+    arc: Any,
+    layers: Any,
+    heads: Any,
+    samples: Any,
+    kinds: Any,
+    stacks: Any,
+    what: tuple[str, ...],
+    tables_dir: str | os.PathLike | None,
+    fmt: str,
+    log: bool,
+) -> Request:
+    """Check a selection against the archive; every error is raised before drawing."""
+    all_stacks = [s for s in STACKS if s in _stacks(arc)]
+    stacks_ = _check_subset(_as_list(stacks, "stacks"), all_stacks, "stack")
+    known = {lyr for st in stacks_ for lyr in arc.layers(st)}
+    layers_ = _check_subset(_as_list(layers, "layers"), sorted(known), "layer")
+    known_k = sorted({k for (_, _, k) in _all_sel(arc, stacks_)})
+    kinds_ = _check_subset(_as_list(kinds, "kinds"), known_k, "kind")
+    n = int(arc.n_samples)
+    samples_ = _as_list(samples, "samples") or [0]
+    for s in samples_:
+        if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s < n:
+            raise SelectionError(f"sample {s!r} out of range: the archive has samples 0..{n - 1}")
+    heads_ = _as_list(heads, "heads") or [None]
+    sel = [
+        (st, lyr, kd)
+        for st, lyr, kd in _all_sel(arc, stacks_)
+        if lyr in layers_ and kd in kinds_
+    ]
+    for st, lyr, kd in sel:
+        h = int(arc.attention(st, lyr, kd).shape[1])
+        for hd in heads_:
+            if hd is not None and not 0 <= hd < h:
+                raise SelectionError(
+                    f"head {hd} out of range: {st} layer {lyr} {kd} has heads 0..{h - 1}"
+                )
+    return Request(
+        sel=tuple(sel),
+        samples=tuple(samples_),
+        heads=tuple(heads_),
+        what=what,
+        fmt=fmt,
+        log=log,
+        tables_dir=None if tables_dir is None else os.fspath(tables_dir),
+    )
 
-    return open_archive(archive_or_path), True
+
+def _check_options(
+    fmt: str, what: Iterable[str] | None, tables_dir: Any, out: Path
+) -> tuple[str, tuple[str, ...]]:
+    fmt = fmt.lower()
+    if fmt not in FIGURE_FORMATS:
+        raise ConfigError(f"unsupported figure format {fmt!r}; expected one of {FIGURE_FORMATS}")
+    if what is None:  # everything this call can draw: tables only when given tables
+        what = [w for w in WHAT if w != "tables" or tables_dir is not None]
+    what_ = _as_list(what, "what") or []
+    bad = [w for w in what_ if w not in WHAT]
+    if bad:
+        raise ConfigError(f"unknown figure type {bad[0]!r}; expected any of {WHAT}")
+    if "tables" in what_ and tables_dir is None:
+        raise ConfigError(
+            "figure type 'tables' needs tables_dir, the folder written by "
+            "`attnscope analyze ARCHIVE --out DIR`; got none"
+        )
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output folder {str(out)!r} exists and is a file; expected a folder")
+    return fmt, tuple(what_)
 
 
 def render_archive(
@@ -76,7 +337,7 @@ def render_archive(
     samples: Iterable[int] | None = None,
     kinds: Iterable[str] | None = None,
     stacks: Iterable[str] | None = None,
-    what: Iterable[str] = WHAT,
+    what: Iterable[str] | None = None,
     tables_dir: str | os.PathLike | None = None,
     fmt: str = "png",
     progress: bool = True,
@@ -97,11 +358,13 @@ def render_archive(
     samples
         Sample indices (default: ``[0]``).
     what
-        Any of ``heatmap``, ``grid``, ``layers``, ``flow``, ``tables``.
+        Any of ``heatmap``, ``grid``, ``layers``, ``flow``, ``tables`` (:data:`WHAT`).
+        Default: all of them, ``tables`` only when ``tables_dir`` is given.
     tables_dir
-        Folder holding ``head_stats.parquet``, ``segment_mass.parquet``,
-        ``top_pairs.parquet``; required for ``tables`` unless those files sit in
-        ``out_dir/tables``. Missing table files are skipped.
+        Folder written by :func:`attnscope.analysis.analyze` for this archive, holding
+        ``head_stats.parquet``, ``segment_mass.parquet`` and ``top_pairs.parquet``;
+        required for ``tables``. Tables computed from another archive raise
+        :class:`~attnscope.errors.StaleTableError`.
     fmt
         ``png`` (default), ``svg`` or ``pdf``. Output is byte-identical across runs.
     progress
@@ -115,96 +378,54 @@ def render_archive(
     -------
     list of pathlib.Path, in rendering order; ``out_dir/manifest.json`` describes them.
 
+    Raises
+    ------
+    SelectionError
+        A selection that does not exist, is empty, or gives no figure at all.
+    ConfigError
+        An unknown format or figure type, ``tables`` without ``tables_dir``, or an
+        ``out_dir`` that is a file.
+
     Examples
     --------
     >>> render_archive("run.zarr", "figs", layers=[0], what=["heatmap", "grid"])  # doctest: +SKIP
     """
-    import matplotlib.pyplot as plt
-
-    fmt = fmt.lower()
-    if fmt not in FIGURE_FORMATS:
-        raise ConfigError(f"unsupported figure format {fmt!r}; expected one of {FIGURE_FORMATS}")
-    what = _as_list(what) or []
-    bad = [w for w in what if w not in WHAT]
-    if bad:
-        raise ConfigError(f"unknown figure type {bad[0]!r}; expected any of {WHAT}")
-    arc, opened = _open(archive_or_path)
     out = Path(out_dir)
-    try:
-        all_stacks = [s for s in ("encoder", "decoder") if s in _stacks(arc)]
-        stacks_ = _check_subset(_as_list(stacks), all_stacks, "stack")
-        kinds_ = _as_list(kinds)
-        layers_ = _as_list(layers)
-        n = int(arc.n_samples)
-        samples_ = _as_list(samples) or [0]
-        for s in samples_:
-            if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s < n:
-                raise SelectionError(
-                    f"sample {s!r} out of range: the archive has samples 0..{n - 1}"
-                )
-        heads_ = _as_list(heads) or [None]
-
-        # (stack, layer, kind) selections that exist
-        sel: list[tuple[str, int, str]] = []
-        for st in stacks_:
-            st_layers = list(arc.layers(st))
-            for lyr in layers_ if layers_ is not None else st_layers:
-                if lyr not in st_layers:
-                    continue
-                for kd in arc.kinds(st, lyr):
-                    if kinds_ is None or kd in kinds_:
-                        sel.append((st, lyr, kd))
-        if layers_ is not None:
-            known = {lyr for st in stacks_ for lyr in arc.layers(st)}
-            missing = [x for x in layers_ if x not in known]
-            if missing:
-                raise SelectionError(
-                    f"layer {missing[0]!r} does not exist; valid layers: {sorted(known)}"
-                )
-        if kinds_ is not None:
-            known_k = {k for (_, _, k) in _all_sel(arc, stacks_)}
-            missing = [x for x in kinds_ if x not in known_k]
-            if missing:
-                raise SelectionError(
-                    f"kind {missing[0]!r} does not exist; valid kinds: {sorted(known_k)}"
-                )
-        for st, lyr, kd in sel:
-            h = int(arc.attention(st, lyr, kd).shape[1])
-            for hd in heads_:
-                if hd is not None and not 0 <= hd < h:
-                    raise SelectionError(
-                        f"head {hd} out of range: {st} layer {lyr} {kd} has heads 0..{h - 1}"
-                    )
-
-        jobs = _build_jobs(arc, sel, samples_, heads_, what, fmt, log, out, tables_dir, all_stacks)
-        written: list[Path] = []
-        manifest = [{"file": name, **meta} for name, meta, _ in jobs]
+    fmt, what_ = _check_options(fmt, what, tables_dir, out)
+    with open_archive(archive_or_path) as arc:
+        req = _request(arc, layers, heads, samples, kinds, stacks, what_, tables_dir, fmt, log)
+        jobs = _jobs(arc, req)
+        if not jobs:
+            raise SelectionError(
+                f"the selection gives no figures: what={list(what_)} over "
+                f"{[f'{s}/{lyr}/{k}' for s, lyr, k in req.sel]} (flow needs encoder self, "
+                "decoder self and cross attention of the same layer)"
+            )
         workers = _n_workers(workers, len(jobs), arc)
         if workers > 1:
-            args = (sel, samples_, heads_, what, fmt, log, out, tables_dir, all_stacks)
-            written = _render_parallel(str(arc.path), args, len(jobs), workers, progress)
+            written = _render_parallel(str(arc.path), req, out, len(jobs), workers, progress)
         else:
-            for name, _, make in _progress(jobs, progress):
-                fig = make()
-                try:
-                    written.append(save_figure(fig, out / name, fmt=fmt))
-                finally:
-                    plt.close(fig)
-        ident = _identity(arc)
-        out.mkdir(parents=True, exist_ok=True)  # even when no figure was due
-        (out / "manifest.json").write_text(
-            json.dumps(
-                {"archive": ident, "format": fmt, "files": manifest},
-                indent=2,
-                sort_keys=True,
-                default=str,
-            )
-            + "\n"
-        )
-        return written
+            written = [_save(job, out) for job in _progress(jobs, progress)]
+        manifest = {
+            "archive": _identity(arc),
+            "format": fmt,
+            "files": [{"file": j.file, **j.meta} for j in jobs],
+        }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "manifest.json").write_text(
+        json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n"
+    )
+    return written
+
+
+def _save(job: Job, out: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig = job.figure()
+    try:
+        return save_figure(fig, out / job.file, fmt=job.file.rsplit(".", 1)[1])
     finally:
-        if opened and hasattr(arc, "close"):
-            arc.close()
+        plt.close(fig)
 
 
 def _n_workers(workers: int | None, n_jobs: int, arc: Any) -> int:
@@ -221,32 +442,21 @@ def _n_workers(workers: int | None, n_jobs: int, arc: Any) -> int:
 _WORKER: dict[str, Any] = {}
 
 
-def _worker_init(path: str, args: tuple) -> None:
+def _worker_init(path: str, req: Request, out: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
-    from attnscope.store import open_archive
-
-    arc = open_archive(path)
-    _WORKER["arc"] = arc
-    _WORKER["jobs"] = _build_jobs(arc, *args)
-    _WORKER["out"] = Path(args[6])
-    _WORKER["fmt"] = args[4]
+    # The worker process keeps its archive open for its whole life; it exits with the pool.
+    _WORKER["jobs"] = _jobs(open_archive(path), req)
+    _WORKER["out"] = Path(out)
 
 
 def _worker_render(i: int) -> str:
-    import matplotlib.pyplot as plt
-
-    name, _, make = _WORKER["jobs"][i]
-    fig = make()
-    try:
-        return str(save_figure(fig, _WORKER["out"] / name, fmt=_WORKER["fmt"]))
-    finally:
-        plt.close(fig)
+    return str(_save(_WORKER["jobs"][i], _WORKER["out"]))
 
 
 def _render_parallel(
-    path: str, args: tuple, n_jobs: int, workers: int, progress: bool
+    path: str, req: Request, out: Path, n_jobs: int, workers: int, progress: bool
 ) -> list[Path]:
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
@@ -254,155 +464,24 @@ def _render_parallel(
     # spawn, not fork: the parent may hold zarr's event-loop thread or an open HDF5 file.
     ctx = mp.get_context("spawn")
     with ProcessPoolExecutor(
-        workers, mp_context=ctx, initializer=_worker_init, initargs=(path, args)
+        workers, mp_context=ctx, initializer=_worker_init, initargs=(path, req, str(out))
     ) as pool:
         done = pool.map(_worker_render, range(n_jobs), chunksize=2)
         return [Path(p) for p in _progress(done, progress, total=n_jobs)]
 
 
-def _build_jobs(
-    arc: Any,
-    sel: list[tuple[str, int, str]],
-    samples_: list[int],
-    heads_: list[int | None],
-    what: list[str],
-    fmt: str,
-    log: bool,
-    out: Path,
-    tables_dir: str | os.PathLike | None,
-    all_stacks: list[str],
-) -> list[tuple[str, dict[str, Any], Callable[[], Any]]]:
-    """``(file name, metadata, make figure)`` for every figure; deterministic in its inputs."""
-    layout = arc.layout
-    jobs: list[tuple[str, dict[str, Any], Callable[[], Any]]] = []
-
-    def axes(st: str, kd: str) -> tuple[Any, Any]:
-        try:
-            return layout.axes(st, kd) if layout is not None else (None, None)
-        except SelectionError:
-            return None, None
-
-    if "heatmap" in what:
-        for st, lyr, kd in sel:
-            q, k = axes(st, kd)
-            for s in samples_:
-                for hd in heads_:
-                    name = f"heatmap/{st}-L{lyr:02d}-{kd}-s{s:04d}-{_head_tag(hd)}.{fmt}"
-                    meta = dict(what="heatmap", stack=st, layer=lyr, kind=kd, sample=s, head=hd)
-                    jobs.append(
-                        (
-                            name,
-                            meta,
-                            _bind(
-                                plots.plot_heatmap,
-                                arc.attention(st, lyr, kd),
-                                head_idx=hd,
-                                batch_idx=s,
-                                query_layout=q,
-                                key_layout=k,
-                                log=log,
-                                title=f"{st} layer {lyr} {kd}, {_head_name(hd)}, sample {s}",
-                            ),
-                        )
-                    )
-    if "grid" in what:
-        for st, lyr, kd in sel:
-            q, k = axes(st, kd)
-            for s in samples_:
-                name = f"grid/{st}-L{lyr:02d}-{kd}-s{s:04d}.{fmt}"
-                meta = dict(what="grid", stack=st, layer=lyr, kind=kd, sample=s)
-                jobs.append(
-                    (
-                        name,
-                        meta,
-                        _bind(
-                            plots.plot_head_grid,
-                            arc.attention(st, lyr, kd),
-                            batch_idx=s,
-                            query_layout=q,
-                            key_layout=k,
-                            log=log,
-                            title=f"{st} layer {lyr} {kd}, all heads, sample {s}",
-                        ),
-                    )
-                )
-    if "layers" in what:
-        groups: dict[tuple[str, str], list[int]] = {}
-        for st, lyr, kd in sel:
-            groups.setdefault((st, kd), []).append(lyr)
-        for (st, kd), lyrs in groups.items():
-            q, k = axes(st, kd)
-            for s in samples_:
-                for hd in heads_:
-                    name = f"layers/{st}-{kd}-s{s:04d}-{_head_tag(hd)}.{fmt}"
-                    meta = dict(what="layers", stack=st, layers=lyrs, kind=kd, sample=s, head=hd)
-                    jobs.append(
-                        (
-                            name,
-                            meta,
-                            _bind(
-                                plots.plot_layer_comparison,
-                                {lyr: arc.attention(st, lyr, kd) for lyr in lyrs},
-                                head_idx=hd,
-                                batch_idx=s,
-                                query_layout=q,
-                                key_layout=k,
-                                log=log,
-                                title=f"{st} {kd} across layers, {_head_name(hd)}, sample {s}",
-                            ),
-                        )
-                    )
-    if "flow" in what:
-        existing = set(_all_sel(arc, all_stacks))
-        for lyr in sorted({lyr for (_, lyr, _) in sel}):
-            need = [
-                ("encoder", lyr, "self_attention"),
-                ("decoder", lyr, "self_attention"),
-                ("decoder", lyr, "cross_attention"),
-            ]
-            if not all(x in existing for x in need):
-                continue
-            for s in samples_:
-                for hd in heads_:
-                    name = f"flow/L{lyr:02d}-s{s:04d}-{_head_tag(hd)}.{fmt}"
-                    meta = dict(what="flow", layer=lyr, sample=s, head=hd)
-                    jobs.append(
-                        (
-                            name,
-                            meta,
-                            _bind(
-                                plots.plot_attention_flow,
-                                *(arc.attention(*x) for x in need),
-                                layer_idx=lyr,
-                                head_idx=hd,
-                                batch_idx=s,
-                                log=log,
-                                encoder_layout=getattr(layout, "encoder", None),
-                                decoder_layout=getattr(layout, "decoder", None),
-                            ),
-                        )
-                    )
-    if "tables" in what:
-        jobs.extend(_table_jobs(Path(tables_dir) if tables_dir else out / "tables", sel, fmt))
-
-    return jobs
-
-
-def _head_name(h: int | None) -> str:
-    return "mean of heads" if h is None else f"head {h}"
-
-
-def _bind(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Callable[[], Any]:
-    return lambda: fn(*args, **kwargs)
-
-
 def _stacks(arc: Any) -> list[str]:
-    names = arc.arrays() if hasattr(arc, "arrays") else []
-    return sorted({n.split("/")[0] for n in names})
+    return sorted({n.split("/")[0] for n in arc.arrays()})
 
 
 def _all_sel(arc: Any, stacks: Sequence[str]) -> list[tuple[str, int, str]]:
-    return [(st, lyr, kd) for st in stacks for lyr in arc.layers(st) for kd in arc.kinds(st, lyr)]
+    return [
+        (st, lyr, kd)
+        for st in stacks
+        if st in _stacks(arc)
+        for lyr in arc.layers(st)
+        for kd in arc.kinds(st, lyr)
+    ]
 
 
 def _identity(arc: Any) -> dict[str, Any]:
@@ -414,43 +493,6 @@ def _identity(arc: Any) -> dict[str, Any]:
     if "archive" in ident:
         ident["archive"] = Path(str(ident["archive"])).name
     return ident
-
-
-def _table_jobs(tdir: Path, sel: list[tuple[str, int, str]], fmt: str) -> list:
-    from attnscope.render import tables
-
-    jobs: list = []
-    hs, sm, tp = (
-        tdir / "head_stats.parquet",
-        tdir / "segment_mass.parquet",
-        tdir / "top_pairs.parquet",
-    )
-    if hs.exists():
-        hs = tables.load_table(hs)
-        for st, kd in dict.fromkeys((st, kd) for st, _, kd in sel):
-            jobs.append(
-                (
-                    f"tables/entropy-{st}-{kd}.{fmt}",
-                    dict(what="tables", table="head_stats", stack=st, kind=kd),
-                    _bind(tables.plot_head_metric, hs, stack=st, kind=kd),
-                )
-            )
-    for path, fn, tag in (
-        (sm, tables.plot_segment_mass, "segment_mass"),
-        (tp, tables.plot_top_pairs, "top_pairs"),
-    ):
-        if not path.exists():
-            continue
-        path = tables.load_table(path)
-        for st, lyr, kd in sel:
-            jobs.append(
-                (
-                    f"tables/{tag}-{st}-L{lyr:02d}-{kd}.{fmt}",
-                    dict(what="tables", table=tag, stack=st, layer=lyr, kind=kd),
-                    _bind(fn, path, stack=st, layer=lyr, kind=kd),
-                )
-            )
-    return jobs
 
 
 def _progress(jobs: Iterable, progress: bool, total: int | None = None) -> Iterable:

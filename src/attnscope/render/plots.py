@@ -24,7 +24,6 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import matplotlib as mpl
 from matplotlib.axes import Axes
 from matplotlib.colors import LogNorm, Normalize
 from matplotlib.figure import Figure
@@ -39,9 +38,11 @@ from attnscope.render._prepare import (
     shared_limits,
 )
 from attnscope.render._save import finish
+from attnscope.render._style import STYLE, colormap, plain
 from attnscope.store.layout import SideLayout
 
 __all__ = [
+    "annotate_cells",
     "draw_matrix",
     "plot_attention_flow",
     "plot_head_grid",
@@ -51,6 +52,12 @@ __all__ = [
 
 PathLike = str | os.PathLike
 BOUNDARY_GID = {"rows": "segment_boundary_query", "cols": "segment_boundary_key"}
+#: (stack, kind) of the three arrays of a flow figure, in plot_attention_flow's argument order
+FLOW_ARRAYS = (
+    ("encoder", "self_attention"),
+    ("decoder", "self_attention"),
+    ("decoder", "cross_attention"),
+)
 
 
 def new_figure(figsize: tuple[float, float] | None) -> Figure:
@@ -60,57 +67,60 @@ def new_figure(figsize: tuple[float, float] | None) -> Figure:
     return plt.figure(figsize=figsize, layout="constrained")
 
 
-def _norm(p: PreparedMatrix, vmin: float | None = None, vmax: float | None = None) -> Normalize:
-    lo = p.vmin if vmin is None else vmin
-    hi = p.vmax if vmax is None else vmax
-    return LogNorm(lo, hi, clip=False) if p.log else Normalize(lo, hi)
+def _norm(lo: float | None, hi: float | None, log: bool) -> Normalize:
+    return LogNorm(lo, hi, clip=False) if log else Normalize(lo, hi)
 
 
-def _cmap(name: Any) -> Any:
-    cmap = mpl.colormaps[name] if isinstance(name, str) else name
-    # exact zeros on a log scale are "bad": draw them in the lowest colour, not white
-    return cmap.with_extremes(bad=cmap(0.0))
-
-
-def _decorate_axis(ax: Axes, spec: AxisSpec, which: str, boundary_color: str) -> None:
+def _decorate_axis(ax: Axes, spec: AxisSpec, which: str, rotation: float) -> None:
     set_ticks = ax.set_xticks if which == "cols" else ax.set_yticks
     line = ax.axvline if which == "cols" else ax.axhline
     for b in spec.boundaries:
-        line(b - 0.5, color=boundary_color, lw=0.8, alpha=0.9, gid=BOUNDARY_GID[which])
-    rot = 90 if which == "cols" else 0
+        line(
+            b - 0.5,
+            color=STYLE.boundary_color,
+            lw=STYLE.boundary_width,
+            alpha=0.9,
+            gid=BOUNDARY_GID[which],
+        )
+    rot = rotation if which == "cols" else 0
+    # rotated column labels read best anchored at their right end
+    align = {"ha": "right"} if which == "cols" and 0 < rot < 90 else {}
     if spec.labels is not None:
-        size = 8 if spec.n <= 20 else 6
-        set_ticks(range(spec.n), spec.labels, rotation=rot, fontsize=size)
+        size = STYLE.tick_size if spec.n <= 20 else STYLE.dense_tick_size
+        labels = [plain(x) for x in spec.labels]
+        set_ticks(range(spec.n), labels, rotation=rot, fontsize=size, **align)
     elif spec.segment_names:
         centres = [c for _, c in spec.segment_names]
-        names = [n for n, _ in spec.segment_names]
-        set_ticks(centres, names, rotation=rot, fontsize=7)
+        names = [plain(n) for n, _ in spec.segment_names]
+        set_ticks(centres, names, rotation=rot, fontsize=STYLE.segment_tick_size, **align)
 
 
 def draw_matrix(
     ax: Axes,
     prepared: PreparedMatrix,
     *,
-    cmap: Any = "viridis",
+    cmap: Any = None,
     norm: Normalize | None = None,
-    boundary_color: str = "white",
     xlabel: str | None = "key",
     ylabel: str | None = "query",
+    col_rotation: float = 90,
 ) -> Any:
     """Draw a prepared matrix onto ``ax``; return the ``AxesImage``.
 
-    Data coordinates are token indices (``extent`` undoes any block reduction).
+    The one matrix drawer of the render stage (attention maps and table figures). Data
+    coordinates are cell indices (``extent`` undoes any block reduction); tick labels
+    are drawn as literal text (see :func:`attnscope.render._style.plain`).
     """
     im = ax.imshow(
         prepared.data,
-        cmap=_cmap(cmap),
-        norm=norm or _norm(prepared),
+        cmap=colormap(cmap if cmap is not None else STYLE.cmap),
+        norm=norm or _norm(prepared.vmin, prepared.vmax, prepared.log),
         aspect="auto",
         interpolation="nearest",
         extent=prepared.extent,
     )
-    _decorate_axis(ax, prepared.cols, "cols", boundary_color)
-    _decorate_axis(ax, prepared.rows, "rows", boundary_color)
+    _decorate_axis(ax, prepared.cols, "cols", col_rotation)
+    _decorate_axis(ax, prepared.rows, "rows", col_rotation)
     if xlabel:
         ax.set_xlabel(xlabel)
     if ylabel:
@@ -118,9 +128,43 @@ def draw_matrix(
     return im
 
 
-def _default_title(head_idx: int | None, batch_idx: int) -> str:
-    head = "mean of heads" if head_idx is None else f"head {head_idx}"
-    return f"{head}, sample {batch_idx}"
+def annotate_cells(
+    ax: Axes, data: Any, fmt: str, *, dark_on_light: bool, fontsize: float | None = None
+) -> None:
+    """Write every cell's value into it, in a colour that reads on the cell.
+
+    ``dark_on_light``: the colormap is light at high values (black text above the middle
+    of the range), else dark there (white text above the middle).
+    """
+    import numpy as np
+
+    lo, hi = float(np.nanmin(data)), float(np.nanmax(data))
+    mid = (lo + hi) / 2
+    hi_text, lo_text = ("black", "white") if dark_on_light else ("white", "black")
+    for (r, c), v in np.ndenumerate(data):
+        ax.text(
+            c,
+            r,
+            fmt.format(v),
+            ha="center",
+            va="center",
+            fontsize=fontsize or STYLE.cell_size,
+            color=hi_text if v > mid else lo_text,
+        )
+
+
+def _panels(fig: Figure, n: int, ncols: int) -> list[Axes]:
+    """``n`` Axes in a grid of ``ncols`` columns (row-major); unused cells removed."""
+    nrows = math.ceil(n / ncols)
+    grid = fig.subplots(nrows, ncols, squeeze=False)
+    flat = [a for row in grid for a in row]
+    for extra in flat[n:]:
+        extra.remove()
+    return flat[:n]
+
+
+def _who(head_idx: int | None) -> str:
+    return "mean of heads" if head_idx is None else f"head {head_idx}"
 
 
 def plot_heatmap(
@@ -131,8 +175,8 @@ def plot_heatmap(
     query_layout: SideLayout | None = None,
     key_layout: SideLayout | None = None,
     title: str | None = None,
-    figsize: tuple[float, float] | None = (10, 8),
-    cmap: Any = "viridis",
+    figsize: tuple[float, float] | None = STYLE.heatmap_size,
+    cmap: Any = STYLE.cmap,
     vmin: float | None = None,
     vmax: float | None = None,
     log: bool = False,
@@ -172,22 +216,14 @@ def plot_heatmap(
     >>> from attnscope.render import plot_heatmap
     >>> fig = plot_heatmap(np.full((1, 2, 4, 4), 0.25), head_idx=1)
     """
-    p = prepare_matrix(
-        attention,
-        head_idx=head_idx,
-        batch_idx=batch_idx,
-        query_layout=query_layout,
-        key_layout=key_layout,
-        vmin=vmin,
-        vmax=vmax,
-        log=log,
-        reduce=reduce,
-        max_pixels=max_pixels,
-    )
+    where = dict(head_idx=head_idx, batch_idx=batch_idx)
+    axes = dict(query_layout=query_layout, key_layout=key_layout)
+    scale = dict(vmin=vmin, vmax=vmax, log=log, reduce=reduce, max_pixels=max_pixels)
+    p = prepare_matrix(attention, **where, **axes, **scale)
     fig = new_figure(figsize) if ax is None else ax.figure
     ax = fig.add_subplot() if ax is None else ax
     im = draw_matrix(ax, p, cmap=cmap)
-    ax.set_title(title if title is not None else _default_title(head_idx, batch_idx))
+    ax.set_title(title if title is not None else f"{_who(head_idx)}, sample {batch_idx}")
     if colorbar:
         fig.colorbar(im, ax=ax, label="attention weight")
     return finish(fig, save_path, show)
@@ -210,7 +246,7 @@ def plot_head_grid(
     title: str | None = None,
     figsize: tuple[float, float] | None = None,
     ncols: int | None = None,
-    cmap: Any = "viridis",
+    cmap: Any = STYLE.cmap,
     vmin: float | None = None,
     vmax: float | None = None,
     log: bool = False,
@@ -228,31 +264,21 @@ def plot_head_grid(
     heads = list(range(h)) if heads is None else list(heads)
     if not heads:
         raise SelectionError(f"no heads selected; this attention has heads 0..{h - 1}")
+    # vmin/vmax apply to the shared scale below, not to each head
+    where = dict(batch_idx=batch_idx, query_layout=query_layout, key_layout=key_layout)
     prepared = [
-        prepare_matrix(
-            attention,
-            head_idx=i,
-            batch_idx=batch_idx,
-            query_layout=query_layout,
-            key_layout=key_layout,
-            log=log,
-            reduce=reduce,
-            max_pixels=max_pixels,
-        )
+        prepare_matrix(attention, head_idx=i, log=log, reduce=reduce, max_pixels=max_pixels,
+                       **where)
         for i in heads
     ]
-    lo, hi = shared_limits(prepared, vmin, vmax, log)
     nrows, ncols = _grid_shape(len(heads), ncols)
-    if figsize is None:
-        figsize = (3.2 * ncols + 1.2, 3.0 * nrows + 0.8)
-    fig = new_figure(figsize)
+    fig = new_figure(figsize or (3.2 * ncols + 1.2, 3.0 * nrows + 0.8))
     # Not shared axes: inner panels drop their ticks entirely (shared axes would keep
     # every panel's hidden tick artists, which made a grid ~2x slower to draw).
-    axes = fig.subplots(nrows, ncols, squeeze=False)
-    norm = LogNorm(lo, hi) if log else Normalize(lo, hi)
+    axes = _panels(fig, len(heads), ncols)
+    norm = _norm(*shared_limits(prepared, vmin, vmax, log), log)
     im = None
-    for k, (i, p) in enumerate(zip(heads, prepared)):
-        ax = axes[k // ncols][k % ncols]
+    for k, (ax, i, p) in enumerate(zip(axes, heads, prepared)):
         r, c = divmod(k, ncols)
         im = draw_matrix(
             ax,
@@ -262,15 +288,12 @@ def plot_head_grid(
             xlabel="key" if r == nrows - 1 else None,
             ylabel="query" if c == 0 else None,
         )
-        ax.set_title(f"head {i}", fontsize=10)
-        last_in_col = k + ncols >= len(heads)
-        if not last_in_col:
+        ax.set_title(f"head {i}", fontsize=STYLE.panel_title_size)
+        if k + ncols < len(heads):  # not the last panel of its column
             ax.set_xticks([])
         if c != 0:
             ax.set_yticks([])
-    for k in range(len(heads), nrows * ncols):
-        axes[k // ncols][k % ncols].remove()
-    fig.colorbar(im, ax=[a for row in axes for a in row if a.figure is fig], shrink=0.8)
+    fig.colorbar(im, ax=axes, shrink=0.8)
     if title is not None:
         fig.suptitle(title)
     return finish(fig, save_path, show)
@@ -286,7 +309,7 @@ def plot_layer_comparison(
     title: str | None = None,
     figsize: tuple[float, float] | None = None,
     ncols: int | None = None,
-    cmap: Any = "viridis",
+    cmap: Any = STYLE.cmap,
     vmin: float | None = None,
     vmax: float | None = None,
     log: bool = False,
@@ -305,44 +328,38 @@ def plot_layer_comparison(
     items = list(layers.items()) if isinstance(layers, Mapping) else list(enumerate(layers))
     if not items:
         raise SelectionError("no layers to compare")
+    scale = dict(vmin=vmin, vmax=vmax, log=log, reduce=reduce, max_pixels=max_pixels)
     prepared = [
-        prepare_matrix(
-            a,
-            head_idx=head_idx,
-            batch_idx=batch_idx,
-            query_layout=query_layout,
-            key_layout=key_layout,
-            vmin=vmin,
-            vmax=vmax,
-            log=log,
-            reduce=reduce,
-            max_pixels=max_pixels,
-        )
+        prepare_matrix(a, head_idx=head_idx, batch_idx=batch_idx, query_layout=query_layout,
+                       key_layout=key_layout, **scale)
         for _, a in items
     ]
     nrows, ncols = _grid_shape(len(items), ncols if ncols is not None else min(len(items), 4))
-    if figsize is None:
-        figsize = (4.0 * ncols + 1.0, 3.6 * nrows + 0.8)
-    fig = new_figure(figsize)
-    axes = fig.subplots(nrows, ncols, squeeze=False)
-    lo, hi = shared_limits(prepared, vmin, vmax, log)
-    shared = (LogNorm(lo, hi) if log else Normalize(lo, hi)) if shared_scale else None
+    fig = new_figure(figsize or (4.0 * ncols + 1.0, 3.6 * nrows + 0.8))
+    axes = _panels(fig, len(items), ncols)
+    shared = _norm(*shared_limits(prepared, vmin, vmax, log), log) if shared_scale else None
     im = None
-    panels = []
-    for k, ((name, _), p) in enumerate(zip(items, prepared)):
-        ax = axes[k // ncols][k % ncols]
+    for ax, (name, _), p in zip(axes, items, prepared):
         im = draw_matrix(ax, p, cmap=cmap, norm=shared)
         ax.set_title(f"layer {name}")
-        panels.append(ax)
         if not shared_scale:
             fig.colorbar(im, ax=ax)
-    for k in range(len(items), nrows * ncols):
-        axes[k // ncols][k % ncols].remove()
     if shared_scale:
-        fig.colorbar(im, ax=panels, shrink=0.8)
-    head = "mean of heads" if head_idx is None else f"head {head_idx}"
-    fig.suptitle(title if title is not None else f"{head}, sample {batch_idx}")
+        fig.colorbar(im, ax=axes, shrink=0.8)
+    fig.suptitle(title if title is not None else f"{_who(head_idx)}, sample {batch_idx}")
     return finish(fig, save_path, show)
+
+
+def _check_flow(enc: PreparedMatrix, dec: PreparedMatrix, cross: PreparedMatrix) -> None:
+    for side, n_cross, n_self, what in (
+        ("keys", cross.n_cols, enc.n_cols, "encoder"),
+        ("queries", cross.n_rows, dec.n_rows, "decoder"),
+    ):
+        if n_cross != n_self:
+            raise InputError(
+                f"cross-attention has {n_cross} {side} but {what} self-attention has "
+                f"{n_self} tokens; they must come from the same layer and sample"
+            )
 
 
 def plot_attention_flow(
@@ -356,8 +373,8 @@ def plot_attention_flow(
     encoder_layout: SideLayout | None = None,
     decoder_layout: SideLayout | None = None,
     title: str | None = None,
-    figsize: tuple[float, float] | None = (14, 12),
-    cmap: Any = "viridis",
+    figsize: tuple[float, float] | None = STYLE.flow_size,
+    cmap: Any = STYLE.cmap,
     vmin: float | None = None,
     vmax: float | None = None,
     log: bool = False,
@@ -379,34 +396,17 @@ def plot_attention_flow(
     ``vmin``/``vmax`` are given. Axes order in ``fig.axes``: encoder self, decoder
     self, cross, then the three colour bars.
     """
-    kw = dict(
-        head_idx=head_idx,
-        batch_idx=batch_idx,
-        vmin=vmin,
-        vmax=vmax,
-        log=log,
-        reduce=reduce,
-        max_pixels=max_pixels,
-    )
-    enc = prepare_matrix(
-        encoder_attention, query_layout=encoder_layout, key_layout=encoder_layout, **kw
-    )
-    dec = prepare_matrix(
-        decoder_self_attention, query_layout=decoder_layout, key_layout=decoder_layout, **kw
-    )
-    cross = prepare_matrix(
-        decoder_cross_attention, query_layout=decoder_layout, key_layout=encoder_layout, **kw
-    )
-    if enc.n_cols != cross.n_cols:
-        raise InputError(
-            f"cross-attention has {cross.n_cols} keys but encoder self-attention has "
-            f"{enc.n_cols} tokens; they must come from the same layer and sample"
+    scale = dict(vmin=vmin, vmax=vmax, log=log, reduce=reduce, max_pixels=max_pixels)
+    enc, dec, cross = (
+        prepare_matrix(a, query_layout=q, key_layout=k, head_idx=head_idx, batch_idx=batch_idx,
+                       **scale)
+        for a, q, k in (
+            (encoder_attention, encoder_layout, encoder_layout),
+            (decoder_self_attention, decoder_layout, decoder_layout),
+            (decoder_cross_attention, decoder_layout, encoder_layout),
         )
-    if dec.n_rows != cross.n_rows:
-        raise InputError(
-            f"cross-attention has {cross.n_rows} queries but decoder self-attention has "
-            f"{dec.n_rows} tokens; they must come from the same layer and sample"
-        )
+    )
+    _check_flow(enc, dec, cross)
     s, t = enc.n_cols, dec.n_rows
     fig = new_figure(figsize)
     gs = fig.add_gridspec(2, 2, width_ratios=[s, t], height_ratios=[s, t])
@@ -420,7 +420,7 @@ def plot_attention_flow(
         (ax_cross, cross, "decoder cross-attention"),
     ):
         ims.append(draw_matrix(ax, p, cmap=cmap, xlabel=None, ylabel=None))
-        ax.set_title(name, fontsize=10)
+        ax.set_title(name, fontsize=STYLE.panel_title_size)
     ax_enc.set_ylabel("encoder query")
     ax_cross.set_xlabel("encoder key")
     ax_cross.set_ylabel("decoder query")
@@ -430,9 +430,10 @@ def plot_attention_flow(
     fig.colorbar(ims[0], ax=ax_enc, location="right", shrink=0.8, label="encoder self")
     fig.colorbar(ims[1], ax=ax_dec, location="right", shrink=0.8, label="decoder self")
     fig.colorbar(ims[2], ax=ax_cross, location="bottom", shrink=0.8, label="cross")
-    head = "mean of heads" if head_idx is None else f"head {head_idx}"
     layer = "" if layer_idx is None else f"layer {layer_idx}, "
     fig.suptitle(
-        title if title is not None else f"Attention flow: {layer}{head}, sample {batch_idx}"
+        title
+        if title is not None
+        else f"Attention flow: {layer}{_who(head_idx)}, sample {batch_idx}"
     )
     return finish(fig, save_path, show)

@@ -2,8 +2,12 @@
 
 Everything is inline: figures are base64 PNGs, the stylesheet and a few lines of
 JavaScript (layer/head chooser) are embedded, nothing is fetched, so the file works from
-``file://`` and can be mailed to a colleague. Without tables, they are computed first
-into a temporary folder.
+``file://`` and can be mailed to a colleague.
+
+The report draws; it does not analyse. It reads the tables that
+:func:`attnscope.analysis.analyze` wrote for this archive (``attnscope report`` and
+``attnscope demo`` run the analysis first), and refuses tables computed from another
+archive (:class:`~attnscope.errors.StaleTableError`).
 """
 
 from __future__ import annotations
@@ -13,7 +17,6 @@ import html
 import io
 import json
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -25,12 +28,16 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image
 
+from attnscope.contracts import AVERAGE_HEAD
+from attnscope.errors import ConfigError, SelectionError
 from attnscope.render._prepare import prepare_matrix
+from attnscope.render._style import STYLE
+from attnscope.render.batch import FIGURE_TABLES, load_tables
 from attnscope.render.plots import plot_attention_flow, plot_heatmap
 from attnscope.render.tables import plot_head_metric, plot_segment_mass
 from attnscope.store import AttentionArchive, open_archive
 
-__all__ = ["write_report"]
+__all__ = ["check_report_path", "write_report"]
 
 _CSS = """
 body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0;color:#222}
@@ -60,7 +67,7 @@ _JS = """
 """
 
 
-def _png(fig: Figure, dpi: int = 80) -> str:
+def _png(fig: Figure, dpi: int = STYLE.report_dpi) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi, metadata={"Software": None})
     plt.close(fig)
@@ -68,7 +75,7 @@ def _png(fig: Figure, dpi: int = 80) -> str:
 
 
 def _head_maps(
-    arc: AttentionArchive, name: str, sample: int, dpi: int = 80
+    arc: AttentionArchive, name: str, sample: int, dpi: int = STYLE.report_dpi
 ) -> list[tuple[str, str]]:
     """``[(head tag, base64 PNG)]``: the head average, then every stored head of one sample.
 
@@ -82,7 +89,9 @@ def _head_maps(
     stack, _, kind = name.split("/")
     q_lay, k_lay = arc.layout.axes(stack, kind)
     heads = arc.heads(name)
-    common = dict(batch_idx=sample, query_layout=q_lay, key_layout=k_lay, figsize=(7, 5.6))
+    common = dict(
+        batch_idx=sample, query_layout=q_lay, key_layout=k_lay, figsize=STYLE.report_map_size
+    )
     avg = plot_heatmap(
         arr, head_idx=None, title=f"{name} · sample {sample} · head average", **common
     )
@@ -165,13 +174,11 @@ def _layout_section(arc: AttentionArchive) -> str:
     return "".join(parts)
 
 
-def _ensure_tables(arc: AttentionArchive, tables_dir: Path | None, tmp: str) -> Path:
-    if tables_dir is not None and (Path(tables_dir) / "head_stats.parquet").exists():
-        return Path(tables_dir)
-    from attnscope.analysis import analyze
-
-    out = Path(tables_dir) if tables_dir is not None else Path(tmp) / "tables"
-    analyze(arc, out, progress=False)
+def check_report_path(out: str | os.PathLike[str]) -> Path:
+    """``out`` as a Path, refused when it is an existing folder (a report is one file)."""
+    out = Path(out)
+    if out.is_dir():
+        raise ConfigError(f"report path {str(out)!r} is a folder; expected an .html file path")
     return out
 
 
@@ -190,9 +197,13 @@ def write_report(
     ----------
     archive
         Archive path or open :class:`AttentionArchive`.
+    out
+        The HTML file; an existing folder there is refused. Written atomically
+        (``out.partial``, then renamed): a failed report leaves no partial file.
     tables_dir
-        Folder of ``attnscope analyze`` tables; computed into a temporary folder (or into
-        ``tables_dir`` if it is given but empty) when absent.
+        Folder written by :func:`attnscope.analysis.analyze` for this archive (required:
+        the report does not run the analysis itself). Tables of another archive raise
+        :class:`~attnscope.errors.StaleTableError`.
     sample
         Sample whose attention maps are shown.
     arrays
@@ -206,39 +217,42 @@ def write_report(
 
     Examples
     --------
+    >>> from attnscope.analysis import analyze                        # doctest: +SKIP
+    >>> analyze("run.zarr", "tables")                                  # doctest: +SKIP
     >>> write_report("run.zarr", "report.html", tables_dir="tables")  # doctest: +SKIP
     """
-    own = not isinstance(archive, AttentionArchive)
-    arc = open_archive(archive) if own else archive
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            tdir = _ensure_tables(arc, Path(tables_dir) if tables_dir else None, tmp)
-            page = _build(arc, tdir, sample, arrays, top_pairs)
-    finally:
-        if own:
-            arc.close()
-    out = Path(out)
+    out = check_report_path(out)
+    if tables_dir is None:
+        raise ConfigError(
+            "write_report needs tables_dir, the folder written by attnscope.analysis.analyze "
+            "(`attnscope analyze ARCHIVE --out DIR`); the report does not analyse"
+        )
+    with open_archive(archive) as arc:
+        page = _build(arc, load_tables(tables_dir, arc), sample, arrays, top_pairs)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = out.with_name(out.name + ".partial")
-    tmp_out.write_text(page, encoding="utf-8")
-    tmp_out.replace(out)
+    partial = out.with_name(out.name + ".partial")
+    try:
+        partial.write_text(page, encoding="utf-8")
+        partial.replace(out)
+    finally:
+        partial.unlink(missing_ok=True)
     return out
 
 
 def _build(
-    arc: AttentionArchive, tdir: Path, sample: int, arrays: Sequence[str] | None, k: int
+    arc: AttentionArchive,
+    tables: dict[str, pd.DataFrame],
+    sample: int,
+    arrays: Sequence[str] | None,
+    k: int,
 ) -> str:
-    from attnscope.errors import SelectionError
-
     names = list(arrays) if arrays is not None else arc.arrays()
     unknown = [n for n in names if n not in arc.arrays()]
     if unknown:
         raise SelectionError(f"unknown array(s) {unknown}; the archive has {arc.arrays()}")
     if not 0 <= sample < arc.n_samples:
         raise SelectionError(f"sample {sample} out of range [0, {arc.n_samples})")
-    head_stats = pd.read_parquet(tdir / "head_stats.parquet")
-    seg = pd.read_parquet(tdir / "segment_mass.parquet")
-    pairs = pd.read_parquet(tdir / "top_pairs.parquet")
+    head_stats, seg, pairs = (tables[name] for name in FIGURE_TABLES)
     meta = arc.metadata
     ident = arc.identity()
 
@@ -310,9 +324,10 @@ def _build(
                 arc[n],
                 layer_idx=int(layer),
                 batch_idx=sample,
-                figsize=(12, 10),
+                figsize=STYLE.report_flow_size,
             )
-            flows.append(f"<figure>{_img(_png(fig, dpi=64), f'flow layer {layer}')}</figure>")
+            png = _png(fig, dpi=STYLE.report_flow_dpi)
+            flows.append(f"<figure>{_img(png, f'flow layer {layer}')}</figure>")
     if flows:
         body.append(f"<h2>Encoder → decoder flow</h2><div class='grid'>{''.join(flows)}</div>")
 
@@ -324,7 +339,7 @@ def _build(
             (seg["stack"] == stack)
             & (seg["layer"] == int(layer))
             & (seg["kind"] == kind)
-            & (seg["head"] == -1)
+            & (seg["head"] == AVERAGE_HEAD)
         ]
         if sub.empty:
             continue
@@ -351,7 +366,7 @@ def _build(
                 (pairs["stack"] == stack)
                 & (pairs["layer"] == int(layer))
                 & (pairs["kind"] == kind)
-                & (pairs["head"] == -1)
+                & (pairs["head"] == AVERAGE_HEAD)
                 & (pairs["sample"] == sample)
             ]
             .sort_values("rank")

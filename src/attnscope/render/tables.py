@@ -6,9 +6,11 @@
   ``segment_mass.parquet``, one panel per head or the mean over heads;
 * :func:`plot_top_pairs` -- the strongest query -> key pairs from ``top_pairs.parquet``.
 
-Each accepts a :class:`pandas.DataFrame` or a path to the Parquet file. Column names
-are looked up among a few accepted spellings (``query_segment`` / ``q_segment`` ...),
-so small naming differences in the tables do not break the figures.
+Each accepts a :class:`pandas.DataFrame` or a path to the Parquet file. Column names are
+the analysis schema's (:data:`attnscope.contracts.TABLE_COLUMNS`), with no other spellings:
+a missing column is an :class:`~attnscope.errors.InputError` naming the column and the
+table, so a renamed column fails loudly instead of drawing the wrong thing. The matrices
+are drawn with :func:`attnscope.render.plots.draw_matrix` in the render style bundle.
 """
 
 from __future__ import annotations
@@ -20,13 +22,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from matplotlib.axes import Axes
-from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 
-from attnscope.contracts import AVERAGE_HEAD
+from attnscope.contracts import AVERAGE_HEAD, TABLE_COLUMNS
 from attnscope.errors import InputError, SelectionError
+from attnscope.render._prepare import AxisSpec, PreparedMatrix
 from attnscope.render._save import finish
-from attnscope.render.plots import _cmap, new_figure
+from attnscope.render._style import STYLE, plain
+from attnscope.render.plots import annotate_cells, draw_matrix, new_figure
 
 __all__ = [
     "load_table",
@@ -40,35 +43,16 @@ __all__ = [
 
 PathLike = str | os.PathLike
 
-_ALIASES: dict[str, tuple[str, ...]] = {
-    "stack": ("stack", "side"),
-    "layer": ("layer", "layer_idx"),
-    "kind": ("kind", "attention_type", "type"),
-    "head": ("head", "head_idx"),
-    "sample": ("sample", "batch_idx", "sample_idx"),
-    "entropy": ("entropy", "mean_entropy", "entropy_mean"),
-    "query_segment": ("query_segment", "q_segment", "query_modality", "src_segment"),
-    "key_segment": ("key_segment", "k_segment", "key_modality", "dst_segment"),
-    "mass": ("mass", "attention_mass", "mean_mass", "weight"),
-    "query": ("query", "query_idx", "q", "query_index"),
-    "key": ("key", "key_idx", "k", "key_index"),
-    "weight": ("weight", "value", "attention"),
-    "query_label": ("query_label", "q_label"),
-    "key_label": ("key_label", "k_label"),
-}
 
-
-def col(df: pd.DataFrame, name: str, *, required: bool = True) -> str | None:
-    """The column of ``df`` holding ``name`` (or one of its accepted spellings)."""
-    for c in _ALIASES.get(name, (name,)):
-        if c in df.columns:
-            return c
-    if required:
-        raise InputError(
-            f"table has no {name!r} column (accepted: {list(_ALIASES.get(name, (name,)))}); "
-            f"columns are {list(df.columns)}"
-        )
-    return None
+def require(df: pd.DataFrame, table: str, *names: str) -> None:
+    """Raise :class:`InputError` unless ``df`` has every column in ``names``."""
+    schema = [c for c, _ in TABLE_COLUMNS[table]]
+    for name in names:
+        if name not in df.columns:
+            raise InputError(
+                f"table {table!r} has no {name!r} column; expected the analysis columns "
+                f"{schema}, got {list(df.columns)}"
+            )
 
 
 def _head_label(h: Any) -> str:
@@ -87,18 +71,45 @@ def load_table(table: pd.DataFrame | PathLike) -> pd.DataFrame:
     return pd.read_parquet(path)
 
 
-def _filter(df: pd.DataFrame, **sel: Any) -> pd.DataFrame:
-    for name, value in sel.items():
+def _select(table: pd.DataFrame | PathLike, name: str, **sel: Any) -> pd.DataFrame:
+    """Rows of table ``name`` matching every non-``None`` selection."""
+    df = load_table(table)
+    for col, value in sel.items():
         if value is None:
             continue
-        c = col(df, name, required=False)
-        if c is None:
-            continue
-        valid = sorted(df[c].dropna().unique().tolist(), key=str)
+        require(df, name, col)
+        valid = sorted(df[col].dropna().unique().tolist(), key=str)
         if value not in valid:
-            raise SelectionError(f"{name} {value!r} not in the table; valid values: {valid}")
-        df = df[df[c] == value]
+            raise SelectionError(f"{col} {value!r} not in the table; valid values: {valid}")
+        df = df[df[col] == value]
     return df
+
+
+def _matrix(pv: pd.DataFrame, lo: float, hi: float, row_labels: Sequence[str]) -> PreparedMatrix:
+    """A pivot table as a matrix for :func:`draw_matrix`, one tick label per cell."""
+    data = pv.to_numpy(dtype=np.float64)
+    n_rows, n_cols = data.shape
+    cols = [_head_label(c) if isinstance(c, (int, np.integer)) else str(c) for c in pv.columns]
+    return PreparedMatrix(
+        data=data,
+        n_rows=n_rows,
+        n_cols=n_cols,
+        rows=AxisSpec(n_rows, tuple(row_labels)),
+        cols=AxisSpec(n_cols, tuple(cols)),
+        vmin=lo,
+        vmax=hi,
+    )
+
+
+def _axes(ax: Axes | None, figsize: tuple[float, float]) -> tuple[Figure, Axes]:
+    if ax is not None:
+        return ax.figure, ax
+    fig = new_figure(figsize)
+    return fig, fig.add_subplot()
+
+
+#: head_stats columns that :func:`plot_head_metric` can draw
+METRICS = tuple(c for c, t in TABLE_COLUMNS["head_stats"] if t.startswith("float"))
 
 
 def prepare_head_metric(
@@ -106,13 +117,15 @@ def prepare_head_metric(
     *,
     stack: str,
     kind: str,
-    metric: str = "entropy",
+    metric: str = "entropy_mean",
 ) -> pd.DataFrame:
     """Layer x head table of ``metric`` (mean over samples if the table has several)."""
-    df = _filter(load_table(head_stats), stack=stack, kind=kind)
-    m = col(df, metric)
+    if metric not in METRICS:
+        raise InputError(f"unknown head metric {metric!r}; expected one of {list(METRICS)}")
+    df = _select(head_stats, "head_stats", stack=stack, kind=kind)
+    require(df, "head_stats", "layer", "head", metric)
     return (
-        df.pivot_table(index=col(df, "layer"), columns=col(df, "head"), values=m, aggfunc="mean")
+        df.pivot_table(index="layer", columns="head", values=metric, aggfunc="mean")
         .sort_index()
         .sort_index(axis=1)
     )
@@ -123,54 +136,29 @@ def plot_head_metric(
     *,
     stack: str,
     kind: str = "self_attention",
-    metric: str = "entropy",
+    metric: str = "entropy_mean",
     title: str | None = None,
     figsize: tuple[float, float] | None = None,
-    cmap: Any = "magma",
+    cmap: Any = STYLE.metric_cmap,
     annotate: bool | None = None,
     ax: Axes | None = None,
     save_path: PathLike | None = None,
     show: bool = False,
 ) -> Figure:
-    """Heatmap of a per-head statistic, rows = layers, columns = heads (entropy by default).
+    """Heatmap of a per-head statistic, rows = layers, columns = heads (mean entropy by default).
 
-    Values are annotated in the cells when the table is small (<= 16 x 16) unless
-    ``annotate`` says otherwise.
+    ``metric`` is a numeric ``head_stats`` column (:data:`METRICS`). Values are
+    annotated in the cells when the table is small (<= 16 x 16) unless ``annotate``
+    says otherwise.
     """
     pv = prepare_head_metric(head_stats, stack=stack, kind=kind, metric=metric)
-    data = pv.to_numpy(dtype=np.float64)
-    if ax is None:
-        fig = new_figure(
-            figsize or (max(4.0, 0.7 * data.shape[1] + 2.5), max(3.0, 0.5 * data.shape[0] + 1.5))
-        )
-        ax = fig.add_subplot()
-    else:
-        fig = ax.figure
-    im = ax.imshow(
-        data,
-        cmap=_cmap(cmap),
-        aspect="auto",
-        interpolation="nearest",
-        norm=Normalize(np.nanmin(data), np.nanmax(data)),
+    p = _matrix(pv, np.nanmin(pv.to_numpy()), np.nanmax(pv.to_numpy()), [str(i) for i in pv.index])
+    fig, ax = _axes(
+        ax, figsize or (max(4.0, 0.7 * p.n_cols + 2.5), max(3.0, 0.5 * p.n_rows + 1.5))
     )
-    ax.set_xticks(range(data.shape[1]), [_head_label(h) for h in pv.columns])
-    ax.set_yticks(range(data.shape[0]), [str(i) for i in pv.index])
-    ax.set_xlabel("head")
-    ax.set_ylabel("layer")
-    if annotate is None:
-        annotate = data.shape[0] <= 16 and data.shape[1] <= 16
-    if annotate:
-        mid = (np.nanmin(data) + np.nanmax(data)) / 2
-        for (r, c), v in np.ndenumerate(data):
-            ax.text(
-                c,
-                r,
-                f"{v:.2f}",
-                ha="center",
-                va="center",
-                fontsize=7,
-                color="black" if v > mid else "white",
-            )
+    im = draw_matrix(ax, p, cmap=cmap, xlabel="head", ylabel="layer", col_rotation=0)
+    if annotate if annotate is not None else (p.n_rows <= 16 and p.n_cols <= 16):
+        annotate_cells(ax, p.data, "{:.2f}", dark_on_light=True)
     fig.colorbar(im, ax=ax, label=metric)
     ax.set_title(title if title is not None else f"{metric}: {stack} {kind}")
     return finish(fig, save_path, show)
@@ -186,25 +174,20 @@ def prepare_segment_mass(
     segment_order: Sequence[str] | None = None,
 ) -> pd.DataFrame:
     """Query-segment x key-segment mass of one head (or the mean over heads and samples)."""
-    df = _filter(load_table(segment_mass), stack=stack, layer=layer, kind=kind, head=head)
-    hc = col(df, "head", required=False)
-    if head is None and hc is not None:
-        avg = df[df[hc] == AVERAGE_HEAD]
+    df = _select(segment_mass, "segment_mass", stack=stack, layer=layer, kind=kind, head=head)
+    require(df, "segment_mass", "head", "query_segment", "key_segment", "mass")
+    if head is None:
+        avg = df[df["head"] == AVERAGE_HEAD]
         # the table's own mean-of-heads rows when present, else the mean of the head rows
         df = avg if len(avg) else df
-    qc, kc, mc = col(df, "query_segment"), col(df, "key_segment"), col(df, "mass")
-    pv = df.pivot_table(index=qc, columns=kc, values=mc, aggfunc="mean")
+    pv = df.pivot_table(index="query_segment", columns="key_segment", values="mass", aggfunc="mean")
     # keep the modality order of the sequence (first appearance), not alphabetical order
-    rows = (
-        list(dict.fromkeys(df[qc]))
-        if segment_order is None
-        else [s for s in segment_order if s in pv.index]
-    )
-    cols = (
-        list(dict.fromkeys(df[kc]))
-        if segment_order is None
-        else [s for s in segment_order if s in pv.columns]
-    )
+    if segment_order is None:
+        rows = list(dict.fromkeys(df["query_segment"]))
+        cols = list(dict.fromkeys(df["key_segment"]))
+    else:
+        rows = [s for s in segment_order if s in pv.index]
+        cols = [s for s in segment_order if s in pv.columns]
     return pv.reindex(index=rows, columns=cols)
 
 
@@ -217,43 +200,22 @@ def plot_segment_mass(
     head: int | None = None,
     title: str | None = None,
     figsize: tuple[float, float] | None = None,
-    cmap: Any = "Blues",
+    cmap: Any = STYLE.mass_cmap,
     ax: Axes | None = None,
     save_path: PathLike | None = None,
     show: bool = False,
 ) -> Figure:
     """Modality-to-modality attention mass (rows: query segment, columns: key segment)."""
     pv = prepare_segment_mass(segment_mass, stack=stack, layer=layer, kind=kind, head=head)
-    data = pv.to_numpy(dtype=np.float64)
-    if ax is None:
-        fig = new_figure(
-            figsize or (max(5.0, 1.1 * data.shape[1] + 3.0), max(4.0, 0.8 * data.shape[0] + 2.0))
-        )
-        ax = fig.add_subplot()
-    else:
-        fig = ax.figure
-    im = ax.imshow(
-        data,
-        cmap=_cmap(cmap),
-        aspect="auto",
-        interpolation="nearest",
-        norm=Normalize(0.0, max(float(np.nanmax(data)), 1e-12)),
+    hi = max(float(np.nanmax(pv.to_numpy(dtype=np.float64))), 1e-12)
+    p = _matrix(pv, 0.0, hi, [str(i) for i in pv.index])
+    fig, ax = _axes(
+        ax, figsize or (max(5.0, 1.1 * p.n_cols + 3.0), max(4.0, 0.8 * p.n_rows + 2.0))
     )
-    ax.set_xticks(range(data.shape[1]), [str(c) for c in pv.columns], rotation=30, ha="right")
-    ax.set_yticks(range(data.shape[0]), [str(i) for i in pv.index])
-    ax.set_xlabel("key segment")
-    ax.set_ylabel("query segment")
-    mid = np.nanmax(data) / 2
-    for (r, c), v in np.ndenumerate(data):
-        ax.text(
-            c,
-            r,
-            f"{v:.2f}",
-            ha="center",
-            va="center",
-            fontsize=8,
-            color="white" if v > mid else "black",
-        )
+    im = draw_matrix(
+        ax, p, cmap=cmap, xlabel="key segment", ylabel="query segment", col_rotation=30
+    )
+    annotate_cells(ax, p.data, "{:.2f}", dark_on_light=False, fontsize=STYLE.tick_size)
     fig.colorbar(im, ax=ax, label="attention mass")
     who = "mean of heads" if head is None else f"head {head}"
     ax.set_title(title if title is not None else f"{stack} layer {layer} {kind}, {who}")
@@ -271,23 +233,18 @@ def prepare_top_pairs(
     k: int = 20,
 ) -> pd.DataFrame:
     """The ``k`` heaviest pairs, with a ``pair`` column ``"query label -> key label"``."""
-    df = _filter(
-        load_table(top_pairs), stack=stack, layer=layer, kind=kind, head=head, sample=sample
+    df = _select(
+        top_pairs, "top_pairs", stack=stack, layer=layer, kind=kind, head=head, sample=sample
     )
-    w = col(df, "weight")
-    df = df.sort_values(w, ascending=False, kind="stable").head(k)
-    q, kk = col(df, "query"), col(df, "key")
-    ql, kl = col(df, "query_label", required=False), col(df, "key_label", required=False)
-    qs = df[ql].astype(str) if ql else df[q].astype(str)
-    ks = df[kl].astype(str) if kl else df[kk].astype(str)
-    pair = qs + " -> " + ks
+    require(df, "top_pairs", "weight", "query_label", "key_label", "layer", "head", "sample")
+    df = df.sort_values("weight", ascending=False, kind="stable").head(k)
+    pair = df["query_label"].astype(str) + " -> " + df["key_label"].astype(str)
     # pairs pooled over several heads/samples/layers: say where each one comes from
     for name, tag in (("layer", "L"), ("head", "h"), ("sample", "s")):
-        c = col(df, name, required=False)
-        if c is not None and df[c].nunique() > 1:
-            vals = df[c].map(_head_label) if name == "head" else df[c].astype(str)
+        if df[name].nunique() > 1:
+            vals = df[name].map(_head_label) if name == "head" else df[name].astype(str)
             pair = pair + f" ({tag}" + vals + ")"
-    out = pd.DataFrame({"pair": pair.to_numpy(), "weight": df[w].to_numpy()})
+    out = pd.DataFrame({"pair": pair.to_numpy(), "weight": df["weight"].to_numpy()})
     return out.reset_index(drop=True)
 
 
@@ -312,14 +269,12 @@ def plot_top_pairs(
     )
     if tp.empty:
         raise SelectionError("no attention pairs match this selection")
-    if ax is None:
-        fig = new_figure(figsize or (8.0, 0.3 * len(tp) + 1.5))
-        ax = fig.add_subplot()
-    else:
-        fig = ax.figure
+    fig, ax = _axes(ax, figsize or (8.0, 0.3 * len(tp) + 1.5))
     y = np.arange(len(tp))
-    ax.barh(y, tp["weight"].to_numpy(), color="tab:blue")
-    ax.set_yticks(y, tp["pair"].tolist(), fontsize=7)
+    ax.barh(y, tp["weight"].to_numpy(), color=STYLE.bar_color)
+    # two labels and a provenance tag per pair: allow about twice a label's length
+    labels = [plain(p, 2 * STYLE.max_label_chars + 12) for p in tp["pair"]]
+    ax.set_yticks(y, labels, fontsize=STYLE.cell_size)
     ax.invert_yaxis()
     ax.set_xlabel("attention weight")
     parts = [

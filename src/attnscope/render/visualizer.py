@@ -26,31 +26,33 @@ returns the Figure.
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from matplotlib.figure import Figure
 
+from attnscope.contracts import KIND_AXES
 from attnscope.errors import InputError, SelectionError
 from attnscope.render import plots
 from attnscope.render._prepare import MAX_PIXELS, array_layouts
-from attnscope.store.layout import KIND_AXES, SideLayout, TokenLayout
+from attnscope.store import AttentionArchive, open_archive
+from attnscope.store.layout import SideLayout, TokenLayout
 
 __all__ = ["AttentionVisualizer"]
 
 PathLike = str | os.PathLike
 
 
-def _is_archive(x: Any) -> bool:
-    return hasattr(x, "attention") and hasattr(x, "layers") and hasattr(x, "layout")
-
-
-def _close_if_saved_only(fig: Figure, save_path: PathLike | None, show: bool) -> None:
-    if save_path is not None and not show:
-        import matplotlib.pyplot as plt
-
-        plt.close(fig)
+@contextlib.contextmanager
+def _maybe_archive(x: Any) -> Iterator[AttentionArchive | None]:
+    """The archive behind ``x`` (an archive or its path), open for the block; else ``None``."""
+    if isinstance(x, (str, os.PathLike, AttentionArchive)):
+        with open_archive(x) as arc:
+            yield arc
+    else:
+        yield None
 
 
 class AttentionVisualizer:
@@ -82,24 +84,27 @@ class AttentionVisualizer:
 
     # -- layouts ---------------------------------------------------------------------------
     def _select(
-        self, attn: Any, stack: str | None, layer: int | None, kind: str | None
+        self,
+        arc: AttentionArchive | None,
+        attn: Any,
+        stack: str | None,
+        layer: int | None,
+        kind: str | None,
     ) -> tuple[Any, SideLayout | None, SideLayout | None]:
-        """``(attention, query layout, key layout)`` for a tensor, array or archive + names."""
-        if _is_archive(attn):
-            if stack is None or layer is None or kind is None:
-                raise SelectionError("with an archive, pass stack=, layer= and kind=")
-            q, k = attn.layout.axes(stack, kind)
-            return attn.attention(stack, layer, kind), q, k
-        return (attn, *self._layouts(attn, stack, kind))
+        """``(attention, query layout, key layout)`` from an archive + names, or a tensor."""
+        if arc is None:
+            return (attn, *self._layouts(attn, stack, kind))
+        if stack is None or layer is None or kind is None:
+            raise SelectionError("with an archive, pass stack=, layer= and kind=")
+        return (arc.attention(stack, layer, kind), *arc.layout.axes(stack, kind))
 
     def _layouts(
-        self, attn: Any, stack: str | None, kind: str | None, layout: TokenLayout | None = None
+        self, attn: Any, stack: str | None, kind: str | None
     ) -> tuple[SideLayout | None, SideLayout | None]:
         q, k = array_layouts(attn)
         if q is not None or k is not None:
             return q, k
-        layout = layout or self.layout
-        if layout is None:
+        if self.layout is None:
             return None, None
         shape = tuple(attn.shape)
         t, s = int(shape[-2]), int(shape[-1])
@@ -111,7 +116,7 @@ class AttentionVisualizer:
         fits = []
         for st, kd in candidates:
             try:
-                ql, kl = layout.axes(st, kd)
+                ql, kl = self.layout.axes(st, kd)
             except SelectionError:
                 continue
             if ql.length == t and kl.length == s:
@@ -120,6 +125,33 @@ class AttentionVisualizer:
         if fits and all(f == fits[0] for f in fits):
             return fits[0]
         return None, None
+
+    def _draw(
+        self,
+        plot: Callable[..., Figure],
+        *args: Any,
+        save_path: PathLike | None,
+        show: bool,
+        cap: int | None = 512,
+        **kwargs: Any,
+    ) -> Figure:
+        """Call a plot function with this visualizer's reduction; close a save-only figure.
+
+        ``cap`` bounds ``max_pixels`` for multi-panel figures (``None``: no bound).
+        """
+        fig = plot(
+            *args,
+            reduce=self.reduce,
+            max_pixels=self.max_pixels if cap is None else min(self.max_pixels, cap),
+            save_path=save_path,
+            show=show,
+            **kwargs,
+        )
+        if save_path is not None and not show:
+            import matplotlib.pyplot as plt
+
+            plt.close(fig)  # loops over many layers must not pile up open figures
+        return fig
 
     # -- guide methods -------------------------------------------------------------------
     def plot_attention_heatmap(
@@ -143,30 +175,17 @@ class AttentionVisualizer:
         """Heatmap of one head or the head mean (``head_idx=None``) of sample ``batch_idx``.
 
         ``attention_weights`` is a ``(B, NH, T, S)`` tensor/array, an archive
-        ``AttentionArray``, or an archive with ``stack=``, ``layer=``, ``kind=``.
-        ``stack``/``kind`` also pick the axis layout of a plain tensor when its shape
-        alone is ambiguous. ``log=True`` uses a logarithmic colour scale.
+        ``AttentionArray``, or an archive (or its path) with ``stack=``, ``layer=``,
+        ``kind=``. ``stack``/``kind`` also pick the axis layout of a plain tensor when its
+        shape alone is ambiguous. ``log=True`` uses a logarithmic colour scale.
         """
-        attn, q, k = self._select(attention_weights, stack, layer, kind)
-        fig = plots.plot_heatmap(
-            attn,
-            head_idx=head_idx,
-            batch_idx=batch_idx,
-            query_layout=q,
-            key_layout=k,
-            title=title,
-            figsize=figsize,
-            cmap=cmap,
-            vmin=vmin,
-            vmax=vmax,
-            log=log,
-            reduce=self.reduce,
-            max_pixels=self.max_pixels,
-            save_path=save_path,
-            show=show,
-        )
-        _close_if_saved_only(fig, save_path, show)
-        return fig
+        with _maybe_archive(attention_weights) as arc:
+            attn, q, k = self._select(arc, attention_weights, stack, layer, kind)
+            look = dict(title=title, figsize=figsize, cmap=cmap, vmin=vmin, vmax=vmax, log=log)
+            return self._draw(
+                plots.plot_heatmap, attn, head_idx=head_idx, batch_idx=batch_idx,
+                query_layout=q, key_layout=k, save_path=save_path, show=show, cap=None, **look,
+            )
 
     def plot_multi_head_attention(
         self,
@@ -186,25 +205,13 @@ class AttentionVisualizer:
         log: bool = False,
     ) -> Figure:
         """All heads of one layer in a grid with one shared colour scale."""
-        attn, q, k = self._select(attention_weights, stack, layer, kind)
-        fig = plots.plot_head_grid(
-            attn,
-            batch_idx=batch_idx,
-            query_layout=q,
-            key_layout=k,
-            title=title,
-            figsize=figsize,
-            cmap=cmap,
-            vmin=vmin,
-            vmax=vmax,
-            log=log,
-            reduce=self.reduce,
-            max_pixels=min(self.max_pixels, 512),
-            save_path=save_path,
-            show=show,
-        )
-        _close_if_saved_only(fig, save_path, show)
-        return fig
+        with _maybe_archive(attention_weights) as arc:
+            attn, q, k = self._select(arc, attention_weights, stack, layer, kind)
+            look = dict(title=title, figsize=figsize, cmap=cmap, vmin=vmin, vmax=vmax, log=log)
+            return self._draw(
+                plots.plot_head_grid, attn, batch_idx=batch_idx, query_layout=q, key_layout=k,
+                save_path=save_path, show=show, **look,
+            )
 
     def plot_layer_comparison(
         self,
@@ -227,59 +234,50 @@ class AttentionVisualizer:
         """One panel per layer of ``attention_type``, one head or the head mean.
 
         ``layer_attention_list`` is the guide's list of per-layer dicts
-        (``attention_weights['encoder']``), a list of tensors, or an archive with
-        ``stack=`` (and optionally ``layers=``).
+        (``attention_weights['encoder']``), a list of tensors, or an archive (or its path)
+        with ``stack=`` (and optionally ``layers=``).
         """
-        src = layer_attention_list
+        with _maybe_archive(layer_attention_list) as arc:
+            if arc is not None:
+                if stack is None:
+                    raise SelectionError("with an archive, pass stack= ('encoder' or 'decoder')")
+                wanted = list(arc.layers(stack)) if layers is None else list(layers)
+                items = {i: arc.attention(stack, i, attention_type) for i in wanted}
+                q, k = arc.layout.axes(stack, attention_type)
+            else:
+                items = self._layer_items(layer_attention_list, attention_type, layers)
+                first = next(iter(items.values()), None)
+                q, k = self._layouts(first, stack, attention_type) if items else (None, None)
+            look = dict(title=title, figsize=figsize, cmap=cmap, vmin=vmin, vmax=vmax, log=log)
+            return self._draw(
+                plots.plot_layer_comparison, items, head_idx=head_idx, batch_idx=batch_idx,
+                query_layout=q, key_layout=k, save_path=save_path, show=show, **look,
+            )
+
+    @staticmethod
+    def _layer_items(
+        src: Any, attention_type: str, layers: Sequence[int] | None
+    ) -> dict[int, Any]:
+        """``{layer: attention}`` from the guide's list of per-layer dicts or of tensors."""
+        if isinstance(src, Mapping):
+            raise InputError(
+                "plot_layer_comparison takes one stack's list of layers, e.g. "
+                "attention_weights['encoder'], not the whole nested dict"
+            )
+        seq = list(src)
         items: dict[int, Any] = {}
-        q = k = None
-        if _is_archive(src):
-            if stack is None:
-                raise SelectionError("with an archive, pass stack= ('encoder' or 'decoder')")
-            wanted = list(src.layers(stack)) if layers is None else list(layers)
-            for i in wanted:
-                items[i] = src.attention(stack, i, attention_type)
-            q, k = src.layout.axes(stack, attention_type)
-        else:
-            if isinstance(src, Mapping):
-                raise InputError(
-                    "plot_layer_comparison takes one stack's list of layers, e.g. "
-                    "attention_weights['encoder'], not the whole nested dict"
-                )
-            seq = list(src)
-            wanted = range(len(seq)) if layers is None else layers
-            for i in wanted:
-                if not 0 <= i < len(seq):
-                    raise SelectionError(f"layer {i} out of range: there are {len(seq)} layers")
-                entry = seq[i]
-                if isinstance(entry, Mapping):
-                    if attention_type not in entry or entry[attention_type] is None:
-                        raise SelectionError(
-                            f"layer {i} has no {attention_type!r}; it has {sorted(entry)}"
-                        )
-                    entry = entry[attention_type]
-                items[i] = entry
-            if items:
-                q, k = self._layouts(next(iter(items.values())), stack, attention_type)
-        fig = plots.plot_layer_comparison(
-            items,
-            head_idx=head_idx,
-            batch_idx=batch_idx,
-            query_layout=q,
-            key_layout=k,
-            title=title,
-            figsize=figsize,
-            cmap=cmap,
-            vmin=vmin,
-            vmax=vmax,
-            log=log,
-            reduce=self.reduce,
-            max_pixels=min(self.max_pixels, 512),
-            save_path=save_path,
-            show=show,
-        )
-        _close_if_saved_only(fig, save_path, show)
-        return fig
+        for i in range(len(seq)) if layers is None else layers:
+            if not 0 <= i < len(seq):
+                raise SelectionError(f"layer {i} out of range: there are {len(seq)} layers")
+            entry = seq[i]
+            if isinstance(entry, Mapping):
+                if entry.get(attention_type) is None:
+                    raise SelectionError(
+                        f"layer {i} has no {attention_type!r}; it has {sorted(entry)}"
+                    )
+                entry = entry[attention_type]
+            items[i] = entry
+        return items
 
     def plot_attention_flow(
         self,
@@ -299,47 +297,30 @@ class AttentionVisualizer:
     ) -> Figure:
         """Encoder self -> decoder self -> decoder cross attention of one layer.
 
-        Pass the three tensors (guide form), or an archive as ``encoder_attention`` and
-        ``layer_idx`` to read all three from it.
+        Pass the three tensors (guide form), or an archive (or its path) as
+        ``encoder_attention`` and ``layer_idx`` to read all three from it.
         """
-        enc_layout = dec_layout = None
-        if _is_archive(encoder_attention):
-            arc = encoder_attention
-            enc = arc.attention("encoder", layer_idx, "self_attention")
-            dec = arc.attention("decoder", layer_idx, "self_attention")
-            cross = arc.attention("decoder", layer_idx, "cross_attention")
-            enc_layout, dec_layout = arc.layout.encoder, arc.layout.decoder
-        else:
-            enc, dec, cross = encoder_attention, decoder_self_attention, decoder_cross_attention
-            if enc is None or dec is None or cross is None:
-                raise InputError(
-                    "plot_attention_flow needs encoder_attention, decoder_self_attention and "
-                    "decoder_cross_attention (or an archive as the first argument)"
+        with _maybe_archive(encoder_attention) as arc:
+            if arc is not None:
+                enc, dec, cross = (
+                    arc.attention(st, layer_idx, kd)
+                    for st, kd in plots.FLOW_ARRAYS
                 )
-            q_cross, k_cross = array_layouts(cross)
-            if q_cross is None and self.layout is not None:
-                q_cross, k_cross = self._layouts(cross, "decoder", "cross_attention")
-            dec_layout, enc_layout = q_cross, k_cross
-        fig = plots.plot_attention_flow(
-            enc,
-            dec,
-            cross,
-            layer_idx=layer_idx,
-            head_idx=head_idx,
-            batch_idx=batch_idx,
-            encoder_layout=enc_layout,
-            decoder_layout=dec_layout,
-            title=title,
-            figsize=figsize,
-            cmap=cmap,
-            log=log,
-            reduce=self.reduce,
-            max_pixels=min(self.max_pixels, 512),
-            save_path=save_path,
-            show=show,
-        )
-        _close_if_saved_only(fig, save_path, show)
-        return fig
+                enc_layout, dec_layout = arc.layout.encoder, arc.layout.decoder
+            else:
+                enc, dec, cross = encoder_attention, decoder_self_attention, decoder_cross_attention
+                if enc is None or dec is None or cross is None:
+                    raise InputError(
+                        "plot_attention_flow needs encoder_attention, decoder_self_attention "
+                        "and decoder_cross_attention (or an archive as the first argument)"
+                    )
+                dec_layout, enc_layout = self._layouts(cross, "decoder", "cross_attention")
+            return self._draw(
+                plots.plot_attention_flow, enc, dec, cross, layer_idx=layer_idx,
+                head_idx=head_idx, batch_idx=batch_idx, encoder_layout=enc_layout,
+                decoder_layout=dec_layout, title=title, figsize=figsize, cmap=cmap, log=log,
+                save_path=save_path, show=show,
+            )
 
     def save_attention_statistics(
         self, attention_weights: Any, save_path: PathLike | None = None
