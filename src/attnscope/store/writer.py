@@ -146,6 +146,10 @@ class ArchiveWriter:
             metadata; see its fields). Keywords of the same names override its fields.
         overwrite
             Replace an existing archive at ``path`` (never anything that is not one).
+        **options
+            Any :class:`ArchiveSpec` field by name, e.g. ``dtype="bfloat16"``,
+            ``compressor="none"``, ``sparse_topk=8``, ``batch_size=32``; an unknown name
+            raises ConfigError listing the valid ones.
 
         Returns
         -------
