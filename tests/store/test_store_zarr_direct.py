@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import zarr
 
+from attnscope.errors import ArchiveCorruptError
 from attnscope.store import ArchiveWriter, SideLayout, TokenLayout, open_archive, verify
 from attnscope.store import _zarr as Z
 
@@ -287,3 +288,21 @@ def test_archive_written_before_checksums_still_reads(tmp_path, rng, monkeypatch
     with open_archive(path) as a:
         np.testing.assert_allclose(a[NAME][...], x, atol=1e-3)
     assert verify(path).ok
+
+
+def test_small_read_checks_its_chunks_without_listing_the_array(tmp_path, rng):
+    path = str(tmp_path / "s.zarr")
+    x = softmax(rng, (80, 2, 8, 8)).astype(np.float16)  # 80 chunks > Z.SMALL_READ_CHUNKS
+    with ArchiveWriter.create(path, _lay(8), chunk_samples=1) as w:
+        w.append({NAME: x})
+    os.remove(os.path.join(path, *NAME.split("/"), "c", "4", "0", "0", "0"))
+    with open_archive(path) as a:
+        arr = a[NAME]
+        np.testing.assert_array_equal(arr[1, 0], x[1, 0])  # its own chunk is there
+        handle = arr._parts[""]
+        assert handle._stored is None  # no listing for a one-chunk read
+        with pytest.raises(ArchiveCorruptError, match=r"chunk \(4, 0, 0, 0\) is missing"):
+            arr[4]
+        with pytest.raises(ArchiveCorruptError, match=r"chunk \(4, 0, 0, 0\) is missing"):
+            arr[...]  # large enough to list
+        assert handle._stored is not None

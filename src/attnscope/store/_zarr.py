@@ -20,6 +20,7 @@ import os
 import uuid
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from itertools import product
 from typing import Any
 
 import numpy as np
@@ -27,7 +28,7 @@ import zarr
 from zarr.storage import LocalStore, WrapperStore, ZipStore
 
 from attnscope.errors import ArchiveCorruptError, ArchiveNotFoundError, ConfigError
-from attnscope.store._base import ArrayHandle, Backend, Write
+from attnscope.store._base import ArrayHandle, Backend, Write, chunk_ranges
 from attnscope.store._zarr_direct import direct_plan
 
 __all__ = ["ZarrBackend"]
@@ -36,6 +37,8 @@ ROOT_KEY = "attnscope"
 COMMITS = "_commits"
 # Threads of the direct chunk writer: one per core, at most 4 (as _hdf5.ENCODE_THREADS).
 ENCODE_THREADS = max(1, min(4, os.cpu_count() or 1))
+# Reads touching at most this many chunks check them one by one instead of listing the array.
+SMALL_READ_CHUNKS = 64
 
 
 class _CountingStore(WrapperStore):
@@ -101,6 +104,18 @@ class _ZarrArray(ArrayHandle):
             assert self._b is not None
             self._stored = frozenset(self._b._list_chunks(self.name, len(self.chunks)))
         return self._stored
+
+    def missing_in(self, sel: tuple[slice, ...]) -> list[tuple[int, ...]]:
+        """As the base class; a small read of a directory archive whose chunks were not
+        listed yet stats its few chunk files instead (a head figure needs no listing of
+        a long-context array's many thousand chunks)."""
+        base = self._b._store._store if self._b is not None else None
+        if self._stored is None and isinstance(base, LocalStore):
+            idxs = list(product(*chunk_ranges(sel, self.chunks)))
+            if len(idxs) <= SMALL_READ_CHUNKS:
+                root = os.path.join(str(base.root), *self.name.split("/"), "c")
+                return [i for i in idxs if not os.path.isfile(os.path.join(root, *map(str, i)))]
+        return super().missing_in(sel)
 
     def write(self, sel: tuple[slice, ...], data: np.ndarray) -> None:
         if self._b is not None:
