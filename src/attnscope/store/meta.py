@@ -64,8 +64,7 @@ def damage_is_corruption(path: str) -> Iterator[None]:
     except Exception as e:  # noqa: BLE001 - anything else means the archive is damaged
         msg = str(e).splitlines()[0] if str(e) else ""
         raise ArchiveCorruptError(
-            f"{path!r} is damaged and cannot be read ({type(e).__name__}: {msg}); "
-            "run 'attnscope verify' for details"
+            f"{path!r} is damaged and cannot be read ({type(e).__name__}: {msg[:200]})"
         ) from e
 
 
