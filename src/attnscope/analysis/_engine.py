@@ -252,6 +252,18 @@ def _compute(src: np.ndarray, spec: ArraySpec) -> dict[str, np.ndarray]:
     }
 
 
+def _sample_head_index(
+    samples: np.ndarray, head_ids: np.ndarray, inner: int, name: str
+) -> dict[str, np.ndarray]:
+    """Key columns of rows ordered (sample, head, ``name``) with ``inner`` values of ``name``."""
+    n, hh = len(samples), len(head_ids)
+    return {
+        "sample": np.repeat(samples, hh * inner),
+        "head": np.tile(np.repeat(head_ids, inner), n),
+        name: np.tile(np.arange(inner, dtype=np.int64), n * hh),
+    }
+
+
 def analyze_block(block: Any, spec: ArraySpec, sample0: int) -> dict[str, Any]:
     """All metrics of one block of samples.
 
@@ -318,9 +330,7 @@ def analyze_block(block: Any, spec: ArraySpec, sample0: int) -> dict[str, Any]:
 
     if spec.row_stats:
         tables["row_stats"] = {
-            "sample": np.repeat(samples, hh * t),
-            "head": np.tile(np.repeat(head_ids, t), n),
-            "query": np.tile(np.arange(t, dtype=np.int64), n * hh),
+            **_sample_head_index(samples, head_ids, t, "query"),
             "entropy": ent.reshape(-1),
             "norm_entropy": nent.reshape(-1),
             "row_max": rmax.reshape(-1),
@@ -331,9 +341,7 @@ def analyze_block(block: Any, spec: ArraySpec, sample0: int) -> dict[str, Any]:
     k = spec.topk
     tq, tk, tw = r["top"]
     tables["top_pairs"] = {
-        "sample": np.repeat(samples, hh * k),
-        "head": np.tile(np.repeat(head_ids, k), n),
-        "rank": np.tile(np.arange(k, dtype=np.int64), n * hh),
+        **_sample_head_index(samples, head_ids, k, "rank"),
         "query": tq.reshape(-1),
         "key": tk.reshape(-1),
         "weight": tw.reshape(-1),
