@@ -75,7 +75,7 @@ def test_batch_bad_selection(small_archive, tmp_path, kw, err, needle):
 
 
 def test_batch_tables_need_tables_dir(small_archive, tmp_path):
-    with pytest.raises(ConfigError, match="'tables' needs tables_dir"):
+    with pytest.raises(ConfigError, match="'tables' needs the analysis tables"):
         render_archive(small_archive, tmp_path, what=["tables"], progress=False)
     # the default draws every figure kind but tables when no tables are given
     paths = render_archive(small_archive, tmp_path / "all", layers=[0], progress=False)

@@ -214,7 +214,7 @@ def _jobs(arc: Any, req: Request) -> list[Job]:
     return [job for kind in WHAT if kind in req.what for job in FIGURES[kind](plan)]
 
 
-def load_tables(tables_dir: str | None, arc: Any) -> dict[str, Any]:
+def load_tables(tables_dir: str | os.PathLike, arc: Any) -> dict[str, Any]:
     """``{name: DataFrame}`` of :data:`FIGURE_TABLES` from ``tables_dir``.
 
     Read with :func:`attnscope.analysis.load_table` against ``arc``, so tables computed
@@ -222,11 +222,6 @@ def load_tables(tables_dir: str | None, arc: Any) -> dict[str, Any]:
     """
     from attnscope.analysis.tables import load_table  # reading only; no analysis is run
 
-    if tables_dir is None:
-        raise ConfigError(
-            "figure type 'tables' needs tables_dir, the folder written by "
-            "`attnscope analyze ARCHIVE --out DIR`; got none"
-        )
     found = {}
     for name in FIGURE_TABLES:
         if not (Path(tables_dir) / f"{name}.parquet").exists():
@@ -320,8 +315,8 @@ def _check_options(
         raise ConfigError(f"unknown figure type {bad[0]!r}; expected any of {WHAT}")
     if "tables" in what_ and tables_dir is None:
         raise ConfigError(
-            "figure type 'tables' needs tables_dir, the folder written by "
-            "`attnscope analyze ARCHIVE --out DIR`; got none"
+            "figure type 'tables' needs the analysis tables (tables_dir, CLI --tables): run "
+            "`attnscope analyze ARCHIVE --out DIR` first and pass DIR"
         )
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output folder {str(out)!r} exists and is a file; expected a folder")
