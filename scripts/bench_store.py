@@ -142,22 +142,25 @@ def checksums(on: bool) -> Iterator[None]:
 
 
 def bench_checksums(tmp: str, data: np.ndarray, batch: int, repeats: int) -> list[str]:
-    """Table rows: write/read MB/s without and with checksums (best of ``repeats``)."""
+    """Table rows: median write/read MB/s without and with checksums, and the median of
+    the per-pair ratios (off and on run back to back, so load drift hits both alike)."""
     rows = []
     for fmt in ("zarr", "hdf5"):
         for comp in ("zstd", "none"):
-            best: dict[bool, tuple[float, float]] = {}
-            for _ in range(repeats):  # interleaved, so drift hits both sides alike
+            runs: dict[bool, list[dict]] = {False: [], True: []}
+            for _ in range(repeats):
                 for on in (False, True):
                     with checksums(on):
-                        r = bench_case(tmp, data, fmt, comp, batch)
-                    w, rd = best.get(on, (0.0, 0.0))
-                    best[on] = (max(w, r["write"]), max(rd, r["read"]))
-            (w0, r0), (w1, r1) = best[False], best[True]
-            rows.append(
-                f"| {fmt} / {comp} | {w0:.0f} | {w1:.0f} ({100 * (w1 / w0 - 1):+.0f} %) | "
-                f"{r0:.0f} | {r1:.0f} ({100 * (r1 / r0 - 1):+.0f} %) |"
-            )
+                        runs[on].append(bench_case(tmp, data, fmt, comp, batch))
+            cells = []
+            for key in ("write", "read"):
+                off = [r[key] for r in runs[False]]
+                on_ = [r[key] for r in runs[True]]
+                ratio = float(np.median([b / a for a, b in zip(off, on_)]))
+                cells.append(
+                    f"{np.median(off):.0f} | {np.median(on_):.0f} | {100 * (ratio - 1):+.0f} %"
+                )
+            rows.append(f"| {fmt} / {comp} | {' | '.join(cells)} |")
     return rows
 
 
@@ -166,6 +169,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--dir", default=None, help="scratch directory (default: system temp)")
     ap.add_argument("--checksums-only", action="store_true", help="only the checksum table")
+    ap.add_argument("--repeats", type=int, default=5, help="off/on pairs per checksum row")
     args = ap.parse_args()
     rng = np.random.default_rng(0)
     configs = [
@@ -184,11 +188,11 @@ def main() -> None:
             data = attention(rng, n, h, t)
             print(
                 f"\n### checksums: {label}, {data.nbytes / 2**20:.0f} MiB float16, batches of "
-                f"{batch}, best of 3\n"
+                f"{batch}, median of {args.repeats} interleaved pairs\n"
             )
-            print("| format / codec | write MB/s off | on | read MB/s off | on |")
-            print("|---|---:|---:|---:|---:|")
-            print("\n".join(bench_checksums(tmp, data, batch, repeats=3)))
+            print("| format / codec | write MB/s off | on | change | read MB/s off | on | change |")
+            print("|---|---:|---:|---:|---:|---:|---:|")
+            print("\n".join(bench_checksums(tmp, data, batch, repeats=args.repeats)))
         if args.checksums_only:
             return
         for label, n, h, t, batch in configs:
