@@ -282,7 +282,7 @@ def test_capture_under_torchrun_environment_writes_one_archive(tmp_path) -> None
         assert a.n_samples == 8
 
 
-def test_render_tables_without_tables_is_not_a_traceback(runner, tmp_path) -> None:
+def test_render_tables_without_tables_says_tables_are_needed(runner, tmp_path) -> None:
     out = tmp_path / "run.zarr"
     runner.invoke(
         cli,
@@ -302,9 +302,10 @@ def test_render_tables_without_tables_is_not_a_traceback(runner, tmp_path) -> No
     res = runner.invoke(
         cli, ["render", str(out), "--out", str(tmp_path / "f"), "--what", "tables", "--no-progress"]
     )
-    assert res.exit_code == 0, res.output
-    assert "wrote 0 files" in res.output
-    assert (tmp_path / "f" / "manifest.json").exists()
+    assert res.exit_code == 1, res.output
+    assert res.exception is None or isinstance(res.exception, SystemExit)
+    assert "attnscope analyze" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "f" / "manifest.json").exists()
 
 
 def test_world_size_without_rank_is_a_one_line_error(runner, tmp_path, monkeypatch) -> None:
