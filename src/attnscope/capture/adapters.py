@@ -3,17 +3,17 @@
 An adapter knows one family of models: how to run a batch, which attention modules
 exist (by archive array name, e.g. ``"decoder/1/cross_attention"``), and how to turn a
 batch into a :class:`~attnscope.store.layout.TokenLayout`. Hooks live only inside
-:meth:`Adapter.recording` and are removed in ``finally``.
+one ``run`` and are removed in ``finally``.
 
 Supported: the reference :class:`~attnscope.capture.model.Transformer`,
 ``torch.nn.MultiheadAttention`` (alone or in ``nn.TransformerEncoder`` /
 ``nn.TransformerDecoder`` / ``nn.Transformer``), and Hugging Face ``transformers``
-models (through ``output_attentions`` with the eager attention implementation).
+models (:mod:`attnscope.capture.hf`: hooks on the attention modules, layer by layer).
+A ``torch.compile``d model is captured through the module it wraps.
 """
 
 from __future__ import annotations
 
-import contextlib
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
@@ -21,76 +21,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from attnscope.capture.base import Adapter, Sink, call_model, first_tensor
+from attnscope.capture.hf import HFAdapter
 from attnscope.capture.model import Transformer
 from attnscope.errors import CaptureError, InputError
-from attnscope.store.layout import SideLayout, TokenLayout
+from attnscope.store.layout import TokenLayout
 
 __all__ = ["Adapter", "ReferenceAdapter", "TorchMHAAdapter", "HFAdapter", "adapter_for"]
-
-# A sink receives (array name, weights (B, H, T, S) on the model's device).
-Sink = Callable[[str, Tensor], None]
-
-
-class Adapter:
-    """Base class: run batches of one model family and report attention to a sink."""
-
-    model: nn.Module
-
-    def names(self) -> list[str]:
-        """Array names this model can produce, in archive order."""
-        raise NotImplementedError
-
-    def run(self, batch: Any, sink: Sink, wanted: set[str]) -> None:
-        """Run one batch; call ``sink(name, weights)`` for each name in ``wanted``."""
-        raise NotImplementedError
-
-    def batch_size(self, batch: Any) -> int:
-        raise NotImplementedError
-
-    def layout(self, batch: Any, shapes: Mapping[str, tuple[int, ...]]) -> TokenLayout:
-        """Token layout for the archive; ``shapes`` are the first batch's weight shapes."""
-        enc = dec = None
-        for name, shp in shapes.items():
-            stack, _, kind = name.split("/")
-            if stack == "encoder" and kind == "self_attention":
-                enc = SideLayout.from_lengths({"tokens": shp[-1]})
-            elif stack == "decoder" and kind == "self_attention":
-                dec = SideLayout.from_lengths({"tokens": shp[-1]})
-            elif kind == "cross_attention":
-                dec = dec or SideLayout.from_lengths({"tokens": shp[-2]})
-                enc = enc or SideLayout.from_lengths({"tokens": shp[-1]})
-        return TokenLayout(enc, dec)
-
-    def config(self) -> dict[str, Any]:
-        return {"model": type(self.model).__module__ + "." + type(self.model).__qualname__}
-
-    def to_device(self, batch: Any, device: torch.device) -> Any:
-        return _to_device(batch, device)
-
-    def close(self) -> None:
-        """Undo any change made to the model for recording (called when capture ends)."""
-
-
-def _to_device(batch: Any, device: torch.device) -> Any:
-    if isinstance(batch, Tensor):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, Mapping):
-        return type(batch)({k: _to_device(v, device) for k, v in batch.items()})  # type: ignore[call-arg]
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(_to_device(v, device) for v in batch)
-    return batch
-
-
-def _first_tensor(batch: Any) -> Tensor:
-    if isinstance(batch, Tensor):
-        return batch
-    vals = batch.values() if isinstance(batch, Mapping) else batch
-    if isinstance(vals, (list, tuple)) or isinstance(batch, Mapping):
-        for v in vals:
-            with contextlib.suppress(InputError):
-                return _first_tensor(v)
-    raise InputError(f"cannot find a tensor in the batch of type {type(batch).__name__}")
-
 
 class ReferenceAdapter(Adapter):
     """The reference Transformer. Batches are ``(enc, dec)`` or ``{"enc": …, "dec": …}``.
@@ -116,7 +53,7 @@ class ReferenceAdapter(Adapter):
         )
 
     def batch_size(self, batch: Any) -> int:
-        return _first_tensor(self._split(batch)[0]).shape[0]
+        return first_tensor(self._split(batch)[0]).shape[0]
 
     def layout(self, batch: Any, shapes: Mapping[str, tuple[int, ...]]) -> TokenLayout:
         return self.model.token_layout(*self._split(batch))
@@ -191,7 +128,7 @@ class TorchMHAAdapter(Adapter):
         return list(self.modules)
 
     def batch_size(self, batch: Any) -> int:
-        t = _first_tensor(batch)
+        t = first_tensor(batch)
         return t.shape[0] if self.batch_first else t.shape[1]
 
     def run(self, batch: Any, sink: Sink, wanted: set[str]) -> None:
@@ -221,172 +158,37 @@ class TorchMHAAdapter(Adapter):
                 if n in wanted:
                     handles.append(m.register_forward_pre_hook(pre, with_kwargs=True))
                     handles.append(m.register_forward_hook(hook_for(n), with_kwargs=True))
-            _call(self.model, batch)
+            call_model(self.model, batch)
         finally:
             torch.backends.mha.set_fastpath_enabled(fast)
             for h in handles:
                 h.remove()
 
 
-def _call(model: nn.Module, batch: Any) -> Any:
-    if isinstance(batch, Mapping):
-        return model(**batch)
-    if isinstance(batch, (list, tuple)):
-        return model(*batch)
-    return model(batch)
-
-
-class HFAdapter(Adapter):
-    """Hugging Face ``transformers`` models, via ``output_attentions=True``.
-
-    The eager attention implementation is selected (SDPA/flash kernels return no
-    weights). Encoder-only models give ``encoder/*``, decoder-only ``decoder/*``, and
-    encoder-decoder models all three kinds. With a ``tokenizer``, the first sample's
-    tokens label the axes.
-    """
-
-    def __init__(self, model: nn.Module, tokenizer: Any = None) -> None:
-        self.model = model
-        self.tokenizer = tokenizer
-        cfg = model.config
-        self.is_enc_dec = bool(getattr(cfg, "is_encoder_decoder", False))
-        self.is_decoder = not self.is_enc_dec and bool(
-            getattr(cfg, "is_decoder", False)
-            or type(model).__name__.endswith(("ForCausalLM", "LMHeadModel"))
-            or getattr(cfg, "model_type", "") in _DECODER_ONLY
-        )
-        self._set_eager()
-        if getattr(model, "training", False) and _dropout_prob(cfg) > 0:
-            warnings.warn(
-                "model is in train() mode with attention dropout: captured rows will not sum "
-                "to 1; call model.eval() first",
-                stacklevel=3,
-            )
-        n_enc = getattr(cfg, "encoder_layers", None) or getattr(cfg, "num_hidden_layers", 0)
-        n_dec = getattr(cfg, "decoder_layers", None) or getattr(cfg, "num_hidden_layers", 0)
-        if self.is_enc_dec:
-            self._names = [f"encoder/{i}/self_attention" for i in range(n_enc)]
-            for i in range(n_dec):
-                self._names += [f"decoder/{i}/self_attention", f"decoder/{i}/cross_attention"]
-        else:
-            stack = "decoder" if self.is_decoder else "encoder"
-            self._names = [f"{stack}/{i}/self_attention" for i in range(n_enc)]
-
-    def close(self) -> None:
-        previous = self._previous_impl
-        if previous and previous != "eager":
-            try:
-                self._apply_impl(previous)
-            except Exception:  # noqa: BLE001 - best effort: the eager model still works
-                warnings.warn(f"could not restore attn_implementation={previous!r}", stacklevel=2)
-
-    def _apply_impl(self, impl: str) -> None:
-        setter = getattr(self.model, "set_attn_implementation", None)
-        if setter is not None:
-            setter(impl)
-        else:
-            self.model.config._attn_implementation = impl
-
-    def _set_eager(self) -> None:
-        self._previous_impl = getattr(self.model.config, "_attn_implementation", None)
-        setter = getattr(self.model, "set_attn_implementation", None)
-        try:
-            if setter is not None:
-                setter("eager")
-            else:
-                self.model.config._attn_implementation = "eager"
-        except Exception as e:  # noqa: BLE001 - any failure means weights are unavailable
-            raise CaptureError(
-                f"{type(self.model).__name__} cannot switch to eager attention ({e}); load it "
-                "with attn_implementation='eager' to capture weights"
-            ) from e
-
-    def names(self) -> list[str]:
-        return list(self._names)
-
-    def config(self) -> dict[str, Any]:
-        cfg = self.model.config.to_dict()
-        return {"model": "transformers." + type(self.model).__name__, "hf_config": _jsonable(cfg)}
-
-    def batch_size(self, batch: Any) -> int:
-        return _first_tensor(batch).shape[0]
-
-    def layout(self, batch: Any, shapes: Mapping[str, tuple[int, ...]]) -> TokenLayout:
-        base = super().layout(batch, shapes)
-        if self.tokenizer is None or not isinstance(batch, Mapping):
-            return base
-
-        def side(ids_key: str, fallback: SideLayout | None) -> SideLayout | None:
-            ids = batch.get(ids_key)
-            if ids is None or fallback is None:
-                return fallback
-            toks = self.tokenizer.convert_ids_to_tokens(ids[0].tolist())
-            return SideLayout.from_labels(toks, name="text")
-
-        if self.is_enc_dec:
-            return TokenLayout(
-                side("input_ids", base.encoder), side("decoder_input_ids", base.decoder)
-            )
-        if self.is_decoder:
-            return TokenLayout(None, side("input_ids", base.decoder))
-        return TokenLayout(side("input_ids", base.encoder), None)
-
-    def run(self, batch: Any, sink: Sink, wanted: set[str]) -> None:
-        if not isinstance(batch, Mapping):
-            raise InputError(
-                f"a Hugging Face batch must be a dict of model inputs, got {type(batch).__name__}"
-            )
-        out = self.model(**batch, output_attentions=True)
-        if self.is_enc_dec:
-            groups: Sequence[tuple[str, str, Any]] = [
-                ("encoder", "self_attention", getattr(out, "encoder_attentions", None)),
-                ("decoder", "self_attention", getattr(out, "decoder_attentions", None)),
-                ("decoder", "cross_attention", getattr(out, "cross_attentions", None)),
-            ]
-        else:
-            stack = "decoder" if self.is_decoder else "encoder"
-            groups = [(stack, "self_attention", getattr(out, "attentions", None))]
-        for stack, kind, atts in groups:
-            if atts is None or any(a is None for a in atts):
-                raise CaptureError(
-                    f"{type(self.model).__name__} returned no {stack} {kind} weights; it must "
-                    "run with attn_implementation='eager' and support output_attentions"
-                )
-            for i, a in enumerate(atts):
-                name = f"{stack}/{i}/{kind}"
-                if name in wanted:
-                    sink(name, a)
-
-
-_DECODER_ONLY = {"gpt2", "gpt_neo", "gptj", "llama", "mistral", "opt", "bloom", "gpt_neox", "qwen2"}
-
-
-def _dropout_prob(cfg: Any) -> float:
-    for key in ("attention_probs_dropout_prob", "attention_dropout", "attn_pdrop", "dropout"):
-        v = getattr(cfg, key, None)
-        if isinstance(v, (int, float)):
-            return float(v)
-    return 0.0
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, Mapping):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if obj is None or isinstance(obj, (bool, int, float, str)):
-        return obj
-    return str(obj)
-
-
 def _is_hf(model: nn.Module) -> bool:
     return type(model).__module__.startswith("transformers.") and hasattr(model, "config")
+
+
+def unwrap_compiled(model: Any) -> Any:
+    """The module a ``torch.compile``d model wraps (``OptimizedModule._orig_mod``).
+
+    Capture hooks the Python modules and switches attention implementations; a compiled
+    graph would bypass the hooks or recompile, so the original module runs instead. It
+    shares the parameters, so the parameter hash is that of the uncompiled model.
+    """
+    while isinstance(model, nn.Module) and type(model).__name__ == "OptimizedModule":
+        inner = getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            break
+        model = inner
+    return model
 
 
 def adapter_for(model: nn.Module, tokenizer: Any = None) -> Adapter:
     """Pick the adapter for ``model``; raise :class:`CaptureError` if none fits."""
     if isinstance(model, Adapter):
         return model
+    model = unwrap_compiled(model)
     if isinstance(model, Transformer):
         return ReferenceAdapter(model)
     if _is_hf(model):

@@ -37,6 +37,7 @@ class CaptureIdentity:
     model_config: dict[str, Any]  # the adapter's JSON config of the model
     param_hash: str  # "sha256:<hex>" of the model's parameters (see param_hash)
     n_params: int  # parameters hashed
+    generate: dict[str, Any] | None = None  # generate() options (JSON); None: forward pass
 
     def settings(self, device: torch.device, queue_depth: int) -> dict[str, Any]:
         """The archive's ``capture`` metadata (JSON)."""
@@ -51,6 +52,7 @@ class CaptureIdentity:
             "torch": torch.__version__,
             "param_hash": self.param_hash,
             "n_params": self.n_params,
+            "generate": self.generate,
         }
 
     def check(self, meta: Mapping[str, Any]) -> None:
@@ -66,6 +68,8 @@ class CaptureIdentity:
             _same("arrays", list(have), list(self.arrays))
         if "heads" in cap:
             _same("heads", _all_or(cap["heads"]), _all_or(self.heads))
+        if "generate" in cap:
+            _same("generate options", cap["generate"], self.generate)
         _same("dtype", meta.get("dtype"), self.dtype)
         _same("topk", meta.get("topk"), self.topk)
         if meta.get("model_config"):

@@ -51,6 +51,9 @@ class CaptureSummary:
     seconds: float
     samples_per_s: float
     mb_per_s: float
+    # generation (generate=): per written sample, {"ids", "prompt_length", "new_tokens",
+    # "text" (with a tokenizer)}; None for forward-pass capture
+    generated: list[dict[str, Any]] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -80,6 +83,7 @@ def capture(
     rank: int | None = None,
     world_size: int | None = None,
     wait_s: float = 300.0,
+    generate: Mapping[str, Any] | None = None,
 ) -> CaptureSummary:
     """Run ``model`` over ``batches`` and append every batch's attention to an archive.
 
@@ -122,11 +126,20 @@ def capture(
         ``batches`` (equal-sized batches, ``len()`` known) and its own ``rank``; rank ``r``
         runs only its contiguous share of batches and writes that disjoint sample range.
         Rank 0 creates the archive; the others wait up to ``wait_s`` seconds for it.
+    generate
+        Hugging Face decoder-only and encoder-decoder models: options for
+        ``model.generate`` (``max_new_tokens`` required; e.g. ``do_sample``,
+        ``temperature``, ``top_k``). Each batch holds prompts (``input_ids`` and
+        ``attention_mask``); per sample the archive stores one matrix over the final
+        sequence, prompt rows and every generated token's row, computed with the KV cache
+        (encoder-decoders: also the cross-attention rows). Sampling draws from torch's
+        global generator: seed it with ``torch.manual_seed`` for a repeatable run.
 
     Returns
     -------
     CaptureSummary
-        ``bytes`` and ``mb_per_s`` count the attention in the stored dtype.
+        ``bytes`` and ``mb_per_s`` count the attention in the stored dtype; with
+        ``generate``, ``generated`` lists each written sample's ids and text.
 
     Raises
     ------
@@ -149,6 +162,7 @@ def capture(
         sample_ids=sample_ids, device=device, resume=resume, progress=progress, topk=topk,
         tokenizer=tokenizer, tags=tags, overwrite=overwrite, validate=validate,
         queue_depth=queue_depth, total=total, rank=rank, world_size=world_size, wait_s=wait_s,
+        generate=generate,
     )  # fmt: skip
     return _Job(model, batches, Path(archive_path), opts).run()
 
@@ -170,6 +184,9 @@ class _Job:
             self.device = dev if dev is not None else _model_device(net)
             net.to(self.device)
             self.wanted = _resolve_selection(self.adapter, opts.layers, opts.kinds)
+            self.generate = (
+                None if opts.generate is None else self.adapter.prepare_generation(opts.generate)
+            )
             digest, n_params = param_hash(net)
         except BaseException:
             self.adapter.close()
@@ -182,6 +199,7 @@ class _Job:
             model_config=self.adapter.config(),
             param_hash=digest,
             n_params=n_params,
+            generate=self.generate,
         )
         self.recorder = Recorder(
             heads=opts.heads, dtype=opts.dtype, topk=opts.topk, validate=opts.validate,
@@ -192,6 +210,7 @@ class _Job:
         self.skip = 0  # samples committed before this run (skipped, not re-run)
         self.pos = 0  # index of the next batch's first sample
         self.n_batches = 0
+        self.generated: list[dict[str, Any]] | None = None if self.generate is None else []
         self.bar = _progress_bar(opts.progress, opts.total)
         self.t0 = time.perf_counter()
 
@@ -221,6 +240,7 @@ class _Job:
             seconds=dt,
             samples_per_s=w.samples / dt if dt else 0.0,
             mb_per_s=w.bytes / 1e6 / dt if dt else 0.0,
+            generated=self.generated,
         )
 
     def _step(self, bi: int, batch: Any) -> None:
@@ -249,6 +269,8 @@ class _Job:
             CaptureIdentity.check_layout(self.resumed, self._layout(batch))
             self.resumed = None
         if drop < bsz:
+            if self.generated is not None:
+                self.generated.extend(self.adapter.generated()[drop:])
             ids = _batch_ids(self.opts.sample_ids, bi, batch, self.pos + drop, self.pos + bsz)
             self.writer.put(captured, ids, fence)
             self.n_batches += 1

@@ -46,6 +46,9 @@ class CaptureOptions:
     rank: int | None = None  # this process's rank in a multi-process capture
     world_size: int | None = None  # processes writing the one archive
     wait_s: float = 300.0  # how long ranks > 0 wait for rank 0 to create the archive
+    # HF generation: generate() options, e.g. {"max_new_tokens": 16, "do_sample": True};
+    # checked against the model by its adapter (capture/generation.py)
+    generate: Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -61,6 +64,11 @@ class CaptureOptions:
             raise ConfigError(
                 f"rank and world_size go together with 0 <= rank < world_size, got "
                 f"rank={self.rank}, world_size={self.world_size}"
+            )
+        if self.generate is not None and not isinstance(self.generate, Mapping):
+            raise ConfigError(
+                "generate must be a dict of generate() options, e.g. "
+                f"dict(max_new_tokens=16), got {type(self.generate).__name__}"
             )
         layers = _selection("layers", self.layers, _layer)
         object.__setattr__(self, "layers", layers)

@@ -17,13 +17,30 @@ import torch
 from attnscope.capture.options import TORCH_DTYPES
 from attnscope.errors import ConfigError, SelectionError, ValidationError
 
-__all__ = ["Recorder", "HostCopier", "Captured", "ROW_SUM_TOLERANCE", "trim"]
+__all__ = [
+    "Recorder", "HostCopier", "Captured", "ROW_SUM_TOLERANCE", "row_sum_tolerance", "trim",
+]  # fmt: skip
 
 # array name -> host tensor (B, H, T, S), or (values (B, H, T, k), indices (B, H, T, k))
 Captured = dict[str, Any]
 
-# |row sum - 1| allowed before the cast; the explicit softmax path in float32 is within 1e-6.
+# |row sum - 1| allowed for float32 weights; the explicit softmax path is within 1e-6.
 ROW_SUM_TOLERANCE = 1e-3
+
+
+def row_sum_tolerance(dtype: torch.dtype) -> float:
+    """|row sum - 1| allowed for weights the model computed in ``dtype``.
+
+    A model in float16/bfloat16 returns its softmax rounded to that dtype: each weight
+    carries a relative error of at most the unit roundoff ``u = eps / 2``, so a row of
+    weights summing to 1 sums to within ``u`` of 1 after rounding, whatever its length.
+    The tolerance is ``eps = 2u`` (twice the bound), and never below the float32 1e-3:
+    bfloat16 (8 significant bits) -> 2**-7 = 7.8e-3; float16 -> 1e-3 (eps 9.8e-4);
+    float32 / float64 -> 1e-3.
+    """
+    if not dtype.is_floating_point:
+        return ROW_SUM_TOLERANCE
+    return max(ROW_SUM_TOLERANCE, float(torch.finfo(dtype).eps))
 
 
 class HostCopier:
@@ -89,7 +106,7 @@ class Recorder:
         self.drop = drop
         self.captured: Captured = {}
         self.shapes: dict[str, tuple[int, ...]] = {}  # the model's (B, H, T, S) per array
-        self._checks: dict[str, torch.Tensor] = {}
+        self._checks: dict[str, tuple[torch.Tensor, float]] = {}
 
     def __call__(self, name: str, w: torch.Tensor) -> None:
         self.shapes[name] = tuple(w.shape)
@@ -103,7 +120,8 @@ class Recorder:
         if self.drop:
             w = w[self.drop :]
         if self.validate:
-            self._checks[name] = _device_checks(w)
+            tol = row_sum_tolerance(w.dtype)
+            self._checks[name] = (_device_checks(w, tol), tol)
         if self.topk is None:
             self.captured[name] = self.copier(w.to(self.dtype))
             return
@@ -141,7 +159,7 @@ def _check_heads(heads: Sequence[int], n: int, name: str) -> None:
         raise SelectionError(f"head(s) {bad} out of range for {name}: it has heads 0..{n - 1}")
 
 
-def _device_checks(w: torch.Tensor) -> torch.Tensor:
+def _device_checks(w: torch.Tensor, tol: float) -> torch.Tensor:
     """Per-sample flags ``(B, 3)``: non-finite, negative, row sum off by > tolerance.
 
     Computed on the weights' device in full precision; read back once per batch.
@@ -151,23 +169,25 @@ def _device_checks(w: torch.Tensor) -> torch.Tensor:
         [
             ~torch.isfinite(flat).all(1),
             (flat < 0).any(1),
-            ((w.sum(-1, dtype=torch.float32) - 1).abs() > ROW_SUM_TOLERANCE).flatten(1).any(1),
+            ((w.sum(-1, dtype=torch.float32) - 1).abs() > tol).flatten(1).any(1),
         ],
         dim=1,
     )
 
 
-def _raise_on_bad_weights(checks: dict[str, torch.Tensor], first_sample: int) -> None:
+def _raise_on_bad_weights(
+    checks: dict[str, tuple[torch.Tensor, float]], first_sample: int
+) -> None:
     """One device->host sync per batch; on a problem, name the array, sample and issue."""
     names = list(checks)
-    flags = torch.stack([checks[n] for n in names]).cpu()  # (arrays, B, 3)
+    flags = torch.stack([checks[n][0] for n in names]).cpu()  # (arrays, B, 3)
     if not flags.any():
         return
     a, b, k = (int(i) for i in flags.nonzero()[0])
     problem = [
         "has NaN or Inf weights",
         "has negative weights",
-        f"has rows that do not sum to 1 (tolerance {ROW_SUM_TOLERANCE})",
+        f"has rows that do not sum to 1 (tolerance {checks[names[a]][1]:.2g})",
     ][k]
     raise ValidationError(
         f"{names[a]}: sample {first_sample + b} {problem}; nothing of this batch was written "
