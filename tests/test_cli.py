@@ -324,3 +324,19 @@ def test_world_size_without_rank_is_a_one_line_error(runner, tmp_path, monkeypat
     )
     assert res.exit_code == 1
     assert res.output.count("\n") == 1 and "RANK" in res.output
+
+
+def test_unexpected_error_is_one_line_and_debug_shows_the_traceback(runner, monkeypatch) -> None:
+    import attnscope.store
+
+    def boom(path):
+        raise RuntimeError("CUDA error: device-side assert\ntriggered")
+
+    monkeypatch.setattr(attnscope.store, "info", boom)
+    res = runner.invoke(cli, ["info", "x.zarr"])
+    assert res.exit_code == 1
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and "RuntimeError: CUDA error: device-side assert triggered" in lines[0]
+    assert "--debug" in lines[0]
+    res = runner.invoke(cli, ["--debug", "info", "x.zarr"])
+    assert isinstance(res.exception, RuntimeError)

@@ -20,19 +20,35 @@ from attnscope.errors import AttnscopeError, ConfigError
 
 
 class _Group(click.Group):
+    """Every error leaves as one line on stderr with exit status 1; ``--debug`` re-raises."""
+
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
         except AttnscopeError as e:
+            if ctx.meta.get("attnscope.debug"):
+                raise
             raise click.ClickException(_one_line(e)) from None
         except ModuleNotFoundError as e:
-            if e.name is None or e.name.split(".")[0] not in EXTRA_OF:
+            if ctx.meta.get("attnscope.debug") or (
+                e.name is None or e.name.split(".")[0] not in EXTRA_OF
+            ):
                 raise
             raise click.ClickException(_one_line(missing_extra_error(e.name))) from None
         except OSError as e:
             # Disk full, permission denied, a file where a folder was expected...: the
             # library's writes are atomic, so what was committed before stays readable.
+            if ctx.meta.get("attnscope.debug"):
+                raise
             raise click.ClickException(_one_line(e)) from None
+        except Exception as e:  # noqa: BLE001 - a model or runtime error: one line, --debug shows more
+            if ctx.meta.get("attnscope.debug"):
+                raise
+            raise click.ClickException(
+                f"{_one_line(e)} (run attnscope --debug ... for the traceback)"
+            ) from None
 
 
 def _one_line(e: BaseException) -> str:
@@ -76,8 +92,11 @@ progress_opt = click.option("--progress/--no-progress", default=True, help="Prog
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="attnscope")
-def cli() -> None:
+@click.option("--debug", is_flag=True, help="Show the full traceback of an error.")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool) -> None:
     """attnscope: capture, store, analyse and render transformer attention."""
+    ctx.meta["attnscope.debug"] = debug
 
 
 @cli.command()
