@@ -29,6 +29,7 @@ from attnscope.store.layout import TokenLayout
 
 __all__ = ["Adapter", "ReferenceAdapter", "TorchMHAAdapter", "HFAdapter", "adapter_for"]
 
+
 class ReferenceAdapter(Adapter):
     """The reference Transformer. Batches are ``(enc, dec)`` or ``{"enc": …, "dec": …}``.
 

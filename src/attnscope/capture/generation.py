@@ -50,9 +50,7 @@ _FIXED = {
 }  # fmt: skip
 
 
-def check_generate(
-    model: Any, options: Any, enc_dec: bool, decoder: bool
-) -> dict[str, Any]:
+def check_generate(model: Any, options: Any, enc_dec: bool, decoder: bool) -> dict[str, Any]:
     """``generate=`` options checked for ``model``; each refusal names the model class."""
     cls = type(model).__name__
     if not isinstance(options, Mapping):
@@ -204,8 +202,9 @@ def generate_batch(
                 seq = torch.cat([seq, fill], dim=1)
             last = _finish(adapter, inputs, seq, computed, out, enc_out, legacy)
             if legacy:
-                adapter.feed_legacy(last, asm, wanted, groups=("decoder/self_attention",
-                                                               "decoder/cross_attention"))
+                adapter.feed_legacy(
+                    last, asm, wanted, groups=("decoder/self_attention", "decoder/cross_attention")
+                )
     finally:
         for h in hooks:
             h.remove()

@@ -87,12 +87,12 @@ class HFAdapter(Adapter):
             self._names = sorted(self.sites, key=_archive_order)
         else:
             self._names = _names_from_depth(n_enc, n_dec, self.is_enc_dec, self.is_decoder)
-        if not self._names:
+        if not self._names or not (self.layer_by_layer or _has_attention_modules(model)):
             raise CaptureError(
-                f"cannot observe attention in {type(model).__name__}: transformers lists no "
-                "attention modules for it and its config gives no layer count (a model without "
-                "attention, e.g. a state-space model, has none to capture); subclass "
-                "attnscope.capture.adapters.Adapter to report its weights"
+                f"cannot observe attention in {type(model).__name__}: it has no attention "
+                "modules that transformers can report (a model without attention, e.g. a "
+                "state-space model, has no weights to capture); subclass "
+                "attnscope.capture.adapters.Adapter to report another model's weights"
             )
         # Unselected layers may use the fused kernel only where the family supports it.
         self.fast_ok = bool(getattr(model, "_supports_sdpa", False)) and self.layer_by_layer
@@ -229,8 +229,10 @@ class HFAdapter(Adapter):
                 continue
             if not atts or any(a is None for a in atts):
                 raise CaptureError(
-                    f"{type(self.model).__name__} returned no {stack} {kind} weights; it must "
-                    "run with attn_implementation='eager' and support output_attentions"
+                    f"cannot observe attention in {type(self.model).__name__}: with "
+                    f"output_attentions=True it returned no {stack} {kind} weights; load it "
+                    "with attn_implementation='eager', or subclass "
+                    "attnscope.capture.adapters.Adapter to report its weights"
                 )
             for i, a in enumerate(atts):
                 name = f"{stack}/{i}/{kind}"
@@ -358,6 +360,13 @@ def _depth_agrees(sites: Mapping[str, Site], n_enc: int, n_dec: int, enc_dec: bo
     if not enc_dec:
         want = {s: n_enc for s in counts}
     return all(want.get(s, 0) in (0, n) for s, n in counts.items())
+
+
+def _has_attention_modules(model: nn.Module) -> bool:
+    return any(
+        "attention" in type(m).__name__.lower() or "attn" in type(m).__name__.lower()
+        for m in model.modules()
+    )
 
 
 def _is_causal(model: nn.Module) -> bool:
