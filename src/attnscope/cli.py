@@ -153,17 +153,25 @@ def demo(out: Path, fmt: str | None, batches: int, batch_size: int, seed: int,
               help="This process's rank in a multi-process capture (Zarr); default: "
                    "torchrun's RANK/WORLD_SIZE when set.")
 @click.option("--world-size", type=int, default=None, help="Number of capture processes.")
+@click.option("--max-new-tokens", type=int, default=None,
+              help="HF decoder-only / encoder-decoder: generate N tokens per prompt (KV cache "
+                   "on) and store each sample's attention over the whole final sequence.")
+@click.option("--do-sample", is_flag=True,
+              help="With --max-new-tokens: sample (seeded by --seed) instead of greedy.")
 @progress_opt
 def capture(model_kind: str, config: Path | None, hf_config: Path | None, inputs: Path | None,
             batches: int, batch_size: int, seq_len: int, out: Path, fmt: str | None,
             layers: list[int] | None, heads: list[int] | None, kinds: list[str] | None,
             dtype: str, topk: int | None, device: str | None, seed: int, resume: bool,
-            overwrite: bool, rank: int | None, world_size: int | None, progress: bool) -> None:
+            overwrite: bool, rank: int | None, world_size: int | None,
+            max_new_tokens: int | None, do_sample: bool, progress: bool) -> None:
     """Run a model over batches and stream its attention into an archive.
 
     Example: attnscope capture --config model.json --batches 16 --batch-size 8 --out run.zarr
+
+    Generation: attnscope capture --hf-config gpt2.json --max-new-tokens 16 --out gen.zarr
     """
-    from attnscope.capture.cli_support import build_job
+    from attnscope.capture.cli_support import build_job, generate_options
 
     if hf_config is not None:
         model_kind = "hf"
@@ -171,7 +179,8 @@ def capture(model_kind: str, config: Path | None, hf_config: Path | None, inputs
         rank, world_size = _torchrun_rank()
     model, source = build_job(model_kind, config=config, hf_config=hf_config, inputs=inputs,
                               n_batches=batches, batch_size=batch_size, seq_len=seq_len,
-                              seed=seed)
+                              seed=seed, generate=max_new_tokens is not None)
+    generate = generate_options(max_new_tokens, do_sample, seed)
     from attnscope.capture.job import capture as run_capture
 
     if device is None:
@@ -181,7 +190,7 @@ def capture(model_kind: str, config: Path | None, hf_config: Path | None, inputs
     summary = run_capture(model, source, out, layers=layers, heads=heads, kinds=kinds,
                           dtype=dtype, format=fmt, device=device, resume=resume,
                           progress=progress, topk=topk, overwrite=overwrite, rank=rank,
-                          world_size=world_size)
+                          world_size=world_size, generate=generate)
     click.echo(
         f"{summary.archive}: {summary.samples} samples ({summary.committed} committed), "
         f"{summary.bytes / 1e6:.1f} MB in {summary.seconds:.2f} s "

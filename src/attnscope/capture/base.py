@@ -79,7 +79,8 @@ class Adapter:
         raise ConfigError(
             f"generate= is not supported for {type(self.model).__name__}: generation capture "
             "needs a Hugging Face decoder-only (...ForCausalLM) or encoder-decoder "
-            "(...ForConditionalGeneration) model; drop generate= to capture the forward pass"
+            "(...ForConditionalGeneration) model; drop generate= (CLI: --max-new-tokens) to "
+            "capture the forward pass"
         )
 
     def generated(self) -> list[dict[str, Any]]:

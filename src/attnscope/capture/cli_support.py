@@ -14,11 +14,12 @@ import numpy as np
 import torch
 
 from attnscope._extras import require
+from attnscope.capture.hf import DECODER_ONLY_TYPES
 from attnscope.capture.model import Transformer
 from attnscope.capture.synthetic import GUIDE_DEC, GUIDE_ENC, guide_model_config, synthetic_batches
 from attnscope.errors import ConfigError, InputError
 
-__all__ = ["build_job", "load_inputs", "hf_model_from_config"]
+__all__ = ["build_job", "load_inputs", "hf_model_from_config", "generate_options"]
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -194,8 +195,12 @@ def _reference(
     return model, _Batches(make, -(-n // batch_size))
 
 
-def hf_model_from_config(path: Path, seed: int = 0) -> torch.nn.Module:
-    """A Hugging Face model with random weights from a local ``config.json`` (no download)."""
+def hf_model_from_config(path: Path, seed: int = 0, generate: bool = False) -> torch.nn.Module:
+    """A Hugging Face model with random weights from a local ``config.json`` (no download).
+
+    ``generate``: a decoder-only model type gets its language-model head
+    (``AutoModelForCausalLM``), which generation needs.
+    """
     transformers = require("transformers", "--hf-config")
     path = Path(path)
     cfg_file = path / "config.json" if path.is_dir() else path
@@ -214,7 +219,11 @@ def hf_model_from_config(path: Path, seed: int = 0) -> torch.nn.Module:
         torch.manual_seed(seed)
         if cfg.is_encoder_decoder:
             cls = transformers.AutoModelForSeq2SeqLM
-        elif "CausalLM" in (raw.get("architectures") or [""])[0] or raw.get("is_decoder"):
+        elif (
+            (generate and model_type in DECODER_ONLY_TYPES)
+            or any(k in (raw.get("architectures") or [""])[0] for k in ("CausalLM", "LMHead"))
+            or raw.get("is_decoder")
+        ):
             cls = transformers.AutoModelForCausalLM
         else:
             cls = transformers.AutoModel
@@ -248,9 +257,15 @@ def _check_hf_types(cfg_file: Path, raw: dict[str, Any], defaults: Any) -> None:
 
 
 def _hf(
-    hf_config: Path, inputs: Path | None, n_batches: int, batch_size: int, seq_len: int, seed: int
+    hf_config: Path,
+    inputs: Path | None,
+    n_batches: int,
+    batch_size: int,
+    seq_len: int,
+    seed: int,
+    generate: bool = False,
 ) -> tuple[torch.nn.Module, Iterable[Any]]:
-    model = hf_model_from_config(hf_config, seed)
+    model = hf_model_from_config(hf_config, seed, generate)
     if inputs is not None:
         arrays = load_inputs(inputs)
         n = len(next(iter(arrays.values())))
@@ -266,7 +281,7 @@ def _hf(
         g = torch.Generator().manual_seed(seed)
         for _ in range(n_batches):
             b = {"input_ids": torch.randint(0, vocab, (batch_size, seq_len), generator=g)}
-            if model.config.is_encoder_decoder:
+            if model.config.is_encoder_decoder and not generate:  # generate starts the decoder
                 b["decoder_input_ids"] = torch.randint(0, vocab, (batch_size, seq_len), generator=g)
             yield b
 
@@ -283,12 +298,31 @@ def build_job(
     batch_size: int = 8,
     seq_len: int = 32,
     seed: int = 0,
+    generate: bool = False,
 ) -> tuple[torch.nn.Module, Iterable[Any]]:
-    """(model, re-iterable batches) for ``attnscope capture``."""
+    """(model, re-iterable batches) for ``attnscope capture``.
+
+    ``generate``: the batches are prompts (no synthetic ``decoder_input_ids``).
+    """
     if n_batches < 1 or batch_size < 1:
         raise ConfigError(f"--batches and --batch-size must be >= 1, got {n_batches}, {batch_size}")
     if kind == "hf":
         if hf_config is None:
             raise ConfigError("--model hf needs --hf-config PATH")
-        return _hf(hf_config, inputs, n_batches, batch_size, seq_len, seed)
+        return _hf(hf_config, inputs, n_batches, batch_size, seq_len, seed, generate)
     return _reference(config, inputs, n_batches, batch_size, seed)
+
+
+def generate_options(max_new_tokens: int | None, do_sample: bool, seed: int) -> dict | None:
+    """``generate=`` for ``capture`` from ``--max-new-tokens`` / ``--do-sample``.
+
+    Sampling is seeded with ``--seed`` right before capture, so a rerun samples the same
+    tokens. ``max_new_tokens`` itself is checked by the model's adapter (naming the model).
+    """
+    if max_new_tokens is None:
+        if do_sample:
+            raise ConfigError("--do-sample needs --max-new-tokens N (generation)")
+        return None
+    if do_sample:
+        torch.manual_seed(seed)
+    return {"max_new_tokens": max_new_tokens, "do_sample": do_sample}

@@ -47,10 +47,11 @@ from attnscope.capture.base import Adapter, Sink, first_tensor, jsonable
 from attnscope.errors import CaptureError, InputError
 from attnscope.store.layout import SideLayout, TokenLayout
 
-__all__ = ["HFAdapter", "config_depth"]
+__all__ = ["HFAdapter", "config_depth", "DECODER_ONLY_TYPES"]
 
 _KINDS = {"attentions": "self_attention", "cross_attentions": "cross_attention"}
-_DECODER_ONLY = {
+# model_type values of decoder-only families (causal self-attention, no encoder)
+DECODER_ONLY_TYPES = {
     "gpt2", "gpt_neo", "gptj", "gpt_neox", "llama", "mistral", "mixtral", "opt", "bloom",
     "qwen2", "qwen3", "phi", "phi3", "gemma", "gemma2", "falcon", "codegen", "olmo",
 }  # fmt: skip
@@ -375,7 +376,7 @@ def _is_causal(model: nn.Module) -> bool:
         return True
     if type(model).__name__.endswith(("ForCausalLM", "LMHeadModel")):
         return True
-    if getattr(cfg, "model_type", "") in _DECODER_ONLY:
+    if getattr(cfg, "model_type", "") in DECODER_ONLY_TYPES:
         return True
     can = getattr(model, "can_generate", None)
     try:
