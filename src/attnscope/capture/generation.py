@@ -61,8 +61,8 @@ def check_generate(model: Any, options: Any, enc_dec: bool, decoder: bool) -> di
     if not enc_dec and not decoder:
         raise ConfigError(
             f"generate=: {cls} is an encoder-only model and cannot generate; drop generate= "
-            "(CLI: --max-new-tokens) to capture its forward pass, or use a decoder-only (...ForCausalLM) or "
-            "encoder-decoder (...ForConditionalGeneration) model"
+            "(CLI: --max-new-tokens) to capture its forward pass, or use a decoder-only "
+            "(...ForCausalLM) or encoder-decoder (...ForConditionalGeneration) model"
         )
     can = getattr(model, "can_generate", None)
     if not callable(getattr(model, "generate", None)) or (callable(can) and not can()):
