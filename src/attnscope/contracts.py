@@ -18,6 +18,15 @@ __all__ = [
     "COMPRESSORS",
     "DEFAULT_COMPRESSOR",
     "SAMPLE_IDS",
+    "TOKENS",
+    "TOKEN_MASK",
+    "TOKEN_IDS",
+    "TOKEN_LABELS",
+    "TOKEN_LABEL_SPANS",
+    "TOKEN_FIELDS",
+    "MAX_LENGTHS",
+    "PAD_LABEL",
+    "PAD_ID",
     "AVERAGE_HEAD",
     "TABLE_COLUMNS",
     "TABLES",
@@ -50,6 +59,23 @@ COMPRESSORS = ("zstd", "none", "blosc-zstd", "blosc-lz4")
 DEFAULT_COMPRESSOR = "zstd"
 #: the per-sample id array beside the attention arrays
 SAMPLE_IDS = "_sample_ids"
+#: per-sample token data of one side lives under f"{TOKENS}/{side}/..." (docs/archive-format.md)
+TOKENS = "_tokens"
+#: (N, L) uint8, 1 = real token, 0 = padding (ragged archives only)
+TOKEN_MASK = "mask"
+#: (N, L) int64 token ids; PAD_ID where the writer padded the batch
+TOKEN_IDS = "ids"
+#: group of uint8 blobs, one per commit record: each sample's labels as one JSON array (UTF-8)
+TOKEN_LABELS = "labels"
+#: (N, 2) int64 [start, stop) of each sample's JSON labels in its writer's blob
+TOKEN_LABEL_SPANS = "label_spans"
+#: the keys of ArchiveWriter.append(tokens={side: {...}})
+TOKEN_FIELDS = ("labels", "ids")
+#: root-metadata key: side -> maximum tokens (schema 2, ragged archives); null otherwise
+MAX_LENGTHS = "max_lengths"
+#: label / id of positions the writer added to pad a shorter batch
+PAD_LABEL = ""
+PAD_ID = -1
 
 # --- the analysis tables -----------------------------------------------------------------
 #: head number of the rows computed on the mean over the (selected) heads

@@ -19,7 +19,6 @@ from attnscope.errors import (
     ValidationError,
 )
 from attnscope.store import (
-    SCHEMA_VERSION,
     ArchiveWriter,
     array_name,
     format_info,
@@ -52,7 +51,7 @@ def test_roundtrip_equals_input_within_stored_precision(path, layout, rng, dtype
     ref = concat(batches)
     with open_archive(path) as a:
         assert a.format == fmt
-        assert a.n_samples == 5 and a.dtype == dtype and a.schema_version == SCHEMA_VERSION
+        assert a.n_samples == 5 and a.dtype == dtype and a.schema_version == 1  # not ragged: v1
         assert a.arrays() == [
             f"{s}/{i}/{k}"
             for s, kinds in (

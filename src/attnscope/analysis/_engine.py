@@ -16,8 +16,21 @@ from attnscope.analysis import metrics as M
 from attnscope.contracts import AVERAGE_HEAD
 from attnscope.errors import InputError
 
-__all__ = ["ArraySpec", "StatsAccumulator", "analyze_block", "densify_topk"]
+__all__ = ["ArraySpec", "BlockTokens", "StatsAccumulator", "analyze_block", "densify_topk"]
 
+
+@dataclass(frozen=True)
+class BlockTokens:
+    """Per-sample token data of one block: real-token masks and labels (None: not stored).
+
+    ``qmask`` ``(n, T)`` / ``kmask`` ``(n, S)`` bool, True = real token; ``qlabels`` /
+    ``klabels``: one label list per sample (``T`` / ``S`` long).
+    """
+
+    qmask: np.ndarray | None = None
+    kmask: np.ndarray | None = None
+    qlabels: list[list[str]] | None = None
+    klabels: list[list[str]] | None = None
 
 
 @dataclass(frozen=True)
@@ -177,12 +190,20 @@ def _load(src: np.ndarray, dst: np.ndarray) -> None:
         raise InputError(f"attention must be a real numeric array, got dtype {src.dtype}")
 
 
-def _compute(src: np.ndarray, spec: ArraySpec) -> dict[str, np.ndarray]:
+def _compute(
+    src: np.ndarray,
+    spec: ArraySpec,
+    cells: np.ndarray | None = None,
+    sink_idx: np.ndarray | None = None,
+) -> dict[str, np.ndarray]:
     """Every per-row and per-matrix quantity of ``src`` ``(n, H, T, S)`` plus its head mean.
 
     One fused pass: slabs of a few samples are converted to float32 next to their head
     average (head ``H`` of a ``(m, H + 1, T, S)`` buffer), and every metric runs on the slab
     while it is cache-resident. Outputs are ``(n, H + 1, ...)``, the average head last.
+    Padded samples: ``cells`` ``(n, T, S)`` bool marks the real (query, key) cells (the
+    matrix minimum and the top pairs see only those; padded cells are stored as zeros, so
+    row quantities need no mask), ``sink_idx`` ``(n,)`` each sample's sink key (-1: none).
     """
     n, h, t, s = src.shape
     hh = h + 1
@@ -227,15 +248,27 @@ def _compute(src: np.ndarray, spec: ArraySpec) -> dict[str, np.ndarray]:
         np.maximum(e, 0, out=e)
         np.max(x, axis=-1, out=rmax[sl])
         np.vecdot(x, cache["dist"], out=dist[sl])
-        sink[sl] = x[..., spec.sink_token]
+        if sink_idx is None:
+            sink[sl] = x[..., spec.sink_token]
+        else:
+            j = np.maximum(sink_idx[sl], 0)[:, None, None, None]
+            sink[sl] = np.take_along_axis(x, j, axis=-1)[..., 0]
+            sink[sl][sink_idx[sl] < 0] = np.nan
         np.sum(x, axis=-1, dtype=f32, out=rowsum[sl])
         np.vecdot(x, x, out=sumsq[sl])
-        np.min(x.reshape(m, hh, t * s), axis=-1, out=mn[sl])
         np.matmul(x, cache["koh"], out=segrow[sl])
-        tq[sl], tk[sl], tw[sl] = M.top_k_pairs_block(x, k, row_max=rmax[sl])
+        if cells is None:
+            np.min(x.reshape(m, hh, t * s), axis=-1, out=mn[sl])
+            tq[sl], tk[sl], tw[sl] = M.top_k_pairs_block(x, k, row_max=rmax[sl])
+        else:
+            c = cells[sl][:, None]
+            np.min(np.where(c, x, np.inf).reshape(m, hh, t * s), axis=-1, out=mn[sl])
+            # padding ranks below every real weight (-1) and is dropped from the table
+            tq[sl], tk[sl], tw[sl] = M.top_k_pairs_block(np.where(c, x, f32(-1)), k)
         if sim is not None:
             if spec.similarity == "js":
-                M._js_into(x[:, :h], e[:, :h], rowsum[sl, :h], sim[sl], pair, plog)
+                rows = None if cells is None else cells[sl].any(axis=-1)
+                M._js_into(x[:, :h], e[:, :h], rowsum[sl, :h], sim[sl], pair, plog, rows)
             else:
                 sim[sl] = M.head_similarity_cosine(x[:, :h])
     return {
@@ -264,7 +297,39 @@ def _sample_head_index(
     }
 
 
-def analyze_block(block: Any, spec: ArraySpec, sample0: int) -> dict[str, Any]:
+def _allowed(qm: np.ndarray, km: np.ndarray, causal: bool) -> np.ndarray:
+    """``(n, T)`` real keys each query row may attend to (causal: those up to the row)."""
+    t, s = qm.shape[1], km.shape[1]
+    if not causal:
+        return np.broadcast_to(km.sum(axis=1)[:, None], qm.shape)
+    pos = np.clip(np.arange(t) + (s - t), 0, s - 1)
+    return np.cumsum(km, axis=1)[:, pos]
+
+
+def _sink_index(km: np.ndarray, token: int) -> np.ndarray:
+    """``(n,)`` key index of each sample's ``token``-th real key (-1 where it has fewer)."""
+    order = np.cumsum(km, axis=1) - 1  # rank of each real key among its sample's real keys
+    hit = km & (order == token)
+    return np.where(hit.any(axis=1), hit.argmax(axis=1), -1)
+
+
+def _rows_agg(x: np.ndarray, rows: np.ndarray | None) -> tuple[np.ndarray, ...]:
+    """Mean / min / max over the real query rows (and non-NaN values) of ``(n, hh, T)``."""
+    if rows is None and not np.isnan(x).any():
+        return x.mean(axis=-1), x.min(axis=-1), x.max(axis=-1)
+    return _masked_agg(x if rows is None else np.where(rows[:, None, :], x, np.nan))
+
+
+def _labels(tok: BlockTokens | None, spec: ArraySpec) -> tuple[tuple[str, ...], ...]:
+    """Query and key label tuples; per-sample labels are concatenated, sample-major."""
+    q = spec.q_labels if tok is None or tok.qlabels is None else sum(tok.qlabels, [])
+    k = spec.k_labels if tok is None or tok.klabels is None else sum(tok.klabels, [])
+    return tuple(q), tuple(k)
+
+
+def analyze_block(
+    block: Any, spec: ArraySpec, sample0: int, tokens: BlockTokens | None = None
+) -> dict[str, Any]:
     """All metrics of one block of samples.
 
     Parameters
@@ -276,16 +341,26 @@ def analyze_block(block: Any, spec: ArraySpec, sample0: int) -> dict[str, Any]:
         The array's metadata and analysis options.
     sample0 : int
         Archive index of the block's first sample.
+    tokens : BlockTokens, optional
+        The block's real-token masks and per-sample labels. Padded query rows then appear
+        in no table and no statistic; entropy is normalised by each row's real allowed
+        keys; top pairs never include padding; the sink is each sample's
+        ``sink_token``-th real key.
 
     Returns
     -------
     dict
-        ``{"tables": {table: {column: np.ndarray}}, "stats": (count, total, sumsq, min,
-        max), "nbytes": int}`` where the stats cover the real heads only.
+        ``{"tables": {table: {column: np.ndarray}}, "labels": (query labels, key labels),
+        "stats": (count, total, sumsq, min, max), "nbytes": int}`` where the stats cover
+        the real heads and real cells only. Columns ``_qlab`` / ``_klab`` index the labels.
     """
+    qm = None if tokens is None else tokens.qmask
+    km = None if tokens is None else tokens.kmask
     if isinstance(block, tuple):
         nbytes = int(sum(np.asarray(b).nbytes for b in block))
         src = densify_topk(*block, spec.n_keys, causal=spec.causal)
+        if qm is not None and km is not None:  # the residual was spread over padding too
+            src *= (qm[:, None, :, None] & km[:, None, None, :]).astype(np.float32)
     else:
         src = np.asarray(block)
         nbytes = int(src.nbytes)
@@ -293,17 +368,33 @@ def analyze_block(block: Any, spec: ArraySpec, sample0: int) -> dict[str, Any]:
         src = src[:, list(spec.head_index)]  # a copy, at the stored dtype
     n, h, t, s = src.shape
     hh = h + 1
-    r = _compute(src, spec)
+    masked = qm is not None and km is not None
+    if masked:
+        qm, km = np.asarray(qm, dtype=bool), np.asarray(km, dtype=bool)
+        cells = qm[:, :, None] & km[:, None, :]
+        r = _compute(src, spec, cells, _sink_index(km, spec.sink_token))
+        allowed = _allowed(qm, km, spec.causal)[:, None, :]
+        nq, nk = qm.sum(axis=1), km.sum(axis=1)
+        cnt = (nq * nk)[:, None]
+    else:
+        r = _compute(src, spec)
+        allowed = M.allowed_keys(t, s, spec.causal)
+        nq, nk = np.full(n, t), np.full(n, s)
+        cnt = t * s
     ent = r["ent"]
-    nent = M._normalize_entropy(ent, s, spec.causal)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        nent = (ent / np.log(allowed).astype(np.float32)).astype(np.float32)
+    nent = np.where(np.broadcast_to(allowed, ent.shape) <= 1, np.float32(np.nan), nent)
     rmax = r["rmax"]
     total = r["rowsum"].astype(np.float64).sum(axis=-1)  # (n, hh)
     sq = r["sumsq"].astype(np.float64).sum(axis=-1)
-    cnt = t * s
     mean = total / cnt
     std = np.sqrt(np.maximum(sq / cnt - mean * mean, 0))
-    nmean, nmin, nmax = _masked_agg(nent)
-    mx = rmax.max(axis=-1)
+    nmean, nmin, nmax = _masked_agg(
+        nent if qm is None else np.where(qm[:, None, :], nent, np.nan)
+    )
+    e_mean, e_min, e_max = _rows_agg(ent, qm)
+    m_mean, m_min, m_max = _rows_agg(rmax, qm)
 
     head_ids = np.array([*spec.heads, AVERAGE_HEAD], dtype=np.int64)
     samples = np.arange(sample0, sample0 + n, dtype=np.int64)
@@ -311,25 +402,30 @@ def analyze_block(block: Any, spec: ArraySpec, sample0: int) -> dict[str, Any]:
     head_cols = {
         "sample": np.repeat(samples, hh),
         "head": np.tile(head_ids, n),
-        "entropy_mean": ent.mean(axis=-1),
-        "entropy_min": ent.min(axis=-1),
-        "entropy_max": ent.max(axis=-1),
+        "n_queries": np.repeat(nq, hh).astype(np.int32),
+        "n_keys": np.repeat(nk, hh).astype(np.int32),
+        "entropy_mean": e_mean,
+        "entropy_min": e_min,
+        "entropy_max": e_max,
         "norm_entropy_mean": nmean,
         "norm_entropy_min": nmin,
         "norm_entropy_max": nmax,
-        "row_max_mean": rmax.mean(axis=-1),
-        "row_max_min": rmax.min(axis=-1),
-        "mean_distance": r["dist"].mean(axis=-1),
-        "sink_score": r["sink"].mean(axis=-1),
+        "row_max_mean": m_mean,
+        "row_max_min": m_min,
+        "mean_distance": _rows_agg(r["dist"], qm)[0],
+        "sink_score": _rows_agg(r["sink"], qm)[0],
         "mean": mean,
         "std": std,
         "min": r["min"],
-        "max": mx,
+        "max": m_max,
     }
-    tables["head_stats"] = {key: v.reshape(-1) for key, v in head_cols.items()}
+    tables["head_stats"] = {key: np.asarray(v).reshape(-1) for key, v in head_cols.items()}
+    # sample-major flat label index of (local sample, token) when labels are per sample
+    per_q = tokens is not None and tokens.qlabels is not None
+    per_k = tokens is not None and tokens.klabels is not None
 
     if spec.row_stats:
-        tables["row_stats"] = {
+        cols = {
             **_sample_head_index(samples, head_ids, t, "query"),
             "entropy": ent.reshape(-1),
             "norm_entropy": nent.reshape(-1),
@@ -337,28 +433,48 @@ def analyze_block(block: Any, spec: ArraySpec, sample0: int) -> dict[str, Any]:
             "mean_distance": r["dist"].reshape(-1),
             "sink_score": r["sink"].reshape(-1),
         }
+        cols["_qlab"] = cols["query"] + ((cols["sample"] - sample0) * t if per_q else 0)
+        if qm is not None:
+            keep = np.broadcast_to(qm[:, None, :], (n, hh, t)).reshape(-1)
+            cols = {key: v[keep] for key, v in cols.items()}
+        tables["row_stats"] = cols
 
     k = spec.topk
     tq, tk, tw = r["top"]
-    tables["top_pairs"] = {
+    cols = {
         **_sample_head_index(samples, head_ids, k, "rank"),
         "query": tq.reshape(-1),
         "key": tk.reshape(-1),
         "weight": tw.reshape(-1),
     }
+    local = cols["sample"] - sample0
+    cols["_qlab"] = cols["query"] + (local * t if per_q else 0)
+    cols["_klab"] = cols["key"] + (local * s if per_k else 0)
+    if masked:
+        keep = cols["weight"] >= 0
+        cols = {key: v[keep] for key, v in cols.items()}
+    tables["top_pairs"] = cols
 
     cache = _block_cache(spec)
-    nq, nk = len(spec.q_seg_names), len(spec.k_seg_names)
-    seg = (np.einsum("nhtk,tq->nhqk", r["segrow"], cache["qoh"]) / cache["qcount"]).astype(
-        np.float32
-    )  # (n, hh, nq, nk)
-    tables["segment_mass"] = {
-        "sample": np.repeat(samples, hh * nq * nk),
-        "head": np.tile(np.repeat(head_ids, nq * nk), n),
-        "query_segment": np.tile(np.repeat(np.arange(nq), nk), n * hh),
-        "key_segment": np.tile(np.arange(nk), n * hh * nq),
+    nqs, nks = len(spec.q_seg_names), len(spec.k_seg_names)
+    segrow = r["segrow"] if qm is None else r["segrow"] * qm[:, None, :, None]
+    qcount = (cache["qoh"].sum(axis=0) if qm is None else qm @ cache["qoh"])  # (nqs,) / (n, nqs)
+    qcount = np.broadcast_to(qcount, (n, nqs))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        seg = (
+            np.einsum("nhtk,tq->nhqk", segrow, cache["qoh"]) / qcount[:, None, :, None]
+        ).astype(np.float32)  # (n, hh, nqs, nks)
+    cols = {
+        "sample": np.repeat(samples, hh * nqs * nks),
+        "head": np.tile(np.repeat(head_ids, nqs * nks), n),
+        "query_segment": np.tile(np.repeat(np.arange(nqs), nks), n * hh),
+        "key_segment": np.tile(np.arange(nks), n * hh * nqs),
         "mass": seg.reshape(-1),
     }
+    if qm is not None:  # a query segment with no real row in a sample has no mass
+        keep = np.broadcast_to(qcount[:, None, :, None] > 0, seg.shape).reshape(-1)
+        cols = {key: v[keep] for key, v in cols.items()}
+    tables["segment_mass"] = cols
 
     sim = r["sim"]
     if sim is not None:
@@ -373,12 +489,18 @@ def analyze_block(block: Any, spec: ArraySpec, sample0: int) -> dict[str, Any]:
         }
 
     real_min = r["min"][:, :h]
-    real_max = mx[:, :h]
+    real_max = m_max[:, :h]
     stats = (
-        int(n * h * t * s),
+        int(h * np.sum(nq * nk)),
         float(total[:, :h].sum()),
         float(sq[:, :h].sum()),
         float(real_min.min()) if real_min.size else float("inf"),
         float(real_max.max()) if real_max.size else float("-inf"),
     )
-    return {"tables": tables, "stats": stats, "nbytes": nbytes, "n": n}
+    return {
+        "tables": tables,
+        "labels": _labels(tokens, spec),
+        "stats": stats,
+        "nbytes": nbytes,
+        "n": n,
+    }

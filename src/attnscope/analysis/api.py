@@ -21,7 +21,7 @@ import numpy as np
 
 from attnscope._extras import require
 from attnscope.analysis._engine import ArraySpec, StatsAccumulator, analyze_block
-from attnscope.analysis.blocks import detect_causal, read_block, sample_slices
+from attnscope.analysis.blocks import detect_causal, read_block, read_tokens, sample_slices
 from attnscope.analysis.statistics import entries_from_accumulators, write_statistics
 from attnscope.analysis.tables import TableWriter
 from attnscope.errors import ConfigError, SelectionError
@@ -134,7 +134,7 @@ def _progress(total: int, enabled: bool) -> Any:
 
 
 def _task(arr: Any, sl: slice, spec: ArraySpec) -> dict[str, Any]:
-    return analyze_block(read_block(arr, sl), spec, sl.start)
+    return analyze_block(read_block(arr, sl), spec, sl.start, read_tokens(arr, sl))
 
 
 def _run_local(a: Any, jobs: list[tuple[ArraySpec, slice]], workers: int) -> Iterator[tuple]:
@@ -165,8 +165,8 @@ def _open_cached(path: str) -> Any:
 
 
 def _remote_sparse_task(path: str, sl: slice, spec: ArraySpec) -> dict[str, Any]:
-    a = _open_cached(path)
-    return analyze_block(read_block(a[spec.name], sl), spec, sl.start)
+    arr = _open_cached(path)[spec.name]
+    return analyze_block(read_block(arr, sl), spec, sl.start, read_tokens(arr, sl))
 
 
 def _connect(client_cls: Any, address: Any) -> Any:
@@ -203,7 +203,9 @@ def _run_dask(a: Any, jobs: list[tuple[ArraySpec, slice]], scheduler: Any) -> It
             if d is None:
                 d = darrays[spec.name] = a.to_dask(spec.name)
             block = d[sl].rechunk({0: -1, 1: -1, 2: -1, 3: -1})
-            tasks.append(dask.delayed(analyze_block)(block, spec, sl.start))
+            # masks and labels are small: read here, shipped with the task
+            tok = read_tokens(a[spec.name], sl)
+            tasks.append(dask.delayed(analyze_block)(block, spec, sl.start, tok))
         window = 2 * nthreads
         pending: deque = deque()
         for (spec, _), task in zip(jobs, tasks):

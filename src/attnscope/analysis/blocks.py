@@ -8,9 +8,10 @@ from typing import Any
 
 import numpy as np
 
-from attnscope.analysis._engine import densify_topk
+from attnscope.analysis._engine import BlockTokens, densify_topk
+from attnscope.contracts import KIND_AXES
 
-__all__ = ["sample_slices", "read_block", "iter_array_blocks", "detect_causal"]
+__all__ = ["sample_slices", "read_block", "read_tokens", "iter_array_blocks", "detect_causal"]
 
 
 def sample_slices(arr: Any, max_bytes: int) -> list[slice]:
@@ -31,14 +32,36 @@ def read_block(arr: Any, sl: slice) -> Any:
     return np.asarray(arr[sl])
 
 
-def iter_array_blocks(arr: Any, *, max_bytes: int) -> Iterator[np.ndarray]:
-    """Dense ``(n, H, T, S)`` blocks of one array (sparse ones densified)."""
+def read_tokens(arr: Any, sl: slice) -> BlockTokens | None:
+    """The masks (ragged archives) and per-sample labels of samples ``sl`` of ``arr``;
+    None when the archive has neither (every token real, the layout's labels)."""
+    a = arr.archive
+    qs, ks = KIND_AXES[(arr.stack, arr.kind)]
+    lay = a.layout
+    masks = (a.masks(qs, sl), a.masks(ks, sl)) if a.ragged else (None, None)
+    ql = a.labels(qs, sl) if getattr(lay, qs) is not None else None
+    kl = a.labels(ks, sl) if getattr(lay, ks) is not None else None
+    if masks[0] is None and ql is None and kl is None:
+        return None
+    return BlockTokens(masks[0], masks[1], ql, kl)
+
+
+def iter_array_blocks(
+    arr: Any, *, max_bytes: int
+) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
+    """``(dense (n, H, T, S) block, (n, T, S) real cells or None)`` of one array (sparse
+    arrays densified; cells only for ragged archives)."""
+    ragged = bool(getattr(arr.archive, "ragged", False))
+    qs, ks = KIND_AXES[(arr.stack, arr.kind)]
     for sl in sample_slices(arr, max_bytes):
         b = read_block(arr, sl)
         if isinstance(b, tuple):
-            yield densify_topk(*b, arr.shape[-1], causal=detect_causal(arr))
-        else:
-            yield b
+            b = densify_topk(*b, arr.shape[-1], causal=detect_causal(arr))
+        cells = None
+        if ragged:
+            qm, km = arr.archive.masks(qs, sl), arr.archive.masks(ks, sl)
+            cells = qm[:, :, None] & km[:, None, :]
+        yield b, cells
 
 
 def detect_causal(arr: Any) -> bool:

@@ -359,6 +359,7 @@ def _js_into(
     out: np.ndarray,
     pair: np.ndarray | None = None,
     logs: np.ndarray | None = None,
+    rows: np.ndarray | None = None,
 ) -> None:
     """Fill ``out`` ``(n, H, H)`` with the JS divergences of ``x`` ``(n, H, T, S)`` float32.
 
@@ -366,7 +367,8 @@ def _js_into(
     = -(1/2) sum s log s + (log 2 / 2) (sum a + sum b)``, so each pair costs one add,
     one ``log`` and one dot product; all pairs ``(a, b > a)`` of one ``a`` go at once.
     ``pair`` / ``logs`` are optional float32 scratch buffers of at least
-    ``(n, H - 1, T, S)`` elements.
+    ``(n, H - 1, T, S)`` elements. ``rows`` ``(n, T)`` bool: average over these query rows
+    only (the real rows of padded samples).
     """
     n, h, t, s = x.shape
     if h < 2:
@@ -388,7 +390,11 @@ def _js_into(
         slogs = np.vecdot(p, lg)  # (n, m, T)
         h_mix = _HALF_LN2 * (rowsum[:, a : a + 1] + rowsum[:, a + 1 :]) - half * slogs
         js = h_mix - half * (entropy[:, a : a + 1] + entropy[:, a + 1 :])
-        val = np.maximum(js, 0).mean(axis=-1)  # (n, m)
+        if rows is None:
+            val = np.maximum(js, 0).mean(axis=-1)  # (n, m)
+        else:
+            val = np.vecdot(np.maximum(js, 0), rows[:, None, :].astype(np.float32))
+            val /= np.maximum(rows.sum(axis=-1), 1)[:, None]
         out[:, a, a + 1 :] = val
         out[:, a + 1 :, a] = val
 

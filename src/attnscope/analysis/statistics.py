@@ -63,8 +63,11 @@ def statistics_entry(layer: int, kind: str, acc: StatsAccumulator, shape: Iterab
     }
 
 
-def _accumulate(x: np.ndarray, acc: StatsAccumulator) -> None:
+def _accumulate(x: np.ndarray, acc: StatsAccumulator, cells: np.ndarray | None = None) -> None:
+    """Add a block; ``cells`` ``(n, T, S)`` bool keeps only real (query, key) cells."""
     xf = M.as_float32(x)
+    if cells is not None:
+        xf = xf.transpose(0, 2, 3, 1)[cells]  # (real cells, H)
     if xf.size == 0:
         return
     flat = xf.reshape(-1, xf.shape[-1])
@@ -98,8 +101,8 @@ def _entries_from_archive(archive: Any, *, max_bytes: int = 64 << 20) -> dict[st
         for name in a.arrays():
             arr = a[name]
             acc = StatsAccumulator()
-            for x in iter_array_blocks(arr, max_bytes=max_bytes):
-                _accumulate(x, acc)
+            for x, cells in iter_array_blocks(arr, max_bytes=max_bytes):
+                _accumulate(x, acc, cells)
             accs[name] = (acc, arr)
         return entries_from_accumulators(accs)
 

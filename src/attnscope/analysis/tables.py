@@ -95,9 +95,16 @@ class TableWriter:
 
     def write(self, spec: ArraySpec, result: dict[str, Any]) -> None:
         for name, cols in result["tables"].items():
-            self._writer(name).write_table(self._to_table(name, spec, cols))
+            labels = result.get("labels") or (spec.q_labels, spec.k_labels)
+            self._writer(name).write_table(self._to_table(name, spec, cols, labels))
 
-    def _to_table(self, name: str, spec: ArraySpec, cols: dict[str, np.ndarray]) -> pa.Table:
+    def _to_table(
+        self,
+        name: str,
+        spec: ArraySpec,
+        cols: dict[str, np.ndarray],
+        labels: tuple[tuple[str, ...], tuple[str, ...]],
+    ) -> pa.Table:
         schema = self._schemas[name]
         n = len(cols["sample"])
         data: dict[str, pa.Array] = {
@@ -107,21 +114,19 @@ class TableWriter:
             "kind": _const(spec.kind, n, pa.string()),
         }
         for key, arr in cols.items():
-            if key in ("query_segment", "key_segment"):
+            if key in ("query_segment", "key_segment") or key.startswith("_"):
                 continue
             data[key] = pa.array(arr)
         if name == "head_stats":
-            data["n_queries"] = pa.array(np.full(n, spec.n_queries, dtype=np.int32))
-            data["n_keys"] = pa.array(np.full(n, spec.n_keys, dtype=np.int32))
             data["causal"] = pa.array(np.full(n, spec.causal, dtype=bool))
         elif name == "row_stats":
             q = cols["query"]
-            data["query_label"] = _lookup(q, spec.q_labels)
+            data["query_label"] = _lookup(cols["_qlab"], labels[0])
             data["query_segment"] = _lookup(np.asarray(spec.q_seg_ids)[q], spec.q_seg_names)
         elif name == "top_pairs":
             q, k = cols["query"], cols["key"]
-            data["query_label"] = _lookup(q, spec.q_labels)
-            data["key_label"] = _lookup(k, spec.k_labels)
+            data["query_label"] = _lookup(cols["_qlab"], labels[0])
+            data["key_label"] = _lookup(cols["_klab"], labels[1])
             data["query_segment"] = _lookup(np.asarray(spec.q_seg_ids)[q], spec.q_seg_names)
             data["key_segment"] = _lookup(np.asarray(spec.k_seg_ids)[k], spec.k_seg_names)
         elif name == "segment_mass":

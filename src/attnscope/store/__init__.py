@@ -14,7 +14,7 @@ Modules, one job each: ``names`` (array names), ``codecs`` (dtype encodings),
 from attnscope.store._base import choose_chunks
 from attnscope.store.codecs import as_numpy
 from attnscope.store.layout import Segment, SideLayout, TokenLayout
-from attnscope.store.meta import SCHEMA_VERSION, archive_format
+from attnscope.store.meta import SCHEMA_VERSION, archive_format, holds_no_data
 from attnscope.store.names import array_name, flatten_weights, parse_array_name
 from attnscope.store.reader import AttentionArchive, AttentionArray, open_archive
 from attnscope.store.spec import ArchiveSpec, batch_chunk_samples
@@ -40,6 +40,7 @@ __all__ = [
     "parse_array_name",
     "choose_chunks",
     "archive_format",
+    "holds_no_data",
     "flatten_weights",
     "as_numpy",
 ]

@@ -45,17 +45,22 @@ class BatchRules:
         first_sample: int,
         complete: bool,
         range_writer: bool,
+        rows: Mapping[str, np.ndarray] | None = None,
     ) -> tuple[Prepared, int]:
         """Check and encode a flat batch; return ``(prepared, batch size)``.
 
         ``known``: (H, T, S) of the arrays the archive holds. ``complete``: every batch
         must carry exactly those arrays (a missing one would read back as zeros).
         ``range_writer``: a sample-range writer, which cannot create arrays.
+        ``rows``: name -> ``(B, T)`` bool real query rows (ragged archives); only those
+        are checked for row sums, and padded rows of sparse arrays keep no residual.
         """
         bsz = None
         prepared: Prepared = {}
         for name in sorted(items, key=sort_key):
-            parts, b = self._prepare_one(name, items[name], known, first_sample)
+            parts, b = self._prepare_one(
+                name, items[name], known, first_sample, (rows or {}).get(name)
+            )
             if bsz is None:
                 bsz = b
             elif b != bsz:
@@ -78,7 +83,12 @@ class BatchRules:
         return prepared, bsz
 
     def _prepare_one(
-        self, name: str, w: Any, known: Mapping[str, tuple[int, int, int]], first: int
+        self,
+        name: str,
+        w: Any,
+        known: Mapping[str, tuple[int, int, int]],
+        first: int,
+        rows: np.ndarray | None = None,
     ) -> tuple[dict[str, Any], int]:
         stack, _layer, kind = parse_array_name(name)
         if isinstance(w, Mapping):
@@ -112,20 +122,21 @@ class BatchRules:
         tol = (1e-2 if half else 1e-3) if self.tolerance is None else self.tolerance
         if dense is not None:
             if self.validate:
-                check_weights(name, dense, tol, first_sample=first)
+                check_weights(name, dense, tol, first_sample=first, rows=rows)
             if self.sparse:
                 vals, idx = self._topk(name, dense, s)
         else:
             self._check_topk(name, vals, idx, s)
             if self.validate:
-                check_weights(name, vals, tol, first_sample=first, rows_le_one=True)
+                check_weights(name, vals, tol, first_sample=first, rows_le_one=True, rows=rows)
         parts: dict[str, Any] = {"_hts": (h, t, s)}
         if self.sparse:
             parts["values"] = encode(vals, self.dtype)
             parts["indices"] = idx.astype(np.int16 if s < 32768 else np.int32)
-            parts["residual"] = np.clip(1.0 - vals.sum(axis=-1, dtype=np.float64), 0, None).astype(
-                np.float32
-            )
+            res = np.clip(1.0 - vals.sum(axis=-1, dtype=np.float64), 0, None).astype(np.float32)
+            if rows is not None:
+                res *= rows[:, None, :]  # a padded row holds no mass at all
+            parts["residual"] = res
         else:
             parts[""] = encode(dense, self.dtype)
         return parts, b

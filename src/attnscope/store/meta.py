@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from attnscope.contracts import COMPRESSORS, DTYPES, FORMATS
+from attnscope.contracts import COMPRESSORS, DTYPES, FORMATS, MAX_LENGTHS, STACKS
 from attnscope.errors import (
     ArchiveCorruptError,
     ArchiveNotFoundError,
@@ -41,9 +41,13 @@ __all__ = [
     "check_meta",
     "committed_prefix",
     "damage_is_corruption",
+    "holds_no_data",
+    "no_data_message",
 ]
 
-SCHEMA_VERSION = 1
+#: newest schema this attnscope reads and writes: 2 = ragged (per-sample masks, max_lengths);
+#: archives without max_lengths are still written as 1 (an older reader reads them right)
+SCHEMA_VERSION = 2
 FORMAT_NAME = "attnscope-archive"
 #: commit record id of the whole-archive writer
 MAIN = "main"
@@ -128,9 +132,11 @@ def root_meta(spec: ArchiveSpec, layout: TokenLayout, fmt: str) -> dict[str, Any
     if not isinstance(layout, TokenLayout):
         raise InputError(f"layout must be a TokenLayout, got {type(layout).__name__}")
     tol = None if spec.tolerance is None else check_tolerance(spec.tolerance)
+    max_lengths = _max_lengths(spec.max_lengths, layout)
     return {
         "format": FORMAT_NAME,
-        "schema_version": SCHEMA_VERSION,
+        "schema_version": 1 if max_lengths is None else 2,
+        MAX_LENGTHS: max_lengths,
         "layout": layout.to_json(),
         "dtype": spec.dtype,
         "storage_dtype": str(storage_dtype(spec.dtype)),
@@ -151,6 +157,34 @@ def root_meta(spec: ArchiveSpec, layout: TokenLayout, fmt: str) -> dict[str, Any
             spec.seed, _json_ok(spec.tags, "tags"), "h5py" if fmt == "hdf5" else "zarr"
         ),
     }
+
+
+def _max_lengths(given: Any, layout: TokenLayout) -> dict[str, int] | None:
+    """Checked ``max_lengths``: sides of the layout, each equal to that side's length."""
+    if given is None:
+        return None
+    if not isinstance(given, Mapping) or not given:
+        raise ConfigError(
+            f"max_lengths must be a non-empty mapping side -> tokens, e.g. {{'encoder': 128}}; "
+            f"got {given!r}"
+        )
+    out = {}
+    for side, n in given.items():
+        if side not in STACKS:
+            raise ConfigError(f"max_lengths: unknown side {side!r}; expected one of {STACKS}")
+        lay = getattr(layout, side)
+        if lay is None:
+            raise ConfigError(f"max_lengths[{side!r}] given but the layout has no {side} side")
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or int(n) < 1:
+            raise ConfigError(f"max_lengths[{side!r}] must be an int >= 1, got {n!r}")
+        if int(n) != lay.length:
+            raise ConfigError(
+                f"max_lengths[{side!r}] is {int(n)} but the {side} layout has {lay.length} "
+                f"tokens; build the layout for the maximum, e.g. "
+                f"SideLayout.from_lengths({{'text': {int(n)}}})"
+            )
+        out[side] = int(n)
+    return out
 
 
 def archive_format(path: str | os.PathLike, format: str | None = None) -> str:
@@ -176,8 +210,33 @@ def open_backend(path: str, fmt: str, mode: str) -> Backend:
     return ZarrBackend(path, mode)
 
 
+def holds_no_data(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is what a writer stopped before its first commit leaves behind.
+
+    A directory holding nothing but the writer lock folder (or nothing at all), or a
+    missing file beside its sidecar lock folder (HDF5, zip): an empty archive.
+    """
+    from attnscope.store._lock import LOCK_DIR_NAME
+
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        return set(os.listdir(path)) <= {LOCK_DIR_NAME}
+    return not os.path.exists(path) and os.path.isdir(path + LOCK_DIR_NAME)
+
+
+def no_data_message(path: str | os.PathLike) -> str:
+    """What :func:`holds_no_data` means, for users: one line."""
+    return (
+        f"{os.fspath(path)!r} holds no committed data: only the lock folder of a writer that "
+        "stopped before its first commit (e.g. a capture killed while loading the model); "
+        "re-run capture (create and --overwrite accept this folder)"
+    )
+
+
 def sniff_format(path: str) -> str:
     """``"zarr"`` or ``"hdf5"`` for an existing archive, from what is on disk."""
+    if holds_no_data(path):
+        raise ArchiveNotFoundError(no_data_message(path))
     if not os.path.exists(path):
         raise ArchiveNotFoundError(f"no archive at {path!r}")
     if os.path.isdir(path):
@@ -231,9 +290,14 @@ def check_meta(meta: dict[str, Any], path: str) -> TokenLayout:
     if not isinstance(arrays, list) or not all(isinstance(a, str) for a in arrays):
         raise ArchiveCorruptError(f"{path!r}: root metadata 'arrays' is not a list of names")
     try:
-        return TokenLayout.from_json(meta["layout"])
+        layout = TokenLayout.from_json(meta["layout"])
+        if ver >= 2:
+            _max_lengths(meta.get(MAX_LENGTHS), layout)
     except Exception as e:  # noqa: BLE001 - any malformed layout is corruption
-        raise ArchiveCorruptError(f"{path!r}: token layout in root metadata is invalid: {e}") from e
+        raise ArchiveCorruptError(
+            f"{path!r}: token layout / max_lengths in root metadata is invalid: {e}"
+        ) from e
+    return layout
 
 
 def committed_prefix(commits: Mapping[str, tuple[int, int, int]]) -> int:

@@ -16,10 +16,22 @@ from typing import Any
 
 import numpy as np
 
-from attnscope.contracts import DIMS, FORMATS, SAMPLE_IDS, STACKS
+from attnscope.contracts import (
+    DIMS,
+    FORMATS,
+    KIND_AXES,
+    MAX_LENGTHS,
+    SAMPLE_IDS,
+    STACKS,
+    TOKEN_IDS,
+    TOKEN_LABEL_SPANS,
+    TOKEN_LABELS,
+    TOKEN_MASK,
+)
 from attnscope.errors import ArchiveCorruptError, ConfigError, InputError, SelectionError
 from attnscope.store._base import ArrayHandle, MiB
 from attnscope.store.codecs import decode, read_dtype
+from attnscope.store.layout import SideLayout, TokenLayout
 from attnscope.store.meta import (
     check_meta,
     committed_prefix,
@@ -28,6 +40,7 @@ from attnscope.store.meta import (
     sniff_format,
 )
 from attnscope.store.names import array_name, parse_array_name, stored_names
+from attnscope.store.tokens import decode_labels, side_path
 
 __all__ = ["AttentionArchive", "AttentionArray", "open_archive"]
 
@@ -221,6 +234,14 @@ class AttentionArray:
             sl = slice(a, min(n, a + step))
             yield sl, self[sl]
 
+    def valid(self, sample: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(query mask (T,), key mask (S,))`` bool of one sample: True = real token.
+
+        All True in archives without masks (every token real).
+        """
+        qs, ks = KIND_AXES[(self.stack, self.kind)]
+        return self.archive.masks(qs, int(sample)), self.archive.masks(ks, int(sample))
+
     def topk_arrays(
         self, sample_slice: slice = slice(None)
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -255,6 +276,7 @@ class AttentionArchive:
                 self._backend.close()
                 raise
         self._cache: dict[str, AttentionArray] = {}
+        self._side_handles: dict[str, ArrayHandle | None] = {}
         self._borrowed = False
 
     def _borrow(self) -> AttentionArchive:
@@ -367,6 +389,128 @@ class AttentionArchive:
                 h = self._backend.get_array(f"{SAMPLE_IDS}/{key}")
                 n = min(self.n_samples, h.shape[0])
                 out[key] = checked_read(self, h, (slice(0, n),))
+        return out
+
+    # -- per-sample tokens (schema 2 masks; ids and labels in any archive) -----------------
+    @property
+    def ragged(self) -> bool:
+        """Whether batches may be shorter than the layout (per-sample masks stored)."""
+        return bool(self._root.get(MAX_LENGTHS))
+
+    def _side_handle(self, side: str, part: str, rid: str | None = None) -> ArrayHandle | None:
+        path = side_path(side, part, rid)
+        if path not in self._side_handles:
+            with damage_is_corruption(self.path):
+                has = self._backend.has(path)
+                self._side_handles[path] = self._backend.get_array(path) if has else None
+        return self._side_handles[path]
+
+    def _side_rows(self, side: str, part: str, box: slice) -> np.ndarray | None:
+        """Committed rows ``box`` of a per-sample side array; None when not stored."""
+        h = self._side_handle(side, part)
+        if h is None:
+            return None
+        if h.shape[0] < min(box.stop, self.n_samples):
+            raise ArchiveCorruptError(
+                f"{self.path!r}: {h.name} holds {h.shape[0]} samples but {self.n_samples} are "
+                "committed; the archive is damaged"
+            )
+        return checked_read(self, h, (box, *(slice(0, d) for d in h.shape[1:])))
+
+    def masks(self, side: str, samples: int | slice = slice(None)) -> np.ndarray:
+        """Real-token masks of one side: ``(n, L)`` bool for a slice, ``(L,)`` for an int.
+
+        Archives without masks (schema 1, or not ragged) report every token real.
+        """
+        length = self.layout.side(side).length
+        (box,), post = _norm_index(samples, (self.n_samples,))
+        got = self._side_rows(side, TOKEN_MASK, box)
+        if got is None:
+            if self.ragged and box.stop > box.start:
+                raise ArchiveCorruptError(
+                    f"{self.path!r}: ragged archive without {side_path(side, TOKEN_MASK)}; "
+                    "the archive is damaged"
+                )
+            got = np.ones((box.stop - box.start, length), dtype=bool)
+        return got.astype(bool, copy=False)[post]
+
+    def lengths(self, side: str) -> np.ndarray:
+        """``(N,)`` int64 number of real tokens of each sample on one side."""
+        step = 1 << 16
+        parts = [
+            self.masks(side, slice(a, a + step)).sum(axis=1, dtype=np.int64)
+            for a in range(0, self.n_samples, step)
+        ]
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+    def _writer_of(self, i: int) -> str:
+        for rid, (start, _stop, c) in sorted(self._commits.items()):
+            if start <= i < start + c:
+                return rid
+        raise ArchiveCorruptError(f"{self.path!r}: no commit record covers sample {i}")
+
+    def labels(self, side: str, samples: slice = slice(None)) -> list[list[str]] | None:
+        """Each sample's token labels on one side (padded with ``""`` to the side's
+        length); None when the archive stores no labels for that side."""
+        length = self.layout.side(side).length
+        (box,), post = _norm_index(samples, (self.n_samples,))
+        spans = self._side_rows(side, TOKEN_LABEL_SPANS, box)
+        if spans is None:
+            return None
+        out: list[list[str]] = [[] for _ in range(len(spans))]
+        by_writer: dict[str, list[int]] = {}
+        for j in range(len(spans)):
+            by_writer.setdefault(self._writer_of(box.start + j), []).append(j)
+        for rid, js in by_writer.items():
+            h = self._side_handle(side, TOKEN_LABELS, rid)
+            lo, hi = int(spans[js, 0].min()), int(spans[js, 1].max())
+            if h is None or not 0 <= lo <= hi <= h.shape[0]:
+                raise ArchiveCorruptError(
+                    f"{self.path!r}: labels of {side} samples point outside "
+                    f"{side_path(side, TOKEN_LABELS, rid)}; the archive is damaged"
+                )
+            blob = checked_read(self, h, (slice(lo, hi),)).tobytes() if hi > lo else b""
+            for j in js:
+                a, b = int(spans[j, 0]) - lo, int(spans[j, 1]) - lo
+                where = f"{self.path!r}: {side} sample {box.start + j}"
+                out[j] = decode_labels(blob[a:b], length, where)
+        return out[post[0]]
+
+    def tokens(self, side: str, sample: int) -> tuple[list[str] | None, np.ndarray | None]:
+        """``(labels, ids)`` of one sample on one side (``(L,)``, padded with ``""`` / -1
+        where the writer padded the batch); each None when not stored."""
+        (box,), _post = _norm_index(int(sample), (self.n_samples,))
+        labels = self.labels(side, box)
+        ids = self._side_rows(side, TOKEN_IDS, box)
+        return (
+            None if labels is None else labels[0],
+            None if ids is None else ids[0].astype(np.int64, copy=False),
+        )
+
+    def sample_layout(self, sample: int) -> TokenLayout:
+        """The archive's layout with one sample's own token labels where they were stored."""
+        sides: dict[str, SideLayout | None] = {}
+        for side in STACKS:
+            lay = getattr(self.layout, side)
+            labels = None if lay is None else self.tokens(side, sample)[0]
+            sides[side] = lay if labels is None else SideLayout(lay.segments, tuple(labels))
+        return TokenLayout(**sides)
+
+    def token_fields(self) -> dict[str, list[str]]:
+        """side -> per-sample token data stored (``mask``, ``ids``, ``labels``)."""
+        out = {}
+        for side in STACKS:
+            got = [
+                name
+                for name, part in (
+                    (TOKEN_MASK, TOKEN_MASK),
+                    (TOKEN_IDS, TOKEN_IDS),
+                    (TOKEN_LABELS, TOKEN_LABEL_SPANS),
+                )
+                if self._side_handle(side, part) is not None
+            ]
+            if got:
+                out[side] = got
         return out
 
     # -- out of core --------------------------------------------------------------------

@@ -88,12 +88,19 @@ def row_sums(w: np.ndarray) -> np.ndarray:
 
 
 def check_weights(
-    name: str, w: np.ndarray, tol: float, *, first_sample: int = 0, rows_le_one: bool = False
+    name: str,
+    w: np.ndarray,
+    tol: float,
+    *,
+    first_sample: int = 0,
+    rows_le_one: bool = False,
+    rows: np.ndarray | None = None,
 ) -> None:
     """Raise :class:`ValidationError` naming the first bad row of ``w`` ``(B, H, T, S)``.
 
     Rows must be finite, >= 0 and sum to 1 within ``tol`` (``<= 1 + tol`` when
     ``rows_le_one``: kept top-k weights). ``first_sample`` numbers the batch's samples.
+    ``rows``: ``(B, T)`` bool, the real query rows; padded rows (all zeros) are not summed.
     """
 
     def where(mask: np.ndarray) -> str:
@@ -117,6 +124,8 @@ def check_weights(
             )
     sums = row_sums(w)
     off = (sums > 1 + tol) if rows_le_one else (np.abs(sums - 1) > tol)
+    if rows is not None:
+        off &= rows[:, None, :]
     if off.any():
         i = tuple(np.argwhere(off)[0])
         raise ValidationError(

@@ -11,6 +11,7 @@ import numpy as np
 from attnscope.contracts import KIND_AXES
 from attnscope.errors import ArchiveCorruptError, AttnscopeError
 from attnscope.store._base import MiB
+from attnscope.store.meta import holds_no_data, no_data_message
 from attnscope.store.reader import AttentionArchive, open_archive
 from attnscope.store.validation import check_tolerance
 
@@ -105,6 +106,8 @@ def verify(
     """
     tol = check_tolerance(tolerance)
     path = os.fspath(path)
+    if holds_no_data(path):
+        return VerifyReport(path=path, ok=True, notes=[no_data_message(path)])
     with open_archive(path) as a:
         rep = VerifyReport(path=path, ok=True, n_samples=a.n_samples)
         _check(a, rep, tol, check_data, max_bytes)
@@ -145,9 +148,36 @@ def _check(
         torn = _check_chunks(arr, n, p)
         if check_data and not torn and n:
             _check_data(name, arr, rep, tol, rows_checked, max_bytes)
+    _check_tokens(a, rep)
     for key, v in _safe_ids(a, rep).items():
         if v.shape[0] < n:
             p.append(f"sample_ids[{key!r}]: {v.shape[0]} entries for {n} committed samples")
+
+
+def _check_tokens(a: AttentionArchive, rep: VerifyReport) -> None:
+    """Masks (every sample has a real token), ids and labels of each side decode."""
+    for side in ("encoder", "decoder"):
+        if getattr(a.layout, side) is None:
+            continue
+        try:
+            if a.ragged:
+                empty = np.flatnonzero(a.lengths(side) == 0)
+                if len(empty):
+                    rep.problems.append(f"{side} mask: sample {int(empty[0])} has no real token")
+            step = 4096
+            for a0 in range(0, a.n_samples, step):
+                a.labels(side, slice(a0, a0 + step))
+                a._side_rows(side, "ids", slice(a0, min(a.n_samples, a0 + step)))
+        except Exception as e:  # noqa: BLE001 - unreadable token data is damage
+            rep.problems.append(f"{side} tokens unreadable ({type(e).__name__}: {_line(e)})")
+
+
+def _real_rows(arr: Any, sl: slice) -> np.ndarray | None:
+    """``(n, T)`` bool real query rows of samples ``sl`` (None: every row is real)."""
+    if not arr.archive.ragged:
+        return None
+    qs, _ks = KIND_AXES[(arr.stack, arr.kind)]
+    return arr.archive.masks(qs, sl)
 
 
 def _check_shape(a: AttentionArchive, name: str, arr: Any, p: list[str]) -> None:
@@ -219,7 +249,11 @@ def _check_data(
                     return
                 if rows:
                     tot = v.sum(-1) + r
-                    bad = np.argwhere(np.abs(tot - 1) > tol)
+                    off = np.abs(tot - 1) > tol
+                    real = _real_rows(arr, slice(a0, a0 + len(v)))
+                    if real is not None:
+                        off &= real[:, None, :]
+                    bad = np.argwhere(off)
                     if len(bad):
                         s_, h_, t_ = (int(x) for x in bad[0])
                         rep.problems.append(
@@ -238,6 +272,9 @@ def _check_data(
             elif rows:
                 sums = block.sum(axis=-1, dtype=np.float32)
                 off = np.abs(sums - 1) > tol
+                real = _real_rows(arr, sl)
+                if real is not None:
+                    off &= real[:, None, :]
                 if off.any():
                     where = np.argwhere(off)[0]
                     got = float(sums[tuple(where[:3])])
@@ -265,6 +302,8 @@ def info(path: str | os.PathLike) -> dict[str, Any]:
         As :func:`open_archive`.
     """
     path = os.fspath(path)
+    if holds_no_data(path):
+        return _empty_info(path)
     with open_archive(path) as a:
         meta = a.metadata
         arrays = []
@@ -307,11 +346,41 @@ def info(path: str | os.PathLike) -> dict[str, Any]:
             "layout": layout,
             "arrays": arrays,
             "sample_ids": sorted(a.sample_ids),
+            "ragged": a.ragged,
+            "max_lengths": meta.get("max_lengths"),
+            "tokens": a.token_fields(),
             "commits": meta["commits"],
             "model_config": meta.get("model_config", {}),
             "capture": meta.get("capture", {}),
             "provenance": meta.get("provenance", {}),
         }
+
+
+def _empty_info(path: str) -> dict[str, Any]:
+    """:func:`info` of a folder a writer left before its first commit: an empty archive."""
+    return {
+        "path": path,
+        "format": None,
+        "schema_version": None,
+        "n_samples": 0,
+        "dtype": None,
+        "mode": None,
+        "topk": None,
+        "compressor": None,
+        "size_bytes": _disk_size(path),
+        "fingerprint": None,
+        "layout": {},
+        "arrays": [],
+        "sample_ids": [],
+        "ragged": False,
+        "max_lengths": None,
+        "tokens": {},
+        "commits": {},
+        "model_config": {},
+        "capture": {},
+        "provenance": {},
+        "note": no_data_message(path),
+    }
 
 
 def _mb(x: int | None) -> str:
@@ -320,6 +389,8 @@ def _mb(x: int | None) -> str:
 
 def format_info(d: dict[str, Any]) -> str:
     """Human-readable rendering of :func:`info`'s dict."""
+    if d.get("note"):
+        return f"{d['path']}: empty archive, 0 samples\n  {d['note']}"
     lines = [
         f"{d['path']}  ({d['format']}, schema v{d['schema_version']}, "
         f"{_mb(d['size_bytes'])} on disk)",
@@ -331,6 +402,10 @@ def format_info(d: dict[str, Any]) -> str:
         if lay is not None:
             segs = ", ".join(f"{n}[{a}:{b}]" for n, a, b in lay["segments"])
             lines.append(f"  {side}: {lay['length']} tokens  {segs}")
+    if d.get("ragged"):
+        lines.append(f"  ragged: max_lengths {d.get('max_lengths')} (per-sample masks)")
+    for side, fields in (d.get("tokens") or {}).items():
+        lines.append(f"  {side} tokens per sample: {', '.join(fields)}")
     if d["sample_ids"]:
         lines.append(f"  sample ids: {', '.join(d['sample_ids'])}")
     lines.append(f"  arrays ({len(d['arrays'])}):")

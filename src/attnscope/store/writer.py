@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import shutil
 import warnings
@@ -25,6 +26,7 @@ from attnscope.store.meta import (
     check_meta,
     committed_prefix,
     damage_is_corruption,
+    holds_no_data,
     is_archive,
     open_backend,
     root_meta,
@@ -32,6 +34,7 @@ from attnscope.store.meta import (
 )
 from attnscope.store.names import flatten_weights, parse_array_name, sort_key, stored_names
 from attnscope.store.spec import ArchiveSpec, batch_chunk_samples
+from attnscope.store.tokens import SideRules, SideStore
 
 __all__ = ["ArchiveWriter"]
 
@@ -229,6 +232,23 @@ class ArchiveWriter:
             raise
         return self
 
+    @classmethod
+    def open_or_create(
+        cls,
+        path: str | os.PathLike,
+        layout: TokenLayout,
+        spec: ArchiveSpec | None = None,
+        **options: Any,
+    ) -> ArchiveWriter:
+        """Resume the archive at ``path`` (:meth:`open`), or :meth:`create` it when there
+        is none: nothing at ``path``, or only the lock folder of a writer that stopped
+        before its first commit (an empty archive). What ``resume`` means for capture.
+        """
+        path = os.fspath(path)
+        if os.path.exists(path) and not holds_no_data(path):
+            return cls.open(path, format=options.get("format", spec.format if spec else None))
+        return cls.create(path, layout, spec, **options)
+
     @staticmethod
     def _check_range_arg(path: str, fmt: str, inside: bool, rng: Any) -> tuple[int, int]:
         if fmt != "zarr" or not inside:
@@ -274,6 +294,7 @@ class ArchiveWriter:
         self._meta = meta
         self.layout = layout
         self._rules = BatchRules(layout, meta)
+        self._sides = SideRules(layout, meta)
         self._start = start
         self._stop = stop
         self._rid = rid
@@ -285,6 +306,9 @@ class ArchiveWriter:
         # last partly filled chunk this writer wrote; see _data_writes().
         self._tails: dict[tuple[str, str], tuple[int, np.ndarray]] = {}
         self._load_existing()
+        assert self._backend is not None
+        self._side_store = SideStore(self._backend, fmt, meta, rid)
+        self._side_store.resume(start, count)
 
     def _load_existing(self) -> None:
         b = self._backend
@@ -313,7 +337,12 @@ class ArchiveWriter:
 
     # -- append -------------------------------------------------------------------------
     def append(
-        self, weights: Mapping[str, Any], *, sample_ids: Mapping[str, Any] | None = None
+        self,
+        weights: Mapping[str, Any],
+        *,
+        sample_ids: Mapping[str, Any] | None = None,
+        masks: Mapping[str, Any] | None = None,
+        tokens: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> int:
         """Write one batch and commit it.
 
@@ -328,6 +357,16 @@ class ArchiveWriter:
             "indices": (B, H, T, k)}`` dicts of precomputed top-k.
         sample_ids
             Optional per-sample ids, e.g. ``{"episode": (B,), "step": (B,)}`` (numeric).
+        masks
+            Ragged archives (``max_lengths``): side -> ``(B, L_b)`` bool, True = real
+            token (any pattern: left or right padding), ``L_b`` this batch's length on
+            that side (``<=`` the maximum). The weights' T/S are this batch's lengths;
+            they are padded to the maximum, and every padded query row and key column is
+            stored as zeros. Default: the batch's ``L_b`` tokens are real, the rest is
+            padding.
+        tokens
+            side -> ``{"labels": B lists of L_b str, "ids": (B, L_b) int}`` (either key
+            optional), stored per sample; every batch must carry the same fields.
 
         Returns
         -------
@@ -339,13 +378,16 @@ class ArchiveWriter:
         items = flatten_weights(weights)
         if not items:
             raise ShapeError("append() got no attention arrays (all entries None or empty dict)")
+        side = self._sides.prepare(items, masks, tokens, committed=self._count)
+        self._side_store.check(side, self._count)
         later = bool(self._count or self._start)
         prepared, bsz = self._rules.prepare(
-            items,
+            side.items,
             {n: (x.h, x.t, x.s) for n, x in self._nodes.items()},
             first_sample=self._start + self._count,
             complete=later,
             range_writer=self._stop is not None,
+            rows=side.rows,
         )
         ids = BatchRules.prepare_ids(sample_ids, bsz, self._id_keys, later=later)
         # Everything is validated; from here on only writes happen.
@@ -361,6 +403,8 @@ class ArchiveWriter:
         # concurrently, HDF5 in one pass); the commit record follows only after it returned.
         writes, tails = self._data_writes(prepared, pos, end)
         writes += self._id_writes(ids, pos, end)
+        hint = math.gcd(*(h.chunks[0] for x in self._nodes.values() for h in x.handles.values()))
+        writes += self._side_store.writes(side, pos, end, hint or 1)
         b = self._backend
         assert b is not None
         try:
