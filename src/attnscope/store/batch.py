@@ -186,6 +186,8 @@ class BatchRules:
                 raise ShapeError(
                     f"{name}: got (B, H, T, S) = (*, {h}, {t}, {s}), but the archive holds "
                     f"(*, {kh}, {kt}, {ks})"
+                    + ("" if (kt, ks) == (t, s) else "; batches of other lengths need an archive "
+                       "created with max_lengths (padded per sample)")
                 )
             return
         stack, _layer, kind = parse_array_name(name)
