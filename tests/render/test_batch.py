@@ -123,3 +123,23 @@ def test_batch_selection_without_figures_is_an_error(rng, tmp_path):
     with pytest.raises(SelectionError, match=r"the selection gives no figures: what=\['flow'\]"):
         render_archive(enc_only, tmp_path / "o", what=["flow"], progress=False)
     assert not (tmp_path / "o").exists()
+
+
+def test_reused_figures_do_not_depend_on_what_was_drawn_before(small_archive, tmp_path):
+    """Figures painted on a shared template equal the same figure rendered alone."""
+    kw = dict(what=["heatmap", "grid", "flow"], progress=False)
+    many = render_archive(small_archive, tmp_path / "many", heads=[None, 0, 3],
+                          samples=[0, 1], **kw)
+    alone = render_archive(small_archive, tmp_path / "alone", heads=[3], samples=[1],
+                           layers=[1], **kw)
+    root_many, root_alone = tmp_path / "many", tmp_path / "alone"
+    assert len(alone) >= 3 and len(many) > 4 * len(alone)
+    for p in alone:
+        assert p.read_bytes() == (root_many / p.relative_to(root_alone)).read_bytes(), p
+
+
+def test_reused_figure_shows_its_own_data(small_archive, tmp_path):
+    """Two heads painted on one template give different pictures (the data is updated)."""
+    paths = render_archive(small_archive, tmp_path, layers=[0], stacks=["encoder"],
+                           heads=[0, 1], what=["heatmap"], progress=False)
+    assert len(paths) == 2 and paths[0].read_bytes() != paths[1].read_bytes()

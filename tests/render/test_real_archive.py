@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from attnscope import AttentionVisualizer
-from attnscope.render import plot_heatmap, render_archive
+from attnscope.render import batch, plot_heatmap, render_archive
 
 
 def test_heatmap_from_archive_selection(real_archive, guide_weights):
@@ -84,7 +84,7 @@ def test_archive_selection_brings_its_modality_axes(tmp_path) -> None:
         assert 2.5 in xs
 
 
-def test_parallel_rendering_writes_identical_files(tmp_path) -> None:
+def test_parallel_rendering_writes_identical_files(tmp_path, monkeypatch) -> None:
     from attnscope.store import ArchiveWriter, SideLayout, TokenLayout
 
     rng = np.random.default_rng(1)
@@ -108,6 +108,7 @@ def test_parallel_rendering_writes_identical_files(tmp_path) -> None:
                 * 2,
             }
         )
+    monkeypatch.setattr(batch, "MIN_PARALLEL_FIGURES", 8)  # parallel even for a few figures
     one = render_archive(
         path, tmp_path / "one", what=["heatmap", "grid"], heads=[None, 1], progress=False, workers=1
     )

@@ -28,6 +28,7 @@ from attnscope.store import as_numpy as _store_numpy
 from attnscope.store.layout import SideLayout, TokenLayout
 
 __all__ = [
+    "MAX_PANEL_TICK_LABELS",
     "MAX_PIXELS",
     "MAX_TICK_LABELS",
     "PreparedMatrix",
@@ -44,6 +45,10 @@ __all__ = [
 MAX_PIXELS = 1024
 #: Largest number of tokens on an axis for which every token gets its own tick label.
 MAX_TICK_LABELS = 40
+#: The same for the small panels of multi-panel figures (head grids, layer comparisons):
+#: beyond it they show segment names, which read better at that size and cost far less
+#: text layout than a label per token on every panel.
+MAX_PANEL_TICK_LABELS = 16
 
 
 def as_numpy(x: Any) -> np.ndarray:
@@ -263,11 +268,13 @@ def prepare_matrix(
     log: bool = False,
     reduce: str = "max",
     max_pixels: int = MAX_PIXELS,
+    max_labels: int = MAX_TICK_LABELS,
 ) -> PreparedMatrix:
     """Select, average and downsample one matrix, and work out its axis decoration.
 
     ``attn`` is any attention input (a ``(T, S)`` matrix included). An archive selection
-    without explicit layouts brings its own (modality-aware axes).
+    without explicit layouts brings its own (modality-aware axes). Axes of at most
+    ``max_labels`` tokens get a tick label per token, longer ones segment names.
     """
     if query_layout is None and key_layout is None:
         query_layout, key_layout = array_layouts(attn)
@@ -283,8 +290,8 @@ def prepare_matrix(
         n_cols=s,
         row_factor=fr,
         col_factor=fc,
-        rows=AxisSpec.build(t, query_layout),
-        cols=AxisSpec.build(s, key_layout),
+        rows=AxisSpec.build(t, query_layout, max_labels),
+        cols=AxisSpec.build(s, key_layout, max_labels),
         vmin=lo,
         vmax=hi,
         log=log,

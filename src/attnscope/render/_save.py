@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import matplotlib as mpl
+import numpy as np
 from matplotlib.figure import Figure
 
 from attnscope.contracts import FIGURE_FORMATS
 from attnscope.errors import ConfigError
 
-__all__ = ["finish", "save_figure"]
+__all__ = ["finish", "freeze_layout", "save_figure", "write_png"]
 
 _METADATA = {
     "png": {"Software": None},
@@ -40,6 +42,41 @@ def save_figure(fig: Figure, path: str | os.PathLike, *, fmt: str | None = None)
         path.parent.mkdir(parents=True, exist_ok=True)
     with mpl.rc_context({"svg.hashsalt": "attnscope", "svg.fonttype": "path"}):
         fig.savefig(path, format=fmt, dpi=DPI, metadata=_METADATA[fmt])
+    return path
+
+
+def freeze_layout(fig: Figure) -> None:
+    """Run the figure's layout engine once and keep that layout for every later draw."""
+    engine = fig.get_layout_engine()
+    if engine is not None:
+        engine.execute(fig)
+        fig.set_layout_engine("none")
+
+
+def write_png(fig: Figure, path: str | os.PathLike) -> Path:
+    """Lay out ``fig`` once, draw it once at :data:`DPI` and write the pixels as a PNG.
+
+    ``savefig`` with a layout engine draws twice (one pass without rendering to lay out,
+    one to render) and runs the layout twice; this draws once. The file is the same
+    bytes for the same figure (PIL writes no time or software chunk). The figure's layout
+    stays frozen afterwards.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    fig.set_dpi(DPI)
+    canvas = FigureCanvasAgg(fig)
+    freeze_layout(fig)
+    canvas.draw()
+    return png_from_canvas(canvas, path)
+
+
+def png_from_canvas(canvas: Any, path: str | os.PathLike) -> Path:
+    """Write an Agg canvas's current pixels to ``path`` as a PNG."""
+    from PIL import Image
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.asarray(canvas.buffer_rgba())).save(path, format="png")
     return path
 
 

@@ -32,7 +32,8 @@ from typing import Any
 from attnscope.contracts import FIGURE_FORMATS, FIGURE_KINDS, STACKS
 from attnscope.errors import ArchiveNotFoundError, ConfigError, SelectionError
 from attnscope.render import plots, tables
-from attnscope.render._save import save_figure
+from attnscope.render._reuse import Painter
+from attnscope.render._save import save_figure, write_png
 from attnscope.store import open_archive
 
 __all__ = ["FIGURES", "WHAT", "Job", "render_archive"]
@@ -167,6 +168,7 @@ def _flow_jobs(p: _Plan) -> Iterator[Job]:
                 head_idx=hd,
                 batch_idx=s,
                 log=p.req.log,
+                title=plots.flow_title(lyr, hd, s),
                 encoder_layout=getattr(layout, "encoder", None),
                 decoder_layout=getattr(layout, "decoder", None),
             )
@@ -398,9 +400,10 @@ def render_archive(
             )
         workers = _n_workers(workers, len(jobs), arc)
         if workers > 1:
-            written = _render_parallel(str(arc.path), req, out, len(jobs), workers, progress)
+            written = _render_parallel(str(arc.path), req, out, jobs, workers, progress)
         else:
-            written = [_save(job, out) for job in _progress(jobs, progress)]
+            painter = Painter()
+            written = [_save(job, out, painter) for job in _progress(jobs, progress)]
         manifest = {
             "archive": _identity(arc),
             "format": fmt,
@@ -413,12 +416,19 @@ def render_archive(
     return written
 
 
-def _save(job: Job, out: Path) -> Path:
+def _save(job: Job, out: Path, painter: Painter) -> Path:
+    """Write one figure: painted on a reused template when it can be, else drawn afresh."""
     import matplotlib.pyplot as plt
 
+    painted = painter.paint(job.draw, job.args, job.kwargs, out / job.file)
+    if painted is not None:
+        return painted
     fig = job.figure()
+    fmt = job.file.rsplit(".", 1)[1]
     try:
-        return save_figure(fig, out / job.file, fmt=job.file.rsplit(".", 1)[1])
+        if fmt == "png":  # one layout pass and one draw instead of two of each
+            return write_png(fig, out / job.file)
+        return save_figure(fig, out / job.file, fmt=fmt)
     finally:
         plt.close(fig)
 
@@ -428,12 +438,15 @@ def _n_workers(workers: int | None, n_jobs: int, arc: Any) -> int:
         workers = os.cpu_count() or 1
     if workers < 1:
         raise ConfigError(f"workers must be >= 1 or None, got {workers}")
-    # Spawning a worker costs ~1-2 s of imports: only worth it for a handful of figures.
-    if n_jobs < 8 or getattr(arc, "path", None) is None:
+    # A worker costs ~1-2 s of imports and builds its own figure templates (_reuse.py),
+    # while a reused figure takes ~0.1 s: only large batches gain from several processes.
+    if n_jobs < MIN_PARALLEL_FIGURES or getattr(arc, "path", None) is None:
         return 1
-    return min(workers, n_jobs // 4)
+    return min(workers, n_jobs // (MIN_PARALLEL_FIGURES // 2))
 
 
+#: fewer figures than this are drawn in-process whatever ``workers`` says
+MIN_PARALLEL_FIGURES = 64
 _WORKER: dict[str, Any] = {}
 
 
@@ -444,25 +457,35 @@ def _worker_init(path: str, req: Request, out: str) -> None:
     # The worker process keeps its archive open for its whole life; it exits with the pool.
     _WORKER["jobs"] = _jobs(open_archive(path), req)
     _WORKER["out"] = Path(out)
+    _WORKER["painter"] = Painter()
 
 
 def _worker_render(i: int) -> str:
-    return str(_save(_WORKER["jobs"][i], _WORKER["out"]))
+    return str(_save(_WORKER["jobs"][i], _WORKER["out"], _WORKER["painter"]))
 
 
 def _render_parallel(
-    path: str, req: Request, out: Path, n_jobs: int, workers: int, progress: bool
+    path: str, req: Request, out: Path, jobs: list[Job], workers: int, progress: bool
 ) -> list[Path]:
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
 
+    # Figures that share a template (same kind, stack and attention kind) go to the same
+    # worker in runs, so each worker builds few templates (see _reuse.py).
+    def group(i: int) -> tuple:
+        m = jobs[i].meta
+        return tuple(str(m.get(k)) for k in ("what", "table", "stack", "kind"))
+
+    order = sorted(range(len(jobs)), key=group)
+    chunk = max(2, -(-len(jobs) // (4 * workers)))
     # spawn, not fork: the parent may hold zarr's event-loop thread or an open HDF5 file.
     ctx = mp.get_context("spawn")
     with ProcessPoolExecutor(
         workers, mp_context=ctx, initializer=_worker_init, initargs=(path, req, str(out))
     ) as pool:
-        done = pool.map(_worker_render, range(n_jobs), chunksize=2)
-        return [Path(p) for p in _progress(done, progress, total=n_jobs)]
+        done = pool.map(_worker_render, order, chunksize=chunk)
+        paths = dict(zip(order, _progress(done, progress, total=len(jobs))))
+    return [Path(paths[i]) for i in range(len(jobs))]
 
 
 def _stacks(arc: Any) -> list[str]:

@@ -30,6 +30,7 @@ from matplotlib.figure import Figure
 
 from attnscope.errors import InputError, SelectionError
 from attnscope.render._prepare import (
+    MAX_PANEL_TICK_LABELS,
     MAX_PIXELS,
     AxisSpec,
     PreparedMatrix,
@@ -71,7 +72,9 @@ def _norm(lo: float | None, hi: float | None, log: bool) -> Normalize:
     return LogNorm(lo, hi, clip=False) if log else Normalize(lo, hi)
 
 
-def _decorate_axis(ax: Axes, spec: AxisSpec, which: str, rotation: float) -> None:
+def _decorate_axis(
+    ax: Axes, spec: AxisSpec, which: str, rotation: float, ticks: bool = True
+) -> None:
     set_ticks = ax.set_xticks if which == "cols" else ax.set_yticks
     line = ax.axvline if which == "cols" else ax.axhline
     for b in spec.boundaries:
@@ -82,6 +85,9 @@ def _decorate_axis(ax: Axes, spec: AxisSpec, which: str, rotation: float) -> Non
             alpha=0.9,
             gid=BOUNDARY_GID[which],
         )
+    if not ticks:  # inner grid panels: no tick objects at all (each costs ~1 ms to lay out)
+        set_ticks([])
+        return
     rot = rotation if which == "cols" else 0
     # rotated column labels read best anchored at their right end
     align = {"ha": "right"} if which == "cols" and 0 < rot < 90 else {}
@@ -104,12 +110,15 @@ def draw_matrix(
     xlabel: str | None = "key",
     ylabel: str | None = "query",
     col_rotation: float = 90,
+    xticks: bool = True,
+    yticks: bool = True,
 ) -> Any:
     """Draw a prepared matrix onto ``ax``; return the ``AxesImage``.
 
     The one matrix drawer of the render stage (attention maps and table figures). Data
     coordinates are cell indices (``extent`` undoes any block reduction); tick labels
     are drawn as literal text (see :func:`attnscope.render._style.plain`).
+    ``xticks``/``yticks=False`` leave that axis without ticks (inner panels of a grid).
     """
     im = ax.imshow(
         prepared.data,
@@ -119,8 +128,8 @@ def draw_matrix(
         interpolation="nearest",
         extent=prepared.extent,
     )
-    _decorate_axis(ax, prepared.cols, "cols", col_rotation)
-    _decorate_axis(ax, prepared.rows, "rows", col_rotation)
+    _decorate_axis(ax, prepared.cols, "cols", col_rotation, xticks)
+    _decorate_axis(ax, prepared.rows, "rows", col_rotation, yticks)
     if xlabel:
         ax.set_xlabel(xlabel)
     if ylabel:
@@ -216,10 +225,11 @@ def plot_heatmap(
     >>> from attnscope.render import plot_heatmap
     >>> fig = plot_heatmap(np.full((1, 2, 4, 4), 0.25), head_idx=1)
     """
-    where = dict(head_idx=head_idx, batch_idx=batch_idx)
-    axes = dict(query_layout=query_layout, key_layout=key_layout)
-    scale = dict(vmin=vmin, vmax=vmax, log=log, reduce=reduce, max_pixels=max_pixels)
-    p = prepare_matrix(attention, **where, **axes, **scale)
+    (p,) = heatmap_matrices(
+        attention, head_idx=head_idx, batch_idx=batch_idx, query_layout=query_layout,
+        key_layout=key_layout, vmin=vmin, vmax=vmax, log=log, reduce=reduce,
+        max_pixels=max_pixels,
+    )
     fig = new_figure(figsize) if ax is None else ax.figure
     ax = fig.add_subplot() if ax is None else ax
     im = draw_matrix(ax, p, cmap=cmap)
@@ -260,17 +270,12 @@ def plot_head_grid(
     The figure has one Axes per head (titled ``head i``) plus one colour-bar Axes.
     Tick labels are kept on the outer panels only.
     """
-    h = n_heads(attention)
-    heads = list(range(h)) if heads is None else list(heads)
-    if not heads:
-        raise SelectionError(f"no heads selected; this attention has heads 0..{h - 1}")
+    heads = grid_heads(attention, heads)
     # vmin/vmax apply to the shared scale below, not to each head
-    where = dict(batch_idx=batch_idx, query_layout=query_layout, key_layout=key_layout)
-    prepared = [
-        prepare_matrix(attention, head_idx=i, log=log, reduce=reduce, max_pixels=max_pixels,
-                       **where)
-        for i in heads
-    ]
+    prepared = grid_matrices(
+        attention, batch_idx=batch_idx, heads=heads, query_layout=query_layout,
+        key_layout=key_layout, log=log, reduce=reduce, max_pixels=max_pixels,
+    )
     nrows, ncols = _grid_shape(len(heads), ncols)
     fig = new_figure(figsize or (3.2 * ncols + 1.2, 3.0 * nrows + 0.8))
     # Not shared axes: inner panels drop their ticks entirely (shared axes would keep
@@ -287,12 +292,10 @@ def plot_head_grid(
             norm=norm,
             xlabel="key" if r == nrows - 1 else None,
             ylabel="query" if c == 0 else None,
+            xticks=k + ncols >= len(heads),  # the last panel of its column
+            yticks=c == 0,
         )
         ax.set_title(f"head {i}", fontsize=STYLE.panel_title_size)
-        if k + ncols < len(heads):  # not the last panel of its column
-            ax.set_xticks([])
-        if c != 0:
-            ax.set_yticks([])
     fig.colorbar(im, ax=axes, shrink=0.8)
     if title is not None:
         fig.suptitle(title)
@@ -331,7 +334,7 @@ def plot_layer_comparison(
     scale = dict(vmin=vmin, vmax=vmax, log=log, reduce=reduce, max_pixels=max_pixels)
     prepared = [
         prepare_matrix(a, head_idx=head_idx, batch_idx=batch_idx, query_layout=query_layout,
-                       key_layout=key_layout, **scale)
+                       key_layout=key_layout, max_labels=MAX_PANEL_TICK_LABELS, **scale)
         for _, a in items
     ]
     nrows, ncols = _grid_shape(len(items), ncols if ncols is not None else min(len(items), 4))
@@ -396,17 +399,12 @@ def plot_attention_flow(
     ``vmin``/``vmax`` are given. Axes order in ``fig.axes``: encoder self, decoder
     self, cross, then the three colour bars.
     """
-    scale = dict(vmin=vmin, vmax=vmax, log=log, reduce=reduce, max_pixels=max_pixels)
-    enc, dec, cross = (
-        prepare_matrix(a, query_layout=q, key_layout=k, head_idx=head_idx, batch_idx=batch_idx,
-                       **scale)
-        for a, q, k in (
-            (encoder_attention, encoder_layout, encoder_layout),
-            (decoder_self_attention, decoder_layout, decoder_layout),
-            (decoder_cross_attention, decoder_layout, encoder_layout),
-        )
+    enc, dec, cross = flow_matrices(
+        encoder_attention, decoder_self_attention, decoder_cross_attention,
+        head_idx=head_idx, batch_idx=batch_idx, encoder_layout=encoder_layout,
+        decoder_layout=decoder_layout, vmin=vmin, vmax=vmax, log=log, reduce=reduce,
+        max_pixels=max_pixels,
     )
-    _check_flow(enc, dec, cross)
     s, t = enc.n_cols, dec.n_rows
     fig = new_figure(figsize)
     gs = fig.add_gridspec(2, 2, width_ratios=[s, t], height_ratios=[s, t])
@@ -430,10 +428,72 @@ def plot_attention_flow(
     fig.colorbar(ims[0], ax=ax_enc, location="right", shrink=0.8, label="encoder self")
     fig.colorbar(ims[1], ax=ax_dec, location="right", shrink=0.8, label="decoder self")
     fig.colorbar(ims[2], ax=ax_cross, location="bottom", shrink=0.8, label="cross")
-    layer = "" if layer_idx is None else f"layer {layer_idx}, "
-    fig.suptitle(
-        title
-        if title is not None
-        else f"Attention flow: {layer}{_who(head_idx)}, sample {batch_idx}"
-    )
+    fig.suptitle(title if title is not None else flow_title(layer_idx, head_idx, batch_idx))
     return finish(fig, save_path, show)
+
+
+def flow_title(layer_idx: int | None, head_idx: int | None, batch_idx: int) -> str:
+    """The default title of :func:`plot_attention_flow`."""
+    layer = "" if layer_idx is None else f"layer {layer_idx}, "
+    return f"Attention flow: {layer}{_who(head_idx)}, sample {batch_idx}"
+
+
+# --- data of each figure, shared with the figure reuse of batch rendering (_reuse.py) ----
+
+
+def heatmap_matrices(
+    attention: Any, *, head_idx: int | None = None, batch_idx: int = 0,
+    query_layout: SideLayout | None = None, key_layout: SideLayout | None = None,
+    vmin: float | None = None, vmax: float | None = None, log: bool = False,
+    reduce: str = "max", max_pixels: int = MAX_PIXELS, **_: Any,
+) -> list[PreparedMatrix]:
+    """The one matrix of :func:`plot_heatmap` (other keyword arguments are ignored)."""
+    return [
+        prepare_matrix(attention, head_idx=head_idx, batch_idx=batch_idx,
+                       query_layout=query_layout, key_layout=key_layout, vmin=vmin,
+                       vmax=vmax, log=log, reduce=reduce, max_pixels=max_pixels)
+    ]
+
+
+def grid_heads(attention: Any, heads: Sequence[int] | None) -> list[int]:
+    h = n_heads(attention)
+    heads = list(range(h)) if heads is None else list(heads)
+    if not heads:
+        raise SelectionError(f"no heads selected; this attention has heads 0..{h - 1}")
+    return heads
+
+
+def grid_matrices(
+    attention: Any, *, batch_idx: int = 0, heads: Sequence[int] | None = None,
+    query_layout: SideLayout | None = None, key_layout: SideLayout | None = None,
+    log: bool = False, reduce: str = "max", max_pixels: int = 512, **_: Any,
+) -> list[PreparedMatrix]:
+    """One matrix per panel of :func:`plot_head_grid`, each on its own colour range."""
+    return [
+        prepare_matrix(attention, head_idx=i, batch_idx=batch_idx, query_layout=query_layout,
+                       key_layout=key_layout, log=log, reduce=reduce, max_pixels=max_pixels,
+                       max_labels=MAX_PANEL_TICK_LABELS)
+        for i in grid_heads(attention, heads)
+    ]
+
+
+def flow_matrices(
+    encoder_attention: Any, decoder_self_attention: Any, decoder_cross_attention: Any, *,
+    head_idx: int | None = None, batch_idx: int = 0,
+    encoder_layout: SideLayout | None = None, decoder_layout: SideLayout | None = None,
+    vmin: float | None = None, vmax: float | None = None, log: bool = False,
+    reduce: str = "max", max_pixels: int = 512, **_: Any,
+) -> list[PreparedMatrix]:
+    """Encoder self, decoder self and cross matrices of :func:`plot_attention_flow`, checked."""
+    scale = dict(vmin=vmin, vmax=vmax, log=log, reduce=reduce, max_pixels=max_pixels)
+    out = [
+        prepare_matrix(a, query_layout=q, key_layout=k, head_idx=head_idx, batch_idx=batch_idx,
+                       **scale)
+        for a, q, k in (
+            (encoder_attention, encoder_layout, encoder_layout),
+            (decoder_self_attention, decoder_layout, decoder_layout),
+            (decoder_cross_attention, decoder_layout, encoder_layout),
+        )
+    ]
+    _check_flow(*out)
+    return out
