@@ -91,7 +91,9 @@ def capture(
     ----------
     model
         The reference ``Transformer``, an ``nn.MultiheadAttention``-based model, a Hugging
-        Face model, or a custom :class:`~attnscope.capture.adapters.Adapter`.
+        Face model (layer by layer: see ``docs/capture.md``), or a custom
+        :class:`~attnscope.capture.adapters.Adapter`. A ``torch.compile``d model is
+        captured through the module it wraps.
     batches
         Any iterable (e.g. a ``DataLoader``). Reference model: ``(enc, dec)`` pairs of
         modality dicts; HF: dicts of model inputs; MHA models: tensors / arg tuples / kwarg dicts.
@@ -114,7 +116,8 @@ def capture(
         remaining mass) instead of dense ``(T, S)`` matrices.
     validate
         Check every captured matrix on the device, in full precision and before the
-        cast: finite, non-negative, rows summing to 1 (within 1e-3). A bad batch raises
+        cast: finite, non-negative, rows summing to 1 (within 1e-3; bfloat16 models
+        2**-7, their rounding: ``recorder.row_sum_tolerance``). A bad batch raises
         :class:`~attnscope.errors.ValidationError` naming array and sample; batches
         committed before it stay in the archive.
     queue_depth
