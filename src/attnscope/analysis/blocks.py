@@ -65,11 +65,21 @@ def iter_array_blocks(
 
 
 def detect_causal(arr: Any) -> bool:
-    """Self-attention whose first sample has an all-zero upper triangle (every head)."""
+    """Self-attention with an all-zero upper triangle (every head).
+
+    Looks at the first sample, or in ragged archives at the first samples up to 16,
+    needing one with at least two real tokens: a one-token sample proves nothing.
+    """
     n, h, t, s = arr.shape
     if arr.kind != "self_attention" or n == 0 or t != s or t < 2:
         return False
-    b = read_block(arr, slice(0, 1))
+    ragged = bool(getattr(arr.archive, "ragged", False))
+    sl = slice(0, min(n, 16) if ragged else 1)
+    if ragged:
+        qs, _ks = KIND_AXES[(arr.stack, arr.kind)]
+        if not (arr.archive.masks(qs, sl).sum(axis=1) >= 2).any():
+            return False
+    b = read_block(arr, sl)
     if isinstance(b, tuple):
         x = densify_topk(b[0], b[1], None, s)
     else:

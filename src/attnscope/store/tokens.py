@@ -272,7 +272,7 @@ def _pad(name: str, w: Any, qm: np.ndarray, km: np.ndarray) -> Any:
         keep = np.take_along_axis(
             km[:, None, None, :], np.clip(i, 0, s - 1).astype(np.intp), axis=-1
         )
-        v *= (keep & qm[:, None, :, None]).astype(v.dtype)
+        np.copyto(v, 0, where=~(keep & qm[:, None, :, None]))
         return {**w, "values": v, "indices": i, "n_keys": s}
     x = as_numpy(w, name)
     if x.ndim != 4:
@@ -282,8 +282,8 @@ def _pad(name: str, w: Any, qm: np.ndarray, km: np.ndarray) -> Any:
         return x
     out = np.zeros((b, h, t, s), dtype=x.dtype)
     out[:, :, :tb, :sb] = x
-    out *= qm[:, None, :, None].astype(out.dtype)
-    out *= km[:, None, None, :].astype(out.dtype)
+    # assignment, not a product: padded rows may hold NaN (a fully masked softmax row)
+    np.copyto(out, 0, where=~(qm[:, None, :, None] & km[:, None, None, :]))
     return out
 
 
