@@ -234,10 +234,7 @@ class ArchiveWriter:
 
     @classmethod
     def open_or_create(
-        cls,
-        path: str | os.PathLike,
-        layout: TokenLayout,
-        spec: ArchiveSpec | None = None,
+        cls, path: str | os.PathLike, layout: TokenLayout, spec: ArchiveSpec | None = None,
         **options: Any,
     ) -> ArchiveWriter:
         """Resume the archive at ``path`` (:meth:`open`), or :meth:`create` it when there
