@@ -13,6 +13,12 @@ The checksum table measures what per-chunk checksums cost (Zarr: crc32c codec; H
 Fletcher32 filter): the same write and full read with them on (the default) and off.
 
     python scripts/bench_store.py --checksums-only   # just that table (~1 minute)
+
+The padding table measures what padded cells of a ragged archive (``max_lengths``) cost on
+disk: the same kind of attention written once at full length (every cell real) and once
+with per-sample lengths drawn from [L/4, L] (the writer pads and zeroes the rest).
+
+    python scripts/bench_store.py --padding-only     # just that table (~30 s)
 """
 
 from __future__ import annotations
@@ -164,14 +170,55 @@ def bench_checksums(tmp: str, data: np.ndarray, batch: int, repeats: int) -> lis
     return rows
 
 
+def bench_padding(tmp: str, rng: np.random.Generator, n: int, h: int, t: int) -> list[str]:
+    """Disk bytes per padded cell, from a full-length and a ragged archive of one kind."""
+    name = "encoder/0/self_attention"
+    lay = TokenLayout(encoder=SideLayout.from_lengths({"tok": t}))
+    lengths = rng.integers(t // 4, t + 1, size=n)
+    rows = []
+    for fmt in ("zarr", "hdf5"):
+        path = os.path.join(tmp, f"p.{'h5' if fmt == 'hdf5' else 'zarr'}")
+        with ArchiveWriter.create(path, lay, overwrite=True, validate=False) as w:
+            for _ in range(n):
+                w.append({name: attention(rng, 1, h, t)})
+        per_real = disk_size(path) / (n * h * t * t)  # stored bytes per real cell
+        with ArchiveWriter.create(
+            path, lay, overwrite=True, validate=False, max_lengths={"encoder": t}
+        ) as w:
+            for n_i in lengths:  # one sample per batch: every batch its own length
+                w.append({name: attention(rng, 1, h, int(n_i))})
+        size = disk_size(path)
+        real = int(h * np.sum(lengths.astype(np.int64) ** 2))
+        padded = n * h * t * t - real
+        cost = (size - real * per_real) / padded
+        rows.append(
+            f"| {fmt} / zstd | {100 * padded / (n * h * t * t):.0f} % | {per_real:.3f} | "
+            f"{size / 2**20:.1f} | {real * per_real / 2**20:.1f} | {cost:.4f} |"
+        )
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--dir", default=None, help="scratch directory (default: system temp)")
     ap.add_argument("--checksums-only", action="store_true", help="only the checksum table")
     ap.add_argument("--repeats", type=int, default=5, help="off/on pairs per checksum row")
+    ap.add_argument("--padding-only", action="store_true", help="only the padding table")
     args = ap.parse_args()
     rng = np.random.default_rng(0)
+    if args.padding_only:
+        n, h, t = (32, 12, 128) if args.quick else (256, 12, 128)
+        lens = f"lengths uniform in [{t // 4}, {t}]"
+        print(f"### padding: {n} samples of 12x{t}x{t} float16, {lens}\n")
+        print(
+            "| format / codec | padded cells | B / real cell (full-length archive) | "
+            "ragged MiB | MiB if padding were free | B / padded cell |"
+        )
+        print("|---|---:|---:|---:|---:|---:|")
+        with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+            print("\n".join(bench_padding(tmp, rng, n, h, t)))
+        return
     configs = [
         # (label, n, h, t, batch)
         ("medium 8x256x256", 32 if args.quick else 128, 8, 256, 16),
