@@ -5,6 +5,7 @@ Usage::
     python scripts/bench_capture.py --markdown          # full run, CPU (a few minutes on 2 cores)
     python scripts/bench_capture.py --quick             # smoke configuration, tiny models
     python scripts/bench_capture.py --device cuda       # + peak device memory per row
+    python scripts/bench_capture.py --layers --markdown # HF layer by layer vs output_attentions
 
 Workloads (``--workloads``, default all three):
 
@@ -519,7 +520,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out-dir", type=Path, default=None, help="default: a temporary folder")
     p.add_argument("--markdown", action="store_true", help="print a markdown table")
     p.add_argument("--json", type=Path, default=None, help="also write raw results here")
+    p.add_argument("--layers", action="store_true",
+                   help="HF layer-by-layer table: peak extra memory at 2/6/12 layers, "
+                        "one layer vs all")  # fmt: skip
     p.add_argument("--_row", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--_layers", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.repeats is None:
         args.repeats = 1 if args.quick else 3
@@ -531,6 +536,11 @@ def main(argv: list[str] | None = None) -> None:
         if not torch.cuda.is_available():
             p.error(f"--device {args.device}: CUDA is not available here")
 
+    if args._layers is not None:
+        from bench_capture_layers import layers_worker
+
+        layers_worker(args._layers, args.device, args.out_dir, args.repeats, args.quick)
+        return
     if args._row is not None:  # worker: one row, JSON on stdout
         name, row = args._row.split(":", 1)
         (w,) = [w for w in workloads(args) if w.name == name]
@@ -545,6 +555,16 @@ def main(argv: list[str] | None = None) -> None:
         print(msg, file=sys.stderr, flush=True)
 
     log(f"machine: {machine(args.device)}")
+    if args.layers:
+        try:
+            from bench_capture_layers import layers_bench
+
+            table_md = layers_bench(args, out_dir, __file__, render)
+            print(f"machine: {machine(args.device)}\n\n{table_md}")
+        finally:
+            if tmp:
+                shutil.rmtree(out_dir, ignore_errors=True)
+        return
     try:
         results = measure(args, out_dir, log)
     finally:
