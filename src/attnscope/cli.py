@@ -327,12 +327,18 @@ def render(archive: Path, out: Path, layers: list[int] | None, heads: list[int] 
                    "analyse into a temporary folder, removed afterwards).")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("report.html"),
               show_default=True)
-@click.option("--sample", default=0, show_default=True, help="Sample shown in the figures.")
-def report(archive: Path, tables_dir: Path | None, out: Path, sample: int) -> None:
-    """Write one self-contained HTML report (figures embedded, works from file://).
+@click.option("--sample", default=0, show_default=True, help="Sample shown when it opens.")
+@click.option("--samples", callback=_selection,
+              help="Samples embedded in the viewer, e.g. '0-3,9' (default: as many as fit "
+                   "~1.5 MB, from 0).")
+def report(archive: Path, tables_dir: Path | None, out: Path, sample: int,
+           samples: list[int] | None) -> None:
+    """Write one self-contained HTML viewer of the stored attention (works from file://).
 
-    The report draws the tables of --tables; without it, `attnscope analyze` runs first
-    into a temporary folder. Tables of another archive are refused.
+    The page embeds the attention data (float16) and draws it in the browser: pick array,
+    sample and head, hover a cell, click a query. It shows the tables of --tables; without
+    it, `attnscope analyze` runs first into a temporary folder. Tables of another archive
+    are refused.
 
     Example: attnscope report run.zarr --tables tables --out report.html
     """
@@ -350,7 +356,8 @@ def report(archive: Path, tables_dir: Path | None, out: Path, sample: int) -> No
 
             tables_dir = Path(tmp)
             analyze(archive, tables_dir, progress=False)
-        path = write_report(archive, out, tables_dir=tables_dir, sample=sample)
+        path = write_report(archive, out, tables_dir=tables_dir, sample=sample,
+                            samples=samples)
     click.echo(f"report: {path}")
 
 

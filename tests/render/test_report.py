@@ -64,16 +64,57 @@ def test_report_is_self_contained(archive, tables, tmp_path) -> None:
         "schema version",
         "image",
         "action",
-        "Entropy per layer",
+        "Normalised entropy",
         "Modality-to-modality",
-        "Top attention pairs",
+        "Top pairs",
         "encoder/0/self_attention",
         "decoder/0/cross_attention",
     ]:
         assert needle in page
-    # one map per (array, head average + each head) plus flow and table figures
-    assert page.count('class="attn"') == 3 * 3
-    assert page.count("data:image/png;base64,") > 9
+    # the data itself, not pictures of it: no PNG at all, one JSON document for the viewer
+    assert "data:image/png" not in page
+    data = viewer_data(page)
+    assert [a["name"] for a in data["arrays"]] == [
+        "encoder/0/self_attention", "decoder/0/self_attention", "decoder/0/cross_attention"]
+    assert data["samples"] == [0, 1, 2, 3]  # all of this small archive fits the budget
+
+
+def viewer_data(page: str) -> dict:
+    import json
+
+    m = re.search(r"<script type='application/json' id='attnscope-data'>(.*?)</script>", page,
+                  re.S)
+    assert m
+    return json.loads(m.group(1))
+
+
+def test_report_embeds_each_head_exactly_as_stored(archive, tables, tmp_path) -> None:
+    import base64
+
+    from attnscope.store import open_archive
+
+    page = write_report(archive, tmp_path / "r.html", tables_dir=tables).read_text()
+    data = viewer_data(page)
+    with open_archive(archive) as arc:
+        for a in data["arrays"]:
+            raw = np.frombuffer(base64.b64decode(a["data"]["1"]), dtype="<f2")
+            want = np.asarray(arc[a["name"]][1], dtype=np.float32).astype("<f2")
+            np.testing.assert_array_equal(raw.reshape(want.shape), want)
+            assert (a["t"], a["s"], a["fr"], a["fc"]) == (a["T"], a["S"], 1, 1)
+
+
+def test_report_samples_and_downsampling(archive, tables, tmp_path) -> None:
+    page = write_report(archive, tmp_path / "r.html", tables_dir=tables, samples=[3], sample=1,
+                        max_cells=4).read_text()
+    data = viewer_data(page)
+    assert data["samples"] == [1, 3] and data["initial"]["sample"] == 1
+    enc = data["arrays"][0]
+    assert (enc["T"], enc["t"], enc["fr"]) == (9, 3, 3)  # 9 tokens in blocks of 3
+    with pytest.raises(SelectionError, match="sample 7"):
+        write_report(archive, tmp_path / "x.html", tables_dir=tables, samples=[7])
+    # a budget of nothing still embeds the sample shown
+    page = write_report(archive, tmp_path / "r.html", tables_dir=tables, max_bytes=0).read_text()
+    assert viewer_data(page)["samples"] == [0]
 
 
 def test_report_bad_sample(archive, tables, tmp_path) -> None:
@@ -150,16 +191,68 @@ def test_console_check_catches_a_broken_page(tmp_path) -> None:
     assert any("boom" in m for m in console_messages(res.stderr))
 
 
+needs_chromium = pytest.mark.skipif(
+    CHROMIUM is None, reason="Debian chromium not installed (.ci/run installs it)"
+)
+
+
+def dump(out: Path, fragment: str, tmp: Path) -> str:
+    """The page's DOM after its script ran, opened at ``#fragment``; no console messages."""
+    res = _chromium(["--dump-dom"], out.as_uri() + "#" + fragment, tmp)
+    assert console_messages(res.stderr) == []
+    assert 'data-ready="1"' in res.stdout, res.stderr[-2000:]  # the viewer ran to the end
+    return res.stdout
+
+
+def hover(dom: str) -> tuple[str, float, str]:
+    m = re.search(r'<div id="hover"[^>]*data-weight="([^"]+)"[^>]*data-cell="([^"]+)"[^>]*>'
+                  r"(.*?)</div>", dom, re.S)
+    assert m, "no hover text"
+    return m.group(3), float(m.group(1)), m.group(2)
+
+
+@needs_chromium
+def test_viewer_hover_shows_the_archives_value(archive, tables, tmp_path) -> None:
+    from attnscope.store import open_archive
+
+    out = write_report(archive, tmp_path / "r.html", tables_dir=tables)
+    dom = dump(out, "array=decoder/0/cross_attention&sample=1&head=1&cell=4,7", tmp_path)
+    text, weight, cell = hover(dom)
+    with open_archive(archive) as arc:
+        want = float(np.float16(arc["decoder/0/cross_attention"][1, 1][4, 7]))
+        q_label = arc.layout.decoder.labels[4]
+        k_label = arc.layout.encoder.labels[7]
+    assert cell == "4,7" and weight == pytest.approx(want, rel=1e-6)
+    assert f'query "{q_label}" (#4)' in text and f'key "{k_label}" (#7)' in text
+    assert f"{want:.4g}" in text
+
+
+@needs_chromium
+def test_viewer_switching_head_changes_the_drawn_data(archive, tables, tmp_path) -> None:
+    out = write_report(archive, tmp_path / "r.html", tables_dir=tables)
+    doms = [dump(out, f"array=encoder/0/self_attention&sample=0&head={h}&cell=2,3", tmp_path)
+            for h in ("0", "1", "avg")]
+    drawn = [re.search(r'data-drawn="([0-9a-f]+)"', d).group(1) for d in doms]
+    assert len(set(drawn)) == 3
+    w0, w1, avg = (hover(d)[1] for d in doms)
+    assert w0 != w1 and avg == pytest.approx((w0 + w1) / 2, rel=1e-9)  # mean of the 2 heads
+
+
+@needs_chromium
+def test_viewer_click_query_shows_its_row(archive, tables, tmp_path) -> None:
+    out = write_report(archive, tmp_path / "r.html", tables_dir=tables)
+    dom = dump(out, "array=decoder/0/self_attention&sample=0&head=0&q=2", tmp_path)
+    assert re.search(r'<canvas id="row"[^>]*data-query="2"', dom)
+    assert 'query "action[2]" (#2): attention over the keys' in dom
+    # the tables follow the choice: entropy of this (stack, kind), mass, top pairs
+    for table in ("entropy", "mass", "pairs"):
+        assert re.search(rf'<div id="{table}"><table>', dom), table
+
+
 @pytest.mark.skipif(CHROMIUM is None, reason="Debian chromium not installed (.ci/run installs it)")
 def test_report_renders_in_headless_chromium(archive, tables, tmp_path) -> None:
     out = write_report(archive, tmp_path / "r.html", tables_dir=tables)
-    res = _chromium(["--dump-dom"], out.as_uri(), tmp_path)
-    assert console_messages(res.stderr) == []
-    assert 'data-ready="1"' in res.stdout  # the chooser script ran to the end
-    # exactly one attention map is visible after the script ran
-    shown = re.findall(r'<img class="attn"[^>]*>', res.stdout)
-    assert len(shown) == 9
-    assert sum("display: none" not in tag for tag in shown) == 1
+    dump(out, "", tmp_path)
 
     shot = tmp_path / "shot.png"
     res = _chromium(["--window-size=1200,1600", f"--screenshot={shot}"], out.as_uri(), tmp_path)
@@ -171,3 +264,46 @@ def test_report_renders_in_headless_chromium(archive, tables, tmp_path) -> None:
     non_white = (px < 0.95).any(-1).mean()
     assert non_white > 0.05  # not blank: header bar, tables and figures are drawn
     assert px.std() > 0.05
+
+
+EVIL = ["</script><script>window.pwned=1</script>", "\"q'", "<b>&amp;", "a\u2028b", "$x$",
+        "é→漢", "<!--", "}};"]
+
+
+@pytest.fixture(scope="module")
+def evil(tmp_path_factory) -> tuple[Path, Path]:
+    from attnscope.analysis import analyze
+    from attnscope.store.layout import Segment
+
+    rng = np.random.default_rng(1)
+    n = len(EVIL)
+    enc = SideLayout((Segment("<i>seg</i>", 0, 4), Segment("\"img'", 4, n)), tuple(EVIL))
+    path = tmp_path_factory.mktemp("evil") / "e.zarr"
+    with ArchiveWriter.create(path, TokenLayout(enc, None)) as w:
+        w.append({"encoder": [{"self_attention": softmax(rng.normal(size=(1, 2, n, n)))}]})
+    analyze(path, path.parent / "tables", progress=False)
+    return path, path.parent / "tables"
+
+
+def test_hostile_labels_are_escaped_in_html_and_json(evil, tmp_path) -> None:
+    path, tables = evil
+    page = write_report(path, tmp_path / "r.html", tables_dir=tables).read_text()
+    assert page.count("<script") == 2 and page.count("</script>") == 2  # data + viewer only
+    assert "<b>" not in page and "<i>seg" not in page and "<!--" not in page
+    data = viewer_data(page)
+    assert data["sides"]["encoder"]["labels"] == EVIL  # exact, after JSON decoding
+    assert "&lt;i&gt;seg&lt;/i&gt;" in page  # the layout table, HTML-escaped
+
+
+@needs_chromium
+def test_hostile_labels_reach_the_viewer_as_text(evil, tmp_path) -> None:
+    path, tables = evil
+    out = write_report(path, tmp_path / "r.html", tables_dir=tables)
+    dom = dump(out, "array=encoder/0/self_attention&head=0&cell=0,1&q=0", tmp_path)
+    text, _, _ = hover(dom)
+    import html as _html
+
+    shown = _html.unescape(text)
+    assert f'query "{EVIL[0]}" (#0)' in shown and f'key "{EVIL[1]}" (#1)' in shown
+    assert "pwned" not in dom.split('id="hover"')[0].split("<main>")[-1]  # no injected node
+    assert "<b>" not in dom.replace("<b>&amp;", "")  # never parsed as HTML

@@ -1,8 +1,12 @@
-"""One self-contained HTML report of an archive and its analysis tables.
+"""One self-contained HTML report of an archive and its analysis tables: a viewer of the data.
 
-Everything is inline: figures are base64 PNGs, the stylesheet and a few lines of
-JavaScript (layer/head chooser) are embedded, nothing is fetched, so the file works from
-``file://`` and can be mailed to a colleague.
+The page embeds the stored attention itself, not pictures of it: per array and embedded
+sample, every head as float16 (little-endian, base64; the archive's own values when it stores
+float16), block-max reduced beyond :data:`MAX_CELLS` tokens per axis. A script draws the maps
+client-side on a canvas through the colormap's LUT: pick array, sample and head (or the mean
+of the heads), hover a cell for its query token, key token and weight, click a query for its
+row as bars; the analysis tables (entropy, modality-to-modality mass, top pairs) follow the
+choice. Nothing is fetched, so the file works from ``file://`` and can be mailed.
 
 The report draws; it does not analyse. It reads the tables that
 :func:`attnscope.analysis.analyze` wrote for this archive (``attnscope report`` and
@@ -14,127 +18,180 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-from PIL import Image
 
-from attnscope.contracts import AVERAGE_HEAD
-from attnscope.errors import ConfigError, SelectionError
-from attnscope.render._prepare import prepare_matrix
-from attnscope.render._style import STYLE
+from attnscope.contracts import AVERAGE_HEAD, KIND_AXES, STACKS
+from attnscope.errors import ConfigError, SelectionError, ShapeError
+from attnscope.render._prepare import block_reduce
+from attnscope.render._style import STYLE, colormap
+from attnscope.render._viewer import CSS, JS
 from attnscope.render.batch import FIGURE_TABLES, load_tables
-from attnscope.render.plots import plot_attention_flow, plot_heatmap
-from attnscope.render.tables import plot_head_metric, plot_segment_mass
 from attnscope.store import AttentionArchive, open_archive
 
 __all__ = ["check_report_path", "write_report"]
 
-_CSS = """
-body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0;color:#222}
-header{background:#1f2937;color:#fff;padding:14px 24px}header h1{margin:0;font-size:20px}
-main{padding:8px 24px 40px;max-width:1300px}h2{border-bottom:1px solid #ddd;padding-bottom:4px}
-table{border-collapse:collapse;margin:6px 0 14px}td,th{border:1px solid #ddd;padding:3px 8px;
-text-align:right}th{background:#f3f4f6}td.l,th.l{text-align:left}
-.grid{display:flex;flex-wrap:wrap;gap:12px}.grid figure{margin:0}
-img{max-width:100%;height:auto;border:1px solid #eee}
-select{font-size:14px;margin-right:12px}pre{background:#f7f7f7;padding:8px;overflow:auto}
-.muted{color:#666}
-"""
-
-_JS = """
-(function(){
-  var arr=document.getElementById('sel-array'), head=document.getElementById('sel-head');
-  function show(){
-    var key=arr.value+'|'+head.value, found=false;
-    document.querySelectorAll('img.attn').forEach(function(im){
-      var on=im.dataset.key===key; im.style.display=on?'':'none'; if(on){found=true;}
-    });
-    document.getElementById('no-fig').style.display=found?'none':'';
-  }
-  arr.addEventListener('change',show); head.addEventListener('change',show); show();
-  document.body.dataset.ready='1';
-})();
-"""
+#: embedded attention, base64 bytes, that the default sample choice stays under
+MAX_DATA_BYTES = 1_500_000
+#: longest map axis embedded as is; longer axes are block-max reduced (as figures are)
+MAX_CELLS = 128
 
 
-def _png(fig: Figure, dpi: int = STYLE.report_dpi) -> str:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi, metadata={"Software": None})
-    plt.close(fig)
-    return base64.b64encode(buf.getvalue()).decode("ascii")
+def _b64(a: np.ndarray) -> str:
+    return base64.b64encode(np.ascontiguousarray(a).tobytes()).decode("ascii")
 
 
-def _head_maps(
-    arc: AttentionArchive, name: str, sample: int, dpi: int = STYLE.report_dpi
-) -> list[tuple[str, str]]:
-    """``[(head tag, base64 PNG)]``: the head average, then every stored head of one sample.
+def _lut(name: str) -> str:
+    """The colormap as 256 RGB triples, base64."""
+    rgb = colormap(name)(np.linspace(0.0, 1.0, 256))[:, :3]
+    return _b64(np.round(rgb * 255).astype(np.uint8))
 
-    The average has its own colour scale (it is much flatter than single heads); the
-    heads of an array share one scale, so they compare at a glance, and one layout: that
-    figure is drawn once, then only the image, the segment lines and the title are
-    re-drawn over a cached background (matplotlib blitting) — ~10x cheaper per head than
-    a full ``savefig``, which mostly lays out and rasterises tick labels.
-    """
-    arr = arc[name]
-    stack, _, kind = name.split("/")
-    q_lay, k_lay = arc.layout.axes(stack, kind)
-    heads = arc.heads(name)
-    common = dict(
-        batch_idx=sample, query_layout=q_lay, key_layout=k_lay, figsize=STYLE.report_map_size
-    )
-    avg = plot_heatmap(
-        arr, head_idx=None, title=f"{name} · sample {sample} · head average", **common
-    )
-    out = [("avg", _png(avg, dpi=dpi))]
-    mats = [
-        prepare_matrix(arr, head_idx=i, batch_idx=sample, query_layout=q_lay, key_layout=k_lay)
-        for i in range(len(heads))
-    ]
-    vmax = max(float(np.nanmax(p.data)) for p in mats)
-    titles = [f"{name} · sample {sample} · head {h}" for h in heads]
-    fig = plot_heatmap(arr, head_idx=0, vmin=0.0, vmax=vmax, title=titles[0], **common)
-    fig.set_dpi(dpi)
-    canvas = FigureCanvasAgg(fig)
-    canvas.draw()
-    fig.set_layout_engine("none")  # freeze the layout of the first draw
-    ax = fig.axes[0]
-    im = ax.images[0]
-    fore = [im, *ax.lines, *ax.spines.values()]
-    for a in fore:
-        a.set_visible(False)
-    # A blank (not hidden) title keeps its position in the background draw.
-    ax.title.set_text(" ")
-    canvas.draw()
-    background = canvas.copy_from_bbox(fig.bbox)
-    for a in fore:
-        a.set_visible(True)
-    for tag, p, title in zip(map(str, heads), mats, titles):
-        canvas.restore_region(background)
-        im.set_data(p.data)
-        ax.title.set_text(title)
-        for a in fore:
-            ax.draw_artist(a)
-        fig.draw_artist(ax.title)
-        buf = io.BytesIO()
-        Image.fromarray(np.asarray(canvas.buffer_rgba())).save(buf, format="png")
-        out.append((tag, base64.b64encode(buf.getvalue()).decode("ascii")))
-    plt.close(fig)
+
+def _head_maps(arr: Any, sample: int, max_cells: int) -> tuple[np.ndarray, int, int]:
+    """``(H, t, s)`` float16 little-endian maps of one sample, block-max reduced past max_cells."""
+    x = np.asarray(arr[sample], dtype=np.float32)
+    if x.ndim != 3:
+        raise ShapeError(f"expected one sample of shape (H, T, S), got {x.shape}")
+    reduced = [block_reduce(m, max_cells, "max") for m in x]
+    _, fr, fc = reduced[0]
+    return np.stack([r for r, _, _ in reduced]).astype("<f2"), fr, fc
+
+
+def _side(lay: Any) -> dict[str, Any]:
+    return {
+        "labels": [str(x) for x in lay.labels],
+        "segments": [[s.name, s.start, s.stop] for s in lay.segments],
+    }
+
+
+def _choose_samples(
+    arc: AttentionArchive, names: Sequence[str], samples: Sequence[int] | None, sample: int,
+    max_cells: int, max_bytes: int,
+) -> list[int]:
+    n = arc.n_samples
+    if samples is not None:
+        chosen = sorted({int(s) for s in samples} | {sample})
+        bad = [s for s in chosen if not 0 <= s < n]
+        if bad:
+            raise SelectionError(f"sample {bad[0]} out of range [0, {n})")
+        return chosen
+    per = 0
+    for name in names:  # base64 bytes of one sample of every array
+        _, h, t, s = arc[name].shape
+        per += 4 * -(-h * min(t, max_cells) * min(s, max_cells) * 2 // 3)
+    k = max(1, min(n, max_bytes // max(per, 1)))
+    return sorted(set(range(k)) | {sample})
+
+
+def _viewer_data(
+    arc: AttentionArchive, names: Sequence[str], tables: dict[str, pd.DataFrame],
+    samples: list[int], sample: int, k: int, max_cells: int,
+) -> dict[str, Any]:
+    sides = {sd: _side(getattr(arc.layout, sd)) for sd in STACKS
+             if getattr(arc.layout, sd, None) is not None}
+    arrays = []
+    for name in names:
+        stack, layer, kind = name.split("/")
+        q_side, k_side = KIND_AXES[(stack, kind)]
+        arr = arc[name]
+        _, _, t_full, s_full = (int(v) for v in arr.shape)
+        data, fr, fc = {}, 1, 1
+        for smp in samples:
+            maps, fr, fc = _head_maps(arr, smp, max_cells)
+            data[str(smp)] = _b64(maps)
+        arrays.append({
+            "name": name, "stack": stack, "layer": int(layer), "kind": kind,
+            "heads": [int(h) for h in arc.heads(name)], "T": t_full, "S": s_full,
+            "t": -(-t_full // fr), "s": -(-s_full // fc), "fr": fr, "fc": fc,
+            "rows": q_side, "cols": k_side, "data": data,
+        })
+    head_stats, seg, pairs = (tables[n] for n in FIGURE_TABLES)
+    return {
+        "lut": _lut(STYLE.cmap),
+        "samples": samples,
+        "initial": {"array": names[0], "sample": sample},
+        "sides": sides,
+        "arrays": arrays,
+        "entropy": _entropy(head_stats, names),
+        "mass": _mass(seg, names),
+        "pairs": _pairs(pairs, names, samples, k),
+    }
+
+
+def _rows(df: pd.DataFrame, name: str) -> pd.DataFrame:
+    stack, layer, kind = name.split("/")
+    return df[(df["stack"] == stack) & (df["layer"] == int(layer)) & (df["kind"] == kind)]
+
+
+def _entropy(head_stats: pd.DataFrame, names: Sequence[str]) -> dict[str, Any]:
+    """Normalised entropy, layer x head (head -1 = the mean map), per (stack, kind)."""
+    out = {}
+    for stack, kind in dict.fromkeys(tuple(n.split("/")[::2]) for n in names):
+        sub = head_stats[(head_stats["stack"] == stack) & (head_stats["kind"] == kind)]
+        if sub.empty:
+            continue
+        pv = sub.pivot_table(index="layer", columns="head", values="norm_entropy_mean",
+                             aggfunc="mean").sort_index().sort_index(axis=1)
+        heads = [h for h in pv.columns if h != AVERAGE_HEAD] + (
+            [AVERAGE_HEAD] if AVERAGE_HEAD in pv.columns else [])
+        pv = pv[heads]
+        vals = [[None if np.isnan(v) else round(float(v), 4) for v in row]
+                for row in pv.to_numpy(dtype=np.float64)]
+        out[f"{stack}|{kind}"] = {"layers": [int(x) for x in pv.index],
+                                  "heads": [int(h) for h in heads], "values": vals}
     return out
 
 
-def _img(b64: str, alt: str, cls: str = "", key: str = "") -> str:
-    extra = f' class="{cls}" data-key="{html.escape(key)}"' if cls else ""
-    return f'<img{extra} alt="{html.escape(alt)}" src="data:image/png;base64,{b64}">'
+def _mass(seg: pd.DataFrame, names: Sequence[str]) -> dict[str, Any]:
+    """Query segment x key segment mass per array and head, mean over samples."""
+    out: dict[str, Any] = {}
+    for name in names:
+        sub = _rows(seg, name)
+        per_head = {}
+        for head, g in sub.groupby("head", sort=True):
+            pv = g.pivot_table(index="query_segment", columns="key_segment", values="mass",
+                               aggfunc="mean", sort=False)
+            rows = list(dict.fromkeys(g["query_segment"]))
+            cols = list(dict.fromkeys(g["key_segment"]))
+            pv = pv.reindex(index=rows, columns=cols)
+            per_head[str(int(head))] = {
+                "q": rows, "k": cols,
+                "m": [[None if np.isnan(v) else round(float(v), 4) for v in r]
+                      for r in pv.to_numpy(dtype=np.float64)],
+            }
+        out[name] = per_head
+    return out
+
+
+def _pairs(pairs: pd.DataFrame, names: Sequence[str], samples: list[int], k: int
+           ) -> dict[str, Any]:
+    """The ``k`` heaviest (query, key, weight) per array, embedded sample and head."""
+    out: dict[str, Any] = {}
+    for name in names:
+        sub = _rows(pairs, name)
+        sub = sub[sub["sample"].isin(samples)].sort_values("rank", kind="stable")
+        out[name] = {
+            f"{int(s)}|{int(h)}": [[int(q), int(kk), round(float(w), 6)]
+                                   for q, kk, w in g[["query", "key", "weight"]].head(k)
+                                   .itertuples(index=False)]
+            for (s, h), g in sub.groupby(["sample", "head"], sort=True)
+        }
+    return out
+
+
+def _json_for_script(obj: Any) -> str:
+    """JSON that cannot end its ``<script>`` element or open a comment, whatever the labels."""
+    text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    for ch, esc in (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026"),
+                    ("\u2028", "\\u2028"), ("\u2029", "\\u2029")):
+        text = text.replace(ch, esc)
+    return text
 
 
 def _table(df: pd.DataFrame, float_fmt: str = "{:.3f}") -> str:
@@ -188,8 +245,11 @@ def write_report(
     *,
     tables_dir: str | os.PathLike[str] | None = None,
     sample: int = 0,
+    samples: Sequence[int] | None = None,
     arrays: Sequence[str] | None = None,
     top_pairs: int = 10,
+    max_cells: int = MAX_CELLS,
+    max_bytes: int = MAX_DATA_BYTES,
 ) -> Path:
     """Write a self-contained HTML report of ``archive`` to ``out``.
 
@@ -205,11 +265,18 @@ def write_report(
         the report does not run the analysis itself). Tables of another archive raise
         :class:`~attnscope.errors.StaleTableError`.
     sample
-        Sample whose attention maps are shown.
+        Sample shown when the page opens (always embedded).
+    samples
+        Samples embedded in the page (default: the first ones whose maps fit in
+        ``max_bytes`` of base64, at least one).
     arrays
         Array names to include (default all).
     top_pairs
-        Rows of the top-pairs table per array (head average).
+        Rows of the top-pairs table per array, sample and head.
+    max_cells
+        Longest map axis embedded as is; longer axes are block-max reduced.
+    max_bytes
+        Budget of embedded attention for the default choice of ``samples``.
 
     Returns
     -------
@@ -228,7 +295,8 @@ def write_report(
             "(`attnscope analyze ARCHIVE --out DIR`); the report does not analyse"
         )
     with open_archive(archive) as arc:
-        page = _build(arc, load_tables(tables_dir, arc), sample, arrays, top_pairs)
+        page = _build(arc, load_tables(tables_dir, arc), sample, samples, arrays, top_pairs,
+                      max_cells, max_bytes)
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(out.name + ".partial")
     try:
@@ -243,20 +311,50 @@ def _build(
     arc: AttentionArchive,
     tables: dict[str, pd.DataFrame],
     sample: int,
+    samples: Sequence[int] | None,
     arrays: Sequence[str] | None,
     k: int,
+    max_cells: int,
+    max_bytes: int,
 ) -> str:
     names = list(arrays) if arrays is not None else arc.arrays()
     unknown = [n for n in names if n not in arc.arrays()]
     if unknown:
         raise SelectionError(f"unknown array(s) {unknown}; the archive has {arc.arrays()}")
+    if not names:
+        raise SelectionError(f"no arrays selected; the archive has {arc.arrays()}")
     if not 0 <= sample < arc.n_samples:
         raise SelectionError(f"sample {sample} out of range [0, {arc.n_samples})")
-    head_stats, seg, pairs = (tables[name] for name in FIGURE_TABLES)
+    if max_cells < 1:
+        raise ConfigError(f"max_cells must be >= 1, got {max_cells}")
+    chosen = _choose_samples(arc, names, samples, sample, max_cells, max_bytes)
+    data = _viewer_data(arc, names, tables, chosen, sample, k, max_cells)
     meta = arc.metadata
     ident = arc.identity()
 
     body: list[str] = []
+    shown = (f"samples {chosen[0]}-{chosen[-1]}" if chosen == list(range(chosen[0], chosen[-1] + 1))
+             else "samples " + ", ".join(map(str, chosen)))
+    body.append(
+        "<h2>Attention</h2><p><label>array <select id='sel-array'></select></label>"
+        "<label>sample <select id='sel-sample'></select></label>"
+        "<label>head <select id='sel-head'></select></label></p>"
+        f"<p class='muted'>{shown} of {arc.n_samples} embedded "
+        "(<code>attnscope report --samples</code> chooses). Hover a cell for its tokens and "
+        "weight; click a query (a row) for its attention as bars. Colours run from 0 to the "
+        "largest weight of the map shown.</p>"
+        "<div id='hover' class='muted'></div>"
+        "<div class='row'><canvas id='map' width='10' height='10'></canvas>"
+        "<div><h3 id='row-title'></h3><canvas id='row' width='10' height='10'></canvas></div>"
+        "</div>"
+        "<div class='row'><div><h3>Normalised entropy (layer x head)</h3>"
+        "<p class='muted'>Mean row entropy / log of the keys a row may attend to "
+        "(1 = uniform, 0 = one key); mean over samples.</p><div id='entropy'></div></div>"
+        "<div><h3>Modality-to-modality mass</h3><p class='muted'>Rows: query segment; "
+        "columns: key segment; mean over samples. Each row sums to 1.</p>"
+        "<div id='mass'></div></div>"
+        "<div><h3>Top pairs</h3><div id='pairs'></div></div></div>"
+    )
     overview = {
         "archive": str(arc.path),
         "format": arc.format,
@@ -277,111 +375,12 @@ def _build(
     )
     body.append(f"<h2>Modality layout</h2>{_layout_section(arc)}")
 
-    # Entropy overview: one layer x head heatmap per (stack, kind).
-    figs = []
-    for stack, kind in sorted({tuple(n.split("/")[::2]) for n in names}):
-        fig = plot_head_metric(
-            head_stats,
-            stack=stack,
-            kind=kind,
-            metric="norm_entropy_mean",
-            title=f"{stack} {kind}: normalised entropy",
-        )
-        figs.append(f"<figure>{_img(_png(fig), f'{stack} {kind} entropy')}</figure>")
-    body.append(
-        "<h2>Entropy per layer and head</h2><p class='muted'>Mean row entropy divided by the "
-        "log of the keys each row may attend to (1 = uniform, 0 = one key); column avg is "
-        f"the head-average map.</p><div class='grid'>{''.join(figs)}</div>"
-    )
-
-    # Attention maps with a chooser.
-    heads_all = sorted({h for n in names for h in arc.heads(n)})
-    opts_a = "".join(f'<option value="{n}">{n}</option>' for n in names)
-    opts_h = '<option value="avg">average</option>' + "".join(
-        f'<option value="{h}">head {h}</option>' for h in heads_all
-    )
-    imgs = [
-        _img(b64, f"{n} {h}", cls="attn", key=f"{n}|{h}")
-        for n in names
-        for h, b64 in _head_maps(arc, n, sample)
-    ]
-    body.append(
-        f"<h2>Attention maps (sample {sample})</h2><p><label>array <select id='sel-array'>"
-        f"{opts_a}</select></label><label>head <select id='sel-head'>{opts_h}</select></label>"
-        f"</p><p id='no-fig' class='muted'>This head was not stored for this array.</p>"
-        + "".join(imgs)
-    )
-
-    # Encoder -> decoder flow per decoder layer with cross attention.
-    flows = []
-    for n in names:
-        stack, layer, kind = n.split("/")
-        enc_n, dec_n = f"encoder/{layer}/self_attention", f"decoder/{layer}/self_attention"
-        if kind == "cross_attention" and enc_n in arc and dec_n in arc:
-            fig = plot_attention_flow(
-                arc[enc_n],
-                arc[dec_n],
-                arc[n],
-                layer_idx=int(layer),
-                batch_idx=sample,
-                figsize=STYLE.report_flow_size,
-            )
-            png = _png(fig, dpi=STYLE.report_flow_dpi)
-            flows.append(f"<figure>{_img(png, f'flow layer {layer}')}</figure>")
-    if flows:
-        body.append(f"<h2>Encoder → decoder flow</h2><div class='grid'>{''.join(flows)}</div>")
-
-    # Modality-to-modality mass: figure + table of the head average over samples.
-    seg_parts = []
-    for n in names:
-        stack, layer, kind = n.split("/")
-        sub = seg[
-            (seg["stack"] == stack)
-            & (seg["layer"] == int(layer))
-            & (seg["kind"] == kind)
-            & (seg["head"] == AVERAGE_HEAD)
-        ]
-        if sub.empty:
-            continue
-        pv = sub.pivot_table(
-            index="query_segment", columns="key_segment", values="mass", aggfunc="mean", sort=False
-        ).reset_index()
-        fig = plot_segment_mass(seg, stack=stack, layer=int(layer), kind=kind)
-        seg_parts.append(
-            f"<h3>{n}</h3><div class='grid'><figure>{_img(_png(fig), n)}</figure>"
-            f"<div>{_table(pv)}</div></div>"
-        )
-    body.append(
-        "<h2>Modality-to-modality attention mass</h2><p class='muted'>Rows: query segment; "
-        "columns: key segment; mean over samples of the head-average attention. Each row "
-        f"sums to 1.</p>{''.join(seg_parts)}"
-    )
-
-    # Top pairs of the head average, sample `sample`.
-    tp_parts = []
-    for n in names:
-        stack, layer, kind = n.split("/")
-        sub = (
-            pairs[
-                (pairs["stack"] == stack)
-                & (pairs["layer"] == int(layer))
-                & (pairs["kind"] == kind)
-                & (pairs["head"] == AVERAGE_HEAD)
-                & (pairs["sample"] == sample)
-            ]
-            .sort_values("rank")
-            .head(k)
-        )
-        if sub.empty:
-            continue
-        cols = ["rank", "query_label", "key_label", "query_segment", "key_segment", "weight"]
-        tp_parts.append(f"<h3>{n}</h3>{_table(sub[cols].reset_index(drop=True), '{:.4f}')}")
-    body.append(f"<h2>Top attention pairs (head average, sample {sample})</h2>" + "".join(tp_parts))
-
     title = f"attnscope report: {html.escape(Path(str(arc.path)).name)}"
     return (
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
-        f"<title>{title}</title><style>{_CSS}</style></head><body>"
+        f"<title>{title}</title><style>{CSS}</style></head><body>"
         f"<header><h1>{title}</h1></header><main>{''.join(body)}</main>"
-        f"<script>{_JS}</script></body></html>"
+        "<script type='application/json' id='attnscope-data'>"
+        f"{_json_for_script(data)}</script>"
+        f"<script>{JS}</script></body></html>"
     )

@@ -1,0 +1,210 @@
+"""The stylesheet and script of the HTML report's viewer (embedded verbatim in the page).
+
+The script reads one JSON document (``<script type="application/json" id="attnscope-data">``,
+built by :mod:`attnscope.render.report`) and draws everything client-side on canvases:
+
+* the attention map of the chosen array, sample and head (or the mean of the heads),
+  coloured through the embedded colormap LUT, segment boundaries as white lines, a label
+  per token up to 40 tokens and segment names beyond;
+* hovering a cell shows its query token, key token and weight (``#hover``);
+* clicking a cell or a query label shows that query's row as bars (``#row``), BertViz's
+  head view for any modality;
+* the entropy (layer x head), modality-to-modality mass and top pairs of the analysis
+  tables for the current choice.
+
+Every label reaches the page through ``textContent`` or ``fillText``, never as HTML. The view
+is mirrored in the URL fragment (``#array=...&sample=0&head=avg&q=3&cell=3,5``), so a view
+can be linked; ``cell`` shows that cell as if hovered.
+"""
+
+CSS = """
+body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0;color:#222}
+header{background:#1f2937;color:#fff;padding:14px 24px}header h1{margin:0;font-size:20px}
+main{padding:8px 24px 40px;max-width:1400px}h2{border-bottom:1px solid #ddd;padding-bottom:4px}
+table{border-collapse:collapse;margin:6px 0 14px}td,th{border:1px solid #ddd;padding:3px 8px;
+text-align:right}th{background:#f3f4f6}td.l,th.l{text-align:left}td.cur{outline:2px solid #e11}
+select{font-size:14px;margin-right:12px}pre{background:#f7f7f7;padding:8px;overflow:auto}
+.muted{color:#666}.row{display:flex;flex-wrap:wrap;gap:18px;align-items:flex-start}
+#hover{min-height:1.5em;font-family:ui-monospace,monospace;white-space:pre}
+canvas{border:1px solid #eee}
+"""
+
+JS = r"""
+(function(){
+'use strict';
+var D=JSON.parse(document.getElementById('attnscope-data').textContent);
+var $=function(id){return document.getElementById(id);};
+var lut=(function(){var b=atob(D.lut),a=new Uint8Array(b.length);
+  for(var i=0;i<b.length;i++)a[i]=b.charCodeAt(i);return a;})();
+var st={array:D.initial.array,sample:D.initial.sample,head:'avg',q:null};
+var cache={}, view=null;
+function arrayOf(name){for(var i=0;i<D.arrays.length;
+  i++)if(D.arrays[i].name===name)return D.arrays[i];return D.arrays[0];}
+function f16(u){var e=(u>>10)&31,f=u&1023,s=(u&32768)?-1:1;
+  if(e===0)return s*f*5.960464477539063e-8; if(e===31)return f?NaN:s*Infinity;
+  return s*Math.pow(2,e-15)*(1+f/1024);}
+function maps(a,sample){ // (H, t, s) float16 -> list of Float64Array per head
+  var key=a.name+'|'+sample; if(cache[key])return cache[key];
+  var b=atob(a.data[String(sample)]),n=a.t*a.s,out=[];
+  for(var h=0;h<a.heads.length;h++){var m=new Float64Array(n);
+    for(var i=0;i<n;i++){var o=2*(h*n+i);m[i]=f16(b.charCodeAt(o)|(b.charCodeAt(o+1)<<8));}
+    out.push(m);}
+  return (cache[key]=out);}
+function current(){var a=arrayOf(st.array),ms=maps(a,st.sample),m;
+  if(st.head==='avg'){m=new Float64Array(a.t*a.s);
+    for(var h=0;h<ms.length;h++)for(var i=0;i<m.length;i++)m[i]+=ms[h][i];
+    for(var j=0;j<m.length;j++)m[j]/=ms.length;}
+  else m=ms[a.heads.indexOf(Number(st.head))];
+  return {a:a,m:m};}
+function side(a,which){return D.sides[which==='rows'?a.rows:a.cols];}
+function span(a,which,i){var f=which==='rows'?a.fr:a.fc,n=which==='rows'?a.T:a.S;
+  return [i*f,Math.min((i+1)*f,n)-1];}
+function tokenText(a,which,i){var sd=side(a,which),r=span(a,which,i),lab=function(k){
+  return sd.labels[k]!==undefined?sd.labels[k]:String(k);};
+  if(r[0]===r[1])return '"'+lab(r[0])+'" (#'+r[0]+')';
+  return '"'+lab(r[0])+'" .. "'+lab(r[1])+'" (#'+r[0]+'-'+r[1]+')';
+    }
+function hash32(px){var h=2166136261;for(var i=0;i<px.length;i++){h^=px[i];h=Math.imul(h,
+  16777619);}return (h>>>0).toString(16);}
+function fill(sel,items,value){sel.textContent='';items.forEach(function(it){
+  var o=document.createElement('option');
+  o.value=it[0];o.textContent=it[1];sel.appendChild(o);});sel.value=String(value);}
+function segLines(ctx,a,which,x0,y0,cs,len){var sd=side(a,which),f=which==='rows'?a.fr:a.fc;
+  ctx.strokeStyle='rgba(255,255,255,0.9)';ctx.lineWidth=1;
+  sd.segments.slice(1).forEach(function(g){var p=Math.round(g[1]/f*cs)+0.5;ctx.beginPath();
+    if(which==='rows'){ctx.moveTo(x0,y0+p);ctx.lineTo(x0+len,y0+p);}else{ctx.moveTo(x0+p,y0);
+      ctx.lineTo(x0+p,y0+len);}
+    ctx.stroke();});}
+function axisLabels(ctx,a,which,n,cs,x0,y0){var sd=side(a,which),f=which==='rows'?a.fr:a.fc,
+  perToken=sd.labels.length&&n*f<=40&&f===1;
+  var items=perToken?sd.labels.map(function(l,i){return [l,i+0.5];
+    }):sd.segments.map(function(g){return [g[0],(g[1]+g[2])/2/f];});
+  ctx.fillStyle='#222';ctx.font=(perToken?'10px':'11px')+' sans-serif';
+  items.forEach(function(it){var t=String(it[0]);if(t.length>40)t=t.slice(0,39)+'\u2026';
+    if(which==='rows'){ctx.textAlign='right';ctx.textBaseline='middle';ctx.fillText(t,x0-4,
+      y0+it[1]*cs);}
+    else{ctx.save();ctx.translate(x0+it[1]*cs,y0+4);ctx.rotate(-Math.PI/2);
+      ctx.textAlign='right';
+      ctx.textBaseline='middle';ctx.fillText(t,0,0);ctx.restore();}});}
+function draw(){var c=current(),a=c.a,m=c.m,cv=$('map'),ctx=cv.getContext('2d');
+  var cs=Math.max(2,Math.floor(Math.min(560/a.t,560/a.s))),L=190,T=28,B=150;
+  cv.width=L+a.s*cs+90;cv.height=T+a.t*cs+B;ctx.fillStyle='#fff';ctx.fillRect(0,0,cv.width,
+    cv.height);
+  var vmax=0;for(var i=0;i<m.length;i++)if(m[i]>vmax)vmax=m[i];vmax=vmax||1;
+  var off=document.createElement('canvas');off.width=a.s;off.height=a.t;
+    var oc=off.getContext('2d'),img=oc.createImageData(a.s,a.t);
+  for(var k=0;k<m.length;k++){var q=Math.max(0,Math.min(255,Math.round(m[k]/vmax*255)))*3;
+    img.data[4*k]=lut[q];img.data[4*k+1]=lut[q+1];img.data[4*k+2]=lut[q+2];img.data[4*k+3]=255;}
+  oc.putImageData(img,0,0);ctx.imageSmoothingEnabled=false;ctx.drawImage(off,L,T,a.s*cs,a.t*cs);
+  segLines(ctx,a,'rows',L,T,cs,a.s*cs);segLines(ctx,a,'cols',L,T,cs,a.t*cs);
+  axisLabels(ctx,a,'rows',a.t,cs,L,T);axisLabels(ctx,a,'cols',a.s,cs,L,T+a.t*cs);
+  var bx=L+a.s*cs+20,bh=a.t*cs;for(var y=0;y<bh;y++){var v=Math.round((1-y/bh)*255)*3;
+    ctx.fillStyle='rgb('+lut[v]+','+lut[v+1]+','+lut[v+2]+')';ctx.fillRect(bx,T+y,14,1);}
+  ctx.fillStyle='#222';ctx.textAlign='left';ctx.textBaseline='middle';
+    ctx.font='11px sans-serif';
+  ctx.fillText(vmax.toPrecision(3),bx+18,T+4);ctx.fillText('0',bx+18,T+bh-4);
+  ctx.textBaseline='top';ctx.font='13px sans-serif';
+  var who=st.head==='avg'?'mean of heads':'head '+st.head;
+  ctx.fillText(a.name+' \u00b7 sample '+st.sample+' \u00b7 '+who,
+    L,6);
+  view={a:a,m:m,cs:cs,L:L,T:T};document.body.dataset.drawn=hash32(img.data);
+  drawRow();tables();}
+function cellAt(ev){if(!view)return null;var r=$('map').getBoundingClientRect(),
+  x=ev.clientX-r.left-view.L,y=ev.clientY-r.top-view.T,j=Math.floor(x/view.cs),
+    i=Math.floor(y/view.cs);
+  return {i:i,j:j,inMap:i>=0&&j>=0&&i<view.a.t&&j<view.a.s,label:x<0&&i>=0&&i<view.a.t};}
+function hover(ev){var c=cellAt(ev),h=$('hover');if(!c||!c.inMap){return;}
+  var w=view.m[c.i*view.a.s+c.j];h.dataset.weight=String(w);h.dataset.cell=c.i+','+c.j;
+  h.textContent='query '+tokenText(view.a,'rows',c.i)+'  \u2192  key '+tokenText(view.a,'cols',
+    c.j)+
+    '  weight '+w.toPrecision(4);}
+function drawRow(){var cv=$('row'),ctx=cv.getContext('2d'),a=view.a;
+  if(st.q===null||st.q>=a.t){cv.width=10;cv.height=10;
+    $('row-title').textContent='Click a query (a row of the map) to see its attention as bars.';
+    return;}
+  var n=a.s,bw=Math.max(3,Math.floor(560/n)),L=50,T=10,H=180,B=150;cv.width=L+n*bw+20;
+    cv.height=T+H+B;
+  ctx.fillStyle='#fff';ctx.fillRect(0,0,cv.width,cv.height);var row=view.m.subarray(st.q*n,
+    (st.q+1)*n),mx=0;
+  for(var j=0;j<n;j++)if(row[j]>mx)mx=row[j];mx=mx||1;ctx.fillStyle='#1f77b4';
+  for(j=0;j<n;j++){var hgt=row[j]/mx*H;ctx.fillRect(L+j*bw+1,T+H-hgt,bw-2,hgt);}
+  ctx.strokeStyle='#999';ctx.beginPath();ctx.moveTo(L,T+H+0.5);ctx.lineTo(L+n*bw,T+H+0.5);
+    ctx.stroke();
+  var sd=side(a,'cols');ctx.strokeStyle='#e11';sd.segments.slice(1).forEach(function(g){
+    var p=L+Math.round(g[1]/a.fc*bw)+0.5;
+    ctx.beginPath();ctx.moveTo(p,T);ctx.lineTo(p,T+H);ctx.stroke();});
+  ctx.fillStyle='#222';ctx.font='11px sans-serif';ctx.textAlign='right';
+    ctx.textBaseline='middle';
+  ctx.fillText(mx.toPrecision(3),L-4,T+4);ctx.fillText('0',L-4,T+H);
+  axisLabels(ctx,a,'cols',n,bw,L,T+H);
+  $('row-title').textContent='query '+tokenText(a,'rows',st.q)+': attention over the keys';
+  $('row').dataset.query=String(st.q);}
+function cellsTable(el,rowNames,colNames,vals,fmt,cur){el.textContent='';
+  var tb=document.createElement('table'),tr=document.createElement('tr');
+  [''].concat(colNames).forEach(function(c){var th=document.createElement('th');
+    th.className='l';th.textContent=c;tr.appendChild(th);});tb.appendChild(tr);
+  var lo=Infinity,hi=-Infinity;vals.forEach(function(r){r.forEach(function(v){if(v!==null){
+    lo=Math.min(lo,v);hi=Math.max(hi,v);}});});
+  rowNames.forEach(function(rn,i){var tr2=document.createElement('tr'),
+    th=document.createElement('th');th.className='l';th.textContent=rn;tr2.appendChild(th);
+    vals[i].forEach(function(v,j){var td=document.createElement('td');if(v!==null){
+      td.textContent=fmt(v);
+      var q=Math.round((v-lo)/((hi-lo)||1)*255)*3;
+        td.style.background='rgb('+lut[q]+','+lut[q+1]+','+lut[q+2]+')';
+        td.style.color=q>380?'#000':'#fff';}
+      if(cur&&cur[0]===i&&cur[1]===j)td.className='cur';tr2.appendChild(td);});
+        tb.appendChild(tr2);});el.appendChild(tb);}
+function tables(){var a=view.a,e=D.entropy[a.stack+'|'+a.kind],
+  hk=st.head==='avg'?-1:Number(st.head);
+  if(e){cellsTable($('entropy'),e.layers.map(String),e.heads.map(function(h){
+    return h===-1?'avg':String(h);}),e.values,
+    function(v){return v.toFixed(2);},[e.layers.indexOf(a.layer),e.heads.indexOf(hk)]);
+      }else $('entropy').textContent='(no head_stats rows)';
+  var ms=(D.mass[a.name]||{})[String(hk)];
+  if(ms)cellsTable($('mass'),ms.q,ms.k,ms.m,function(v){return v.toFixed(3);},null);
+    else $('mass').textContent='(no segment_mass rows for this head)';
+  var tp=(D.pairs[a.name]||{})[st.sample+'|'+hk],el=$('pairs');el.textContent='';
+  if(!tp){el.textContent='(no top_pairs rows for this sample and head)';return;}
+  var tb=document.createElement('table'),hr=document.createElement('tr');['rank','query','key',
+    'weight'].forEach(function(c){var th=document.createElement('th');th.className='l';
+    th.textContent=c;hr.appendChild(th);});tb.appendChild(hr);
+  var rs=side(a,'rows'),ks=side(a,'cols');
+  tp.forEach(function(p,r){var tr=document.createElement('tr');[String(r+1),
+    (rs.labels[p[0]]||'')+' (#'+p[0]+')',(ks.labels[p[1]]||'')+' (#'+p[1]+')',
+    p[2].toFixed(4)].forEach(function(t,k){
+    var td=document.createElement('td');if(k===1||k===2)td.className='l';td.textContent=t;
+      tr.appendChild(td);});tb.appendChild(tr);});el.appendChild(tb);}
+function writeHash(){var p=['array='+encodeURIComponent(st.array),'sample='+st.sample,
+  'head='+st.head];if(st.q!==null)p.push('q='+st.q);
+  history.replaceState(null,'','#'+p.join('&'));}
+function readHash(){var out={};location.hash.replace(/^#/,'').split('&').forEach(function(kv){
+  var i=kv.indexOf('=');
+  if(i>0)out[decodeURIComponent(kv.slice(0,i))]=decodeURIComponent(kv.slice(i+1));});return out;
+    }
+function syncHeads(){var a=arrayOf(st.array);
+  if(st.head!=='avg'&&a.heads.indexOf(Number(st.head))<0)st.head='avg';
+  fill($('sel-head'),[['avg','mean of heads']].concat(a.heads.map(function(h){return [String(h),
+    'head '+h];})),st.head);}
+function update(){syncHeads();draw();writeHash();}
+fill($('sel-array'),D.arrays.map(function(a){return [a.name,a.name];}),st.array);
+fill($('sel-sample'),D.samples.map(function(s){return [String(s),'sample '+s];}),st.sample);
+var h0=readHash();if(h0.array&&D.arrays.some(function(a){return a.name===h0.array;
+  }))st.array=h0.array;
+if(h0.sample!==undefined&&D.samples.indexOf(Number(h0.sample))>=0)st.sample=Number(h0.sample);
+if(h0.head!==undefined)st.head=h0.head==='avg'?'avg':String(Number(h0.head));
+if(h0.q!==undefined&&/^\d+$/.test(h0.q))st.q=Number(h0.q);
+$('sel-array').value=st.array;$('sel-sample').value=String(st.sample);
+$('sel-array').addEventListener('change',function(){st.array=this.value;st.q=null;update();});
+$('sel-sample').addEventListener('change',function(){st.sample=Number(this.value);update();});
+$('sel-head').addEventListener('change',function(){st.head=this.value;update();});
+$('map').addEventListener('mousemove',hover);
+$('map').addEventListener('click',function(ev){var c=cellAt(ev);if(c&&(c.inMap||c.label)){
+  st.q=c.i;drawRow();writeHash();}});
+update();
+if(h0.cell&&/^\d+,\d+$/.test(h0.cell)){var ij=h0.cell.split(',').map(Number),
+  r=$('map').getBoundingClientRect();
+  $('map').dispatchEvent(new MouseEvent('mousemove',{clientX:r.left+view.L+(ij[1]+0.5)*view.cs,
+    clientY:r.top+view.T+(ij[0]+0.5)*view.cs}));}
+document.body.dataset.ready='1';
+})();
+"""
