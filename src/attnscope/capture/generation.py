@@ -33,9 +33,8 @@ from torch import Tensor
 
 from attnscope.errors import CaptureError, ConfigError, InputError
 
-if TYPE_CHECKING:
-    from attnscope.capture.base import Sink
-    from attnscope.capture.hf import HFAdapter
+if TYPE_CHECKING:  # the HF adapter calls into this module, never the other way round
+    from attnscope.capture.base import Adapter, Sink
 
 __all__ = ["check_generate", "generate_batch", "Generated", "RowAssembler"]
 
@@ -154,7 +153,7 @@ class Generated:
 
 
 def generate_batch(
-    adapter: HFAdapter, batch: Mapping[str, Any], sink: Sink, wanted: set[str]
+    adapter: Adapter, batch: Mapping[str, Any], sink: Sink, wanted: set[str]
 ) -> Generated:
     """Generate from one batch of prompts; report each wanted array's full matrix."""
     model = adapter.model
@@ -214,7 +213,7 @@ def generate_batch(
 
 
 def _finish(
-    adapter: HFAdapter,
+    adapter: Adapter,
     inputs: Mapping[str, Any],
     seq: Tensor,
     computed: int,
@@ -261,7 +260,7 @@ def _extend(mask: Tensor, length: int) -> Tensor:
     return torch.cat([mask, mask.new_ones((mask.shape[0], extra))], dim=1)
 
 
-def _feed_legacy_steps(adapter: HFAdapter, out: Any, sink: Sink, wanted: set[str]) -> None:
+def _feed_legacy_steps(adapter: Adapter, out: Any, sink: Sink, wanted: set[str]) -> None:
     """Rows of an ``output_attentions=True`` generate: encoder once, then per step."""
     if adapter.is_enc_dec:
         enc = getattr(out, "encoder_attentions", None)
@@ -297,7 +296,7 @@ def _eos_ids(opts: Mapping[str, Any], gcfg: Any) -> list[int]:
 
 
 def _generated(
-    adapter: HFAdapter,
+    adapter: Adapter,
     inputs: Mapping[str, Any],
     seq: Tensor,
     prompt_len: int,
