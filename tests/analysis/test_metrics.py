@@ -173,3 +173,19 @@ def test_densify_topk_keeps_top_values_and_row_sums() -> None:
     np.testing.assert_allclose(d.sum(-1), 1, rtol=1e-5)
     np.testing.assert_array_equal(np.take_along_axis(d, idx, -1), vals)
     np.testing.assert_array_equal(d.max(-1), b.max(-1))
+
+
+def test_float16_conversion_is_exact_for_every_bit_pattern() -> None:
+    # The shift path (non-negative finite blocks) and the table fallback (any block with
+    # a negative, inf or NaN value) both give numpy's own float16 -> float32 value.
+    from attnscope.analysis.metrics import _f16_into
+
+    bits = np.arange(0x7C00, dtype=np.uint16)  # every non-negative finite float16
+    out = np.empty(bits.shape, dtype=np.float32)
+    _f16_into(bits, out)
+    np.testing.assert_array_equal(out, bits.view(np.float16).astype(np.float32))
+    every = np.arange(65536, dtype=np.uint16)
+    out = np.empty(every.shape, dtype=np.float32)
+    _f16_into(every, out)
+    want = every.view(np.float16).astype(np.float32)
+    assert np.array_equal(out.view(np.uint32), want.view(np.uint32))  # NaN payloads too

@@ -176,6 +176,7 @@ def _block_cache(spec: ArraySpec) -> dict[str, Any]:
         "dist": M.distance_matrix(t, s),
         "qoh": qoh,
         "koh": koh,
+        "koh1": np.concatenate([koh, np.ones((s, 1), dtype=np.float32)], axis=1),
         "qcount": qoh.sum(axis=0)[:, None],
     }
 
@@ -183,7 +184,7 @@ def _block_cache(spec: ArraySpec) -> dict[str, Any]:
 def _load(src: np.ndarray, dst: np.ndarray) -> None:
     """Convert ``src`` into the float32 view ``dst`` (float16 through the lookup table)."""
     if src.dtype == np.float16:
-        np.take(M._F16_TABLE, np.ascontiguousarray(src).view(np.uint16), out=dst)
+        M._f16_into(np.ascontiguousarray(src).view(np.uint16), dst)
     elif src.dtype.kind in "fiub":
         np.copyto(dst, src, casting="unsafe")
     else:
@@ -212,7 +213,11 @@ def _compute(
     # slabs) then stay within the block's own size, whatever block_bytes is.
     ns = max(1, min(n // 4, SLAB_BYTES // max(1, hh * t * s * 4)))
     buf = np.empty((ns, hh, t, s), dtype=np.float32)
+    shifted = np.empty_like(buf)  # buf + tiny: the entropy's log argument, reused by JS
     logs = np.empty_like(buf)
+    nk = len(spec.k_seg_names)
+    # one matmul gives the segment masses and (last column) the row sums
+    seg_sum = np.empty((ns, hh, t, nk + 1), dtype=np.float32)
     f32 = np.float32
     ent = np.empty((n, hh, t), f32)
     rmax = np.empty((n, hh, t), f32)
@@ -221,7 +226,6 @@ def _compute(
     rowsum = np.empty((n, hh, t), f32)
     sumsq = np.empty((n, hh, t), f32)
     mn = np.empty((n, hh), f32)
-    nk = len(spec.k_seg_names)
     segrow = np.empty((n, hh, t, nk), f32)
     k = spec.topk
     tq = np.empty((n, hh, k), np.int64)
@@ -229,19 +233,22 @@ def _compute(
     tw = np.empty((n, hh, k), f32)
     sim = None
     if spec.similarity is not None and h > 1:
-        sim = np.zeros((n, h, h), f32)
+        # (n, pairs): JS gets (n, pairs, T) sums of s log s first, finished per block
+        npairs = h * (h - 1) // 2
+        sim = np.empty((n, npairs, t) if spec.similarity == "js" else (n, npairs), f32)
         pair = np.empty(ns * (h - 1) * t * s, f32) if spec.similarity == "js" else None
         plog = np.empty_like(pair) if pair is not None else None
     for i in range(0, n, ns):
         m = min(ns, n - i)
         sl = slice(i, i + m)
         x = buf[:m]
+        xt = shifted[:m]
         lg = logs[:m]
         _load(src[sl], x[:, :h])
         np.mean(x[:, :h], axis=1, dtype=f32, out=x[:, h])
         # entropy: -sum p log(p + tiny), see metrics.row_entropy
-        np.add(x, M._TINY, out=lg)
-        np.log(lg, out=lg)
+        np.add(x, M._TINY, out=xt)
+        np.log(xt, out=lg)
         e = ent[sl]
         np.vecdot(x, lg, out=e)
         np.negative(e, out=e)
@@ -254,9 +261,11 @@ def _compute(
             j = np.maximum(sink_idx[sl], 0)[:, None, None, None]
             sink[sl] = np.take_along_axis(x, j, axis=-1)[..., 0]
             sink[sl][sink_idx[sl] < 0] = np.nan
-        np.sum(x, axis=-1, dtype=f32, out=rowsum[sl])
         np.vecdot(x, x, out=sumsq[sl])
-        np.matmul(x, cache["koh"], out=segrow[sl])
+        ss = seg_sum[:m]
+        np.matmul(x, cache["koh1"], out=ss)
+        segrow[sl] = ss[..., :nk]
+        rowsum[sl] = ss[..., nk]
         if cells is None:
             np.min(x.reshape(m, hh, t * s), axis=-1, out=mn[sl])
             tq[sl], tk[sl], tw[sl] = M.top_k_pairs_block(x, k, row_max=rmax[sl])
@@ -267,10 +276,13 @@ def _compute(
             tq[sl], tk[sl], tw[sl] = M.top_k_pairs_block(np.where(c, x, f32(-1)), k)
         if sim is not None:
             if spec.similarity == "js":
-                rows = None if cells is None else cells[sl].any(axis=-1)
-                M._js_into(x[:, :h], e[:, :h], rowsum[sl, :h], sim[sl], pair, plog, rows)
+                M._js_mix_terms(x[:, :h], sim[sl], pair, plog, xt[:, :h])
             else:
-                sim[sl] = M.head_similarity_cosine(x[:, :h])
+                ia, ib = np.triu_indices(h, 1)
+                sim[sl] = M.head_similarity_cosine(x[:, :h])[:, ia, ib]
+    if sim is not None and spec.similarity == "js":
+        rows = None if cells is None else cells.any(axis=-1)
+        sim = M._js_finish(sim, ent[:, :h], rowsum[:, :h], rows)
     return {
         "ent": ent,
         "rmax": rmax,
@@ -485,7 +497,7 @@ def analyze_block(
             "sample": np.repeat(samples, npairs),
             "head_a": np.tile(hid[ia], n),
             "head_b": np.tile(hid[ib], n),
-            spec.similarity: sim[:, ia, ib].reshape(-1),
+            spec.similarity: sim.reshape(-1),
         }
 
     real_min = r["min"][:, :h]

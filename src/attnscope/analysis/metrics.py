@@ -41,6 +41,24 @@ _TINY = np.float32(1e-30)
 # float16 subnormals, which soft attention is full of (see MEASURED.md); the table gather
 # runs ~4x faster on this machine and is bit-exact (NaN/Inf included).
 _F16_TABLE = np.arange(65536, dtype=np.uint16).view(np.float16).astype(np.float32)
+# Faster still for what attention holds (non-negative, finite): the float16 bits shifted
+# into a float32's place are the value times 2**-112 (subnormals included, since float32
+# has 8 more exponent bits), so one integer shift and one multiply are exact.
+_F16_SCALE = np.float32(2.0**112)
+_F16_INF = 0x7C00  # bits of +inf; anything at or above it is inf, NaN or negative
+
+
+def _f16_into(bits: np.ndarray, out: np.ndarray) -> None:
+    """Convert float16 ``bits`` (viewed as uint16) into the float32 array ``out``, exactly.
+
+    The shift path needs every value non-negative and finite (one max over the bits,
+    ~0.2 ms per MiB); otherwise the lookup table, which is exact for every value.
+    """
+    if bits.size and int(bits.max()) < _F16_INF:
+        np.left_shift(bits, 13, out=out.view(np.uint32), dtype=np.uint32)
+        np.multiply(out, _F16_SCALE, out=out)
+    else:
+        np.take(_F16_TABLE, bits, out=out)
 
 
 def as_float32(block: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
@@ -63,10 +81,8 @@ def as_float32(block: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     if block.dtype == np.float16:
         idx = np.ascontiguousarray(block).view(np.uint16)
         if out is None:
-            # Fancy indexing, not np.take: without out=, np.take(table, uint16) is ~6x
-            # slower here (measured, numpy 2.4).
-            return _F16_TABLE[idx]
-        np.take(_F16_TABLE, idx, out=out)
+            out = np.empty(block.shape, dtype=np.float32)
+        _f16_into(idx, out)
         return out
     if block.dtype.kind not in "fiub":
         raise InputError(f"attention must be a real numeric array, got dtype {block.dtype}")
@@ -352,51 +368,87 @@ def head_similarity_js(
 _HALF_LN2 = np.float32(0.5 * np.log(2.0))
 
 
-def _js_into(
+def _js_mix_terms(
     x: np.ndarray,
-    entropy: np.ndarray,
-    rowsum: np.ndarray,
     out: np.ndarray,
     pair: np.ndarray | None = None,
     logs: np.ndarray | None = None,
-    rows: np.ndarray | None = None,
+    shifted: np.ndarray | None = None,
 ) -> None:
-    """Fill ``out`` ``(n, H, H)`` with the JS divergences of ``x`` ``(n, H, T, S)`` float32.
+    """Fill ``out`` ``(n, P, T)`` with ``sum_k s log s``, ``s = a + b``, for every head pair.
 
-    With ``s = a + b`` (so ``M = s / 2``): ``H(M) = -sum M log M
-    = -(1/2) sum s log s + (log 2 / 2) (sum a + sum b)``, so each pair costs one add,
-    one ``log`` and one dot product; all pairs ``(a, b > a)`` of one ``a`` go at once.
-    ``pair`` / ``logs`` are optional float32 scratch buffers of at least
-    ``(n, H - 1, T, S)`` elements. ``rows`` ``(n, T)`` bool: average over these query rows
-    only (the real rows of padded samples).
+    Pairs ``(a, b > a)`` in ``np.triu_indices(H, 1)`` order; all pairs of one ``a`` go in
+    one add, one ``log`` and one dot product. ``pair`` / ``logs`` are optional float32
+    scratch buffers of at least ``(n, H - 1, T, S)`` elements. ``shifted``: ``x + _TINY``
+    if the caller has it (the entropy pass makes it), so a pair's ``a + b + 2 tiny`` is one
+    add instead of two; ``(a + b + 2 tiny) log(a + b + 2 tiny)`` differs from
+    ``(a + b) log(a + b + 2 tiny)`` by ~1e-28 per zero cell and not at all elsewhere
+    (float16 weights are >= 6e-8).
     """
     n, h, t, s = x.shape
-    if h < 2:
-        return
     size = n * (h - 1) * t * s
     if pair is None or pair.size < size:
         pair = np.empty(size, dtype=np.float32)
     if logs is None or logs.size < size:
         logs = np.empty(size, dtype=np.float32)
     tiny2 = np.float32(2 * _TINY)
-    half = np.float32(0.5)
+    off = 0
     for a in range(h - 1):
         m = h - 1 - a
         p = pair.reshape(-1)[: n * m * t * s].reshape(n, m, t, s)
         lg = logs.reshape(-1)[: n * m * t * s].reshape(n, m, t, s)
-        np.add(x[:, a : a + 1], x[:, a + 1 :], out=p)
-        np.add(p, tiny2, out=lg)
-        np.log(lg, out=lg)
-        slogs = np.vecdot(p, lg)  # (n, m, T)
-        h_mix = _HALF_LN2 * (rowsum[:, a : a + 1] + rowsum[:, a + 1 :]) - half * slogs
-        js = h_mix - half * (entropy[:, a : a + 1] + entropy[:, a + 1 :])
-        if rows is None:
-            val = np.maximum(js, 0).mean(axis=-1)  # (n, m)
+        if shifted is None:
+            np.add(x[:, a : a + 1], x[:, a + 1 :], out=p)
+            np.add(p, tiny2, out=lg)
+            np.log(lg, out=lg)
         else:
-            val = np.vecdot(np.maximum(js, 0), rows[:, None, :].astype(np.float32))
-            val /= np.maximum(rows.sum(axis=-1), 1)[:, None]
-        out[:, a, a + 1 :] = val
-        out[:, a + 1 :, a] = val
+            np.add(shifted[:, a : a + 1], shifted[:, a + 1 : h], out=p)
+            np.log(p, out=lg)
+        np.vecdot(p, lg, out=out[:, off : off + m])
+        off += m
+
+
+def _js_finish(
+    slogs: np.ndarray, entropy: np.ndarray, rowsum: np.ndarray, rows: np.ndarray | None = None
+) -> np.ndarray:
+    """JS divergence ``(n, P)`` of every head pair from :func:`_js_mix_terms`' ``(n, P, T)``.
+
+    With ``s = a + b`` (so ``M = s / 2``): ``H(M) = -sum M log M
+    = -(1/2) sum s log s + (log 2 / 2) (sum a + sum b)``; ``JS = H(M) - (H(A) + H(B)) / 2``
+    per row, clipped at 0 (rounding), averaged over the rows (``rows`` ``(n, T)`` bool:
+    over these query rows only, the real rows of padded samples).
+    """
+    h = entropy.shape[1]
+    ia, ib = np.triu_indices(h, 1)
+    half = np.float32(0.5)
+    h_mix = _HALF_LN2 * (rowsum[:, ia] + rowsum[:, ib]) - half * slogs
+    js = h_mix - half * (entropy[:, ia] + entropy[:, ib])
+    np.maximum(js, 0, out=js)
+    if rows is None:
+        return js.mean(axis=-1)  # (n, P)
+    val = np.vecdot(js, rows[:, None, :].astype(np.float32))
+    val /= np.maximum(rows.sum(axis=-1), 1)[:, None]
+    return val
+
+
+def _js_into(
+    x: np.ndarray,
+    entropy: np.ndarray,
+    rowsum: np.ndarray,
+    out: np.ndarray,
+    rows: np.ndarray | None = None,
+) -> None:
+    """Fill ``out`` ``(n, H, H)`` with the JS divergences of ``x`` ``(n, H, T, S)`` float32
+    (see :func:`_js_mix_terms` and :func:`_js_finish`)."""
+    n, h, t, _s = x.shape
+    if h < 2:
+        return
+    ia, ib = np.triu_indices(h, 1)
+    slogs = np.empty((n, ia.size, t), dtype=np.float32)
+    _js_mix_terms(x, slogs)
+    val = _js_finish(slogs, entropy, rowsum, rows)
+    out[:, ia, ib] = val
+    out[:, ib, ia] = val
 
 
 def head_similarity_cosine(block: np.ndarray) -> np.ndarray:
