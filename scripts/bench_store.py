@@ -108,6 +108,50 @@ def bench_npy(tmp: str, data: np.ndarray) -> dict:
     }
 
 
+def npsave_fsync(tmp: str, data: np.ndarray) -> tuple[float, float]:
+    """(write, read) MB/s of ``np.save`` + fsync and ``np.load`` of the same bytes: the limit."""
+    path = os.path.join(tmp, "limit.npy")
+    mb = data.nbytes / 2**20
+    t0 = time.perf_counter()
+    with open(path, "wb") as fh:
+        np.save(fh, data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    t_write = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    np.load(path)
+    t_read = time.perf_counter() - t0
+    os.remove(path)
+    return mb / t_write, mb / t_read
+
+
+def bench_limits(tmp: str, configs: list, rounds: int) -> list[str]:
+    """Rows: default-codec (zstd) write/read MB/s of each format vs np.save+fsync / np.load,
+    interleaved per round; ratios are per round (same load), median and range shown."""
+    rows = []
+    rng = np.random.default_rng(1)
+    for label, n, h, t, batch in configs:
+        data = attention(rng, n, h, t)
+        got: dict[str, list[tuple[float, float, float, float]]] = {"zarr": [], "hdf5": []}
+        for _ in range(rounds):
+            for fmt in got:
+                lw, lr = npsave_fsync(tmp, data)
+                r = bench_case(tmp, data, fmt, "zstd", batch)
+                got[fmt].append((r["write"], lw, r["read"], lr))
+        for fmt, runs in got.items():
+            cells = []
+            for i in (0, 2):
+                ours = [x[i] for x in runs]
+                ratio = [x[i] / x[i + 1] for x in runs]
+                lim = [x[i + 1] for x in runs]
+                cells.append(
+                    f"{np.median(ours):.0f} | {np.median(lim):.0f} | {np.median(ratio):.2f}x "
+                    f"({min(ratio):.2f}-{max(ratio):.2f})"
+                )
+            rows.append(f"| {label} | {fmt} / zstd | {' | '.join(cells)} |")
+    return rows
+
+
 def bench_append(
     tmp: str, rng: np.random.Generator, fmt: str, comp: str, *, validate: bool, appends: int
 ) -> tuple[float, float]:
@@ -205,6 +249,10 @@ def main() -> None:
     ap.add_argument("--checksums-only", action="store_true", help="only the checksum table")
     ap.add_argument("--repeats", type=int, default=5, help="off/on pairs per checksum row")
     ap.add_argument("--padding-only", action="store_true", help="only the padding table")
+    ap.add_argument(
+        "--limits-only", action="store_true", help="only the vs-np.save+fsync table (issue 15)"
+    )
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds per limits row")
     args = ap.parse_args()
     rng = np.random.default_rng(0)
     if args.padding_only:
@@ -231,6 +279,19 @@ def main() -> None:
         warm = attention(rng, 4, 2, 16)
         for f, c in cases:  # import codecs, start zarr's event loop: not part of the figures
             bench_case(tmp, warm, f, c, 2)
+        print(
+            f"\n### default codec vs the limit (np.save + fsync / np.load of the same bytes), "
+            f"median of {args.rounds} interleaved rounds, ratio range in brackets\n"
+        )
+        print(
+            "| case | format / codec | write MB/s | np.save+fsync MB/s | write vs limit | "
+            "read MB/s | np.load MB/s | read vs limit |"
+        )
+        print("|---|---|---:|---:|---|---:|---:|---|")
+        print("\n".join(bench_limits(tmp, configs, args.rounds)))
+        if args.limits_only:
+            print(f"\nload average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+            return
         for label, n, h, t, batch in configs[:2]:
             data = attention(rng, n, h, t)
             print(

@@ -81,6 +81,17 @@ def test_batch_size_chunks_also_for_arrays_created_on_first_append(tmp_path, lay
             assert 6 % a[name].chunks[0] == 0, name
 
 
+def test_first_power_of_two_batch_sets_the_chunk_when_batch_size_is_unset(tmp_path, layout, rng):
+    # A first batch of 4 stands in for batch_size: no chunk straddles two appends.
+    with ArchiveWriter.create(tmp_path / "p.zarr", layout) as w:
+        for _ in range(3):
+            w.append(make_batch(rng, 4, layers=1))
+    with open_archive(tmp_path / "p.zarr") as a:
+        assert a.metadata["batch_size"] is None and a.n_samples == 12
+        for name in a.arrays():
+            assert a[name].chunks[0] == 4, name
+
+
 def test_array_list_recorded_in_root_metadata(path, layout, rng) -> None:
     with ArchiveWriter.create(path, layout) as w:
         w.append(make_batch(rng, 2, layers=1))

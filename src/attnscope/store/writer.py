@@ -424,9 +424,15 @@ class ArchiveWriter:
         b = self._backend
         assert b is not None
         new = [name for name in prepared if name not in self._nodes]
+        # Without a declared batch_size, a single writer's first batch stands in for it
+        # when it is a power of two (then chunks hold whole batches and no append re-encodes
+        # a half-filled chunk); any other size would cut chunks to gcd(n, batch) samples.
+        first = end - self._start if self._count == 0 and self._stop is None else None
+        if first is not None and first & (first - 1):
+            first = None
         for name in new:
             n = max(end, int(self._meta.get("capacity") or 0))
-            self._create_node(name, *prepared[name]["_hts"], n=n)
+            self._create_node(name, *prepared[name]["_hts"], n=n, batch=first)
         if new:
             self._record_arrays()
         grow: list[tuple[ArrayHandle, int]] = []
@@ -486,7 +492,9 @@ class ArchiveWriter:
             writes.append((h, (slice(pos, end),), arr))
         return writes
 
-    def _create_node(self, name: str, h: int, t: int, s: int, *, n: int) -> _Node:
+    def _create_node(
+        self, name: str, h: int, t: int, s: int, *, n: int, batch: int | None = None
+    ) -> _Node:
         b = self._backend
         assert b is not None
         stack, layer, kind = parse_array_name(name)
@@ -506,7 +514,7 @@ class ArchiveWriter:
         # next flush leaves it undecodable. One sample per chunk means a chunk holding
         # committed samples is never rewritten (Zarr renames whole chunk files instead).
         cs = 1 if self.format == "hdf5" else self._meta.get("chunk_samples")
-        bs = self._meta.get("batch_size")
+        bs = self._meta.get("batch_size") or batch
         node = _Node(name, h, t, s, attrs["heads"])
         if self._rules.sparse:
             k = int(self._rules.topk)  # type: ignore[arg-type]
