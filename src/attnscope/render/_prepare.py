@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from attnscope.errors import InputError, SelectionError, ShapeError
+from attnscope.render._crop import fit_layout, read_real, real_positions, sample_axes
 from attnscope.store import as_numpy as _store_numpy
 from attnscope.store.layout import SideLayout, TokenLayout
 
@@ -110,11 +111,20 @@ def _check_index(value: int, n: int, what: str) -> int:
     return v
 
 
-def select_matrix(attn: Any, *, head_idx: int | None = None, batch_idx: int = 0) -> np.ndarray:
+def select_matrix(
+    attn: Any,
+    *,
+    head_idx: int | None = None,
+    batch_idx: int = 0,
+    rows: np.ndarray | None = None,
+    cols: np.ndarray | None = None,
+) -> np.ndarray:
     """The ``(T, S)`` matrix of one sample: one head, or the mean over heads (``head_idx=None``).
 
     Archive selections read only sample ``batch_idx`` (and head ``head_idx``); the head
-    average is accumulated head by head so peak memory stays at two matrices.
+    average is accumulated head by head so peak memory stays at two matrices. ``rows`` /
+    ``cols`` (ascending query / key positions, e.g. a sample's real tokens) keep only those
+    rows and columns; an archive selection then reads only their bounding box.
     """
     b, h, _, _ = _shape4(attn)
     batch_idx = _check_index(batch_idx, b, "batch_idx")
@@ -122,13 +132,13 @@ def select_matrix(attn: Any, *, head_idx: int | None = None, batch_idx: int = 0)
         head_idx = _check_index(head_idx, h, "head_idx")
     if _is_lazy(attn):
         if head_idx is not None:
-            return np.asarray(attn[batch_idx, head_idx], dtype=np.float32)
-        acc = np.asarray(attn[batch_idx, 0], dtype=np.float64)
+            return read_real(attn, (batch_idx, head_idx), rows, cols).astype(np.float32)
+        acc = read_real(attn, (batch_idx, 0), rows, cols).astype(np.float64)
         for i in range(1, h):
-            acc += np.asarray(attn[batch_idx, i], dtype=np.float64)
+            acc += read_real(attn, (batch_idx, i), rows, cols)
         return (acc / h).astype(np.float32)
     x = as_numpy(attn)
-    x = x.reshape(_shape4(x))[batch_idx]
+    x = read_real(x.reshape(_shape4(x)), (batch_idx,), rows, cols)
     if head_idx is not None:
         return np.asarray(x[head_idx], dtype=np.float32)
     return x.mean(axis=0, dtype=np.float64).astype(np.float32)
@@ -273,15 +283,24 @@ def prepare_matrix(
     """Select, average and downsample one matrix, and work out its axis decoration.
 
     ``attn`` is any attention input (a ``(T, S)`` matrix included). An archive selection
-    without explicit layouts brings its own (modality-aware axes). Axes of at most
-    ``max_labels`` tokens get a tick label per token, longer ones segment names.
+    without explicit layouts brings its own (modality-aware axes), with sample
+    ``batch_idx``'s own token labels. Axes of at most ``max_labels`` tokens get a tick
+    label per token, longer ones segment names.
+
+    An archive selection of a ragged archive is cropped to the sample's real tokens (padded
+    query rows and key columns removed, whatever the padding pattern); a layout covering
+    the stored axis is cropped alike, with its segments recounted (see ``_crop``).
     """
+    b = _check_index(batch_idx, n_samples(attn), "batch_idx")
+    rows, cols = real_positions(attn, b) if _is_lazy(attn) else (None, None)
     if query_layout is None and key_layout is None:
-        query_layout, key_layout = array_layouts(attn)
-    mat = select_matrix(attn, head_idx=head_idx, batch_idx=batch_idx)
+        own = sample_axes(attn, b)
+        query_layout, key_layout = own if own is not None else array_layouts(attn)
+    mat = select_matrix(attn, head_idx=head_idx, batch_idx=b, rows=rows, cols=cols)
     t, s = mat.shape
-    check_layout(query_layout, t, "query")
-    check_layout(key_layout, s, "key")
+    _, _, t_stored, s_stored = _shape4(attn)
+    query_layout = check_layout(fit_layout(query_layout, rows, t_stored), t, "query")
+    key_layout = check_layout(fit_layout(key_layout, cols, s_stored), s, "key")
     data, fr, fc = block_reduce(mat, max_pixels, reduce)
     lo, hi = colour_limits(data, vmin, vmax, log)
     return PreparedMatrix(

@@ -71,19 +71,15 @@ class Job:
 
 
 class _Plan:
-    """An open archive and a :class:`Request`; builds the :class:`Job` of each figure."""
+    """An open archive and a :class:`Request`; builds the :class:`Job` of each figure.
+
+    Jobs pass archive selections without layouts: each figure takes its sample's own
+    labels and real tokens from the archive (``_prepare.prepare_matrix``).
+    """
 
     def __init__(self, arc: Any, req: Request) -> None:
         self.arc, self.req = arc, req
         self.tables = load_tables(req.tables_dir, arc) if "tables" in req.what else {}
-
-    def axes(self, stack: str, kind: str) -> dict[str, Any]:
-        layout = self.arc.layout
-        try:
-            q, k = layout.axes(stack, kind) if layout is not None else (None, None)
-        except SelectionError:
-            q, k = None, None
-        return {"query_layout": q, "key_layout": k}
 
     def samples_heads(self) -> Iterator[tuple[int, int | None]]:
         return ((s, h) for s in self.req.samples for h in self.req.heads)
@@ -113,7 +109,6 @@ def _heatmap_jobs(p: _Plan) -> Iterator[Job]:
                 batch_idx=s,
                 log=p.req.log,
                 title=f"{st} layer {lyr} {kd}, {_head_name(hd)}, sample {s}",
-                **p.axes(st, kd),
             )
 
 
@@ -128,7 +123,6 @@ def _grid_jobs(p: _Plan) -> Iterator[Job]:
                 batch_idx=s,
                 log=p.req.log,
                 title=f"{st} layer {lyr} {kd}, all heads, sample {s}",
-                **p.axes(st, kd),
             )
 
 
@@ -147,13 +141,11 @@ def _layer_jobs(p: _Plan) -> Iterator[Job]:
                 batch_idx=s,
                 log=p.req.log,
                 title=f"{st} {kd} across layers, {_head_name(hd)}, sample {s}",
-                **p.axes(st, kd),
             )
 
 
 def _flow_jobs(p: _Plan) -> Iterator[Job]:
     existing = set(_all_sel(p.arc, STACKS))
-    layout = p.arc.layout
     for lyr in sorted({lyr for (_, lyr, _) in p.req.sel}):
         need = [(st, lyr, kd) for st, kd in plots.FLOW_ARRAYS]
         if not all(x in existing for x in need):
@@ -169,8 +161,6 @@ def _flow_jobs(p: _Plan) -> Iterator[Job]:
                 batch_idx=s,
                 log=p.req.log,
                 title=plots.flow_title(lyr, hd, s),
-                encoder_layout=getattr(layout, "encoder", None),
-                decoder_layout=getattr(layout, "decoder", None),
             )
 
 

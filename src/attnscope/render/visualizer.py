@@ -36,6 +36,7 @@ from matplotlib.figure import Figure
 from attnscope.contracts import KIND_AXES
 from attnscope.errors import InputError, SelectionError
 from attnscope.render import plots
+from attnscope.render._crop import has_sample_axes
 from attnscope.render._prepare import MAX_PIXELS, array_layouts
 from attnscope.store import AttentionArchive, open_archive
 from attnscope.store.layout import SideLayout, TokenLayout
@@ -96,11 +97,14 @@ class AttentionVisualizer:
             return (attn, *self._layouts(attn, stack, kind))
         if stack is None or layer is None or kind is None:
             raise SelectionError("with an archive, pass stack=, layer= and kind=")
-        return (arc.attention(stack, layer, kind), *arc.layout.axes(stack, kind))
+        # no layouts: the plot takes the chosen sample's own labels and real tokens
+        return arc.attention(stack, layer, kind), None, None
 
     def _layouts(
         self, attn: Any, stack: str | None, kind: str | None
     ) -> tuple[SideLayout | None, SideLayout | None]:
+        if has_sample_axes(attn):
+            return None, None  # the plot labels each sample with its own tokens
         q, k = array_layouts(attn)
         if q is not None or k is not None:
             return q, k
@@ -243,7 +247,7 @@ class AttentionVisualizer:
                     raise SelectionError("with an archive, pass stack= ('encoder' or 'decoder')")
                 wanted = list(arc.layers(stack)) if layers is None else list(layers)
                 items = {i: arc.attention(stack, i, attention_type) for i in wanted}
-                q, k = arc.layout.axes(stack, attention_type)
+                q, k = None, None  # each sample's own labels and real tokens (prepare_matrix)
             else:
                 items = self._layer_items(layer_attention_list, attention_type, layers)
                 first = next(iter(items.values()), None)
@@ -306,7 +310,7 @@ class AttentionVisualizer:
                     arc.attention(st, layer_idx, kd)
                     for st, kd in plots.FLOW_ARRAYS
                 )
-                enc_layout, dec_layout = arc.layout.encoder, arc.layout.decoder
+                enc_layout = dec_layout = None  # each sample's own (prepare_matrix)
             else:
                 enc, dec, cross = encoder_attention, decoder_self_attention, decoder_cross_attention
                 if enc is None or dec is None or cross is None:

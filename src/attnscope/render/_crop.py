@@ -1,0 +1,120 @@
+"""One sample's real tokens: what a figure or the report keeps of a padded (ragged) archive.
+
+Ragged archives (schema 2) store every sample padded to the archive's maximum, with a mask
+per side saying which stored positions hold real tokens (any pattern: right, left or middle
+padding). A figure of one sample shows only its real tokens: the padded query rows and key
+columns are dropped (the real positions are *selected*, not a prefix sliced), the axis
+labels are that sample's own (``archive.sample_layout(i)``), and the segments are recounted
+over the kept positions (a segment with no real token disappears).
+
+Archives without masks (schema 1) report every token real; nothing is cropped then, so
+their figures are exactly what they were. In-memory arrays and tensors carry no mask and
+are never cropped. Nothing in here draws.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from attnscope.errors import SelectionError
+from attnscope.store.layout import Segment, SideLayout
+
+__all__ = [
+    "crop_layout",
+    "fit_layout",
+    "has_sample_axes",
+    "read_real",
+    "real_positions",
+    "sample_axes",
+]
+
+
+def _positions(mask: Any) -> np.ndarray | None:
+    """Stored positions of the real tokens; None when every token is real (nothing to crop)."""
+    m = np.asarray(mask, dtype=bool)
+    return None if m.all() else np.flatnonzero(m)
+
+
+def real_positions(attn: Any, sample: int) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """``(query positions, key positions)`` of one sample's real tokens in an archive selection.
+
+    Each is an ascending int array of stored positions, or None when that axis has no
+    padding (or ``attn`` knows no masks: in-memory arrays, tensors, archives without masks).
+    """
+    valid = getattr(attn, "valid", None)
+    if isinstance(attn, np.ndarray) or hasattr(attn, "detach") or not callable(valid):
+        return None, None
+    q, k = valid(int(sample))
+    return _positions(q), _positions(k)
+
+
+def _span(pos: np.ndarray | None) -> slice:
+    return slice(None) if pos is None else slice(int(pos[0]), int(pos[-1]) + 1)
+
+
+def read_real(
+    attn: Any, index: tuple[int, ...], rows: np.ndarray | None, cols: np.ndarray | None
+) -> np.ndarray:
+    """``attn[index]`` (a ``(..., T, S)`` block) restricted to stored positions rows x cols.
+
+    Reads only the bounding box of the kept positions, then selects them; ``None`` keeps a
+    whole axis. With both ``None`` this is exactly ``attn[index]``.
+    """
+    if rows is None and cols is None:
+        return np.asarray(attn[index])
+    x = np.asarray(attn[(*index, _span(rows), _span(cols))])
+    if rows is not None:
+        x = np.take(x, rows - rows[0], axis=-2)
+    if cols is not None:
+        x = np.take(x, cols - cols[0], axis=-1)
+    return x
+
+
+def crop_layout(layout: SideLayout, positions: np.ndarray) -> SideLayout:
+    """The layout of the tokens at ``positions`` (ascending stored positions), in that order.
+
+    Labels are taken at those positions; each segment keeps the positions that fall in it
+    and the segments are laid end to end again (empty ones dropped), so boundaries sit
+    between the kept tokens.
+    """
+    pos = np.asarray(positions, dtype=np.int64)
+    segments, start = [], 0
+    for seg in layout.segments:
+        n = int(np.count_nonzero((pos >= seg.start) & (pos < seg.stop)))
+        if n:
+            segments.append(Segment(seg.name, start, start + n))
+            start += n
+    return SideLayout(tuple(segments), tuple(layout.labels[int(i)] for i in pos))
+
+
+def fit_layout(
+    layout: SideLayout | None, positions: np.ndarray | None, stored: int
+) -> SideLayout | None:
+    """A layout of the stored axis (``stored`` tokens) cropped to ``positions``.
+
+    A layout of any other length (e.g. one already covering only the real tokens) is
+    returned as given; the caller checks it against the matrix.
+    """
+    if layout is None or positions is None or layout.length != stored:
+        return layout
+    return crop_layout(layout, positions)
+
+
+def has_sample_axes(attn: Any) -> bool:
+    """Whether ``attn`` is an archive selection whose archive knows each sample's layout."""
+    per_sample = getattr(getattr(attn, "archive", None), "sample_layout", None)
+    named = getattr(attn, "stack", None) and getattr(attn, "kind", None)
+    return callable(per_sample) and bool(named)
+
+
+def sample_axes(attn: Any, sample: int) -> tuple[SideLayout | None, SideLayout | None] | None:
+    """``(query, key)`` layouts with sample ``sample``'s own labels, from the archive behind
+    an archive selection (``archive.sample_layout``); None when ``attn`` has no such archive."""
+    if not has_sample_axes(attn):
+        return None
+    try:
+        return attn.archive.sample_layout(int(sample)).axes(attn.stack, attn.kind)
+    except SelectionError:
+        return None, None
