@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 
 V = 100  # vocab
@@ -155,3 +156,35 @@ def reference_attentions(model: Any, batch: dict) -> dict[str, torch.Tensor]:
         causal = type(model).__name__.endswith(("ForCausalLM", "LMHeadModel"))
         groups = [("decoder" if causal else "encoder", "self_attention", out.attentions)]
     return {f"{s}/{i}/{k}": a for s, k, atts in groups for i, a in enumerate(atts)}
+
+
+def as_stored(model: Any, batch: dict, want: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """``want`` as a ragged archive stores it: rows and keys of padding tokens are zeros.
+
+    A batch without any mask gives a fixed-length archive, stored as computed.
+    """
+    from attnscope.contracts import KIND_AXES
+
+    if model.config.is_encoder_decoder:
+        keys = {"encoder": "attention_mask", "decoder": "decoder_attention_mask"}
+    else:
+        keys = {"encoder": "attention_mask", "decoder": "attention_mask"}
+    ragged = any(batch.get(k) is not None for k in keys.values())
+    out = {}
+    for name, w in want.items():
+        x = w.float().numpy()
+        if ragged:
+            stack, _layer, kind = name.split("/")
+            q, k = KIND_AXES[(stack, kind)]
+            qm, km = _real(batch, keys[q], x.shape[2]), _real(batch, keys[k], x.shape[3])
+            x = np.where(qm[:, None, :, None] & km[:, None, None, :], x, 0).astype(np.float32)
+        out[name] = x
+    return out
+
+
+def _real(batch: dict, key: str, length: int) -> np.ndarray:
+    m = batch.get(key)
+    if m is None:
+        n = next(iter(v for v in batch.values() if isinstance(v, torch.Tensor))).shape[0]
+        return np.ones((n, length), dtype=bool)
+    return m.bool().numpy()

@@ -16,7 +16,14 @@ from attnscope.capture.hf import config_depth
 from attnscope.capture.job import capture
 from attnscope.store import open_archive
 
-from .hf_models import FAMILIES, IMAGE_FAMILIES, batch_for, make, reference_attentions
+from .hf_models import (
+    FAMILIES,
+    IMAGE_FAMILIES,
+    as_stored,
+    batch_for,
+    make,
+    reference_attentions,
+)
 
 transformers = pytest.importorskip("transformers")
 
@@ -30,11 +37,12 @@ def quiet_hf():
     transformers.logging.set_verbosity_error()
 
 
-def _check_archive(path, want: dict[str, torch.Tensor], atol: float) -> None:
+def _check_archive(path, want: dict[str, np.ndarray], atol: float) -> None:
+    """Every stored cell equals ``want`` (the model's own weights, padding zeroed)."""
     with open_archive(path) as a:
         assert set(a.arrays()) == set(want)
         for name in a.arrays():
-            ref = want[name].float().numpy()
+            ref = want[name]
             got = a[name][:]
             assert got.shape == ref.shape, name
             np.testing.assert_allclose(got, ref, atol=atol, rtol=0, err_msg=name)
@@ -48,7 +56,11 @@ def test_family_matches_output_attentions(tmp_path, family, dtype) -> None:
     if family not in IMAGE_FAMILIES:
         assert (batch["attention_mask"] == 0).any()  # padded: the mask reaches the model
     capture(model, [batch], tmp_path / "a.zarr", dtype="float32", progress=False)
-    _check_archive(tmp_path / "a.zarr", reference_attentions(model, batch), ATOL[dtype])
+    _check_archive(
+        tmp_path / "a.zarr",
+        as_stored(model, batch, reference_attentions(model, batch)),
+        ATOL[dtype],
+    )
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
@@ -90,7 +102,9 @@ def test_bf16_model_passes_validation_with_float16_storage(tmp_path) -> None:
     capture(model, [batch], tmp_path / "b.zarr", progress=False)  # validate=True, float16
     with open_archive(tmp_path / "b.zarr") as a:
         rows = a["decoder/0/self_attention"][:].astype(np.float64).sum(-1)
-    assert np.abs(rows - 1).max() <= 2**-7 + 2**-10  # bf16 rounding, then float16 storage
+        real = a.masks("decoder")  # padded rows are stored as zeros
+    assert np.abs(rows - 1)[real[:, None, :].repeat(rows.shape[1], 1)].max() <= 2**-7 + 2**-10
+    assert (rows[~real[:, None, :].repeat(rows.shape[1], 1)] == 0).all()
 
 
 def test_compiled_model_is_captured_through_its_module(tmp_path) -> None:
@@ -104,7 +118,9 @@ def test_compiled_model_is_captured_through_its_module(tmp_path) -> None:
     with torch.inference_mode():
         before = compiled(**batch).logits
     capture(compiled, [batch], tmp_path / "c.zarr", dtype="float32", progress=False)
-    _check_archive(tmp_path / "c.zarr", reference_attentions(model, batch), 1e-5)
+    _check_archive(
+        tmp_path / "c.zarr", as_stored(model, batch, reference_attentions(model, batch)), 1e-5
+    )
     with torch.inference_mode():
         after = compiled(**batch).logits
     torch.testing.assert_close(after, before)
@@ -119,7 +135,9 @@ def test_inductor_compiled_model_is_unwrapped_without_compiling(tmp_path) -> Non
     adapter.close()
     assert adapter.model is model
     capture(compiled, [batch], tmp_path / "i.zarr", dtype="float32", progress=False)
-    _check_archive(tmp_path / "i.zarr", reference_attentions(model, batch), 1e-5)
+    _check_archive(
+        tmp_path / "i.zarr", as_stored(model, batch, reference_attentions(model, batch)), 1e-5
+    )
 
 
 def test_pretrained_minilm_padded_sentences_match_output_attentions(tmp_path) -> None:
@@ -135,15 +153,22 @@ def test_pretrained_minilm_padded_sentences_match_output_attentions(tmp_path) ->
     model = AutoModel.from_pretrained(path).eval()
     tok = AutoTokenizer.from_pretrained(path)
     batch = dict(
-        tok(["attention is all you need", "a much longer second sentence, padded less"],
-            padding=True, return_tensors="pt")  # fmt: skip
+        tok(
+            ["attention is all you need", "a much longer second sentence, padded less"],
+            padding=True,
+            return_tensors="pt",
+        )  # fmt: skip
     )
     assert (batch["attention_mask"] == 0).any()
     summary = capture(
         model, [batch], tmp_path / "m.zarr", dtype="float32", tokenizer=tok, progress=False
     )
     assert summary.samples == 2
-    _check_archive(tmp_path / "m.zarr", reference_attentions(model, batch), 1e-5)
+    _check_archive(
+        tmp_path / "m.zarr", as_stored(model, batch, reference_attentions(model, batch)), 1e-5
+    )
     with open_archive(tmp_path / "m.zarr") as a:
         assert len(a.arrays()) == model.config.num_hidden_layers
-        assert a.layout.encoder.labels[0] == "[CLS]"
+        assert a.ragged  # padded sentences: per-sample masks and tokens
+        np.testing.assert_array_equal(a.masks("encoder"), batch["attention_mask"].numpy() == 1)
+        assert a.tokens("encoder", 1)[0][0] == "[CLS]"

@@ -34,7 +34,10 @@ class ReferenceAdapter(Adapter):
     """The reference Transformer. Batches are ``(enc, dec)`` or ``{"enc": …, "dec": …}``.
 
     Only wanted modules leave the fused SDPA path: the others run as fast as plain inference.
+    Every batch has the token counts of the model's modalities (no ragged archives).
     """
+
+    ragged_ok = False
 
     def __init__(self, model: Transformer) -> None:
         self.model = model
@@ -97,7 +100,10 @@ class TorchMHAAdapter(Adapter):
     ``encoder/{i}/self_attention`` in module order. Batches are a tensor, a tuple of
     positional arguments, or a dict of keyword arguments for ``model(...)``.
     The MHA fast path (which skips the Python module) is switched off while recording.
+    Every batch has the first batch's lengths (no ragged archives).
     """
+
+    ragged_ok = False
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model

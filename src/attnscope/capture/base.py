@@ -2,8 +2,8 @@
 
 An adapter runs a batch, names the attention modules it can observe (archive array names
 such as ``"decoder/1/cross_attention"``) and reports each one's weights ``(B, H, T, S)``
-to a sink while the batch runs. It also reports what issue 12's ragged storage will need
-per batch: the padding masks and, with a tokenizer, the tokens of each sample.
+to a sink while the batch runs. It also reports what a ragged archive stores per batch:
+the padding masks and, with a tokenizer, the tokens of each sample.
 """
 
 from __future__ import annotations
@@ -29,6 +29,9 @@ class Adapter:
     """Base class: run batches of one model family and report attention to a sink."""
 
     model: nn.Module
+    #: whether batches may differ in length (a ragged archive); families with a fixed
+    #: token layout (the reference Transformer's modalities) set False
+    ragged_ok: bool = True
 
     def names(self) -> list[str]:
         """Array names this model can produce, in archive order."""
@@ -55,11 +58,21 @@ class Adapter:
                 enc = enc or SideLayout.from_lengths({"tokens": shp[-1]})
         return TokenLayout(enc, dec)
 
+    def lengths(self, batch: Any) -> dict[str, int] | None:
+        """Per side, the tokens this batch will have, read without running the model.
+
+        Capture takes the maximum over a list of batches as a ragged archive's maximum.
+        ``None`` (or a side left out) when only running the model tells.
+        """
+        return None
+
     def masks(self, batch: Any) -> dict[str, np.ndarray] | None:
         """Per side (``"encoder"`` / ``"decoder"``), a ``(B, L)`` bool array, True = real token.
 
-        ``None`` when the family has no notion of padding. For a generating model, call
-        after :meth:`run`: the decoder side then covers the whole generated sequence.
+        ``None`` when the family has no notion of padding or the batch holds no mask
+        (capture then keeps a fixed-length archive unless told otherwise). For a
+        generating model, call after :meth:`run`: the decoder side then covers the whole
+        generated sequence.
         """
         return None
 

@@ -70,7 +70,8 @@ class HFAdapter(Adapter):
     """Hugging Face ``transformers`` models (see the module docstring for the mechanism).
 
     Encoder-only models give ``encoder/*``, decoder-only ``decoder/*``, encoder-decoder
-    models all three kinds. With a ``tokenizer``, the first sample's tokens label the axes.
+    models all three kinds. With a ``tokenizer``, every sample's tokens are stored, and the
+    first sample's label the axes of a fixed-length archive's layout.
     """
 
     def __init__(self, model: nn.Module, tokenizer: Any = None) -> None:
@@ -200,6 +201,7 @@ class HFAdapter(Adapter):
             raise InputError(
                 f"a Hugging Face batch must be a dict of model inputs, got {type(batch).__name__}"
             )
+        self.check_batch(batch)
         if self.generation is not None:
             from attnscope.capture.generation import generate_batch
 
@@ -240,33 +242,68 @@ class HFAdapter(Adapter):
                 if name in wanted:
                     sink(name, a)
 
-    # -- what issue 12 will store ---------------------------------------------------------
+    # -- what a ragged archive stores ----------------------------------------------------
+
+    def _batch_ids(self, batch: Any) -> dict[str, torch.Tensor]:
+        """Token ids per side, as the batch holds them."""
+        if not isinstance(batch, Mapping):
+            return {}
+        if self.is_enc_dec:
+            pairs = [("encoder", "input_ids"), ("decoder", "decoder_input_ids")]
+        else:
+            pairs = [("decoder" if self.is_decoder else "encoder", "input_ids")]
+        return {
+            side: batch[key]
+            for side, key in pairs
+            if isinstance(batch.get(key), torch.Tensor) and batch[key].dim() == 2
+        }
 
     def _side_ids(self, batch: Any) -> dict[str, torch.Tensor]:
         """Token ids per side, from the last generation or the batch."""
         if self.last is not None and self.generation is not None:
             return self.last.ids
-        if not isinstance(batch, Mapping):
-            return {}
-        out = {}
+        return self._batch_ids(batch)
+
+    def _mask_keys(self) -> dict[str, str]:
         if self.is_enc_dec:
-            pairs = [("encoder", "input_ids"), ("decoder", "decoder_input_ids")]
-        else:
-            pairs = [("decoder" if self.is_decoder else "encoder", "input_ids")]
-        for side, key in pairs:
-            if isinstance(batch.get(key), torch.Tensor):
-                out[side] = batch[key]
-        return out
+            return {"encoder": "attention_mask", "decoder": "decoder_attention_mask"}
+        return {"decoder" if self.is_decoder else "encoder": "attention_mask"}
+
+    def check_batch(self, batch: Mapping[str, Any]) -> None:
+        """A mask must have its ids' ``(B, L)`` shape (else the model broadcasts or fails)."""
+        ids = self._batch_ids(batch)
+        for side, key in self._mask_keys().items():
+            m = batch.get(key)
+            if side not in ids or not isinstance(m, torch.Tensor):
+                continue
+            if tuple(m.shape) != tuple(ids[side].shape):
+                id_key = "decoder_input_ids" if key.startswith("decoder") else "input_ids"
+                raise InputError(
+                    f"{key} has shape {tuple(m.shape)} but {id_key} has "
+                    f"{tuple(ids[side].shape)}; expected the same (B, L): one 0/1 entry per token"
+                )
+
+    def lengths(self, batch: Any) -> dict[str, int] | None:
+        out = {side: int(t.shape[1]) for side, t in self._batch_ids(batch).items()}
+        if self.generation is not None and isinstance(batch, Mapping):
+            n = int(self.generation["max_new_tokens"])
+            if self.is_enc_dec:  # the decoder starts from its start token(s)
+                d = batch.get("decoder_input_ids")
+                out["decoder"] = (int(d.shape[1]) if isinstance(d, torch.Tensor) else 1) + n
+            elif "decoder" in out:
+                out["decoder"] += n
+        return out or None
 
     def masks(self, batch: Any) -> dict[str, np.ndarray] | None:
         if self.last is not None and self.generation is not None:
             return dict(self.last.masks)
-        ids = self._side_ids(batch)
-        keys = {"encoder": "attention_mask", "decoder": "decoder_attention_mask"}
-        if not self.is_enc_dec:
-            keys["decoder"] = "attention_mask"
+        if not isinstance(batch, Mapping):
+            return None
+        keys = self._mask_keys()
+        if not any(batch.get(k) is not None for k in keys.values()):
+            return None  # no padding in this batch
         out = {}
-        for side, t in ids.items():
+        for side, t in self._batch_ids(batch).items():
             m = batch.get(keys[side])
             out[side] = (
                 np.ones(tuple(t.shape[:2]), dtype=bool) if m is None else _np(m).astype(bool)
@@ -274,13 +311,20 @@ class HFAdapter(Adapter):
         return out or None
 
     def tokens(self, batch: Any) -> dict[str, dict[str, Any]] | None:
-        if self.tokenizer is None:
+        """With a tokenizer: ids and token strings; after generation: ids at least."""
+        generated = self.last is not None and self.generation is not None
+        if self.tokenizer is None and not generated:
             return None
         out = {}
         for side, t in self._side_ids(batch).items():
             ids = _np(t).astype(np.int64)
-            labels = [list(self.tokenizer.convert_ids_to_tokens(row)) for row in ids.tolist()]
-            out[side] = {"labels": labels, "ids": ids}
+            entry: dict[str, Any] = {"ids": ids}
+            if self.tokenizer is not None:
+                entry["labels"] = [
+                    [str(x) for x in self.tokenizer.convert_ids_to_tokens(row)]
+                    for row in ids.tolist()
+                ]
+            out[side] = entry
         return out or None
 
     def generated(self) -> list[dict[str, Any]]:
@@ -291,7 +335,7 @@ class HFAdapter(Adapter):
         toks = self.tokens(batch) or {}
 
         def side(name: str, fallback: SideLayout | None) -> SideLayout | None:
-            if name not in toks or fallback is None:
+            if "labels" not in toks.get(name, {}) or fallback is None:
                 return fallback
             labels = toks[name]["labels"][0]
             if len(labels) != fallback.length:

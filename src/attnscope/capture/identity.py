@@ -1,8 +1,8 @@
 """What a captured archive's numbers mean, and the check that a resumed run means the same.
 
 A resumed run appends to an archive written by an earlier run. If it selected other heads,
-layers or kinds, another dtype or top-k, another token layout, another model config or
-other weights, the archive would silently mix two captures under one label. The
+layers or kinds, another dtype, top-k or max_length, another token layout, another model
+config or other weights, the archive would silently mix two captures under one label. The
 :class:`CaptureIdentity` of the run is stored in the archive's ``capture`` metadata at
 create and compared, option by option, on resume.
 """
@@ -38,6 +38,8 @@ class CaptureIdentity:
     param_hash: str  # "sha256:<hex>" of the model's parameters (see param_hash)
     n_params: int  # parameters hashed
     generate: dict[str, Any] | None = None  # generate() options (JSON); None: forward pass
+    # the max_length option (int, {side: int}); None: maxima from the batches
+    max_length: int | dict[str, int] | None = None
 
     def settings(self, device: torch.device, queue_depth: int) -> dict[str, Any]:
         """The archive's ``capture`` metadata (JSON)."""
@@ -53,6 +55,7 @@ class CaptureIdentity:
             "param_hash": self.param_hash,
             "n_params": self.n_params,
             "generate": self.generate,
+            "max_length": self.max_length,
         }
 
     def check(self, meta: Mapping[str, Any]) -> None:
@@ -70,6 +73,8 @@ class CaptureIdentity:
             _same("heads", _all_or(cap["heads"]), _all_or(self.heads))
         if "generate" in cap:
             _same("generate options", cap["generate"], self.generate)
+        if "max_length" in cap:
+            _same("max_length", cap["max_length"], self.max_length)
         _same("dtype", meta.get("dtype"), self.dtype)
         _same("topk", meta.get("topk"), self.topk)
         if meta.get("model_config"):
@@ -132,9 +137,10 @@ def _short(digest: str) -> str:
 
 def _same(option: str, have: Any, want: Any) -> None:
     if have != want:
+        verb = "differs" if option in ("dtype", "topk", "max_length") else "differ"
         raise ConfigError(
-            f"resume: {option} differ{'s' if option in ('dtype', 'topk') else ''}: archive "
-            f"has {have}, this run asks for {want}; resume with the options that wrote the "
+            f"resume: {option} {verb}: archive has {have}, this run asks for {want}; "
+            "resume with the options that wrote the "
             "archive, or capture into a new one"
         )
 

@@ -30,11 +30,12 @@ from torch import nn
 from attnscope.capture.adapters import Adapter, adapter_for, iter_wanted
 from attnscope.capture.identity import CaptureIdentity, param_hash
 from attnscope.capture.options import CaptureOptions, resolve_device
+from attnscope.capture.ragged import Lengths, side_lengths
 from attnscope.capture.recorder import Recorder, trim
 from attnscope.capture.shard import shard_for
 from attnscope.capture.writer import WriterThread, storage_error
 from attnscope.errors import AttnscopeError, CaptureError, ConfigError, SelectionError
-from attnscope.store import ArchiveSpec, ArchiveWriter, TokenLayout, open_archive
+from attnscope.store import ArchiveSpec, ArchiveWriter, TokenLayout, holds_no_data, open_archive
 
 __all__ = ["capture", "CaptureSummary", "CaptureOptions"]
 
@@ -84,6 +85,7 @@ def capture(
     world_size: int | None = None,
     wait_s: float = 300.0,
     generate: Mapping[str, Any] | None = None,
+    max_length: int | Mapping[str, int] | None = None,
 ) -> CaptureSummary:
     """Run ``model`` over ``batches`` and append every batch's attention to an archive.
 
@@ -96,7 +98,8 @@ def capture(
         captured through the module it wraps.
     batches
         Any iterable (e.g. a ``DataLoader``). Reference model: ``(enc, dec)`` pairs of
-        modality dicts; HF: dicts of model inputs; MHA models: tensors / arg tuples / kwarg dicts.
+        modality dicts; HF: dicts of model inputs (each batch may have its own length, e.g.
+        ``padding="longest"``); MHA models: tensors / arg tuples / kwarg dicts.
     archive_path
         ``*.zarr`` (default format) or ``*.h5``; ``format`` overrides the suffix.
     layers, heads, kinds
@@ -111,6 +114,9 @@ def capture(
     resume
         Continue an interrupted job: batches already committed are skipped (not re-run),
         a partly committed batch is re-run and only its new samples are appended.
+    tokenizer
+        Hugging Face tokenizer: every sample's token strings and ids are stored
+        (``AttentionArchive.tokens(side, i)``).
     topk
         Sparse mode: keep the ``topk`` largest weights per query row (+ indices and the
         remaining mass) instead of dense ``(T, S)`` matrices.
@@ -137,6 +143,15 @@ def capture(
         sequence, prompt rows and every generated token's row, computed with the KV cache
         (encoder-decoders: also the cross-attention rows). Sampling draws from torch's
         global generator: seed it with ``torch.manual_seed`` for a repeatable run.
+        The generated ids (and, with a ``tokenizer``, token strings) are stored per sample.
+    max_length
+        Maximum tokens per sample of a ragged archive (schema 2): one int for every side
+        or ``{"encoder": 128, "decoder": 64}``. Batches may be shorter; the archive keeps
+        each sample's padding mask. Without it, an archive is ragged when the first batch
+        carries a padding mask (HF ``attention_mask``, generation) or ``batches`` is a
+        list/tuple of batches of different lengths; its maximum is then the longest batch
+        of the list, else the first batch's length. Not for the reference Transformer or
+        ``nn.MultiheadAttention`` stacks (fixed token layouts).
 
     Returns
     -------
@@ -149,7 +164,11 @@ def capture(
     ConfigError
         A bad option (unknown dtype, repeated head, unusable ``device``); on ``resume``, an
         option that would change what the archive means (layers, kinds, heads, dtype,
-        ``topk``, token layout, model config, model weights), naming both values.
+        ``topk``, ``max_length``, token layout, model config, model weights), naming both
+        values.
+    ShapeError
+        A batch longer than the archive's maximum, or of another length than a
+        fixed-length archive's; the batches before it stay committed.
     CaptureError
         The model's forward failed (the model's exception is ``__cause__``), or a write
         failed (e.g. disk full): the samples committed before stay readable and resumable.
@@ -159,13 +178,15 @@ def capture(
     Examples
     --------
     >>> summary = capture(model, [(enc, dec)] * 4, "run.zarr", heads=[0, 3], progress=False)
+    >>> batches = [dict(tok(s, padding="longest", return_tensors="pt")) for s in sentences]
+    >>> capture(bert, batches, "text.zarr", tokenizer=tok, max_length=128, progress=False)
     """
     opts = CaptureOptions(
         layers=layers, heads=heads, kinds=kinds, dtype=dtype, format=format,
         sample_ids=sample_ids, device=device, resume=resume, progress=progress, topk=topk,
         tokenizer=tokenizer, tags=tags, overwrite=overwrite, validate=validate,
         queue_depth=queue_depth, total=total, rank=rank, world_size=world_size, wait_s=wait_s,
-        generate=generate,
+        generate=generate, max_length=max_length,
     )  # fmt: skip
     return _Job(model, batches, Path(archive_path), opts).run()
 
@@ -190,6 +211,7 @@ class _Job:
             self.generate = (
                 None if opts.generate is None else self.adapter.prepare_generation(opts.generate)
             )
+            self.lengths = Lengths(self.adapter, batches, opts.max_length)
             digest, n_params = param_hash(net)
         except BaseException:
             self.adapter.close()
@@ -203,6 +225,7 @@ class _Job:
             param_hash=digest,
             n_params=n_params,
             generate=self.generate,
+            max_length=opts.max_length,  # type: ignore[arg-type]
         )
         self.recorder = Recorder(
             heads=opts.heads, dtype=opts.dtype, topk=opts.topk, validate=opts.validate,
@@ -222,7 +245,8 @@ class _Job:
             if self.shard is None and not (self.opts.resume or self.opts.overwrite):
                 _refuse_existing(self.path)
             if self.shard is None and self.opts.resume and self.path.exists():
-                self._reopen()
+                if not holds_no_data(self.path):  # a lock-only folder is an empty archive
+                    self._reopen()
             for bi, batch in enumerate(self.batches):
                 if self.writer is not None:
                     self.writer.raise_if_failed()
@@ -261,21 +285,28 @@ class _Job:
         self.recorder.begin(drop)
         self._forward(bi, batch)
         captured, fence = self.recorder.finish(self.wanted, self.pos + drop)
+        lengths = side_lengths(self.recorder.shapes)
         if self.writer is None:
-            self.writer = WriterThread(self._create(batch, bsz), self.opts.queue_depth)
+            layout = self.lengths.decide(batch, lengths, self._layout(batch))
+            self.lengths.check(bi, lengths, layout)
+            self.writer = WriterThread(self._create(bsz, layout), self.opts.queue_depth)
             if self.shard is not None and self.writer.writer.committed:
                 # this rank resumes after its own committed samples
                 self.skip = self.pos + self.writer.writer.committed
                 drop = min(bsz, self.skip - self.pos)
                 captured = trim(captured, drop)
-        elif self.resumed is not None:
-            CaptureIdentity.check_layout(self.resumed, self._layout(batch))
-            self.resumed = None
+        else:
+            layout = self.lengths.layout(lengths) if self.lengths.ragged else self._layout(batch)
+            if self.resumed is not None:
+                CaptureIdentity.check_layout(self.resumed, layout)
+                self.resumed = None
+            self.lengths.check(bi, lengths, layout)
         if drop < bsz:
+            masks, tokens = self.lengths.side_data(batch, drop, lengths)
             if self.generated is not None:
                 self.generated.extend(self.adapter.generated()[drop:])
             ids = _batch_ids(self.opts.sample_ids, bi, batch, self.pos + drop, self.pos + bsz)
-            self.writer.put(captured, ids, fence)
+            self.writer.put(captured, ids, fence, masks=masks, tokens=tokens)
             self.n_batches += 1
         self.pos += bsz
         if self.bar is not None:
@@ -301,13 +332,15 @@ class _Job:
         """Resume: check the archive means what this run would write, then append to it."""
         with open_archive(self.path) as arch:
             meta = arch.metadata
+            fields, n = arch.token_fields(), arch.n_samples
         self.identity.check(meta)
+        self.lengths.adopt(meta, fields, n)
         self.resumed = meta
         writer = ArchiveWriter.open(self.path, mode="a")
         self.writer = WriterThread(writer, self.opts.queue_depth)
         self.skip = writer.committed
 
-    def _create(self, batch: Any, bsz: int) -> ArchiveWriter:
+    def _create(self, bsz: int, layout: TokenLayout) -> ArchiveWriter:
         """The archive writer, created from the first batch's layout and shapes."""
         o = self.opts
         spec = ArchiveSpec(
@@ -323,10 +356,10 @@ class _Job:
             # `verify` that rows must sum to 1.
             validate=False,
             normalized=o.validate,
-            arrays=self.recorder.array_shapes(),
+            arrays=self.lengths.array_shapes(self.recorder.array_shapes()),
             batch_size=bsz,  # Zarr chunks then divide the batch: each append fills whole chunks
+            max_lengths=self.lengths.max_lengths,  # None: fixed-length (schema 1)
         )
-        layout = self._layout(batch)
         try:
             if self.shard is None:
                 return ArchiveWriter.create(self.path, layout, spec, overwrite=o.overwrite)

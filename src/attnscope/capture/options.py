@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from attnscope.contracts import DTYPES, FORMATS
+from attnscope.contracts import DTYPES, FORMATS, STACKS
 from attnscope.errors import ConfigError
 
 __all__ = ["CaptureOptions", "resolve_device", "TORCH_DTYPES"]
@@ -49,6 +49,9 @@ class CaptureOptions:
     # HF generation: generate() options, e.g. {"max_new_tokens": 16, "do_sample": True};
     # checked against the model by its adapter (capture/generation.py)
     generate: Mapping[str, Any] | None = None
+    # ragged archives: the maximum tokens per side, one int for every side or
+    # {"encoder": 128, ...}; None: from the batches (capture/ragged.py)
+    max_length: int | Mapping[str, int] | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -70,6 +73,7 @@ class CaptureOptions:
                 "generate must be a dict of generate() options, e.g. "
                 f"dict(max_new_tokens=16), got {type(self.generate).__name__}"
             )
+        object.__setattr__(self, "max_length", _max_length(self.max_length))
         layers = _selection("layers", self.layers, _layer)
         object.__setattr__(self, "layers", layers)
         object.__setattr__(self, "heads", _selection("heads", self.heads, _index))
@@ -84,6 +88,28 @@ class CaptureOptions:
 def _positive(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+def _max_length(value: Any) -> int | dict[str, int] | None:
+    """``max_length`` as an int or a ``{side: int}`` dict (JSON: compared on resume)."""
+    if value is None:
+        return None
+    if isinstance(value, Mapping):
+        if not value:
+            raise ConfigError(
+                "max_length is an empty dict; expected an integer >= 1 or e.g. {'encoder': 128}"
+            )
+        out = {}
+        for side, n in value.items():
+            if side not in STACKS:
+                raise ConfigError(
+                    f"max_length names side {side!r}; expected sides among {list(STACKS)}"
+                )
+            _positive(f"max_length[{side!r}]", n)
+            out[side] = int(n)
+        return dict(sorted(out.items()))
+    _positive("max_length", value)
+    return int(value)
 
 
 def _index(x: Any) -> int:

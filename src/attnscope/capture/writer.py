@@ -33,13 +33,25 @@ class WriterThread:
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
 
-    def put(self, arrays: Captured, ids: dict[str, np.ndarray] | None, fence: Any) -> None:
-        """Queue one batch (blocks while the queue is full)."""
+    def put(
+        self,
+        arrays: Captured,
+        ids: dict[str, np.ndarray] | None,
+        fence: Any,
+        *,
+        masks: dict[str, np.ndarray] | None = None,
+        tokens: dict[str, dict[str, Any]] | None = None,
+    ) -> None:
+        """Queue one batch (blocks while the queue is full).
+
+        ``masks`` (side -> ``(B, L_b)`` bool) and ``tokens`` (side -> ``{"labels", "ids"}``)
+        go with the batch's ``append``: the store checks them there, before writing.
+        """
         self.raise_if_failed()
         if self._thread is None:
             self._thread = threading.Thread(target=self._loop, name="attnscope-writer", daemon=True)
             self._thread.start()
-        self._queue.put((arrays, ids, fence))
+        self._queue.put((arrays, ids, fence, masks, tokens))
 
     def raise_if_failed(self) -> None:
         if self._error is not None:
@@ -59,11 +71,16 @@ class WriterThread:
                 return
             if self._error is not None:
                 continue  # drain after an error so the producer never blocks
-            arrays, ids, fence = item
+            arrays, ids, fence, masks, tokens = item
             try:
                 if fence is not None:
                     fence.synchronize()
-                self.writer.append({n: _host(v) for n, v in arrays.items()}, sample_ids=ids)
+                self.writer.append(
+                    {n: _host(v) for n, v in arrays.items()},
+                    sample_ids=ids,
+                    masks=masks,
+                    tokens=tokens,
+                )
                 self.bytes += stored_nbytes(arrays)
                 self.samples += _n_samples(next(iter(arrays.values())))
             except BaseException as e:  # noqa: BLE001 - re-raised in the producer thread

@@ -1,0 +1,230 @@
+"""Batches of different lengths in one archive: when an archive is ragged, and its maxima.
+
+A capture writes a **ragged** archive (schema 2: per-sample masks, batches padded by the
+store to a maximum per side) when ``max_length`` is given, when the adapter reports
+padding masks for the first batch (Hugging Face batches with an ``attention_mask``,
+generation), or when ``batches`` is a list/tuple whose batches differ in length. The
+maximum of a side is ``max_length`` if given; else, for a list/tuple, the longest batch
+(read from the inputs without running the model, :meth:`Adapter.lengths`); else the first
+batch's length. An archive never grows along its tokens: a later, longer batch stops the
+job with a :class:`~attnscope.errors.ShapeError` and the batches before it stay committed.
+
+Otherwise the archive is fixed-length (schema 1), as it always was: every batch must have
+the first batch's lengths. Families with a fixed token layout (the reference Transformer,
+``nn.MultiheadAttention`` stacks) are always fixed-length.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import numpy as np
+
+from attnscope.capture.base import Adapter
+from attnscope.contracts import KIND_AXES, STACKS, TOKEN_MASK
+from attnscope.errors import ConfigError, ShapeError
+from attnscope.store import TokenLayout
+from attnscope.store.layout import SideLayout
+
+__all__ = ["Lengths", "side_lengths"]
+
+# segment name of a ragged archive's generic layout (labels "tokens[0]", "tokens[1]", ...)
+_SEGMENT = "tokens"
+
+SideData = dict[str, Any]
+
+
+def side_lengths(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, int]:
+    """Per side, a batch's tokens, read from its weights' ``(B, H, T, S)`` shapes."""
+    out: dict[str, int] = {}
+    for name, shp in shapes.items():
+        stack, _layer, kind = name.split("/")
+        q, k = KIND_AXES[(stack, kind)]
+        out.setdefault(q, int(shp[-2]))
+        out.setdefault(k, int(shp[-1]))
+    return out
+
+
+def _scan(adapter: Adapter, batches: Iterable[Any]) -> tuple[dict[str, int], bool]:
+    """``(longest per side, whether lengths differ)`` over a list or tuple of batches.
+
+    Only sequences are read ahead: a DataLoader or generator would load (or consume) its
+    data twice, so its maximum is the first batch's unless ``max_length`` says otherwise.
+    """
+    if not isinstance(batches, (list, tuple)):
+        return {}, False
+    seen: dict[str, set[int]] = {}
+    for batch in batches:
+        for side, n in (adapter.lengths(batch) or {}).items():
+            seen.setdefault(side, set()).add(int(n))
+    return {s: max(v) for s, v in seen.items()}, any(len(v) > 1 for v in seen.values())
+
+
+class Lengths:
+    """The lengths a job's batches may have, and the checks each batch passes.
+
+    Parameters
+    ----------
+    adapter
+        The model's adapter (``ragged_ok``, ``lengths``, ``masks``, ``tokens``).
+    batches
+        The batch source; a list or tuple is scanned for its longest batch.
+    max_length
+        The ``max_length`` option: one int for every side, ``{side: int}``, or None.
+    """
+
+    def __init__(self, adapter: Adapter, batches: Iterable[Any], max_length: Any) -> None:
+        self.adapter = adapter
+        self.option = max_length
+        if max_length is not None and not adapter.ragged_ok:
+            raise ConfigError(
+                f"max_length is not supported for {type(adapter.model).__name__}: its token "
+                "layout is fixed (every batch has the first batch's token counts); drop "
+                "max_length (--max-length), or use a Hugging Face model or an Adapter that "
+                "reports masks for batches of different lengths"
+            )
+        self.scanned, self.differ = _scan(adapter, batches) if adapter.ragged_ok else ({}, False)
+        self.max_lengths: dict[str, int] | None = None  # ragged: side -> maximum tokens
+        self.fixed: TokenLayout | None = None  # fixed-length: the archive's layout
+        # resume: side -> token fields the committed samples carry (None: not checked)
+        self.fields: dict[str, set[str]] | None = None
+
+    # -- the archive's shape -------------------------------------------------------------
+
+    def decide(self, batch: Any, lengths: Mapping[str, int], layout: TokenLayout) -> TokenLayout:
+        """First batch of a new archive: ragged or not, the maxima; returns the layout."""
+        masks = self.adapter.masks(batch) if self.adapter.ragged_ok else None
+        if self.option is None and masks is None and not self.differ:
+            self.fixed = layout
+            return layout
+        opt = self.option
+        if isinstance(opt, Mapping):
+            unknown = sorted(set(opt) - set(lengths))
+            if unknown:
+                raise ConfigError(
+                    f"max_length names side(s) {unknown}, but the captured arrays cover "
+                    f"{sorted(lengths)}; name those sides or pass one integer"
+                )
+        self.max_lengths = {}
+        for side, n in lengths.items():
+            want = opt.get(side) if isinstance(opt, Mapping) else opt
+            self.max_lengths[side] = (
+                int(want) if want is not None else max(n, self.scanned.get(side, 0))
+            )
+        return self.layout(lengths)
+
+    def adopt(self, meta: Mapping[str, Any], token_fields: Mapping[str, Any], n: int) -> None:
+        """Resume: the archive's maxima (or fixed layout) and stored token fields rule."""
+        given = meta.get("max_lengths")
+        if given:
+            self.max_lengths = {str(k): int(v) for k, v in given.items()}
+        elif meta.get("layout") is not None:
+            self.fixed = TokenLayout.from_json(meta["layout"])
+        if n:
+            self.fields = {s: set(f) - {TOKEN_MASK} for s, f in token_fields.items()}
+            self.fields = {s: f for s, f in self.fields.items() if f}
+
+    @property
+    def ragged(self) -> bool:
+        return self.max_lengths is not None
+
+    def layout(self, lengths: Mapping[str, int]) -> TokenLayout:
+        """A ragged archive's layout: each side of the batch at its maximum, positions as labels.
+
+        Per-sample labels come from the stored tokens (``AttentionArchive.sample_layout``).
+        """
+        assert self.max_lengths is not None
+        sides = {
+            s: SideLayout.from_lengths({_SEGMENT: self.max_lengths[s]}) if s in lengths else None
+            for s in STACKS
+        }
+        return TokenLayout(sides["encoder"], sides["decoder"])
+
+    def array_shapes(self, hts: Mapping[str, tuple[int, int, int]]) -> dict[str, tuple[int, ...]]:
+        """The arrays' stored ``(H, T, S)``: the maxima in a ragged archive."""
+        if self.max_lengths is None:
+            return dict(hts)
+        out = {}
+        for name, (h, t, s) in hts.items():
+            stack, _layer, kind = name.split("/")
+            q, k = KIND_AXES[(stack, kind)]
+            out[name] = (h, self.max_lengths.get(q, t), self.max_lengths.get(k, s))
+        return out
+
+    # -- every batch ---------------------------------------------------------------------
+
+    def check(self, bi: int, lengths: Mapping[str, int], layout: TokenLayout) -> None:
+        """Refuse a batch that does not fit the archive, before anything of it is queued."""
+        if self.max_lengths is not None:
+            for side, n in sorted(lengths.items()):
+                cap = self.max_lengths.get(side)
+                if cap is not None and n > cap:
+                    raise ShapeError(
+                        f"batch {bi} has {n} {side} tokens, more than the archive's maximum "
+                        f"of {cap} (max_lengths[{side!r}]); nothing of this batch was written "
+                        f"and the batches before it stay committed. Pass max_length={n} "
+                        f"(--max-length {n}) or more to a new capture, or truncate the inputs "
+                        f"to {cap} tokens and resume"
+                    )
+            return
+        if self.fixed is None:
+            return
+        if not self.adapter.ragged_ok:
+            want, got = _segments(self.fixed), _segments(layout)
+            if want != got:
+                raise ShapeError(
+                    f"batch {bi}: {type(self.adapter.model).__name__} has a fixed token "
+                    f"layout: expected {want} like the first batch, got {got}; every batch "
+                    "needs the same modalities and token counts (batches of different "
+                    "lengths need a Hugging Face model or an Adapter that reports masks)"
+                )
+            return
+        for side, n in sorted(lengths.items()):
+            lay = getattr(self.fixed, side)
+            if lay is not None and n != lay.length:
+                raise ShapeError(
+                    f"batch {bi} has {n} {side} tokens, but this archive is fixed-length "
+                    f"({lay.length} tokens: its first batch had no attention mask and no "
+                    f"max_length was given); pass max_length={max(n, lay.length)} "
+                    f"(--max-length {max(n, lay.length)}) to a new capture for batches of "
+                    "different lengths"
+                )
+
+    def side_data(
+        self, batch: Any, drop: int, sides: Iterable[str]
+    ) -> tuple[dict[str, np.ndarray] | None, dict[str, SideData] | None]:
+        """``(masks, tokens)`` of the samples this batch writes (the first ``drop`` are
+        committed already), for the archive's sides; call after the batch ran."""
+        sides = set(sides)
+        masks = None
+        if self.ragged:
+            got = self.adapter.masks(batch) or {}
+            masks = {s: np.asarray(m)[drop:] for s, m in got.items() if s in sides} or None
+        tokens = {
+            s: {k: v[drop:] for k, v in t.items() if v is not None}
+            for s, t in (self.adapter.tokens(batch) or {}).items()
+            if s in sides
+        }
+        tokens = {s: t for s, t in tokens.items() if t} or None
+        if self.fields is not None:
+            have = {s: set(t) for s, t in (tokens or {}).items()}
+            if have != self.fields:
+                raise ConfigError(
+                    f"resume: the archive stores per-sample tokens {_show(self.fields)}, this "
+                    f"run's batches give {_show(have)}; resume with the tokenizer (tokenizer= / "
+                    "--tokenizer) that wrote the archive"
+                )
+        return masks, tokens
+
+
+def _segments(layout: TokenLayout) -> dict[str, list[tuple[str, int]]]:
+    return {
+        side: [(s.name, len(s)) for s in sl.segments]
+        for side, sl in (("encoder", layout.encoder), ("decoder", layout.decoder))
+        if sl is not None
+    }
+
+
+def _show(fields: Mapping[str, set[str]]) -> str:
+    return str({s: sorted(f) for s, f in sorted(fields.items())}) if fields else "none"
