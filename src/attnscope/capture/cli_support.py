@@ -15,11 +15,20 @@ import torch
 
 from attnscope._extras import require
 from attnscope.capture.hf import DECODER_ONLY_TYPES
+from attnscope.capture.hf_inputs import (
+    TEXT_SUFFIXES,
+    array_batches,
+    load_texts,
+    load_tokenizer,
+    text_batches,
+)
 from attnscope.capture.model import Transformer
 from attnscope.capture.synthetic import GUIDE_DEC, GUIDE_ENC, guide_model_config, synthetic_batches
 from attnscope.errors import ConfigError, InputError
 
-__all__ = ["build_job", "load_inputs", "hf_model_from_config", "generate_options"]
+__all__ = [
+    "build_job", "load_inputs", "hf_model_from_config", "generate_options", "load_tokenizer",
+]  # fmt: skip
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -83,7 +92,10 @@ def load_inputs(path: Path) -> dict[str, np.ndarray]:
 
         walk("", obj)
         return _checked(path, flat)
-    raise InputError(f"inputs file {path} must end in .npz or .pt, got {path.suffix!r}")
+    raise InputError(
+        f"inputs file {path} must end in .npz or .pt (or, for Hugging Face models with "
+        f"--tokenizer, .jsonl / .txt), got {path.suffix!r}"
+    )
 
 
 def _load_npz(path: Path) -> dict[str, np.ndarray]:
@@ -264,17 +276,24 @@ def _hf(
     seq_len: int,
     seed: int,
     generate: bool = False,
+    tokenizer: Any = None,
+    max_length: int | None = None,
 ) -> tuple[torch.nn.Module, Iterable[Any]]:
     model = hf_model_from_config(hf_config, seed, generate)
+    # decoder-only generation continues after each prompt's last token: pad on the left
+    left_pad = generate and not model.config.is_encoder_decoder
+    if inputs is not None and Path(inputs).suffix in TEXT_SUFFIXES:
+        if tokenizer is None:
+            raise ConfigError(
+                f"--inputs {inputs} holds sentences: pass --tokenizer DIR (a local tokenizer "
+                "folder) to turn them into token ids"
+            )
+        texts = load_texts(inputs)
+        return model, text_batches(
+            texts, tokenizer, model, batch_size, max_length=max_length, left_pad=left_pad
+        )
     if inputs is not None:
-        arrays = load_inputs(inputs)
-        n = len(next(iter(arrays.values())))
-
-        def make() -> Iterator[Any]:
-            for s in _slices(n, batch_size):
-                yield {k: torch.from_numpy(np.asarray(v[s])) for k, v in arrays.items()}
-
-        return model, _Batches(make, -(-n // batch_size))
+        return model, array_batches(load_inputs(inputs), inputs, batch_size, left_pad=left_pad)
     vocab = int(getattr(model.config, "vocab_size", 1000))
 
     def make_synth() -> Iterator[Any]:
@@ -299,17 +318,32 @@ def build_job(
     seq_len: int = 32,
     seed: int = 0,
     generate: bool = False,
+    tokenizer: Any = None,
+    max_length: int | None = None,
 ) -> tuple[torch.nn.Module, Iterable[Any]]:
     """(model, re-iterable batches) for ``attnscope capture``.
 
     ``generate``: the batches are prompts (no synthetic ``decoder_input_ids``).
+    ``tokenizer``: turns ``.jsonl`` / ``.txt`` sentences into batches (HF models only);
+    ``max_length`` truncates those sentences (``--max-length``).
     """
     if n_batches < 1 or batch_size < 1:
         raise ConfigError(f"--batches and --batch-size must be >= 1, got {n_batches}, {batch_size}")
     if kind == "hf":
         if hf_config is None:
             raise ConfigError("--model hf needs --hf-config PATH")
-        return _hf(hf_config, inputs, n_batches, batch_size, seq_len, seed, generate)
+        return _hf(hf_config, inputs, n_batches, batch_size, seq_len, seed, generate,
+                   tokenizer, max_length)  # fmt: skip
+    if tokenizer is not None:
+        raise ConfigError(
+            "--tokenizer is for Hugging Face models (--hf-config); the reference model "
+            "takes modality arrays (--inputs .npz with 'enc/<modality>', 'dec/<modality>')"
+        )
+    if inputs is not None and Path(inputs).suffix in TEXT_SUFFIXES:
+        raise InputError(
+            f"--inputs {inputs} holds sentences, which need a Hugging Face model "
+            "(--hf-config) and --tokenizer DIR; the reference model takes .npz / .pt arrays"
+        )
     return _reference(config, inputs, n_batches, batch_size, seed)
 
 

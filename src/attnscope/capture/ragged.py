@@ -163,7 +163,7 @@ class Lengths:
                     raise ShapeError(
                         f"batch {bi} has {n} {side} tokens, more than the archive's maximum "
                         f"of {cap} (max_lengths[{side!r}]); nothing of this batch was written "
-                        f"and the batches before it stay committed. Pass max_length={n} "
+                        f"and the batches before it stay committed; pass max_length={n} "
                         f"(--max-length {n}) or more to a new capture, or truncate the inputs "
                         f"to {cap} tokens and resume"
                     )
