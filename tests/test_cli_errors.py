@@ -176,6 +176,39 @@ def _truncated_h5(cmd: str) -> Callable[[Path], list[str]]:
     return build
 
 
+def _tok_dir(w: Path, n_extra: int = 0) -> str:
+    """A WordPiece tokenizer folder (9 tokens + ``n_extra``; HF_BERT has 60 ids)."""
+    d = w / f"tok{n_extra}"
+    d.mkdir(exist_ok=True)
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "cat", "sat", "hi"]
+    (d / "vocab.txt").write_text("\n".join(words + [f"w{i}" for i in range(n_extra)]))
+    (d / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "BertTokenizer"}))
+    return str(d)
+
+
+def _hf_inputs(w: Path, name: str, *extra: str, text: str | None = None,
+               arrays: dict | None = None) -> list[str]:
+    """``capture --hf-config`` on an inputs file written here (text, or .npz arrays)."""
+    if arrays is not None:
+        np.savez(w / name, **arrays)
+    else:
+        (w / name).write_text(text if text is not None else '{"text": "the cat sat"}\n')
+    return ["capture", "--hf-config", _json(w / "hf.json", HF_BERT), "--inputs", str(w / name),
+            "--batch-size", "2", "--out", str(w / "hf.zarr"), "--no-progress", *extra]
+
+
+def _ids(n: int = 2, length: int = 6) -> np.ndarray:
+    return np.arange(n * length).reshape(n, length) % 50 + 5
+
+
+def _resume_other_max_length(w: Path) -> list[str]:
+    args = _hf_inputs(w, "m.npz", "--max-length", "8",
+                      arrays={"input_ids": _ids(), "lengths": np.array([6, 3])})
+    _ok(args)
+    args[args.index("--max-length") + 1] = "9"
+    return [*args, "--resume"]
+
+
 def _file(w: Path, name: str = "existing.txt") -> str:
     (w / name).write_text("user data\n")
     return str(w / name)
@@ -219,6 +252,37 @@ CASES: dict[str, Callable[[Path], list[str]]] = {
                                                                    "--no-progress"],
     "capture batch size 0": lambda w: _capture(w)[:5] + ["--batch-size", "0", "--out",
                                                            str(w / "new.zarr")],
+    # capture: ragged inputs (sentences with --tokenizer, masks, lengths, --max-length)
+    "capture sentences without --tokenizer": lambda w: _hf_inputs(w, "s.jsonl"),
+    "capture sentences file of blank lines": lambda w: _hf_inputs(
+        w, "s.txt", "--tokenizer", _tok_dir(w), text="\n  \n\n"),
+    "capture jsonl line not an object": lambda w: _hf_inputs(
+        w, "s.jsonl", "--tokenizer", _tok_dir(w), text='["the cat"]\n'),
+    "capture jsonl line not json": lambda w: _hf_inputs(
+        w, "s.jsonl", "--tokenizer", _tok_dir(w), text="the cat sat\n"),
+    "capture sentences with the reference model": lambda w: _capture(
+        w, "--inputs", _file(w, "s.txt")),
+    "capture tokenizer with the reference model": lambda w: _capture(
+        w, "--tokenizer", _tok_dir(w)),
+    "capture tokenizer folder holds no tokenizer": lambda w: _hf_inputs(
+        w, "s.jsonl", "--tokenizer", _dir(w)),
+    "capture tokenizer larger than the model vocab": lambda w: _hf_inputs(
+        w, "s.jsonl", "--tokenizer", _tok_dir(w, 80)),
+    "capture npz mask shape unlike input_ids": lambda w: _hf_inputs(
+        w, "m.npz", arrays={"input_ids": _ids(), "attention_mask": np.ones((2, 5), int)}),
+    "capture npz mask not 0/1": lambda w: _hf_inputs(
+        w, "m.npz", arrays={"input_ids": _ids(), "attention_mask": np.full((2, 6), 2)}),
+    "capture npz lengths out of range": lambda w: _hf_inputs(
+        w, "m.npz", arrays={"input_ids": _ids(), "lengths": np.array([0, 3])}),
+    "capture npz lengths and mask both": lambda w: _hf_inputs(
+        w, "m.npz", arrays={"input_ids": _ids(), "lengths": np.array([6, 3]),
+                            "attention_mask": np.ones((2, 6), int)}),
+    "capture npz longer than --max-length": lambda w: _hf_inputs(
+        w, "m.npz", "--max-length", "4", arrays={"input_ids": _ids(),
+                                                 "attention_mask": np.ones((2, 6), int)}),
+    "capture max-length 0": lambda w: _hf_inputs(
+        w, "m.npz", "--max-length", "0", arrays={"input_ids": _ids()}),
+    "resume other max-length": _resume_other_max_length,
     # capture: resume must refuse what changes the archive's meaning
     "resume other heads": lambda w: _resume(w, "--heads", "2,3"),
     "resume other dtype": lambda w: _resume(w, "--dtype", "float32"),

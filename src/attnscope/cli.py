@@ -133,7 +133,16 @@ def demo(out: Path, fmt: str | None, batches: int, batch_size: int, seed: int,
               help="Hugging Face config.json (or its folder); random weights, no download.")
 @click.option("--inputs", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Inputs .npz ('enc/<modality>', 'dec/<modality>' arrays (N, n, D); for HF "
-                   "'input_ids' etc.) or .pt (same keys, loaded with weights_only=True).")
+                   "'input_ids' etc., with 'attention_mask' or 'lengths' for padded rows) or "
+                   ".pt (same keys, loaded with weights_only=True); for HF with --tokenizer "
+                   "also .jsonl ({\"text\": ...} per line) or .txt (a sentence per line).")
+@click.option("--tokenizer", "tokenizer_dir", type=click.Path(exists=True, path_type=Path),
+              help="Local Hugging Face tokenizer folder: tokenizes .jsonl/.txt inputs "
+                   "(padding='longest' per batch) and stores every sample's tokens.")
+@click.option("--max-length", type=int, default=None,
+              help="Maximum tokens per sample of a ragged archive (batches of different "
+                   "lengths); also truncates .jsonl/.txt sentences. Default: the longest "
+                   "batch of the inputs.")
 @click.option("--batches", default=4, show_default=True, help="Batches of synthetic inputs.")
 @click.option("--batch-size", default=8, show_default=True)
 @click.option("--seq-len", default=32, show_default=True, help="HF synthetic sequence length.")
@@ -164,22 +173,27 @@ def capture(model_kind: str, config: Path | None, hf_config: Path | None, inputs
             layers: list[int] | None, heads: list[int] | None, kinds: list[str] | None,
             dtype: str, topk: int | None, device: str | None, seed: int, resume: bool,
             overwrite: bool, rank: int | None, world_size: int | None,
-            max_new_tokens: int | None, do_sample: bool, progress: bool) -> None:
+            max_new_tokens: int | None, do_sample: bool, progress: bool,
+            tokenizer_dir: Path | None = None, max_length: int | None = None) -> None:
     """Run a model over batches and stream its attention into an archive.
 
     Example: attnscope capture --config model.json --batches 16 --batch-size 8 --out run.zarr
 
     Generation: attnscope capture --hf-config gpt2.json --max-new-tokens 16 --out gen.zarr
+
+    Sentences: attnscope capture --hf-config bert/ --tokenizer bert/ --inputs s.jsonl --out s.zarr
     """
-    from attnscope.capture.cli_support import build_job, generate_options
+    from attnscope.capture.cli_support import build_job, generate_options, load_tokenizer
 
     if hf_config is not None:
         model_kind = "hf"
     if rank is None and world_size is None:
         rank, world_size = _torchrun_rank()
+    tokenizer = None if tokenizer_dir is None else load_tokenizer(tokenizer_dir)
     model, source = build_job(model_kind, config=config, hf_config=hf_config, inputs=inputs,
                               n_batches=batches, batch_size=batch_size, seq_len=seq_len,
-                              seed=seed, generate=max_new_tokens is not None)
+                              seed=seed, generate=max_new_tokens is not None,
+                              tokenizer=tokenizer, max_length=max_length)
     generate = generate_options(max_new_tokens, do_sample, seed)
     from attnscope.capture.job import capture as run_capture
 
@@ -190,7 +204,8 @@ def capture(model_kind: str, config: Path | None, hf_config: Path | None, inputs
     summary = run_capture(model, source, out, layers=layers, heads=heads, kinds=kinds,
                           dtype=dtype, format=fmt, device=device, resume=resume,
                           progress=progress, topk=topk, overwrite=overwrite, rank=rank,
-                          world_size=world_size, generate=generate)
+                          world_size=world_size, generate=generate, tokenizer=tokenizer,
+                          max_length=max_length)
     click.echo(
         f"{summary.archive}: {summary.samples} samples ({summary.committed} committed), "
         f"{summary.bytes / 1e6:.1f} MB in {summary.seconds:.2f} s "
