@@ -281,6 +281,12 @@ def analyze(archive: Path, out: Path, topk: int, sink_token: int, workers: int,
 
     paths = run_analyze(archive, out, topk=topk, sink_token=sink_token, workers=workers,
                         scheduler=scheduler, progress=progress)
+    from attnscope.analysis.timeline import has_episodes, timeline
+    from attnscope.store import open_archive
+
+    with open_archive(archive) as arc:  # episode/step ids: the timeline table too
+        if has_episodes(arc):
+            paths = {**paths, "timeline": timeline(arc, out)}
     for name, p in paths.items():
         click.echo(f"{name}: {p}")
 
@@ -306,32 +312,46 @@ def _selection(ctx: click.Context, param: click.Parameter, value: str | None) ->
 @kinds_opt
 @click.option("--what", callback=_str_list, default=None,
               help=f"Figure families, any of {','.join(FIGURE_KINDS)} (default: all; "
-                   "tables only with --tables).")
+                   "tables only with --tables, overlay for image groups, timeline with its table).")
 @click.option("--tables", "tables_dir", type=click.Path(path_type=Path), default=None,
               help="Tables folder written by `attnscope analyze` for this archive "
                    "(needed for --what tables).")
 @click.option("--fmt", type=click.Choice(FIGURE_FORMATS), default="png", show_default=True)
 @click.option("--workers", type=int, default=None,
               help="Processes drawing in parallel (default: one per core).")
+@click.option("--frames", type=click.Path(path_type=Path), default=None,
+              help="Overlays: folder of camera frames named {sample}.png, {sample:06d}.png "
+                   "or episode{E}_step{S}.png (optionally in a subfolder per camera).")
+@click.option("--query", default="all", show_default=True,
+              help="Overlays: query group, a segment name, 'all', 'last' or indices '3,4'.")
+@click.option("--upsampling", type=click.Choice(["bilinear", "nearest"]), default="bilinear",
+              show_default=True, help="Overlays: how patches are stretched over a frame.")
 @progress_opt
 def render(archive: Path, out: Path, layers: list[int] | None, heads: list[int] | None,
            samples: list[int] | None, kinds: list[str] | None, what: list[str] | None,
-           tables_dir: Path | None, fmt: str, workers: int | None, progress: bool) -> None:
+           tables_dir: Path | None, fmt: str, workers: int | None, progress: bool,
+           frames: Path | None = None, query: str = "all",
+           upsampling: str = "bilinear") -> None:
     """Render heatmaps, head grids, layer comparisons, flows and table figures from an archive.
 
     A selection that gives no figure is an error. Table figures need --tables (run
     `attnscope analyze ARCHIVE --out DIR` first); tables of another archive are refused.
 
     Example: attnscope render run.zarr --out figs --layers 0 --heads 0,3 --what heatmap,flow
+
+    Overlays: attnscope render run.zarr --out figs --what overlay --frames frames/ --query last
     """
     import matplotlib
 
     matplotlib.use("Agg")
     from attnscope.render import render_archive
 
+    parts = [q.strip() for q in query.split(",")]
+    q: str | list[int] = [int(x) for x in parts] if all(x.isdigit() for x in parts) else query
     files = render_archive(archive, out, layers=layers, heads=heads, samples=samples,
                            kinds=kinds, what=what, tables_dir=tables_dir, fmt=fmt,
-                           progress=progress, workers=workers)
+                           progress=progress, workers=workers, query=q, frames=frames,
+                           upsampling=upsampling)
     click.echo(f"wrote {len(files)} files to {out}")
 
 
@@ -374,6 +394,78 @@ def report(archive: Path, tables_dir: Path | None, out: Path, sample: int,
         path = write_report(archive, out, tables_dir=tables_dir, sample=sample,
                             samples=samples)
     click.echo(f"report: {path}")
+
+
+@cli.command()
+@click.argument("archive", type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), required=True,
+              help="Folder for rollout.parquet (and rollout/ figures).")
+@click.option("--samples", callback=_selection,
+              help="Samples to roll out, e.g. '0-3,9' (default: all).")
+@click.option("--heads", callback=_selection,
+              help="Original head ids to average (default: every stored head).")
+@click.option("--figures", is_flag=True,
+              help="Also draw rollout heatmaps (of the --samples given, else of sample 0).")
+@click.option("--fmt", type=click.Choice(FIGURE_FORMATS), default="png", show_default=True)
+def rollout(archive: Path, out: Path, samples: list[int] | None, heads: list[int] | None,
+            figures: bool, fmt: str) -> None:
+    """Attention rollout (Abnar & Zuidema 2020) of every sample into rollout.parquet.
+
+    Head-averaged, residual-adjusted attention multiplied across the encoder's layers and
+    continued through the decoder (encoder tokens' influence on each decoder token).
+    Every layer of a stack must be stored.
+
+    Example: attnscope rollout run.zarr --out tables --samples 0-3 --figures
+    """
+    from attnscope.analysis import rollout_archive
+
+    path = rollout_archive(archive, out, samples=samples, heads=heads)
+    click.echo(f"rollout: {path}")
+    if figures:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        from attnscope.render import render_rollout
+
+        files = render_rollout(out, out, samples=samples,
+                               archive=archive, fmt=fmt)
+        click.echo(f"wrote {len(files)} figures to {out / 'rollout'}")
+
+
+@cli.command()
+@click.argument("archive_a", type=click.Path(path_type=Path))
+@click.argument("archive_b", type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), required=True,
+              help="Folder for diff.parquet (and diff/ figures).")
+@click.option("--figures", is_flag=True,
+              help="Also draw B - A heatmaps (head mean) and per-layer/head JS summaries.")
+@click.option("--samples", callback=_selection, help="Samples drawn with --figures (default: 0).")
+@click.option("--heads", callback=_selection,
+              help="Heads drawn with --figures, besides the head mean.")
+@click.option("--fmt", type=click.Choice(FIGURE_FORMATS), default="png", show_default=True)
+def diff(archive_a: Path, archive_b: Path, out: Path, figures: bool,
+         samples: list[int] | None, heads: list[int] | None, fmt: str) -> None:
+    """Compare two archives of the same layout: Jensen-Shannon divergence and entropy change
+    per array, head and sample into diff.parquet.
+
+    Archives with different arrays, shapes, heads, segments, sample counts or token masks
+    are refused with a message naming the difference.
+
+    Example: attnscope diff ckpt1.zarr ckpt2.zarr --out diff --figures
+    """
+    from attnscope.analysis import diff_archives
+
+    path = diff_archives(archive_a, archive_b, out)
+    click.echo(f"diff: {path}")
+    if figures:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        from attnscope.render import render_diff
+
+        files = render_diff(archive_a, archive_b, out, samples=samples,
+                            heads=[None, *(heads or [])], diff_table=out, fmt=fmt)
+        click.echo(f"wrote {len(files)} figures to {out / 'diff'}")
 
 
 def main(argv: list[str] | None = None) -> None:

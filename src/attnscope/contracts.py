@@ -18,6 +18,9 @@ __all__ = [
     "COMPRESSORS",
     "DEFAULT_COMPRESSOR",
     "SAMPLE_IDS",
+    "EPISODE_ID",
+    "STEP_ID",
+    "GROUP_KINDS",
     "TOKENS",
     "TOKEN_MASK",
     "TOKEN_IDS",
@@ -59,6 +62,12 @@ COMPRESSORS = ("zstd", "none", "blosc-zstd", "blosc-lz4")
 DEFAULT_COMPRESSOR = "zstd"
 #: the per-sample id array beside the attention arrays
 SAMPLE_IDS = "_sample_ids"
+#: sample-id keys that place a sample in a robot episode (``ArchiveWriter.append(sample_ids=
+#: {EPISODE_ID: (B,), STEP_ID: (B,)})``); episode timelines need both
+EPISODE_ID = "episode"
+STEP_ID = "step"
+#: kinds of typed token groups in a layout (``store.layout.TokenGroup``); untyped is None
+GROUP_KINDS = ("text", "image", "state", "action", "trajectory")
 #: per-sample token data of one side lives under f"{TOKENS}/{side}/..." (docs/archive-format.md)
 TOKENS = "_tokens"
 #: (N, L) uint8, 1 = real token, 0 = padding (ragged archives only)
@@ -152,8 +161,49 @@ TABLE_COLUMNS: dict[str, tuple[tuple[str, str], ...]] = {
         ("js", "float32"),
         ("cosine", "float32"),
     ),
+    # attention rollout (analysis.rollout): (stack, kind) say which rollout matrix, as in
+    # KIND_AXES (decoder/cross_attention = encoder tokens' influence on decoder tokens);
+    # layer = the last layer the product ran through
+    "rollout": _KEYS
+    + (
+        ("sample", "int64"),
+        ("query", "int64"),
+        ("key", "int64"),
+        ("score", "float32"),
+        ("query_label", "string"),
+        ("key_label", "string"),
+        ("query_segment", "string"),
+        ("key_segment", "string"),
+    ),
+    # archive diff (analysis.diff_archives): archive_fingerprint is A's, B's beside it
+    "diff": _KEYS
+    + (
+        ("archive_fingerprint_b", "string"),
+        ("sample", "int64"),
+        ("head", "int64"),
+        ("n_queries", "int32"),
+        ("js", "float32"),
+        ("entropy_a", "float32"),
+        ("entropy_b", "float32"),
+        ("entropy_change", "float32"),
+        ("max_abs_diff", "float32"),
+    ),
+    "timeline": _KEYS
+    + (
+        ("episode", "int64"),
+        ("step", "int64"),
+        ("sample", "int64"),
+        ("head", "int64"),
+        ("query_group", "string"),
+        ("key_segment", "string"),
+        ("key_kind", "string"),
+        ("mass", "float32"),
+    ),
 }
-TABLES = tuple(TABLE_COLUMNS)
+#: tables that ``attnscope.analysis.analyze`` writes; the others come from their own functions
+#: (``timeline``: ``analysis.timeline``, for archives with episode/step ids)
+#: (``rollout``: ``analysis.rollout``; ``diff``: ``analysis.diff_archives``)
+TABLES = tuple(t for t in TABLE_COLUMNS if t not in ("timeline", "rollout", "diff"))
 #: Parquet schema-metadata key holding the identity JSON of the analysed archive
 IDENTITY_KEY = "attnscope.identity"
 #: file names written beside the tables
@@ -163,4 +213,4 @@ STATISTICS_JSON = "attention_statistics.json"
 # --- figures -----------------------------------------------------------------------------
 FIGURE_FORMATS = ("png", "svg", "pdf")
 #: what `render_archive` / `attnscope render --what` can draw
-FIGURE_KINDS = ("heatmap", "grid", "layers", "flow", "tables")
+FIGURE_KINDS = ("heatmap", "grid", "layers", "flow", "tables", "overlay", "timeline")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from attnscope.analysis._engine import densify_topk
 from attnscope.analysis.api import analyze
+from attnscope.analysis.diff import check_same_layout, diff_archives, js_rows
 from attnscope.analysis.metrics import (
     allowed_keys,
     as_float32,
@@ -28,8 +29,16 @@ from attnscope.analysis.metrics import (
     top_k_pairs,
     top_k_pairs_block,
 )
+from attnscope.analysis.rollout import (
+    attention_rollout,
+    encoder_decoder_rollout,
+    residual_attention,
+    rollout_archive,
+    sample_rollout,
+)
 from attnscope.analysis.statistics import statistics_json
 from attnscope.analysis.tables import TABLE_SCHEMAS, TABLES, load_table
+from attnscope.analysis.timeline import timeline, timeline_mass
 from attnscope.contracts import AVERAGE_HEAD
 from attnscope.errors import StaleTableError
 
@@ -41,18 +50,28 @@ __all__ = [
     "allowed_keys",
     "analyze",
     "as_float32",
+    "attention_rollout",
+    "check_same_layout",
     "densify_topk",
+    "diff_archives",
     "distance_matrix",
+    "encoder_decoder_rollout",
     "head_similarity_cosine",
     "head_similarity_js",
+    "js_rows",
     "load_table",
     "mean_distance",
     "normalized_entropy",
+    "residual_attention",
+    "rollout_archive",
     "row_entropy",
     "row_max",
+    "sample_rollout",
     "segment_mass",
     "sink_score",
     "statistics_json",
     "top_k_pairs",
     "top_k_pairs_block",
+    "timeline",
+    "timeline_mass",
 ]

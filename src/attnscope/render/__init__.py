@@ -24,6 +24,14 @@ from attnscope.render._prepare import (
 )
 from attnscope.render._save import save_figure
 from attnscope.render.batch import WHAT, render_archive
+from attnscope.render.compare import (
+    plot_diff,
+    plot_diff_summary,
+    plot_rollout,
+    render_diff,
+    render_rollout,
+)
+from attnscope.render.overlay import OverlayData, plot_overlay, prepare_overlay
 from attnscope.render.plots import (
     draw_matrix,
     plot_attention_flow,
@@ -32,6 +40,7 @@ from attnscope.render.plots import (
     plot_layer_comparison,
 )
 from attnscope.render.tables import plot_head_metric, plot_segment_mass, plot_top_pairs
+from attnscope.render.timeline import plot_timeline, timeline_series
 from attnscope.render.visualizer import AttentionVisualizer
 
 __all__ = [
@@ -43,14 +52,24 @@ __all__ = [
     "block_reduce",
     "draw_matrix",
     "plot_attention_flow",
+    "plot_diff",
+    "plot_diff_summary",
     "plot_head_grid",
     "plot_head_metric",
     "plot_heatmap",
     "plot_layer_comparison",
+    "plot_rollout",
     "plot_segment_mass",
     "plot_top_pairs",
     "prepare_matrix",
     "render_archive",
+    "render_diff",
+    "render_rollout",
     "save_figure",
     "select_matrix",
+    "OverlayData",
+    "plot_overlay",
+    "prepare_overlay",
+    "plot_timeline",
+    "timeline_series",
 ]

@@ -14,6 +14,8 @@ flow       ``flow/L{layer:02d}-s{sample:04d}-{head}.{fmt}``
 tables     ``tables/entropy-{stack}-{kind}.{fmt}``,
            ``tables/segment_mass-{stack}-L{layer:02d}-{kind}.{fmt}``,
            ``tables/top_pairs-{stack}-L{layer:02d}-{kind}.{fmt}``
+overlay    ``overlay/{stack}-L{layer:02d}-{kind}-s{sample:04d}-{head}-{image}.{fmt}``
+timeline   ``timeline/e{episode}-{stack}-{kind}-{head}.{fmt}``
 =========  =================================================================
 
 ``{head}`` is ``h{head:02d}`` for one head and ``havg`` for the mean over heads.
@@ -21,6 +23,7 @@ tables     ``tables/entropy-{stack}-{kind}.{fmt}``,
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -31,7 +34,8 @@ from typing import Any
 
 from attnscope.contracts import FIGURE_FORMATS, FIGURE_KINDS, STACKS
 from attnscope.errors import ArchiveNotFoundError, ConfigError, SelectionError
-from attnscope.render import plots, tables
+from attnscope.render import _figure_jobs as figure_jobs
+from attnscope.render import overlay, plots, tables
 from attnscope.render._reuse import Painter
 from attnscope.render._save import save_figure, write_png
 from attnscope.store import open_archive
@@ -54,6 +58,10 @@ class Request:
     fmt: str
     log: bool
     tables_dir: str | None
+    #: overlays: the query group, frames folder (None: no frame) and upsampling
+    query: Any = "all"
+    frames: str | None = None
+    upsampling: str = "bilinear"
 
 
 @dataclass(frozen=True)
@@ -80,6 +88,8 @@ class _Plan:
     def __init__(self, arc: Any, req: Request) -> None:
         self.arc, self.req = arc, req
         self.tables = load_tables(req.tables_dir, arc) if "tables" in req.what else {}
+        if "timeline" in req.what:
+            self.tables["timeline"] = figure_jobs.load_timeline(req.tables_dir, arc)
 
     def samples_heads(self) -> Iterator[tuple[int, int | None]]:
         return ((s, h) for s in self.req.samples for h in self.req.heads)
@@ -197,6 +207,8 @@ FIGURES: dict[str, Callable[[_Plan], Iterable[Job]]] = {
     "layers": _layer_jobs,
     "flow": _flow_jobs,
     "tables": _table_jobs,
+    "overlay": figure_jobs.overlay_jobs,
+    "timeline": figure_jobs.timeline_jobs,
 }
 
 
@@ -300,6 +312,7 @@ def _check_options(
     if fmt not in FIGURE_FORMATS:
         raise ConfigError(f"unsupported figure format {fmt!r}; expected one of {FIGURE_FORMATS}")
     if what is None:  # everything this call can draw: tables only when given tables
+        # (overlay / timeline: narrowed to what the archive has in _default_what)
         what = [w for w in WHAT if w != "tables" or tables_dir is not None]
     what_ = _as_list(what, "what") or []
     bad = [w for w in what_ if w not in WHAT]
@@ -330,6 +343,9 @@ def render_archive(
     progress: bool = True,
     log: bool = False,
     workers: int | None = 1,
+    query: str | Sequence[int] = "all",
+    frames: str | os.PathLike | None = None,
+    upsampling: str = "bilinear",
 ) -> list[Path]:
     """Render a batch of figures from an archive into ``out_dir``; return the written paths.
 
@@ -345,8 +361,10 @@ def render_archive(
     samples
         Sample indices (default: ``[0]``).
     what
-        Any of ``heatmap``, ``grid``, ``layers``, ``flow``, ``tables`` (:data:`WHAT`).
-        Default: all of them, ``tables`` only when ``tables_dir`` is given.
+        Any of ``heatmap``, ``grid``, ``layers``, ``flow``, ``tables``, ``overlay``,
+        ``timeline`` (:data:`WHAT`). Default: all of them, ``tables`` only when
+        ``tables_dir`` is given, ``overlay`` only when the layout has image groups,
+        ``timeline`` only when ``tables_dir`` holds ``timeline.parquet``.
     tables_dir
         Folder written by :func:`attnscope.analysis.analyze` for this archive, holding
         ``head_stats.parquet``, ``segment_mass.parquet`` and ``top_pairs.parquet``;
@@ -360,6 +378,11 @@ def render_archive(
         Processes drawing figures in parallel (``None``: one per core). Matplotlib is
         single-threaded, so this is the way to use several cores; each worker opens the
         archive read-only by path. Output is identical to ``workers=1``.
+    query, frames, upsampling
+        Overlays (``render.overlay``): the query group (a segment name, ``"all"``,
+        ``"last"`` or token indices), a folder of camera frames (``{sample}.png``,
+        ``{sample:06d}.png`` or ``episode{E}_step{S}.png``, optionally under a subfolder
+        named after the image group's camera) and ``"bilinear"`` or ``"nearest"``.
 
     Returns
     -------
@@ -379,8 +402,20 @@ def render_archive(
     """
     out = Path(out_dir)
     fmt, what_ = _check_options(fmt, what, tables_dir, out)
+    if upsampling not in overlay.UPSAMPLING:
+        raise ConfigError(
+            f"unknown upsampling {upsampling!r}; expected one of {overlay.UPSAMPLING}"
+        )
     with open_archive(archive_or_path) as arc:
+        if what is None:
+            what_ = figure_jobs.default_what(arc, what_, tables_dir)
         req = _request(arc, layers, heads, samples, kinds, stacks, what_, tables_dir, fmt, log)
+        req = dataclasses.replace(
+            req,
+            query=query if isinstance(query, str) else tuple(query),
+            frames=None if frames is None else os.fspath(frames),
+            upsampling=upsampling,
+        )
         jobs = _jobs(arc, req)
         if not jobs:
             raise SelectionError(

@@ -213,6 +213,38 @@ class SideLayout:
         """Typed segments, ``{name: TokenGroup}`` (untyped segments left out)."""
         return {s.name: s.group for s in self.segments if s.group is not None}
 
+    def select(self, query: Any, real: Any = None) -> tuple[tuple[int, ...], str]:
+        """``(token indices, display name)`` of a query selection on this side.
+
+        ``query``: a segment name, ``"all"`` (every token), ``"last"`` (the last real
+        token) or token indices. ``real``: a sample's mask (ragged archives), whose padded
+        tokens are dropped. Selecting no real token is a :class:`SelectionError`.
+        """
+        n = self.length
+        ok = [True] * n if real is None else [bool(x) for x in real]
+        if isinstance(query, str):
+            if query == "all":
+                idx, name = list(range(n)), "all tokens"
+            elif query == "last":
+                idx, name = [i for i in range(n) if ok[i]][-1:], "last token"
+            else:
+                seg = self.segment(query)
+                idx, name = list(range(seg.start, seg.stop)), query
+        else:
+            idx = [query] if isinstance(query, int) else list(query)
+            bad = [q for q in idx if isinstance(q, bool) or not 0 <= _as_index(q) < n]
+            if bad or not idx:
+                raise SelectionError(
+                    f"query token {bad[0] if bad else idx!r} out of range; expected a segment "
+                    f"name, 'all', 'last' or indices in [0, {n})"
+                )
+            idx = [int(q) for q in idx]
+            name = f"tokens {idx}" if len(idx) > 1 else f"token {idx[0]}"
+        kept = tuple(i for i in idx if ok[i])
+        if not kept:
+            raise SelectionError(f"query {query!r} selects no real token")
+        return kept, name
+
     def segment(self, name: str) -> Segment:
         """The segment called ``name``."""
         for seg in self.segments:
@@ -256,6 +288,13 @@ class SideLayout:
             tuple(obj.get("labels", ())),
         )
         return side.with_groups(obj["groups"]) if obj.get("groups") else side
+
+
+def _as_index(q: Any) -> int:
+    try:
+        return int(q.__index__())
+    except (AttributeError, TypeError):
+        return -1
 
 
 def _default_labels(segments: Iterable[Segment]) -> Iterable[str]:

@@ -1,0 +1,210 @@
+"""Episode timelines: how the attention mass of a query group on each key modality evolves
+over the steps of an episode, per array (stack, layer, kind) and head.
+
+Needs per-sample ``episode`` and ``step`` ids (:data:`attnscope.contracts.EPISODE_ID`,
+:data:`~attnscope.contracts.STEP_ID`, stored with ``ArchiveWriter.append(sample_ids=...)``
+or ``capture(sample_ids=...)``). Reads the archive block by block (out of core) and writes
+the ``timeline`` table (columns: ``contracts.TABLE_COLUMNS["timeline"]``,
+``docs/analysis-tables.md``). Never imports torch.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from attnscope.analysis.blocks import iter_array_blocks
+from attnscope.analysis.tables import TableWriter, _const, _lookup
+from attnscope.contracts import AVERAGE_HEAD, EPISODE_ID, KIND_AXES, STEP_ID
+from attnscope.errors import ConfigError, SelectionError
+from attnscope.store import open_archive
+from attnscope.store.layout import SideLayout
+
+__all__ = ["TIMELINE", "has_episodes", "timeline", "timeline_mass"]
+
+TIMELINE = "timeline"
+#: bytes of float32 attention analysed at once
+BLOCK_BYTES = 64 << 20
+
+
+class _TimelineWriter(TableWriter):
+    """The tables writer (``.partial`` files, final names on commit), timeline only."""
+
+    def tables(self) -> list[str]:
+        return [TIMELINE]
+
+    def write_table(self, table: pa.Table) -> None:
+        self._writer(TIMELINE).write_table(table)
+
+
+def has_episodes(archive: Any) -> bool:
+    """Whether the archive stores ``episode`` and ``step`` ids per sample."""
+    ids = archive.sample_ids
+    return EPISODE_ID in ids and STEP_ID in ids
+
+
+def timeline_mass(block: np.ndarray, query_weights: np.ndarray, segments: SideLayout) -> np.ndarray:
+    """Mass of the weighted query rows on each key segment.
+
+    Parameters
+    ----------
+    block : (n, H, T, S) attention
+    query_weights : (n, T) weight of each query row (rows of the group, each sample's
+        weights summing to 1: the mean over the group's real rows)
+    segments : the key side's layout (S tokens)
+
+    Returns
+    -------
+    (n, H, n_segments) float64
+    """
+    mass = np.einsum("nhts,nt->nhs", block.astype(np.float64), query_weights)
+    ind = np.zeros((segments.length, len(segments.segments)))
+    for j, seg in enumerate(segments.segments):
+        ind[seg.start : seg.stop, j] = 1.0
+    return mass @ ind
+
+
+def timeline(
+    archive_or_path: Any,
+    out_dir: str | os.PathLike,
+    *,
+    query: str | Sequence[int] = "all",
+    arrays: Iterable[str] | None = None,
+    block_bytes: int = BLOCK_BYTES,
+) -> Path:
+    """Write ``<out_dir>/timeline.parquet``; return its path.
+
+    One row per (array, sample, head incl. the head mean ``-1``, key segment): the mass the
+    query group's real rows put on that segment, averaged over those rows (a row's masses
+    over the key segments sum to 1 for softmax rows), with the sample's episode and step.
+
+    Parameters
+    ----------
+    archive_or_path
+        An archive with ``episode`` and ``step`` sample ids.
+    query
+        The query group: a segment name, ``"all"`` (default), ``"last"`` (each sample's last
+        real token) or token indices. Arrays whose query side lacks a named segment are
+        skipped.
+    arrays
+        Array names or prefixes (``"decoder"``, ``"decoder/2"``); default all.
+
+    Examples
+    --------
+    >>> timeline("run.zarr", "tables", query="robot0_eef_pos_past_traj")  # doctest: +SKIP
+    PosixPath('tables/timeline.parquet')
+    """
+    with open_archive(archive_or_path) as arc:
+        if not has_episodes(arc):
+            raise ConfigError(
+                f"timeline needs per-sample {EPISODE_ID!r} and {STEP_ID!r} ids; the archive has "
+                f"{sorted(arc.sample_ids)} (pass sample_ids={{'{EPISODE_ID}': ..., "
+                f"'{STEP_ID}': ...}} when capturing)"
+            )
+        ids = arc.sample_ids
+        episode = np.asarray(ids[EPISODE_ID]).astype(np.int64)
+        step = np.asarray(ids[STEP_ID]).astype(np.int64)
+        names = _select(arc, query, arrays)
+        w = _TimelineWriter(Path(out_dir), arc.identity(), None)
+        try:
+            for name in names:
+                for table in _array_tables(arc, name, query, episode, step, w, block_bytes):
+                    w.write_table(table)
+            return w.commit()[TIMELINE]
+        except BaseException:
+            w.abort()
+            raise
+
+
+def _select(arc: Any, query: Any, arrays: Iterable[str] | None) -> list[str]:
+    names = sorted(arc.arrays())
+    if arrays is not None:
+        want = [arrays] if isinstance(arrays, str) else list(arrays)
+        names = [n for n in names if any(n == p or n.startswith(p.rstrip("/") + "/") for p in want)]
+        if not names:
+            raise SelectionError(
+                f"arrays {want} match no array; expected among {sorted(arc.arrays())}"
+            )
+    if isinstance(query, str) and query not in ("all", "last"):
+        names = [n for n in names if _has_segment(arc, n, query)]
+        if not names:
+            raise SelectionError(
+                f"query {query!r} is a segment of no array's query side; segments: "
+                f"{ {s: [g.name for g in arc.layout.side(s).segments] for s in _sides(arc)} }"
+            )
+    return names
+
+
+def _sides(arc: Any) -> list[str]:
+    return [s for s in ("encoder", "decoder") if getattr(arc.layout, s) is not None]
+
+
+def _has_segment(arc: Any, name: str, seg: str) -> bool:
+    a = arc.attention(name)
+    q = KIND_AXES[(a.stack, a.kind)][0]
+    return seg in {s.name for s in arc.layout.side(q).segments}
+
+
+def _array_tables(
+    arc: Any,
+    name: str,
+    query: Any,
+    episode: np.ndarray,
+    step: np.ndarray,
+    w: _TimelineWriter,
+    block_bytes: int,
+) -> Iterable[pa.Table]:
+    arr = arc.attention(name)
+    qside, kside = KIND_AXES[(arr.stack, arr.kind)]
+    qlay, klay = arc.layout.side(qside), arc.layout.side(kside)
+    seg_names = tuple(s.name for s in klay.segments)
+    seg_kinds = tuple("" if s.group is None else s.group.kind for s in klay.segments)
+    qname = (
+        query
+        if isinstance(query, str) and query not in ("all", "last")
+        else (qlay.select(query)[1])
+    )
+    start = 0
+    for block, cells in iter_array_blocks(arr, max_bytes=block_bytes):
+        n, h = block.shape[:2]
+        qreal = cells.any(axis=2) if cells is not None else np.ones((n, qlay.length), bool)
+        wq = np.zeros((n, qlay.length))
+        for i in range(n):
+            rows = list(qlay.select(query, qreal[i])[0])
+            wq[i, rows] = 1.0 / len(rows)
+        mass = timeline_mass(block, wq, klay)  # (n, H, n_seg)
+        mass = np.concatenate([mass, mass.mean(axis=1, keepdims=True)], axis=1)
+        heads = np.append(np.arange(h), AVERAGE_HEAD)
+        nseg = len(seg_names)
+        samples = np.arange(start, start + n)
+        s_col = np.repeat(samples, (h + 1) * nseg)
+        seg_col = np.tile(np.arange(nseg), n * (h + 1))
+        cols = {
+            "episode": pa.array(episode[s_col]),
+            "step": pa.array(step[s_col]),
+            "sample": pa.array(s_col.astype(np.int64)),
+            "head": pa.array(np.tile(np.repeat(heads, nseg), n).astype(np.int64)),
+            "query_group": _const(qname, len(s_col), pa.string()),
+            "key_segment": _lookup(seg_col, seg_names),
+            "key_kind": _lookup(seg_col, seg_kinds),
+            "mass": pa.array(mass.reshape(-1).astype(np.float32)),
+        }
+        yield _table(w, arr, cols, len(s_col))
+        start += n
+
+
+def _table(w: _TimelineWriter, arr: Any, cols: dict[str, pa.Array], n: int) -> pa.Table:
+    schema = w._schemas[TIMELINE]
+    data = {
+        "archive_fingerprint": _const(str(w.identity.get("fingerprint")), n, pa.string()),
+        "stack": _const(arr.stack, n, pa.string()),
+        "layer": pa.array(np.full(n, arr.layer, dtype=np.int32)),
+        "kind": _const(arr.kind, n, pa.string()),
+        **cols,
+    }
+    return pa.Table.from_arrays([data[f.name].cast(f.type) for f in schema], schema=schema)
