@@ -14,8 +14,10 @@ from attnscope.store import open_archive
 
 transformers = pytest.importorskip("transformers")
 
-BERT = {"model_type": "bert", "vocab_size": 40, "hidden_size": 16, "num_hidden_layers": 2,
-        "num_attention_heads": 2, "intermediate_size": 32, "max_position_embeddings": 32}  # fmt: skip
+BERT = {
+    "model_type": "bert", "vocab_size": 40, "hidden_size": 16, "num_hidden_layers": 2,
+    "num_attention_heads": 2, "intermediate_size": 32, "max_position_embeddings": 32,
+}  # fmt: skip
 WORDS = "the a cat dog sat on mat attention is all you need hi there".split()
 SENTENCES = ["the cat sat on the mat", "hi", "attention is all you need", "a dog",
              "hi there the cat", "you need a mat"]  # fmt: skip
