@@ -2,6 +2,11 @@
 
 capture (reference model, guide layout, synthetic inputs) -> archive -> Parquet tables
 -> figures -> one HTML report. Each stage reads only the previous stage's files.
+
+The guide's modalities are typed (``GUIDE_GROUPS``: the camera and depth tokens are 3 x 3
+patch grids) and the samples are steps of episodes (``episode``/``step`` ids, 8 steps an
+episode), so the demo also draws image-patch overlays over procedurally drawn camera
+frames (``frames/``) and episode timelines.
 """
 
 from __future__ import annotations
@@ -11,9 +16,33 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from attnscope.errors import ConfigError
 
-__all__ = ["run_demo"]
+__all__ = ["run_demo", "synthetic_frame", "EPISODE_STEPS"]
+
+#: samples per synthetic episode
+EPISODE_STEPS = 8
+
+
+def synthetic_frame(step: int, *, size: int = 96, depth: bool = False) -> np.ndarray:
+    """A procedurally drawn camera frame ``(size, size, 3)`` in [0, 1] (no downloads): a
+    wall, a table and a red cube that slides across the table with ``step``; ``depth``
+    gives the matching grey depth image."""
+    y, x = np.mgrid[0:size, 0:size] / (size - 1)
+    table = y > 0.55
+    cx = 0.2 + 0.6 * ((step % EPISODE_STEPS) / max(1, EPISODE_STEPS - 1))
+    cube = (np.abs(x - cx) < 0.1) & (np.abs(y - 0.62) < 0.1)
+    if depth:
+        d = np.where(table, 0.3 + 0.6 * (y - 0.55), 0.95 - 0.2 * y)
+        d = np.where(cube, 0.35, d)
+        return np.repeat(d[..., None], 3, axis=2)
+    img = np.empty((size, size, 3))
+    img[:] = (0.78, 0.8, 0.86)
+    img[table] = (0.55, 0.4, 0.26)
+    img[cube] = (0.85, 0.15, 0.12)
+    return img * (0.9 + 0.1 * x[..., None])
 
 
 def run_demo(
@@ -43,8 +72,9 @@ def run_demo(
 
     matplotlib.use("Agg")
     from attnscope.analysis import analyze
+    from attnscope.analysis.timeline import timeline
     from attnscope.capture.job import capture
-    from attnscope.capture.synthetic import demo_model, synthetic_batches
+    from attnscope.capture.synthetic import GUIDE_GROUPS, demo_model, synthetic_batches
     from attnscope.render import render_archive
     from attnscope.render.report import write_report
 
@@ -53,8 +83,10 @@ def run_demo(
     out.mkdir(parents=True, exist_ok=True)
     suffix = ".h5" if format == "hdf5" else ".zarr"
     archive = out / f"attention{suffix}"
-    model = demo_model(seed)
+    model = demo_model(seed, token_groups=GUIDE_GROUPS)
     batches = synthetic_batches(n_batches, batch_size, model.config.embed_dim, seed=seed)
+    n = n_batches * batch_size
+    ids = {"episode": np.arange(n) // EPISODE_STEPS, "step": np.arange(n) % EPISODE_STEPS}
     summary = capture(
         model,
         batches,
@@ -63,7 +95,8 @@ def run_demo(
         progress=progress,
         overwrite=True,
         tags={"job": "attnscope demo"},
-        total=n_batches * batch_size,
+        total=n,
+        sample_ids=ids,
     )
     echo(
         f"capture: {summary.samples} samples, {summary.bytes / 1e6:.1f} MB of attention "
@@ -72,6 +105,12 @@ def run_demo(
     t = time.perf_counter()
     tables_dir = out / "tables"
     tables = analyze(archive, tables_dir, progress=progress)
+    # the past trajectory's look at each modality over every episode (cross-attention)
+    cross = [f"decoder/{i}/cross_attention" for i in range(model.config.num_decoder_layers)]
+    tables["timeline"] = timeline(
+        archive, tables_dir, query="robot0_eef_pos_past_traj", arrays=cross
+    )
+    frames = _write_frames(out / "frames", ids, samples=[0])
     echo(f"analysis: {len(tables)} files -> {tables_dir} ({time.perf_counter() - t:.1f} s)")
     t = time.perf_counter()
     figures_dir = out / "figures"
@@ -82,6 +121,8 @@ def run_demo(
         samples=[0],
         progress=progress,
         workers=None,  # one process per core: matplotlib is single-threaded
+        query="robot0_eef_pos_past_traj",
+        frames=frames,
     )
     echo(f"render: {len(figures)} figures -> {figures_dir} ({time.perf_counter() - t:.1f} s)")
     t = time.perf_counter()
@@ -95,3 +136,15 @@ def run_demo(
         "capture": summary,
         "seconds": time.perf_counter() - t0,
     }
+
+
+def _write_frames(folder: Path, ids: dict[str, np.ndarray], samples: list[int]) -> Path:
+    """Camera and depth frames of ``samples`` as ``frames/<camera>/episode{E}_step{S}.png``."""
+    import matplotlib.image as mpimg
+
+    for cam, depth in (("agentview", False), ("agentview_depth", True)):
+        (folder / cam).mkdir(parents=True, exist_ok=True)
+        for i in samples:
+            e, s = int(ids["episode"][i]), int(ids["step"][i])
+            mpimg.imsave(folder / cam / f"episode{e}_step{s}.png", synthetic_frame(s, depth=depth))
+    return folder

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attnscope.errors import ConfigError, InputError, ShapeError
-from attnscope.store.layout import SideLayout, TokenLayout
+from attnscope.store.layout import SideLayout, TokenGroup, TokenLayout
 
 __all__ = [
     "TransformerConfig",
@@ -213,6 +213,11 @@ class Transformer(nn.Module):
     embed_dim, context_length, num_heads, num_encoder_layers, num_decoder_layers, dropout
         See :class:`TransformerConfig`; extra keyword arguments (``mlp_ratio``,
         ``output_dim``) go there too.
+    token_groups
+        Typed token groups of the layout, ``{modality: spec}``, e.g. ``{"agentview_image":
+        {"kind": "image", "grid": [3, 3], "camera": "agentview"}, "robot0_eef_pos":
+        "state"}`` (:meth:`attnscope.store.layout.TokenLayout.with_groups`); stored in the
+        archive's layout. Kinds are checked here, grids against token counts per layout.
 
     ``forward(enc, dec)`` returns the decoder output ``(B, T, D)`` (or ``(B, T,
     output_dim)``). With ``return_attention_weights=True`` it returns
@@ -228,9 +233,12 @@ class Transformer(nn.Module):
         num_encoder_layers: int,
         num_decoder_layers: int,
         dropout: float = 0.0,
+        *,
+        token_groups: Mapping[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__()
+        self.token_groups = _parse_groups(token_groups)
         self.config = TransformerConfig(
             embed_dim,
             context_length,
@@ -254,8 +262,10 @@ class Transformer(nn.Module):
     @classmethod
     def from_config(cls, cfg: TransformerConfig | Mapping[str, Any]) -> Transformer:
         """Build from a :class:`TransformerConfig` or its JSON dict."""
+        groups = None
         if isinstance(cfg, Mapping):
-            cfg = {k: v for k, v in cfg.items() if k != "model"}
+            groups = cfg.get("token_groups")
+            cfg = {k: v for k, v in cfg.items() if k not in ("model", "token_groups")}
             unknown = sorted(set(cfg) - {f.name for f in fields(TransformerConfig)})
             if unknown:
                 raise ConfigError(
@@ -266,7 +276,7 @@ class Transformer(nn.Module):
                 cfg = TransformerConfig(**cfg)
             except TypeError as e:  # a missing field
                 raise ConfigError(f"bad model config: {e}") from e
-        return cls(**asdict(cfg))
+        return cls(**asdict(cfg), token_groups=groups)
 
     # -- attention storage (the guide's public surface) --------------------------------
     def attention_modules(self) -> dict[str, _Attention]:
@@ -345,9 +355,16 @@ class Transformer(nn.Module):
             )
         return torch.cat(parts, dim=1), layout
 
-    def token_layout(self, enc: Mapping[str, Tensor], dec: Mapping[str, Tensor]) -> TokenLayout:
-        """Modality segments and token labels of both sides, without running the model."""
-        return TokenLayout(self._concat("enc", enc)[1], self._concat("dec", dec)[1])
+    def token_layout(
+        self,
+        enc: Mapping[str, Tensor],
+        dec: Mapping[str, Tensor],
+        groups: Mapping[str, Any] | None = None,
+    ) -> TokenLayout:
+        """Modality segments and token labels of both sides, without running the model,
+        typed by ``groups`` (default: the model's ``token_groups``)."""
+        lay = TokenLayout(self._concat("enc", enc)[1], self._concat("dec", dec)[1])
+        return lay.with_groups(self.token_groups if groups is None else groups)
 
     # -- forward --------------------------------------------------------------------------
     def forward(
@@ -375,7 +392,7 @@ class Transformer(nn.Module):
             raise ShapeError(
                 f"enc has batch size {x_enc.shape[0]} but dec has {x_dec.shape[0]}; expected equal"
             )
-        self.last_layout = TokenLayout(enc_layout, dec_layout)
+        self.last_layout = TokenLayout(enc_layout, dec_layout).with_groups(self.token_groups)
         mods = self.attention_modules().values()
         forced = [m for m in mods if not m.store_attention] if return_attention_weights else []
         for m in forced:
@@ -397,3 +414,14 @@ class Transformer(nn.Module):
             for m in forced:
                 m.store_attention = False
                 m.attention_weights = None
+
+
+def _parse_groups(groups: Mapping[str, Any] | None) -> dict[str, TokenGroup]:
+    """Token group specs checked up front (kinds, grids); lengths are checked per layout."""
+    if groups is None:
+        return {}
+    if not isinstance(groups, Mapping):
+        raise ConfigError(
+            f"token_groups must be a dict of modality -> spec, got {type(groups).__name__}"
+        )
+    return {str(k): TokenGroup.from_json(v) for k, v in groups.items()}

@@ -7,14 +7,32 @@ randomly initialised model shows modality structure in its attention, unlike pur
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
+from typing import Any
 
 import torch
 
-__all__ = ["GUIDE_ENC", "GUIDE_DEC", "synthetic_batches", "guide_model_config", "demo_model"]
+__all__ = [
+    "GUIDE_ENC",
+    "GUIDE_DEC",
+    "GUIDE_GROUPS",
+    "synthetic_batches",
+    "guide_model_config",
+    "demo_model",
+]
 
 # The guide's modality layout: encoder S = 29 tokens, decoder T = 29 tokens.
 GUIDE_ENC = {"text": 10, "robot0_eef_pos": 1, "agentview_image": 9, "agentview_depth": 9}
 GUIDE_DEC = {"text": 10, "robot0_eef_pos_past_traj": 10, "robot0_eef_pos_past_traj_delta": 9}
+#: what the guide's modalities are (``Transformer(token_groups=...)``): the 9 camera and
+#: depth tokens are 3 x 3 patch grids
+GUIDE_GROUPS = {
+    "text": {"kind": "text"},
+    "robot0_eef_pos": {"kind": "state"},
+    "agentview_image": {"kind": "image", "grid": [3, 3], "camera": "agentview"},
+    "agentview_depth": {"kind": "image", "grid": [3, 3], "camera": "agentview_depth"},
+    "robot0_eef_pos_past_traj": {"kind": "trajectory"},
+    "robot0_eef_pos_past_traj_delta": {"kind": "trajectory"},
+}
 
 
 def guide_model_config() -> dict[str, int]:
@@ -60,17 +78,24 @@ def synthetic_batches(
         yield side(enc), side(dec)
 
 
-def demo_model(seed: int = 0, sharpness: float = 3.0, **overrides: int) -> torch.nn.Module:
+def demo_model(
+    seed: int = 0,
+    sharpness: float = 3.0,
+    *,
+    token_groups: Mapping[str, Any] | None = None,
+    **overrides: int,
+) -> torch.nn.Module:
     """The guide's model with random weights, query/key projections scaled by ``sharpness``.
 
     At default init every head is near uniform (entropy ~ log S); scaling the query and
     key projections multiplies the logits by ``sharpness**2`` so random heads become
     peaky and differ from each other — closer to a trained model's attention.
+    ``token_groups`` types the layout (e.g. :data:`GUIDE_GROUPS`, what the demo passes).
     """
     from attnscope.capture.model import Transformer
 
     torch.manual_seed(seed)
-    model = Transformer(**{**guide_model_config(), **overrides}).eval()
+    model = Transformer(**{**guide_model_config(), **overrides}, token_groups=token_groups).eval()
     d = model.config.embed_dim
     with torch.no_grad():
         for mod in model.attention_modules().values():

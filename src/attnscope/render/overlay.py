@@ -81,8 +81,8 @@ class OverlayData:
     def title(self) -> str:
         who = "mean of heads" if self.head is None else f"head {self.head}"
         return (
-            f"{self.image} <- {self.query} ({self.array}, {who}, sample {self.sample}): "
-            f"{100 * self.fraction:.1f}% of the mass on the image"
+            f"{self.image} <- {self.query}: {100 * self.fraction:.1f}% of the mass on the "
+            f"image\n{self.array}, {who}, sample {self.sample}"
         )
 
 
@@ -392,6 +392,6 @@ def plot_overlay(
     if colorbar:
         fig.colorbar(im, ax=ax, label="attention mass")
     ax.set_title(
-        plain(title if title is not None else data.title(), 120), fontsize=STYLE.panel_title_size
+        plain(title if title is not None else data.title(), 160), fontsize=STYLE.panel_title_size
     )
     return fig
