@@ -17,9 +17,8 @@ __all__ = ["default_what", "load_timeline", "overlay_arrays", "overlay_jobs", "t
 
 
 def head_tag(h: int | None) -> str:
-    from attnscope.render.batch import _head_tag
-
-    return _head_tag(h)
+    """File-name tag of a head: ``h03``, or ``havg`` for the mean over heads."""
+    return "havg" if h is None else f"h{h:02d}"
 
 
 def load_timeline(tables_dir: str | os.PathLike | None, arc: Any) -> Any:

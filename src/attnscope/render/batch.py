@@ -36,6 +36,7 @@ from attnscope.contracts import FIGURE_FORMATS, FIGURE_KINDS, STACKS
 from attnscope.errors import ArchiveNotFoundError, ConfigError, SelectionError
 from attnscope.render import _figure_jobs as figure_jobs
 from attnscope.render import overlay, plots, tables
+from attnscope.render._figure_jobs import head_tag as _head_tag
 from attnscope.render._reuse import Painter
 from attnscope.render._save import save_figure, write_png
 from attnscope.store import open_archive
@@ -97,10 +98,6 @@ class _Plan:
     def job(self, stem: str, meta: dict, draw: Callable, *args: Any, **kwargs: Any) -> Job:
         what = stem.split("/")[0]
         return Job(f"{stem}.{self.req.fmt}", {"what": what, **meta}, draw, args, kwargs)
-
-
-def _head_tag(h: int | None) -> str:
-    return "havg" if h is None else f"h{h:02d}"
 
 
 def _head_name(h: int | None) -> str:
