@@ -97,10 +97,13 @@ def test_report_embeds_each_head_exactly_as_stored(archive, tables, tmp_path) ->
     data = viewer_data(page)
     with open_archive(archive) as arc:
         for a in data["arrays"]:
-            raw = np.frombuffer(base64.b64decode(a["data"]["1"]), dtype="<f2")
+            d = a["data"]["1"]
+            raw = np.frombuffer(base64.b64decode(d["b64"]), dtype="<f2")
             want = np.asarray(arc[a["name"]][1], dtype=np.float32).astype("<f2")
             np.testing.assert_array_equal(raw.reshape(want.shape), want)
-            assert (a["t"], a["s"], a["fr"], a["fc"]) == (a["T"], a["S"], 1, 1)
+            assert (d["t"], d["s"], d["fr"], d["fc"]) == (d["T"], d["S"], 1, 1)
+            assert (d["T"], d["S"]) == want.shape[1:]  # every token real: nothing cropped
+        assert data["tokens"]["encoder"]["1"]["pos"] is None
 
 
 def test_report_samples_and_downsampling(archive, tables, tmp_path) -> None:
@@ -108,7 +111,7 @@ def test_report_samples_and_downsampling(archive, tables, tmp_path) -> None:
                         max_cells=4).read_text()
     data = viewer_data(page)
     assert data["samples"] == [1, 3] and data["initial"]["sample"] == 1
-    enc = data["arrays"][0]
+    enc = data["arrays"][0]["data"]["3"]
     assert (enc["T"], enc["t"], enc["fr"]) == (9, 3, 3)  # 9 tokens in blocks of 3
     with pytest.raises(SelectionError, match="sample 7"):
         write_report(archive, tmp_path / "x.html", tables_dir=tables, samples=[7])
@@ -291,7 +294,7 @@ def test_hostile_labels_are_escaped_in_html_and_json(evil, tmp_path) -> None:
     assert page.count("<script") == 2 and page.count("</script>") == 2  # data + viewer only
     assert "<b>" not in page and "<i>seg" not in page and "<!--" not in page
     data = viewer_data(page)
-    assert data["sides"]["encoder"]["labels"] == EVIL  # exact, after JSON decoding
+    assert data["tokens"]["encoder"]["0"]["labels"] == EVIL  # exact, after JSON decoding
     assert "&lt;i&gt;seg&lt;/i&gt;" in page  # the layout table, HTML-escaped
 
 

@@ -25,13 +25,14 @@ __all__ = [
     "crop_layout",
     "fit_layout",
     "has_sample_axes",
+    "positions_of",
     "read_real",
     "real_positions",
     "sample_axes",
 ]
 
 
-def _positions(mask: Any) -> np.ndarray | None:
+def positions_of(mask: Any) -> np.ndarray | None:
     """Stored positions of the real tokens; None when every token is real (nothing to crop)."""
     m = np.asarray(mask, dtype=bool)
     return None if m.all() else np.flatnonzero(m)
@@ -47,7 +48,7 @@ def real_positions(attn: Any, sample: int) -> tuple[np.ndarray | None, np.ndarra
     if isinstance(attn, np.ndarray) or hasattr(attn, "detach") or not callable(valid):
         return None, None
     q, k = valid(int(sample))
-    return _positions(q), _positions(k)
+    return positions_of(q), positions_of(k)
 
 
 def _span(pos: np.ndarray | None) -> slice:
@@ -64,7 +65,7 @@ def read_real(
     """
     if rows is None and cols is None:
         return np.asarray(attn[index])
-    x = np.asarray(attn[(*index, _span(rows), _span(cols))])
+    x = np.asarray(attn[(*index, Ellipsis, _span(rows), _span(cols))])
     if rows is not None:
         x = np.take(x, rows - rows[0], axis=-2)
     if cols is not None:

@@ -5,8 +5,11 @@ built by :mod:`attnscope.render.report`) and draws everything client-side on can
 
 * the attention map of the chosen array, sample and head (or the mean of the heads),
   coloured through the embedded colormap LUT, segment boundaries as white lines, a label
-  per token up to 40 tokens and segment names beyond;
-* hovering a cell shows its query token, key token and weight (``#hover``);
+  per token up to 40 tokens and segment names beyond; each sample with its own tokens
+  (``D.tokens[side][sample]``: labels and segments of its real tokens, and their stored
+  positions ``pos``, null when none is padding), its map holding only those tokens;
+* hovering a cell shows its query token, key token (label and stored position) and weight
+  (``#hover``);
 * clicking a cell or a query label shows that query's row as bars (``#row``), BertViz's
   head view for any modality;
 * the entropy (layer x head), modality-to-modality mass and top pairs of the analysis
@@ -14,7 +17,8 @@ built by :mod:`attnscope.render.report`) and draws everything client-side on can
 
 Every label reaches the page through ``textContent`` or ``fillText``, never as HTML. The view
 is mirrored in the URL fragment (``#array=...&sample=0&head=avg&q=3&cell=3,5``), so a view
-can be linked; ``cell`` shows that cell as if hovered.
+can be linked; ``cell`` shows that cell as if hovered. ``q`` and ``cell`` count the cells of
+the map shown (a sample's real tokens), not stored positions.
 """
 
 CSS = """
@@ -43,26 +47,31 @@ function arrayOf(name){for(var i=0;i<D.arrays.length;
 function f16(u){var e=(u>>10)&31,f=u&1023,s=(u&32768)?-1:1;
   if(e===0)return s*f*5.960464477539063e-8; if(e===31)return f?NaN:s*Infinity;
   return s*Math.pow(2,e-15)*(1+f/1024);}
-function maps(a,sample){ // (H, t, s) float16 -> list of Float64Array per head
-  var key=a.name+'|'+sample; if(cache[key])return cache[key];
-  var b=atob(a.data[String(sample)]),n=a.t*a.s,out=[];
-  for(var h=0;h<a.heads.length;h++){var m=new Float64Array(n);
+function maps(a0,sample){ // (H, t, s) float16 -> list of Float64Array per head
+  var key=a0.name+'|'+sample; if(cache[key])return cache[key];
+  var d=a0.data[String(sample)],b=atob(d.b64),n=d.t*d.s,out=[];
+  for(var h=0;h<a0.heads.length;h++){var m=new Float64Array(n);
     for(var i=0;i<n;i++){var o=2*(h*n+i);m[i]=f16(b.charCodeAt(o)|(b.charCodeAt(o+1)<<8));}
     out.push(m);}
   return (cache[key]=out);}
-function current(){var a=arrayOf(st.array),ms=maps(a,st.sample),m;
+function viewOf(a0,sample){ // one sample of an array: its sizes and its own tokens
+  var d=a0.data[String(sample)],k=String(sample);
+  return {name:a0.name,stack:a0.stack,layer:a0.layer,kind:a0.kind,heads:a0.heads,T:d.T,S:d.S,
+    t:d.t,s:d.s,fr:d.fr,fc:d.fc,sides:{rows:D.tokens[a0.rows][k],cols:D.tokens[a0.cols][k]}};}
+function current(){var a0=arrayOf(st.array),a=viewOf(a0,st.sample),ms=maps(a0,st.sample),m;
   if(st.head==='avg'){m=new Float64Array(a.t*a.s);
     for(var h=0;h<ms.length;h++)for(var i=0;i<m.length;i++)m[i]+=ms[h][i];
     for(var j=0;j<m.length;j++)m[j]/=ms.length;}
   else m=ms[a.heads.indexOf(Number(st.head))];
   return {a:a,m:m};}
-function side(a,which){return D.sides[which==='rows'?a.rows:a.cols];}
+function side(a,which){return a.sides[which];}
+function posOf(sd,k){return sd.pos?sd.pos[k]:k;} // stored position of the k-th real token
 function span(a,which,i){var f=which==='rows'?a.fr:a.fc,n=which==='rows'?a.T:a.S;
   return [i*f,Math.min((i+1)*f,n)-1];}
 function tokenText(a,which,i){var sd=side(a,which),r=span(a,which,i),lab=function(k){
   return sd.labels[k]!==undefined?sd.labels[k]:String(k);};
-  if(r[0]===r[1])return '"'+lab(r[0])+'" (#'+r[0]+')';
-  return '"'+lab(r[0])+'" .. "'+lab(r[1])+'" (#'+r[0]+'-'+r[1]+')';
+  if(r[0]===r[1])return '"'+lab(r[0])+'" (#'+posOf(sd,r[0])+')';
+  return '"'+lab(r[0])+'" .. "'+lab(r[1])+'" (#'+posOf(sd,r[0])+'-'+posOf(sd,r[1])+')';
     }
 function hash32(px){var h=2166136261;for(var i=0;i<px.length;i++){h^=px[i];h=Math.imul(h,
   16777619);}return (h>>>0).toString(16);}
@@ -168,9 +177,8 @@ function tables(){var a=view.a,e=D.entropy[a.stack+'|'+a.kind],
   var tb=document.createElement('table'),hr=document.createElement('tr');['rank','query','key',
     'weight'].forEach(function(c){var th=document.createElement('th');th.className='l';
     th.textContent=c;hr.appendChild(th);});tb.appendChild(hr);
-  var rs=side(a,'rows'),ks=side(a,'cols');
   tp.forEach(function(p,r){var tr=document.createElement('tr');[String(r+1),
-    (rs.labels[p[0]]||'')+' (#'+p[0]+')',(ks.labels[p[1]]||'')+' (#'+p[1]+')',
+    p[3]+' (#'+p[0]+')',p[4]+' (#'+p[1]+')',
     p[2].toFixed(4)].forEach(function(t,k){
     var td=document.createElement('td');if(k===1||k===2)td.className='l';td.textContent=t;
       tr.appendChild(td);});tb.appendChild(tr);});el.appendChild(tb);}

@@ -29,6 +29,7 @@ import pandas as pd
 
 from attnscope.contracts import AVERAGE_HEAD, KIND_AXES, STACKS
 from attnscope.errors import ConfigError, SelectionError, ShapeError
+from attnscope.render._crop import crop_layout, positions_of, read_real
 from attnscope.render._prepare import block_reduce
 from attnscope.render._style import STYLE, colormap
 from attnscope.render._viewer import CSS, JS
@@ -53,21 +54,62 @@ def _lut(name: str) -> str:
     return _b64(np.round(rgb * 255).astype(np.uint8))
 
 
-def _head_maps(arr: Any, sample: int, max_cells: int) -> tuple[np.ndarray, int, int]:
-    """``(H, t, s)`` float16 little-endian maps of one sample, block-max reduced past max_cells."""
-    x = np.asarray(arr[sample], dtype=np.float32)
+def _head_maps(
+    arr: Any, sample: int, rows: np.ndarray | None, cols: np.ndarray | None, max_cells: int
+) -> dict[str, Any]:
+    """One sample's ``(H, t, s)`` maps restricted to its real tokens (``rows`` x ``cols``,
+    None = all), float16 little-endian, block-max reduced past ``max_cells``; with sizes."""
+    x = read_real(arr, (sample,), rows, cols).astype(np.float32)
     if x.ndim != 3:
         raise ShapeError(f"expected one sample of shape (H, T, S), got {x.shape}")
     reduced = [block_reduce(m, max_cells, "max") for m in x]
     _, fr, fc = reduced[0]
-    return np.stack([r for r, _, _ in reduced]).astype("<f2"), fr, fc
+    maps = np.stack([r for r, _, _ in reduced]).astype("<f2")
+    t_real, s_real = x.shape[1:]
+    return {"b64": _b64(maps), "T": int(t_real), "S": int(s_real), "t": int(maps.shape[1]),
+            "s": int(maps.shape[2]), "fr": fr, "fc": fc}
 
 
-def _side(lay: Any) -> dict[str, Any]:
+def _side(lay: Any, pos: np.ndarray | None) -> dict[str, Any]:
+    """One sample's tokens on one side: labels and segments of its real tokens, and their
+    stored positions (``pos``; null when every token is real)."""
     return {
         "labels": [str(x) for x in lay.labels],
         "segments": [[s.name, s.start, s.stop] for s in lay.segments],
+        "pos": None if pos is None else [int(i) for i in pos],
     }
+
+
+def _tokens(
+    arc: AttentionArchive, samples: Sequence[int], sides: Sequence[str]
+) -> tuple[dict[str, dict[str, Any]], dict[tuple[str, int], np.ndarray | None]]:
+    """``{side: {sample: tokens}}`` for the page (each sample's own labels, cropped to its
+    real tokens) and ``{(side, sample): real positions}`` for cropping the maps."""
+    page: dict[str, dict[str, Any]] = {sd: {} for sd in sides}
+    real: dict[tuple[str, int], np.ndarray | None] = {}
+    for smp in samples:
+        own = arc.sample_layout(smp)
+        for sd in sides:
+            pos = real[(sd, smp)] = positions_of(arc.masks(sd, smp))
+            lay = own.side(sd)
+            page[sd][str(smp)] = _side(lay if pos is None else crop_layout(lay, pos), pos)
+    return page, real
+
+
+def _cost(arc: AttentionArchive, names: Sequence[str], lo: int, hi: int, max_cells: int
+          ) -> np.ndarray:
+    """Base64 bytes of the maps of samples ``lo:hi`` (every array, real tokens only)."""
+    real = {}
+    out = np.zeros(hi - lo, dtype=np.int64)
+    for name in names:
+        stack, _, kind = name.split("/")
+        q, k = KIND_AXES[(stack, kind)]
+        for sd in (q, k):
+            if sd not in real:
+                real[sd] = np.minimum(arc.masks(sd, slice(lo, hi)).sum(1), max_cells)
+        h = int(arc[name].shape[1])
+        out += 4 * -(-h * real[q] * real[k] * 2 // 3)
+    return out
 
 
 def _choose_samples(
@@ -81,42 +123,43 @@ def _choose_samples(
         if bad:
             raise SelectionError(f"sample {bad[0]} out of range [0, {n})")
         return chosen
-    per = 0
-    for name in names:  # base64 bytes of one sample of every array
-        _, h, t, s = arc[name].shape
-        per += 4 * -(-h * min(t, max_cells) * min(s, max_cells) * 2 // 3)
-    k = max(1, min(n, max_bytes // max(per, 1)))
-    return sorted(set(range(k)) | {sample})
+    # the first samples whose maps (real tokens only) fit the budget, at least one
+    k, used, step = 0, 0, 1024
+    while k < n:
+        cost = np.cumsum(_cost(arc, names, k, min(n, k + step), max_cells)) + used
+        fit = int(np.searchsorted(cost, max_bytes, side="right"))
+        k += fit
+        if fit < len(cost):
+            break
+        used = int(cost[-1])
+    return sorted(set(range(max(1, k))) | {sample})
 
 
 def _viewer_data(
     arc: AttentionArchive, names: Sequence[str], tables: dict[str, pd.DataFrame],
     samples: list[int], sample: int, k: int, max_cells: int,
 ) -> dict[str, Any]:
-    sides = {sd: _side(getattr(arc.layout, sd)) for sd in STACKS
-             if getattr(arc.layout, sd, None) is not None}
+    used = [sd for sd in STACKS
+            if any(sd in KIND_AXES[(n.split("/")[0], n.split("/")[2])] for n in names)]
+    tokens, real = _tokens(arc, samples, used)
     arrays = []
     for name in names:
         stack, layer, kind = name.split("/")
         q_side, k_side = KIND_AXES[(stack, kind)]
         arr = arc[name]
-        _, _, t_full, s_full = (int(v) for v in arr.shape)
-        data, fr, fc = {}, 1, 1
-        for smp in samples:
-            maps, fr, fc = _head_maps(arr, smp, max_cells)
-            data[str(smp)] = _b64(maps)
+        data = {str(smp): _head_maps(arr, smp, real[(q_side, smp)], real[(k_side, smp)],
+                                     max_cells) for smp in samples}
         arrays.append({
             "name": name, "stack": stack, "layer": int(layer), "kind": kind,
-            "heads": [int(h) for h in arc.heads(name)], "T": t_full, "S": s_full,
-            "t": -(-t_full // fr), "s": -(-s_full // fc), "fr": fr, "fc": fc,
-            "rows": q_side, "cols": k_side, "data": data,
+            "heads": [int(h) for h in arc.heads(name)], "rows": q_side, "cols": k_side,
+            "data": data,
         })
     head_stats, seg, pairs = (tables[n] for n in FIGURE_TABLES)
     return {
         "lut": _lut(STYLE.cmap),
         "samples": samples,
         "initial": {"array": names[0], "sample": sample},
-        "sides": sides,
+        "tokens": tokens,
         "arrays": arrays,
         "entropy": _entropy(head_stats, names),
         "mass": _mass(seg, names),
@@ -171,18 +214,24 @@ def _mass(seg: pd.DataFrame, names: Sequence[str]) -> dict[str, Any]:
 
 def _pairs(pairs: pd.DataFrame, names: Sequence[str], samples: list[int], k: int
            ) -> dict[str, Any]:
-    """The ``k`` heaviest (query, key, weight) per array, embedded sample and head."""
+    """The ``k`` heaviest (query, key, weight, query label, key label) per array, embedded
+    sample and head; positions are stored ones and the labels the table's (each sample's own)."""
+    cols = ["query", "key", "weight", "query_label", "key_label"]
     out: dict[str, Any] = {}
     for name in names:
         sub = _rows(pairs, name)
         sub = sub[sub["sample"].isin(samples)].sort_values("rank", kind="stable")
         out[name] = {
-            f"{int(s)}|{int(h)}": [[int(q), int(kk), round(float(w), 6)]
-                                   for q, kk, w in g[["query", "key", "weight"]].head(k)
+            f"{int(s)}|{int(h)}": [[int(q), int(kk), round(float(w), 6), _text(ql), _text(kl)]
+                                   for q, kk, w, ql, kl in g[cols].head(k)
                                    .itertuples(index=False)]
             for (s, h), g in sub.groupby(["sample", "head"], sort=True)
         }
     return out
+
+
+def _text(x: Any) -> str:
+    return "" if x is None or (isinstance(x, float) and np.isnan(x)) else str(x)
 
 
 def _json_for_script(obj: Any) -> str:
@@ -227,7 +276,11 @@ def _layout_section(arc: AttentionArchive) -> str:
             [(s.name, s.start, s.stop, len(s)) for s in lay.segments],
             columns=["segment", "start", "stop", "tokens"],
         )
-        parts.append(f"<h3>{side} ({lay.length} tokens)</h3>{_table(df)}")
+        real = ""
+        if arc.ragged and arc.n_samples:
+            n = arc.lengths(side)
+            real = f"; real tokens per sample {int(n.min())}-{int(n.max())}"
+        parts.append(f"<h3>{side} ({lay.length} tokens{real})</h3>{_table(df)}")
     return "".join(parts)
 
 
