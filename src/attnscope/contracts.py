@@ -22,6 +22,7 @@ __all__ = [
     "STEP_ID",
     "GROUP_KINDS",
     "TOKENS",
+    "FRAMES",
     "TOKEN_MASK",
     "TOKEN_IDS",
     "TOKEN_LABELS",
@@ -70,6 +71,8 @@ STEP_ID = "step"
 GROUP_KINDS = ("text", "image", "state", "action", "trajectory")
 #: per-sample token data of one side lives under f"{TOKENS}/{side}/..." (docs/archive-format.md)
 TOKENS = "_tokens"
+#: optional camera frames, f"{FRAMES}/<camera>" (N, h, w, 3) uint8, one sample per chunk
+FRAMES = "_frames"
 #: (N, L) uint8, 1 = real token, 0 = padding (ragged archives only)
 TOKEN_MASK = "mask"
 #: (N, L) int64 token ids; PAD_ID where the writer padded the batch

@@ -186,3 +186,30 @@ def test_cli_render_overlay_with_frames(planted: tuple, tmp_path: Path) -> None:
     r = CliRunner().invoke(cli, ["render", str(path), "--out", str(tmp_path / "g"), "--what",
                                  "overlay", "--frames", str(tmp_path / "nope")])
     assert r.exit_code == 1 and "frames folder" in r.output
+
+
+def test_overlay_uses_the_frame_stored_with_the_sample(tmp_path: Path) -> None:
+    w = _weights(np.random.default_rng(0))
+    frames = np.random.default_rng(1).integers(0, 256, (N, 12, 12, 3), dtype=np.uint8)
+    path = tmp_path / "framed.zarr"
+    with ArchiveWriter.create(path, _layout()) as wr:
+        wr.append(w, frames={"agentview": frames})
+    fig = plot_overlay(path, sample=4, head=0, array="decoder/0/cross_attention")
+    imgs = fig.axes[0].get_images()
+    assert len(imgs) == 2  # the stored frame, then the heat over it
+    np.testing.assert_allclose(imgs[0].get_array(), frames[4] / 255.0, atol=1e-6)
+    assert imgs[1].get_array().shape == (12, 12)
+    bare = plot_overlay(path, sample=4, head=0, array="decoder/0/cross_attention",
+                        use_stored_frame=False)
+    assert len(bare.axes[0].get_images()) == 1
+    # render --what overlay with no --frames draws over the stored frame too
+    out = render_archive(path, tmp_path / "figs", what=["overlay"], samples=[4], progress=False)
+    assert out and all(p.suffix == ".png" for p in out if p.name != "manifest.json")
+
+
+def test_overlay_of_an_archive_without_frames_is_a_plain_grid(planted: tuple) -> None:
+    path, _ = planted
+    with open_archive(path) as arc:
+        assert arc.cameras() == [] and arc.frame("agentview", 0) is None
+    fig = plot_overlay(path, sample=0, head=0, array="decoder/0/cross_attention")
+    assert len(fig.axes[0].get_images()) == 1

@@ -51,6 +51,7 @@ __all__ = [
     "prepare_overlay",
     "read_frame",
     "resolve_query",
+    "stored_frame",
     "upsample",
 ]
 
@@ -320,6 +321,16 @@ def find_frame(
     )
 
 
+def stored_frame(archive_or_path: Any, data: OverlayData) -> np.ndarray | None:
+    """The frame stored with ``data``'s sample for its image group (``_frames/<camera>``,
+    the group's camera or else the image segment's name); None when the archive has none."""
+    with open_archive(archive_or_path) as arc:
+        for cam in dict.fromkeys(c for c in (data.camera, data.image) if c):
+            if cam in arc.cameras():
+                return arc.frame(cam, data.sample)
+    return None
+
+
 def overlay_matrix(grid: np.ndarray, data: np.ndarray | None = None) -> PreparedMatrix:
     """``grid`` (or its upsampled ``data``) as a matrix in patch coordinates."""
     r, c = grid.shape
@@ -344,6 +355,7 @@ def plot_overlay(
     ax: Any = None,
     title: str | None = None,
     colorbar: bool = True,
+    use_stored_frame: bool = True,
     **selection: Any,
 ) -> Any:
     """Draw an overlay; return the Figure.
@@ -356,7 +368,9 @@ def plot_overlay(
     frame
         The camera frame (PNG path or array): the heat is upsampled to its size
         (``upsampling``: ``"bilinear"`` or ``"nearest"``) and drawn with ``alpha`` over it.
-        Without a frame the patch grid is drawn as a plain heatmap.
+        Default: the frame stored with the sample (:func:`stored_frame`; an archive given
+        as ``data`` and ``use_stored_frame=True``); without any, the patch grid is drawn as a
+        plain heatmap.
     ax
         Draw onto this Axes (default: a new figure).
 
@@ -367,7 +381,9 @@ def plot_overlay(
     from attnscope.render.plots import draw_matrix, new_figure
 
     if not isinstance(data, OverlayData):
-        data = prepare_overlay(data, **selection)
+        src, data = data, prepare_overlay(data, **selection)
+        if frame is None and use_stored_frame:
+            frame = stored_frame(src, data)
     elif selection:
         raise ConfigError(f"selection {sorted(selection)} given with prepared OverlayData")
     if upsampling not in UPSAMPLING:

@@ -31,6 +31,7 @@ from attnscope.contracts import (
 from attnscope.errors import ArchiveCorruptError, ConfigError, InputError, SelectionError
 from attnscope.store._base import ArrayHandle, MiB
 from attnscope.store.codecs import decode, read_dtype
+from attnscope.store.frames import frame_cameras, read_frame
 from attnscope.store.layout import SideLayout, TokenLayout
 from attnscope.store.meta import (
     check_meta,
@@ -390,6 +391,17 @@ class AttentionArchive:
                 n = min(self.n_samples, h.shape[0])
                 out[key] = checked_read(self, h, (slice(0, n),))
         return out
+
+    def frame(self, camera: str, sample: int) -> np.ndarray | None:
+        """``(h, w, 3)`` uint8 frame of ``sample`` stored for ``camera`` (``_frames/<camera>``);
+        None when the archive stores no frames of that camera."""
+        with damage_is_corruption(self.path):
+            return read_frame(self, camera, sample)
+
+    def cameras(self) -> list[str]:
+        """Cameras whose frames are stored with the samples."""
+        with damage_is_corruption(self.path):
+            return frame_cameras(self._backend)
 
     # -- per-sample tokens (schema 2 masks; ids and labels in any archive) -----------------
     @property

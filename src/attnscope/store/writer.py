@@ -19,6 +19,7 @@ from attnscope.store._base import ArrayHandle, Backend, Write, choose_chunks
 from attnscope.store._lock import LOCK_DIR_NAME, Lease
 from attnscope.store.batch import BatchRules, Prepared
 from attnscope.store.codecs import storage_dtype
+from attnscope.store.frames import FrameStore
 from attnscope.store.layout import TokenLayout
 from attnscope.store.meta import (
     MAIN,
@@ -306,6 +307,7 @@ class ArchiveWriter:
         assert self._backend is not None
         self._side_store = SideStore(self._backend, fmt, meta, rid)
         self._side_store.resume(start, count)
+        self._frames = FrameStore(self._backend, meta)
 
     def _load_existing(self) -> None:
         b = self._backend
@@ -340,6 +342,7 @@ class ArchiveWriter:
         sample_ids: Mapping[str, Any] | None = None,
         masks: Mapping[str, Any] | None = None,
         tokens: Mapping[str, Mapping[str, Any]] | None = None,
+        frames: Mapping[str, Any] | None = None,
     ) -> int:
         """Write one batch and commit it.
 
@@ -364,6 +367,9 @@ class ArchiveWriter:
         tokens
             side -> ``{"labels": B lists of L_b str, "ids": (B, L_b) int}`` (either key
             optional), stored per sample; every batch must carry the same fields.
+        frames
+            camera -> ``(B, h, w, 3)`` uint8 frames (``_frames/<camera>``, committed with the
+            batch; :meth:`AttentionArchive.frame`); every batch the same cameras.
 
         Returns
         -------
@@ -387,6 +393,7 @@ class ArchiveWriter:
             rows=side.rows,
         )
         ids = BatchRules.prepare_ids(sample_ids, bsz, self._id_keys, later=later)
+        frm = self._frames.prepare(frames, bsz, self._count)
         # Everything is validated; from here on only writes happen.
         pos = self._start + self._count
         end = pos + bsz
@@ -402,6 +409,7 @@ class ArchiveWriter:
         writes += self._id_writes(ids, pos, end)
         hint = math.gcd(*(h.chunks[0] for x in self._nodes.values() for h in x.handles.values()))
         writes += self._side_store.writes(side, pos, end, hint or 1)
+        writes += self._frames.writes(frm, pos, end)
         b = self._backend
         assert b is not None
         try:
