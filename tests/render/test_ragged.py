@@ -300,3 +300,33 @@ def test_viewer_hostile_labels_of_a_ragged_sample(ragged, ragged_tables, tmp_pat
     shown = html.unescape(hover(dom)[0])
     assert f'query "{el[3][k[0]]}" (#{k[0]})' in shown and f'key "{el[3][k[1]]}"' in shown
     assert not re.search(r"<b>(?!&amp;)", dom.split("<main>")[-1])  # never parsed as HTML
+
+
+def test_a_painted_figure_does_not_depend_on_the_other_samples(ragged, tmp_path) -> None:
+    # samples 1 and 2 both keep 5 encoder tokens, with other labels: the reused figure
+    # template must carry each one's own tick labels
+    path = ragged[0]
+    kw = dict(what=["heatmap", "grid"], stacks=["encoder"], progress=False)
+    alone = render_archive(path, tmp_path / "alone", samples=[2], **kw)
+    both = render_archive(path, tmp_path / "both", samples=[1, 2], **kw)
+    by_name = {p.name: p.read_bytes() for p in both}
+    assert [by_name[p.name] for p in alone] == [p.read_bytes() for p in alone]
+    one = [by_name[p.name.replace("s0002", "s0001")] for p in alone]
+    assert all(a != b for a, b in zip(one, (p.read_bytes() for p in alone)))
+
+
+def test_cli_render_and_report_of_a_ragged_archive(ragged, ragged_tables, tmp_path) -> None:
+    from click.testing import CliRunner
+
+    from attnscope.cli import cli
+
+    path = ragged[0]
+    res = CliRunner().invoke(cli, ["render", str(path), "--out", str(tmp_path / "f"),
+                                   "--samples", "2-3", "--what", "heatmap", "--no-progress"])
+    assert res.exit_code == 0, res.output
+    assert len(list((tmp_path / "f" / "heatmap").iterdir())) == 2 * 3
+    res = CliRunner().invoke(cli, ["report", str(path), "--out", str(tmp_path / "r.html"),
+                                   "--tables", str(ragged_tables), "--samples", "2"])
+    assert res.exit_code == 0, res.output
+    tok = viewer_data((tmp_path / "r.html").read_text())["tokens"]["encoder"]["2"]
+    assert tok["labels"] == [ragged[4][2][i] for i in _real(ragged[2][2])]

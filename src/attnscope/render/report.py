@@ -2,7 +2,9 @@
 
 The page embeds the stored attention itself, not pictures of it: per array and embedded
 sample, every head as float16 (little-endian, base64; the archive's own values when it stores
-float16), block-max reduced beyond :data:`MAX_CELLS` tokens per axis. A script draws the maps
+float16), over that sample's real tokens only (ragged archives: padded rows and columns left
+out, each sample with its own labels; see ``_crop``), block-max reduced beyond
+:data:`MAX_CELLS` tokens per axis. A script draws the maps
 client-side on a canvas through the colormap's LUT: pick array, sample and head (or the mean
 of the heads), hover a cell for its query token, key token and weight, click a query for its
 row as bars; the analysis tables (entropy, modality-to-modality mass, top pairs) follow the
