@@ -167,6 +167,9 @@ def demo(out: Path, fmt: str | None, batches: int, batch_size: int, seed: int,
                    "on) and store each sample's attention over the whole final sequence.")
 @click.option("--do-sample", is_flag=True,
               help="With --max-new-tokens: sample (seeded by --seed) instead of greedy.")
+@click.option("--dry-run", is_flag=True,
+              help="Run one batch and print bytes per array, the job's total before and "
+                   "after compression, chunks and files; write nothing.")
 @progress_opt
 def capture(model_kind: str, config: Path | None, hf_config: Path | None, inputs: Path | None,
             batches: int, batch_size: int, seq_len: int, out: Path, fmt: str | None,
@@ -174,7 +177,8 @@ def capture(model_kind: str, config: Path | None, hf_config: Path | None, inputs
             dtype: str, topk: int | None, device: str | None, seed: int, resume: bool,
             overwrite: bool, rank: int | None, world_size: int | None,
             max_new_tokens: int | None, do_sample: bool, progress: bool,
-            tokenizer_dir: Path | None = None, max_length: int | None = None) -> None:
+            tokenizer_dir: Path | None = None, max_length: int | None = None,
+            dry_run: bool = False) -> None:
     """Run a model over batches and stream its attention into an archive.
 
     Example: attnscope capture --config model.json --batches 16 --batch-size 8 --out run.zarr
@@ -182,6 +186,8 @@ def capture(model_kind: str, config: Path | None, hf_config: Path | None, inputs
     Generation: attnscope capture --hf-config gpt2.json --max-new-tokens 16 --out gen.zarr
 
     Sentences: attnscope capture --hf-config bert/ --tokenizer bert/ --inputs s.jsonl --out s.zarr
+
+    Dry run: attnscope capture --config model.json --batches 1000 --out run.zarr --dry-run
     """
     from attnscope.capture.cli_support import build_job, generate_options, load_tokenizer
 
@@ -205,7 +211,10 @@ def capture(model_kind: str, config: Path | None, hf_config: Path | None, inputs
                           dtype=dtype, format=fmt, device=device, resume=resume,
                           progress=progress, topk=topk, overwrite=overwrite, rank=rank,
                           world_size=world_size, generate=generate, tokenizer=tokenizer,
-                          max_length=max_length)
+                          max_length=max_length, dry_run=dry_run)
+    if dry_run:
+        click.echo(summary.format())
+        return
     click.echo(
         f"{summary.archive}: {summary.samples} samples ({summary.committed} committed), "
         f"{summary.bytes / 1e6:.1f} MB in {summary.seconds:.2f} s "

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from attnscope.capture.base import Adapter, Sink, call_model, first_tensor
+from attnscope.capture.base import Adapter, Sink, call_model, describe, first_tensor
 from attnscope.capture.hf import HFAdapter
 from attnscope.capture.model import Transformer
 from attnscope.errors import CaptureError, InputError
@@ -64,6 +64,9 @@ class ReferenceAdapter(Adapter):
 
     def config(self) -> dict[str, Any]:
         return self.model.config.to_json()
+
+    def attention_impl(self, wanted: Sequence[str]) -> dict[str, str]:
+        return describe(self.names(), wanted, "explicit softmax", "sdpa (fused, not stored)")
 
     def run(self, batch: Any, sink: Sink, wanted: set[str]) -> None:
         mods = {n: m for n, m in self.model.attention_modules().items() if n in wanted}
@@ -133,6 +136,12 @@ class TorchMHAAdapter(Adapter):
 
     def names(self) -> list[str]:
         return list(self.modules)
+
+    def attention_impl(self, wanted: Sequence[str]) -> dict[str, str]:
+        return describe(
+            self.names(), wanted, "MultiheadAttention need_weights (math path)",
+            "MultiheadAttention (weights not stored)",
+        )  # fmt: skip
 
     def batch_size(self, batch: Any) -> int:
         t = first_tensor(batch)

@@ -9,7 +9,7 @@ the padding masks and, with a tokenizer, the tokens of each sample.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -103,6 +103,10 @@ class Adapter:
     def config(self) -> dict[str, Any]:
         return {"model": type(self.model).__module__ + "." + type(self.model).__qualname__}
 
+    def attention_impl(self, wanted: Sequence[str]) -> dict[str, str]:
+        """``{array name: attention implementation as run}`` (provenance)."""
+        return {n: "unknown (custom adapter)" for n in self.names()}
+
     def to_device(self, batch: Any, device: torch.device) -> Any:
         return to_device(batch, device)
 
@@ -147,3 +151,9 @@ def jsonable(obj: Any) -> Any:
     if obj is None or isinstance(obj, (bool, int, float, str)):
         return obj
     return str(obj)
+
+
+def describe(names: Sequence[str], wanted: Sequence[str], captured: str, other: str) -> dict:
+    """``{array name: implementation}``: ``captured`` for wanted arrays, ``other`` else."""
+    keep = set(wanted)
+    return {n: captured if n in keep else other for n in names}

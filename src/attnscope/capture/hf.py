@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from attnscope.capture.base import Adapter, Sink, first_tensor, jsonable
+from attnscope.capture.base import Adapter, Sink, describe, first_tensor, jsonable
 from attnscope.errors import CaptureError, InputError
 from attnscope.store.layout import SideLayout, TokenLayout
 
@@ -186,6 +186,11 @@ class HFAdapter(Adapter):
     def config(self) -> dict[str, Any]:
         cfg = self.model.config.to_dict()
         return {"model": "transformers." + type(self.model).__name__, "hf_config": jsonable(cfg)}
+
+    def attention_impl(self, wanted: Sequence[str]) -> dict[str, str]:
+        if not self.layer_by_layer:
+            return describe(self.names(), wanted, "eager (output_attentions)", "eager")
+        return describe(self.names(), wanted, "eager", "sdpa" if self.fast_ok else "eager")
 
     def batch_size(self, batch: Any) -> int:
         return first_tensor(batch).shape[0]

@@ -28,16 +28,20 @@ import torch
 from torch import nn
 
 from attnscope.capture.adapters import Adapter, adapter_for, iter_wanted
+from attnscope.capture.dryrun import DryRunReport, planned_samples, report
 from attnscope.capture.identity import CaptureIdentity, param_hash
 from attnscope.capture.options import CaptureOptions, resolve_device
+from attnscope.capture.provenance import input_digest, input_hash_ids, run_provenance
 from attnscope.capture.ragged import Lengths, side_lengths
 from attnscope.capture.recorder import Recorder, trim
 from attnscope.capture.shard import shard_for
-from attnscope.capture.writer import WriterThread, storage_error
+from attnscope.capture.writer import WriterThread, storage_error, stored_nbytes, to_host
 from attnscope.errors import AttnscopeError, CaptureError, ConfigError, SelectionError
 from attnscope.store import ArchiveSpec, ArchiveWriter, TokenLayout, holds_no_data, open_archive
+from attnscope.store.footprint import check_writable, measure_footprint
+from attnscope.store.meta import INPUT_HASH_KEYS, archive_format
 
-__all__ = ["capture", "CaptureSummary", "CaptureOptions"]
+__all__ = ["capture", "CaptureSummary", "CaptureOptions", "DryRunReport"]
 
 
 @dataclass(frozen=True)
@@ -86,7 +90,8 @@ def capture(
     wait_s: float = 300.0,
     generate: Mapping[str, Any] | None = None,
     max_length: int | Mapping[str, int] | None = None,
-) -> CaptureSummary:
+    dry_run: bool = False,
+) -> CaptureSummary | DryRunReport:
     """Run ``model`` over ``batches`` and append every batch's attention to an archive.
 
     Parameters
@@ -152,12 +157,22 @@ def capture(
         list/tuple of batches of different lengths; its maximum is then the longest batch
         of the list, else the first batch's length. Not for the reference Transformer or
         ``nn.MultiheadAttention`` stacks (fixed token layouts).
+    dry_run
+        Run the first batch only (real model, selection, cast, top-k) and return a
+        :class:`~attnscope.capture.dryrun.DryRunReport`: bytes per array per sample, the
+        job's total before and after compression (the batch encoded with the archive's
+        chunking and compressor in a removed temporary directory), chunks and files, and
+        a warning when the destination lacks the space. The job's size comes from
+        ``len(batches)`` or ``total``; without either the figures are per batch. Nothing
+        is created at ``archive_path``; a destination this user cannot write to raises
+        :class:`~attnscope.errors.ConfigError`.
 
     Returns
     -------
-    CaptureSummary
+    CaptureSummary or DryRunReport
         ``bytes`` and ``mb_per_s`` count the attention in the stored dtype; with
-        ``generate``, ``generated`` lists each written sample's ids and text.
+        ``generate``, ``generated`` lists each written sample's ids and text. With
+        ``dry_run``, the report (``report.format()`` is its text).
 
     Raises
     ------
@@ -186,7 +201,7 @@ def capture(
         sample_ids=sample_ids, device=device, resume=resume, progress=progress, topk=topk,
         tokenizer=tokenizer, tags=tags, overwrite=overwrite, validate=validate,
         queue_depth=queue_depth, total=total, rank=rank, world_size=world_size, wait_s=wait_s,
-        generate=generate, max_length=max_length,
+        generate=generate, max_length=max_length, dry_run=dry_run,
     )  # fmt: skip
     return _Job(model, batches, Path(archive_path), opts).run()
 
@@ -213,6 +228,9 @@ class _Job:
             )
             self.lengths = Lengths(self.adapter, batches, opts.max_length)
             digest, n_params = param_hash(net)
+            self.provenance = run_provenance(
+                net, self.adapter.attention_impl(self.wanted), device=self.device, dtype=opts.dtype
+            )
         except BaseException:
             self.adapter.close()
             raise
@@ -236,11 +254,16 @@ class _Job:
         self.skip = 0  # samples committed before this run (skipped, not re-run)
         self.pos = 0  # index of the next batch's first sample
         self.n_batches = 0
+        # per-batch input hashes go with each batch as sample ids; an archive resumed from
+        # a version that did not write them continues without (its ids must match)
+        self.hash_inputs = True
         self.generated: list[dict[str, Any]] | None = None if self.generate is None else []
         self.bar = _progress_bar(opts.progress, opts.total)
         self.t0 = time.perf_counter()
 
-    def run(self) -> CaptureSummary:
+    def run(self) -> CaptureSummary | DryRunReport:
+        if self.opts.dry_run:
+            return self._dry_run()
         try:
             if self.shard is None and not (self.opts.resume or self.opts.overwrite):
                 _refuse_existing(self.path)
@@ -281,6 +304,7 @@ class _Job:
             self.pos += bsz
             return
         drop = max(0, self.skip - self.pos)
+        digest = input_digest(batch) if self.hash_inputs else None
         batch = self.adapter.to_device(batch, self.device)
         self.recorder.begin(drop)
         self._forward(bi, batch)
@@ -306,6 +330,8 @@ class _Job:
             if self.generated is not None:
                 self.generated.extend(self.adapter.generated()[drop:])
             ids = _batch_ids(self.opts.sample_ids, bi, batch, self.pos + drop, self.pos + bsz)
+            if digest is not None:
+                ids = {**(ids or {}), **input_hash_ids(digest, bsz - drop)}
             self.writer.put(captured, ids, fence, masks=masks, tokens=tokens)
             self.n_batches += 1
         self.pos += bsz
@@ -333,6 +359,7 @@ class _Job:
         with open_archive(self.path) as arch:
             meta = arch.metadata
             fields, n = arch.token_fields(), arch.n_samples
+            self.hash_inputs = n == 0 or set(INPUT_HASH_KEYS) <= set(arch.sample_ids)
         self.identity.check(meta)
         self.lengths.adopt(meta, fields, n)
         self.resumed = meta
@@ -340,14 +367,51 @@ class _Job:
         self.writer = WriterThread(writer, self.opts.queue_depth)
         self.skip = writer.committed
 
-    def _create(self, bsz: int, layout: TokenLayout) -> ArchiveWriter:
-        """The archive writer, created from the first batch's layout and shapes."""
+    def _dry_run(self) -> DryRunReport:
+        """Run the first batch and measure what the job would write; write nothing."""
+        try:
+            where = check_writable(self.path)
+            if not self.opts.overwrite:
+                _refuse_existing(self.path)
+            batch = next(iter(self.batches), None)
+            if batch is None:
+                raise ConfigError("no batch to capture: the batch source was empty")
+            bsz = self.adapter.batch_size(batch)
+            digest = input_digest(batch)
+            batch = self.adapter.to_device(batch, self.device)
+            self.recorder.begin(0)
+            self._forward(0, batch)
+            captured, fence = self.recorder.finish(self.wanted, 0)
+            lengths = side_lengths(self.recorder.shapes)
+            layout = self.lengths.decide(batch, lengths, self._layout(batch))
+            self.lengths.check(0, lengths, layout)
+            masks, tokens = self.lengths.side_data(batch, 0, lengths)
+            ids = {**(_batch_ids(self.opts.sample_ids, 0, batch, 0, bsz) or {})}
+            ids.update(input_hash_ids(digest, bsz))
+            if fence is not None:
+                fence.synchronize()
+            spec = self._spec(bsz)
+            fp = measure_footprint(
+                self.path, layout, spec, to_host(captured), sample_ids=ids, masks=masks,
+                tokens=tokens,
+            )  # fmt: skip
+        finally:
+            self._close(quiet=True)
+        per_sample = _stored_per_sample(spec, captured, bsz)
+        samples = planned_samples(self.batches, bsz, self.opts.total)
+        fmt = archive_format(self.path, self.opts.format)
+        return report(str(self.path), fmt, self.opts.dtype, bsz, per_sample, samples, fp, where)
+
+    def _spec(self, bsz: int) -> ArchiveSpec:
+        """The typed options of the archive, from the first batch's shapes."""
         o = self.opts
-        spec = ArchiveSpec(
+        capture = self.identity.settings(self.device, o.queue_depth)
+        capture["provenance"] = self.provenance
+        return ArchiveSpec(
             format=o.format,
             dtype=o.dtype,
             model_config=self.identity.model_config,
-            capture=self.identity.settings(self.device, o.queue_depth),
+            capture=capture,
             heads=None if o.heads is None else {n: list(o.heads) for n in self.wanted},
             tags=dict(o.tags) if o.tags else None,
             seed=torch.initial_seed() % 2**63,
@@ -360,6 +424,10 @@ class _Job:
             batch_size=bsz,  # Zarr chunks then divide the batch: each append fills whole chunks
             max_lengths=self.lengths.max_lengths,  # None: fixed-length (schema 1)
         )
+
+    def _create(self, bsz: int, layout: TokenLayout) -> ArchiveWriter:
+        """The archive writer, created from the first batch's layout and shapes."""
+        o, spec = self.opts, self._spec(bsz)
         try:
             if self.shard is None:
                 return ArchiveWriter.create(self.path, layout, spec, overwrite=o.overwrite)
@@ -402,6 +470,15 @@ class _Job:
                 committed = self.writer.writer.committed if self.writer is not None else 0
                 raise storage_error(e, self.path, committed) from e
             raise e
+
+
+def _stored_per_sample(spec: ArchiveSpec, captured: Any, bsz: int) -> dict[str, int]:
+    """Bytes per sample of each array as stored: dense arrays at the archive's maximum
+    lengths (a ragged batch is padded), sparse ones as captured (values + indices)."""
+    if spec.sparse_topk is not None or not spec.arrays:
+        return {n: stored_nbytes({n: v}) // bsz for n, v in captured.items()}
+    itemsize = 4 if spec.dtype == "float32" else 2
+    return {n: int(np.prod(hts)) * itemsize for n, hts in spec.arrays.items()}
 
 
 def _refuse_existing(path: Path) -> None:

@@ -52,6 +52,9 @@ class CaptureOptions:
     # ragged archives: the maximum tokens per side, one int for every side or
     # {"encoder": 128, ...}; None: from the batches (capture/ragged.py)
     max_length: int | Mapping[str, int] | None = None
+    # run the first batch and report what the job would write (capture/dryrun.py); nothing
+    # is created at the destination
+    dry_run: bool = False
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -72,6 +75,11 @@ class CaptureOptions:
             raise ConfigError(
                 "generate must be a dict of generate() options, e.g. "
                 f"dict(max_new_tokens=16), got {type(self.generate).__name__}"
+            )
+        if self.dry_run and (self.resume or self.rank is not None):
+            raise ConfigError(
+                f"dry_run measures a new archive; got resume={self.resume}, rank={self.rank}; "
+                "expected neither (dry-run the job without resume / rank)"
             )
         object.__setattr__(self, "max_length", _max_length(self.max_length))
         layers = _selection("layers", self.layers, _layer)

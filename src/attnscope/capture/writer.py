@@ -14,7 +14,7 @@ from attnscope.capture.recorder import Captured
 from attnscope.errors import AttnscopeError, CaptureError
 from attnscope.store import ArchiveWriter
 
-__all__ = ["WriterThread", "storage_error", "stored_nbytes"]
+__all__ = ["WriterThread", "storage_error", "stored_nbytes", "to_host"]
 
 
 class WriterThread:
@@ -76,7 +76,7 @@ class WriterThread:
                 if fence is not None:
                     fence.synchronize()
                 self.writer.append(
-                    {n: _host(v) for n, v in arrays.items()},
+                    to_host(arrays),
                     sample_ids=ids,
                     masks=masks,
                     tokens=tokens,
@@ -111,6 +111,11 @@ def stored_nbytes(arrays: Captured) -> int:
         sum(t.numel() * t.element_size() for t in (v if isinstance(v, tuple) else (v,)))
         for v in arrays.values()
     )
+
+
+def to_host(arrays: Captured) -> dict[str, Any]:
+    """The captured (host) tensors as the numpy arrays / top-k dicts ``append`` takes."""
+    return {n: _host(v) for n, v in arrays.items()}
 
 
 def _host(v: Any) -> Any:

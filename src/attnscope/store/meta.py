@@ -43,6 +43,8 @@ __all__ = [
     "damage_is_corruption",
     "holds_no_data",
     "no_data_message",
+    "INPUT_HASH_KEYS",
+    "input_hashes",
 ]
 
 #: newest schema this attnscope reads and writes: 2 = ragged (per-sample masks, max_lengths);
@@ -51,6 +53,17 @@ SCHEMA_VERSION = 2
 FORMAT_NAME = "attnscope-archive"
 #: commit record id of the whole-archive writer
 MAIN = "main"
+#: per-sample ids holding the SHA-256 of the sample's batch inputs, four big-endian uint64
+#: words (written by capture with each batch, so committed with it)
+INPUT_HASH_KEYS = tuple(f"input_sha256_{i}" for i in range(4))
+
+
+def input_hashes(sample_ids: Mapping[str, Any]) -> list[str] | None:
+    """Per sample, ``"sha256:<hex>"`` of its batch's inputs; None if not recorded."""
+    if not all(k in sample_ids for k in INPUT_HASH_KEYS):
+        return None
+    words = np.stack([np.asarray(sample_ids[k], dtype=np.uint64) for k in INPUT_HASH_KEYS], 1)
+    return ["sha256:" + row.astype(">u8").tobytes().hex() for row in words]
 
 
 @contextmanager
@@ -91,6 +104,10 @@ def _provenance(seed: int | None, tags: dict | None, backend_lib: str) -> dict[s
         "torch": ver("torch"),
         "numpy": np.__version__,
         backend_lib: ver(backend_lib),
+        # every library a reader may ask about, whichever backend wrote the archive
+        "libraries": {
+            pkg: ver(pkg) for pkg in ("torch", "transformers", "numpy", "zarr", "h5py")
+        },
         "python": platform.python_version(),
         "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "host": socket.gethostname(),

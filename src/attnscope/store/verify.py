@@ -11,7 +11,7 @@ import numpy as np
 from attnscope.contracts import KIND_AXES
 from attnscope.errors import ArchiveCorruptError, AttnscopeError
 from attnscope.store._base import MiB
-from attnscope.store.meta import holds_no_data, no_data_message
+from attnscope.store.meta import holds_no_data, input_hashes, no_data_message
 from attnscope.store.reader import AttentionArchive, open_archive
 from attnscope.store.validation import check_tolerance
 
@@ -353,6 +353,7 @@ def info(path: str | os.PathLike) -> dict[str, Any]:
             "model_config": meta.get("model_config", {}),
             "capture": meta.get("capture", {}),
             "provenance": meta.get("provenance", {}),
+            "input_hashes": _batch_hashes(a.sample_ids, meta.get("batch_size")),
         }
 
 
@@ -379,12 +380,57 @@ def _empty_info(path: str) -> dict[str, Any]:
         "model_config": {},
         "capture": {},
         "provenance": {},
+        "input_hashes": None,
         "note": no_data_message(path),
     }
 
 
 def _mb(x: int | None) -> str:
     return "?" if x is None else f"{x / MiB:.1f} MiB"
+
+
+def _batch_hashes(sample_ids: dict[str, Any], batch_size: int | None) -> list[str] | None:
+    """The input hash of each committed batch, in order (one per ``batch_size`` samples;
+    without it, consecutive repeats merged)."""
+    per_sample = input_hashes(sample_ids)
+    if per_sample is None:
+        return None
+    if batch_size:
+        return per_sample[:: int(batch_size)]
+    return [h for i, h in enumerate(per_sample) if i == 0 or per_sample[i - 1] != h]
+
+
+def _capture_provenance(cap: dict[str, Any], hashes: list[str] | None) -> list[str]:
+    """``info`` lines on how the numbers were captured (model, weights, code, inputs)."""
+    p = cap.get("provenance") or {}
+    lines = []
+    if p or cap.get("param_hash"):
+        state = {True: "train()", False: "eval()"}.get(p.get("training"), "?")
+        lines.append(
+            f"  captured from {p.get('model_class', '?')} in {state} on {p.get('device')} "
+            f"(compute {p.get('compute_dtype')}, stored {p.get('storage_dtype')}), "
+            f"weights {cap.get('param_hash')} ({cap.get('n_params')} parameters)"
+        )
+    impl: dict[str, str] = p.get("attention_implementation") or {}
+    if impl:
+        groups: dict[str, list[str]] = {}
+        for name, how in impl.items():
+            groups.setdefault(how, []).append(name)
+        for how, names in groups.items():
+            lines.append(f"  attention {how}: {', '.join(names)}")
+    if p:
+        git = p.get("git")
+        lines.append(
+            "  code: not in a git work tree"
+            if not git
+            else f"  code: git {git['commit']}{' (dirty)' if git.get('dirty') else ''} in "
+            f"{git.get('cwd')}"
+        )
+    if hashes is not None:
+        lines.append(f"  input hashes ({len(hashes)} batches): " + ", ".join(
+            h[: len("sha256:") + 12] for h in hashes[:4]
+        ) + (", ..." if len(hashes) > 4 else ""))
+    return lines
 
 
 def format_info(d: dict[str, Any]) -> str:
@@ -425,6 +471,10 @@ def format_info(d: dict[str, Any]) -> str:
         )
         if prov.get("tags"):
             lines.append(f"  tags: {prov['tags']}")
+        libs = prov.get("libraries") or {}
+        if libs:
+            lines.append("  libraries: " + ", ".join(f"{k} {v}" for k, v in libs.items() if v))
+    lines += _capture_provenance(d.get("capture") or {}, d.get("input_hashes"))
     if d.get("model_config"):
         lines.append(f"  model: {d['model_config']}")
     return "\n".join(lines)
