@@ -13,12 +13,21 @@ built by :mod:`attnscope.render.report`) and draws everything client-side on can
 * clicking a cell or a query label shows that query's row as bars (``#row``), BertViz's
   head view for any modality;
 * the entropy (layer x head), modality-to-modality mass and top pairs of the analysis
-  tables for the current choice.
+  tables for the current choice;
+* overlays (``D.images``: the image groups of each array's key side): the chosen query's
+  row (a clicked query, or the mean row of the query segment chosen in ``#sel-qseg``) on
+  each image group's patch grid, the numbers of ``render.overlay.prepare_overlay``,
+  through the colormap from 0 to the grid's largest mass; over the frame stored with the
+  sample (``D.frames``, raw RGB) when there is one, smoothed (bilinear) with alpha. Each
+  grid canvas carries its values (``data-grid``) and brightest patch (``data-argmax``);
+* the episode timeline (``D.timeline``, from ``timeline.parquet``): mass on each key
+  modality vs step, for the chosen episode and the current array's layer and head.
 
 Every label reaches the page through ``textContent`` or ``fillText``, never as HTML. The view
 is mirrored in the URL fragment (``#array=...&sample=0&head=avg&q=3&cell=3,5``), so a view
-can be linked; ``cell`` shows that cell as if hovered. ``q`` and ``cell`` count the cells of
-the map shown (a sample's real tokens), not stored positions.
+can be linked; ``cell`` shows that cell as if hovered, ``click=i,j`` clicks it, ``qseg``
+and ``ep`` choose the overlay's query segment and the timeline's episode. ``q`` and
+``cell`` count the cells of the map shown (a sample's real tokens), not stored positions.
 """
 
 CSS = """
@@ -30,7 +39,7 @@ text-align:right}th{background:#f3f4f6}td.l,th.l{text-align:left}td.cur{outline:
 select{font-size:14px;margin-right:12px}pre{background:#f7f7f7;padding:8px;overflow:auto}
 .muted{color:#666}.row{display:flex;flex-wrap:wrap;gap:18px;align-items:flex-start}
 #hover{min-height:1.5em;font-family:ui-monospace,monospace;white-space:pre}
-canvas{border:1px solid #eee}
+canvas{border:1px solid #eee}.ov{font-size:12px;text-align:center}
 """
 
 JS = r"""
@@ -40,7 +49,7 @@ var D=JSON.parse(document.getElementById('attnscope-data').textContent);
 var $=function(id){return document.getElementById(id);};
 var lut=(function(){var b=atob(D.lut),a=new Uint8Array(b.length);
   for(var i=0;i<b.length;i++)a[i]=b.charCodeAt(i);return a;})();
-var st={array:D.initial.array,sample:D.initial.sample,head:'avg',q:null};
+var st={array:D.initial.array,sample:D.initial.sample,head:'avg',q:null,qseg:'',ep:null};
 var cache={}, view=null;
 function arrayOf(name){for(var i=0;i<D.arrays.length;
   i++)if(D.arrays[i].name===name)return D.arrays[i];return D.arrays[0];}
@@ -117,7 +126,80 @@ function draw(){var c=current(),a=c.a,m=c.m,cv=$('map'),ctx=cv.getContext('2d');
   ctx.fillText(a.name+' \u00b7 sample '+st.sample+' \u00b7 '+who,
     L,6);
   view={a:a,m:m,cs:cs,L:L,T:T};document.body.dataset.drawn=hash32(img.data);
-  drawRow();tables();}
+  drawRow();tables();drawOverlay();drawTimeline();}
+function bytesOf(b64){var b=atob(b64),a=new Uint8Array(b.length);
+  for(var i=0;i<b.length;i++)a[i]=b.charCodeAt(i);return a;}
+function overlayRows(a){ // the map rows averaged for the overlay, or a reason why none
+  if(a.fr!==1||a.fc!==1)return 'this map is block-reduced: no overlay';
+  if(st.qseg){var g=side(a,'rows').segments.filter(function(x){return x[0]===st.qseg;})[0];
+    if(!g)return 'no query segment '+st.qseg;var r=[];for(var i=g[1];i<g[2];i++)r.push(i);
+    return {rows:r,name:'segment '+g[0]};}
+  if(st.q!==null&&st.q<a.t)return {rows:[st.q],name:'query '+tokenText(a,'rows',st.q)};
+  return 'Click a query (a row of the map) or choose a query segment.';}
+function drawOverlay(){var box=$('overlay'),a=view.a,groups=D.images[a.name];
+  box.textContent='';$('overlay-box').style.display=Object.keys(D.images).length?'':'none';
+  fill($('sel-qseg'),[['','(the clicked query)']].concat(side(a,'rows').segments.map(
+    function(g){return [g[0],g[0]];})),st.qseg);
+  if(!groups){box.textContent='(the keys of this array have no image group)';return;}
+  var sel=overlayRows(a);if(typeof sel==='string'){box.textContent=sel;return;}
+  var sd=side(a,'cols'),n=a.s,row=new Float64Array(n),all=0;
+  sel.rows.forEach(function(i){for(var j=0;j<n;j++)row[j]+=view.m[i*n+j]/sel.rows.length;});
+  for(var j=0;j<n;j++)all+=row[j];
+  groups.forEach(function(g){var R=g[3],C=g[4],grid=[],tot=0,mx=0,arg=-1,k;
+    for(k=0;k<R*C;k++)grid.push(NaN);
+    for(j=0;j<n;j++){var p=posOf(sd,j);if(p>=g[1]&&p<g[2])grid[p-g[1]]=row[j];}
+    grid.forEach(function(v,i){if(v===v){tot+=v;if(v>mx){mx=v;arg=i;}}});
+    var P=Math.max(12,Math.floor(192/Math.max(R,C))),cv=document.createElement('canvas'),
+      ctx=cv.getContext('2d'),fr=g[5]&&D.frames[g[5]]?D.frames[g[5]][String(st.sample)]:null;
+    cv.width=C*P;cv.height=R*P;cv.className='overlay';cv.dataset.image=g[0];
+    if(fr){var px=bytesOf(fr.b64),fo=document.createElement('canvas');fo.width=fr.w;
+      fo.height=fr.h;var fc=fo.getContext('2d'),fi=fc.createImageData(fr.w,fr.h);
+      for(k=0;k<fr.w*fr.h;k++){fi.data[4*k]=px[3*k];fi.data[4*k+1]=px[3*k+1];
+        fi.data[4*k+2]=px[3*k+2];fi.data[4*k+3]=255;}
+      fc.putImageData(fi,0,0);ctx.imageSmoothingEnabled=true;ctx.drawImage(fo,0,0,cv.width,
+        cv.height);}
+    var ho=document.createElement('canvas');ho.width=C;ho.height=R;
+    var hc=ho.getContext('2d'),hi=hc.createImageData(C,R);
+    for(k=0;k<R*C;k++){var v=grid[k],q=Math.max(0,Math.min(255,Math.round(v/(mx||1)*255)))*3;
+      hi.data[4*k]=lut[q];hi.data[4*k+1]=lut[q+1];hi.data[4*k+2]=lut[q+2];
+      hi.data[4*k+3]=v===v?(fr?140:255):0;}
+    hc.putImageData(hi,0,0);ctx.imageSmoothingEnabled=!!fr;ctx.drawImage(ho,0,0,cv.width,
+      cv.height);
+    cv.dataset.grid=JSON.stringify(grid.map(function(v){return v===v?+v.toFixed(5):null;}));
+    cv.dataset.argmax=arg<0?'':Math.floor(arg/C)+','+(arg%C);cv.dataset.frame=fr?'1':'0';
+    var d=document.createElement('div'),cap=document.createElement('div');d.className='ov';
+    cap.textContent=g[0]+' \u2190 '+sel.name+': '+(100*tot/(all||1)).toFixed(1)+
+      '% of the mass (max '+mx.toPrecision(3)+')';
+    d.appendChild(cv);d.appendChild(cap);box.appendChild(d);});}
+var PAL=['#1f77b4','#ff7f0e','#2ca02c','#d62728','#9467bd','#8c564b','#e377c2','#7f7f7f',
+  '#bcbd22','#17becf'];
+function drawTimeline(){var T=D.timeline,cv=$('timeline');
+  if(!T){$('timeline-box').style.display='none';return;}
+  var a=view.a,key=T.series[a.stack+'|'+a.kind]?a.stack+'|'+a.kind:Object.keys(T.series)[0],
+    S=T.series[key],eps=Object.keys(S);
+  if(eps.indexOf(String(st.ep))<0)st.ep=eps[0];
+  fill($('sel-episode'),eps.map(function(e){return [e,'episode '+e];}),st.ep);
+  var byL=S[st.ep],layer=byL[String(a.layer)]?String(a.layer):Object.keys(byL)[0],
+    hk=st.head==='avg'?'-1':String(st.head),lines=byL[layer][hk]||byL[layer]['-1']||[];
+  var L=44,Tp=26,W=380,H=200,B=34;cv.width=L+W+150;cv.height=Tp+H+B;
+  var ctx=cv.getContext('2d'),lo=Infinity,hi=-Infinity;
+  ctx.fillStyle='#fff';ctx.fillRect(0,0,cv.width,cv.height);
+  lines.forEach(function(l){l[1].forEach(function(x){lo=Math.min(lo,x);hi=Math.max(hi,x);});});
+  if(hi<=lo)hi=lo+1;var X=function(x){return L+(x-lo)/(hi-lo)*W;},
+    Y=function(y){return Tp+(1-y)*H;};
+  ctx.strokeStyle='#999';ctx.strokeRect(L+0.5,Tp+0.5,W,H);ctx.fillStyle='#222';
+  ctx.font='11px sans-serif';ctx.textAlign='right';ctx.textBaseline='middle';
+  [0,0.5,1].forEach(function(y){ctx.fillText(String(y),L-4,Y(y));});
+  ctx.textAlign='center';ctx.textBaseline='top';ctx.fillText(String(lo),X(lo),Tp+H+4);
+  ctx.fillText(String(hi),X(hi),Tp+H+4);ctx.fillText('step',L+W/2,Tp+H+18);
+  lines.forEach(function(l,i){ctx.strokeStyle=ctx.fillStyle=PAL[i%PAL.length];ctx.lineWidth=2;
+    ctx.beginPath();l[1].forEach(function(x,k){var f=k?'lineTo':'moveTo';ctx[f](X(x),
+      Y(l[2][k]));});ctx.stroke();ctx.textAlign='left';ctx.textBaseline='middle';
+    var t=String(l[0]);if(t.length>20)t=t.slice(0,19)+'\u2026';ctx.fillText(t,L+W+8,Tp+8+14*i);});
+  ctx.fillStyle='#222';ctx.textAlign='left';ctx.textBaseline='top';ctx.font='12px sans-serif';
+  ctx.fillText(T.query+' \u2192 key modalities \u00b7 '+key.replace('|',' ')+' layer '+layer+
+    ' \u00b7 '+(hk==='-1'?'mean of heads':'head '+hk),L,6);
+  cv.dataset.lines=String(lines.length);cv.dataset.episode=String(st.ep);cv.dataset.layer=layer;}
 function cellAt(ev){if(!view)return null;var r=$('map').getBoundingClientRect(),
   x=ev.clientX-r.left-view.L,y=ev.clientY-r.top-view.T,j=Math.floor(x/view.cs),
     i=Math.floor(y/view.cs);
@@ -184,6 +266,7 @@ function tables(){var a=view.a,e=D.entropy[a.stack+'|'+a.kind],
       tr.appendChild(td);});tb.appendChild(tr);});el.appendChild(tb);}
 function writeHash(){var p=['array='+encodeURIComponent(st.array),'sample='+st.sample,
   'head='+st.head];if(st.q!==null)p.push('q='+st.q);
+  if(st.qseg)p.push('qseg='+encodeURIComponent(st.qseg));if(st.ep!==null)p.push('ep='+st.ep);
   history.replaceState(null,'','#'+p.join('&'));}
 function readHash(){var out={};location.hash.replace(/^#/,'').split('&').forEach(function(kv){
   var i=kv.indexOf('=');
@@ -201,18 +284,26 @@ var h0=readHash();if(h0.array&&D.arrays.some(function(a){return a.name===h0.arra
 if(h0.sample!==undefined&&D.samples.indexOf(Number(h0.sample))>=0)st.sample=Number(h0.sample);
 if(h0.head!==undefined)st.head=h0.head==='avg'?'avg':String(Number(h0.head));
 if(h0.q!==undefined&&/^\d+$/.test(h0.q))st.q=Number(h0.q);
+if(h0.qseg)st.qseg=h0.qseg;if(h0.ep!==undefined)st.ep=h0.ep;
 $('sel-array').value=st.array;$('sel-sample').value=String(st.sample);
 $('sel-array').addEventListener('change',function(){st.array=this.value;st.q=null;update();});
 $('sel-sample').addEventListener('change',function(){st.sample=Number(this.value);update();});
 $('sel-head').addEventListener('change',function(){st.head=this.value;update();});
+$('sel-qseg').addEventListener('change',function(){st.qseg=this.value;drawOverlay();writeHash();});
+$('sel-episode').addEventListener('change',function(){st.ep=this.value;drawTimeline();
+  writeHash();});
 $('map').addEventListener('mousemove',hover);
 $('map').addEventListener('click',function(ev){var c=cellAt(ev);if(c&&(c.inMap||c.label)){
-  st.q=c.i;drawRow();writeHash();}});
+  st.q=c.i;st.qseg='';drawRow();drawOverlay();writeHash();}});
 update();
 if(h0.cell&&/^\d+,\d+$/.test(h0.cell)){var ij=h0.cell.split(',').map(Number),
   r=$('map').getBoundingClientRect();
   $('map').dispatchEvent(new MouseEvent('mousemove',{clientX:r.left+view.L+(ij[1]+0.5)*view.cs,
     clientY:r.top+view.T+(ij[0]+0.5)*view.cs}));}
+if(h0.click&&/^\d+,\d+$/.test(h0.click)){var cl=h0.click.split(',').map(Number),
+  rc=$('map').getBoundingClientRect();
+  $('map').dispatchEvent(new MouseEvent('click',{clientX:rc.left+view.L+(cl[1]+0.5)*view.cs,
+    clientY:rc.top+view.T+(cl[0]+0.5)*view.cs}));}
 document.body.dataset.ready='1';
 })();
 """

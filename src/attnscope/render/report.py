@@ -32,10 +32,12 @@ import pandas as pd
 from attnscope.contracts import AVERAGE_HEAD, KIND_AXES, STACKS
 from attnscope.errors import ConfigError, SelectionError, ShapeError
 from attnscope.render._crop import crop_layout, positions_of, read_real
+from attnscope.render._figure_jobs import load_timeline
 from attnscope.render._prepare import block_reduce
 from attnscope.render._style import STYLE, colormap
 from attnscope.render._viewer import CSS, JS
 from attnscope.render.batch import FIGURE_TABLES, load_tables
+from attnscope.render.overlay import image_groups
 from attnscope.store import AttentionArchive, open_archive
 
 __all__ = ["check_report_path", "write_report"]
@@ -44,6 +46,8 @@ __all__ = ["check_report_path", "write_report"]
 MAX_DATA_BYTES = 1_500_000
 #: longest map axis embedded as is; longer axes are block-max reduced (as figures are)
 MAX_CELLS = 128
+#: longest side of an embedded camera frame (larger frames are decimated)
+MAX_FRAME_PX = 64
 
 
 def _b64(a: np.ndarray) -> str:
@@ -137,6 +141,55 @@ def _choose_samples(
     return sorted(set(range(max(1, k))) | {sample})
 
 
+def _images(arc: AttentionArchive, names: Sequence[str]) -> dict[str, list[Any]]:
+    """Image groups of each array's key side: ``[name, start, stop, rows, cols, frame
+    camera or None]`` (stored positions; the frame camera when frames are stored)."""
+    cams = set(arc.cameras())
+    out: dict[str, list[Any]] = {}
+    for name in names:
+        stack, _, kind = name.split("/")
+        groups = image_groups(arc.layout.side(KIND_AXES[(stack, kind)][1]))
+        if groups:
+            out[name] = [[g.name, g.start, g.stop, *g.group.grid,
+                          next((c for c in (g.group.camera, g.name) if c in cams), None)]
+                         for g in groups.values()]
+    return out
+
+
+def _frames(arc: AttentionArchive, images: dict[str, list[Any]], samples: Sequence[int]
+            ) -> dict[str, dict[str, Any]]:
+    """``{camera: {sample: {w, h, b64 RGB}}}`` of the embedded samples, each frame decimated
+    to at most :data:`MAX_FRAME_PX` pixels a side."""
+    out: dict[str, dict[str, Any]] = {}
+    for cam in sorted({g[5] for groups in images.values() for g in groups if g[5]}):
+        out[cam] = {}
+        for smp in samples:
+            f = arc.frame(cam, smp)
+            step = -(-max(f.shape[:2]) // MAX_FRAME_PX)
+            f = np.ascontiguousarray(f[::step, ::step, :3])
+            out[cam][str(smp)] = {"w": int(f.shape[1]), "h": int(f.shape[0]), "b64": _b64(f)}
+    return out
+
+
+def _timeline(tables_dir: str | os.PathLike[str], arc: AttentionArchive) -> dict[str, Any] | None:
+    """The ``timeline`` table as lines: ``{"stack|kind": {episode: {layer: {head: [[key
+    segment, steps, mass], ...]}}}}``; None without ``timeline.parquet``."""
+    if not (Path(tables_dir) / "timeline.parquet").exists():
+        return None
+    df = load_timeline(tables_dir, arc)
+    series: dict[str, Any] = {}
+    keys = ["stack", "kind", "episode", "layer", "head"]
+    for (st, kd, ep, lyr, hd), g in df.groupby(keys, sort=True):
+        mass = g.groupby(["key_segment", "step"], sort=False)["mass"].mean()
+        lines = [[str(seg), [int(x) for x in m.index.get_level_values("step")],
+                  [round(float(v), 4) for v in m.to_numpy()]]
+                 for seg, m in ((seg, mass.loc[[seg]]) for seg in dict.fromkeys(g["key_segment"]))]
+        (series.setdefault(f"{st}|{kd}", {}).setdefault(str(int(ep)), {})
+         .setdefault(str(int(lyr)), {}))[str(int(hd))] = lines
+    query = str(df["query_group"].iloc[0]) if len(df) else ""
+    return {"query": query, "series": series}
+
+
 def _viewer_data(
     arc: AttentionArchive, names: Sequence[str], tables: dict[str, pd.DataFrame],
     samples: list[int], sample: int, k: int, max_cells: int,
@@ -166,6 +219,8 @@ def _viewer_data(
         "entropy": _entropy(head_stats, names),
         "mass": _mass(seg, names),
         "pairs": _pairs(pairs, names, samples, k),
+        "images": (images := _images(arc, names)),
+        "frames": _frames(arc, images, samples),
     }
 
 
@@ -351,7 +406,7 @@ def write_report(
         )
     with open_archive(archive) as arc:
         page = _build(arc, load_tables(tables_dir, arc), sample, samples, arrays, top_pairs,
-                      max_cells, max_bytes)
+                      max_cells, max_bytes, _timeline(tables_dir, arc))
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(out.name + ".partial")
     try:
@@ -371,6 +426,7 @@ def _build(
     k: int,
     max_cells: int,
     max_bytes: int,
+    timeline: dict[str, Any] | None = None,
 ) -> str:
     names = list(arrays) if arrays is not None else arc.arrays()
     unknown = [n for n in names if n not in arc.arrays()]
@@ -384,6 +440,7 @@ def _build(
         raise ConfigError(f"max_cells must be >= 1, got {max_cells}")
     chosen = _choose_samples(arc, names, samples, sample, max_cells, max_bytes)
     data = _viewer_data(arc, names, tables, chosen, sample, k, max_cells)
+    data["timeline"] = timeline
     meta = arc.metadata
     ident = arc.identity()
 
@@ -409,6 +466,15 @@ def _build(
         "columns: key segment; mean over samples. Each row sums to 1.</p>"
         "<div id='mass'></div></div>"
         "<div><h3>Top pairs</h3><div id='pairs'></div></div></div>"
+        "<div class='row'><div id='overlay-box'><h3>Where the query looks on the images</h3>"
+        "<p class='muted'><label>query segment <select id='sel-qseg'></select></label> "
+        "Attention mass of the chosen query (a clicked row, or a segment's mean row) on each "
+        "image group, on its patch grid (absolute mass, over the frame stored with the "
+        "sample when there is one).</p><div id='overlay' class='row'></div></div>"
+        "<div id='timeline-box'><h3>Episode timeline</h3><p class='muted'>"
+        "<label>episode <select id='sel-episode'></select></label> Attention mass of the "
+        "timeline's query group on each key modality vs step (this array's layer, head).</p>"
+        "<canvas id='timeline' width='10' height='10'></canvas></div></div>"
     )
     overview = {
         "archive": str(arc.path),
