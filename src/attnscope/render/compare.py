@@ -15,6 +15,7 @@ stage's one matrix drawer, :func:`attnscope.render.plots.draw_matrix`. Never imp
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -357,6 +358,7 @@ def render_diff(
                 fig = plot_diff_summary(df, stack=stack, kind=kind)
                 files.append(save_figure(fig, out / f"summary-js-{stack}-{kind}.{fmt}", fmt=fmt))
                 plt.close(fig)
+        _manifest(out, files, fmt, archive=arc_a.identity(), archive_b=arc_b.identity())
     return files
 
 
@@ -383,4 +385,18 @@ def render_rollout(
             path = Path(out_dir) / "rollout" / f"{stack}-{kind}-s{int(i):04d}.{fmt}"
             files.append(save_figure(fig, path, fmt=fmt))
             plt.close(fig)
+    fps = sorted({str(f) for f in df["archive_fingerprint"]}) if "archive_fingerprint" in df else []
+    ident = dict(df.attrs.get("identity") or {})
+    ident.setdefault("fingerprint", fps[0] if len(fps) == 1 else fps or None)
+    _manifest(Path(out_dir) / "rollout", files, fmt, archive=ident)
     return files
+
+
+def _manifest(folder: Path, files: Sequence[Path], fmt: str, **archives: Any) -> None:
+    """``folder/manifest.json``: the identity (fingerprint) of the archive(s) the figures
+    came from and the files, like :func:`attnscope.render.render_archive`'s manifest."""
+    folder.mkdir(parents=True, exist_ok=True)
+    doc = {**archives, "format": fmt, "files": [{"file": Path(f).name} for f in files]}
+    (folder / "manifest.json").write_text(
+        json.dumps(doc, indent=2, sort_keys=True, default=str) + "\n"
+    )
