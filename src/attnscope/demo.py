@@ -6,7 +6,10 @@ capture (reference model, guide layout, synthetic inputs) -> archive -> Parquet 
 The guide's modalities are typed (``GUIDE_GROUPS``: the camera and depth tokens are 3 x 3
 patch grids) and the samples are steps of episodes (``episode``/``step`` ids, 8 steps an
 episode), so the demo also draws image-patch overlays over procedurally drawn camera
-frames (``frames/``) and episode timelines.
+frames (stored with the samples in the archive, ``_frames/<camera>``; sample 0's also as
+PNGs in ``frames/``) and episode timelines. To keep the demo quick it draws the overlays of
+the last decoder layer and the timeline of the first episode only (``attnscope render
+--what overlay,timeline`` draws them all).
 """
 
 from __future__ import annotations
@@ -76,6 +79,7 @@ def run_demo(
     from attnscope.capture.job import capture
     from attnscope.capture.synthetic import GUIDE_GROUPS, demo_model, synthetic_batches
     from attnscope.render import render_archive
+    from attnscope.render.batch import WHAT
     from attnscope.render.report import write_report
 
     t0 = time.perf_counter()
@@ -108,9 +112,10 @@ def run_demo(
     # the past trajectory's look at each modality over every episode (cross-attention)
     cross = [f"decoder/{i}/cross_attention" for i in range(model.config.num_decoder_layers)]
     tables["timeline"] = timeline(
-        archive, tables_dir, query="robot0_eef_pos_past_traj", arrays=cross
+        archive, tables_dir, query=QUERY, arrays=cross
     )
-    frames = _write_frames(out / "frames", ids, samples=[0])
+    _write_frames(out / "frames", ids, samples=[0])
+    _store_frames(archive, ids)
     echo(f"analysis: {len(tables)} files -> {tables_dir} ({time.perf_counter() - t:.1f} s)")
     t = time.perf_counter()
     figures_dir = out / "figures"
@@ -121,9 +126,9 @@ def run_demo(
         samples=[0],
         progress=progress,
         workers=None,  # one process per core: matplotlib is single-threaded
-        query="robot0_eef_pos_past_traj",
-        frames=frames,
+        what=[w for w in WHAT if w not in ("overlay", "timeline")],
     )
+    figures += _overlays_and_timeline(archive, figures_dir, tables["timeline"])
     echo(f"render: {len(figures)} figures -> {figures_dir} ({time.perf_counter() - t:.1f} s)")
     t = time.perf_counter()
     report = write_report(archive, out / "report.html", tables_dir=tables_dir)
@@ -138,11 +143,51 @@ def run_demo(
     }
 
 
+CAMERAS = (("agentview", False), ("agentview_depth", True))
+QUERY = "robot0_eef_pos_past_traj"
+
+
+def _store_frames(archive: Path, ids: dict[str, np.ndarray]) -> None:
+    """Every sample's camera and depth frames, stored with it (``_frames/<camera>``)."""
+    from attnscope.store.attach import attach_frames
+
+    for cam, depth in CAMERAS:
+        frames = np.stack([synthetic_frame(int(s), depth=depth) for s in ids["step"]])
+        attach_frames(archive, cam, np.round(frames * 255).astype(np.uint8))
+
+
+def _overlays_and_timeline(archive: Path, figures_dir: Path, timeline_table: Any) -> list[Path]:
+    """Sample 0's overlays (last decoder layer, over the stored frames) and episode 0's
+    timeline, under the names ``render_archive`` gives them."""
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    from attnscope.render._save import save_figure
+    from attnscope.render.overlay import image_groups, plot_overlay
+    from attnscope.render.timeline import plot_timeline
+    from attnscope.store import open_archive
+
+    out = []
+    with open_archive(archive) as arc:
+        layer = arc.layers("decoder")[-1]
+        for name in image_groups(arc.layout.encoder):
+            fig = plot_overlay(arc, sample=0, image=name, query=QUERY,
+                               array=f"decoder/{layer}/cross_attention")
+            path = figures_dir / "overlay" / (
+                f"decoder-L{layer:02d}-cross_attention-s0000-havg-{name}.png")
+            out.append(save_figure(fig, path))
+            plt.close(fig)
+    fig = plot_timeline(pd.read_parquet(timeline_table), episode=0)
+    out.append(save_figure(fig, figures_dir / "timeline" / "e0-decoder-cross_attention-havg.png"))
+    plt.close(fig)
+    return out
+
+
 def _write_frames(folder: Path, ids: dict[str, np.ndarray], samples: list[int]) -> Path:
     """Camera and depth frames of ``samples`` as ``frames/<camera>/episode{E}_step{S}.png``."""
     import matplotlib.image as mpimg
 
-    for cam, depth in (("agentview", False), ("agentview_depth", True)):
+    for cam, depth in CAMERAS:
         (folder / cam).mkdir(parents=True, exist_ok=True)
         for i in samples:
             e, s = int(ids["episode"][i]), int(ids["step"][i])

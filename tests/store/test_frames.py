@@ -7,7 +7,7 @@ import pytest
 
 from attnscope.errors import ConfigError, SelectionError, ShapeError
 from attnscope.store import ArchiveWriter, open_archive, verify
-from attnscope.store.frames import attach_frames
+from attnscope.store.attach import attach_frames
 
 from .store_testlib import make_batch
 

@@ -6,14 +6,14 @@ one sample per chunk (zstd), written by :meth:`ArchiveWriter.append` with the ba
 weights and visible only once the batch's commit record is written: a crash before the
 commit leaves the frames of the uncommitted samples invisible, exactly like their weights.
 
-:func:`attach_frames` adds a camera to an archive whose samples are already committed (a
-capture that did not pass frames): its array is written with ``complete: false`` and marked
-complete only after every frame is written, so a crash in between hides the camera.
+:func:`attnscope.store.attach.attach_frames` adds a camera to an archive whose samples
+are already committed (a capture that did not pass frames): its array is written with
+``complete: false``, marked complete only after every frame is written, so a crash in
+between hides the camera.
 """
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -25,7 +25,7 @@ from attnscope.errors import ConfigError, SelectionError, ShapeError
 from attnscope.store._base import ArrayHandle, Backend, Write
 from attnscope.store.codecs import as_numpy
 
-__all__ = ["FrameStore", "attach_frames", "frame_cameras", "frame_path", "read_frame"]
+__all__ = ["FrameStore", "frame_cameras", "frame_handle", "frame_path"]
 
 _DIMS = ("sample", "y", "x", "channel")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -120,52 +120,11 @@ def frame_cameras(backend: Backend) -> list[str]:
             if backend.get_attrs(frame_path(c)).get(COMPLETE, True)]
 
 
-def read_frame(archive: Any, camera: str, sample: int) -> np.ndarray | None:
-    """``(h, w, 3)`` uint8 frame of ``sample`` from ``camera``; None when not stored."""
-    from attnscope.store.reader import checked_read
-
-    n = archive.n_samples
-    if isinstance(sample, bool) or not isinstance(sample, (int, np.integer)) or not 0 <= sample < n:
-        raise SelectionError(f"sample {sample!r} out of range: the archive has samples 0..{n - 1}")
-    b = archive._backend
-    if camera not in frame_cameras(b):
-        return None
-    h = b.get_array(frame_path(camera))
-    if h.shape[0] <= sample:
-        return None  # added by attach_frames for fewer samples than committed since
-    box = (slice(sample, sample + 1), *(slice(0, d) for d in h.shape[1:]))
-    return np.asarray(checked_read(archive, h, box))[0]
-
-
-def attach_frames(path: str | os.PathLike, camera: str, frames: Any) -> None:
-    """Store ``frames`` ``(N, h, w, 3)`` uint8 of ``camera`` for the ``N`` committed samples
-    of the archive at ``path`` (under the writer lease; refused when the camera exists).
-
-    Examples
-    --------
-    >>> attach_frames("run.zarr", "agentview", frames)  # doctest: +SKIP
-    """
-    from attnscope.store.writer import ArchiveWriter
-
-    w = ArchiveWriter.open(path)
-    try:
-        b = w._backend
-        assert b is not None
-        x = _check_frames(camera, frames, w.committed)
-        if camera in frame_cameras(b):
-            raise ConfigError(f"{str(path)!r} already stores frames of camera {camera!r}")
-        if b.has(frame_path(camera)):  # left incomplete by a crash: written again
-            h = b.get_array(frame_path(camera))
-            if tuple(h.shape) != x.shape:
-                h.resize(x.shape[0])
-            if tuple(h.shape) != x.shape:
-                raise ShapeError(f"frames are {x.shape}; the stored ones {tuple(h.shape)}")
-        else:
-            h = b.create_array(frame_path(camera), x.shape, (1, *x.shape[1:]),
-                               np.dtype(np.uint8), dims=_DIMS, attrs={COMPLETE: False},
-                               compressor="zstd")
-        b.write_many([(h, tuple(slice(0, d) for d in x.shape), x)])
-        b.flush()
-        b.set_attrs(frame_path(camera), {COMPLETE: True})
-    finally:
-        w.close()
+def frame_handle(backend: Backend, camera: str, sample: Any, n: int) -> ArrayHandle | None:
+    """The stored frames of ``camera`` holding ``sample`` (of ``n`` committed); None when
+    not stored (or left incomplete)."""
+    if isinstance(sample, bool) or not isinstance(sample, (int, np.integer)) or not (
+            0 <= sample < n):
+        raise SelectionError(f"sample {sample!r} out of range: samples are 0..{n - 1}")
+    h = backend.get_array(frame_path(camera)) if camera in frame_cameras(backend) else None
+    return h if h is not None and h.shape[0] > sample else None

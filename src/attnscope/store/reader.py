@@ -31,7 +31,7 @@ from attnscope.contracts import (
 from attnscope.errors import ArchiveCorruptError, ConfigError, InputError, SelectionError
 from attnscope.store._base import ArrayHandle, MiB
 from attnscope.store.codecs import decode, read_dtype
-from attnscope.store.frames import frame_cameras, read_frame
+from attnscope.store.frames import frame_cameras, frame_handle
 from attnscope.store.layout import SideLayout, TokenLayout
 from attnscope.store.meta import (
     check_meta,
@@ -396,7 +396,10 @@ class AttentionArchive:
         """``(h, w, 3)`` uint8 frame of ``sample`` stored for ``camera`` (``_frames/<camera>``);
         None when the archive stores no frames of that camera."""
         with damage_is_corruption(self.path):
-            return read_frame(self, camera, sample)
+            if (h := frame_handle(self._backend, camera, sample, self.n_samples)) is None:
+                return None
+            box = (slice(sample, sample + 1), *(slice(0, d) for d in h.shape[1:]))
+            return np.asarray(checked_read(self, h, box))[0]
 
     def cameras(self) -> list[str]:
         """Cameras whose frames are stored with the samples."""

@@ -368,8 +368,7 @@ class ArchiveWriter:
             side -> ``{"labels": B lists of L_b str, "ids": (B, L_b) int}`` (either key
             optional), stored per sample; every batch must carry the same fields.
         frames
-            camera -> ``(B, h, w, 3)`` uint8 frames (``_frames/<camera>``, committed with the
-            batch; :meth:`AttentionArchive.frame`); every batch the same cameras.
+            camera -> ``(B, h, w, 3)`` uint8, committed with the batch (``_frames/<camera>``).
 
         Returns
         -------
@@ -408,8 +407,8 @@ class ArchiveWriter:
         writes, tails = self._data_writes(prepared, pos, end)
         writes += self._id_writes(ids, pos, end)
         hint = math.gcd(*(h.chunks[0] for x in self._nodes.values() for h in x.handles.values()))
-        writes += self._side_store.writes(side, pos, end, hint or 1)
-        writes += self._frames.writes(frm, pos, end)
+        writes += self._side_store.writes(side, pos, end, hint or 1) + self._frames.writes(
+            frm, pos, end)
         b = self._backend
         assert b is not None
         try:
