@@ -16,6 +16,7 @@ from torch import nn
 
 from attnscope.capture import Transformer
 from attnscope.capture.job import capture
+from attnscope.capture.provenance import input_digest, input_hash_ids
 from attnscope.capture.synthetic import synthetic_batches
 from attnscope.errors import CaptureError, ConfigError, SelectionError
 from attnscope.store import ArchiveWriter, open_archive
@@ -135,7 +136,9 @@ def test_resume_mid_batch_appends_only_the_missing_tail(model, tmp_path) -> None
     capture(model, data[:1], path, progress=False)  # 2 samples
     ref = reference_weights(model, data)
     with ArchiveWriter.open(path) as w:  # one more sample, as if a run died mid-batch
-        w.append({k: v[2:3] for k, v in ref.items()})
+        # with the batch's input hash, as capture appends it (committed with the batch)
+        ids = input_hash_ids(input_digest(data[1]), 1)
+        w.append({k: v[2:3] for k, v in ref.items()}, sample_ids=ids)
     s = capture(model, data, path, resume=True, progress=False)
     assert s.samples == 3
     with open_archive(path) as a:
