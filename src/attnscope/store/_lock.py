@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
+import shutil
 import socket
 from contextlib import contextmanager
 from typing import Any
@@ -159,3 +160,19 @@ class Lease:
                     os.rmdir(self.dir)
         except OSError:
             pass  # a read-only or vanished folder: the lock file is what mattered
+
+
+def locks_inside(path: str, fmt: str) -> bool:
+    """Whether the writer locks live inside the archive (a Zarr directory) or beside it."""
+    return fmt == "zarr" and not path.lower().endswith(".zip")
+
+
+def clear_except_locks(path: str) -> None:
+    """Delete the archive at ``path``, keeping the lock folder of a directory archive."""
+    if os.path.isdir(path):
+        for entry in os.listdir(path):
+            if entry != LOCK_DIR_NAME:
+                full = os.path.join(path, entry)
+                (shutil.rmtree if os.path.isdir(full) else os.remove)(full)
+    elif os.path.exists(path):
+        os.remove(path)

@@ -17,7 +17,6 @@ from typing import Any
 import numpy as np
 
 from attnscope.contracts import (
-    DIMS,
     FORMATS,
     KIND_AXES,
     MAX_LENGTHS,
@@ -32,6 +31,7 @@ from attnscope.errors import ArchiveCorruptError, ConfigError, InputError, Selec
 from attnscope.store._base import ArrayHandle, MiB
 from attnscope.store.codecs import decode, read_dtype
 from attnscope.store.frames import frame_cameras, frame_handle
+from attnscope.store.indexing import norm_index
 from attnscope.store.layout import SideLayout, TokenLayout
 from attnscope.store.meta import (
     check_meta,
@@ -44,44 +44,6 @@ from attnscope.store.names import array_name, parse_array_name, stored_names
 from attnscope.store.tokens import decode_labels, side_path
 
 __all__ = ["AttentionArchive", "AttentionArray", "open_archive"]
-
-
-def _norm_index(key: Any, shape: tuple[int, ...]) -> tuple[tuple[slice, ...], tuple[Any, ...]]:
-    """Basic numpy index -> (bounding box of step-1 slices, index to apply to the box)."""
-    if not isinstance(key, tuple):
-        key = (key,)
-    if any(k is Ellipsis for k in key):
-        i = next(j for j, k in enumerate(key) if k is Ellipsis)
-        fill = len(shape) - (len(key) - 1)
-        key = key[:i] + (slice(None),) * fill + key[i + 1 :]
-    if len(key) > len(shape):
-        raise SelectionError(f"too many indices: got {len(key)} for dims {DIMS}")
-    key = key + (slice(None),) * (len(shape) - len(key))
-    box, post = [], []
-    for k, n, dim in zip(key, shape, DIMS):
-        if isinstance(k, (int, np.integer)) and not isinstance(k, bool):
-            i = int(k) + n if k < 0 else int(k)
-            if not 0 <= i < n:
-                raise SelectionError(f"{dim} index {int(k)} out of range for {n} {dim}s")
-            box.append(slice(i, i + 1))
-            post.append(0)
-        elif isinstance(k, slice):
-            start, stop, step = k.indices(n)
-            rng = range(start, stop, step)
-            if len(rng) == 0:
-                box.append(slice(0, 0))
-                post.append(slice(None))
-            elif step > 0:
-                box.append(slice(start, rng[-1] + 1))
-                post.append(slice(None, None, step))
-            else:
-                box.append(slice(rng[-1], rng[0] + 1))
-                post.append(slice(None, None, step))
-        else:
-            raise SelectionError(
-                f"unsupported index {k!r} for {dim}: use ints, slices or '...' (basic indexing)"
-            )
-    return tuple(box), tuple(post)
 
 
 def checked_read(archive: AttentionArchive, handle: ArrayHandle, box: tuple[slice, ...]) -> Any:
@@ -210,7 +172,7 @@ class AttentionArray:
         return vals, idx, checked_read(self.archive, p["residual"], box3)
 
     def __getitem__(self, key: Any) -> np.ndarray:
-        box, post = _norm_index(key, self.shape)
+        box, post = norm_index(key, self.shape)
         if any(s.stop <= s.start for s in box):
             block = np.zeros(tuple(max(0, s.stop - s.start) for s in box), dtype=self.dtype)
         else:
@@ -438,7 +400,7 @@ class AttentionArchive:
         Archives without masks (schema 1, or not ragged) report every token real.
         """
         length = self.layout.side(side).length
-        (box,), post = _norm_index(samples, (self.n_samples,))
+        (box,), post = norm_index(samples, (self.n_samples,))
         got = self._side_rows(side, TOKEN_MASK, box)
         if got is None:
             if self.ragged and box.stop > box.start:
@@ -468,7 +430,7 @@ class AttentionArchive:
         """Each sample's token labels on one side (padded with ``""`` to the side's
         length); None when the archive stores no labels for that side."""
         length = self.layout.side(side).length
-        (box,), post = _norm_index(samples, (self.n_samples,))
+        (box,), post = norm_index(samples, (self.n_samples,))
         spans = self._side_rows(side, TOKEN_LABEL_SPANS, box)
         if spans is None:
             return None
@@ -494,7 +456,7 @@ class AttentionArchive:
     def tokens(self, side: str, sample: int) -> tuple[list[str] | None, np.ndarray | None]:
         """``(labels, ids)`` of one sample on one side (``(L,)``, padded with ``""`` / -1
         where the writer padded the batch); each None when not stored."""
-        (box,), _post = _norm_index(int(sample), (self.n_samples,))
+        (box,), _post = norm_index(int(sample), (self.n_samples,))
         labels = self.labels(side, box)
         ids = self._side_rows(side, TOKEN_IDS, box)
         return (

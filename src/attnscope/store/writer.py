@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import shutil
 import warnings
 import weakref
 from collections.abc import Mapping
@@ -16,7 +15,7 @@ import numpy as np
 from attnscope.contracts import DIMS, FORMATS, SAMPLE_IDS
 from attnscope.errors import ArchiveError, ConfigError, ShapeError
 from attnscope.store._base import ArrayHandle, Backend, Write, choose_chunks
-from attnscope.store._lock import LOCK_DIR_NAME, Lease
+from attnscope.store._lock import LOCK_DIR_NAME, Lease, clear_except_locks, locks_inside
 from attnscope.store.batch import BatchRules, Prepared
 from attnscope.store.codecs import storage_dtype
 from attnscope.store.frames import FrameStore
@@ -46,22 +45,6 @@ class _Node:
     def __init__(self, name: str, h: int, t: int, s: int, heads: list[int]) -> None:
         self.name, self.h, self.t, self.s, self.heads = name, h, t, s, heads
         self.handles: dict[str, ArrayHandle] = {}
-
-
-def _locks_inside(path: str, fmt: str) -> bool:
-    """Whether the writer locks live inside the archive (a Zarr directory) or beside it."""
-    return fmt == "zarr" and not path.lower().endswith(".zip")
-
-
-def _clear(path: str) -> None:
-    """Delete the archive at ``path``, keeping the lock folder of a directory archive."""
-    if os.path.isdir(path):
-        for entry in os.listdir(path):
-            if entry != LOCK_DIR_NAME:
-                full = os.path.join(path, entry)
-                (shutil.rmtree if os.path.isdir(full) else os.remove)(full)
-    elif os.path.exists(path):
-        os.remove(path)
 
 
 def _refuse_existing(path: str, inside: bool, overwrite: bool) -> None:
@@ -163,12 +146,12 @@ class ArchiveWriter:
         fmt = archive_format(path, options.get("format", spec.format if spec else None))
         spec = _resolve_spec(spec, options, fmt)
         meta = root_meta(spec, layout, fmt)
-        inside = _locks_inside(path, fmt)
+        inside = locks_inside(path, fmt)
         _refuse_existing(path, inside, overwrite)
         self = cls()
         self._lease = self._hold(Lease(path, None, inside=inside))
         try:
-            _clear(path)
+            clear_except_locks(path)
             self._backend = open_backend(path, fmt, "w")
             self._backend.write_root_meta(meta)
             self._backend.write_commit(MAIN, 0, 0, 0)
@@ -182,7 +165,7 @@ class ArchiveWriter:
         except BaseException:
             if self._backend is not None:
                 self._backend.close()
-            _clear(path)  # leave no half-created archive behind (the lock is still ours)
+            clear_except_locks(path)  # no half-created archive left behind (the lock is ours)
             self._lease.release()
             raise
         return self
@@ -217,7 +200,7 @@ class ArchiveWriter:
         fmt = format or sniff_format(path)
         if fmt not in FORMATS:
             raise ConfigError(f"unknown format {fmt!r}; expected one of {FORMATS}")
-        inside = _locks_inside(path, fmt)
+        inside = locks_inside(path, fmt)
         if sample_range is not None:
             sample_range = cls._check_range_arg(path, fmt, inside, sample_range)
         self = cls()
