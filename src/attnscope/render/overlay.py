@@ -82,7 +82,7 @@ class OverlayData:
     def title(self) -> str:
         who = "mean of heads" if self.head is None else f"head {self.head}"
         return (
-            f"{self.image} <- {self.query}: {100 * self.fraction:.1f}% of the mass on the "
+            f"{self.image} <- {self.query}\n{100 * self.fraction:.1f}% of the mass on the "
             f"image\n{self.array}, {who}, sample {self.sample}"
         )
 
