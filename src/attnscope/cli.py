@@ -374,7 +374,7 @@ def render(archive: Path, out: Path, layers: list[int] | None, heads: list[int] 
 @click.option("--sample", default=0, show_default=True, help="Sample shown when it opens.")
 @click.option("--samples", callback=_selection,
               help="Samples embedded in the viewer, e.g. '0-3,9' (default: as many as fit "
-                   "~1.5 MB, from 0).")
+                   "~1.3 MB, from 0).")
 def report(archive: Path, tables_dir: Path | None, out: Path, sample: int,
            samples: list[int] | None) -> None:
     """Write one self-contained HTML viewer of the stored attention (works from file://).

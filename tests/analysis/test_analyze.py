@@ -228,3 +228,14 @@ def test_analysis_never_imports_torch() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_tables_of_a_relative_path_are_not_stale_from_another_cwd(tmp_path, monkeypatch) -> None:
+    from analysis_helpers import build_archive, make_layout, make_weights
+
+    monkeypatch.chdir(tmp_path)
+    build_archive(Path("a.zarr"), make_weights(seed=2), make_layout()).close()
+    analyze("a.zarr", "tables", progress=False)
+    monkeypatch.chdir(tmp_path.parent)
+    df = load_table(tmp_path / "tables", "head_stats", archive=tmp_path / "a.zarr")
+    assert len(df) > 0

@@ -43,7 +43,7 @@ from attnscope.store import AttentionArchive, open_archive
 __all__ = ["check_report_path", "write_report"]
 
 #: embedded attention, base64 bytes, that the default sample choice stays under
-MAX_DATA_BYTES = 1_500_000
+MAX_DATA_BYTES = 1_300_000  # maps; with tables, frames and script the demo page stays under 2 MB
 #: longest map axis embedded as is; longer axes are block-max reduced (as figures are)
 MAX_CELLS = 128
 #: longest side of an embedded camera frame (larger frames are decimated)

@@ -285,7 +285,7 @@ class AttentionArchive:
         h = hashlib.sha256(json.dumps(self._root, sort_keys=True).encode())
         h.update(f"|{self.n_samples}".encode())
         return {
-            "archive": str(self.path),
+            "archive": os.path.abspath(self.path),  # tables checked from any cwd
             "schema_version": self.schema_version,
             "n_samples": self.n_samples,
             "fingerprint": h.hexdigest()[:16],
