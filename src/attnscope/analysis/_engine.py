@@ -105,11 +105,13 @@ def densify_topk(
     n_keys: int,
     *,
     causal: bool = False,
+    kmask: np.ndarray | None = None,
 ) -> np.ndarray:
     """Rebuild approximate dense rows from a sparse (top-k) archive.
 
     The stored top-k weights go back to their keys; the ``residual`` mass (what the
-    dropped keys held) is spread uniformly over the other keys the row may attend to. That
+    dropped keys held) is spread uniformly over the other keys the row may attend to
+    (causally allowed when ``causal``, real when ``kmask`` is given, padded keys never). That
     keeps rows summing to 1 and keeps the row maximum and any top pair within the stored
     ``k`` exact; entropy, distance, segment mass and head similarity become approximations
     (entropy an upper bound for the dropped part).
@@ -124,6 +126,9 @@ def densify_topk(
         ``S``.
     causal : bool
         Spread the residual over the causally allowed keys only.
+    kmask : np.ndarray, optional
+        ``(n, S)`` bool, True = real key (ragged archives): the residual goes to real keys
+        only, so each row still sums to 1 over its real keys.
 
     Returns
     -------
@@ -140,6 +145,8 @@ def densify_topk(
     rest = dense == 0
     if causal:
         rest &= _causal_mask(t, n_keys)
+    if kmask is not None:
+        rest &= np.asarray(kmask, dtype=bool)[:, None, None, :]
     cnt = rest.sum(axis=-1)
     with np.errstate(divide="ignore", invalid="ignore"):
         fill = np.where(cnt > 0, res / np.maximum(cnt, 1), 0).astype(np.float32)
@@ -370,9 +377,7 @@ def analyze_block(
     km = None if tokens is None else tokens.kmask
     if isinstance(block, tuple):
         nbytes = int(sum(np.asarray(b).nbytes for b in block))
-        src = densify_topk(*block, spec.n_keys, causal=spec.causal)
-        if qm is not None and km is not None:  # the residual was spread over padding too
-            src *= (qm[:, None, :, None] & km[:, None, None, :]).astype(np.float32)
+        src = densify_topk(*block, spec.n_keys, causal=spec.causal, kmask=km)
     else:
         src = np.asarray(block)
         nbytes = int(src.nbytes)

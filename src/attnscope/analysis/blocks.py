@@ -11,7 +11,16 @@ import numpy as np
 from attnscope.analysis._engine import BlockTokens, densify_topk
 from attnscope.contracts import KIND_AXES
 
-__all__ = ["sample_slices", "read_block", "read_tokens", "iter_array_blocks", "detect_causal"]
+__all__ = [
+    "sample_slices",
+    "read_block",
+    "read_tokens",
+    "key_mask",
+    "dense_block",
+    "sparse_causal",
+    "iter_array_blocks",
+    "detect_causal",
+]
 
 
 def sample_slices(arr: Any, max_bytes: int) -> list[slice]:
@@ -46,20 +55,53 @@ def read_tokens(arr: Any, sl: slice) -> BlockTokens | None:
     return BlockTokens(masks[0], masks[1], ql, kl)
 
 
+def key_mask(arr: Any, sl: slice) -> np.ndarray | None:
+    """``(n, S)`` bool real keys of samples ``sl`` of ``arr`` (ragged archives), else None."""
+    if not getattr(arr.archive, "ragged", False):
+        return None
+    return np.asarray(arr.archive.masks(KIND_AXES[(arr.stack, arr.kind)][1], sl), dtype=bool)
+
+
+def sparse_causal(arr: Any) -> bool:
+    """:func:`detect_causal` for sparse arrays (what densifying needs), False for dense ones:
+    compute it once per array, not per block."""
+    return detect_causal(arr) if getattr(arr, "is_sparse", False) else False
+
+
+def dense_block(
+    arr: Any, sl: slice, *, causal: bool | None = None, kmask: np.ndarray | None = None
+) -> np.ndarray:
+    """Samples ``sl`` of ``arr`` as a dense ``(n, H, T, S)`` block.
+
+    Sparse arrays are densified: the residual goes to the real (``kmask``, read from a
+    ragged archive when not given), causally allowed keys only. ``causal`` is
+    :func:`detect_causal` of the array; callers reading many blocks compute it once and
+    pass it in (None detects it here, re-reading the first samples).
+    """
+    b = read_block(arr, sl)
+    if isinstance(b, tuple):
+        if causal is None:
+            causal = detect_causal(arr)
+        if kmask is None:
+            kmask = key_mask(arr, sl)
+        b = densify_topk(*b, arr.shape[-1], causal=causal, kmask=kmask)
+    return b
+
+
 def iter_array_blocks(
     arr: Any, *, max_bytes: int
 ) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
     """``(dense (n, H, T, S) block, (n, T, S) real cells or None)`` of one array (sparse
-    arrays densified; cells only for ragged archives)."""
+    arrays densified over each sample's real keys; cells only for ragged archives)."""
     ragged = bool(getattr(arr.archive, "ragged", False))
-    qs, ks = KIND_AXES[(arr.stack, arr.kind)]
+    causal = sparse_causal(arr)
+    qs, _ks = KIND_AXES[(arr.stack, arr.kind)]
     for sl in sample_slices(arr, max_bytes):
-        b = read_block(arr, sl)
-        if isinstance(b, tuple):
-            b = densify_topk(*b, arr.shape[-1], causal=detect_causal(arr))
+        km = key_mask(arr, sl)
+        b = dense_block(arr, sl, causal=causal, kmask=km)
         cells = None
-        if ragged:
-            qm, km = arr.archive.masks(qs, sl), arr.archive.masks(ks, sl)
+        if ragged and km is not None:
+            qm = np.asarray(arr.archive.masks(qs, sl), dtype=bool)
             cells = qm[:, :, None] & km[:, None, :]
         yield b, cells
 

@@ -17,9 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from attnscope.analysis.blocks import sample_slices
+from attnscope.analysis.blocks import dense_block, key_mask, sample_slices, sparse_causal
 from attnscope.analysis.metrics import as_float32, row_entropy
-from attnscope.analysis.rollout import ParquetSink, dense_block
+from attnscope.analysis.rollout import ParquetSink
 from attnscope.contracts import AVERAGE_HEAD, KIND_AXES
 from attnscope.errors import ConfigError
 from attnscope.store import open_archive
@@ -161,9 +161,12 @@ def _blocks(
 ) -> Iterator[tuple[slice, np.ndarray, np.ndarray, np.ndarray]]:
     xa, xb = a.attention(name), b.attention(name)
     qs, _ = KIND_AXES[(xa.stack, xa.kind)]
+    ca, cb = sparse_causal(xa), sparse_causal(xb)  # once per array, not per block
     for sl in sample_slices(xa, max(1, max_bytes // 8)):  # ~8 block-sized temporaries
         rows = a.masks(qs, sl)
-        yield sl, _with_mean(dense_block(xa, sl)), _with_mean(dense_block(xb, sl)), rows
+        da = dense_block(xa, sl, causal=ca, kmask=key_mask(xa, sl))
+        db = dense_block(xb, sl, causal=cb, kmask=key_mask(xb, sl))
+        yield sl, _with_mean(da), _with_mean(db), rows
 
 
 def diff_archives(

@@ -28,8 +28,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from attnscope.analysis._engine import densify_topk
-from attnscope.analysis.blocks import detect_causal, read_block, sample_slices
+from attnscope.analysis.blocks import dense_block, sample_slices, sparse_causal
 from attnscope.analysis.tables import TABLE_SCHEMAS
 from attnscope.contracts import IDENTITY_KEY
 from attnscope.errors import SelectionError, ShapeError
@@ -218,14 +217,6 @@ def _heads_index(arr: Any, heads: Sequence[int] | None) -> list[int]:
     return got
 
 
-def dense_block(arr: Any, sl: slice) -> np.ndarray:
-    """Samples ``sl`` of ``arr`` as a dense ``(n, H, T, S)`` block (sparse arrays densified)."""
-    b = read_block(arr, sl)
-    if isinstance(b, tuple):
-        b = densify_topk(*b, arr.shape[-1], causal=detect_causal(arr))
-    return b
-
-
 def _mean_heads(block: np.ndarray, idx: list[int]) -> np.ndarray:
     """``(n, H, T, S)`` -> ``(n, T, S)`` float64 mean over the heads ``idx``."""
     return np.asarray(block, dtype=np.float64)[:, idx].mean(axis=1)
@@ -270,6 +261,7 @@ def _iter_rollouts(
     every = [n for group in names.values() for n in group]
     arrays = {n: a.attention(n) for n in every}
     idx = {n: _heads_index(arr, heads) for n, arr in arrays.items()}
+    causal = {n: sparse_causal(arr) for n, arr in arrays.items()}  # once per array
     sides = [s for s in ("encoder", "decoder") if names[s]]
     wanted = set(int(i) for i in samples)
     first = arrays[every[0]]
@@ -278,7 +270,10 @@ def _iter_rollouts(
         if not ids:
             continue
         sub = slice(ids[0], ids[-1] + 1)
-        block = {n: _mean_heads(dense_block(arr, sub), idx[n]) for n, arr in arrays.items()}
+        block = {
+            n: _mean_heads(dense_block(arr, sub, causal=causal[n]), idx[n])
+            for n, arr in arrays.items()
+        }
         masks = {s: a.masks(s, sub) if a.ragged else None for s in sides}
         for i in ids:
             j = i - sub.start

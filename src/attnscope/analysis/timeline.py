@@ -82,6 +82,7 @@ def timeline(
     One row per (array, sample, head incl. the head mean ``-1``, key segment): the mass the
     query group's real rows put on that segment, averaged over those rows (a row's masses
     over the key segments sum to 1 for softmax rows), with the sample's episode and step.
+    In ragged archives a sample whose query group is entirely padding has no rows.
 
     Parameters
     ----------
@@ -169,19 +170,29 @@ def _array_tables(
         if isinstance(query, str) and query not in ("all", "last")
         else (qlay.select(query)[1])
     )
+    qlay.select(query)  # a bad query fails here; below, only "no real token" can
     start = 0
     for block, cells in iter_array_blocks(arr, max_bytes=block_bytes):
         n, h = block.shape[:2]
         qreal = cells.any(axis=2) if cells is not None else np.ones((n, qlay.length), bool)
         wq = np.zeros((n, qlay.length))
+        keep = np.ones(n, dtype=bool)
         for i in range(n):
-            rows = list(qlay.select(query, qreal[i])[0])
+            try:
+                rows = list(qlay.select(query, qreal[i])[0])
+            except SelectionError:  # the group is all padding in this sample: no rows
+                keep[i] = False
+                continue
             wq[i, rows] = 1.0 / len(rows)
-        mass = timeline_mass(block, wq, klay)  # (n, H, n_seg)
+        samples = np.arange(start, start + n)[keep]
+        start += n
+        if not keep.any():
+            continue
+        mass = timeline_mass(block[keep], wq[keep], klay)  # (n, H, n_seg)
         mass = np.concatenate([mass, mass.mean(axis=1, keepdims=True)], axis=1)
         heads = np.append(np.arange(h), AVERAGE_HEAD)
         nseg = len(seg_names)
-        samples = np.arange(start, start + n)
+        n = len(samples)
         s_col = np.repeat(samples, (h + 1) * nseg)
         seg_col = np.tile(np.arange(nseg), n * (h + 1))
         cols = {
@@ -195,7 +206,6 @@ def _array_tables(
             "mass": pa.array(mass.reshape(-1).astype(np.float32)),
         }
         yield _table(w, arr, cols, len(s_col))
-        start += n
 
 
 def _table(w: _TimelineWriter, arr: Any, cols: dict[str, pa.Array], n: int) -> pa.Table:
