@@ -105,3 +105,33 @@ def test_archive_written_before_checksums_still_reads_and_resumes(
         assert a.n_samples == 5
         np.testing.assert_array_equal(a[NAME][:3], want[NAME])
     assert verify(path).ok
+
+
+def test_side_arrays_shared_by_batches_carry_no_fletcher32(tmp_path) -> None:
+    """A torn rewrite of a multi-sample chunk by the next batch must not make the committed
+    samples in that chunk unreadable (it would, with a whole-chunk checksum)."""
+    import h5py
+
+    from attnscope.store import SideLayout, TokenLayout
+
+    lay = TokenLayout(encoder=SideLayout.from_lengths({"text": 4}))
+    name = "encoder/0/self_attention"
+    p = str(tmp_path / "a.h5")
+    with ArchiveWriter.create(p, lay, max_lengths={"encoder": 4}) as w:
+        w.append({name: np.full((4, 1, 4, 4), 0.25, np.float32)},
+                 tokens={"encoder": {"labels": [["a"] * 4] * 4, "ids": np.ones((4, 4), int)}},
+                 sample_ids={"step": np.arange(4)})
+    with h5py.File(p, "r") as f:
+        assert f[name].fletcher32 and f[name].chunks[0] == 1  # attention keeps its checksum
+        ds = f["_tokens/encoder/mask"]
+        assert ds.chunks[0] > 1 and not ds.fletcher32
+        for sub in ("ids", "label_spans", "labels/main"):
+            assert not f[f"_tokens/encoder/{sub}"].fletcher32
+        assert not f["_sample_ids/step"].fletcher32
+        off = ds.id.get_chunk_info(0).byte_offset
+    raw = bytearray(open(p, "rb").read())
+    raw[off + 100 * 4] ^= 1  # uncommitted sample 100 of the shared chunk, torn
+    open(p, "wb").write(raw)
+    with open_archive(p) as a:
+        assert a.n_samples == 4
+        assert a.masks("encoder").all()

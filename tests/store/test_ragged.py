@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from attnscope.errors import (
+    ArchiveCorruptError,
     ArchiveNotFoundError,
     AttnscopeError,
     ConfigError,
@@ -408,3 +409,16 @@ def test_kill_before_commit_hides_masks_and_tokens(path):
     with open_archive(path) as a:
         assert a.n_samples == 5 and a.tokens("encoder", 4)[0][:2] == ["z", "z"]
         assert a.tokens("encoder", 3)[0][:5] == ["b1"] * 5
+
+
+def test_v1_root_carrying_max_lengths_is_corrupt(path, rng):
+    """Schema 1 is never ragged; a v1 root with max_lengths would be read as ragged."""
+    with ArchiveWriter.create(path, lay()) as w:
+        w.append({ENC: soft(rng, 2, L)})
+        meta = dict(w._meta)
+        assert meta["schema_version"] == 1
+        meta["max_lengths"] = {"encoder": L}
+        w._backend.write_root_meta(meta)
+    with pytest.raises(ArchiveCorruptError, match="schema_version 1 .*max_lengths") as e:
+        open_archive(path)
+    assert "\n" not in str(e.value)

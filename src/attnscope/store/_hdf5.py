@@ -2,7 +2,8 @@
 
 Chunks go through HDF5's own filter pipeline, with the standard filters that
 ``hdf5plugin`` registers (imported here): zstd (id 32015) or blosc (32001), then
-Fletcher32, so a flipped byte fails its checksum on read. Encoding and decoding happen
+Fletcher32 (on one-sample-per-chunk datasets only: the attention arrays and frames; see
+``create_array``), so a flipped byte fails its checksum on read. Encoding and decoding happen
 in C, and any HDF5 tool that loads the same plugins (``import hdf5plugin`` in Python,
 ``HDF5_PLUGIN_PATH=hdf5plugin.PLUGIN_PATH`` for HDFView/MATLAB) reads the files.
 Archives written before Fletcher32 (whose chunks attnscope encoded itself, marked by an
@@ -37,8 +38,8 @@ COMMITS = "_commits"
 _LOCKINGS = (False, None, True, "best-effort")
 
 
-def _filters(name: str) -> dict[str, Any]:
-    """``create_dataset`` keywords of a compressor name (Fletcher32 always on)."""
+def _filters(name: str, checksum: bool = True) -> dict[str, Any]:
+    """``create_dataset`` keywords of a compressor name, plus Fletcher32 if ``checksum``."""
     if name == "none":
         comp: Any = {}
     elif name == "zstd":
@@ -52,7 +53,7 @@ def _filters(name: str) -> dict[str, Any]:
         raise ConfigError(
             f"unknown compressor {name!r}; expected one of zstd, none, blosc-zstd, blosc-lz4"
         )
-    return {**comp, "fletcher32": True}
+    return {**comp, "fletcher32": True} if checksum else dict(comp)
 
 
 class _H5Array(ArrayHandle):
@@ -180,7 +181,10 @@ class HDF5Backend(Backend):
             dtype=np.dtype(dtype),
             maxshape=(None, *shape[1:]),
             fillvalue=0,
-            **_filters(compressor),
+            # Fletcher32 only where a chunk holds one sample: a multi-sample chunk (token
+            # side arrays, label blob, sample ids) is rewritten in place as later batches
+            # fill it, and a torn rewrite would break the checksum of its committed samples.
+            **_filters(compressor, checksum=chunks[0] == 1),
         )
         ds.attrs[ROOT_KEY] = json.dumps(attrs or {})
         ds.attrs["dimension_names"] = json.dumps(list(dims))

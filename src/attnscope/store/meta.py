@@ -297,6 +297,11 @@ def check_meta(meta: dict[str, Any], path: str) -> TokenLayout:
             f"{path!r}: schema_version {ver!r} is not supported; this attnscope reads "
             f"versions 1..{SCHEMA_VERSION}"
         )
+    if ver < 2 and meta.get(MAX_LENGTHS):
+        raise ArchiveCorruptError(
+            f"{path!r}: schema_version {ver} root metadata carries {MAX_LENGTHS!r} "
+            "(ragged archives are schema 2); the metadata is damaged"
+        )
     if meta.get("dtype") not in DTYPES:
         raise ArchiveCorruptError(
             f"{path!r}: stored dtype {meta.get('dtype')!r} is not one of {DTYPES}"

@@ -34,6 +34,7 @@ from attnscope.store.frames import frame_cameras, frame_handle
 from attnscope.store.indexing import norm_index
 from attnscope.store.layout import SideLayout, TokenLayout
 from attnscope.store.meta import (
+    MAIN,
     check_meta,
     committed_prefix,
     damage_is_corruption,
@@ -421,7 +422,10 @@ class AttentionArchive:
         return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
     def _writer_of(self, i: int) -> str:
-        for rid, (start, _stop, c) in sorted(self._commits.items()):
+        # A range record covers exactly what its writer wrote; the main record's count may
+        # include range-written samples below it, so range records take precedence.
+        records = sorted(self._commits.items(), key=lambda kv: kv[0] == MAIN)
+        for rid, (start, _stop, c) in records:
             if start <= i < start + c:
                 return rid
         raise ArchiveCorruptError(f"{self.path!r}: no commit record covers sample {i}")

@@ -324,12 +324,22 @@ class SideStore:
                 "with every batch"
             )
 
-    def resume(self, start: int, count: int) -> None:
-        """Find where this writer's label blobs end (after its last committed sample)."""
+    def resume(self, start: int, count: int, others: Sequence[tuple[int, int]] = ()) -> None:
+        """Find where this writer's label blobs end (after its last committed sample).
+
+        ``others``: ``[a, b)`` spans of samples other writers committed inside
+        ``[start, start + count)`` (range writers below the main writer's position); their
+        spans point into those writers' blobs, so the main writer skips them.
+        """
+        last = start + count - 1
+        for a, b in sorted(others, reverse=True):
+            if a <= last < b:
+                last = a - 1
+        if last < start:
+            return  # none of the committed samples is this writer's own
         for side, parts in self.fields.items():
-            if TOKEN_LABELS in parts and count:
-                spans = self._handle(side, TOKEN_LABEL_SPANS, 0, (2,), np.int64, count)
-                last = start + count - 1
+            if TOKEN_LABELS in parts:
+                spans = self._handle(side, TOKEN_LABEL_SPANS, 0, (2,), np.int64, last + 1)
                 self._blob_end[side] = int(spans.read((slice(last, last + 1), slice(0, 2)))[0, 1])
 
     def _sample_chunk(self, chunk_hint: int) -> int:

@@ -249,7 +249,11 @@ class ArchiveWriter:
         commits = self._backend.read_commits()
         if sample_range is None:
             n = committed_prefix(commits)
-            self._init(path, fmt, meta, layout, start=0, stop=None, rid=MAIN, count=n)
+            rng = [(a, b, c) for rid, (a, b, c) in commits.items() if rid != MAIN and c > 0]
+            skip = [(a, a + c) for a, _b, c in rng]  # range-written: not in our label blob
+            self._init(path, fmt, meta, layout, start=0, stop=None, rid=MAIN, count=n, others=skip)
+            # Samples a range writer committed past the prefix are not ours to overwrite.
+            self._limit = min([(a, b) for a, b, _c in rng if a >= n], default=None)
             return
         a, b = sample_range
         rid = f"range-{a}-{b}"
@@ -269,7 +273,7 @@ class ArchiveWriter:
         for node in self._nodes.values():
             self._check_range_fits(node)
 
-    def _init(self, path, fmt, meta, layout, *, start, stop, rid, count) -> None:  # type: ignore[no-untyped-def]
+    def _init(self, path, fmt, meta, layout, *, start, stop, rid, count, others=()) -> None:  # type: ignore[no-untyped-def]
         self.path = path
         self.format = fmt
         self._meta = meta
@@ -280,6 +284,7 @@ class ArchiveWriter:
         self._stop = stop
         self._rid = rid
         self._count = count
+        self._limit: tuple[int, int] | None = None  # (start, stop) of the next range record
         self._nodes: dict[str, _Node] = {}
         self._id_keys: list[str] | None = None
         self._id_handles: dict[str, ArrayHandle] = {}
@@ -289,7 +294,7 @@ class ArchiveWriter:
         self._load_existing()
         assert self._backend is not None
         self._side_store = SideStore(self._backend, fmt, meta, rid)
-        self._side_store.resume(start, count)
+        self._side_store.resume(start, count, others)
         self._frames = FrameStore(self._backend, meta)
 
     def _load_existing(self) -> None:
@@ -383,6 +388,13 @@ class ArchiveWriter:
             raise ShapeError(
                 f"batch of {bsz} samples does not fit sample_range [{self._start}, {self._stop}): "
                 f"{self._stop - pos} slots left"
+            )
+        if self._limit is not None and end > self._limit[0]:
+            ra, rb = self._limit
+            raise ConfigError(
+                f"batch of {bsz} samples at {pos}..{end - 1} would overwrite samples "
+                f"{ra}..{end - 1} committed by sample_range [{ra}, {rb}); "
+                f"{ra - pos} slots left before it"
             )
         self._ensure_nodes(prepared, end)
         # Every box of the batch goes to the backend in one call (Zarr writes them
