@@ -340,3 +340,17 @@ def test_unexpected_error_is_one_line_and_debug_shows_the_traceback(runner, monk
     assert "--debug" in lines[0]
     res = runner.invoke(cli, ["--debug", "info", "x.zarr"])
     assert isinstance(res.exception, RuntimeError)
+
+
+def test_a_missing_module_outside_the_extras_is_one_line(runner, monkeypatch) -> None:
+    import attnscope.store
+
+    def boom(path):
+        raise ModuleNotFoundError("No module named 'somelib'", name="somelib")
+
+    monkeypatch.setattr(attnscope.store, "info", boom)
+    res = runner.invoke(cli, ["info", "x.zarr"])
+    assert res.exit_code == 1
+    assert res.exception is None or isinstance(res.exception, SystemExit)
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and "somelib" in lines[0] and "--debug" in lines[0]

@@ -32,11 +32,13 @@ class _Group(click.Group):
                 raise
             raise click.ClickException(_one_line(e)) from None
         except ModuleNotFoundError as e:
-            if ctx.meta.get("attnscope.debug") or (
-                e.name is None or e.name.split(".")[0] not in EXTRA_OF
-            ):
+            if ctx.meta.get("attnscope.debug"):
                 raise
-            raise click.ClickException(_one_line(missing_extra_error(e.name))) from None
+            if e.name is not None and e.name.split(".")[0] in EXTRA_OF:
+                raise click.ClickException(_one_line(missing_extra_error(e.name))) from None
+            raise click.ClickException(
+                f"{_one_line(e)} (run attnscope --debug ... for the traceback)"
+            ) from None
         except OSError as e:
             # Disk full, permission denied, a file where a folder was expected...: the
             # library's writes are atomic, so what was committed before stays readable.
