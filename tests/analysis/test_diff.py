@@ -183,3 +183,13 @@ def test_mismatched_masks_refused(tmp_path: Path) -> None:
     b = _ragged(tmp_path / "b.zarr", np.array([[1, 1, 1, 0], [1, 1, 0, 0]], dtype=bool))
     with pytest.raises(ConfigError, match="encoder token mask of sample 1: A has 4 real tokens"):
         diff_archives(a, b, tmp_path / "out")
+
+
+def test_right_against_left_padded_masks_name_the_position(tmp_path: Path) -> None:
+    a = _ragged(tmp_path / "a.zarr", np.array([[1, 1, 1, 0], [1, 1, 1, 1]], dtype=bool))
+    b = _ragged(tmp_path / "b.zarr", np.array([[0, 1, 1, 1], [1, 1, 1, 1]], dtype=bool))
+    with pytest.raises(ConfigError) as e:
+        diff_archives(a, b, tmp_path / "out")
+    msg = str(e.value)
+    assert "encoder token mask of sample 0: both have 3 real tokens, but at different " in msg
+    assert "first at position 0 (A real, B padding)" in msg and "\n" not in msg

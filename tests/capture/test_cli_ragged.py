@@ -96,3 +96,59 @@ def test_npz_with_a_mask_or_lengths_is_ragged(files, how) -> None:
         np.testing.assert_array_equal(a.masks("encoder"), mask.astype(bool))
         x = a["encoder/0/self_attention"][:]
         assert (x[0, :, 3:] == 0).all() and (x[0, :, :, 3:] == 0).all()
+
+
+def _lines(path: Path, texts: list[str]) -> None:
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+
+
+def test_resume_with_other_inputs_is_refused(files) -> None:
+    tok = ("--tokenizer", str(files / "tok"))
+    _lines(files / "p2.jsonl", SENTENCES[:2])
+    res = _invoke(*_base(files, "p2.jsonl", "p.zarr", *tok))
+    assert res.exit_code == 0, res.output
+    _lines(files / "other.jsonl", ["a dog", "you need a mat", "hi there"])
+    res = CliRunner().invoke(cli, _base(files, "other.jsonl", "p.zarr", *tok, "--resume"))
+    assert res.exit_code != 0
+    msg = res.output.strip().splitlines()[-1]
+    assert "batch 0's inputs differ from the committed ones (sample 0)" in msg, res.output
+    # another batch size hashes other batches: refused by name
+    res = CliRunner().invoke(
+        cli, [*_base(files, "s.jsonl", "p.zarr", *tok, "--resume"), "--batch-size", "3"]
+    )
+    assert res.exit_code != 0 and "batch size differs: archive has 2" in res.output, res.output
+    with open_archive(files / "p.zarr") as a:
+        assert a.n_samples == 2
+    # the same inputs (and more) resume
+    res = _invoke(*_base(files, "s.jsonl", "p.zarr", *tok, "--resume"))
+    assert res.exit_code == 0, res.output
+    with open_archive(files / "p.zarr") as a:
+        assert a.n_samples == len(SENTENCES)
+
+
+def test_longer_batch_then_max_length_resume_as_advised(files) -> None:
+    tok = ("--tokenizer", str(files / "tok"))
+    short = ["hi", "a dog", "hi there", "a mat"]
+    long = ["the cat sat on the mat", "attention is all you need"]
+    _lines(files / "short.jsonl", short)
+    _lines(files / "all.jsonl", short + long)
+    res = _invoke(*_base(files, "short.jsonl", "r.zarr", *tok))
+    assert res.exit_code == 0, res.output
+    with open_archive(files / "r.zarr") as a:
+        cap = a.metadata["max_lengths"]["encoder"]
+        assert a.metadata["capture"]["max_length"] is None
+    res = CliRunner().invoke(cli, _base(files, "all.jsonl", "r.zarr", *tok, "--resume"))
+    assert res.exit_code != 0
+    assert f"truncate the inputs to {cap} tokens" in res.output, res.output
+    assert f"--max-length {cap}" in res.output
+    # the advice: truncate with --max-length <archive maximum> and resume
+    res = _invoke(*_base(files, "all.jsonl", "r.zarr", *tok, "--max-length", str(cap),
+                         "--resume"))  # fmt: skip
+    assert res.exit_code == 0, res.output
+    with open_archive(files / "r.zarr") as a:
+        assert a.n_samples == 6 and a.metadata["max_lengths"] == {"encoder": cap}
+        assert a.lengths("encoder").max() == cap
+    # another maximum still changes the archive's meaning
+    res = CliRunner().invoke(cli, _base(files, "all.jsonl", "r.zarr", *tok, "--max-length",
+                                        str(cap + 1), "--resume"))  # fmt: skip
+    assert res.exit_code != 0 and "max_length differs" in res.output, res.output

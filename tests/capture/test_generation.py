@@ -225,3 +225,33 @@ def test_resume_refuses_other_generate_options(tmp_path) -> None:
     with pytest.raises(ConfigError, match="generate options differ"):
         capture(model, [prompts, prompts], tmp_path / "r.zarr", progress=False, resume=True,
                 generate=dict(max_new_tokens=4))  # fmt: skip
+
+
+def test_generation_with_token_type_ids_equals_forward_over_final_sequences(tmp_path) -> None:
+    # a BERT-style tokenizer gives token_type_ids with a causal LM; generate continues them
+    # with their last column, and so must the final forward (the last token's row)
+    model = _model("gpt2")
+    prompts = _prompts(False)
+    types = torch.zeros_like(prompts["input_ids"])
+    types[:, 3:] = 1
+    prompts["token_type_ids"] = types
+    summary = capture(model, [prompts], tmp_path / "t.zarr", progress=False, dtype="float32",
+                      generate=dict(max_new_tokens=N_NEW))  # fmt: skip
+    seq = torch.tensor([g["ids"] for g in summary.generated])
+    mask = prompts["attention_mask"]
+    extra = seq.shape[1] - mask.shape[1]
+    full = torch.cat([mask, mask.new_ones((2, extra))], dim=1)
+    batch = {
+        "input_ids": seq,
+        "attention_mask": full,
+        "position_ids": (full.cumsum(-1) - 1).masked_fill(full == 0, 0),
+        "token_type_ids": torch.cat([types, types[:, -1:].expand(-1, extra)], dim=1),
+    }
+    want = reference_attentions(model, batch)  # fmt: skip
+    real = full.bool().numpy()
+    with open_archive(tmp_path / "t.zarr") as a:
+        for name in a.arrays():
+            got, ref = a[name][:], want[name].float().numpy()
+            diff = np.abs(got - ref).max(axis=(1, 3))  # (B, T)
+            assert diff[real].max() <= 1e-5, name
+            assert diff[:, -1].max() <= 1e-5, name  # the row of the final forward

@@ -62,7 +62,9 @@ def test_resume_with_another_model_config_is_refused(archive, make_batches) -> N
 
 
 def test_resume_with_renamed_modalities_is_refused(archive, small_model, make_batches) -> None:
+    # the committed batches are the same inputs; the new ones rename a modality
     renamed = make_batches(4, enc={"words": 5, "robot0_eef_pos": 1, "agentview_image": 4})
+    renamed = make_batches(2) + renamed[2:]
     with pytest.raises(ConfigError, match="token layout differs") as info:
         capture(small_model, renamed, archive, heads=[0, 1], resume=True, progress=False)
     assert "words" in str(info.value) and "'text', 5" in str(info.value)

@@ -130,6 +130,39 @@ def test_resume_skips_committed_samples_without_duplicates(model, tmp_path) -> N
         )
 
 
+def test_resume_with_other_inputs_is_refused(model, tmp_path) -> None:
+    path = tmp_path / "r.zarr"
+    capture(model, batches(2), path, progress=False)
+    other = batches(3, seed=1)
+    with pytest.raises(ConfigError, match=r"batch 0's inputs differ from the committed ones "
+                       r"\(sample 0\)"):  # fmt: skip
+        capture(model, other, path, resume=True, progress=False)
+    # a later committed batch that differs is found too
+    mixed = [batches(3)[0], other[1], other[2]]
+    with pytest.raises(ConfigError, match=r"batch 1's inputs differ .*\(sample 2\)"):
+        capture(model, mixed, path, resume=True, progress=False)
+    with pytest.raises(ConfigError, match="batch size differs: archive has 2, this run's "
+                       "first batch has 3"):  # fmt: skip
+        capture(model, batches(2, b=3), path, resume=True, progress=False)
+    with open_archive(path) as a:
+        assert a.n_samples == 4
+
+
+def test_resume_mid_batch_with_other_inputs_is_refused(model, tmp_path) -> None:
+    data = batches(3)
+    path = tmp_path / "r.h5"
+    capture(model, data[:1], path, progress=False)
+    ref = reference_weights(model, data)
+    with ArchiveWriter.open(path) as w:  # one sample of batch 1 committed, as after a crash
+        ids = input_hash_ids(input_digest(data[1]), 1)
+        w.append({k: v[2:3] for k, v in ref.items()}, sample_ids=ids)
+    other = [data[0], *batches(2, seed=5)]
+    with pytest.raises(ConfigError, match=r"batch 1's inputs differ .*\(sample 2\)"):
+        capture(model, other, path, resume=True, progress=False)
+    with open_archive(path) as a:
+        assert a.n_samples == 3
+
+
 def test_resume_mid_batch_appends_only_the_missing_tail(model, tmp_path) -> None:
     data = batches(3)
     path = tmp_path / "r.h5"

@@ -153,8 +153,22 @@ def test_resume_of_a_partly_committed_batch_keeps_masks_and_tokens_aligned(tmp_p
     model, tok = minilm
     path = tmp_path / "p.zarr"
     opts = dict(dtype="float32", tokenizer=tok, max_length=48, progress=False)
-    capture(model, _batches(tok, SENTENCES[:3], 1), path, **opts)  # samples 0..2
     batches = _batches(tok, SENTENCES, 2)  # batch 1 = samples 2, 3: sample 2 is dropped
+    capture(model, batches[:2], tmp_path / "full.zarr", **opts)
+    capture(model, batches[:1], path, **opts)  # samples 0, 1
+    # sample 2 committed alone, as if the run died mid-batch (with its batch's input hash)
+    from attnscope.capture.adapters import adapter_for
+    from attnscope.capture.provenance import input_digest, input_hash_ids
+    from attnscope.store import ArchiveWriter
+
+    b1 = batches[1]
+    n = int(b1["input_ids"].shape[1])
+    tokens = {s: {k: v[:1] for k, v in t.items() if v is not None}
+              for s, t in adapter_for(model, tok).tokens(b1).items()}  # fmt: skip
+    with open_archive(tmp_path / "full.zarr") as full, ArchiveWriter.open(path) as w:
+        w.append({k: full[k][2:3][..., :n, :n] for k in full.arrays()},
+                 masks={"encoder": b1["attention_mask"][:1].bool().numpy()}, tokens=tokens,
+                 sample_ids=input_hash_ids(input_digest(b1), 1))  # fmt: skip
     summary = capture(model, batches, path, resume=True, **opts)
     assert summary.samples == len(SENTENCES) - 3
     own = _own_attentions(model, batches)

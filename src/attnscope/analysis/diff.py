@@ -110,9 +110,18 @@ def check_same_layout(a: Any, b: Any, *, max_bytes: int = 64 << 20) -> None:
             bad = np.flatnonzero((ma != mb).any(axis=1))
             if bad.size:
                 i = start + int(bad[0])
+                ra, rb = ma[bad[0]], mb[bad[0]]
+                pos = int(np.flatnonzero(ra != rb)[0])
+                where = (
+                    f"A has {int(ra.sum())} real tokens, B {int(rb.sum())}"
+                    if ra.sum() != rb.sum()
+                    else f"both have {int(ra.sum())} real tokens, but at different positions"
+                )
                 raise ConfigError(
-                    f"archives differ in the {side} token mask of sample {i}: A has "
-                    f"{int(ma[bad[0]].sum())} real tokens, B {int(mb[bad[0]].sum())}"
+                    f"archives differ in the {side} token mask of sample {i}: {where}; first "
+                    f"at position {pos} (A {'real' if ra[pos] else 'padding'}, B "
+                    f"{'real' if rb[pos] else 'padding'}); diff archives padded the same way "
+                    "(e.g. both right-padded)"
                 )
 
 

@@ -245,11 +245,38 @@ def _finish(
         return model(**kw)
     mask = _extend(inputs["attention_mask"], seq.shape[1])
     kw.update(input_ids=seq[:, computed:], attention_mask=mask)
+    # other per-token prompt inputs (token_type_ids, ...) continue with their last column
+    # over the generated tokens, as generate extends them
+    for key, v in _per_token(inputs, params).items():
+        kw[key] = _repeat_last(v, seq.shape[1])[:, computed:]
     if "position_ids" in params:
         # as generate makes them: positions count real tokens, padding gets 0
         pos = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
         kw["position_ids"] = pos[:, computed:]
     return model(**kw)
+
+
+# batch keys _finish sets itself, or that are not per-token
+_OWN_KEYS = ("input_ids", "attention_mask", "position_ids", "inputs_embeds", "labels")
+
+
+def _per_token(inputs: Mapping[str, Any], params: set[str]) -> dict[str, Tensor]:
+    """The prompt's other ``(B, L)`` inputs that the model's forward takes."""
+    prompt = inputs["input_ids"]
+    return {
+        k: v
+        for k, v in inputs.items()
+        if k not in _OWN_KEYS and k in params and isinstance(v, Tensor)
+        and v.ndim == 2 and tuple(v.shape) == tuple(prompt.shape)
+    }  # fmt: skip
+
+
+def _repeat_last(t: Tensor, length: int) -> Tensor:
+    """A ``(B, L)`` tensor continued with its last column up to ``length``."""
+    extra = length - t.shape[1]
+    if extra <= 0:
+        return t
+    return torch.cat([t, t[:, -1:].expand(-1, extra)], dim=1)
 
 
 def _extend(mask: Tensor, length: int) -> Tensor:

@@ -73,7 +73,7 @@ class CaptureIdentity:
             _same("heads", _all_or(cap["heads"]), _all_or(self.heads))
         if "generate" in cap:
             _same("generate options", cap["generate"], self.generate)
-        if "max_length" in cap:
+        if "max_length" in cap and not _same_maxima(meta.get("max_lengths"), self.max_length):
             _same("max_length", cap["max_length"], self.max_length)
         _same("dtype", meta.get("dtype"), self.dtype)
         _same("topk", meta.get("topk"), self.topk)
@@ -143,6 +143,20 @@ def _same(option: str, have: Any, want: Any) -> None:
             "resume with the options that wrote the "
             "archive, or capture into a new one"
         )
+
+
+def _same_maxima(stored: Any, option: int | Mapping[str, int] | None) -> bool:
+    """Whether ``option`` asks for exactly a ragged archive's stored maxima (``max_lengths``).
+
+    Resuming with ``max_length`` set to the archive's maximum (e.g. to truncate inputs that
+    a run without max_length found too long) means the same archive.
+    """
+    if not isinstance(stored, Mapping) or not stored or option is None:
+        return False
+    have = {str(k): int(v) for k, v in stored.items()}
+    if isinstance(option, Mapping):
+        return {str(k): int(v) for k, v in option.items()} == have
+    return all(v == int(option) for v in have.values())
 
 
 def _all_or(heads: Sequence[int] | None) -> Any:

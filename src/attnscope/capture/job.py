@@ -257,6 +257,10 @@ class _Job:
         # per-batch input hashes go with each batch as sample ids; an archive resumed from
         # a version that did not write them continues without (its ids must match)
         self.hash_inputs = True
+        # resume: the committed samples' input hashes ((n, 4) uint64 words; None: not
+        # recorded) and the archive's batch size, compared with this run's batches
+        self.committed_hashes: np.ndarray | None = None
+        self.resume_bsz: int | None = None
         self.generated: list[dict[str, Any]] | None = None if self.generate is None else []
         self.bar = _progress_bar(opts.progress, opts.total)
         self.t0 = time.perf_counter()
@@ -300,6 +304,8 @@ class _Job:
         bsz = self.adapter.batch_size(batch)
         if self.shard is not None and bi == self.shard.first_batch:
             self.pos = bi * bsz  # equal-sized batches: this rank's first sample
+        if self.shard is None and self.pos < self.skip:
+            self._check_committed(bi, bsz, batch)
         if self.pos + bsz <= self.skip:  # committed by an earlier run
             self.pos += bsz
             return
@@ -340,6 +346,28 @@ class _Job:
             dt = time.perf_counter() - self.t0
             self.bar.set_postfix(MBps=f"{self.writer.bytes / 1e6 / max(dt, 1e-9):.0f}")
 
+    def _check_committed(self, bi: int, bsz: int, batch: Any) -> None:
+        """Resume: refuse a batch whose committed samples came from other inputs."""
+        if bi == 0 and self.resume_bsz is not None and bsz != self.resume_bsz:
+            raise ConfigError(
+                f"resume: batch size differs: archive has {self.resume_bsz}, this run's first "
+                f"batch has {bsz}; resume with the batch size (--batch-size "
+                f"{self.resume_bsz}) and inputs that wrote the archive"
+            )
+        if self.committed_hashes is None or self.pos >= len(self.committed_hashes):
+            return
+        stored = self.committed_hashes[self.pos]
+        words = np.array([w[0] for w in input_hash_ids(input_digest(batch), 1).values()])
+        if not np.array_equal(stored, words):
+            have = stored.astype(">u8").tobytes().hex()[:12]
+            got = words.astype(">u8").tobytes().hex()[:12]
+            raise ConfigError(
+                f"resume: batch {bi}'s inputs differ from the committed ones (sample "
+                f"{self.pos}): archive has input hash sha256:{have}…, this run's batch has "
+                f"sha256:{got}…; resume with the inputs, order and batch size that wrote the "
+                "archive, or capture into a new one"
+            )
+
     def _forward(self, bi: int, batch: Any) -> None:
         try:
             with torch.inference_mode():
@@ -359,7 +387,13 @@ class _Job:
         with open_archive(self.path) as arch:
             meta = arch.metadata
             fields, n = arch.token_fields(), arch.n_samples
-            self.hash_inputs = n == 0 or set(INPUT_HASH_KEYS) <= set(arch.sample_ids)
+            ids = arch.sample_ids if n else {}
+            self.hash_inputs = n == 0 or set(INPUT_HASH_KEYS) <= set(ids)
+            if n and self.hash_inputs:
+                cols = [np.asarray(ids[k], dtype=np.uint64) for k in INPUT_HASH_KEYS]
+                self.committed_hashes = np.stack(cols, 1)
+        bsz = meta.get("batch_size")
+        self.resume_bsz = int(bsz) if n and isinstance(bsz, int) else None
         self.identity.check(meta)
         self.lengths.adopt(meta, fields, n)
         self.resumed = meta

@@ -165,7 +165,7 @@ class Lengths:
                         f"of {cap} (max_lengths[{side!r}]); nothing of this batch was written "
                         f"and the batches before it stay committed; pass max_length={n} "
                         f"(--max-length {n}) or more to a new capture, or truncate the inputs "
-                        f"to {cap} tokens and resume"
+                        f"to {cap} tokens (max_length={cap}, --max-length {cap}) and resume"
                     )
             return
         if self.fixed is None:
