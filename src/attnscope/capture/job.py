@@ -37,7 +37,14 @@ from attnscope.capture.recorder import Recorder, trim
 from attnscope.capture.shard import shard_for
 from attnscope.capture.writer import WriterThread, storage_error, stored_nbytes, to_host
 from attnscope.errors import AttnscopeError, CaptureError, ConfigError, SelectionError
-from attnscope.store import ArchiveSpec, ArchiveWriter, TokenLayout, holds_no_data, open_archive
+from attnscope.store import (
+    ArchiveSpec,
+    ArchiveWriter,
+    TokenLayout,
+    holds_no_data,
+    open_archive,
+    refuse_existing,
+)
 from attnscope.store.footprint import check_writable, measure_footprint
 from attnscope.store.meta import INPUT_HASH_KEYS, archive_format
 
@@ -270,7 +277,7 @@ class _Job:
             return self._dry_run()
         try:
             if self.shard is None and not (self.opts.resume or self.opts.overwrite):
-                _refuse_existing(self.path)
+                refuse_existing(self.path, format=self.opts.format)
             if self.shard is None and self.opts.resume and self.path.exists():
                 if not holds_no_data(self.path):  # a lock-only folder is an empty archive
                     self._reopen()
@@ -406,7 +413,7 @@ class _Job:
         try:
             where = check_writable(self.path)
             if not self.opts.overwrite:
-                _refuse_existing(self.path)
+                refuse_existing(self.path, format=self.opts.format)
             batch = next(iter(self.batches), None)
             if batch is None:
                 raise ConfigError("no batch to capture: the batch source was empty")
@@ -513,21 +520,6 @@ def _stored_per_sample(spec: ArchiveSpec, captured: Any, bsz: int) -> dict[str, 
         return {n: stored_nbytes({n: v}) // bsz for n, v in captured.items()}
     itemsize = 4 if spec.dtype == "float32" else 2
     return {n: int(np.prod(hts)) * itemsize for n, hts in spec.arrays.items()}
-
-
-def _refuse_existing(path: Path) -> None:
-    """Refuse, before the model runs, to capture into an existing archive without a choice."""
-    if not path.exists():
-        return
-    try:
-        with open_archive(path):
-            pass
-    except Exception:  # noqa: BLE001 - not an archive: ArchiveWriter.create decides
-        return
-    raise ConfigError(
-        f"{str(path)!r} already exists; pass overwrite=True to replace it or resume=True to "
-        "continue after its committed samples (attnscope capture: --overwrite / --resume)"
-    )
 
 
 def _resolve_selection(

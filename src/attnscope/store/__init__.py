@@ -14,7 +14,7 @@ Modules, one job each: ``names`` (array names), ``codecs`` (dtype encodings),
 from attnscope.store._base import choose_chunks
 from attnscope.store.codecs import as_numpy
 from attnscope.store.layout import Segment, SideLayout, TokenLayout
-from attnscope.store.meta import SCHEMA_VERSION, archive_format, holds_no_data
+from attnscope.store.meta import SCHEMA_VERSION, archive_format, holds_no_data, refuse_existing
 from attnscope.store.names import array_name, flatten_weights, parse_array_name
 from attnscope.store.reader import AttentionArchive, AttentionArray, open_archive
 from attnscope.store.spec import ArchiveSpec, batch_chunk_samples
@@ -23,6 +23,7 @@ from attnscope.store.writer import ArchiveWriter
 
 __all__ = [
     "ArchiveWriter",
+    "refuse_existing",
     "ArchiveSpec",
     "batch_chunk_samples",
     "AttentionArchive",

@@ -24,12 +24,15 @@ from attnscope.errors import (
     InputError,
 )
 from attnscope.store._base import Backend
+from attnscope.store._lock import LOCK_DIR_NAME, locks_inside
 from attnscope.store.codecs import storage_dtype
 from attnscope.store.layout import TokenLayout
 from attnscope.store.spec import ArchiveSpec
 from attnscope.store.validation import check_tolerance
 
 __all__ = [
+    "refuse_existing",
+    "refuse_existing_at",
     "SCHEMA_VERSION",
     "FORMAT_NAME",
     "MAIN",
@@ -233,8 +236,6 @@ def holds_no_data(path: str | os.PathLike) -> bool:
     A directory holding nothing but the writer lock folder (or nothing at all), or a
     missing file beside its sidecar lock folder (HDF5, zip): an empty archive.
     """
-    from attnscope.store._lock import LOCK_DIR_NAME
-
     path = os.fspath(path)
     if os.path.isdir(path):
         return set(os.listdir(path)) <= {LOCK_DIR_NAME}
@@ -331,3 +332,29 @@ def committed_prefix(commits: Mapping[str, tuple[int, int, int]]) -> int:
             break
         n = max(n, b)
     return n
+
+
+def refuse_existing(
+    path: str | os.PathLike, *, format: str | None = None, overwrite: bool = False
+) -> None:
+    """Raise :class:`ConfigError` unless a new archive may be created at ``path``: nothing is
+    there (or only a writer's lock folder), or ``overwrite`` and it is an archive."""
+    path = os.fspath(path)
+    refuse_existing_at(path, locks_inside(path, archive_format(path, format)), overwrite)
+
+
+def refuse_existing_at(path: str, inside: bool, overwrite: bool) -> None:
+    if not os.path.exists(path):
+        return
+    if inside and os.path.isdir(path) and set(os.listdir(path)) <= {LOCK_DIR_NAME}:
+        return  # an empty directory (or one holding only our lock folder) is free
+    if not overwrite:
+        raise ConfigError(
+            f"archive {path!r} already exists (replace it with overwrite / --overwrite, "
+            f"or append to it with resume / --resume)"
+        )
+    if not is_archive(path):
+        raise ConfigError(
+            f"{path!r} exists but is not an attnscope archive; refusing to delete it "
+            "(overwrite only replaces archives)"
+        )

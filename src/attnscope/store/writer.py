@@ -15,7 +15,7 @@ import numpy as np
 from attnscope.contracts import DIMS, FORMATS, SAMPLE_IDS
 from attnscope.errors import ArchiveError, ConfigError, ShapeError
 from attnscope.store._base import ArrayHandle, Backend, Write, choose_chunks
-from attnscope.store._lock import LOCK_DIR_NAME, Lease, clear_except_locks, locks_inside
+from attnscope.store._lock import Lease, clear_except_locks, locks_inside
 from attnscope.store.batch import BatchRules, Prepared
 from attnscope.store.codecs import storage_dtype
 from attnscope.store.frames import FrameStore
@@ -27,8 +27,8 @@ from attnscope.store.meta import (
     committed_prefix,
     damage_is_corruption,
     holds_no_data,
-    is_archive,
     open_backend,
+    refuse_existing_at,
     root_meta,
     sniff_format,
 )
@@ -45,23 +45,6 @@ class _Node:
     def __init__(self, name: str, h: int, t: int, s: int, heads: list[int]) -> None:
         self.name, self.h, self.t, self.s, self.heads = name, h, t, s, heads
         self.handles: dict[str, ArrayHandle] = {}
-
-
-def _refuse_existing(path: str, inside: bool, overwrite: bool) -> None:
-    if not os.path.exists(path):
-        return
-    if inside and os.path.isdir(path) and set(os.listdir(path)) <= {LOCK_DIR_NAME}:
-        return  # an empty directory (or one holding only our lock folder) is free
-    if not overwrite:
-        raise ConfigError(
-            f"archive {path!r} already exists (replace it with overwrite / --overwrite, "
-            f"or append to it with resume / --resume)"
-        )
-    if not is_archive(path):
-        raise ConfigError(
-            f"{path!r} exists but is not an attnscope archive; refusing to delete it "
-            "(overwrite only replaces archives)"
-        )
 
 
 def _resolve_spec(spec: ArchiveSpec | None, options: Mapping[str, Any], fmt: str) -> ArchiveSpec:
@@ -147,7 +130,7 @@ class ArchiveWriter:
         spec = _resolve_spec(spec, options, fmt)
         meta = root_meta(spec, layout, fmt)
         inside = locks_inside(path, fmt)
-        _refuse_existing(path, inside, overwrite)
+        refuse_existing_at(path, inside, overwrite)
         self = cls()
         self._lease = self._hold(Lease(path, None, inside=inside))
         try:
