@@ -21,18 +21,12 @@ from attnscope.capture.synthetic import synthetic_batches
 from attnscope.errors import CaptureError, ConfigError, SelectionError
 from attnscope.store import ArchiveWriter, open_archive
 
-ENC = {"text": 5, "robot0_eef_pos": 1, "agentview_image": 4}
-DEC = {"text": 3, "traj": 4}
+from .ref_data import DEC, ENC, batches
 
 
 @pytest.fixture
-def model() -> Transformer:
-    torch.manual_seed(0)
-    return Transformer(32, 16, 4, 2, 2).eval()
-
-
-def batches(n: int = 3, b: int = 2, seed: int = 0) -> list:
-    return list(synthetic_batches(n, b, 32, enc=ENC, dec=DEC, seed=seed))
+def model(small_model: Transformer) -> Transformer:
+    return small_model
 
 
 def reference_weights(model: Transformer, data: list) -> dict[str, np.ndarray]:
