@@ -1,0 +1,84 @@
+"""Capture on a CUDA device: every path against the model's own weights on that device.
+
+Skipped where no GPU is visible (CI); run on the lent GPU machine (see docs/benchmarks.md).
+The reference is computed on the same device, so only summation order differs.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from attnscope.capture import Transformer
+from attnscope.capture.job import capture
+from attnscope.store import open_archive
+
+from .hf_models import FAMILIES, as_stored, batch_for, make, reference_attentions
+from .ref_data import batches
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+ATOL = {torch.float32: 2e-5, torch.bfloat16: 2**-7}
+
+
+@pytest.fixture(autouse=True)
+def exact_matmul():
+    """No TF32: the reference and the capture must both be float32 products."""
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+@pytest.mark.parametrize("suffix", [".zarr", ".h5"])
+def test_reference_model_on_cuda_equals_its_own_weights(tmp_path, suffix) -> None:
+    torch.manual_seed(0)
+    model = Transformer(32, 16, 4, 2, 2).eval()
+    data = batches(3, 2)
+    summary = capture(model, data, tmp_path / f"r{suffix}", dtype="float32", device="cuda",
+                      progress=False)  # fmt: skip
+    assert summary.samples == 6
+    assert next(model.parameters()).device.type == "cuda"
+    want: dict[str, list] = {}
+    with torch.inference_mode():
+        for enc, dec in data:
+            _, w = model(enc.cuda(), dec.cuda(), return_attention_weights=True)
+            for stack, layers in w.items():
+                for i, layer in enumerate(layers):
+                    for kind, t in layer.items():
+                        want.setdefault(f"{stack}/{i}/{kind}", []).append(t.float().cpu().numpy())
+    with open_archive(tmp_path / f"r{suffix}") as a:
+        assert a.metadata["capture"]["provenance"]["device"].startswith("cuda")
+        for name, parts in want.items():
+            np.testing.assert_allclose(a[name][:], np.concatenate(parts), atol=2e-5, rtol=0,
+                                       err_msg=name)  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_family_on_cuda_matches_output_attentions(tmp_path, family, dtype) -> None:
+    pytest.importorskip("transformers").logging.set_verbosity_error()
+    model = make(family, dtype)
+    batch = batch_for(family, model, dtype)
+    capture(model, [batch], tmp_path / "a.zarr", dtype="float32", device="cuda", progress=False)
+    on_gpu = {k: v.cuda() for k, v in batch.items()}
+    want = {k: v.float().cpu() for k, v in reference_attentions(model, on_gpu).items()}
+    want = as_stored(model, batch, want)
+    with open_archive(tmp_path / "a.zarr") as a:
+        assert set(a.arrays()) == set(want)
+        for name in a.arrays():
+            np.testing.assert_allclose(a[name][:], want[name], atol=ATOL[dtype], rtol=0,
+                                       err_msg=name)  # fmt: skip
+
+
+def test_bf16_model_stored_as_float16_on_cuda_keeps_rows_normalized(tmp_path) -> None:
+    model = make("bert", torch.bfloat16)
+    batch = batch_for("bert", model, torch.bfloat16)
+    capture(model, [batch] * 4, tmp_path / "h.h5", device="cuda", progress=False)
+    with open_archive(tmp_path / "h.h5") as a:
+        w = a["encoder/0/self_attention"][:].astype(np.float32)
+        assert a.n_samples == 8
+    rows = w.sum(-1)
+    real = rows > 0  # padded rows are stored as zeros
+    np.testing.assert_allclose(rows[real], 1.0, atol=2**-6)
