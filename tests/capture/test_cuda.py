@@ -2,9 +2,12 @@
 
 Skipped where no GPU is visible (CI); run on the lent GPU machine (see docs/benchmarks.md).
 The reference is computed on the same device, so only summation order differs.
+``ATTNSCOPE_TEST_DEVICE=cpu`` runs the same checks on the CPU (to check the tests).
 """
 
 from __future__ import annotations
+
+import os
 
 import numpy as np
 import pytest
@@ -17,7 +20,10 @@ from attnscope.store import open_archive
 from .hf_models import FAMILIES, as_stored, batch_for, make, reference_attentions
 from .ref_data import batches
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+DEVICE = os.environ.get("ATTNSCOPE_TEST_DEVICE", "cuda")
+pytestmark = pytest.mark.skipif(
+    DEVICE == "cuda" and not torch.cuda.is_available(), reason="needs a CUDA GPU"
+)
 
 ATOL = {torch.float32: 2e-5, torch.bfloat16: 2**-7}
 
@@ -36,20 +42,21 @@ def test_reference_model_on_cuda_equals_its_own_weights(tmp_path, suffix) -> Non
     torch.manual_seed(0)
     model = Transformer(32, 16, 4, 2, 2).eval()
     data = batches(3, 2)
-    summary = capture(model, data, tmp_path / f"r{suffix}", dtype="float32", device="cuda",
+    summary = capture(model, data, tmp_path / f"r{suffix}", dtype="float32", device=DEVICE,
                       progress=False)  # fmt: skip
     assert summary.samples == 6
-    assert next(model.parameters()).device.type == "cuda"
+    assert next(model.parameters()).device.type == DEVICE
     want: dict[str, list] = {}
     with torch.inference_mode():
         for enc, dec in data:
-            _, w = model(enc.cuda(), dec.cuda(), return_attention_weights=True)
+            enc, dec = ({k: v.to(DEVICE) for k, v in x.items()} for x in (enc, dec))
+            _, w = model(enc, dec, return_attention_weights=True)
             for stack, layers in w.items():
                 for i, layer in enumerate(layers):
                     for kind, t in layer.items():
                         want.setdefault(f"{stack}/{i}/{kind}", []).append(t.float().cpu().numpy())
     with open_archive(tmp_path / f"r{suffix}") as a:
-        assert a.metadata["capture"]["provenance"]["device"].startswith("cuda")
+        assert a.metadata["capture"]["provenance"]["device"].startswith(DEVICE)
         for name, parts in want.items():
             np.testing.assert_allclose(a[name][:], np.concatenate(parts), atol=2e-5, rtol=0,
                                        err_msg=name)  # fmt: skip
@@ -61,8 +68,8 @@ def test_family_on_cuda_matches_output_attentions(tmp_path, family, dtype) -> No
     pytest.importorskip("transformers").logging.set_verbosity_error()
     model = make(family, dtype)
     batch = batch_for(family, model, dtype)
-    capture(model, [batch], tmp_path / "a.zarr", dtype="float32", device="cuda", progress=False)
-    on_gpu = {k: v.cuda() for k, v in batch.items()}
+    capture(model, [batch], tmp_path / "a.zarr", dtype="float32", device=DEVICE, progress=False)
+    on_gpu = {k: v.to(DEVICE) for k, v in batch.items()}
     want = {k: v.float().cpu() for k, v in reference_attentions(model, on_gpu).items()}
     want = as_stored(model, batch, want)
     with open_archive(tmp_path / "a.zarr") as a:
@@ -75,7 +82,7 @@ def test_family_on_cuda_matches_output_attentions(tmp_path, family, dtype) -> No
 def test_bf16_model_stored_as_float16_on_cuda_keeps_rows_normalized(tmp_path) -> None:
     model = make("bert", torch.bfloat16)
     batch = batch_for("bert", model, torch.bfloat16)
-    capture(model, [batch] * 4, tmp_path / "h.h5", device="cuda", progress=False)
+    capture(model, [batch] * 4, tmp_path / "h.h5", device=DEVICE, progress=False)
     with open_archive(tmp_path / "h.h5") as a:
         w = a["encoder/0/self_attention"][:].astype(np.float32)
         assert a.n_samples == 8

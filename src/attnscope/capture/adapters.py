@@ -14,16 +14,20 @@ A ``torch.compile``d model is captured through the module it wraps.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attnscope.capture.base import Adapter, Sink, call_model, describe, first_tensor
+from attnscope.capture.blocks import softmax_blocks
 from attnscope.capture.hf import HFAdapter
 from attnscope.capture.model import Transformer
+from attnscope.contracts import KIND_AXES
 from attnscope.errors import CaptureError, InputError
 from attnscope.store.layout import TokenLayout
 
@@ -69,9 +73,11 @@ class ReferenceAdapter(Adapter):
         return describe(self.names(), wanted, "explicit softmax", "sdpa (fused, not stored)")
 
     def run(self, batch: Any, sink: Sink, wanted: set[str]) -> None:
+        enc, dec = self._split(batch)
         mods = {n: m for n, m in self.model.attention_modules().items() if n in wanted}
+        blocks = self._block_rows(enc, dec, mods, sink)
         handles = []
-        saved = {n: m.store_attention for n, m in mods.items()}
+        saved = {n: (m.store_attention, m.qk_hook) for n, m in mods.items()}
 
         def hook_for(name: str) -> Callable[..., None]:
             def hook(module: nn.Module, args: Any, output: Any) -> None:
@@ -82,16 +88,53 @@ class ReferenceAdapter(Adapter):
 
             return hook
 
+        def qk_hook_for(name: str, module: nn.Module, rows: int) -> Callable[..., None]:
+            scale = 1.0 / math.sqrt(module.head_dim)
+
+            def qk_hook(q: Tensor, k: Tensor) -> None:
+                t = q.shape[2]
+                for r0, w in softmax_blocks(q, k, scale=scale, rows=rows, causal=module.causal):
+                    sink.rows(name, r0, w, t)  # type: ignore[attr-defined]
+
+            return qk_hook
+
         try:
             for n, m in mods.items():
+                if n in blocks:  # fused output, weights recomputed in blocks of rows
+                    m.qk_hook = qk_hook_for(n, m, blocks[n])
+                    continue
                 m.store_attention = True
                 handles.append(m.register_forward_hook(hook_for(n)))
-            self.model(*self._split(batch))
+            self.model(enc, dec)
         finally:
             for h in handles:
                 h.remove()
             for n, m in mods.items():
-                m.store_attention = saved[n]
+                m.store_attention, m.qk_hook = saved[n]
+
+    def _block_rows(
+        self, enc: Mapping[str, Tensor], dec: Mapping[str, Tensor], mods: Mapping[str, Any],
+        sink: Sink,
+    ) -> dict[str, int]:  # fmt: skip
+        """Rows per block of each module streamed in blocks (the others: whole arrays)."""
+        rows_of = getattr(sink, "block_rows", None)
+        if rows_of is None:
+            return {}
+        side = {"encoder": _tokens(enc), "decoder": _tokens(dec)}
+        b, h = first_tensor(enc).shape[0], self.model.config.num_heads
+        out = {}
+        for name in mods:
+            stack, _layer, kind = name.split("/")
+            qs, ks = KIND_AXES[(stack, kind)]
+            rows = rows_of(b, h, side[qs], side[ks])
+            if rows < side[qs]:
+                out[name] = rows
+        return out
+
+
+def _tokens(side: Mapping[str, Tensor]) -> int:
+    """Tokens of one side: the modality tensors ``(B, n, D)`` laid end to end."""
+    return sum(int(t.shape[1]) for t in side.values() if isinstance(t, Tensor))
 
 
 class TorchMHAAdapter(Adapter):
@@ -149,15 +192,34 @@ class TorchMHAAdapter(Adapter):
 
     def run(self, batch: Any, sink: Sink, wanted: set[str]) -> None:
         handles = []
+        pending: dict[int, tuple[Tensor, Tensor, Tensor | None, bool, int]] = {}
+        rows_of = getattr(sink, "block_rows", None)
 
         def pre(module: nn.Module, args: Any, kwargs: dict) -> tuple[Any, dict]:
             kwargs = dict(kwargs)
+            blocks = _mha_inputs(module, args, kwargs) if rows_of is not None else None
+            if blocks is not None:
+                q, k, mask, causal = blocks
+                rows = rows_of(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+                if rows < q.shape[2]:  # fused output; weights recomputed in the hook
+                    pending[id(module)] = (q, k, mask, causal, rows)
+                    kwargs["need_weights"] = False
+                    args = args[:4] + (False,) + args[5:] if len(args) > 4 else args
+                    return args, kwargs
             kwargs["need_weights"] = True
             kwargs["average_attn_weights"] = False
             return args, kwargs
 
         def hook_for(name: str) -> Callable[..., None]:
             def hook(module: nn.Module, args: Any, kwargs: dict, output: Any) -> None:
+                if id(module) in pending:
+                    q, k, mask, causal, rows = pending.pop(id(module))
+                    scale = 1.0 / math.sqrt(q.shape[-1])
+                    for r0, w in softmax_blocks(
+                        q, k, scale=scale, rows=rows, causal=causal, mask=mask
+                    ):
+                        sink.rows(name, r0, w, q.shape[2])  # type: ignore[attr-defined]
+                    return
                 w = output[1]
                 if w is None:
                     raise CaptureError(f"{name}: MultiheadAttention returned no weights")
@@ -179,6 +241,55 @@ class TorchMHAAdapter(Adapter):
             torch.backends.mha.set_fastpath_enabled(fast)
             for h in handles:
                 h.remove()
+
+
+def _mha_inputs(
+    m: nn.MultiheadAttention, args: tuple, kwargs: dict
+) -> tuple[Tensor, Tensor, Tensor | None, bool] | None:
+    """``(q, k, additive mask, causal)`` of one MultiheadAttention call, as its math path
+    computes them: q, k ``(B, H, L, d)``, the mask broadcastable to ``(B, H, T, S)``.
+
+    ``None`` for what the recompute does not mirror (``bias_k``, ``add_zero_attn``).
+    """
+    if m.bias_k is not None or m.add_zero_attn:
+        return None
+    names = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask",
+             "average_attn_weights", "is_causal")  # fmt: skip
+    got = {**dict(zip(names, args)), **kwargs}
+    query, key = got["query"], got["key"]
+    if query.dim() == 2:  # unbatched (L, E)
+        query, key = query.unsqueeze(0), key.unsqueeze(0)
+    elif not m.batch_first:
+        query, key = query.transpose(0, 1), key.transpose(0, 1)
+    e, h = m.embed_dim, m.num_heads
+    if m._qkv_same_embed_dim:
+        wq, wk = m.in_proj_weight[:e], m.in_proj_weight[e : 2 * e]
+    else:
+        wq, wk = m.q_proj_weight, m.k_proj_weight
+    bias = m.in_proj_bias
+    bq, bk = (None, None) if bias is None else (bias[:e], bias[e : 2 * e])
+    b, t, s = query.shape[0], query.shape[1], key.shape[1]
+    q = F.linear(query, wq, bq).view(b, t, h, e // h).transpose(1, 2)
+    k = F.linear(key, wk, bk).view(b, s, h, e // h).transpose(1, 2)
+    mask = None
+    am, kpm = got.get("attn_mask"), got.get("key_padding_mask")
+    if am is not None:
+        am = _additive(am, q.dtype)
+        mask = am.view(b, h, t, s) if am.dim() == 3 else am.view(1, 1, t, s)
+    if kpm is not None:
+        kpm = _additive(kpm, q.dtype).view(-1, 1, 1, s)
+        mask = kpm if mask is None else mask + kpm
+    causal = bool(got.get("is_causal")) and am is None
+    return q, k, mask, causal
+
+
+def _additive(mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """A MultiheadAttention mask (bool: True = masked; float: added) as an additive mask."""
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(
+            mask, float("-inf")
+        )
+    return mask.to(dtype)
 
 
 def _is_hf(model: nn.Module) -> bool:

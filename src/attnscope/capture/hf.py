@@ -43,6 +43,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from attnscope.capture import hf_blocks
 from attnscope.capture.base import Adapter, Sink, describe, first_tensor, jsonable
 from attnscope.errors import CaptureError, InputError
 from attnscope.store.layout import SideLayout, TokenLayout
@@ -100,6 +101,7 @@ class HFAdapter(Adapter):
         self.fast_ok = bool(getattr(model, "_supports_sdpa", False)) and self.layer_by_layer
         self.generation: dict[str, Any] | None = None
         self.last: Any = None  # generation.Generated of the last batch run
+        self._streamed: set[str] = set()  # sites whose weights went out in blocks this run
         self._set_eager()
         if getattr(model, "training", False) and _dropout_prob(cfg) > 0:
             warnings.warn(
@@ -137,14 +139,38 @@ class HFAdapter(Adapter):
 
     @contextlib.contextmanager
     def observing(self, sink: Sink, wanted: set[str]) -> Iterator[None]:
-        """Hooks on the selected sites, the fused kernel on the others, for one run."""
+        """Hooks on the selected sites, the fused kernel on the others, for one run.
+
+        With a streaming sink, the selected sites' attention modules run the query-block
+        implementation (:mod:`attnscope.capture.hf_blocks`) instead of eager.
+        """
         handles = []
         swapped: list[tuple[nn.Module, Any]] = []
         fast_cfgs: dict[int, Any] = {}
+        block_cfgs: dict[int, Any] = {}
+        routed: list[int] = []
+        self._streamed.clear()
+        route_ok = getattr(sink, "stream", None) is not None
+        if route_ok:
+            hf_blocks.register()
         try:
             for name, site in self.sites.items():
                 if name in wanted:
                     handles.append(site.module.register_forward_hook(self._hook(name, site, sink)))
+                    if not route_ok:
+                        continue
+                    for m in site.module.modules():
+                        cfg, eager = m.__dict__.get("config"), hf_blocks.eager_of(m)
+                        if eager is None or not hasattr(cfg, "_attn_implementation_internal"):
+                            continue
+                        if id(cfg) not in block_cfgs:
+                            block_cfgs[id(cfg)] = _with_impl(cfg, hf_blocks.IMPL)
+                        swapped.append((m, cfg))
+                        m.config = block_cfgs[id(cfg)]
+                        hf_blocks.ROUTES[id(m)] = hf_blocks.Route(
+                            name, sink, eager, self.fast_ok, self._streamed
+                        )
+                        routed.append(id(m))
                 elif self.fast_ok:
                     for m in site.module.modules():
                         cfg = m.__dict__.get("config")
@@ -160,10 +186,14 @@ class HFAdapter(Adapter):
                 h.remove()
             for m, cfg in reversed(swapped):
                 m.config = cfg
+            for i in routed:
+                hf_blocks.ROUTES.pop(i, None)
 
     def _hook(self, name: str, site: Site, sink: Sink) -> Any:
         def hook(module: nn.Module, args: Any, output: Any) -> Any:
             w = output[site.index] if isinstance(output, tuple) else None
+            if w is None and name in self._streamed:
+                return None  # its weights went to the sink in blocks of rows
             if w is None:
                 impl = getattr(getattr(module, "config", None), "_attn_implementation", None)
                 raise CaptureError(

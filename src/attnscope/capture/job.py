@@ -98,6 +98,7 @@ def capture(
     generate: Mapping[str, Any] | None = None,
     max_length: int | Mapping[str, int] | None = None,
     dry_run: bool = False,
+    query_block: int | None = None,
 ) -> CaptureSummary | DryRunReport:
     """Run ``model`` over ``batches`` and append every batch's attention to an archive.
 
@@ -180,6 +181,14 @@ def capture(
         ``bytes`` and ``mb_per_s`` count the attention in the stored dtype; with
         ``generate``, ``generated`` lists each written sample's ids and text. With
         ``dry_run``, the report (``report.format()`` is its text).
+    query_block
+        Long contexts: rows per block of the query-block recompute. A selected layer
+        whose weights ``(B, H, T, S)`` exceed one block runs its output through the
+        fused SDPA path; its weights are recomputed from Q and K ``query_block`` rows at a
+        time (the model's own mask and scale) and written block by block, so peak extra
+        memory is one block of one layer. ``None``: blocks of about 64 MiB of float32
+        scores (see ``docs/capture.md``). Fixed-length batches, forward pass (not
+        ``generate``), single process; elsewhere whole layers are captured.
 
     Raises
     ------
@@ -208,7 +217,7 @@ def capture(
         sample_ids=sample_ids, device=device, resume=resume, progress=progress, topk=topk,
         tokenizer=tokenizer, tags=tags, overwrite=overwrite, validate=validate,
         queue_depth=queue_depth, total=total, rank=rank, world_size=world_size, wait_s=wait_s,
-        generate=generate, max_length=max_length, dry_run=dry_run,
+        generate=generate, max_length=max_length, dry_run=dry_run, query_block=query_block,
     )  # fmt: skip
     return _Job(model, batches, Path(archive_path), opts).run()
 
@@ -256,7 +265,9 @@ class _Job:
             heads=opts.heads, dtype=opts.dtype, topk=opts.topk, validate=opts.validate,
             device=self.device,
         )  # fmt: skip
+        self.recorder.query_block = opts.query_block
         self.writer: WriterThread | None = None
+        self.streaming: tuple[int, Any] | None = None  # (samples, batch) being streamed
         self.resumed: dict[str, Any] | None = None  # archive metadata whose layout is unchecked
         self.skip = 0  # samples committed before this run (skipped, not re-run)
         self.pos = 0  # index of the next batch's first sample
@@ -320,9 +331,13 @@ class _Job:
         digest = input_digest(batch) if self.hash_inputs else None
         batch = self.adapter.to_device(batch, self.device)
         self.recorder.begin(drop)
+        self.streaming = (bsz - drop, batch) if self._can_stream(batch) else None
+        self.recorder.stream = self._on_block if self.streaming else None
         self._forward(bi, batch)
         captured, fence = self.recorder.finish(self.wanted, self.pos + drop)
         lengths = side_lengths(self.recorder.shapes)
+        streamed = bool(self.recorder.streamed)
+        first = self.writer is None or (streamed and not self.writer.writer.committed)
         if self.writer is None:
             layout = self.lengths.decide(batch, lengths, self._layout(batch))
             self.lengths.check(bi, lengths, layout)
@@ -334,6 +349,8 @@ class _Job:
                 captured = trim(captured, drop)
         else:
             layout = self.lengths.layout(lengths) if self.lengths.ragged else self._layout(batch)
+            if first and not self.lengths.ragged:  # made at the first block: now complete
+                self.lengths.fixed = layout
             if self.resumed is not None:
                 CaptureIdentity.check_layout(self.resumed, layout)
                 self.resumed = None
@@ -345,13 +362,36 @@ class _Job:
             ids = _batch_ids(self.opts.sample_ids, bi, batch, self.pos + drop, self.pos + bsz)
             if digest is not None:
                 ids = {**(ids or {}), **input_hash_ids(digest, bsz - drop)}
-            self.writer.put(captured, ids, fence, masks=masks, tokens=tokens)
+            if streamed:
+                full = layout if first else None  # the first block came before every layer ran
+                self.writer.commit_stream(bsz - drop, captured, ids, fence, tokens=tokens,
+                                          layout=full)  # fmt: skip
+            else:
+                self.writer.put(captured, ids, fence, masks=masks, tokens=tokens)
             self.n_batches += 1
         self.pos += bsz
         if self.bar is not None:
             self.bar.update(bsz - drop)
             dt = time.perf_counter() - self.t0
             self.bar.set_postfix(MBps=f"{self.writer.bytes / 1e6 / max(dt, 1e-9):.0f}")
+
+    def _can_stream(self, batch: Any) -> bool:
+        """Whether this batch's big layers may go to the archive in blocks of rows."""
+        if self.generate is not None or self.shard is not None or self.lengths.ragged:
+            return False
+        if self.writer is None and self.adapter.ragged_ok and self.adapter.masks(batch):
+            return False  # a padded first batch makes a ragged archive
+        return self.writer is not None or self.lengths.option is None
+
+    def _on_block(self, name: str, r0: int, data: Any, fence: Any, t: int) -> None:
+        """Recorder's stream consumer: one block of rows, on its way to the archive."""
+        assert self.streaming is not None
+        bsz, batch = self.streaming
+        if self.writer is None:  # first batch: the archive from what is known so far
+            shapes = self.recorder.shapes
+            layout = self.lengths.decide(batch, side_lengths(shapes), self._layout(batch))
+            self.writer = WriterThread(self._create(bsz, layout), self.opts.queue_depth)
+        self.writer.put_block(bsz, name, r0, data, fence, t)
 
     def _check_committed(self, bi: int, bsz: int, batch: Any) -> None:
         """Resume: refuse a batch whose committed samples came from other inputs."""

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -107,6 +107,9 @@ class _Attention(nn.Module):
         self.out_proj = nn.Linear(embed_dim, embed_dim)
         self.store_attention = False
         self.attention_weights: Tensor | None = None
+        # capture's query-block recompute: called with (q, k) each (B, H, L, hd) after
+        # the fused path ran (attnscope.capture.blocks)
+        self.qk_hook: Callable[[Tensor, Tensor], None] | None = None
 
     def _heads(self, x: Tensor) -> Tensor:
         B, L, _ = x.shape
@@ -122,6 +125,8 @@ class _Attention(nn.Module):
         if not want:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=self.causal)
             att = None
+            if self.qk_hook is not None:
+                self.qk_hook(q, k)
         else:
             scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(self.head_dim))  # (B,H,T,S)
             if self.causal:

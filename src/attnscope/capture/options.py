@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from attnscope.capture.blocks import check_block
 from attnscope.contracts import DTYPES, FORMATS, STACKS
 from attnscope.errors import ConfigError
 
@@ -55,8 +56,12 @@ class CaptureOptions:
     # run the first batch and report what the job would write (capture/dryrun.py); nothing
     # is created at the destination
     dry_run: bool = False
+    # rows per block of the query-block recompute (capture/blocks.py); None: blocks of
+    # ~64 MiB of float32 scores, and only for layers whose weights exceed that
+    query_block: int | None = None
 
     def __post_init__(self) -> None:
+        check_block(self.query_block)
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype {self.dtype!r} is not supported; expected one of {DTYPES}")
         if self.format is not None and self.format not in FORMATS:

@@ -9,13 +9,15 @@ anything leaves the device.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
+from attnscope.capture.blocks import block_rows
 from attnscope.capture.options import TORCH_DTYPES
 from attnscope.errors import ConfigError, SelectionError, ValidationError
+from attnscope.store import choose_chunks
 
 __all__ = [
     "Recorder", "HostCopier", "Captured", "ROW_SUM_TOLERANCE", "row_sum_tolerance", "trim",
@@ -99,6 +101,10 @@ class Recorder:
         self.copier = HostCopier(device)
         self._head_index: torch.Tensor | None = None
         self._heads_checked: set[str] = set()
+        #: rows per block (None: automatic, see capture.blocks); used only with `stream`
+        self.query_block: int | None = None
+        #: consumer of streamed blocks ``(name, r0, host data, fence, T)``; None: no blocks
+        self.stream: Callable[[str, int, Any, Any, int], None] | None = None
         self.begin(0)
 
     def begin(self, drop: int) -> None:
@@ -107,9 +113,40 @@ class Recorder:
         self.captured: Captured = {}
         self.shapes: dict[str, tuple[int, ...]] = {}  # the model's (B, H, T, S) per array
         self._checks: dict[str, tuple[torch.Tensor, float]] = {}
+        self.streamed: set[str] = set()  # arrays of this batch handed to `stream` in blocks
 
     def __call__(self, name: str, w: torch.Tensor) -> None:
         self.shapes[name] = tuple(w.shape)
+        self.captured[name] = self._process(name, w)
+
+    def block_rows(self, b: int, h: int, t: int, s: int) -> int:
+        """Rows per block for the model's weights ``(b, h, t, s)``; ``t``: one whole array.
+
+        Below ``t`` only when a stream consumer is set and the array exceeds the block
+        budget (or ``query_block``); rounded down to whole chunk rows of the archive.
+        """
+        if self.stream is None:
+            return t
+        rows = block_rows(b, h, t, s, self.query_block)
+        if rows >= t:
+            return t
+        hs = len(self.heads) if self.heads is not None else h
+        align = choose_chunks(hs, t, s, self.dtype.itemsize)[2]
+        return rows if rows < align else rows // align * align
+
+    def rows(self, name: str, r0: int, w: torch.Tensor, t: int) -> None:
+        """Rows ``[r0, r0 + rb)`` of array ``name`` (``t`` rows), as weights ``(B, H, rb, S)``.
+
+        Processed like a whole array, then handed to :attr:`stream` with its copy fence;
+        the row checks of every block are combined and read back in :meth:`finish`.
+        """
+        assert self.stream is not None
+        self.shapes[name] = (w.shape[0], w.shape[1], t, w.shape[3])
+        self.streamed.add(name)
+        self.stream(name, r0, self._process(name, w), self.copier.fence(), t)
+
+    def _process(self, name: str, w: torch.Tensor) -> Any:
+        """Heads, dropped samples, checks, top-k, cast, host copy of one tensor."""
         if self.heads is not None:
             if name not in self._heads_checked:  # arrays may differ in head count
                 _check_heads(self.heads, w.shape[1], name)
@@ -121,19 +158,21 @@ class Recorder:
             w = w[self.drop :]
         if self.validate:
             tol = row_sum_tolerance(w.dtype)
-            self._checks[name] = (_device_checks(w, tol), tol)
+            flags = _device_checks(w, tol)
+            if name in self._checks:  # a later block of a streamed array
+                flags = flags | self._checks[name][0]
+            self._checks[name] = (flags, tol)
         if self.topk is None:
-            self.captured[name] = self.copier(w.to(self.dtype))
-            return
+            return self.copier(w.to(self.dtype))
         if self.topk > w.shape[-1]:
             raise ConfigError(f"topk={self.topk} is larger than the {w.shape[-1]} keys of {name}")
         vals, idx = w.float().topk(self.topk, dim=-1, sorted=True)
         itype = torch.int16 if w.shape[-1] < 2**15 else torch.int32
-        self.captured[name] = (self.copier(vals.to(self.dtype)), self.copier(idx.to(itype)))
+        return (self.copier(vals.to(self.dtype)), self.copier(idx.to(itype)))
 
     def finish(self, wanted: Sequence[str], first_sample: int) -> tuple[Captured, Any]:
         """``(captured arrays, fence)`` of the batch; raise if an array is missing or bad."""
-        missing = [n for n in wanted if n not in self.captured]
+        missing = [n for n in wanted if n not in self.captured and n not in self.streamed]
         if missing:
             raise SelectionError(f"the model produced no weights for {missing}")
         if self._checks:

@@ -13,6 +13,7 @@ import torch
 from attnscope.capture.recorder import Captured
 from attnscope.errors import AttnscopeError, CaptureError
 from attnscope.store import ArchiveWriter
+from attnscope.store.stream import BatchStream, relayout
 
 __all__ = ["WriterThread", "storage_error", "stored_nbytes", "to_host"]
 
@@ -32,6 +33,7 @@ class WriterThread:
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=depth)
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
+        self._stream: BatchStream | None = None  # the streamed batch being written
 
     def put(
         self,
@@ -47,11 +49,35 @@ class WriterThread:
         ``masks`` (side -> ``(B, L_b)`` bool) and ``tokens`` (side -> ``{"labels", "ids"}``)
         go with the batch's ``append``: the store checks them there, before writing.
         """
+        self._start()
+        self._queue.put(("batch", arrays, ids, fence, masks, tokens))
+
+    def put_block(self, bsz: int, name: str, r0: int, data: Any, fence: Any, t: int) -> None:
+        """Queue rows ``[r0, r0 + rb)`` of array ``name`` (``t`` rows) of a streamed batch.
+
+        The first block of a batch starts a :class:`~attnscope.store.stream.BatchStream` of
+        ``bsz`` samples; at most ``depth`` blocks wait, so host memory stays one block deep.
+        """
+        self._start()
+        self._queue.put(("block", bsz, name, r0, data, fence, t))
+
+    def commit_stream(
+        self, bsz: int, arrays: Captured, ids: dict[str, np.ndarray] | None, fence: Any, *,
+        tokens: dict[str, dict[str, Any]] | None = None, layout: Any = None,
+    ) -> None:  # fmt: skip
+        """Queue the end of a streamed batch: its whole arrays, ids and tokens, then commit.
+
+        ``layout``: the full token layout, for a first batch whose archive was created
+        before every layer had run (see :func:`attnscope.store.stream.relayout`).
+        """
+        self._start()
+        self._queue.put(("commit", bsz, arrays, ids, fence, tokens, layout))
+
+    def _start(self) -> None:
         self.raise_if_failed()
         if self._thread is None:
             self._thread = threading.Thread(target=self._loop, name="attnscope-writer", daemon=True)
             self._thread.start()
-        self._queue.put((arrays, ids, fence, masks, tokens))
 
     def raise_if_failed(self) -> None:
         if self._error is not None:
@@ -71,22 +97,45 @@ class WriterThread:
                 return
             if self._error is not None:
                 continue  # drain after an error so the producer never blocks
-            arrays, ids, fence, masks, tokens = item
             try:
-                if fence is not None:
-                    fence.synchronize()
-                self.writer.append(
-                    to_host(arrays),
-                    sample_ids=ids,
-                    masks=masks,
-                    tokens=tokens,
-                )
-                self.bytes += stored_nbytes(arrays)
-                self.samples += _n_samples(next(iter(arrays.values())))
+                self._do(item)
             except BaseException as e:  # noqa: BLE001 - re-raised in the producer thread
+                self._stream = None
                 if isinstance(e, OSError) and not isinstance(e, AttnscopeError):
                     e = storage_error(e, self.writer.path, self.writer.committed)
                 self._error = e
+
+
+    def _do(self, item: tuple) -> None:
+        kind, *rest = item
+        if kind == "batch":
+            arrays, ids, fence, masks, tokens = rest
+            if fence is not None:
+                fence.synchronize()
+            self.writer.append(to_host(arrays), sample_ids=ids, masks=masks, tokens=tokens)
+            self.bytes += stored_nbytes(arrays)
+            self.samples += _n_samples(next(iter(arrays.values())))
+            return
+        if self._stream is None:
+            self._stream = self.writer.stream(rest[0])
+        if kind == "block":
+            _bsz, name, r0, data, fence, t = rest
+            if fence is not None:
+                fence.synchronize()
+            self._stream.put(name, r0, _host(data), n_rows=t)
+            self.bytes += stored_nbytes({name: data})
+            return
+        bsz, arrays, ids, fence, tokens, layout = rest
+        if fence is not None:
+            fence.synchronize()
+        if layout is not None and not self.writer.committed:
+            relayout(self.writer, layout)
+        for name, data in to_host(arrays).items():
+            self._stream.put(name, 0, data)
+        self.bytes += stored_nbytes(arrays)
+        stream, self._stream = self._stream, None
+        stream.commit(sample_ids=ids, tokens=tokens)
+        self.samples += bsz
 
 
 def storage_error(e: OSError, path: Any, committed: int) -> CaptureError:

@@ -34,6 +34,7 @@ from attnscope.store.meta import (
 )
 from attnscope.store.names import flatten_weights, parse_array_name, sort_key, stored_names
 from attnscope.store.spec import ArchiveSpec, batch_chunk_samples
+from attnscope.store.stream import BatchStream
 from attnscope.store.tokens import SideRules, SideStore
 
 __all__ = ["ArchiveWriter"]
@@ -295,7 +296,6 @@ class ArchiveWriter:
     def _parts(self) -> list[str]:
         return ["values", "indices", "residual"] if self._rules.sparse else [""]
 
-    # -- properties ---------------------------------------------------------------------
     @property
     def committed(self) -> int:
         """Samples committed by this writer (whole archive, or within its sample_range)."""
@@ -367,11 +367,27 @@ class ArchiveWriter:
         # Everything is validated; from here on only writes happen.
         pos = self._start + self._count
         end = pos + bsz
+        self._check_fits(pos, end)
+        self._ensure_nodes(prepared, end)
+        # Every box of the batch goes to the backend in one call (Zarr writes them
+        # concurrently, HDF5 in one pass); the commit record follows only after it returned.
+        writes, tails = self._data_writes(prepared, pos, end)
+        return self._finish(side, ids, frm, pos, end, writes, tails)
+
+    def stream(self, batch_size: int) -> BatchStream:
+        """A batch written in blocks of query rows (:class:`~.stream.BatchStream`):
+        ``put`` each block as it is computed, then ``commit``. Fixed-length archives only.
+        """
+        if self._closed:
+            raise ArchiveError(f"writer of {self.path!r} is closed")
+        return BatchStream(self, batch_size)
+
+    def _check_fits(self, pos: int, end: int) -> None:
+        """A batch of samples ``[pos, end)`` must fit this writer's range and limit."""
+        bsz = end - pos
         if self._stop is not None and end > self._stop:
-            raise ShapeError(
-                f"batch of {bsz} samples does not fit sample_range [{self._start}, {self._stop}): "
-                f"{self._stop - pos} slots left"
-            )
+            raise ShapeError(f"batch of {bsz} samples does not fit sample_range [{self._start}, "
+                             f"{self._stop}): {self._stop - pos} slots left")  # fmt: skip
         if self._limit is not None and end > self._limit[0]:
             ra, rb = self._limit
             raise ConfigError(
@@ -379,18 +395,19 @@ class ArchiveWriter:
                 f"{ra}..{end - 1} committed by sample_range [{ra}, {rb}); "
                 f"{ra - pos} slots left before it"
             )
-        self._ensure_nodes(prepared, end)
-        # Every box of the batch goes to the backend in one call (Zarr writes them
-        # concurrently, HDF5 in one pass); the commit record follows only after it returned.
-        writes, tails = self._data_writes(prepared, pos, end)
-        writes += self._id_writes(ids, pos, end)
+
+    def _finish(
+        self, side: Any, ids: dict[str, np.ndarray], frm: Any, pos: int, end: int,
+        writes: list[Write], tails: dict[tuple[str, str], tuple[int, np.ndarray] | None],
+    ) -> int:  # fmt: skip
+        """Write the batch's side data with ``writes``, then its commit record."""
+        writes = writes + self._id_writes(ids, pos, end)
         hint = math.gcd(*(h.chunks[0] for x in self._nodes.values() for h in x.handles.values()))
         writes += self._side_store.writes(side, pos, end, hint or 1) + self._frames.writes(
             frm, pos, end)
         b = self._backend
-        assert b is not None
         try:
-            b.write_many(writes)
+            b.write_many(writes)  # type: ignore[union-attr]
         except BaseException:
             self._tails.clear()  # unknown state on disk: fall back to read-modify-write
             raise
@@ -399,9 +416,9 @@ class ArchiveWriter:
                 self._tails.pop(key, None)
             else:
                 self._tails[key] = tail
-        self._count += bsz
+        self._count += end - pos
         stop = self._stop if self._stop is not None else self._start + self._count
-        b.write_commit(self._rid, self._start, stop, self._count)
+        b.write_commit(self._rid, self._start, stop, self._count)  # type: ignore[union-attr]
         return self._count
 
     def _ensure_nodes(self, prepared: Prepared, end: int) -> None:
