@@ -239,6 +239,7 @@ CASES: dict[str, Callable[[Path], list[str]]] = {
     "capture reversed layer range": lambda w: _capture(w, "--layers", "1-0"),
     "capture unknown kind": lambda w: _capture(w, "--kinds", "bogus"),
     "capture device bogus": lambda w: _capture(w, "--device", "bogus"),
+    "capture query block 0": lambda w: _capture(w, "--query-block", "0"),
     "capture device cuda without a GPU": lambda w: _capture(w, "--device", "cuda"),
     "capture npz with strings": _npz_strings,
     "capture npz with objects": _npz_object,

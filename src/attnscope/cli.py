@@ -172,6 +172,9 @@ def demo(out: Path, fmt: str | None, batches: int, batch_size: int, seed: int,
 @click.option("--dry-run", is_flag=True,
               help="Run one batch and print bytes per array, the job's total before and "
                    "after compression, chunks and files; write nothing.")
+@click.option("--query-block", type=int, default=None,
+              help="Long contexts: query rows per block of the weight recompute (default: "
+                   "blocks of ~64 MiB, only for layers bigger than that).")
 @progress_opt
 def capture(model_kind: str, config: Path | None, hf_config: Path | None, inputs: Path | None,
             batches: int, batch_size: int, seq_len: int, out: Path, fmt: str | None,
@@ -180,7 +183,7 @@ def capture(model_kind: str, config: Path | None, hf_config: Path | None, inputs
             overwrite: bool, rank: int | None, world_size: int | None,
             max_new_tokens: int | None, do_sample: bool, progress: bool,
             tokenizer_dir: Path | None = None, max_length: int | None = None,
-            dry_run: bool = False) -> None:
+            dry_run: bool = False, query_block: int | None = None) -> None:
     """Run a model over batches and stream its attention into an archive.
 
     Example: attnscope capture --config model.json --batches 16 --batch-size 8 --out run.zarr
@@ -213,7 +216,7 @@ def capture(model_kind: str, config: Path | None, hf_config: Path | None, inputs
                           dtype=dtype, format=fmt, device=device, resume=resume,
                           progress=progress, topk=topk, overwrite=overwrite, rank=rank,
                           world_size=world_size, generate=generate, tokenizer=tokenizer,
-                          max_length=max_length, dry_run=dry_run)
+                          max_length=max_length, dry_run=dry_run, query_block=query_block)
     if dry_run:
         click.echo(summary.format())
         return

@@ -488,6 +488,7 @@ class _Job:
         o = self.opts
         capture = self.identity.settings(self.device, o.queue_depth)
         capture["provenance"] = self.provenance
+        capture["query_block"] = o.query_block  # rows per block; None: automatic
         return ArchiveSpec(
             format=o.format,
             dtype=o.dtype,
@@ -503,6 +504,7 @@ class _Job:
             normalized=o.validate,
             arrays=self.lengths.array_shapes(self.recorder.array_shapes()),
             batch_size=bsz,  # Zarr chunks then divide the batch: each append fills whole chunks
+            query_block=o.query_block,  # and row-blocked chunks divide the query block
             max_lengths=self.lengths.max_lengths,  # None: fixed-length (schema 1)
         )
 

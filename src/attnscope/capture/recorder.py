@@ -131,7 +131,7 @@ class Recorder:
         if rows >= t:
             return t
         hs = len(self.heads) if self.heads is not None else h
-        align = choose_chunks(hs, t, s, self.dtype.itemsize)[2]
+        align = choose_chunks(hs, t, s, self.dtype.itemsize, query_block=self.query_block)[2]
         return rows if rows < align else rows // align * align
 
     def rows(self, name: str, r0: int, w: torch.Tensor, t: int) -> None:

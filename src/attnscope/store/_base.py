@@ -49,6 +49,7 @@ def choose_chunks(
     *,
     chunk_samples: int | None = None,
     batch_size: int | None = None,
+    query_block: int | None = None,
 ) -> tuple[int, int, int, int]:
     """Default chunk shape ``(n, h, t, s)`` for an attention array of ``(N, H, T, S)``.
 
@@ -60,11 +61,17 @@ def choose_chunks(
     ``chunk_samples`` forces the sample extent (e.g. ``1`` so that any disjoint sample
     ranges of concurrent writers are chunk-aligned). Otherwise ``batch_size`` (appends
     come in batches of this size) cuts the sample extent to divide it, so that no chunk
-    straddles two appends and is compressed twice.
+    straddles two appends and is compressed twice. ``query_block`` (writes come in
+    blocks of this many query rows, :class:`~attnscope.store.stream.BatchStream`) cuts a
+    row-blocked chunk to ``block / ceil(block / rows)`` rows, so each block fills whole
+    chunks.
     """
     m = t * s * itemsize
     if m > MAX_CHUNK:
         rows = max(1, min(t, TARGET_CHUNK // max(1, s * itemsize)))
+        if query_block:
+            qb = min(int(query_block), t)
+            rows = -(-qb // -(-qb // rows))  # ceil(qb / ceil(qb / rows))
         shape = [1, 1, rows, s]
     elif m >= MIN_HEAD_CHUNK:
         shape = [1, 1, t, s]

@@ -144,7 +144,7 @@ def root_meta(spec: ArchiveSpec, layout: TokenLayout, fmt: str) -> dict[str, Any
     topk = spec.sparse_topk
     if topk is not None and (isinstance(topk, bool) or int(topk) < 1):
         raise ConfigError(f"sparse_topk must be a positive int or None, got {topk!r}")
-    for what in ("capacity", "chunk_samples", "batch_size"):
+    for what in ("capacity", "chunk_samples", "batch_size", "query_block"):
         v = getattr(spec, what)
         low = 0 if what == "capacity" else 1
         if v is not None and (isinstance(v, bool) or int(v) < low):
@@ -165,6 +165,7 @@ def root_meta(spec: ArchiveSpec, layout: TokenLayout, fmt: str) -> dict[str, Any
         "compressor": spec.compressor,
         "chunk_samples": _opt_int(spec.chunk_samples),
         "batch_size": _opt_int(spec.batch_size),
+        "query_block": _opt_int(spec.query_block),
         "capacity": _opt_int(spec.capacity),
         "validate": bool(spec.validate),
         "normalized": bool(spec.validate if spec.normalized is None else spec.normalized),

@@ -36,6 +36,7 @@ class ArchiveSpec:
     arrays: Mapping[str, tuple[int, int, int]] | None = None  # name -> (H, T, S) created now
     chunk_samples: int | None = None  # force samples per chunk
     batch_size: int | None = None  # appends come in batches of this size (chunk policy)
+    query_block: int | None = None  # rows come in blocks of this size (BatchStream; chunk policy)
     # side ("encoder"/"decoder") -> maximum tokens: a ragged archive (schema 2) whose
     # batches may be shorter (padded by the writer) and which stores per-sample masks;
     # each maximum must equal that side's layout length

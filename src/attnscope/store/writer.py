@@ -502,21 +502,15 @@ class ArchiveWriter:
         stack, layer, kind = parse_array_name(name)
         self._rules.check_shape(name, h, t, s, {})
         heads = self._rules.heads.get(name) or list(range(h))
-        attrs = {
-            "stack": stack,
-            "layer": layer,
-            "kind": kind,
-            "hts": [h, t, s],
-            "heads": [int(x) for x in heads],
-            "dims": list(DIMS),
-        }
+        attrs = {"stack": stack, "layer": layer, "kind": kind, "hts": [h, t, s],
+                 "heads": [int(x) for x in heads], "dims": list(DIMS)}  # fmt: skip
         sdt = storage_dtype(self._rules.dtype)
         comp = self._meta.get("compressor", "zstd")
         # HDF5 grows a rewritten chunk in place at the end of the file; a crash before the
         # next flush leaves it undecodable. One sample per chunk means a chunk holding
         # committed samples is never rewritten (Zarr renames whole chunk files instead).
         cs = 1 if self.format == "hdf5" else self._meta.get("chunk_samples")
-        bs = self._meta.get("batch_size") or batch
+        bs, qb = self._meta.get("batch_size") or batch, self._meta.get("query_block")
         node = _Node(name, h, t, s, attrs["heads"])
         if self._rules.sparse:
             k = int(self._rules.topk)  # type: ignore[arg-type]
@@ -533,7 +527,8 @@ class ArchiveWriter:
                     f"{name}/{part}", shape, ch, dt, dims=dims, compressor=comp
                 )
         else:
-            chunks = choose_chunks(h, t, s, sdt.itemsize, chunk_samples=cs, batch_size=bs)
+            chunks = choose_chunks(h, t, s, sdt.itemsize, chunk_samples=cs, batch_size=bs,
+                                   query_block=qb)  # fmt: skip
             node.handles[""] = b.create_array(
                 name, (n, h, t, s), chunks, sdt, dims=DIMS, attrs=attrs, compressor=comp
             )
