@@ -70,7 +70,8 @@ class ReferenceAdapter(Adapter):
         return self.model.config.to_json()
 
     def attention_impl(self, wanted: Sequence[str]) -> dict[str, str]:
-        return describe(self.names(), wanted, "explicit softmax", "sdpa (fused, not stored)")
+        blocks = "explicit softmax; over one block: sdpa output, weights recomputed in query blocks"
+        return describe(self.names(), wanted, blocks, "sdpa (fused, not stored)")
 
     def run(self, batch: Any, sink: Sink, wanted: set[str]) -> None:
         enc, dec = self._split(batch)
@@ -182,7 +183,8 @@ class TorchMHAAdapter(Adapter):
 
     def attention_impl(self, wanted: Sequence[str]) -> dict[str, str]:
         return describe(
-            self.names(), wanted, "MultiheadAttention need_weights (math path)",
+            self.names(), wanted, "MultiheadAttention need_weights (math path); over one "
+            "block: fused output, weights recomputed in query blocks",
             "MultiheadAttention (weights not stored)",
         )  # fmt: skip
 

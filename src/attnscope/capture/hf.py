@@ -220,7 +220,9 @@ class HFAdapter(Adapter):
     def attention_impl(self, wanted: Sequence[str]) -> dict[str, str]:
         if not self.layer_by_layer:
             return describe(self.names(), wanted, "eager (output_attentions)", "eager")
-        return describe(self.names(), wanted, "eager", "sdpa" if self.fast_ok else "eager")
+        blocks = (f"eager; over one block: {'sdpa' if self.fast_ok else 'eager'} output, eager "
+                  "weights per query block")  # fmt: skip
+        return describe(self.names(), wanted, blocks, "sdpa" if self.fast_ok else "eager")
 
     def batch_size(self, batch: Any) -> int:
         return first_tensor(batch).shape[0]

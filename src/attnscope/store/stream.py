@@ -32,7 +32,10 @@ from attnscope.store.validation import check_weights
 
 if TYPE_CHECKING:
     from attnscope.store.layout import TokenLayout
-    from attnscope.store.writer import ArchiveWriter
+
+# The ArchiveWriter (store/writer.py) whose batch this is; typed Any here because the
+# writer module imports this one (its `stream()` makes a BatchStream).
+ArchiveWriter = Any
 
 __all__ = ["BatchStream", "relayout"]
 
