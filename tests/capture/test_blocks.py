@@ -213,6 +213,23 @@ def test_hf_family_streams_blocks_equal_to_output_attentions(tmp_path, spy, fami
     assert model.config._attn_implementation == "sdpa"  # given back
 
 
+@pytest.mark.parametrize("how", ["padding mask", "lengths differ", "max_length"])
+def test_ragged_archives_keep_whole_arrays(tmp_path, spy, how) -> None:
+    """A ragged archive pads per sample: its batches are appended whole, one layer at a time."""
+    pytest.importorskip("transformers").logging.set_verbosity_error()
+    model = make("bert")
+    g = torch.Generator().manual_seed(0)
+    b1, b2 = ({"input_ids": torch.randint(3, 100, (2, n), generator=g)} for n in (7, 5))
+    if how == "padding mask":
+        b1["attention_mask"] = torch.ones(2, 7, dtype=torch.long)
+    kw = {"max_length": 7} if how == "max_length" else {}
+    batches = [b1, b2] if how == "lengths differ" else [b1]
+    capture(model, batches, tmp_path / "r.zarr", query_block=2, progress=False, **kw)
+    assert not spy
+    with open_archive(tmp_path / "r.zarr") as a:
+        assert a.ragged and a.n_samples == 2 * len(batches)
+
+
 def test_hf_model_output_is_the_fused_one_while_blocks_stream(tmp_path) -> None:
     pytest.importorskip("transformers").logging.set_verbosity_error()
     model = make("llama_gqa")

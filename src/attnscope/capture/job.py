@@ -379,9 +379,11 @@ class _Job:
         """Whether this batch's big layers may go to the archive in blocks of rows."""
         if self.generate is not None or self.shard is not None or self.lengths.ragged:
             return False
-        if self.writer is None and self.adapter.ragged_ok and self.adapter.masks(batch):
-            return False  # a padded first batch makes a ragged archive
-        return self.writer is not None or self.lengths.option is None
+        if self.writer is None:  # would the first batch make a ragged archive?
+            if self.lengths.option is not None or self.lengths.differ:
+                return False
+            return not (self.adapter.ragged_ok and self.adapter.masks(batch))
+        return True
 
     def _on_block(self, name: str, r0: int, data: Any, fence: Any, t: int) -> None:
         """Recorder's stream consumer: one block of rows, on its way to the archive."""
