@@ -98,6 +98,7 @@ def capture(
     generate: Mapping[str, Any] | None = None,
     max_length: int | Mapping[str, int] | None = None,
     dry_run: bool = False,
+    rows: Any = None,
 ) -> CaptureSummary | DryRunReport:
     """Run ``model`` over ``batches`` and append every batch's attention to an archive.
 
@@ -173,6 +174,11 @@ def capture(
         ``len(batches)`` or ``total``; without either the figures are per batch. Nothing
         is created at ``archive_path``; a destination this user cannot write to raises
         :class:`~attnscope.errors.ConfigError`.
+    rows
+        Row policy (:class:`~attnscope.capture.policy.RowPolicy`): keep some query rows
+        per side, e.g. ``"decoder:last=4"``, ``"decoder:segment=traj"``, ``{"decoder":
+        [3, 4]}``; those arrays store ``(N, H, R, S)`` and their rows
+        (``AttentionArchive.query_rows``). Selected on the device after the heads.
 
     Returns
     -------
@@ -208,7 +214,7 @@ def capture(
         sample_ids=sample_ids, device=device, resume=resume, progress=progress, topk=topk,
         tokenizer=tokenizer, tags=tags, overwrite=overwrite, validate=validate,
         queue_depth=queue_depth, total=total, rank=rank, world_size=world_size, wait_s=wait_s,
-        generate=generate, max_length=max_length, dry_run=dry_run,
+        generate=generate, max_length=max_length, dry_run=dry_run, rows=rows,
     )  # fmt: skip
     return _Job(model, batches, Path(archive_path), opts).run()
 
@@ -251,10 +257,11 @@ class _Job:
             n_params=n_params,
             generate=self.generate,
             max_length=opts.max_length,  # type: ignore[arg-type]
+            rows=None if opts.rows is None else opts.rows.to_json(),
         )
         self.recorder = Recorder(
             heads=opts.heads, dtype=opts.dtype, topk=opts.topk, validate=opts.validate,
-            device=self.device,
+            device=self.device, defer_rows=opts.rows is not None,
         )  # fmt: skip
         self.writer: WriterThread | None = None
         self.resumed: dict[str, Any] | None = None  # archive metadata whose layout is unchecked
@@ -321,10 +328,14 @@ class _Job:
         batch = self.adapter.to_device(batch, self.device)
         self.recorder.begin(drop)
         self._forward(bi, batch)
-        captured, fence = self.recorder.finish(self.wanted, self.pos + drop)
         lengths = side_lengths(self.recorder.shapes)
-        if self.writer is None:
-            layout = self.lengths.decide(batch, lengths, self._layout(batch))
+        first = self.writer is None
+        layout = self.lengths.decide(batch, lengths, self._layout(batch)) if first else (
+            self.lengths.layout(lengths) if self.lengths.ragged else self._layout(batch)
+        )
+        self._resolve_rows(layout)
+        captured, fence = self.recorder.finish(self.wanted, self.pos + drop)
+        if first:
             self.lengths.check(bi, lengths, layout)
             self.writer = WriterThread(self._create(bsz, layout), self.opts.queue_depth)
             if self.shard is not None and self.writer.writer.committed:
@@ -333,7 +344,6 @@ class _Job:
                 drop = min(bsz, self.skip - self.pos)
                 captured = trim(captured, drop)
         else:
-            layout = self.lengths.layout(lengths) if self.lengths.ragged else self._layout(batch)
             if self.resumed is not None:
                 CaptureIdentity.check_layout(self.resumed, layout)
                 self.resumed = None
@@ -389,6 +399,14 @@ class _Job:
     def _layout(self, batch: Any) -> TokenLayout:
         return self.adapter.layout(batch, self.recorder.shapes)
 
+    def _resolve_rows(self, layout: TokenLayout) -> None:
+        """Resolve the row policy on the first batch's layout (the archive's axes)."""
+        if self.opts.rows is None or self.recorder.pending is None:
+            return
+        self.recorder.set_rows(self.opts.rows.resolve(layout))
+        if self.resumed is not None:
+            CaptureIdentity.check_rows(self.resumed, self.recorder.rows, self.opts.rows)
+
     def _reopen(self) -> None:
         """Resume: check the archive means what this run would write, then append to it."""
         with open_archive(self.path) as arch:
@@ -422,9 +440,10 @@ class _Job:
             batch = self.adapter.to_device(batch, self.device)
             self.recorder.begin(0)
             self._forward(0, batch)
-            captured, fence = self.recorder.finish(self.wanted, 0)
             lengths = side_lengths(self.recorder.shapes)
             layout = self.lengths.decide(batch, lengths, self._layout(batch))
+            self._resolve_rows(layout)
+            captured, fence = self.recorder.finish(self.wanted, 0)
             self.lengths.check(0, lengths, layout)
             masks, tokens = self.lengths.side_data(batch, 0, lengths)
             ids = {**(_batch_ids(self.opts.sample_ids, 0, batch, 0, bsz) or {})}
@@ -461,9 +480,15 @@ class _Job:
             # `verify` that rows must sum to 1.
             validate=False,
             normalized=o.validate,
-            arrays=self.lengths.array_shapes(self.recorder.array_shapes()),
+            arrays=self.recorder.kept_shapes(
+                self.lengths.array_shapes(self.recorder.array_shapes())
+            ),
             batch_size=bsz,  # Zarr chunks then divide the batch: each append fills whole chunks
             max_lengths=self.lengths.max_lengths,  # None: fixed-length (schema 1)
+            query_rows=(
+                None if not self.recorder.rows
+                else {k: v.tolist() for k, v in self.recorder.rows.items()}
+            ),
         )
 
     def _create(self, bsz: int, layout: TokenLayout) -> ArchiveWriter:

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from attnscope.capture.policy import RowPolicy
 from attnscope.contracts import DTYPES, FORMATS, STACKS
 from attnscope.errors import ConfigError
 
@@ -55,6 +56,9 @@ class CaptureOptions:
     # run the first batch and report what the job would write (capture/dryrun.py); nothing
     # is created at the destination
     dry_run: bool = False
+    # row policy: per query side, the rows kept ("decoder:last", {"decoder": [3, 4]}, ...;
+    # capture/policy.py); parsed here, resolved once the first batch's layout is known
+    rows: RowPolicy | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -82,6 +86,7 @@ class CaptureOptions:
                 "expected neither (dry-run the job without resume / rank)"
             )
         object.__setattr__(self, "max_length", _max_length(self.max_length))
+        object.__setattr__(self, "rows", RowPolicy.parse(self.rows))
         layers = _selection("layers", self.layers, _layer)
         object.__setattr__(self, "layers", layers)
         object.__setattr__(self, "heads", _selection("heads", self.heads, _index))

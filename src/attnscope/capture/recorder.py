@@ -9,12 +9,14 @@ anything leaves the device.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 from attnscope.capture.options import TORCH_DTYPES
+from attnscope.contracts import KIND_AXES
 from attnscope.errors import ConfigError, SelectionError, ValidationError
 
 __all__ = [
@@ -81,6 +83,9 @@ class Recorder:
         Flag NaN/Inf, negative weights and rows not summing to 1 (one host sync per batch).
     device
         Where the model runs; decides how the host copy is made.
+    defer_rows
+        A row policy awaits the first batch's layout: that batch's weights wait on the
+        device (after head selection) until :meth:`set_rows` gives the rows to keep.
     """
 
     def __init__(
@@ -91,6 +96,7 @@ class Recorder:
         topk: int | None,
         validate: bool,
         device: torch.device,
+        defer_rows: bool = False,
     ) -> None:
         self.heads = None if heads is None else list(heads)
         self.dtype = TORCH_DTYPES[dtype]
@@ -99,6 +105,10 @@ class Recorder:
         self.copier = HostCopier(device)
         self._head_index: torch.Tensor | None = None
         self._heads_checked: set[str] = set()
+        # query side -> kept rows (ascending, on the side's padded axis); None: every row
+        self.rows: dict[str, np.ndarray] | None = None
+        self._row_index: dict[tuple[str, int, Any], torch.Tensor] = {}
+        self.pending: list[tuple[str, torch.Tensor]] | None = [] if defer_rows else None
         self.begin(0)
 
     def begin(self, drop: int) -> None:
@@ -119,6 +129,14 @@ class Recorder:
             w = w.index_select(1, self._head_index)
         if self.drop:
             w = w[self.drop :]
+        if self.pending is not None:
+            self.pending.append((name, w))
+            return
+        self._keep(name, w)
+
+    def _keep(self, name: str, w: torch.Tensor) -> None:
+        """Rows, validation, top-k, cast and host copy of one array's selected heads."""
+        w = self._select_rows(name, w)
         if self.validate:
             tol = row_sum_tolerance(w.dtype)
             self._checks[name] = (_device_checks(w, tol), tol)
@@ -130,6 +148,36 @@ class Recorder:
         vals, idx = w.float().topk(self.topk, dim=-1, sorted=True)
         itype = torch.int16 if w.shape[-1] < 2**15 else torch.int32
         self.captured[name] = (self.copier(vals.to(self.dtype)), self.copier(idx.to(itype)))
+
+    def set_rows(self, rows: Mapping[str, np.ndarray]) -> None:
+        """Keep only these query rows per side from now on (a resolved row policy), and
+        process the weights that waited for them."""
+        self.rows = {k: np.asarray(v, dtype=np.int64) for k, v in rows.items()}
+        pending, self.pending = self.pending or [], None
+        for name, w in pending:
+            self._keep(name, w)
+
+    def _select_rows(self, name: str, w: torch.Tensor) -> torch.Tensor:
+        """``(B, H, T, S)`` -> ``(B, H, R, S)``: the kept rows of the array's query side.
+
+        Rows index the side's padded axis; a shorter (ragged) batch has no row past its
+        length: it is filled from the last row and zeroed by the store as padding (its
+        mask is False there).
+        """
+        if not self.rows:
+            return w
+        stack, _layer, kind = name.split("/")
+        side = KIND_AXES[(stack, kind)][0]
+        rows = self.rows.get(side)
+        if rows is None:
+            return w
+        t = int(w.shape[2])
+        key = (side, t, w.device)
+        idx = self._row_index.get(key)
+        if idx is None:
+            idx = torch.as_tensor(np.minimum(rows, t - 1), device=w.device)
+            self._row_index[key] = idx
+        return w.index_select(2, idx)
 
     def finish(self, wanted: Sequence[str], first_sample: int) -> tuple[Captured, Any]:
         """``(captured arrays, fence)`` of the batch; raise if an array is missing or bad."""
@@ -146,6 +194,15 @@ class Recorder:
             n: (len(self.heads) if self.heads is not None else int(s[1]), int(s[2]), int(s[3]))
             for n, s in self.shapes.items()
         }
+
+    def kept_shapes(self, hts: Mapping[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+        """``hts`` with T = the kept rows of each array whose query side has a row policy."""
+        out = dict(hts)
+        for n, (h, t, s) in hts.items():
+            stack, _layer, kind = n.split("/")
+            rows = (self.rows or {}).get(KIND_AXES[(stack, kind)][0])
+            out[n] = (h, t if rows is None else len(rows), s)
+        return out
 
 
 def trim(captured: Captured, n: int) -> Captured:
