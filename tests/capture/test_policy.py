@@ -91,9 +91,12 @@ def test_bad_spellings_are_one_config_error(spec, match) -> None:
 @pytest.mark.parametrize(
     ("spec", "layout", "match"),
     [
-        ("decoder:segment=action", LAYOUT, r"no segment 'action'; its segments are \['text', 'traj'\]"),
-        ("encoder:rows=3,10", LAYOUT, r"row\(s\) \[10\] out of range: the encoder axis has 10 rows"),
-        ("decoder:last", TokenLayout(encoder=LAYOUT.encoder), r"no decoder side \(its sides: \['encoder'\]\)"),
+        ("decoder:segment=action", LAYOUT,
+         r"no segment 'action'; its segments are \['text', 'traj'\]"),
+        ("encoder:rows=3,10", LAYOUT,
+         r"row\(s\) \[10\] out of range: the encoder axis has 10 rows"),
+        ("decoder:last", TokenLayout(encoder=LAYOUT.encoder),
+         r"no decoder side \(its sides: \['encoder'\]\)"),
     ],
 )  # fmt: skip
 def test_resolution_errors_name_what_exists(spec, layout, match) -> None:

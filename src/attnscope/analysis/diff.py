@@ -92,6 +92,11 @@ def check_same_layout(a: Any, b: Any, *, max_bytes: int = 64 << 20) -> None:
             )
         if list(xa.heads) != list(xb.heads):
             raise ConfigError(f"array {name} differs in heads: A {xa.heads}, B {xb.heads}")
+        ra, rb = (_kept(x) for x in (xa, xb))
+        if ra != rb:
+            raise ConfigError(
+                f"array {name} differs in kept query rows (capture row policy): A {ra}, B {rb}"
+            )
     for side in ("encoder", "decoder"):
         sa, sb = _layout_segments(a, side), _layout_segments(b, side)
         if sa != sb:
@@ -123,6 +128,11 @@ def check_same_layout(a: Any, b: Any, *, max_bytes: int = 64 << 20) -> None:
                     f"{'real' if rb[pos] else 'padding'}); diff archives padded the same way "
                     "(e.g. both right-padded)"
                 )
+
+
+def _kept(x: Any) -> str | list[int]:
+    rows = getattr(x, "query_rows", None)
+    return "all rows" if rows is None else [int(r) for r in rows]
 
 
 def _sides(a: Any) -> list[str]:
@@ -173,6 +183,8 @@ def _blocks(
     ca, cb = sparse_causal(xa), sparse_causal(xb)  # once per array, not per block
     for sl in sample_slices(xa, max(1, max_bytes // 8)):  # ~8 block-sized temporaries
         rows = a.masks(qs, sl)
+        if xa.query_rows is not None:  # the stored rows only (a capture row policy)
+            rows = rows[:, xa.query_rows]
         da = dense_block(xa, sl, causal=ca, kmask=key_mask(xa, sl))
         db = dense_block(xb, sl, causal=cb, kmask=key_mask(xb, sl))
         yield sl, _with_mean(da), _with_mean(db), rows

@@ -37,7 +37,9 @@ __all__ = ["RowPolicy", "RULES"]
 #: rule names of a side's policy ("rows" = explicit indices)
 RULES = ("last", "every", "segment", "rows")
 _SPEC = re.compile(r"^\s*(?P<side>[A-Za-z_]+)\s*:\s*(?P<rule>[A-Za-z_]+)\s*(=\s*(?P<arg>.*))?$")
-_EXAMPLES = "decoder:last, decoder:last=4, decoder:every=8, decoder:segment=traj, encoder:rows=0,5,9"
+_EXAMPLES = (
+    "decoder:last, decoder:last=4, decoder:every=8, decoder:segment=traj, encoder:rows=0,5,9"
+)
 
 
 @dataclass(frozen=True)
