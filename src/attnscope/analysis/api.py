@@ -365,6 +365,10 @@ def analyze(
                 "row_stats": row_stats,
                 "sparse_approximate": bool(getattr(a, "mode", "dense") == "sparse"),
                 "causal": {sp.name: sp.causal for sp in specs},
+                # arrays captured with a row policy: head statistics pool these rows only
+                "query_rows": {
+                    sp.name: list(sp.query_rows) for sp in specs if sp.query_rows is not None
+                },
             },
         }
         mpath = out / "manifest.json"

@@ -86,17 +86,17 @@ def check_same_layout(a: Any, b: Any, *, max_bytes: int = 64 << 20) -> None:
         )
     for name in a.arrays():
         xa, xb = a.attention(name), b.attention(name)
+        ra, rb = (_kept(x) for x in (xa, xb))
+        if ra != rb:
+            raise ConfigError(
+                f"array {name} differs in kept query rows (capture row policy): A {ra}, B {rb}"
+            )
         if xa.shape[1:] != xb.shape[1:]:
             raise ConfigError(
                 f"array {name} differs in shape (H, T, S): A {xa.shape[1:]}, B {xb.shape[1:]}"
             )
         if list(xa.heads) != list(xb.heads):
             raise ConfigError(f"array {name} differs in heads: A {xa.heads}, B {xb.heads}")
-        ra, rb = (_kept(x) for x in (xa, xb))
-        if ra != rb:
-            raise ConfigError(
-                f"array {name} differs in kept query rows (capture row policy): A {ra}, B {rb}"
-            )
     for side in ("encoder", "decoder"):
         sa, sb = _layout_segments(a, side), _layout_segments(b, side)
         if sa != sb:
