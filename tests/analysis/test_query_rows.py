@@ -134,7 +134,7 @@ def test_rollout_refuses_partial_rows_naming_array_and_rows(tmp_path) -> None:
 
 def test_diff_refuses_other_kept_rows_and_diffs_equal_ones(tmp_path) -> None:
     full, part = _pair(tmp_path, "zarr")
-    with pytest.raises(ConfigError, match=r"differs in kept query rows .*: A all rows, B \[2, 11\]"):
+    with pytest.raises(ConfigError, match=r"kept query rows .*: A all rows, B \[2, 11\]"):
         diff_archives(full, part, tmp_path / "d")
     path = diff_archives(part, part, tmp_path / "d2")
     d = pd.read_parquet(path)

@@ -81,6 +81,8 @@ def _spec(
         use_heads = [int(x) for x in heads]
     if not isinstance(topk, (int, np.integer)) or isinstance(topk, bool) or topk < 1:
         raise ConfigError(f"topk must be a positive integer, got {topk!r}")
+    if query_rows(arr) is not None:  # a row policy may keep fewer cells: list them all
+        topk = min(int(topk), t * s)
     if topk > t * s:
         raise ConfigError(
             f"topk={topk} is larger than the {t}x{s}={t * s} query-key pairs of {name}; "
