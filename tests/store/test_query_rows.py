@@ -129,3 +129,21 @@ def test_archives_without_the_key_read_as_full_rows(tmp_path) -> None:
     assert verify(path).ok
     with ArchiveWriter.open(path) as w:  # and it resumes as a full-row archive
         w.append({"decoder/0/self_attention": _softmax(rng, (1, 2, 6, 6))})
+
+
+def test_xarray_view_names_the_kept_rows(tmp_path) -> None:
+    pytest.importorskip("xarray")
+    pytest.importorskip("dask")
+    rng = np.random.default_rng(3)
+    path = tmp_path / "x.zarr"
+    batch = _batch(rng)
+    with ArchiveWriter.create(path, LAYOUT, dtype="float32", query_rows=ROWS) as w:
+        w.append(batch)
+    with open_archive(path) as a:
+        da = a.to_xarray("decoder/0/cross_attention")
+        assert list(da["query"].values) == ["traj[0]", "traj[3]"]
+        assert list(da["query_segment"].values) == ["traj", "traj"]
+        assert list(da["query_position"].values) == ROWS["decoder"]
+        np.testing.assert_array_equal(da.values, batch["decoder/0/cross_attention"])
+        ds = a.to_xarray()
+        assert ds.sizes["decoder_query"] == 2 and ds.sizes["encoder_query"] == 5
