@@ -102,3 +102,27 @@ def test_render_and_report_of_kept_rows(archive, tmp_path) -> None:
             want = np.asarray(a[name][1], dtype=np.float32).astype("<f2")
         np.testing.assert_array_equal(raw.reshape(want.shape), want)
     assert arrays["encoder/0/self_attention"]["rows"] == "encoder"
+
+
+def test_overlay_of_kept_rows_averages_the_kept_rows_of_the_group(tmp_path) -> None:
+    from attnscope.errors import SelectionError
+    from attnscope.render.overlay import prepare_overlay
+
+    rng = np.random.default_rng(2)
+    lay = TokenLayout(
+        SideLayout.from_lengths({"text": 2, "cam": 4}),
+        SideLayout.from_lengths({"act": 2, "traj": 3}),
+    ).with_groups({"cam": {"kind": "image", "grid": [2, 2]}})
+    cross = _softmax(rng, (2, 2, 5, 6))
+    kept = [0, 3, 4]
+    path = tmp_path / "o.zarr"
+    with ArchiveWriter.create(path, lay, dtype="float32", query_rows={"decoder": kept}) as w:
+        w.append({"decoder/0/cross_attention": cross[:, :, kept]})
+    ov = prepare_overlay(path, sample=1, query="traj", head=1)
+    assert ov.queries == (3, 4)  # traj is 2..4; row 2 was not kept
+    want = cross[1, 1, 3:5, 2:6].mean(axis=0).reshape(2, 2)
+    np.testing.assert_allclose(ov.grid, want, rtol=1e-6)
+    last = prepare_overlay(path, sample=0, query="last", head=0)
+    np.testing.assert_allclose(last.grid, cross[0, 0, 4, 2:6].reshape(2, 2), rtol=1e-6)
+    with pytest.raises(SelectionError, match=r"keeps only query rows \[0, 3, 4\]"):
+        prepare_overlay(path, sample=0, query=[1], head=0)
