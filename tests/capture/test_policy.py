@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from attnscope.capture import Transformer
 from attnscope.capture.job import capture
@@ -256,3 +257,22 @@ def test_rows_option_is_checked_before_the_model_runs(model, tmp_path) -> None:
     with pytest.raises(ConfigError, match=r"every needs a step >= 1"):
         capture(model, batches(), tmp_path / "x.zarr", rows="decoder:every=0", progress=False)
     assert not (tmp_path / "x.zarr").exists()
+
+
+def test_generation_keeps_the_policy_rows_of_the_final_sequence(tmp_path) -> None:
+    pytest.importorskip("transformers")
+    model = hf_models.make("gpt2")
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, 100, (2, 6), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0  # left padded prompts, as generate expects
+    prompts = {"input_ids": ids, "attention_mask": mask}
+    gen = dict(max_new_tokens=3)
+    capture(model, [prompts], tmp_path / "full.zarr", generate=gen, dtype="float32",
+            progress=False)  # fmt: skip
+    capture(model, [prompts], tmp_path / "last.zarr", generate=gen, dtype="float32",
+            progress=False, rows="decoder:last=3")  # fmt: skip
+    with open_archive(tmp_path / "full.zarr") as f, open_archive(tmp_path / "last.zarr") as a:
+        for name in f.arrays():
+            assert a.query_rows(name).tolist() == [6, 7, 8]  # the generated tokens' rows
+            np.testing.assert_array_equal(a[name][:], f[name][:][:, :, 6:9])
