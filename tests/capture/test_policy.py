@@ -62,6 +62,19 @@ def test_json_and_text_round_trip(spec) -> None:
     assert RowPolicy.parse(str(pol).split()) == pol
 
 
+def test_segment_names_a_typed_group_kind_too() -> None:
+    dec = SideLayout.from_lengths({"text": 2, "act_a": 2, "pad": 1, "act_b": 3})
+    lay = TokenLayout(decoder=dec)
+    lay = lay.with_groups({"act_a": {"kind": "action"}, "act_b": {"kind": "action"}})
+    got = RowPolicy.parse("decoder:segment=action").resolve(lay)
+    assert got["decoder"].tolist() == [2, 3, 5, 6, 7]
+    assert RowPolicy.parse("decoder:segment=act_b").resolve(lay)["decoder"].tolist() == [5, 6, 7]
+    with pytest.raises(SelectionError, match=r"no segment 'image'; its segments are \['text', "
+                                             r"'act_a', 'pad', 'act_b'\] \(group kinds "
+                                             r"\['action'\]\)"):  # fmt: skip
+        RowPolicy.parse("decoder:segment=image").resolve(lay)
+
+
 def test_no_policy_is_none() -> None:
     assert RowPolicy.parse(None) is None
 

@@ -8,7 +8,8 @@ keeps every row. Spellings (one parser for ``capture(..., rows=...)`` and the CL
     decoder:last            the last query row
     decoder:last=4          the last 4 rows
     decoder:every=8         rows 0, 8, 16, ...
-    decoder:segment=traj    every row of the layout segment (modality / token group) "traj"
+    decoder:segment=traj    every row of the layout segment (modality / token group) "traj";
+                            a typed group kind (``action``) names every segment of that kind
     encoder:rows=0,5,9      explicit row indices
     {"decoder": [3, 4, 5]}  a mapping side -> indices or one of the rules above
     {"decoder": "last"}
@@ -154,13 +155,7 @@ class RowPolicy:
             elif rule == "every":
                 rows = np.arange(0, n, int(arg))
             elif rule == "segment":
-                names = [s.name for s in lay.segments]
-                if arg not in names:
-                    raise SelectionError(
-                        f"rows: {side} has no segment {arg!r}; its segments are {names}"
-                    )
-                seg = lay.segment(arg)
-                rows = np.arange(seg.start, seg.stop)
+                rows = _segment_rows(side, lay, arg)
             else:
                 rows = np.unique(np.asarray(arg, dtype=np.int64))
                 bad = [int(r) for r in rows if not 0 <= r < n]
@@ -173,6 +168,23 @@ class RowPolicy:
                 raise SelectionError(f"rows: '{side}:{rule}' keeps no row of the {n} {side} rows")
             out[side] = rows.astype(np.int64)
         return out
+
+
+def _segment_rows(side: str, lay: Any, name: str) -> np.ndarray:
+    """Rows of the segment ``name``, else of every segment typed as group kind ``name``
+    (e.g. ``action``: ``TokenGroup(kind="action")``)."""
+    names = [s.name for s in lay.segments]
+    if name in names:
+        seg = lay.segment(name)
+        return np.arange(seg.start, seg.stop)
+    typed = [s for s in lay.segments if s.group is not None and s.group.kind == name]
+    if not typed:
+        kinds = sorted({s.group.kind for s in lay.segments if s.group is not None})
+        raise SelectionError(
+            f"rows: {side} has no segment {name!r}; its segments are {names}"
+            + (f" (group kinds {kinds})" if kinds else "")
+        )
+    return np.concatenate([np.arange(s.start, s.stop) for s in typed])
 
 
 def _sorted(items: Sequence[tuple[str, str, Any]]) -> tuple[tuple[str, str, Any], ...]:
