@@ -243,6 +243,35 @@ def test_analyze_render_report_commands(runner, tmp_path) -> None:
     assert (tmp_path / "r.html").read_text().startswith("<!DOCTYPE html>")
 
 
+def test_capture_rows_then_analyze_render_report(runner, tmp_path) -> None:
+    out = tmp_path / "last.zarr"
+    res = runner.invoke(cli, ["capture", "--config", str(small_config(tmp_path)), "--batches",
+                              "2", "--batch-size", "2", "--out", str(out), "--no-progress",
+                              "--rows", "decoder:last", "--rows", "encoder:rows=0,9"])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(cli, ["info", str(out)])
+    assert res.exit_code == 0 and "decoder query rows kept (1): 4" in res.output, res.output
+    assert "encoder query rows kept (2): 0, 9" in res.output
+    tables = tmp_path / "tables"
+    res = runner.invoke(cli, ["analyze", str(out), "--out", str(tables), "--no-progress"])
+    assert res.exit_code == 0, res.output
+    import pandas as pd
+
+    rs = pd.read_parquet(tables / "row_stats.parquet")
+    assert sorted(rs.loc[rs["stack"] == "decoder", "query"].unique()) == [4]
+    assert sorted(rs.loc[rs["stack"] == "encoder", "query"].unique()) == [0, 9]
+    figs = tmp_path / "figs"
+    res = runner.invoke(cli, ["render", str(out), "--out", str(figs), "--tables", str(tables),
+                              "--no-progress"])
+    assert res.exit_code == 0, res.output
+    assert any(figs.rglob("*.png"))
+    res = runner.invoke(cli, ["report", str(out), "--tables", str(tables), "--out",
+                              str(tmp_path / "r.html")])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(cli, ["verify", str(out)])
+    assert res.exit_code == 0, res.output
+
+
 def test_capture_under_torchrun_environment_writes_one_archive(tmp_path) -> None:
     import os
 

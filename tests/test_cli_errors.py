@@ -58,6 +58,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
              "--no-progress"])
     _ok(["capture", "--config", str(root / "model.json"), "--batches", "2", "--batch-size", "2",
          "--out", str(root / "x.h5"), "--no-progress"])
+    _ok(["capture", "--config", str(root / "model.json"), "--batches", "2", "--batch-size", "2",
+         "--out", str(root / "xl.zarr"), "--no-progress", "--rows", "decoder:last"])
     return root
 
 
@@ -238,6 +240,24 @@ CASES: dict[str, Callable[[Path], list[str]]] = {
     "capture head out of range": lambda w: _capture(w, "--heads", "9"),
     "capture reversed layer range": lambda w: _capture(w, "--layers", "1-0"),
     "capture unknown kind": lambda w: _capture(w, "--kinds", "bogus"),
+    # capture: row policies (docs/capture.md)
+    "capture rows unknown side": lambda w: _capture(w, "--rows", "middle:last"),
+    "capture rows unknown rule": lambda w: _capture(w, "--rows", "decoder:first"),
+    "capture rows every=0": lambda w: _capture(w, "--rows", "decoder:every=0"),
+    "capture rows not parsable": lambda w: _capture(w, "--rows", "decoder"),
+    "capture rows missing segment": lambda w: _capture(w, "--rows", "decoder:segment=traj"),
+    "capture rows out of range": lambda w: _capture(w, "--rows", "encoder:rows=3,10"),
+    "capture rows side given twice": lambda w: _capture(
+        w, "--rows", "decoder:last", "--rows", "decoder:every=2"),
+    "capture rows resume with another policy": lambda w: [
+        "capture", "--config", str(w / "model.json"), "--batches", "2", "--batch-size", "2",
+        "--out", str(w / "xl.zarr"), "--no-progress", "--rows", "decoder:last=2", "--resume"],
+    "capture rows resume of a full archive": lambda w: [
+        "capture", "--config", str(w / "model.json"), "--batches", "2", "--batch-size", "2",
+        "--out", str(w / "x.zarr"), "--no-progress", "--rows", "decoder:last", "--resume"],
+    "rollout of kept rows": lambda w: ["rollout", str(w / "xl.zarr"), "--out", str(w / "r")],
+    "diff of other kept rows": lambda w: ["diff", str(w / "x.zarr"), str(w / "xl.zarr"),
+                                          "--out", str(w / "d")],
     "capture device bogus": lambda w: _capture(w, "--device", "bogus"),
     "capture query block 0": lambda w: _capture(w, "--query-block", "0"),
     "capture device cuda without a GPU": lambda w: _capture(w, "--device", "cuda"),

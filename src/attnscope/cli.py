@@ -156,6 +156,10 @@ def demo(out: Path, fmt: str | None, batches: int, batch_size: int, seed: int,
 @click.option("--dtype", type=click.Choice(DTYPES),
               default="float16", show_default=True)
 @click.option("--topk", type=int, default=None, help="Sparse mode: keep top-k keys per row.")
+@click.option("--rows", "rows", multiple=True,
+              help="Row policy, repeatable or comma-joined: keep only these query rows, e.g. "
+                   "decoder:last, decoder:last=4, decoder:every=8, decoder:segment=traj, "
+                   "encoder:rows=0,5,9.")
 @click.option("--device", default=None, help="torch device (default: cuda if available).")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--resume", is_flag=True, help="Continue after the last committed sample.")
@@ -183,7 +187,8 @@ def capture(model_kind: str, config: Path | None, hf_config: Path | None, inputs
             overwrite: bool, rank: int | None, world_size: int | None,
             max_new_tokens: int | None, do_sample: bool, progress: bool,
             tokenizer_dir: Path | None = None, max_length: int | None = None,
-            dry_run: bool = False, query_block: int | None = None) -> None:
+            dry_run: bool = False, query_block: int | None = None,
+            rows: tuple[str, ...] = ()) -> None:
     """Run a model over batches and stream its attention into an archive.
 
     Example: attnscope capture --config model.json --batches 16 --batch-size 8 --out run.zarr
@@ -193,6 +198,8 @@ def capture(model_kind: str, config: Path | None, hf_config: Path | None, inputs
     Sentences: attnscope capture --hf-config bert/ --tokenizer bert/ --inputs s.jsonl --out s.zarr
 
     Dry run: attnscope capture --config model.json --batches 1000 --out run.zarr --dry-run
+
+    Rows: attnscope capture --config model.json --rows decoder:last --out last.zarr
     """
     from attnscope.capture.cli_support import build_job, generate_options, load_tokenizer
 
@@ -216,7 +223,8 @@ def capture(model_kind: str, config: Path | None, hf_config: Path | None, inputs
                           dtype=dtype, format=fmt, device=device, resume=resume,
                           progress=progress, topk=topk, overwrite=overwrite, rank=rank,
                           world_size=world_size, generate=generate, tokenizer=tokenizer,
-                          max_length=max_length, dry_run=dry_run, query_block=query_block)
+                          max_length=max_length, dry_run=dry_run, query_block=query_block,
+                          rows=list(rows) or None)
     if dry_run:
         click.echo(summary.format())
         return

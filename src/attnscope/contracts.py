@@ -29,6 +29,7 @@ __all__ = [
     "TOKEN_LABEL_SPANS",
     "TOKEN_FIELDS",
     "MAX_LENGTHS",
+    "QUERY_ROWS",
     "PAD_LABEL",
     "PAD_ID",
     "AVERAGE_HEAD",
@@ -85,6 +86,11 @@ TOKEN_LABEL_SPANS = "label_spans"
 TOKEN_FIELDS = ("labels", "ids")
 #: root-metadata key: side -> maximum tokens (schema 2, ragged archives); null otherwise
 MAX_LENGTHS = "max_lengths"
+#: root-metadata key (side -> kept query rows, null: every row) and array attribute (the
+#: array's kept rows, absent: every row) of archives captured with a row policy: an array
+#: whose query side has kept rows stores (N, H, R, S), R = len(rows), rows ascending
+#: positions on that side's (padded) axis
+QUERY_ROWS = "query_rows"
 #: label / id of positions the writer added to pad a shorter batch
 PAD_LABEL = ""
 PAD_ID = -1

@@ -32,15 +32,15 @@ from .hf_models import FAMILIES, batch_for, make, reference_attentions
 
 @pytest.fixture
 def spy(monkeypatch):
-    """Calls of ``Recorder.rows``: ``(name, r0, rows in the block)``."""
+    """Calls of ``Recorder.block``: ``(name, r0, rows in the block)``."""
     calls: list[tuple[str, int, int]] = []
-    real = Recorder.rows
+    real = Recorder.block
 
-    def rows(self, name, r0, w, t):
+    def block(self, name, r0, w, t):
         calls.append((name, r0, int(w.shape[2])))
         return real(self, name, r0, w, t)
 
-    monkeypatch.setattr(Recorder, "rows", rows)
+    monkeypatch.setattr(Recorder, "block", block)
     return calls
 
 
@@ -140,6 +140,38 @@ def test_blocks_compose_with_heads_layers_and_topk(tmp_path, spy) -> None:
         for n in a.arrays():
             for x, y in zip(a[n].topk_arrays(), b[n].topk_arrays()):
                 np.testing.assert_allclose(y, x, atol=1e-3, err_msg=n)
+
+
+@pytest.mark.parametrize("rows", ["decoder:last", "encoder:every=3", "decoder:segment=b",
+                                  "encoder:rows=0,5,30,decoder:last=2"])  # fmt: skip
+def test_blocks_keep_a_row_policy_rows(tmp_path, spy, rows) -> None:
+    """Streamed blocks keep the policy's rows as they come: equal to the whole capture."""
+    torch.manual_seed(0)
+    model = Transformer(32, 64, 4, 2, 2).eval()
+    data = list(synthetic_batches(2, 2, 32, enc={"text": 23, "img": 8}, dec={"a": 9, "b": 4},
+                                  seed=1))  # fmt: skip
+    capture(model, data, tmp_path / "w.zarr", dtype="float32", rows=rows, progress=False)
+    capture(model, data, tmp_path / "b.zarr", dtype="float32", rows=rows, progress=False,
+            query_block=4)  # fmt: skip
+    assert spy  # the first batch streams too: the policy resolves before the model runs
+    names = _equal(tmp_path / "w.zarr", tmp_path / "b.zarr")
+    with open_archive(tmp_path / "b.zarr") as a:
+        kept = {n: a.query_rows(n) for n in names}
+    assert any(k is not None for k in kept.values())
+
+
+def test_hf_blocks_keep_a_row_policy_rows(tmp_path, spy) -> None:
+    pytest.importorskip("transformers").logging.set_verbosity_error()
+    model = make("gpt2")
+    batch = {"input_ids": batch_for("gpt2", model)["input_ids"]}
+    want = {k: v.numpy()[:, :, [0, 3, 6]] for k, v in reference_attentions(model, batch).items()}
+    capture(model, [batch], tmp_path / "g.zarr", dtype="float32", rows="decoder:every=3",
+            query_block=2, progress=False)  # fmt: skip
+    assert {n for n, *_ in spy} == set(want)
+    with open_archive(tmp_path / "g.zarr") as a:
+        for n in a.arrays():
+            assert list(a.query_rows(n)) == [0, 3, 6]
+            np.testing.assert_allclose(a[n][:], want[n], atol=1e-5, rtol=0, err_msg=n)
 
 
 def test_archive_chunks_follow_the_block(tmp_path) -> None:

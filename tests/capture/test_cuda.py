@@ -132,3 +132,38 @@ def test_16k_tokens_on_cuda_use_one_block_of_device_memory(tmp_path) -> None:
     with open_archive(tmp_path / "l.zarr") as a:
         rows = a["encoder/0/self_attention"][0, 0, -3:].astype(np.float32)
     np.testing.assert_allclose(rows.sum(-1), 1.0, atol=1e-2)
+
+
+@pytest.mark.parametrize(
+    ("rows", "topk"), [("decoder:segment=traj", None), ("decoder:last,encoder:every=3", 3)]
+)
+def test_row_policy_on_cuda_keeps_exactly_the_models_rows(tmp_path, rows, topk) -> None:
+    from attnscope.capture.policy import RowPolicy
+
+    torch.manual_seed(0)
+    model = Transformer(32, 16, 4, 2, 2).eval()
+    data = batches(2, 2)
+    capture(model, data, tmp_path / "r.zarr", dtype="float32", device="cuda", rows=rows,
+            heads=[3, 1], topk=topk, progress=False)  # fmt: skip
+    want: dict[str, list] = {}
+    with torch.inference_mode():
+        for enc, dec in data:
+            _, w = model(enc.cuda(), dec.cuda(), return_attention_weights=True)
+            for stack, layers in w.items():
+                for i, layer in enumerate(layers):
+                    for kind, t in layer.items():
+                        want.setdefault(f"{stack}/{i}/{kind}", []).append(t.float().cpu().numpy())
+    with open_archive(tmp_path / "r.zarr") as a:
+        kept = RowPolicy.parse(rows).resolve(a.layout)
+        for name, parts in want.items():
+            x = np.concatenate(parts)[:, [3, 1]]
+            side = "encoder" if name.startswith("encoder") else "decoder"
+            if side in kept:
+                x = x[:, :, kept[side]]
+                assert a.query_rows(name).tolist() == kept[side].tolist()
+            got = a[name][:]
+            if topk is None:
+                np.testing.assert_allclose(got, x, atol=2e-5, rtol=0, err_msg=name)
+            else:  # the kept top-k weights are the model's
+                np.testing.assert_allclose(got[got > 0], x[got > 0], atol=2e-5, rtol=0)
+                assert ((got > 0).sum(-1) <= topk).all()

@@ -57,7 +57,16 @@ class ArraySpec:
     row_stats: bool = True
     head_index: tuple[int, ...] | None = None  # positions to keep on the stored head axis
     sparse: bool = False
+    # original query positions of the stored rows (an array captured with a row policy);
+    # None: every row. q_seg_ids / q_labels are those of the kept rows.
+    query_rows: tuple[int, ...] | None = None
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def query_pos(self) -> np.ndarray:
+        """``(T,)`` int64 original query position of each stored row."""
+        if self.query_rows is None:
+            return np.arange(self.n_queries, dtype=np.int64)
+        return np.asarray(self.query_rows, dtype=np.int64)
 
 
 @dataclass
@@ -94,8 +103,16 @@ class StatsAccumulator:
         return float(np.sqrt(self.m2 / self.count)) if self.count else float("nan")
 
 
-def _causal_mask(t: int, s: int) -> np.ndarray:
-    return np.arange(s)[None, :] < M.allowed_keys(t, s, True)[:, None]
+def _causal_mask(t: int, s: int, rows: Any = None) -> np.ndarray:
+    return np.arange(s)[None, :] < _allowed_keys(t, s, True, rows)[:, None]
+
+
+def _allowed_keys(t: int, s: int, causal: bool, rows: Any = None) -> np.ndarray:
+    """:func:`metrics.allowed_keys`, for stored rows at original positions ``rows`` (a row
+    policy keeps causal self-attention rows of a square matrix: row ``r`` sees ``r + 1``)."""
+    if rows is None or not causal:
+        return M.allowed_keys(t, s, causal)
+    return np.clip(np.asarray(rows, dtype=np.int64) + 1, 1, s)
 
 
 def densify_topk(
@@ -106,6 +123,7 @@ def densify_topk(
     *,
     causal: bool = False,
     kmask: np.ndarray | None = None,
+    rows: Any = None,
 ) -> np.ndarray:
     """Rebuild approximate dense rows from a sparse (top-k) archive.
 
@@ -129,6 +147,8 @@ def densify_topk(
     kmask : np.ndarray, optional
         ``(n, S)`` bool, True = real key (ragged archives): the residual goes to real keys
         only, so each row still sums to 1 over its real keys.
+    rows : sequence of int, optional
+        Original query positions of the ``T`` stored rows (a row policy), for ``causal``.
 
     Returns
     -------
@@ -144,7 +164,7 @@ def densify_topk(
     res = M.as_float32(residual)
     rest = dense == 0
     if causal:
-        rest &= _causal_mask(t, n_keys)
+        rest &= _causal_mask(t, n_keys, rows)
     if kmask is not None:
         rest &= np.asarray(kmask, dtype=bool)[:, None, None, :]
     cnt = rest.sum(axis=-1)
@@ -179,8 +199,9 @@ def _block_cache(spec: ArraySpec) -> dict[str, Any]:
     qoh[np.arange(t), spec.q_seg_ids] = 1
     koh = np.zeros((s, len(spec.k_seg_names)), dtype=np.float32)
     koh[np.arange(s), spec.k_seg_ids] = 1
+    qpos = spec.query_pos().astype(np.float32)
     return {
-        "dist": M.distance_matrix(t, s),
+        "dist": np.abs(qpos[:, None] - np.arange(s, dtype=np.float32)),
         "qoh": qoh,
         "koh": koh,
         "koh1": np.concatenate([koh, np.ones((s, 1), dtype=np.float32)], axis=1),
@@ -316,12 +337,13 @@ def _sample_head_index(
     }
 
 
-def _allowed(qm: np.ndarray, km: np.ndarray, causal: bool) -> np.ndarray:
-    """``(n, T)`` real keys each query row may attend to (causal: those up to the row)."""
+def _allowed(qm: np.ndarray, km: np.ndarray, causal: bool, rows: Any = None) -> np.ndarray:
+    """``(n, T)`` real keys each query row may attend to (causal: those up to the row;
+    ``rows``: the original positions of stored rows)."""
     t, s = qm.shape[1], km.shape[1]
     if not causal:
         return np.broadcast_to(km.sum(axis=1)[:, None], qm.shape)
-    pos = np.clip(np.arange(t) + (s - t), 0, s - 1)
+    pos = np.clip(np.arange(t) + (s - t) if rows is None else np.asarray(rows), 0, s - 1)
     return np.cumsum(km, axis=1)[:, pos]
 
 
@@ -337,6 +359,14 @@ def _rows_agg(x: np.ndarray, rows: np.ndarray | None) -> tuple[np.ndarray, ...]:
     if rows is None and not np.isnan(x).any():
         return x.mean(axis=-1), x.min(axis=-1), x.max(axis=-1)
     return _masked_agg(x if rows is None else np.where(rows[:, None, :], x, np.nan))
+
+
+def _original_queries(cols: dict[str, np.ndarray], spec: ArraySpec) -> None:
+    """``query`` becomes the original position of each stored row; ``_qloc`` keeps the
+    stored row (what the spec's per-row segment ids and labels index)."""
+    cols["_qloc"] = cols["query"]
+    if spec.query_rows is not None:
+        cols["query"] = spec.query_pos()[cols["query"]]
 
 
 def _labels(tok: BlockTokens | None, spec: ArraySpec) -> tuple[tuple[str, ...], ...]:
@@ -377,7 +407,9 @@ def analyze_block(
     km = None if tokens is None else tokens.kmask
     if isinstance(block, tuple):
         nbytes = int(sum(np.asarray(b).nbytes for b in block))
-        src = densify_topk(*block, spec.n_keys, causal=spec.causal, kmask=km)
+        src = densify_topk(
+            *block, spec.n_keys, causal=spec.causal, kmask=km, rows=spec.query_rows
+        )
     else:
         src = np.asarray(block)
         nbytes = int(src.nbytes)
@@ -390,12 +422,12 @@ def analyze_block(
         qm, km = np.asarray(qm, dtype=bool), np.asarray(km, dtype=bool)
         cells = qm[:, :, None] & km[:, None, :]
         r = _compute(src, spec, cells, _sink_index(km, spec.sink_token))
-        allowed = _allowed(qm, km, spec.causal)[:, None, :]
+        allowed = _allowed(qm, km, spec.causal, spec.query_rows)[:, None, :]
         nq, nk = qm.sum(axis=1), km.sum(axis=1)
         cnt = (nq * nk)[:, None]
     else:
         r = _compute(src, spec)
-        allowed = M.allowed_keys(t, s, spec.causal)
+        allowed = _allowed_keys(t, s, spec.causal, spec.query_rows)
         nq, nk = np.full(n, t), np.full(n, s)
         cnt = t * s
     ent = r["ent"]
@@ -451,6 +483,7 @@ def analyze_block(
             "sink_score": r["sink"].reshape(-1),
         }
         cols["_qlab"] = cols["query"] + ((cols["sample"] - sample0) * t if per_q else 0)
+        _original_queries(cols, spec)
         if qm is not None:
             keep = np.broadcast_to(qm[:, None, :], (n, hh, t)).reshape(-1)
             cols = {key: v[keep] for key, v in cols.items()}
@@ -467,6 +500,7 @@ def analyze_block(
     local = cols["sample"] - sample0
     cols["_qlab"] = cols["query"] + (local * t if per_q else 0)
     cols["_klab"] = cols["key"] + (local * s if per_k else 0)
+    _original_queries(cols, spec)
     if masked:
         keep = cols["weight"] >= 0
         cols = {key: v[keep] for key, v in cols.items()}
@@ -488,7 +522,8 @@ def analyze_block(
         "key_segment": np.tile(np.arange(nks), n * hh * nqs),
         "mass": seg.reshape(-1),
     }
-    if qm is not None:  # a query segment with no real row in a sample has no mass
+    if qm is not None or spec.query_rows is not None:
+        # a query segment with no real (or no kept) row in a sample has no mass
         keep = np.broadcast_to(qcount[:, None, :, None] > 0, seg.shape).reshape(-1)
         cols = {key: v[keep] for key, v in cols.items()}
     tables["segment_mass"] = cols

@@ -21,9 +21,16 @@ import numpy as np
 
 from attnscope._extras import require
 from attnscope.analysis._engine import ArraySpec, StatsAccumulator, analyze_block
-from attnscope.analysis.blocks import detect_causal, read_block, read_tokens, sample_slices
+from attnscope.analysis.blocks import (
+    detect_causal,
+    query_rows,
+    read_block,
+    read_tokens,
+    sample_slices,
+)
 from attnscope.analysis.statistics import entries_from_accumulators, write_statistics
 from attnscope.analysis.tables import TableWriter
+from attnscope.contracts import KIND_AXES
 from attnscope.errors import ConfigError, SelectionError
 from attnscope.store import open_archive
 
@@ -74,6 +81,8 @@ def _spec(
         use_heads = [int(x) for x in heads]
     if not isinstance(topk, (int, np.integer)) or isinstance(topk, bool) or topk < 1:
         raise ConfigError(f"topk must be a positive integer, got {topk!r}")
+    if query_rows(arr) is not None:  # a row policy may keep fewer cells: list them all
+        topk = min(int(topk), t * s)
     if topk > t * s:
         raise ConfigError(
             f"topk={topk} is larger than the {t}x{s}={t * s} query-key pairs of {name}; "
@@ -83,7 +92,12 @@ def _spec(
         raise ConfigError(
             f"sink_token={sink_token} out of range for {name}; expected 0 <= token < {s}"
         )
-    q, k = _side(a.layout, arr.stack, arr.kind, t, s)
+    rows = query_rows(arr)
+    q, k = _side(a.layout, arr.stack, arr.kind, t if rows is None else _side_length(a, arr), s)
+    q_seg_ids, q_labels = q.segment_ids(), list(q.labels)
+    if rows is not None:  # the kept rows' segments and labels (a capture row policy)
+        q_seg_ids = [q_seg_ids[r] for r in rows]
+        q_labels = [q_labels[r] for r in rows]
     return ArraySpec(
         name=name,
         stack=arr.stack,
@@ -93,11 +107,11 @@ def _spec(
         n_queries=t,
         n_keys=s,
         causal=detect_causal(arr),
-        q_seg_ids=tuple(q.segment_ids()),
+        q_seg_ids=tuple(q_seg_ids),
         k_seg_ids=tuple(k.segment_ids()),
         q_seg_names=tuple(x.name for x in q.segments),
         k_seg_names=tuple(x.name for x in k.segments),
-        q_labels=tuple(q.labels),
+        q_labels=tuple(q_labels),
         k_labels=tuple(k.labels),
         topk=int(topk),
         sink_token=int(sink_token),
@@ -105,7 +119,14 @@ def _spec(
         row_stats=row_stats,
         head_index=head_index,
         sparse=bool(getattr(arr, "is_sparse", False)),
+        query_rows=None if rows is None else tuple(int(r) for r in rows),
     )
+
+
+def _side_length(a: Any, arr: Any) -> int:
+    """Length of ``arr``'s query side in the layout (its rows index that axis)."""
+    lay = getattr(a.layout, KIND_AXES[(arr.stack, arr.kind)][0], None)
+    return int(lay.length) if lay is not None else int(max(arr.query_rows) + 1)
 
 
 def _select(a: Any, arrays: Sequence[str] | None) -> list[str]:
@@ -346,6 +367,10 @@ def analyze(
                 "row_stats": row_stats,
                 "sparse_approximate": bool(getattr(a, "mode", "dense") == "sparse"),
                 "causal": {sp.name: sp.causal for sp in specs},
+                # arrays captured with a row policy: head statistics pool these rows only
+                "query_rows": {
+                    sp.name: list(sp.query_rows) for sp in specs if sp.query_rows is not None
+                },
             },
         }
         mpath = out / "manifest.json"

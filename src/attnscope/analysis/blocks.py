@@ -20,6 +20,7 @@ __all__ = [
     "sparse_causal",
     "iter_array_blocks",
     "detect_causal",
+    "query_rows",
 ]
 
 
@@ -43,16 +44,28 @@ def read_block(arr: Any, sl: slice) -> Any:
 
 def read_tokens(arr: Any, sl: slice) -> BlockTokens | None:
     """The masks (ragged archives) and per-sample labels of samples ``sl`` of ``arr``;
-    None when the archive has neither (every token real, the layout's labels)."""
+    None when the archive has neither (every token real, the layout's labels). Query
+    masks and labels are those of the stored rows (``arr.query_rows``, a row policy)."""
     a = arr.archive
     qs, ks = KIND_AXES[(arr.stack, arr.kind)]
     lay = a.layout
+    rows = query_rows(arr)
     masks = (a.masks(qs, sl), a.masks(ks, sl)) if a.ragged else (None, None)
+    if rows is not None and masks[0] is not None:
+        masks = (masks[0][:, rows], masks[1])
     ql = a.labels(qs, sl) if getattr(lay, qs) is not None else None
+    if rows is not None and ql is not None:
+        ql = [[lab[r] for r in rows] for lab in ql]
     kl = a.labels(ks, sl) if getattr(lay, ks) is not None else None
     if masks[0] is None and ql is None and kl is None:
         return None
     return BlockTokens(masks[0], masks[1], ql, kl)
+
+
+def query_rows(arr: Any) -> np.ndarray | None:
+    """Original query rows ``arr`` stores (a capture row policy), None: every row."""
+    rows = getattr(arr, "query_rows", None)
+    return None if rows is None else np.asarray(rows, dtype=np.int64)
 
 
 def key_mask(arr: Any, sl: slice) -> np.ndarray | None:
@@ -84,7 +97,7 @@ def dense_block(
             causal = detect_causal(arr)
         if kmask is None:
             kmask = key_mask(arr, sl)
-        b = densify_topk(*b, arr.shape[-1], causal=causal, kmask=kmask)
+        b = densify_topk(*b, arr.shape[-1], causal=causal, kmask=kmask, rows=query_rows(arr))
     return b
 
 
@@ -102,6 +115,9 @@ def iter_array_blocks(
         cells = None
         if ragged and km is not None:
             qm = np.asarray(arr.archive.masks(qs, sl), dtype=bool)
+            rows = query_rows(arr)
+            if rows is not None:
+                qm = qm[:, rows]
             cells = qm[:, :, None] & km[:, None, :]
         yield b, cells
 
@@ -110,9 +126,20 @@ def detect_causal(arr: Any) -> bool:
     """Self-attention with an all-zero upper triangle (every head).
 
     Looks at the first sample, or in ragged archives at the first samples up to 16,
-    needing one with at least two real tokens: a one-token sample proves nothing.
+    needing one with at least two real tokens: a one-token sample proves nothing. An
+    array keeping some query rows (a row policy) is causal when every kept row ``r``
+    has zeros past key ``r``; when no kept row has a later key (e.g. only the last row)
+    nothing proves it, and it counts as not causal.
     """
     n, h, t, s = arr.shape
+    rows = query_rows(arr)
+    if rows is not None:
+        upper = np.arange(s)[None, :] > rows[:, None]
+        if arr.kind != "self_attention" or n == 0 or not upper.any():
+            return False
+        b = read_block(arr, slice(0, min(n, 16)))
+        x = densify_topk(b[0], b[1], None, s) if isinstance(b, tuple) else b
+        return bool(not np.any(np.asarray(x)[..., upper]))
     if arr.kind != "self_attention" or n == 0 or t != s or t < 2:
         return False
     ragged = bool(getattr(arr.archive, "ragged", False))

@@ -86,6 +86,11 @@ def check_same_layout(a: Any, b: Any, *, max_bytes: int = 64 << 20) -> None:
         )
     for name in a.arrays():
         xa, xb = a.attention(name), b.attention(name)
+        ra, rb = (_kept(x) for x in (xa, xb))
+        if ra != rb:
+            raise ConfigError(
+                f"array {name} differs in kept query rows (capture row policy): A {ra}, B {rb}"
+            )
         if xa.shape[1:] != xb.shape[1:]:
             raise ConfigError(
                 f"array {name} differs in shape (H, T, S): A {xa.shape[1:]}, B {xb.shape[1:]}"
@@ -123,6 +128,11 @@ def check_same_layout(a: Any, b: Any, *, max_bytes: int = 64 << 20) -> None:
                     f"{'real' if rb[pos] else 'padding'}); diff archives padded the same way "
                     "(e.g. both right-padded)"
                 )
+
+
+def _kept(x: Any) -> str | list[int]:
+    rows = getattr(x, "query_rows", None)
+    return "all rows" if rows is None else [int(r) for r in rows]
 
 
 def _sides(a: Any) -> list[str]:
@@ -173,6 +183,8 @@ def _blocks(
     ca, cb = sparse_causal(xa), sparse_causal(xb)  # once per array, not per block
     for sl in sample_slices(xa, max(1, max_bytes // 8)):  # ~8 block-sized temporaries
         rows = a.masks(qs, sl)
+        if xa.query_rows is not None:  # the stored rows only (a capture row policy)
+            rows = rows[:, xa.query_rows]
         da = dense_block(xa, sl, causal=ca, kmask=key_mask(xa, sl))
         db = dense_block(xb, sl, causal=cb, kmask=key_mask(xb, sl))
         yield sl, _with_mean(da), _with_mean(db), rows

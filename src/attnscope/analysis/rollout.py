@@ -203,7 +203,20 @@ def rollout_arrays(archive: Any) -> dict[str, list[str]]:
             )
     if not any(out.values()):
         raise SelectionError(f"archive {archive.path!r} holds no self-attention to roll out")
+    for name in (n for names in out.values() for n in names):
+        rows = archive.attention(name).query_rows
+        if rows is not None:
+            raise SelectionError(
+                f"rollout multiplies full (T, T) matrices, but {name} keeps only query rows "
+                f"{_short(rows)} (captured with a row policy); capture without --rows for a "
+                "rollout"
+            )
     return out
+
+
+def _short(rows: Any) -> str:
+    r = [int(x) for x in rows]
+    return str(r) if len(r) <= 8 else f"[{', '.join(map(str, r[:5]))}, ..., {r[-1]}] ({len(r)})"
 
 
 def _heads_index(arr: Any, heads: Sequence[int] | None) -> list[int]:

@@ -18,6 +18,8 @@ Decisions the guide leaves open:
   below 1e-4 relative for any real attention tensor.
 * ``shape`` is the per-sample shape ``[H, T, S]`` (the guide's ``[8, 29, 29]`` is 8 heads),
   not including the batch or sample count.
+* An array captured with a row policy (``query_rows``) pools its stored rows only; its
+  entry then also carries ``"query_rows"``, the original rows (``shape`` is ``[H, R, S]``).
 * Both ``"encoder"`` and ``"decoder"`` keys are always present (an empty list for a missing
   stack); entries are ordered by layer, ``self_attention`` before ``cross_attention``.
 """
@@ -112,11 +114,15 @@ def entries_from_accumulators(accs: Mapping[str, tuple[StatsAccumulator, Any]]) 
     out: dict[str, list[dict]] = {s: [] for s in STACKS}
     rows = []
     for _name, (acc, arr) in accs.items():
-        rows.append((arr.stack, int(arr.layer), arr.kind, acc, tuple(arr.shape[1:])))
-    for stack, layer, kind, acc, shape in sorted(
+        kept = getattr(arr, "query_rows", None)
+        rows.append((arr.stack, int(arr.layer), arr.kind, acc, tuple(arr.shape[1:]), kept))
+    for stack, layer, kind, acc, shape, kept in sorted(
         rows, key=lambda r: (r[0], r[1], _KIND_ORDER.get(r[2], 9), r[2])
     ):
-        out.setdefault(stack, []).append(statistics_entry(layer, kind, acc, shape))
+        entry = statistics_entry(layer, kind, acc, shape)
+        if kept is not None:
+            entry["query_rows"] = [int(r) for r in kept]
+        out.setdefault(stack, []).append(entry)
     return out
 
 

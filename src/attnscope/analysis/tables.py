@@ -120,11 +120,11 @@ class TableWriter:
         if name == "head_stats":
             data["causal"] = pa.array(np.full(n, spec.causal, dtype=bool))
         elif name == "row_stats":
-            q = cols["query"]
+            q = cols.get("_qloc", cols["query"])  # the stored row (kept rows: not the query)
             data["query_label"] = _lookup(cols["_qlab"], labels[0])
             data["query_segment"] = _lookup(np.asarray(spec.q_seg_ids)[q], spec.q_seg_names)
         elif name == "top_pairs":
-            q, k = cols["query"], cols["key"]
+            q, k = cols.get("_qloc", cols["query"]), cols["key"]
             data["query_label"] = _lookup(cols["_qlab"], labels[0])
             data["key_label"] = _lookup(cols["_klab"], labels[1])
             data["query_segment"] = _lookup(np.asarray(spec.q_seg_ids)[q], spec.q_seg_names)

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from attnscope.analysis.blocks import iter_array_blocks
+from attnscope.analysis.blocks import iter_array_blocks, query_rows
 from attnscope.analysis.tables import TableWriter, _const, _lookup
 from attnscope.contracts import AVERAGE_HEAD, EPISODE_ID, KIND_AXES, STEP_ID
 from attnscope.errors import ConfigError, SelectionError
@@ -174,7 +174,11 @@ def _array_tables(
     start = 0
     for block, cells in iter_array_blocks(arr, max_bytes=block_bytes):
         n, h = block.shape[:2]
-        qreal = cells.any(axis=2) if cells is not None else np.ones((n, qlay.length), bool)
+        qreal = cells.any(axis=2) if cells is not None else np.ones(block.shape[::2], bool)
+        kept = query_rows(arr)
+        if kept is not None:  # a row policy: only the stored rows can be selected
+            qreal = np.zeros((n, qlay.length), bool)
+            qreal[:, kept] = cells.any(axis=2) if cells is not None else True
         wq = np.zeros((n, qlay.length))
         keep = np.ones(n, dtype=bool)
         for i in range(n):
@@ -188,6 +192,7 @@ def _array_tables(
         start += n
         if not keep.any():
             continue
+        wq = wq if kept is None else wq[:, kept]
         mass = timeline_mass(block[keep], wq[keep], klay)  # (n, H, n_seg)
         mass = np.concatenate([mass, mass.mean(axis=1, keepdims=True)], axis=1)
         heads = np.append(np.arange(h), AVERAGE_HEAD)

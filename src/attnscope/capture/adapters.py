@@ -66,6 +66,10 @@ class ReferenceAdapter(Adapter):
     def layout(self, batch: Any, shapes: Mapping[str, tuple[int, ...]]) -> TokenLayout:
         return self.model.token_layout(*self._split(batch))
 
+    def lengths(self, batch: Any) -> dict[str, int]:
+        enc, dec = self._split(batch)
+        return {"encoder": _tokens(enc), "decoder": _tokens(dec)}
+
     def config(self) -> dict[str, Any]:
         return self.model.config.to_json()
 
@@ -95,7 +99,7 @@ class ReferenceAdapter(Adapter):
             def qk_hook(q: Tensor, k: Tensor) -> None:
                 t = q.shape[2]
                 for r0, w in softmax_blocks(q, k, scale=scale, rows=rows, causal=module.causal):
-                    sink.rows(name, r0, w, t)  # type: ignore[attr-defined]
+                    sink.block(name, r0, w, t)  # type: ignore[attr-defined]
 
             return qk_hook
 
@@ -220,7 +224,7 @@ class TorchMHAAdapter(Adapter):
                     for r0, w in softmax_blocks(
                         q, k, scale=scale, rows=rows, causal=causal, mask=mask
                     ):
-                        sink.rows(name, r0, w, q.shape[2])  # type: ignore[attr-defined]
+                        sink.block(name, r0, w, q.shape[2])  # type: ignore[attr-defined]
                     return
                 w = output[1]
                 if w is None:

@@ -16,20 +16,17 @@ softmax, stored dtype, host copy) stay well under 1 GiB at any T.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor
 
 from attnscope.errors import ConfigError
 
-__all__ = ["BLOCK_BYTES", "block_rows", "check_block", "softmax_blocks", "RowSink"]
+__all__ = ["BLOCK_BYTES", "block_rows", "check_block", "softmax_blocks"]
 
 #: float32 scores of one block of query rows (all heads, all samples of the batch)
 BLOCK_BYTES = 64 * 1024 * 1024
-
-# (array name, first row, weights (B, H, rb, S), rows of the whole array T)
-RowSink = Callable[[str, int, Tensor, int], None]
 
 
 def check_block(query_block: object) -> int | None:

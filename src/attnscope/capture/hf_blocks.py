@@ -31,7 +31,7 @@ class Route:
     """Where one attention module's weights go, and how its output is computed."""
 
     name: str  # archive array name
-    sink: Any  # the Recorder: block_rows(b, h, t, s), rows(name, r0, w, t), __call__
+    sink: Any  # the Recorder: block_rows(b, h, t, s), block(name, r0, w, t), __call__
     eager: Callable[..., tuple[Tensor, Tensor]]  # the family's eager attention function
     fused: bool  # the family supports SDPA: the output comes from the fused kernel
     streamed: set[str] = field(default_factory=set)  # names streamed in the current run
@@ -99,7 +99,7 @@ def _attention(
         )  # fmt: skip
         if out is None:
             parts.append(o)
-        route.sink.rows(route.name, r0, w, t)
+        route.sink.block(route.name, r0, w, t)
         del w
     if out is None:
         out = torch.cat(parts, dim=1)  # eager outputs are (B, rows, H, d)

@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from attnscope.capture.policy import RowPolicy
+from attnscope.contracts import QUERY_ROWS
 from attnscope.errors import ConfigError
 from attnscope.store import TokenLayout
 
@@ -40,6 +42,8 @@ class CaptureIdentity:
     generate: dict[str, Any] | None = None  # generate() options (JSON); None: forward pass
     # the max_length option (int, {side: int}); None: maxima from the batches
     max_length: int | dict[str, int] | None = None
+    # the row policy (RowPolicy.to_json()); None: every query row
+    rows: dict[str, Any] | None = None
 
     def settings(self, device: torch.device, queue_depth: int) -> dict[str, Any]:
         """The archive's ``capture`` metadata (JSON)."""
@@ -56,6 +60,7 @@ class CaptureIdentity:
             "n_params": self.n_params,
             "generate": self.generate,
             "max_length": self.max_length,
+            "rows": self.rows,
         }
 
     def check(self, meta: Mapping[str, Any]) -> None:
@@ -75,6 +80,8 @@ class CaptureIdentity:
             _same("generate options", cap["generate"], self.generate)
         if "max_length" in cap and not _same_maxima(meta.get("max_lengths"), self.max_length):
             _same("max_length", cap["max_length"], self.max_length)
+        # an archive without the key was captured with every row
+        _same("rows", _policy(cap.get("rows")), _policy(self.rows))
         _same("dtype", meta.get("dtype"), self.dtype)
         _same("topk", meta.get("topk"), self.topk)
         if meta.get("model_config"):
@@ -90,6 +97,18 @@ class CaptureIdentity:
                 f"resume: model weights differ: archive has parameter hash "
                 f"{_short(cap['param_hash'])}, this run's model has {_short(self.param_hash)} "
                 "(another seed or checkpoint?); resume with the weights that wrote the archive"
+            )
+
+    @staticmethod
+    def check_rows(meta: Mapping[str, Any], rows: Mapping[str, Any] | None, policy: Any) -> None:
+        """Raise if the resolved ``rows`` of a resumed run differ from the archive's."""
+        want = {k: [int(x) for x in v] for k, v in (rows or {}).items()}
+        have = meta.get(QUERY_ROWS) or {}
+        if have != want:
+            raise ConfigError(
+                f"resume: query rows differ: archive keeps {have}, this run's policy "
+                f"'{policy}' keeps {want}; resume with the policy and inputs that wrote the "
+                "archive"
             )
 
     @staticmethod
@@ -157,6 +176,12 @@ def _same_maxima(stored: Any, option: int | Mapping[str, int] | None) -> bool:
     if isinstance(option, Mapping):
         return {str(k): int(v) for k, v in option.items()} == have
     return all(v == int(option) for v in have.values())
+
+
+def _policy(rows: Any) -> str:
+    """A row policy's spelling ("all rows" without one), for comparison and messages."""
+    pol = RowPolicy.from_json(rows)
+    return "all rows" if pol is None else f"'{pol}'"
 
 
 def _all_or(heads: Sequence[int] | None) -> Any:

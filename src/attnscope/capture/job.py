@@ -36,6 +36,7 @@ from attnscope.capture.ragged import Lengths, side_lengths
 from attnscope.capture.recorder import Recorder, trim
 from attnscope.capture.shard import shard_for
 from attnscope.capture.writer import WriterThread, storage_error, stored_nbytes, to_host
+from attnscope.contracts import KIND_AXES
 from attnscope.errors import AttnscopeError, CaptureError, ConfigError, SelectionError
 from attnscope.store import (
     ArchiveSpec,
@@ -99,6 +100,7 @@ def capture(
     max_length: int | Mapping[str, int] | None = None,
     dry_run: bool = False,
     query_block: int | None = None,
+    rows: Any = None,
 ) -> CaptureSummary | DryRunReport:
     """Run ``model`` over ``batches`` and append every batch's attention to an archive.
 
@@ -174,6 +176,11 @@ def capture(
         ``len(batches)`` or ``total``; without either the figures are per batch. Nothing
         is created at ``archive_path``; a destination this user cannot write to raises
         :class:`~attnscope.errors.ConfigError`.
+    rows
+        Row policy (:class:`~attnscope.capture.policy.RowPolicy`): keep some query rows
+        per side, e.g. ``"decoder:last=4"``, ``"decoder:segment=traj"``, ``{"decoder":
+        [3, 4]}``; those arrays store ``(N, H, R, S)`` and their rows
+        (``AttentionArchive.query_rows``). Selected on the device after the heads.
 
     Returns
     -------
@@ -218,6 +225,7 @@ def capture(
         tokenizer=tokenizer, tags=tags, overwrite=overwrite, validate=validate,
         queue_depth=queue_depth, total=total, rank=rank, world_size=world_size, wait_s=wait_s,
         generate=generate, max_length=max_length, dry_run=dry_run, query_block=query_block,
+        rows=rows,
     )  # fmt: skip
     return _Job(model, batches, Path(archive_path), opts).run()
 
@@ -260,10 +268,11 @@ class _Job:
             n_params=n_params,
             generate=self.generate,
             max_length=opts.max_length,  # type: ignore[arg-type]
+            rows=None if opts.rows is None else opts.rows.to_json(),
         )
         self.recorder = Recorder(
             heads=opts.heads, dtype=opts.dtype, topk=opts.topk, validate=opts.validate,
-            device=self.device,
+            device=self.device, defer_rows=opts.rows is not None,
         )  # fmt: skip
         self.recorder.query_block = opts.query_block
         self.writer: WriterThread | None = None
@@ -331,26 +340,29 @@ class _Job:
         digest = input_digest(batch) if self.hash_inputs else None
         batch = self.adapter.to_device(batch, self.device)
         self.recorder.begin(drop)
+        first = self.writer is None  # the archive is made by this batch (or its first block)
+        if self.recorder.pending is not None and self._stream_ok(batch):
+            self._resolve_rows_before_run(batch)
         self.streaming = (bsz - drop, batch) if self._can_stream(batch) else None
         self.recorder.stream = self._on_block if self.streaming else None
         self._forward(bi, batch)
-        captured, fence = self.recorder.finish(self.wanted, self.pos + drop)
         lengths = side_lengths(self.recorder.shapes)
         streamed = bool(self.recorder.streamed)
-        first = self.writer is None or (streamed and not self.writer.writer.committed)
-        if self.writer is None:
-            layout = self.lengths.decide(batch, lengths, self._layout(batch))
+        layout = self.lengths.decide(batch, lengths, self._layout(batch)) if first else (
+            self.lengths.layout(lengths) if self.lengths.ragged else self._layout(batch)
+        )
+        self._resolve_rows(layout)
+        captured, fence = self.recorder.finish(self.wanted, self.pos + drop)
+        if first:
             self.lengths.check(bi, lengths, layout)
+        if first and self.writer is None:  # (else made at the batch's first block)
             self.writer = WriterThread(self._create(bsz, layout), self.opts.queue_depth)
             if self.shard is not None and self.writer.writer.committed:
                 # this rank resumes after its own committed samples
                 self.skip = self.pos + self.writer.writer.committed
                 drop = min(bsz, self.skip - self.pos)
                 captured = trim(captured, drop)
-        else:
-            layout = self.lengths.layout(lengths) if self.lengths.ragged else self._layout(batch)
-            if first and not self.lengths.ragged:  # made at the first block: now complete
-                self.lengths.fixed = layout
+        elif not first:
             if self.resumed is not None:
                 CaptureIdentity.check_layout(self.resumed, layout)
                 self.resumed = None
@@ -376,7 +388,11 @@ class _Job:
             self.bar.set_postfix(MBps=f"{self.writer.bytes / 1e6 / max(dt, 1e-9):.0f}")
 
     def _can_stream(self, batch: Any) -> bool:
-        """Whether this batch's big layers may go to the archive in blocks of rows."""
+        """Whether this batch's big layers may go to the archive in blocks of rows (a row
+        policy must be resolved first: blocks keep its rows as they come)."""
+        return self.recorder.pending is None and self._stream_ok(batch)
+
+    def _stream_ok(self, batch: Any) -> bool:
         if self.generate is not None or self.shard is not None or self.lengths.ragged:
             return False
         if self.writer is None:  # would the first batch make a ragged archive?
@@ -431,6 +447,27 @@ class _Job:
     def _layout(self, batch: Any) -> TokenLayout:
         return self.adapter.layout(batch, self.recorder.shapes)
 
+    def _resolve_rows_before_run(self, batch: Any) -> None:
+        """Resolve the row policy from the layout the batch's inputs give, when they give
+        one for every selected array (reference model, HF): its blocks can then stream."""
+        lengths = self.adapter.lengths(batch) or {}
+        shapes = {}
+        for name in self.wanted:
+            stack, _layer, kind = name.split("/")
+            q, k = KIND_AXES[(stack, kind)]
+            if q not in lengths or k not in lengths:
+                return
+            shapes[name] = (1, 1, lengths[q], lengths[k])
+        self._resolve_rows(self.adapter.layout(batch, shapes))
+
+    def _resolve_rows(self, layout: TokenLayout) -> None:
+        """Resolve the row policy on the first batch's layout (the archive's axes)."""
+        if self.opts.rows is None or self.recorder.pending is None:
+            return
+        self.recorder.set_rows(self.opts.rows.resolve(layout))
+        if self.resumed is not None:
+            CaptureIdentity.check_rows(self.resumed, self.recorder.rows, self.opts.rows)
+
     def _reopen(self) -> None:
         """Resume: check the archive means what this run would write, then append to it."""
         with open_archive(self.path) as arch:
@@ -464,9 +501,10 @@ class _Job:
             batch = self.adapter.to_device(batch, self.device)
             self.recorder.begin(0)
             self._forward(0, batch)
-            captured, fence = self.recorder.finish(self.wanted, 0)
             lengths = side_lengths(self.recorder.shapes)
             layout = self.lengths.decide(batch, lengths, self._layout(batch))
+            self._resolve_rows(layout)
+            captured, fence = self.recorder.finish(self.wanted, 0)
             self.lengths.check(0, lengths, layout)
             masks, tokens = self.lengths.side_data(batch, 0, lengths)
             ids = {**(_batch_ids(self.opts.sample_ids, 0, batch, 0, bsz) or {})}
@@ -504,10 +542,16 @@ class _Job:
             # `verify` that rows must sum to 1.
             validate=False,
             normalized=o.validate,
-            arrays=self.lengths.array_shapes(self.recorder.array_shapes()),
+            arrays=self.recorder.kept_shapes(
+                self.lengths.array_shapes(self.recorder.array_shapes())
+            ),
             batch_size=bsz,  # Zarr chunks then divide the batch: each append fills whole chunks
             query_block=o.query_block,  # and row-blocked chunks divide the query block
             max_lengths=self.lengths.max_lengths,  # None: fixed-length (schema 1)
+            query_rows=(
+                None if not self.recorder.rows
+                else {k: v.tolist() for k, v in self.recorder.rows.items()}
+            ),
         )
 
     def _create(self, bsz: int, layout: TokenLayout) -> ArchiveWriter:

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from attnscope.capture.blocks import check_block
+from attnscope.capture.policy import RowPolicy
 from attnscope.contracts import DTYPES, FORMATS, STACKS
 from attnscope.errors import ConfigError
 
@@ -59,6 +60,9 @@ class CaptureOptions:
     # rows per block of the query-block recompute (capture/blocks.py); None: blocks of
     # ~64 MiB of float32 scores, and only for layers whose weights exceed that
     query_block: int | None = None
+    # row policy: per query side, the rows kept ("decoder:last", {"decoder": [3, 4]}, ...;
+    # capture/policy.py); parsed here, resolved once the first batch's layout is known
+    rows: RowPolicy | None = None
 
     def __post_init__(self) -> None:
         check_block(self.query_block)
@@ -87,6 +91,7 @@ class CaptureOptions:
                 "expected neither (dry-run the job without resume / rank)"
             )
         object.__setattr__(self, "max_length", _max_length(self.max_length))
+        object.__setattr__(self, "rows", RowPolicy.parse(self.rows))
         layers = _selection("layers", self.layers, _layer)
         object.__setattr__(self, "layers", layers)
         object.__setattr__(self, "heads", _selection("heads", self.heads, _index))

@@ -9,13 +9,15 @@ anything leaves the device.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 from attnscope.capture.blocks import block_rows
 from attnscope.capture.options import TORCH_DTYPES
+from attnscope.contracts import KIND_AXES
 from attnscope.errors import ConfigError, SelectionError, ValidationError
 from attnscope.store import choose_chunks
 
@@ -83,6 +85,9 @@ class Recorder:
         Flag NaN/Inf, negative weights and rows not summing to 1 (one host sync per batch).
     device
         Where the model runs; decides how the host copy is made.
+    defer_rows
+        A row policy awaits the first batch's layout: that batch's weights wait on the
+        device (after head selection) until :meth:`set_rows` gives the rows to keep.
     """
 
     def __init__(
@@ -93,6 +98,7 @@ class Recorder:
         topk: int | None,
         validate: bool,
         device: torch.device,
+        defer_rows: bool = False,
     ) -> None:
         self.heads = None if heads is None else list(heads)
         self.dtype = TORCH_DTYPES[dtype]
@@ -101,6 +107,10 @@ class Recorder:
         self.copier = HostCopier(device)
         self._head_index: torch.Tensor | None = None
         self._heads_checked: set[str] = set()
+        # query side -> kept rows (ascending, on the side's padded axis); None: every row
+        self.rows: dict[str, np.ndarray] | None = None
+        self._row_index: dict[tuple[str, int, Any], torch.Tensor] = {}
+        self.pending: list[tuple[str, torch.Tensor]] | None = [] if defer_rows else None
         #: rows per block (None: automatic, see capture.blocks); used only with `stream`
         self.query_block: int | None = None
         #: consumer of streamed blocks ``(name, r0, host data, fence, T)``; None: no blocks
@@ -117,7 +127,11 @@ class Recorder:
 
     def __call__(self, name: str, w: torch.Tensor) -> None:
         self.shapes[name] = tuple(w.shape)
-        self.captured[name] = self._process(name, w)
+        w = self._heads_and_drop(name, w)
+        if self.pending is not None:
+            self.pending.append((name, w))
+            return
+        self.captured[name] = self._keep(name, self._select_rows(name, w))
 
     def block_rows(self, b: int, h: int, t: int, s: int) -> int:
         """Rows per block for the model's weights ``(b, h, t, s)``; ``t``: one whole array.
@@ -134,19 +148,29 @@ class Recorder:
         align = choose_chunks(hs, t, s, self.dtype.itemsize, query_block=self.query_block)[2]
         return rows if rows < align else rows // align * align
 
-    def rows(self, name: str, r0: int, w: torch.Tensor, t: int) -> None:
+    def block(self, name: str, r0: int, w: torch.Tensor, t: int) -> None:
         """Rows ``[r0, r0 + rb)`` of array ``name`` (``t`` rows), as weights ``(B, H, rb, S)``.
 
-        Processed like a whole array, then handed to :attr:`stream` with its copy fence;
-        the row checks of every block are combined and read back in :meth:`finish`.
+        Processed like a whole array (a row policy keeps the block's kept rows, placed
+        after the kept rows of earlier blocks), then handed to :attr:`stream` with its copy
+        fence; the row checks of every block are combined and read back in :meth:`finish`.
         """
-        assert self.stream is not None
+        assert self.stream is not None and self.pending is None
         self.shapes[name] = (w.shape[0], w.shape[1], t, w.shape[3])
         self.streamed.add(name)
-        self.stream(name, r0, self._process(name, w), self.copier.fence(), t)
+        w = self._heads_and_drop(name, w)
+        kept = self._side_rows(name)
+        n_rows = t
+        if kept is not None:  # the block's kept rows, after the kept rows of earlier blocks
+            inside = kept[(kept >= r0) & (kept < r0 + w.shape[2])]
+            if not len(inside):
+                return
+            local = torch.as_tensor(inside - r0, device=w.device)
+            n_rows, r0 = len(kept), int(np.searchsorted(kept, r0))
+            w = w.index_select(2, local)
+        self.stream(name, r0, self._keep(name, w), self.copier.fence(), n_rows)
 
-    def _process(self, name: str, w: torch.Tensor) -> Any:
-        """Heads, dropped samples, checks, top-k, cast, host copy of one tensor."""
+    def _heads_and_drop(self, name: str, w: torch.Tensor) -> torch.Tensor:
         if self.heads is not None:
             if name not in self._heads_checked:  # arrays may differ in head count
                 _check_heads(self.heads, w.shape[1], name)
@@ -154,8 +178,10 @@ class Recorder:
             if self._head_index is None or self._head_index.device != w.device:
                 self._head_index = torch.tensor(self.heads, device=w.device)
             w = w.index_select(1, self._head_index)
-        if self.drop:
-            w = w[self.drop :]
+        return w[self.drop :] if self.drop else w
+
+    def _keep(self, name: str, w: torch.Tensor) -> Any:
+        """Validation, top-k, cast and host copy of one array's selected heads and rows."""
         if self.validate:
             tol = row_sum_tolerance(w.dtype)
             flags = _device_checks(w, tol)
@@ -169,6 +195,40 @@ class Recorder:
         vals, idx = w.float().topk(self.topk, dim=-1, sorted=True)
         itype = torch.int16 if w.shape[-1] < 2**15 else torch.int32
         return (self.copier(vals.to(self.dtype)), self.copier(idx.to(itype)))
+
+    def set_rows(self, rows: Mapping[str, np.ndarray]) -> None:
+        """Keep only these query rows per side from now on (a resolved row policy), and
+        process the weights that waited for them."""
+        self.rows = {k: np.asarray(v, dtype=np.int64) for k, v in rows.items()}
+        pending, self.pending = self.pending or [], None
+        for name, w in pending:
+            self.captured[name] = self._keep(name, self._select_rows(name, w))
+
+    def _select_rows(self, name: str, w: torch.Tensor) -> torch.Tensor:
+        """``(B, H, T, S)`` -> ``(B, H, R, S)``: the kept rows of the array's query side.
+
+        Rows index the side's padded axis; a shorter (ragged) batch has no row past its
+        length: it is filled from the last row and zeroed by the store as padding (its
+        mask is False there).
+        """
+        rows = self._side_rows(name)
+        if rows is None:
+            return w
+        side = KIND_AXES[tuple(name.split("/")[::2])][0]
+        t = int(w.shape[2])
+        key = (side, t, w.device)
+        idx = self._row_index.get(key)
+        if idx is None:
+            idx = torch.as_tensor(np.minimum(rows, t - 1), device=w.device)
+            self._row_index[key] = idx
+        return w.index_select(2, idx)
+
+    def _side_rows(self, name: str) -> np.ndarray | None:
+        """The kept rows of the array's query side (None: every row)."""
+        if not self.rows:
+            return None
+        stack, _layer, kind = name.split("/")
+        return self.rows.get(KIND_AXES[(stack, kind)][0])
 
     def finish(self, wanted: Sequence[str], first_sample: int) -> tuple[Captured, Any]:
         """``(captured arrays, fence)`` of the batch; raise if an array is missing or bad."""
@@ -185,6 +245,15 @@ class Recorder:
             n: (len(self.heads) if self.heads is not None else int(s[1]), int(s[2]), int(s[3]))
             for n, s in self.shapes.items()
         }
+
+    def kept_shapes(self, hts: Mapping[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+        """``hts`` with T = the kept rows of each array whose query side has a row policy."""
+        out = dict(hts)
+        for n, (h, t, s) in hts.items():
+            stack, _layer, kind = n.split("/")
+            rows = (self.rows or {}).get(KIND_AXES[(stack, kind)][0])
+            out[n] = (h, t if rows is None else len(rows), s)
+        return out
 
 
 def trim(captured: Captured, n: int) -> Captured:

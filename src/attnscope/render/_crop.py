@@ -24,6 +24,7 @@ from attnscope.store.layout import Segment, SideLayout
 __all__ = [
     "crop_layout",
     "fit_layout",
+    "kept_rows_layout",
     "has_sample_axes",
     "positions_of",
     "read_real",
@@ -103,6 +104,15 @@ def fit_layout(
     return crop_layout(layout, positions)
 
 
+def kept_rows_layout(attn: Any, layout: SideLayout | None) -> SideLayout | None:
+    """The query layout of an array that keeps only some query rows (a capture row policy,
+    ``attn.query_rows``): the kept rows' labels, segments recounted; else ``layout``."""
+    rows = getattr(attn, "query_rows", None)
+    if layout is None or rows is None or layout.length == len(rows):
+        return layout
+    return crop_layout(layout, np.asarray(rows, dtype=np.int64))
+
+
 def has_sample_axes(attn: Any) -> bool:
     """Whether ``attn`` is an archive selection whose archive knows each sample's layout."""
     per_sample = getattr(getattr(attn, "archive", None), "sample_layout", None)
@@ -116,6 +126,7 @@ def sample_axes(attn: Any, sample: int) -> tuple[SideLayout | None, SideLayout |
     if not has_sample_axes(attn):
         return None
     try:
-        return attn.archive.sample_layout(int(sample)).axes(attn.stack, attn.kind)
+        q, k = attn.archive.sample_layout(int(sample)).axes(attn.stack, attn.kind)
     except SelectionError:
         return None, None
+    return kept_rows_layout(attn, q), k

@@ -24,7 +24,13 @@ from typing import Any
 import numpy as np
 
 from attnscope.errors import InputError, SelectionError, ShapeError
-from attnscope.render._crop import fit_layout, read_real, real_positions, sample_axes
+from attnscope.render._crop import (
+    fit_layout,
+    kept_rows_layout,
+    read_real,
+    real_positions,
+    sample_axes,
+)
 from attnscope.store import as_numpy as _store_numpy
 from attnscope.store.layout import SideLayout, TokenLayout
 
@@ -260,9 +266,10 @@ def array_layouts(arr: Any) -> tuple[SideLayout | None, SideLayout | None]:
     layout = getattr(arr, "layout", None) or getattr(archive, "layout", None)
     if isinstance(layout, TokenLayout) and stack and kind:
         try:
-            return layout.axes(stack, kind)
+            q, k = layout.axes(stack, kind)
         except SelectionError:
             return None, None
+        return kept_rows_layout(arr, q), k
     return None, None
 
 

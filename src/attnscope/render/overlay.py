@@ -212,11 +212,24 @@ def prepare_overlay(
         if arc.ragged:
             qreal = arc.masks(qside, slice(sample, sample + 1))[0]
             kreal = arc.masks(kside, slice(sample, sample + 1))[0]
-        queries, qname = resolve_query(qlay, query, qreal)
+        kept = arr.query_rows  # a row policy: only the stored rows can be selected
+        if kept is not None:
+            full = np.zeros(qlay.length, dtype=bool)
+            full[kept] = True if qreal is None else qreal[kept]
+            qreal = full
+        try:
+            queries, qname = resolve_query(qlay, query, qreal)
+        except SelectionError as e:
+            if kept is None:
+                raise
+            raise SelectionError(
+                f"{e}; {name} keeps only query rows {kept.tolist()} (a capture row policy)"
+            ) from None
+        stored = list(queries) if kept is None else np.searchsorted(kept, queries).tolist()
         seg = imgs[image]
         w = np.asarray(arr[sample] if head is None else arr[sample, head], dtype=np.float32)
         w = w[None] if head is not None else w  # (H, T, S)
-        rows = w[:, list(queries), :].mean(axis=1).mean(axis=0)  # (S,) mean row of the selection
+        rows = w[:, stored, :].mean(axis=1).mean(axis=0)  # (S,) mean row of the selection
         mass = rows[seg.start : seg.stop].astype(np.float64)
         if kreal is not None:
             mass = np.where(kreal[seg.start : seg.stop], mass, np.nan)

@@ -102,6 +102,22 @@ def _tokens(
     return page, real
 
 
+def _kept_tokens(arc: AttentionArchive, arr: Any, side: str, samples: Sequence[int]
+                 ) -> tuple[dict[str, Any], dict[int, np.ndarray | None]]:
+    """Tokens of an array's kept query rows (a capture row policy) per sample: labels and
+    segments of its real kept rows, ``pos`` their original positions; and the stored rows
+    (among the kept ones) to read, None when every kept row is real."""
+    kept = np.asarray(arr.query_rows, dtype=np.int64)
+    page, rows = {}, {}
+    for smp in samples:
+        stored = positions_of(arc.masks(side, smp)[kept])
+        orig = kept if stored is None else kept[stored]
+        lay = crop_layout(arc.sample_layout(smp).side(side), orig)
+        page[str(smp)] = _side(lay, orig)
+        rows[smp] = stored
+    return page, rows
+
+
 def _cost(arc: AttentionArchive, names: Sequence[str], lo: int, hi: int, max_cells: int
           ) -> np.ndarray:
     """Base64 bytes of the maps of samples ``lo:hi`` (every array, real tokens only)."""
@@ -202,11 +218,15 @@ def _viewer_data(
         stack, layer, kind = name.split("/")
         q_side, k_side = KIND_AXES[(stack, kind)]
         arr = arc[name]
-        data = {str(smp): _head_maps(arr, smp, real[(q_side, smp)], real[(k_side, smp)],
+        rows_side, qreal = q_side, {smp: real[(q_side, smp)] for smp in samples}
+        if arr.query_rows is not None:  # a row policy: the rows get their own tokens
+            rows_side = f"{q_side}@{name}"
+            tokens[rows_side], qreal = _kept_tokens(arc, arr, q_side, samples)
+        data = {str(smp): _head_maps(arr, smp, qreal[smp], real[(k_side, smp)],
                                      max_cells) for smp in samples}
         arrays.append({
             "name": name, "stack": stack, "layer": int(layer), "kind": kind,
-            "heads": [int(h) for h in arc.heads(name)], "rows": q_side, "cols": k_side,
+            "heads": [int(h) for h in arc.heads(name)], "rows": rows_side, "cols": k_side,
             "data": data,
         })
     head_stats, seg, pairs = (tables[n] for n in FIGURE_TABLES)

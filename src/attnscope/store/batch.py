@@ -16,7 +16,7 @@ from attnscope.contracts import KIND_AXES
 from attnscope.errors import ConfigError, InputError, ShapeError, ValidationError
 from attnscope.store.codecs import as_numpy, encode, is_half
 from attnscope.store.layout import TokenLayout
-from attnscope.store.names import parse_array_name, sort_key
+from attnscope.store.names import parse_array_name, rows_of, sort_key
 from attnscope.store.validation import check_weights
 
 __all__ = ["BatchRules", "Prepared"]
@@ -36,6 +36,7 @@ class BatchRules:
         self.validate = bool(meta.get("validate", True))
         self.tolerance: float | None = meta.get("tolerance")
         self.heads: Mapping[str, list[int]] = meta.get("heads") or {}
+        self.meta = meta
 
     def prepare(
         self,
@@ -192,8 +193,16 @@ class BatchRules:
             return
         stack, _layer, kind = parse_array_name(name)
         qside, kside = KIND_AXES[(stack, kind)]
+        rows = rows_of(self.meta, name)
+        if rows is not None and t != len(rows):
+            raise ShapeError(
+                f"{name}: T (query) length {t} does not match the {len(rows)} {qside} rows "
+                f"this archive keeps (query_rows[{qside!r}])"
+            )
         for side, got, dim in ((qside, t, "T (query)"), (kside, s, "S (key)")):
             lay = getattr(self.layout, side)
+            if rows is not None and side == qside and dim.startswith("T"):
+                continue
             if lay is not None and lay.length != got:
                 raise ShapeError(
                     f"{name}: {dim} length {got} does not match the {side} layout's "

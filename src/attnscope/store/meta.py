@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from attnscope.contracts import COMPRESSORS, DTYPES, FORMATS, MAX_LENGTHS, STACKS
+from attnscope.contracts import COMPRESSORS, DTYPES, FORMATS, MAX_LENGTHS, QUERY_ROWS, STACKS
 from attnscope.errors import (
     ArchiveCorruptError,
     ArchiveNotFoundError,
@@ -157,6 +157,7 @@ def root_meta(spec: ArchiveSpec, layout: TokenLayout, fmt: str) -> dict[str, Any
         "format": FORMAT_NAME,
         "schema_version": 1 if max_lengths is None else 2,
         MAX_LENGTHS: max_lengths,
+        QUERY_ROWS: _query_rows(spec.query_rows, layout),
         "layout": layout.to_json(),
         "dtype": spec.dtype,
         "storage_dtype": str(storage_dtype(spec.dtype)),
@@ -205,6 +206,36 @@ def _max_lengths(given: Any, layout: TokenLayout) -> dict[str, int] | None:
                 f"SideLayout.from_lengths({{'text': {int(n)}}})"
             )
         out[side] = int(n)
+    return out
+
+
+def _query_rows(given: Any, layout: TokenLayout) -> dict[str, list[int]] | None:
+    """Checked ``query_rows``: sides of the layout, ascending unique rows inside its length."""
+    if given is None:
+        return None
+    if not isinstance(given, Mapping) or not given:
+        raise ConfigError(
+            f"query_rows must be a non-empty mapping side -> rows, e.g. {{'decoder': [7]}}; "
+            f"got {given!r}"
+        )
+    out = {}
+    for side, rows in given.items():
+        lay = getattr(layout, side, None) if side in STACKS else None
+        if lay is None:
+            raise ConfigError(
+                f"query_rows[{side!r}]: the layout has no such side; expected sides among "
+                f"{[s for s in STACKS if getattr(layout, s) is not None]}"
+            )
+        try:
+            vals = [int(r) for r in rows]
+        except (TypeError, ValueError):
+            raise ConfigError(f"query_rows[{side!r}] must be row indices, got {rows!r}") from None
+        if not vals or vals != sorted(set(vals)) or vals[0] < 0 or vals[-1] >= lay.length:
+            raise ConfigError(
+                f"query_rows[{side!r}] must be ascending unique rows in [0, {lay.length}), "
+                f"got {vals}"
+            )
+        out[str(side)] = vals
     return out
 
 

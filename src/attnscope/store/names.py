@@ -7,10 +7,12 @@ from typing import Any
 
 import numpy as np
 
-from attnscope.contracts import KIND_AXES, KINDS, STACKS
+from attnscope.contracts import KIND_AXES, KINDS, QUERY_ROWS, STACKS
 from attnscope.errors import InputError, SelectionError
 
-__all__ = ["array_name", "parse_array_name", "sort_key", "flatten_weights", "stored_names"]
+__all__ = [
+    "array_name", "parse_array_name", "sort_key", "flatten_weights", "stored_names", "rows_of",
+]  # fmt: skip
 
 
 def array_name(stack: str, layer: int, kind: str) -> str:
@@ -33,6 +35,14 @@ def parse_array_name(name: str) -> tuple[str, int, str]:
             f"an int layer and kind in {KINDS} (e.g. 'encoder/0/self_attention')"
         )
     return parts[0], int(parts[1]), parts[2]
+
+
+def rows_of(meta: Mapping[str, Any], name: str) -> list[int] | None:
+    """The query rows array ``name`` keeps under the root metadata ``meta`` (its query side's
+    ``query_rows``), or None: every row."""
+    stack, _layer, kind = parse_array_name(name)
+    rows = (meta.get(QUERY_ROWS) or {}).get(KIND_AXES[(stack, kind)][0])
+    return None if rows is None else [int(r) for r in rows]
 
 
 def sort_key(name: str) -> tuple[int, int, int]:

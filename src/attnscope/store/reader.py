@@ -20,6 +20,7 @@ from attnscope.contracts import (
     FORMATS,
     KIND_AXES,
     MAX_LENGTHS,
+    QUERY_ROWS,
     SAMPLE_IDS,
     STACKS,
     TOKEN_IDS,
@@ -78,6 +79,16 @@ class AttentionArray:
             raise ArchiveCorruptError(f"{name}: array attributes lack (H, T, S): {attrs!r}") from e
         self._hts = (h, t, s)
         self.heads: list[int] = [int(x) for x in attrs.get("heads", range(h))]
+        rows = attrs.get(QUERY_ROWS)
+        #: original query rows stored, ascending ``(T,)`` int64 (a capture row policy); None:
+        #: every row (archives written before policies read so)
+        self.query_rows: np.ndarray | None = (
+            None if rows is None else np.asarray(rows, dtype=np.int64).reshape(-1)
+        )
+        if self.query_rows is not None and len(self.query_rows) != t:
+            raise ArchiveCorruptError(
+                f"{name}: {len(self.query_rows)} query_rows but the array holds {t} rows"
+            )
         self.is_sparse = archive.mode == "sparse"
         self._ldtype = archive.dtype
         parts = ["values", "indices", "residual"] if self.is_sparse else [""]
@@ -201,10 +212,21 @@ class AttentionArray:
     def valid(self, sample: int) -> tuple[np.ndarray, np.ndarray]:
         """``(query mask (T,), key mask (S,))`` bool of one sample: True = real token.
 
-        All True in archives without masks (every token real).
+        All True in archives without masks (every token real). An array keeping some
+        query rows gets the mask of those rows.
         """
         qs, ks = KIND_AXES[(self.stack, self.kind)]
-        return self.archive.masks(qs, int(sample)), self.archive.masks(ks, int(sample))
+        qm = self.archive.masks(qs, int(sample))
+        return (qm if self.query_rows is None else qm[self.query_rows]), self.archive.masks(
+            ks, int(sample)
+        )
+
+    def query_index(self) -> np.ndarray:
+        """Original query position of each stored row, ``(T,)`` int64 (``arange(T)`` when
+        every row is stored)."""
+        if self.query_rows is not None:
+            return self.query_rows
+        return np.arange(self._hts[1], dtype=np.int64)
 
     def topk_arrays(
         self, sample_slice: slice = slice(None)
@@ -331,6 +353,11 @@ class AttentionArchive:
             with damage_is_corruption(self.path):
                 self._cache[name] = AttentionArray(self, name)
         return self._cache[name]
+
+    def query_rows(self, name: str) -> np.ndarray | None:
+        """The original query rows array ``name`` stores (ascending int64), or None: every
+        row (also for archives written before row policies)."""
+        return self.attention(name).query_rows
 
     def __getitem__(self, name: str) -> AttentionArray:
         return self.attention(name)

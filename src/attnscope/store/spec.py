@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from attnscope.store._base import choose_chunks
@@ -41,6 +41,9 @@ class ArchiveSpec:
     # batches may be shorter (padded by the writer) and which stores per-sample masks;
     # each maximum must equal that side's layout length
     max_lengths: Mapping[str, int] | None = None
+    # side -> ascending unique query rows kept (a capture row policy): every array whose
+    # query side is named stores only those rows, (N, H, R, S); None: every row
+    query_rows: Mapping[str, Sequence[int]] | None = None
 
 
 def batch_chunk_samples(

@@ -27,7 +27,7 @@ from attnscope.contracts import KIND_AXES
 from attnscope.errors import ArchiveError, ConfigError, InputError, ShapeError
 from attnscope.store.batch import BatchRules
 from attnscope.store.codecs import as_numpy, encode, is_half
-from attnscope.store.names import parse_array_name
+from attnscope.store.names import parse_array_name, rows_of
 from attnscope.store.validation import check_weights
 
 if TYPE_CHECKING:
@@ -90,6 +90,9 @@ class BatchStream:
         node = self.w._nodes.get(name)
         if node is not None:
             return node.t
+        kept = rows_of(self.w._meta, name)  # a row policy: the array holds its kept rows
+        if kept is not None:
+            return len(kept)
         stack, _layer, kind = parse_array_name(name)
         side = KIND_AXES[(stack, kind)][0]
         lay = getattr(self.w.layout, side)

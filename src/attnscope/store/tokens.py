@@ -36,7 +36,7 @@ from attnscope.errors import ConfigError, InputError, SelectionError, ShapeError
 from attnscope.store._base import ArrayHandle, Backend, Write
 from attnscope.store.codecs import as_numpy
 from attnscope.store.layout import TokenLayout
-from attnscope.store.names import parse_array_name
+from attnscope.store.names import parse_array_name, rows_of
 
 __all__ = ["SideBatch", "SideRules", "SideStore", "side_path", "decode_labels"]
 
@@ -86,6 +86,7 @@ class SideRules:
         self.max_lengths: dict[str, int] = dict(meta.get(MAX_LENGTHS) or {})
         self.ragged = bool(self.max_lengths)
         self.sides = [s for s in STACKS if getattr(layout, s) is not None]
+        self.meta = meta
 
     def length(self, side: str) -> int:
         return int(getattr(self.layout, side).length)
@@ -136,6 +137,9 @@ class SideRules:
             if qs not in out.masks or ks not in out.masks:
                 continue
             qm, km = out.masks[qs].astype(bool), out.masks[ks].astype(bool)
+            rows = rows_of(self.meta, name)
+            if rows is not None:  # the array holds the kept rows only: their masks
+                qm = qm[:, rows]
             out.items[name] = _pad(name, items[name], qm, km)
             out.rows[name] = qm
         self._tokens(out, tokens, lens, bsz)
@@ -154,7 +158,8 @@ class SideRules:
             shape = tuple(getattr(x, "shape", ()))
             if len(shape) != 4:
                 continue  # BatchRules names the bad shape
-            pairs = [(qs, shape[2])]
+            # an array keeping some query rows (query_rows) says nothing of the query length
+            pairs = [] if rows_of(self.meta, name) is not None else [(qs, shape[2])]
             if not isinstance(v, Mapping):
                 pairs.append((ks, shape[3]))
             elif v.get("n_keys") is not None:

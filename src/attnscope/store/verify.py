@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from attnscope.contracts import KIND_AXES
+from attnscope.contracts import KIND_AXES, QUERY_ROWS
 from attnscope.errors import ArchiveCorruptError, AttnscopeError
 from attnscope.store._base import MiB
 from attnscope.store.meta import holds_no_data, input_hashes, no_data_message
@@ -177,7 +177,8 @@ def _real_rows(arr: Any, sl: slice) -> np.ndarray | None:
     if not arr.archive.ragged:
         return None
     qs, _ks = KIND_AXES[(arr.stack, arr.kind)]
-    return arr.archive.masks(qs, sl)
+    m = arr.archive.masks(qs, sl)
+    return m if arr.query_rows is None else m[:, arr.query_rows]
 
 
 def _check_shape(a: AttentionArchive, name: str, arr: Any, p: list[str]) -> None:
@@ -189,6 +190,15 @@ def _check_shape(a: AttentionArchive, name: str, arr: Any, p: list[str]) -> None
         lay = getattr(a.layout, side)
         if lay is None:
             p.append(f"{name}: the layout has no {side} side")
+        elif dim == "query" and arr.query_rows is not None:
+            rows = arr.query_rows
+            if len(rows) != got or (len(rows) and (rows.min() < 0 or rows.max() >= lay.length)):
+                p.append(
+                    f"{name}: query_rows {rows.tolist()} do not fit {got} stored rows of the "
+                    f"{lay.length}-token {side} layout"
+                )
+            elif np.any(np.diff(rows) <= 0):
+                p.append(f"{name}: query_rows {rows.tolist()} are not ascending and unique")
         elif lay.length != got:
             p.append(f"{name}: {dim} length {got} != {lay.length} tokens of the {side} layout")
 
@@ -316,6 +326,7 @@ def info(path: str | os.PathLike) -> dict[str, Any]:
                     "shape": list(arr.shape),
                     "chunks": list(arr.chunks),
                     "heads": list(arr.heads),
+                    QUERY_ROWS: None if arr.query_rows is None else arr.query_rows.tolist(),
                     "dtype": str(arr.dtype),
                     "logical_bytes": arr.nbytes,
                     "stored_bytes": stored,
@@ -348,6 +359,7 @@ def info(path: str | os.PathLike) -> dict[str, Any]:
             "sample_ids": sorted(a.sample_ids),
             "ragged": a.ragged,
             "max_lengths": meta.get("max_lengths"),
+            QUERY_ROWS: meta.get(QUERY_ROWS),
             "tokens": a.token_fields(),
             "commits": meta["commits"],
             "model_config": meta.get("model_config", {}),
@@ -383,6 +395,12 @@ def _empty_info(path: str) -> dict[str, Any]:
         "input_hashes": None,
         "note": no_data_message(path),
     }
+
+
+def _short_rows(rows: list[int]) -> str:
+    return ", ".join(map(str, rows)) if len(rows) <= 12 else (
+        f"{', '.join(map(str, rows[:6]))}, ..., {', '.join(map(str, rows[-3:]))}"
+    )
 
 
 def _mb(x: int | None) -> str:
@@ -450,6 +468,8 @@ def format_info(d: dict[str, Any]) -> str:
             lines.append(f"  {side}: {lay['length']} tokens  {segs}")
     if d.get("ragged"):
         lines.append(f"  ragged: max_lengths {d.get('max_lengths')} (per-sample masks)")
+    for side, rows in (d.get(QUERY_ROWS) or {}).items():
+        lines.append(f"  {side} query rows kept ({len(rows)}): {_short_rows(rows)}")
     for side, fields in (d.get("tokens") or {}).items():
         lines.append(f"  {side} tokens per sample: {', '.join(fields)}")
     if d["sample_ids"]:

@@ -82,14 +82,18 @@ def _data_array(archive: AttentionArchive, name: str, qdim: str, kdim: str, hdim
 
     arr = archive.attention(name)
     ql, kl = archive.layout.axes(arr.stack, arr.kind)
+    qrows = arr.query_index()  # original rows (a row policy keeps some)
+    qseg = ql.segment_ids()
     coords: dict[str, Any] = {
         "sample": np.arange(arr.shape[0]),
         hdim: np.asarray(arr.heads),
-        qdim: list(ql.labels),
+        qdim: [ql.labels[i] for i in qrows],
         kdim: list(kl.labels),
-        f"{qdim}_segment": (qdim, [ql.segments[i].name for i in ql.segment_ids()]),
+        f"{qdim}_segment": (qdim, [ql.segments[qseg[i]].name for i in qrows]),
         f"{kdim}_segment": (kdim, [kl.segments[i].name for i in kl.segment_ids()]),
     }
+    if arr.query_rows is not None:
+        coords[f"{qdim}_position"] = (qdim, qrows)
     for key, v in archive.sample_ids.items():
         coords[f"sample_{key}"] = ("sample", v)
     attrs = {

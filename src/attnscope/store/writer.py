@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from attnscope.contracts import DIMS, FORMATS, SAMPLE_IDS
+from attnscope.contracts import DIMS, FORMATS, QUERY_ROWS, SAMPLE_IDS
 from attnscope.errors import ArchiveError, ConfigError, ShapeError
 from attnscope.store._base import ArrayHandle, Backend, Write, choose_chunks
 from attnscope.store._lock import Lease, clear_except_locks, locks_inside
@@ -32,7 +32,13 @@ from attnscope.store.meta import (
     root_meta,
     sniff_format,
 )
-from attnscope.store.names import flatten_weights, parse_array_name, sort_key, stored_names
+from attnscope.store.names import (
+    flatten_weights,
+    parse_array_name,
+    rows_of,
+    sort_key,
+    stored_names,
+)
 from attnscope.store.spec import ArchiveSpec, batch_chunk_samples
 from attnscope.store.stream import BatchStream
 from attnscope.store.tokens import SideRules, SideStore
@@ -504,6 +510,9 @@ class ArchiveWriter:
         heads = self._rules.heads.get(name) or list(range(h))
         attrs = {"stack": stack, "layer": layer, "kind": kind, "hts": [h, t, s],
                  "heads": [int(x) for x in heads], "dims": list(DIMS)}  # fmt: skip
+        rows = rows_of(self._meta, name)
+        if rows is not None:
+            attrs[QUERY_ROWS] = rows
         sdt = storage_dtype(self._rules.dtype)
         comp = self._meta.get("compressor", "zstd")
         # HDF5 grows a rewritten chunk in place at the end of the file; a crash before the
