@@ -78,6 +78,22 @@ def _str_list(ctx: click.Context, param: click.Parameter, value: str | None) -> 
     return None if value is None else [v.strip() for v in value.split(",") if v.strip()]
 
 
+class _Archive(click.ParamType):
+    """An archive path (``pathlib.Path``) or fsspec URL (kept whole: ``Path`` would fold
+    ``s3://`` into ``s3:/``)."""
+
+    name = "archive"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if not isinstance(value, str):
+            return value
+        from attnscope.store.remote import as_archive_path
+
+        return as_archive_path(value)
+
+
+ARCHIVE = _Archive()
+
 layers_opt = click.option("--layers", callback=_int_list, help="Layer indices, e.g. '0,2', '0-3'.")
 heads_opt = click.option("--heads", callback=_int_list, help="Head indices, e.g. '0,3'.")
 kinds_opt = click.option(
@@ -148,7 +164,8 @@ def demo(out: Path, fmt: str | None, batches: int, batch_size: int, seed: int,
 @click.option("--batches", default=4, show_default=True, help="Batches of synthetic inputs.")
 @click.option("--batch-size", default=8, show_default=True)
 @click.option("--seq-len", default=32, show_default=True, help="HF synthetic sequence length.")
-@click.option("--out", type=click.Path(path_type=Path), required=True, help="Archive path.")
+@click.option("--out", type=ARCHIVE, required=True,
+              help="Archive path or URL (s3://bucket/run.zarr).")
 @format_opt
 @layers_opt
 @heads_opt
@@ -240,7 +257,7 @@ def _torchrun_rank() -> tuple[int | None, int | None]:
 
 
 @cli.command()
-@click.argument("archive", type=click.Path(path_type=Path))
+@click.argument("archive", type=ARCHIVE)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def info(archive: Path, as_json: bool) -> None:
     """Summarise an archive: layout, arrays, committed samples, provenance.
@@ -255,7 +272,7 @@ def info(archive: Path, as_json: bool) -> None:
 
 
 @cli.command()
-@click.argument("archive", type=click.Path(path_type=Path))
+@click.argument("archive", type=ARCHIVE)
 @click.option("--tolerance", default=1e-2, show_default=True, help="Row-sum tolerance.")
 def verify(archive: Path, tolerance: float) -> None:
     """Check structure, committed counts, row sums and NaN/Inf; exit 1 on any problem.
@@ -275,7 +292,7 @@ def verify(archive: Path, tolerance: float) -> None:
 
 
 @cli.command()
-@click.argument("archive", type=click.Path(path_type=Path))
+@click.argument("archive", type=ARCHIVE)
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Tables folder.")
 @click.option("--topk", default=10, show_default=True, help="Top pairs per head.")
 @click.option("--sink-token", default=0, show_default=True, help="Token for the sink score.")
@@ -315,7 +332,7 @@ def _selection(ctx: click.Context, param: click.Parameter, value: str | None) ->
 
 
 @cli.command()
-@click.argument("archive", type=click.Path(path_type=Path))
+@click.argument("archive", type=ARCHIVE)
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Figures folder.")
 @click.option("--layers", callback=_selection, help="Layer indices, e.g. '0,2', '0-3'.")
 @click.option("--heads", callback=_selection, help="Head indices, e.g. '0,3'.")
@@ -367,7 +384,7 @@ def render(archive: Path, out: Path, layers: list[int] | None, heads: list[int] 
 
 
 @cli.command()
-@click.argument("archive", type=click.Path(path_type=Path))
+@click.argument("archive", type=ARCHIVE)
 @click.option("--tables", "tables_dir", type=click.Path(path_type=Path), default=None,
               help="Tables folder written by `attnscope analyze` for this archive (default: "
                    "analyse into a temporary folder, removed afterwards).")
@@ -408,7 +425,7 @@ def report(archive: Path, tables_dir: Path | None, out: Path, sample: int,
 
 
 @cli.command()
-@click.argument("archive", type=click.Path(path_type=Path))
+@click.argument("archive", type=ARCHIVE)
 @click.option("--out", type=click.Path(path_type=Path), required=True,
               help="Folder for rollout.parquet (and rollout/ figures).")
 @click.option("--samples", callback=_selection,
@@ -444,8 +461,8 @@ def rollout(archive: Path, out: Path, samples: list[int] | None, heads: list[int
 
 
 @cli.command()
-@click.argument("archive_a", type=click.Path(path_type=Path))
-@click.argument("archive_b", type=click.Path(path_type=Path))
+@click.argument("archive_a", type=ARCHIVE)
+@click.argument("archive_b", type=ARCHIVE)
 @click.option("--out", type=click.Path(path_type=Path), required=True,
               help="Folder for diff.parquet (and diff/ figures).")
 @click.option("--figures", is_flag=True,

@@ -47,6 +47,7 @@ from attnscope.store import (
 )
 from attnscope.store.footprint import check_writable, measure_footprint
 from attnscope.store.meta import INPUT_HASH_KEYS, archive_format
+from attnscope.store.remote import as_archive_path
 
 __all__ = ["capture", "CaptureSummary", "CaptureOptions", "DryRunReport"]
 
@@ -210,7 +211,7 @@ def capture(
         queue_depth=queue_depth, total=total, rank=rank, world_size=world_size, wait_s=wait_s,
         generate=generate, max_length=max_length, dry_run=dry_run,
     )  # fmt: skip
-    return _Job(model, batches, Path(archive_path), opts).run()
+    return _Job(model, batches, as_archive_path(archive_path), opts).run()
 
 
 class _Job:
