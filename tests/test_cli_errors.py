@@ -344,6 +344,7 @@ CASES: dict[str, Callable[[Path], list[str]]] = {
     "capture to an HDF5 URL": lambda w: _capture(w, "--out", "s3://bucket/run.h5"),
     "info of an HDF5 URL": lambda w: ["info", "s3://bucket/run.h5"],
     "verify of a zip URL": lambda w: ["verify", "memory://attnscope-cli/run.zarr.zip"],
+    "info of an S3 URL without a bucket": lambda w: ["info", "s3:///run.zarr"],
     "info of an unknown URL protocol": lambda w: ["info", "nosuchproto://bucket/run.zarr"],
     "analyze a memory URL holding nothing": lambda w: [
         "analyze", "memory://attnscope-cli-none/run.zarr", "--out", str(w / "t")],

@@ -171,28 +171,31 @@ def test_capture_to_s3_then_analyze_render_equal_local(url, tmp_path) -> None:
     assert res.exit_code == 0 and res.output.strip().endswith(": ok"), res.output
     res = CliRunner().invoke(cli, ["info", url, "--json"])
     assert res.exit_code == 0 and json.loads(res.output)["n_samples"] == 6, res.output
-    tabs = {}
-    for key, where in (("s3", url), ("local", local)):
-        out = tmp_path / f"tables-{key}"
-        tabs[key] = {k: Path(p) for k, p in analyze(where, out, progress=False).items()}
-    assert tabs["s3"].keys() == tabs["local"].keys()
-    for k, p in tabs["local"].items():
-        if p.suffix == ".parquet":
-            got, want = pd.read_parquet(tabs["s3"][k]), pd.read_parquet(p)
-            # the fingerprint hashes the root metadata, which records when and where each
-            # capture ran; every computed column must be equal
-            ident = [c for c in want.columns if c.startswith("archive")]
-            pd.testing.assert_frame_equal(got.drop(columns=ident), want.drop(columns=ident))
-    figs = {}
-    for key, where in (("s3", url), ("local", local)):
-        out = tmp_path / f"figs-{key}"
-        render_archive(where, out, tables_dir=tmp_path / f"tables-{key}", layers=[0], heads=[0],
-                       progress=False, workers=1)  # fmt: skip
-        figs[key] = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
-    assert figs["s3"] and figs["s3"].keys() == figs["local"].keys()
-    for k in figs["local"]:
-        if k.suffix == ".png":
-            assert figs["s3"][k] == figs["local"][k], k
+    # the S3 side through the CLI, the local side through the library
+    tabs = {"s3": tmp_path / "tables-s3", "local": tmp_path / "tables-local"}
+    res = CliRunner().invoke(cli, ["analyze", url, "--out", str(tabs["s3"]), "--no-progress"])
+    assert res.exit_code == 0, res.output
+    analyze(local, tabs["local"], progress=False)
+    names = sorted(p.name for p in tabs["local"].glob("*.parquet"))
+    assert names and names == sorted(p.name for p in tabs["s3"].glob("*.parquet"))
+    for name in names:
+        got, want = pd.read_parquet(tabs["s3"] / name), pd.read_parquet(tabs["local"] / name)
+        # the fingerprint hashes the root metadata, which records when and where each
+        # capture ran; every computed column must be equal
+        ident = [c for c in want.columns if c.startswith("archive")]
+        pd.testing.assert_frame_equal(got.drop(columns=ident), want.drop(columns=ident))
+    figs = {"s3": tmp_path / "figs-s3", "local": tmp_path / "figs-local"}
+    res = CliRunner().invoke(cli, ["render", url, "--out", str(figs["s3"]), "--layers", "0",
+                                   "--heads", "0", "--what", "heatmap", "--workers", "1",
+                                   "--no-progress"])
+    assert res.exit_code == 0, res.output
+    render_archive(local, figs["local"], layers=[0], heads=[0], what=["heatmap"],
+                   progress=False, workers=1)  # fmt: skip
+    got = {p.relative_to(figs["s3"]): p for p in figs["s3"].rglob("*.png")}
+    want = {p.relative_to(figs["local"]): p for p in figs["local"].rglob("*.png")}
+    assert want and got.keys() == want.keys()
+    for k in want:
+        assert got[k].read_bytes() == want[k].read_bytes(), k
 
 
 def test_kill9_during_capture_to_s3_then_resume(url, endpoint, tmp_path) -> None:
@@ -211,7 +214,7 @@ def test_kill9_during_capture_to_s3_then_resume(url, endpoint, tmp_path) -> None
                 if i == 3:
                     print("ready", flush=True)
                 yield b
-                time.sleep(0.01)
+                time.sleep(0.05)
         capture(m, slow(), {url!r}, progress=False)
     """)
     env = {**os.environ, remote.ENV_OPTIONS: json.dumps({"endpoint_url": endpoint, **KEYS})}
@@ -219,7 +222,7 @@ def test_kill9_during_capture_to_s3_then_resume(url, endpoint, tmp_path) -> None
                             env=env)  # fmt: skip
     try:
         assert proc.stdout.readline().strip() == "ready"
-        time.sleep(0.5)
+        time.sleep(0.3)
     finally:
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()

@@ -539,8 +539,8 @@ def open_archive(
     Parameters
     ----------
     path
-        Zarr directory / zip or HDF5 file written by :class:`ArchiveWriter`, or an open
-        :class:`AttentionArchive`.
+        Zarr directory / zip or HDF5 file written by :class:`ArchiveWriter`, a Zarr
+        archive's fsspec URL (``s3://bucket/run.zarr``), or an open :class:`AttentionArchive`.
     format
         ``"zarr"`` or ``"hdf5"``; sniffed from the path when omitted.
 

@@ -29,6 +29,7 @@ import socket
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
+from attnscope._extras import EXTRA_OF, missing_extra_error
 from attnscope.errors import (
     ArchiveCorruptError,
     ArchiveLockedError,
@@ -53,11 +54,12 @@ __all__ = [
 ENV_OPTIONS = "ATTNSCOPE_STORAGE_OPTIONS"
 #: protocols whose first path component is a bucket / container that must exist
 BUCKET_PROTOCOLS = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "oss"})
-#: the fsspec backend package of common protocols, and the attnscope extra installing it
-BACKENDS = {"s3": ("s3fs", "s3"), "s3a": ("s3fs", "s3"), "gs": ("gcsfs", None),
-            "gcs": ("gcsfs", None), "az": ("adlfs", None), "abfs": ("adlfs", None)}  # fmt: skip
+#: the fsspec backend package of common protocols (its extra, if any: ``_extras.EXTRA_OF``)
+BACKENDS = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs",
+            "abfs": "adlfs", "abfss": "adlfs"}  # fmt: skip
 _URL = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
 _registered: dict[str, dict[str, Any]] = {}
+_reachable: set[tuple[str, str]] = set()  # (url, options) whose credentials and bucket passed
 T = TypeVar("T")
 
 
@@ -97,7 +99,7 @@ def exists(path: str) -> bool:
     """Whether anything is at ``path``: a local file or folder, or any key under a URL."""
     if not is_url(path):
         return os.path.exists(path)
-    return bool(keys(path))
+    return bool(_top(path))
 
 
 class ArchiveURL(os.PathLike):
@@ -175,7 +177,8 @@ def storage_options(url: str) -> dict[str, Any]:
 def _backend_error(url: str, e: BaseException) -> MissingExtraError | ConfigError:
     scheme = _scheme(url) or ""
     if isinstance(e, ImportError):
-        pkg, extra = BACKENDS.get(scheme, (None, None))
+        pkg = BACKENDS.get(scheme)
+        extra = EXTRA_OF.get(pkg or "")
         how = f"pip install 'attnscope[{extra}]'" if extra else f"pip install {pkg}"
         if pkg is None:
             how = f"pip install the fsspec backend of {scheme}:// ({_first_line(e)})"
@@ -194,10 +197,7 @@ def filesystem(url: str) -> tuple[Any, str]:
     try:
         from fsspec.core import url_to_fs
     except ImportError as e:
-        raise MissingExtraError(
-            f"{url!r} needs the optional package 'fsspec', which is not installed; "
-            "install it with: pip install 'attnscope[s3]'"
-        ) from e
+        raise missing_extra_error("fsspec", f"the archive URL {url!r}") from e
     try:
         fs, path = url_to_fs(url, **storage_options(url))
     except (ImportError, ValueError) as e:
@@ -260,28 +260,51 @@ def bucket_of(url: str) -> str | None:
 
 
 def check_reachable(url: str) -> None:
-    """Raise one line if ``url``'s credentials are missing or its bucket does not exist."""
+    """Raise one line if ``url``'s credentials are missing or its bucket does not exist.
+
+    Two requests, once per URL and storage options in this process.
+    """
+    refuse_by_suffix(url)
+    scheme = _scheme(url)
+    if scheme in BUCKET_PROTOCOLS and bucket_of(url) is None:
+        raise ConfigError(
+            f"{url!r} names no bucket; expected {scheme}://<bucket>/<path>, e.g. "
+            f"{scheme}://my-bucket/run.zarr"
+        )
+    token = (url, json.dumps(storage_options(url), sort_keys=True, default=str))
+    if token in _reachable:
+        return
     fs, root = filesystem(url)
     storage_call(url, fs.exists, f"{root}/zarr.json")  # a signed request: credentials
     bucket = bucket_of(url)
-    if bucket is None:
-        return
-    if not storage_call(url, fs.exists, bucket):
+    if bucket is not None and not storage_call(url, fs.exists, bucket):
         raise ArchiveNotFoundError(
             f"bucket {bucket!r} of {url!r} does not exist; expected an existing bucket "
             "(attnscope never creates buckets)"
         )
+    _reachable.add(token)
+
+
+def _top(url: str) -> list[str]:
+    """Names one level under ``url`` ([] when nothing is there): one listing request."""
+    check_reachable(url)
+    fs, root = filesystem(url)
+    storage_call(url, fs.invalidate_cache, root)
+    try:
+        found = storage_call(url, fs.ls, root, detail=False)
+    except FileNotFoundError:
+        return []
+    return [str(k).rstrip("/").rsplit("/", 1)[-1] for k in found]
 
 
 def keys(url: str) -> list[str]:
     """Every key under ``url``, relative to it ('' for an object at ``url`` itself)."""
+    check_reachable(url)
     fs, root = filesystem(url)
-    storage_call(url, fs.invalidate_cache)
+    storage_call(url, fs.invalidate_cache, root)
     try:
         found = storage_call(url, fs.find, root)
     except FileNotFoundError:
-        if bucket_of(url) is not None:
-            check_reachable(url)
         return []
     out = []
     for k in found:
@@ -296,9 +319,9 @@ def _is_lock_key(key: str) -> bool:
 
 
 def holds_no_data(url: str) -> bool:
-    """Keys under ``url`` exist and all belong to the writer lock folder."""
-    ks = keys(url)
-    return bool(ks) and all(_is_lock_key(k) for k in ks)
+    """Objects exist under ``url`` and all belong to the writer lock folder."""
+    names = _top(url)
+    return bool(names) and set(names) <= {LOCK_DIR_NAME}
 
 
 def clear_except_locks(url: str) -> None:
@@ -320,16 +343,20 @@ def disk_size(url: str) -> int:
 
 def sniff_format(url: str) -> str:
     """``"zarr"`` for a Zarr archive at ``url``; one-line errors otherwise."""
-    refuse_hdf5(url, "hdf5" if url.lower().endswith((".h5", ".hdf5")) else "zarr")
-    fs, root = filesystem(url)
     check_reachable(url)
+    fs, root = filesystem(url)
     if storage_call(url, fs.exists, f"{root}/zarr.json"):
         return "zarr"
-    if not keys(url):
+    if not _top(url):
         raise ArchiveNotFoundError(f"no archive at {url!r}")
     raise ArchiveCorruptError(
         f"{url!r} holds objects but no zarr.json: not an attnscope Zarr archive"
     )
+
+
+def refuse_by_suffix(url: str) -> None:
+    """:func:`refuse_hdf5` for the format a URL's suffix names (before any request)."""
+    refuse_hdf5(url, "hdf5" if url.lower().endswith((".h5", ".hdf5")) else "zarr")
 
 
 def refuse_hdf5(path: str, fmt: str) -> None:

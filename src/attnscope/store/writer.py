@@ -107,8 +107,9 @@ class ArchiveWriter:
         Parameters
         ----------
         path
-            Directory (Zarr, default), ``*.zarr.zip`` (Zarr zip, not crash-safe) or
-            ``*.h5`` / ``*.hdf5`` (HDF5).
+            Directory (Zarr, default), ``*.zarr.zip`` (Zarr zip, not crash-safe),
+            ``*.h5`` / ``*.hdf5`` (HDF5), or an fsspec URL of a Zarr archive
+            (``s3://bucket/run.zarr``; see ``docs/archive-format.md``).
         layout
             Token layout of both sides; fixes ``T`` and ``S`` of every array.
         spec
