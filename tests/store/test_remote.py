@@ -230,6 +230,7 @@ def test_kill9_during_capture_to_s3_then_resume(url, endpoint, tmp_path) -> None
         n = a.n_samples
         assert n >= 2 and n % 2 == 0
     # the killed writer's lease object is stale (its pid is dead here): resume takes over
+    assert remote.keys(url + "/.attnscope-locks") == ["all.json"]
     data = ref_data.batches(n // 2 + 2)
     torch.manual_seed(0)
     s = capture(Transformer(32, 16, 4, 2, 2).eval(), data, url, resume=True, progress=False)
@@ -242,6 +243,7 @@ def test_kill9_during_capture_to_s3_then_resume(url, endpoint, tmp_path) -> None
         for name in b.arrays():
             np.testing.assert_array_equal(a[name][:], b[name][:])
     assert verify(url).ok
+    assert not remote.keys(url + "/.attnscope-locks")
 
 
 def test_second_writer_on_s3_is_refused(url) -> None:
@@ -328,3 +330,25 @@ def test_file_url_is_a_local_path(tmp_path) -> None:
     assert (tmp_path / "f.zarr" / "zarr.json").is_file()
     with open_archive(tmp_path / "f.zarr") as a:
         assert a.n_samples == 2
+
+
+def test_storage_options_from_env_and_prefixes(monkeypatch) -> None:
+    # gs:// here: the module's server registered options for every s3:// URL
+    monkeypatch.setenv(remote.ENV_OPTIONS, json.dumps({"anon": False, "endpoint_url": "a"}))
+    remote.set_storage_options("gs://attnscope-opts/", {"endpoint_url": "b"})
+    remote.set_storage_options("gs://attnscope-opts/deep/", {"endpoint_url": "c"})
+    try:
+        assert remote.storage_options("gs://attnscope-opts/x.zarr") == {
+            "anon": False, "endpoint_url": "b"}
+        assert remote.storage_options("gs://attnscope-opts/deep/x.zarr")["endpoint_url"] == "c"
+        assert remote.storage_options("gs://other/x.zarr")["endpoint_url"] == "a"
+    finally:
+        remote.set_storage_options("gs://attnscope-opts/", None)
+        remote.set_storage_options("gs://attnscope-opts/deep/", None)
+    monkeypatch.setenv(remote.ENV_OPTIONS, "{not json")
+    with pytest.raises(ConfigError, match=remote.ENV_OPTIONS):
+        remote.storage_options("s3://b/x.zarr")
+    with pytest.raises(ConfigError, match="names no bucket"):
+        open_archive("s3:///run.zarr")
+    with pytest.raises(ConfigError, match="is not a URL"):
+        remote.set_storage_options("bucket/", {})

@@ -57,7 +57,7 @@ BUCKET_PROTOCOLS = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "
 #: the fsspec backend package of common protocols (its extra, if any: ``_extras.EXTRA_OF``)
 BACKENDS = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs",
             "abfs": "adlfs", "abfss": "adlfs"}  # fmt: skip
-_URL = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
+_URL = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]+)://")  # two letters at least: not C://
 _registered: dict[str, dict[str, Any]] = {}
 _reachable: set[tuple[str, str]] = set()  # (url, options) whose credentials and bucket passed
 T = TypeVar("T")
@@ -87,7 +87,7 @@ def fspath(path: str | os.PathLike[str]) -> str:
         u = urlparse(p)
         local = u.netloc in ("", "localhost")
         return unquote(u.path if local else f"//{u.netloc}{u.path}")
-    return p
+    return p.rstrip("/") if _scheme(p) is not None else p
 
 
 def absolute(path: str) -> str:
@@ -238,6 +238,11 @@ def storage_call(url: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T
                 f"no credentials for {url!r}; expected AWS_ACCESS_KEY_ID and "
                 f"AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), storage options key/secret via "
                 f"{ENV_OPTIONS} or set_storage_options, or anon=True for a public bucket"
+            ) from e
+        if names & {"EndpointConnectionError", "ConnectTimeoutError", "ClientConnectorError"}:
+            raise ConfigError(
+                f"cannot reach the storage service of {url!r} ({_first_line(e)}); expected a "
+                "reachable endpoint (storage option endpoint_url, or AWS_ENDPOINT_URL)"
             ) from e
         if isinstance(e, PermissionError):
             raise ConfigError(
