@@ -162,6 +162,9 @@ def test_capture_to_s3_then_analyze_render_equal_local(url, tmp_path) -> None:
 
     data = ref_data.batches(3)
     local = tmp_path / "local.zarr"
+    torch.manual_seed(0)
+    dry = capture(Transformer(32, 16, 4, 2, 2).eval(), data, url, dry_run=True, progress=False)
+    assert dry.free_bytes is None and dry.warning is None and not remote.exists(url)
     for where in (url, local):
         torch.manual_seed(0)
         m = Transformer(32, 16, 4, 2, 2).eval()
@@ -198,6 +201,16 @@ def test_capture_to_s3_then_analyze_render_equal_local(url, tmp_path) -> None:
         assert got[k].read_bytes() == want[k].read_bytes(), k
 
 
+def _committed(url: str) -> int:
+    """The main writer's committed count, from its commit record alone (one GET)."""
+    fs, root = remote.filesystem(url)
+    try:
+        doc = json.loads(fs.cat_file(f"{root}/_commits/main/zarr.json"))
+    except FileNotFoundError:
+        return 0
+    return int(doc["attributes"]["attnscope"]["committed"])
+
+
 def test_kill9_during_capture_to_s3_then_resume(url, endpoint, tmp_path) -> None:
     torch = pytest.importorskip("torch")
     from attnscope.capture import Transformer, capture
@@ -222,13 +235,15 @@ def test_kill9_during_capture_to_s3_then_resume(url, endpoint, tmp_path) -> None
                             env=env)  # fmt: skip
     try:
         assert proc.stdout.readline().strip() == "ready"
-        time.sleep(0.3)
+        deadline = time.monotonic() + 60  # a guard against a hang, not a timing assertion
+        while _committed(url) < 4 and time.monotonic() < deadline:
+            time.sleep(0.05)  # kill only once two batches are committed (the writer lags)
     finally:
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
     with open_archive(url) as a:
         n = a.n_samples
-        assert n >= 2 and n % 2 == 0
+        assert n >= 4 and n % 2 == 0
     # the killed writer's lease object is stale (its pid is dead here): resume takes over
     assert remote.keys(url + "/.attnscope-locks") == ["all.json"]
     data = ref_data.batches(n // 2 + 2)
