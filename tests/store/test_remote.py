@@ -261,6 +261,20 @@ def test_kill9_during_capture_to_s3_then_resume(url, endpoint, tmp_path) -> None
     assert not remote.keys(url + "/.attnscope-locks")
 
 
+def test_kill_between_data_and_commit_on_s3_hides_torn_batch(url, endpoint, monkeypatch):
+    """The store's own crash test on S3: SIGKILL after a batch's chunk PUTs, before the PUT
+    of its commit record (chunks of 4 samples, batches of 6: partial chunks rewritten)."""
+    from .test_store_crash_lock_verify import check_after_crash, run_child
+
+    monkeypatch.setenv(remote.ENV_OPTIONS, json.dumps({"endpoint_url": endpoint, **KEYS}))
+    proc = run_child(url, die_at=3)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == -signal.SIGKILL
+    assert out.split() == ["6", "12", "18"]
+    assert _committed(url) == 18
+    check_after_crash(url, 3)
+
+
 def test_second_writer_on_s3_is_refused(url) -> None:
     _write(url, False, batches=1)
     with ArchiveWriter.open(url):
