@@ -381,3 +381,10 @@ def test_storage_options_from_env_and_prefixes(monkeypatch) -> None:
         open_archive("s3:///run.zarr")
     with pytest.raises(ConfigError, match="is not a URL"):
         remote.set_storage_options("bucket/", {})
+    monkeypatch.delenv(remote.ENV_OPTIONS)
+    remote.set_storage_options("s3://attnscope-badopts/", {"endpoint": "x"})  # endpoint_url
+    try:
+        with pytest.raises(ConfigError, match=r"bad storage options \[.*'endpoint'"):
+            open_archive("s3://attnscope-badopts/run.zarr")
+    finally:
+        remote.set_storage_options("s3://attnscope-badopts/", None)

@@ -178,13 +178,16 @@ def _backend_error(url: str, e: BaseException) -> MissingExtraError | ConfigErro
     scheme = _scheme(url) or ""
     if isinstance(e, ImportError):
         pkg = BACKENDS.get(scheme)
-        extra = EXTRA_OF.get(pkg or "")
-        how = f"pip install 'attnscope[{extra}]'" if extra else f"pip install {pkg}"
         if pkg is None:
-            how = f"pip install the fsspec backend of {scheme}:// ({_first_line(e)})"
+            return MissingExtraError(
+                f"{url!r} needs an fsspec backend for {scheme}:// that is not installed "
+                f"({_first_line(e)}); expected its package installed"
+            )
+        extra = EXTRA_OF.get(pkg)
+        how = f"pip install 'attnscope[{extra}]'" if extra else f"pip install {pkg}"
         return MissingExtraError(
-            f"{url!r} needs the fsspec backend of {scheme}:// ({pkg or 'unknown package'}), "
-            f"which is not installed; install it with: {how}"
+            f"{url!r} needs the fsspec backend of {scheme}:// ({pkg}), which is not "
+            f"installed; install it with: {how}"
         )
     return ConfigError(
         f"{url!r}: unknown URL protocol {scheme!r}; expected a protocol fsspec supports "
@@ -200,10 +203,13 @@ def filesystem(url: str) -> tuple[Any, str]:
         raise missing_extra_error("fsspec", f"the archive URL {url!r}") from e
     try:
         fs, path = url_to_fs(url, **storage_options(url))
-    except (ImportError, ValueError) as e:
-        if isinstance(e, ValueError) and "protocol" not in str(e).lower():
-            raise ConfigError(f"{url!r}: bad storage options or URL ({e})") from e
-        raise _backend_error(url, e) from e
+    except (ImportError, ValueError, TypeError) as e:
+        if isinstance(e, ImportError) or "protocol not known" in str(e).lower():
+            raise _backend_error(url, e) from e
+        raise ConfigError(
+            f"{url!r}: bad storage options {sorted(storage_options(url))} or URL "
+            f"({_first_line(e)}); expected options the {_scheme(url)}:// filesystem accepts"
+        ) from e
     return fs, path.rstrip("/")
 
 
@@ -243,6 +249,11 @@ def storage_call(url: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T
             raise ConfigError(
                 f"cannot reach the storage service of {url!r} ({_first_line(e)}); expected a "
                 "reachable endpoint (storage option endpoint_url, or AWS_ENDPOINT_URL)"
+            ) from e
+        if isinstance(e, TypeError) and "unexpected keyword argument" in str(e):
+            raise ConfigError(
+                f"{url!r}: bad storage options {sorted(storage_options(url))} "
+                f"({_first_line(e)}); expected options the {_scheme(url)}:// filesystem accepts"
             ) from e
         if isinstance(e, PermissionError):
             raise ConfigError(
