@@ -344,6 +344,10 @@ CASES: dict[str, Callable[[Path], list[str]]] = {
     "capture to an HDF5 URL": lambda w: _capture(w, "--out", "s3://bucket/run.h5"),
     "info of an HDF5 URL": lambda w: ["info", "s3://bucket/run.h5"],
     "verify of a zip URL": lambda w: ["verify", "memory://attnscope-cli/run.zarr.zip"],
+    "analyze tables out to a URL": lambda w: [
+        "analyze", str(w / "x.zarr"), "--out", "s3://bucket/tables"],
+    "render figures out to a URL": lambda w: [
+        "render", str(w / "x.zarr"), "--out", "s3://bucket/figs"],
     "info of an S3 URL without a bucket": lambda w: ["info", "s3:///run.zarr"],
     "info of an unknown URL protocol": lambda w: ["info", "nosuchproto://bucket/run.zarr"],
     "analyze a memory URL holding nothing": lambda w: [

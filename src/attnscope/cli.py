@@ -94,6 +94,22 @@ class _Archive(click.ParamType):
 
 ARCHIVE = _Archive()
 
+
+class _LocalPath(click.Path):
+    """A local output or table folder: a URL is refused (``Path`` would fold ``s3://b/t``
+    into a local folder ``s3:/b/t``)."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        from attnscope.store.remote import is_url
+
+        if isinstance(value, str) and is_url(value):
+            self.fail(f"{value!r} is a URL; tables, figures and reports are local files only, "
+                      "expected a local path", param, ctx)  # fmt: skip
+        return super().convert(value, param, ctx)
+
+
+LOCAL = _LocalPath(path_type=Path)
+
 layers_opt = click.option("--layers", callback=_int_list, help="Layer indices, e.g. '0,2', '0-3'.")
 heads_opt = click.option("--heads", callback=_int_list, help="Head indices, e.g. '0,3'.")
 kinds_opt = click.option(
@@ -293,7 +309,7 @@ def verify(archive: Path, tolerance: float) -> None:
 
 @cli.command()
 @click.argument("archive", type=ARCHIVE)
-@click.option("--out", type=click.Path(path_type=Path), required=True, help="Tables folder.")
+@click.option("--out", type=LOCAL, required=True, help="Tables folder.")
 @click.option("--topk", default=10, show_default=True, help="Top pairs per head.")
 @click.option("--sink-token", default=0, show_default=True, help="Token for the sink score.")
 @click.option("--workers", default=1, show_default=True, help="Local parallel workers.")
@@ -333,7 +349,7 @@ def _selection(ctx: click.Context, param: click.Parameter, value: str | None) ->
 
 @cli.command()
 @click.argument("archive", type=ARCHIVE)
-@click.option("--out", type=click.Path(path_type=Path), required=True, help="Figures folder.")
+@click.option("--out", type=LOCAL, required=True, help="Figures folder.")
 @click.option("--layers", callback=_selection, help="Layer indices, e.g. '0,2', '0-3'.")
 @click.option("--heads", callback=_selection, help="Head indices, e.g. '0,3'.")
 @click.option("--samples", callback=_selection, help="Sample indices (default: 0).")
@@ -341,7 +357,7 @@ def _selection(ctx: click.Context, param: click.Parameter, value: str | None) ->
 @click.option("--what", callback=_str_list, default=None,
               help=f"Figure families, any of {','.join(FIGURE_KINDS)} (default: all; "
                    "tables only with --tables, overlay for image groups, timeline with its table).")
-@click.option("--tables", "tables_dir", type=click.Path(path_type=Path), default=None,
+@click.option("--tables", "tables_dir", type=LOCAL, default=None,
               help="Tables folder written by `attnscope analyze` for this archive "
                    "(needed for --what tables).")
 @click.option("--fmt", type=click.Choice(FIGURE_FORMATS), default="png", show_default=True)
@@ -385,10 +401,10 @@ def render(archive: Path, out: Path, layers: list[int] | None, heads: list[int] 
 
 @cli.command()
 @click.argument("archive", type=ARCHIVE)
-@click.option("--tables", "tables_dir", type=click.Path(path_type=Path), default=None,
+@click.option("--tables", "tables_dir", type=LOCAL, default=None,
               help="Tables folder written by `attnscope analyze` for this archive (default: "
                    "analyse into a temporary folder, removed afterwards).")
-@click.option("--out", type=click.Path(path_type=Path), default=Path("report.html"),
+@click.option("--out", type=LOCAL, default=Path("report.html"),
               show_default=True)
 @click.option("--sample", default=0, show_default=True, help="Sample shown when it opens.")
 @click.option("--samples", callback=_selection,
@@ -426,7 +442,7 @@ def report(archive: Path, tables_dir: Path | None, out: Path, sample: int,
 
 @cli.command()
 @click.argument("archive", type=ARCHIVE)
-@click.option("--out", type=click.Path(path_type=Path), required=True,
+@click.option("--out", type=LOCAL, required=True,
               help="Folder for rollout.parquet (and rollout/ figures).")
 @click.option("--samples", callback=_selection,
               help="Samples to roll out, e.g. '0-3,9' (default: all).")
@@ -463,7 +479,7 @@ def rollout(archive: Path, out: Path, samples: list[int] | None, heads: list[int
 @cli.command()
 @click.argument("archive_a", type=ARCHIVE)
 @click.argument("archive_b", type=ARCHIVE)
-@click.option("--out", type=click.Path(path_type=Path), required=True,
+@click.option("--out", type=LOCAL, required=True,
               help="Folder for diff.parquet (and diff/ figures).")
 @click.option("--figures", is_flag=True,
               help="Also draw B - A heatmaps (head mean) and per-layer/head JS summaries.")
