@@ -361,6 +361,18 @@ CASES: dict[str, Callable[[Path], list[str]]] = {
     "demo batch size -1": lambda w: ["demo", "--out", str(w / "demo"), "--batch-size", "-1"],
     "demo batches 0": lambda w: ["demo", "--out", str(w / "demo"), "--batches", "0"],
     "demo out is a file": lambda w: ["demo", "--out", _file(w)],
+    # archive URLs refused before any request (no server needed)
+    "capture to an HDF5 URL": lambda w: _capture(w, "--out", "s3://bucket/run.h5"),
+    "info of an HDF5 URL": lambda w: ["info", "s3://bucket/run.h5"],
+    "verify of a zip URL": lambda w: ["verify", "memory://attnscope-cli/run.zarr.zip"],
+    "analyze tables out to a URL": lambda w: [
+        "analyze", str(w / "x.zarr"), "--out", "s3://bucket/tables"],
+    "render figures out to a URL": lambda w: [
+        "render", str(w / "x.zarr"), "--out", "s3://bucket/figs"],
+    "info of an S3 URL without a bucket": lambda w: ["info", "s3:///run.zarr"],
+    "info of an unknown URL protocol": lambda w: ["info", "nosuchproto://bucket/run.zarr"],
+    "analyze a memory URL holding nothing": lambda w: [
+        "analyze", "memory://attnscope-cli-none/run.zarr", "--out", str(w / "t")],
     # every reading command on an array whose metadata is junk
     **{f"{cmd} junk array zarr.json": _junk_array_meta(cmd)
        for cmd in ("info", "verify", "analyze", "render", "report")},

@@ -2,7 +2,7 @@
 
 The core install (``pip install attnscope``: store, analysis, render, CLI) needs no torch
 and no Dask; capture needs ``attnscope[capture]``, Hugging Face models ``attnscope[hf]``,
-Dask clusters and xarray/dask views ``attnscope[dask]``.
+Dask clusters and xarray/dask views ``attnscope[dask]``, archives on S3 ``attnscope[s3]``.
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ EXTRA_OF = {
     "dask": "dask",
     "distributed": "dask",
     "xarray": "dask",
+    "fsspec": "s3",
+    "s3fs": "s3",
 }
 
 

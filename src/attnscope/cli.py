@@ -78,6 +78,38 @@ def _str_list(ctx: click.Context, param: click.Parameter, value: str | None) -> 
     return None if value is None else [v.strip() for v in value.split(",") if v.strip()]
 
 
+class _Archive(click.ParamType):
+    """An archive path (``pathlib.Path``) or fsspec URL (kept whole: ``Path`` would fold
+    ``s3://`` into ``s3:/``)."""
+
+    name = "archive"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if not isinstance(value, str):
+            return value
+        from attnscope.store.remote import as_archive_path
+
+        return as_archive_path(value)
+
+
+ARCHIVE = _Archive()
+
+
+class _LocalPath(click.Path):
+    """A local output or table folder: a URL is refused (``Path`` would fold ``s3://b/t``
+    into a local folder ``s3:/b/t``)."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        from attnscope.store.remote import is_url
+
+        if isinstance(value, str) and is_url(value):
+            self.fail(f"{value!r} is a URL; tables, figures and reports are local files only, "
+                      "expected a local path", param, ctx)  # fmt: skip
+        return super().convert(value, param, ctx)
+
+
+LOCAL = _LocalPath(path_type=Path)
+
 layers_opt = click.option("--layers", callback=_int_list, help="Layer indices, e.g. '0,2', '0-3'.")
 heads_opt = click.option("--heads", callback=_int_list, help="Head indices, e.g. '0,3'.")
 kinds_opt = click.option(
@@ -148,7 +180,8 @@ def demo(out: Path, fmt: str | None, batches: int, batch_size: int, seed: int,
 @click.option("--batches", default=4, show_default=True, help="Batches of synthetic inputs.")
 @click.option("--batch-size", default=8, show_default=True)
 @click.option("--seq-len", default=32, show_default=True, help="HF synthetic sequence length.")
-@click.option("--out", type=click.Path(path_type=Path), required=True, help="Archive path.")
+@click.option("--out", type=ARCHIVE, required=True,
+              help="Archive path or URL (s3://bucket/run.zarr).")
 @format_opt
 @layers_opt
 @heads_opt
@@ -251,7 +284,7 @@ def _torchrun_rank() -> tuple[int | None, int | None]:
 
 
 @cli.command()
-@click.argument("archive", type=click.Path(path_type=Path))
+@click.argument("archive", type=ARCHIVE)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def info(archive: Path, as_json: bool) -> None:
     """Summarise an archive: layout, arrays, committed samples, provenance.
@@ -266,7 +299,7 @@ def info(archive: Path, as_json: bool) -> None:
 
 
 @cli.command()
-@click.argument("archive", type=click.Path(path_type=Path))
+@click.argument("archive", type=ARCHIVE)
 @click.option("--tolerance", default=1e-2, show_default=True, help="Row-sum tolerance.")
 def verify(archive: Path, tolerance: float) -> None:
     """Check structure, committed counts, row sums and NaN/Inf; exit 1 on any problem.
@@ -286,8 +319,8 @@ def verify(archive: Path, tolerance: float) -> None:
 
 
 @cli.command()
-@click.argument("archive", type=click.Path(path_type=Path))
-@click.option("--out", type=click.Path(path_type=Path), required=True, help="Tables folder.")
+@click.argument("archive", type=ARCHIVE)
+@click.option("--out", type=LOCAL, required=True, help="Tables folder.")
 @click.option("--topk", default=10, show_default=True, help="Top pairs per head.")
 @click.option("--sink-token", default=0, show_default=True, help="Token for the sink score.")
 @click.option("--workers", default=1, show_default=True, help="Local parallel workers.")
@@ -326,8 +359,8 @@ def _selection(ctx: click.Context, param: click.Parameter, value: str | None) ->
 
 
 @cli.command()
-@click.argument("archive", type=click.Path(path_type=Path))
-@click.option("--out", type=click.Path(path_type=Path), required=True, help="Figures folder.")
+@click.argument("archive", type=ARCHIVE)
+@click.option("--out", type=LOCAL, required=True, help="Figures folder.")
 @click.option("--layers", callback=_selection, help="Layer indices, e.g. '0,2', '0-3'.")
 @click.option("--heads", callback=_selection, help="Head indices, e.g. '0,3'.")
 @click.option("--samples", callback=_selection, help="Sample indices (default: 0).")
@@ -335,7 +368,7 @@ def _selection(ctx: click.Context, param: click.Parameter, value: str | None) ->
 @click.option("--what", callback=_str_list, default=None,
               help=f"Figure families, any of {','.join(FIGURE_KINDS)} (default: all; "
                    "tables only with --tables, overlay for image groups, timeline with its table).")
-@click.option("--tables", "tables_dir", type=click.Path(path_type=Path), default=None,
+@click.option("--tables", "tables_dir", type=LOCAL, default=None,
               help="Tables folder written by `attnscope analyze` for this archive "
                    "(needed for --what tables).")
 @click.option("--fmt", type=click.Choice(FIGURE_FORMATS), default="png", show_default=True)
@@ -378,11 +411,11 @@ def render(archive: Path, out: Path, layers: list[int] | None, heads: list[int] 
 
 
 @cli.command()
-@click.argument("archive", type=click.Path(path_type=Path))
-@click.option("--tables", "tables_dir", type=click.Path(path_type=Path), default=None,
+@click.argument("archive", type=ARCHIVE)
+@click.option("--tables", "tables_dir", type=LOCAL, default=None,
               help="Tables folder written by `attnscope analyze` for this archive (default: "
                    "analyse into a temporary folder, removed afterwards).")
-@click.option("--out", type=click.Path(path_type=Path), default=Path("report.html"),
+@click.option("--out", type=LOCAL, default=Path("report.html"),
               show_default=True)
 @click.option("--sample", default=0, show_default=True, help="Sample shown when it opens.")
 @click.option("--samples", callback=_selection,
@@ -419,8 +452,8 @@ def report(archive: Path, tables_dir: Path | None, out: Path, sample: int,
 
 
 @cli.command()
-@click.argument("archive", type=click.Path(path_type=Path))
-@click.option("--out", type=click.Path(path_type=Path), required=True,
+@click.argument("archive", type=ARCHIVE)
+@click.option("--out", type=LOCAL, required=True,
               help="Folder for rollout.parquet (and rollout/ figures).")
 @click.option("--samples", callback=_selection,
               help="Samples to roll out, e.g. '0-3,9' (default: all).")
@@ -455,9 +488,9 @@ def rollout(archive: Path, out: Path, samples: list[int] | None, heads: list[int
 
 
 @cli.command()
-@click.argument("archive_a", type=click.Path(path_type=Path))
-@click.argument("archive_b", type=click.Path(path_type=Path))
-@click.option("--out", type=click.Path(path_type=Path), required=True,
+@click.argument("archive_a", type=ARCHIVE)
+@click.argument("archive_b", type=ARCHIVE)
+@click.option("--out", type=LOCAL, required=True,
               help="Folder for diff.parquet (and diff/ figures).")
 @click.option("--figures", is_flag=True,
               help="Also draw B - A heatmaps (head mean) and per-layer/head JS summaries.")

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from attnscope.store.footprint import Footprint
+from attnscope.store.remote import is_url
 
 __all__ = ["DryRunReport", "planned_samples", "report"]
 
@@ -37,7 +38,7 @@ class DryRunReport:
     bytes_compressed: int  # measured by encoding the batch; whole job or per batch
     files: int  # files the job will create (per batch when samples is None)
     chunks: int  # chunks the job will create (per batch when samples is None)
-    free_bytes: int  # free space at the nearest existing parent of the destination
+    free_bytes: int | None  # free space at the destination's nearest existing parent; None: a URL
     footprint: Footprint = field(repr=False)  # the measured fixed and per-batch parts
 
     @property
@@ -48,7 +49,7 @@ class DryRunReport:
     @property
     def warning(self) -> str | None:
         """One line when the compressed total exceeds the free space at the destination."""
-        if self.bytes_compressed <= self.free_bytes:
+        if self.free_bytes is None or self.bytes_compressed <= self.free_bytes:
             return None
         return (
             f"warning: the archive needs about {self.bytes_compressed / MB:.1f} MB but only "
@@ -80,7 +81,9 @@ class DryRunReport:
             f"    uncompressed {self.bytes_uncompressed / MB:,.1f} MB, compressed "
             f"{self.bytes_compressed / MB:,.1f} MB (x{ratio:.2f}, measured on batch 0)",
             f"    {self.chunks:,} chunks in {self.files:,} files",
-            f"  free at destination: {self.free_bytes / MB:,.1f} MB",
+            "  free at destination: "
+            + ("not known (object storage)" if self.free_bytes is None
+               else f"{self.free_bytes / MB:,.1f} MB"),
         ]
         if self.warning:
             lines.append(self.warning)
@@ -114,5 +117,5 @@ def report(
         archive=archive, archive_format=fmt, dtype=dtype, batch_size=bsz,
         bytes_per_sample=dict(per_sample), samples=samples, batches=n_batches,
         bytes_uncompressed=raw, bytes_compressed=nbytes, files=files, chunks=chunks,
-        free_bytes=shutil.disk_usage(where).free, footprint=fp,
+        free_bytes=None if is_url(where) else shutil.disk_usage(where).free, footprint=fp,
     )  # fmt: skip

@@ -48,6 +48,7 @@ from attnscope.store import (
 )
 from attnscope.store.footprint import check_writable, measure_footprint
 from attnscope.store.meta import INPUT_HASH_KEYS, archive_format
+from attnscope.store.remote import as_archive_path
 
 __all__ = ["capture", "CaptureSummary", "CaptureOptions", "DryRunReport"]
 
@@ -227,7 +228,7 @@ def capture(
         generate=generate, max_length=max_length, dry_run=dry_run, query_block=query_block,
         rows=rows,
     )  # fmt: skip
-    return _Job(model, batches, Path(archive_path), opts).run()
+    return _Job(model, batches, as_archive_path(archive_path), opts).run()
 
 
 class _Job:

@@ -8,7 +8,8 @@ Modules, one job each: ``names`` (array names), ``codecs`` (dtype encodings),
 ``batch`` (what one appended batch must look like), ``writer`` (``ArchiveWriter``),
 ``reader`` (``open_archive``, ``AttentionArchive``, ``AttentionArray``), ``views``
 (dask / xarray), ``verify`` (``verify`` / ``info``); ``_base`` is the backend interface,
-``_zarr`` and ``_hdf5`` its two implementations, ``_lock`` the writer leases.
+``_zarr`` and ``_hdf5`` its two implementations, ``_lock`` the writer leases, ``remote``
+archives at fsspec URLs (``s3://bucket/run.zarr``; Zarr only).
 """
 
 from attnscope.store._base import choose_chunks
@@ -17,6 +18,7 @@ from attnscope.store.layout import Segment, SideLayout, TokenLayout
 from attnscope.store.meta import SCHEMA_VERSION, archive_format, holds_no_data, refuse_existing
 from attnscope.store.names import array_name, flatten_weights, parse_array_name
 from attnscope.store.reader import AttentionArchive, AttentionArray, open_archive
+from attnscope.store.remote import set_storage_options
 from attnscope.store.spec import ArchiveSpec, batch_chunk_samples
 from attnscope.store.verify import VerifyReport, format_info, info, verify
 from attnscope.store.writer import ArchiveWriter
@@ -29,6 +31,7 @@ __all__ = [
     "AttentionArchive",
     "AttentionArray",
     "open_archive",
+    "set_storage_options",
     "info",
     "format_info",
     "verify",

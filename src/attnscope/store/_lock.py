@@ -20,7 +20,7 @@ from typing import Any
 
 from attnscope.errors import ArchiveLockedError
 
-__all__ = ["Lease", "lock_dir"]
+__all__ = ["Lease", "lock_dir", "alive", "overlap"]
 
 ALL = "all"
 LOCK_DIR_NAME = ".attnscope-locks"
@@ -34,7 +34,7 @@ def lock_dir(path: str, *, inside: bool) -> str:
     return path + LOCK_DIR_NAME
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -80,7 +80,7 @@ def _mutex(d: str):  # type: ignore[no-untyped-def]
             os.close(fd)  # releases the flock
 
 
-def _overlap(a: tuple[int, int] | None, b: tuple[int, int] | None) -> bool:
+def overlap(a: tuple[int, int] | None, b: tuple[int, int] | None) -> bool:
     if a is None or b is None:
         return True
     return a[0] < b[1] and b[0] < a[1]
@@ -116,11 +116,11 @@ class Lease:
                 if (
                     rec.get("host") == me
                     and isinstance(rec.get("pid"), int)
-                    and not _alive(rec["pid"])
+                    and not alive(rec["pid"])
                 ):
                     os.remove(full)  # stale: its writer died on this host
                     continue
-                if _overlap(self.range, other):  # type: ignore[arg-type]
+                if overlap(self.range, other):  # type: ignore[arg-type]
                     want = (
                         "the whole archive" if self.range is None else f"samples {list(self.range)}"
                     )

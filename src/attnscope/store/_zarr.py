@@ -9,7 +9,10 @@ range exists on disk and a missing one means damage, not zeros.
 Every chunk ends with a crc32c checksum (zarr's ``Crc32cCodec``), so a flipped byte
 fails on read; archives written before it have none and read as before.
 
-The direct chunk writer of ``LocalStore`` arrays lives in :mod:`._zarr_direct`.
+The direct chunk writer of ``LocalStore`` arrays lives in :mod:`._zarr_direct`. An
+fsspec URL (``s3://bucket/run.zarr``) opens an ``FsspecStore`` (:mod:`.remote`): each
+chunk and metadata document is one PUT, which object stores apply whole, so the same
+order (chunks, then the commit record) gives the same guarantees.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import zarr
 from zarr.storage import LocalStore, WrapperStore, ZipStore
 
 from attnscope.errors import ArchiveCorruptError, ArchiveNotFoundError, ConfigError
+from attnscope.store import remote
 from attnscope.store._base import ArrayHandle, Backend, Write, chunk_ranges
 from attnscope.store._zarr_direct import direct_plan
 
@@ -110,12 +114,23 @@ class _ZarrArray(ArrayHandle):
         listed yet stats its few chunk files instead (a head figure needs no listing of
         a long-context array's many thousand chunks)."""
         base = self._b._store._store if self._b is not None else None
-        if self._stored is None and isinstance(base, LocalStore):
+        if self._stored is None and base is not None and not isinstance(base, ZipStore):
             idxs = list(product(*chunk_ranges(sel, self.chunks)))
             if len(idxs) <= SMALL_READ_CHUNKS:
+                if not isinstance(base, LocalStore):  # object storage: one HEAD per chunk
+                    return self._missing_remote(base, idxs)
                 root = os.path.join(str(base.root), *self.name.split("/"), "c")
                 return [i for i in idxs if not os.path.isfile(os.path.join(root, *map(str, i)))]
         return super().missing_in(sel)
+
+    def _missing_remote(self, base: Any, idxs: list[tuple[int, ...]]) -> list[tuple[int, ...]]:
+        from zarr.core.sync import sync
+
+        async def _all() -> list[bool]:
+            keys = [f"{self.name}/c/" + "/".join(map(str, i)) for i in idxs]
+            return list(await asyncio.gather(*(base.exists(k) for k in keys)))
+
+        return [i for i, ok in zip(idxs, sync(_all())) if not ok]
 
     def write(self, sel: tuple[slice, ...], data: np.ndarray) -> None:
         if self._b is not None:
@@ -146,12 +161,16 @@ class ZarrBackend(Backend):
         self.path = str(path)
         self.writable = mode != "r"
         is_zip = self.path.endswith(".zip")
-        exists = os.path.exists(self.path)
+        url = remote.is_url(self.path)
+        exists = remote.exists(self.path) if url and mode == "r" else os.path.exists(self.path)
         if mode == "r" and not exists:
             raise ArchiveNotFoundError(f"no archive at {self.path!r}")
-        if is_zip:
+        if url:
+            remote.refuse_hdf5(self.path, self.format)  # zip: local files only
+            base: Any = remote.open_store(self.path, read_only=(mode == "r"))
+        elif is_zip:
             if mode == "r":
-                base: Any = ZipStore(self.path, mode="r", read_only=True)
+                base = ZipStore(self.path, mode="r", read_only=True)
             else:
                 base = ZipStore(self.path, mode="a" if exists and mode == "a" else "w")
         else:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from attnscope.errors import ConfigError
+from attnscope.store import remote
 from attnscope.store._lock import LOCK_DIR_NAME
 from attnscope.store.layout import TokenLayout
 from attnscope.store.meta import archive_format
@@ -106,7 +107,12 @@ def _measure(path: str, fmt: str) -> tuple[int, int, int]:
 
 def check_writable(path: str | os.PathLike[str]) -> str:
     """The nearest existing parent of ``path`` (or ``path`` itself), if this process may
-    create the archive there; a one-line :class:`ConfigError` otherwise. Creates nothing."""
+    create the archive there; a one-line :class:`ConfigError` otherwise. Creates nothing.
+    A URL is checked for its backend, credentials and bucket, and returned as is."""
+    if remote.is_url(path):
+        url = remote.fspath(path)
+        remote.check_reachable(url)
+        return url
     p = os.path.abspath(os.fspath(path))
     probe = p if os.path.exists(p) else os.path.dirname(p)
     while not os.path.exists(probe):

@@ -23,6 +23,7 @@ from attnscope.errors import (
     ConfigError,
     InputError,
 )
+from attnscope.store import remote
 from attnscope.store._base import Backend
 from attnscope.store._lock import LOCK_DIR_NAME, locks_inside
 from attnscope.store.codecs import storage_dtype
@@ -241,18 +242,23 @@ def _query_rows(given: Any, layout: TokenLayout) -> dict[str, list[int]] | None:
 
 def archive_format(path: str | os.PathLike, format: str | None = None) -> str:
     """The format a new archive at ``path`` gets: ``format``, else ``.h5``/``.hdf5`` -> hdf5,
-    anything else zarr."""
+    anything else zarr. HDF5 at a URL raises :class:`ConfigError` (local files only)."""
+    path = remote.fspath(path)
     if format is not None:
         if format not in FORMATS:
             raise ConfigError(f"unknown format {format!r}; expected one of {FORMATS}")
-        return format
-    return "hdf5" if os.fspath(path).lower().endswith((".h5", ".hdf5")) else "zarr"
+        fmt = format
+    else:
+        fmt = "hdf5" if path.lower().endswith((".h5", ".hdf5")) else "zarr"
+    remote.refuse_hdf5(path, fmt)
+    return fmt
 
 
 def open_backend(path: str, fmt: str, mode: str) -> Backend:
     """The backend of ``fmt`` opened at ``path`` (``"r"``, ``"a"`` or ``"w"``)."""
     if fmt not in FORMATS:
         raise ConfigError(f"unknown format {fmt!r}; expected one of {FORMATS}")
+    remote.refuse_hdf5(path, fmt)
     if fmt == "hdf5":
         from attnscope.store._hdf5 import HDF5Backend
 
@@ -266,9 +272,12 @@ def holds_no_data(path: str | os.PathLike) -> bool:
     """Whether ``path`` is what a writer stopped before its first commit leaves behind.
 
     A directory holding nothing but the writer lock folder (or nothing at all), or a
-    missing file beside its sidecar lock folder (HDF5, zip): an empty archive.
+    missing file beside its sidecar lock folder (HDF5, zip): an empty archive. At a URL:
+    keys exist and all belong to the lock folder.
     """
-    path = os.fspath(path)
+    path = remote.fspath(path)
+    if remote.is_url(path):
+        return remote.holds_no_data(path)
     if os.path.isdir(path):
         return set(os.listdir(path)) <= {LOCK_DIR_NAME}
     return not os.path.exists(path) and os.path.isdir(path + LOCK_DIR_NAME)
@@ -287,6 +296,8 @@ def sniff_format(path: str) -> str:
     """``"zarr"`` or ``"hdf5"`` for an existing archive, from what is on disk."""
     if holds_no_data(path):
         raise ArchiveNotFoundError(no_data_message(path))
+    if remote.is_url(path):
+        return remote.sniff_format(path)
     if not os.path.exists(path):
         raise ArchiveNotFoundError(f"no archive at {path!r}")
     if os.path.isdir(path):
@@ -371,14 +382,17 @@ def refuse_existing(
 ) -> None:
     """Raise :class:`ConfigError` unless a new archive may be created at ``path``: nothing is
     there (or only a writer's lock folder), or ``overwrite`` and it is an archive."""
-    path = os.fspath(path)
+    path = remote.fspath(path)
     refuse_existing_at(path, locks_inside(path, archive_format(path, format)), overwrite)
 
 
 def refuse_existing_at(path: str, inside: bool, overwrite: bool) -> None:
-    if not os.path.exists(path):
+    if remote.is_url(path):
+        if not remote.exists(path) or remote.holds_no_data(path):
+            return  # nothing under the URL, or only a writer's lock objects
+    elif not os.path.exists(path):
         return
-    if inside and os.path.isdir(path) and set(os.listdir(path)) <= {LOCK_DIR_NAME}:
+    elif inside and os.path.isdir(path) and set(os.listdir(path)) <= {LOCK_DIR_NAME}:
         return  # an empty directory (or one holding only our lock folder) is free
     if not overwrite:
         raise ConfigError(

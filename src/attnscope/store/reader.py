@@ -29,6 +29,7 @@ from attnscope.contracts import (
     TOKEN_MASK,
 )
 from attnscope.errors import ArchiveCorruptError, ConfigError, InputError, SelectionError
+from attnscope.store import remote
 from attnscope.store._base import ArrayHandle, MiB
 from attnscope.store.codecs import decode, read_dtype
 from attnscope.store.frames import frame_cameras, frame_handle
@@ -246,7 +247,7 @@ class AttentionArchive:
     """Read-only view of an archive; see :func:`open_archive`."""
 
     def __init__(self, path: str | os.PathLike, *, format: str | None = None) -> None:
-        self.path = os.fspath(path)
+        self.path = remote.fspath(path)
         with damage_is_corruption(self.path):
             self.format = format or sniff_format(self.path)
             if self.format not in FORMATS:
@@ -308,7 +309,7 @@ class AttentionArchive:
         h = hashlib.sha256(json.dumps(self._root, sort_keys=True).encode())
         h.update(f"|{self.n_samples}".encode())
         return {
-            "archive": os.path.abspath(self.path),  # tables checked from any cwd
+            "archive": remote.absolute(self.path),  # tables checked from any cwd
             "schema_version": self.schema_version,
             "n_samples": self.n_samples,
             "fingerprint": h.hexdigest()[:16],
@@ -565,8 +566,8 @@ def open_archive(
     Parameters
     ----------
     path
-        Zarr directory / zip or HDF5 file written by :class:`ArchiveWriter`, or an open
-        :class:`AttentionArchive`.
+        Zarr directory / zip or HDF5 file written by :class:`ArchiveWriter`, a Zarr
+        archive's fsspec URL (``s3://bucket/run.zarr``), or an open :class:`AttentionArchive`.
     format
         ``"zarr"`` or ``"hdf5"``; sniffed from the path when omitted.
 

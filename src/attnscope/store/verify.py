@@ -10,6 +10,7 @@ import numpy as np
 
 from attnscope.contracts import KIND_AXES, QUERY_ROWS
 from attnscope.errors import ArchiveCorruptError, AttnscopeError
+from attnscope.store import remote
 from attnscope.store._base import MiB
 from attnscope.store.meta import holds_no_data, input_hashes, no_data_message
 from attnscope.store.reader import AttentionArchive, open_archive
@@ -58,6 +59,8 @@ class VerifyReport:
 
 
 def _disk_size(path: str) -> int:
+    if remote.is_url(path):
+        return remote.disk_size(path)
     if os.path.isdir(path):
         total = 0
         for root, _dirs, files in os.walk(path):
@@ -105,7 +108,7 @@ def verify(
         Not an attnscope archive, or too damaged to open (e.g. truncated HDF5 header).
     """
     tol = check_tolerance(tolerance)
-    path = os.fspath(path)
+    path = remote.fspath(path)
     if holds_no_data(path):
         return VerifyReport(path=path, ok=True, notes=[no_data_message(path)])
     with open_archive(path) as a:
@@ -311,7 +314,7 @@ def info(path: str | os.PathLike) -> dict[str, Any]:
     ArchiveNotFoundError, ArchiveCorruptError
         As :func:`open_archive`.
     """
-    path = os.fspath(path)
+    path = remote.fspath(path)
     if holds_no_data(path):
         return _empty_info(path)
     with open_archive(path) as a:

@@ -14,6 +14,7 @@ import numpy as np
 
 from attnscope.contracts import DIMS, FORMATS, QUERY_ROWS, SAMPLE_IDS
 from attnscope.errors import ArchiveError, ConfigError, ShapeError
+from attnscope.store import remote
 from attnscope.store._base import ArrayHandle, Backend, Write, choose_chunks
 from attnscope.store._lock import Lease, clear_except_locks, locks_inside
 from attnscope.store.batch import BatchRules, Prepared
@@ -94,7 +95,7 @@ class ArchiveWriter:
 
     def __init__(self) -> None:  # use create() / open()
         self._backend: Backend | None = None
-        self._lease: Lease | None = None
+        self._lease: Lease | remote.RemoteLease | None = None
         self._closed = False
 
     # -- construction -------------------------------------------------------------------
@@ -113,8 +114,9 @@ class ArchiveWriter:
         Parameters
         ----------
         path
-            Directory (Zarr, default), ``*.zarr.zip`` (Zarr zip, not crash-safe) or
-            ``*.h5`` / ``*.hdf5`` (HDF5).
+            Directory (Zarr, default), ``*.zarr.zip`` (Zarr zip, not crash-safe),
+            ``*.h5`` / ``*.hdf5`` (HDF5), or an fsspec URL of a Zarr archive
+            (``s3://bucket/run.zarr``; see ``docs/archive-format.md``).
         layout
             Token layout of both sides; fixes ``T`` and ``S`` of every array.
         spec
@@ -132,16 +134,16 @@ class ArchiveWriter:
         -------
         ArchiveWriter
         """
-        path = os.fspath(path)
+        path = remote.fspath(path)
         fmt = archive_format(path, options.get("format", spec.format if spec else None))
         spec = _resolve_spec(spec, options, fmt)
         meta = root_meta(spec, layout, fmt)
         inside = locks_inside(path, fmt)
         refuse_existing_at(path, inside, overwrite)
         self = cls()
-        self._lease = self._hold(Lease(path, None, inside=inside))
+        self._lease = self._hold(_lease(path, None, inside))
         try:
-            clear_except_locks(path)
+            _clear(path)
             self._backend = open_backend(path, fmt, "w")
             self._backend.write_root_meta(meta)
             self._backend.write_commit(MAIN, 0, 0, 0)
@@ -155,7 +157,7 @@ class ArchiveWriter:
         except BaseException:
             if self._backend is not None:
                 self._backend.close()
-            clear_except_locks(path)  # no half-created archive left behind (the lock is ours)
+            _clear(path)  # no half-created archive left behind (the lock is ours)
             self._lease.release()
             raise
         return self
@@ -184,7 +186,7 @@ class ArchiveWriter:
         format
             Override format detection.
         """
-        path = os.fspath(path)
+        path = remote.fspath(path)
         if mode != "a":
             raise ConfigError(f"ArchiveWriter.open mode must be 'a', got {mode!r}; use create()")
         fmt = format or sniff_format(path)
@@ -194,7 +196,7 @@ class ArchiveWriter:
         if sample_range is not None:
             sample_range = cls._check_range_arg(path, fmt, inside, sample_range)
         self = cls()
-        self._lease = self._hold(Lease(path, sample_range, inside=inside))
+        self._lease = self._hold(_lease(path, sample_range, inside))
         try:
             self._backend = open_backend(path, fmt, "a")
             with damage_is_corruption(path):
@@ -215,8 +217,8 @@ class ArchiveWriter:
         is none: nothing at ``path``, or only the lock folder of a writer that stopped
         before its first commit (an empty archive). What ``resume`` means for capture.
         """
-        path = os.fspath(path)
-        if os.path.exists(path) and not holds_no_data(path):
+        path = remote.fspath(path)
+        if remote.exists(path) and not holds_no_data(path):
             return cls.open(path, format=options.get("format", spec.format if spec else None))
         return cls.create(path, layout, spec, **options)
 
@@ -570,7 +572,7 @@ class ArchiveWriter:
                 )
 
     # -- closing ------------------------------------------------------------------------
-    def _hold(self, lease: Lease) -> Lease:
+    def _hold(self, lease: Any) -> Any:
         """Acquire ``lease``; it is also released if this writer is dropped unclosed."""
         lease.acquire()
         weakref.finalize(self, lease.release)
@@ -602,3 +604,15 @@ class ArchiveWriter:
             f"ArchiveWriter({self.path!r}, format={self.format!r}, "
             f"committed={self._count}, {state})"
         )
+
+
+def _lease(path: str, sample_range: tuple[int, int] | None, inside: bool) -> Any:
+    """The writer lease of ``path``: ``flock``-guarded files, or advisory at a URL."""
+    if remote.is_url(path):
+        return remote.RemoteLease(path, sample_range)
+    return Lease(path, sample_range, inside=inside)
+
+
+def _clear(path: str) -> None:
+    """Delete the archive at ``path`` (local or URL), keeping its writer locks."""
+    (remote.clear_except_locks if remote.is_url(path) else clear_except_locks)(path)

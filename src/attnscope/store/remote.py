@@ -1,0 +1,456 @@
+"""Archives at fsspec URLs (``s3://bucket/run.zarr``, ``memory://``, ...): the one place
+that knows URLs.
+
+Everything the store does to a *path* (exists, list, delete, size, locks) has a URL twin
+here; the rest of the store asks :func:`is_url` and calls these. Zarr archives on a URL are
+read and written through zarr's ``FsspecStore``; HDF5 stays local-file only.
+
+``file://`` URLs are local paths (the prefix is stripped), so they keep the local store's
+atomic writes and ``flock`` leases.
+
+Storage options of a URL (:func:`storage_options`), later ones winning: the JSON object in
+the environment variable ``ATTNSCOPE_STORAGE_OPTIONS``, then what
+:func:`set_storage_options` registered for the longest matching URL prefix. fsspec's own
+configuration (``FSSPEC_S3_ENDPOINT_URL``, ...) and the provider's (``AWS_ACCESS_KEY_ID``,
+``AWS_ENDPOINT_URL``, profiles) apply underneath, as with any fsspec URL.
+
+Writer leases on a URL (:class:`RemoteLease`) are advisory: object stores have no
+``flock``, so check-and-create is a listing followed by a PUT (see
+``docs/archive-format.md``, "Archives on object storage").
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import re
+import socket
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+from attnscope._extras import EXTRA_OF, missing_extra_error
+from attnscope.errors import (
+    ArchiveCorruptError,
+    ArchiveLockedError,
+    ArchiveNotFoundError,
+    ConfigError,
+    MissingExtraError,
+)
+from attnscope.store._lock import ALL, LOCK_DIR_NAME, alive, overlap
+
+__all__ = [
+    "ENV_OPTIONS",
+    "ArchiveURL",
+    "RemoteLease",
+    "as_archive_path",
+    "fspath",
+    "is_url",
+    "set_storage_options",
+    "storage_options",
+]
+
+#: environment variable holding default storage options (a JSON object) for every URL
+ENV_OPTIONS = "ATTNSCOPE_STORAGE_OPTIONS"
+#: protocols whose first path component is a bucket / container that must exist
+BUCKET_PROTOCOLS = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "oss"})
+#: the fsspec backend package of common protocols (its extra, if any: ``_extras.EXTRA_OF``)
+BACKENDS = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs",
+            "abfs": "adlfs", "abfss": "adlfs"}  # fmt: skip
+_URL = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]+)://")  # two letters at least: not C://
+_registered: dict[str, dict[str, Any]] = {}
+_reachable: set[tuple[str, str]] = set()  # (url, options) whose credentials and bucket passed
+T = TypeVar("T")
+
+
+def _scheme(path: str) -> str | None:
+    m = _URL.match(path)
+    return m.group(1).lower() if m else None
+
+
+def is_url(path: Any) -> bool:
+    """Whether ``path`` is a non-local fsspec URL (``file://`` counts as local)."""
+    if isinstance(path, ArchiveURL):
+        return True
+    if not isinstance(path, (str, os.PathLike)):
+        return False
+    p = os.fspath(path)
+    return isinstance(p, str) and _scheme(p) not in (None, "file")
+
+
+def fspath(path: str | os.PathLike[str]) -> str:
+    """``os.fspath`` that keeps URLs whole and turns ``file://`` URLs into local paths."""
+    p = os.fspath(path)
+    if _scheme(p) == "file":
+        from urllib.parse import unquote, urlparse
+
+        u = urlparse(p)
+        local = u.netloc in ("", "localhost")
+        return unquote(u.path if local else f"//{u.netloc}{u.path}")
+    return p.rstrip("/") if _scheme(p) is not None else p
+
+
+def absolute(path: str) -> str:
+    """``os.path.abspath`` of a local path; a URL unchanged."""
+    return path if is_url(path) else os.path.abspath(path)
+
+
+def exists(path: str) -> bool:
+    """Whether anything is at ``path``: a local file or folder, or any key under a URL."""
+    if not is_url(path):
+        return os.path.exists(path)
+    return bool(_top(path))
+
+
+class ArchiveURL(os.PathLike):
+    """A URL where capture expects a ``pathlib.Path``: ``str``, ``exists()`` and ``name``.
+
+    ``os.fspath`` gives the URL back, so the store functions take it like any path.
+    """
+
+    def __init__(self, url: str) -> None:
+        self.url = url.rstrip("/")
+
+    def __fspath__(self) -> str:
+        return self.url
+
+    def __str__(self) -> str:
+        return self.url
+
+    def __repr__(self) -> str:
+        return f"ArchiveURL({self.url!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ArchiveURL) and other.url == self.url
+
+    def __hash__(self) -> int:
+        return hash(self.url)
+
+    @property
+    def name(self) -> str:
+        return self.url.rsplit("/", 1)[-1]
+
+    def exists(self) -> bool:
+        return exists(self.url)
+
+
+def as_archive_path(path: str | os.PathLike[str]) -> Any:
+    """An archive location as capture keeps it: :class:`ArchiveURL` or ``pathlib.Path``."""
+    from pathlib import Path
+
+    p = fspath(path)
+    return ArchiveURL(p) if is_url(p) else Path(p)
+
+
+# -- storage options and filesystems ----------------------------------------------------
+def set_storage_options(prefix: str, options: dict[str, Any] | None) -> None:
+    """Use ``options`` (fsspec storage options) for every URL starting with ``prefix``.
+
+    ``None`` removes the entry. Example: ``set_storage_options("s3://lab-bucket/",
+    {"endpoint_url": "http://minio:9000", "key": ..., "secret": ...})``.
+    """
+    if _scheme(prefix) is None:
+        raise ConfigError(f"storage options prefix {prefix!r} is not a URL; expected e.g. 's3://'")
+    if options is None:
+        _registered.pop(prefix, None)
+    else:
+        _registered[prefix] = dict(options)
+
+
+def storage_options(url: str) -> dict[str, Any]:
+    """The fsspec storage options of ``url`` (see the module docstring)."""
+    out: dict[str, Any] = {}
+    raw = os.environ.get(ENV_OPTIONS)
+    if raw:
+        try:
+            env = json.loads(raw)
+        except ValueError as e:
+            raise ConfigError(f"{ENV_OPTIONS} is not valid JSON ({e}); expected an object") from e
+        if not isinstance(env, dict):
+            raise ConfigError(f"{ENV_OPTIONS} is {raw!r}; expected a JSON object of options")
+        out.update(env)
+    for prefix in sorted((p for p in _registered if url.startswith(p)), key=len):
+        out.update(_registered[prefix])
+    return out
+
+
+def _backend_error(url: str, e: BaseException) -> MissingExtraError | ConfigError:
+    scheme = _scheme(url) or ""
+    if isinstance(e, ImportError):
+        pkg = BACKENDS.get(scheme)
+        if pkg is None:
+            return MissingExtraError(
+                f"{url!r} needs an fsspec backend for {scheme}:// that is not installed "
+                f"({_first_line(e)}); expected its package installed"
+            )
+        extra = EXTRA_OF.get(pkg)
+        how = f"pip install 'attnscope[{extra}]'" if extra else f"pip install {pkg}"
+        return MissingExtraError(
+            f"{url!r} needs the fsspec backend of {scheme}:// ({pkg}), which is not "
+            f"installed; install it with: {how}"
+        )
+    return ConfigError(
+        f"{url!r}: unknown URL protocol {scheme!r}; expected a protocol fsspec supports "
+        f"(s3://, gs://, az://, memory://, file://, ...) or a local path"
+    )
+
+
+def filesystem(url: str) -> tuple[Any, str]:
+    """``(fsspec filesystem, path inside it)`` of ``url`` (synchronous API)."""
+    try:
+        from fsspec.core import url_to_fs
+    except ImportError as e:
+        raise missing_extra_error("fsspec", f"the archive URL {url!r}") from e
+    try:
+        fs, path = url_to_fs(url, **storage_options(url))
+    except (ImportError, ValueError, TypeError) as e:
+        if isinstance(e, ImportError) or "protocol not known" in str(e).lower():
+            raise _backend_error(url, e) from e
+        raise ConfigError(
+            f"{url!r}: bad storage options {sorted(storage_options(url))} or URL "
+            f"({_first_line(e)}); expected options the {_scheme(url)}:// filesystem accepts"
+        ) from e
+    return fs, path.rstrip("/")
+
+
+def open_store(url: str, *, read_only: bool) -> Any:
+    """zarr's ``FsspecStore`` at ``url`` (bucket and credentials checked first)."""
+    check_reachable(url)
+    from zarr.storage import FsspecStore
+
+    try:
+        return FsspecStore.from_url(url, storage_options=storage_options(url), read_only=read_only)
+    except (ImportError, ValueError) as e:
+        raise _backend_error(url, e) from e
+
+
+def _chain(e: BaseException) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    cur: BaseException | None = e
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        yield cur
+        cur = cur.__cause__ or cur.__context__
+
+
+def storage_call(url: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """``fn(*args, **kwargs)`` with credential and access failures as one-line errors."""
+    try:
+        return fn(*args, **kwargs)
+    except Exception as e:  # noqa: BLE001 - classified below, anything else re-raised
+        names = {type(x).__name__ for x in _chain(e)}
+        if names & {"NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError"}:
+            raise ConfigError(
+                f"no credentials for {url!r}; expected AWS_ACCESS_KEY_ID and "
+                f"AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), storage options key/secret via "
+                f"{ENV_OPTIONS} or set_storage_options, or anon=True for a public bucket"
+            ) from e
+        if names & {"EndpointConnectionError", "ConnectTimeoutError", "ClientConnectorError"}:
+            raise ConfigError(
+                f"cannot reach the storage service of {url!r} ({_first_line(e)}); expected a "
+                "reachable endpoint (storage option endpoint_url, or AWS_ENDPOINT_URL)"
+            ) from e
+        if isinstance(e, TypeError) and "unexpected keyword argument" in str(e):
+            raise ConfigError(
+                f"{url!r}: bad storage options {sorted(storage_options(url))} "
+                f"({_first_line(e)}); expected options the {_scheme(url)}:// filesystem accepts"
+            ) from e
+        if isinstance(e, PermissionError):
+            raise ConfigError(
+                f"access to {url!r} denied ({_first_line(e)}); expected credentials allowed "
+                "to list, read and write under it"
+            ) from e
+        raise
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).splitlines() or [type(e).__name__])[0][:200]
+
+
+def bucket_of(url: str) -> str | None:
+    """The bucket (container) named by ``url``, for protocols that have one."""
+    scheme = _scheme(url)
+    if scheme not in BUCKET_PROTOCOLS:
+        return None
+    return url[len(scheme) + 3 :].split("/", 1)[0] or None
+
+
+def check_reachable(url: str) -> None:
+    """Raise one line if ``url``'s credentials are missing or its bucket does not exist.
+
+    Two requests, once per URL and storage options in this process.
+    """
+    refuse_by_suffix(url)
+    scheme = _scheme(url)
+    if scheme in BUCKET_PROTOCOLS and bucket_of(url) is None:
+        raise ConfigError(
+            f"{url!r} names no bucket; expected {scheme}://<bucket>/<path>, e.g. "
+            f"{scheme}://my-bucket/run.zarr"
+        )
+    token = (url, json.dumps(storage_options(url), sort_keys=True, default=str))
+    if token in _reachable:
+        return
+    fs, root = filesystem(url)
+    storage_call(url, fs.exists, f"{root}/zarr.json")  # a signed request: credentials
+    bucket = bucket_of(url)
+    if bucket is not None and not storage_call(url, fs.exists, bucket):
+        raise ArchiveNotFoundError(
+            f"bucket {bucket!r} of {url!r} does not exist; expected an existing bucket "
+            "(attnscope never creates buckets)"
+        )
+    _reachable.add(token)
+
+
+def _top(url: str) -> list[str]:
+    """Names one level under ``url`` ([] when nothing is there): one listing request."""
+    check_reachable(url)
+    fs, root = filesystem(url)
+    storage_call(url, fs.invalidate_cache, root)
+    try:
+        found = storage_call(url, fs.ls, root, detail=False)
+    except FileNotFoundError:
+        return []
+    return [str(k).rstrip("/").rsplit("/", 1)[-1] for k in found]
+
+
+def keys(url: str) -> list[str]:
+    """Every key under ``url``, relative to it ('' for an object at ``url`` itself)."""
+    check_reachable(url)
+    fs, root = filesystem(url)
+    storage_call(url, fs.invalidate_cache, root)
+    try:
+        found = storage_call(url, fs.find, root)
+    except FileNotFoundError:
+        return []
+    out = []
+    for k in found:
+        k = k.lstrip("/") if not root.startswith("/") else k
+        rel = k[len(root) :].lstrip("/") if k.startswith(root) else k
+        out.append(rel)
+    return out
+
+
+def _is_lock_key(key: str) -> bool:
+    return key == LOCK_DIR_NAME or key.startswith(LOCK_DIR_NAME + "/")
+
+
+def holds_no_data(url: str) -> bool:
+    """Objects exist under ``url`` and all belong to the writer lock folder."""
+    names = _top(url)
+    return bool(names) and set(names) <= {LOCK_DIR_NAME}
+
+
+def clear_except_locks(url: str) -> None:
+    """Delete every key under ``url`` but the writer lock folder."""
+    fs, root = filesystem(url)
+    doomed = [f"{root}/{k}" if k else root for k in keys(url) if not _is_lock_key(k)]
+    if doomed:
+        storage_call(url, fs.rm, doomed)
+
+
+def disk_size(url: str) -> int:
+    """Bytes stored under ``url``."""
+    fs, root = filesystem(url)
+    try:
+        return int(storage_call(url, fs.du, root, total=True))
+    except FileNotFoundError:
+        return 0
+
+
+def sniff_format(url: str) -> str:
+    """``"zarr"`` for a Zarr archive at ``url``; one-line errors otherwise."""
+    check_reachable(url)
+    fs, root = filesystem(url)
+    if storage_call(url, fs.exists, f"{root}/zarr.json"):
+        return "zarr"
+    if not _top(url):
+        raise ArchiveNotFoundError(f"no archive at {url!r}")
+    raise ArchiveCorruptError(
+        f"{url!r} holds objects but no zarr.json: not an attnscope Zarr archive"
+    )
+
+
+def refuse_by_suffix(url: str) -> None:
+    """:func:`refuse_hdf5` for the format a URL's suffix names (before any request)."""
+    refuse_hdf5(url, "hdf5" if url.lower().endswith((".h5", ".hdf5")) else "zarr")
+
+
+def refuse_hdf5(path: str, fmt: str) -> None:
+    """HDF5 archives are local files: a URL with format hdf5 (or ``.zip``) is refused."""
+    if not is_url(path):
+        return
+    if fmt == "hdf5":
+        raise ConfigError(
+            f"{path!r}: HDF5 archives are local files only; expected a local path for "
+            "format hdf5, or a Zarr archive (e.g. s3://bucket/run.zarr) on object storage"
+        )
+    if path.lower().endswith(".zip"):
+        raise ConfigError(
+            f"{path!r}: zip archives are local files only; expected a Zarr directory URL "
+            "(e.g. s3://bucket/run.zarr)"
+        )
+
+
+# -- writer leases ----------------------------------------------------------------------
+class RemoteLease:
+    """Advisory writer lease on a URL: a JSON object in ``<url>/.attnscope-locks/``.
+
+    Same records and rules as :class:`attnscope.store._lock.Lease` (stale when its pid is
+    dead on this host, another host's never broken), but check-and-create is a listing
+    then a PUT: two writers starting within one round trip of each other can both pass.
+    """
+
+    def __init__(self, archive: str, sample_range: tuple[int, int] | None) -> None:
+        self.archive = archive
+        self.range = sample_range
+        self.dir = f"{archive.rstrip('/')}/{LOCK_DIR_NAME}"
+        name = ALL if sample_range is None else f"range-{sample_range[0]}-{sample_range[1]}"
+        self.file = f"{self.dir}/{name}.json"
+        self.held = False
+
+    def acquire(self) -> RemoteLease:
+        fs, root = filesystem(self.dir)
+        me = socket.gethostname()
+        for key in keys(self.dir):
+            if not key.endswith(".json"):
+                continue
+            full = f"{root}/{key}"
+            try:
+                rec: dict[str, Any] = json.loads(storage_call(self.dir, fs.cat_file, full))
+                other = None if rec.get("range") is None else tuple(rec["range"])
+            except FileNotFoundError:
+                continue  # released meanwhile
+            except ValueError:
+                storage_call(self.dir, fs.rm, full)  # a PUT is whole: debris, not a writer
+                continue
+            if rec.get("host") == me and isinstance(rec.get("pid"), int) and not alive(rec["pid"]):
+                storage_call(self.dir, fs.rm, full)  # stale: its writer died on this host
+                continue
+            if overlap(self.range, other):  # type: ignore[arg-type]
+                held = "the whole archive" if other is None else f"samples {list(other)}"
+                raise ArchiveLockedError(
+                    f"{self.archive!r} is locked: a writer (pid {rec.get('pid')} on host "
+                    f"{rec.get('host')!r}, since {rec.get('since')}) holds {held}. Wait for "
+                    f"it, or delete {self.dir}/{key} if that writer is gone."
+                )
+        rec = {
+            "pid": os.getpid(),
+            "host": me,
+            "since": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "range": None if self.range is None else list(self.range),
+        }
+        storage_call(self.dir, fs.pipe_file, f"{root}/{self.file.rsplit('/', 1)[1]}",
+                     json.dumps(rec).encode())  # fmt: skip
+        self.held = True
+        return self
+
+    def release(self) -> None:
+        """Delete this writer's lock object (idempotent; errors are ignored)."""
+        if not self.held:
+            return
+        self.held = False
+        try:
+            fs, root = filesystem(self.dir)
+            fs.rm(f"{root}/{self.file.rsplit('/', 1)[1]}")
+        except Exception:  # noqa: BLE001 - a vanished object or a lost connection
+            pass
