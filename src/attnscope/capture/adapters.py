@@ -28,7 +28,7 @@ from attnscope.capture.blocks import softmax_blocks
 from attnscope.capture.hf import HFAdapter
 from attnscope.capture.model import Transformer
 from attnscope.contracts import KIND_AXES
-from attnscope.errors import CaptureError, InputError
+from attnscope.errors import CaptureError, InputError, SelectionError
 from attnscope.store.layout import TokenLayout
 
 __all__ = ["Adapter", "ReferenceAdapter", "TorchMHAAdapter", "HFAdapter", "adapter_for"]
@@ -344,3 +344,29 @@ def iter_wanted(names: Sequence[str], layers: Any, kinds: Any) -> Iterator[str]:
         if kinds is not None and kind not in kinds and f"{stack}/{kind}" not in kinds:
             continue
         yield n
+
+
+def resolve_selection(
+    adapter: Adapter,
+    layers: Sequence[int | str] | None,
+    kinds: Sequence[str] | None,
+) -> list[str]:
+    """The array names a ``layers=`` / ``kinds=`` selection keeps, in archive order."""
+    names = adapter.names()
+    if layers is not None:
+        known = {int(n.split("/")[1]) for n in names} | set(names)
+        bad = [x for x in layers if x not in known]
+        if bad:
+            raise SelectionError(
+                f"unknown layer(s) {bad}; this model has layers "
+                f"{sorted({int(n.split('/')[1]) for n in names})}"
+            )
+    if kinds is not None:
+        known_k = {n.split("/")[2] for n in names} | {"/".join(n.split("/")[::2]) for n in names}
+        bad = [k for k in kinds if k not in known_k]
+        if bad:
+            raise SelectionError(f"unknown kind(s) {bad}; expected one of {sorted(known_k)}")
+    wanted = list(iter_wanted(names, layers, kinds))
+    if not wanted:
+        raise SelectionError(f"the selection keeps no attention array; available: {names}")
+    return wanted

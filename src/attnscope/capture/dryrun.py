@@ -13,8 +13,12 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numpy as np
+
+from attnscope.capture.writer import stored_nbytes
 from attnscope.store.footprint import Footprint
 from attnscope.store.remote import is_url
+from attnscope.store.spec import ArchiveSpec
 
 __all__ = ["DryRunReport", "planned_samples", "report"]
 
@@ -119,3 +123,12 @@ def report(
         bytes_uncompressed=raw, bytes_compressed=nbytes, files=files, chunks=chunks,
         free_bytes=None if is_url(where) else shutil.disk_usage(where).free, footprint=fp,
     )  # fmt: skip
+
+
+def stored_per_sample(spec: ArchiveSpec, captured: Any, bsz: int) -> dict[str, int]:
+    """Bytes per sample of each array as stored: dense arrays at the archive's maximum
+    lengths (a ragged batch is padded), sparse ones as captured (values + indices)."""
+    if spec.sparse_topk is not None or not spec.arrays:
+        return {n: stored_nbytes({n: v}) // bsz for n, v in captured.items()}
+    itemsize = 4 if spec.dtype == "float32" else 2
+    return {n: int(np.prod(hts)) * itemsize for n, hts in spec.arrays.items()}

@@ -16,10 +16,8 @@ batches run.
 from __future__ import annotations
 
 import os
-import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,17 +25,24 @@ import numpy as np
 import torch
 from torch import nn
 
-from attnscope.capture.adapters import Adapter, adapter_for, iter_wanted
-from attnscope.capture.dryrun import DryRunReport, planned_samples, report
+from attnscope.capture.adapters import Adapter, adapter_for, resolve_selection
+from attnscope.capture.dryrun import DryRunReport, planned_samples, report, stored_per_sample
 from attnscope.capture.identity import CaptureIdentity, param_hash
-from attnscope.capture.options import CaptureOptions, resolve_device
+from attnscope.capture.options import (
+    CaptureOptions,
+    CaptureSummary,
+    batch_ids,
+    model_device,
+    progress_bar,
+    resolve_device,
+)
 from attnscope.capture.provenance import input_digest, input_hash_ids, run_provenance
 from attnscope.capture.ragged import Lengths, side_lengths
 from attnscope.capture.recorder import Recorder, trim
 from attnscope.capture.shard import shard_for
-from attnscope.capture.writer import WriterThread, storage_error, stored_nbytes, to_host
+from attnscope.capture.writer import WriterThread, storage_error, to_host
 from attnscope.contracts import KIND_AXES
-from attnscope.errors import AttnscopeError, CaptureError, ConfigError, SelectionError
+from attnscope.errors import AttnscopeError, CaptureError, ConfigError
 from attnscope.store import (
     ArchiveSpec,
     ArchiveWriter,
@@ -51,26 +56,6 @@ from attnscope.store.meta import INPUT_HASH_KEYS, archive_format
 from attnscope.store.remote import as_archive_path
 
 __all__ = ["capture", "CaptureSummary", "CaptureOptions", "DryRunReport"]
-
-
-@dataclass(frozen=True)
-class CaptureSummary:
-    """What a capture job wrote."""
-
-    archive: str
-    samples: int  # samples written by this call
-    committed: int  # samples committed in the archive in total
-    batches: int
-    bytes: int  # uncompressed bytes of attention written, in the stored dtype
-    seconds: float
-    samples_per_s: float
-    mb_per_s: float
-    # generation (generate=): per written sample, {"ids", "prompt_length", "new_tokens",
-    # "text" (with a tokenizer)}; None for forward-pass capture
-    generated: list[dict[str, Any]] | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def capture(
@@ -245,9 +230,9 @@ class _Job:
         self.adapter = adapter_for(model, opts.tokenizer)
         try:
             net = self.adapter.model
-            self.device = dev if dev is not None else _model_device(net)
+            self.device = dev if dev is not None else model_device(net)
             net.to(self.device)
-            self.wanted = _resolve_selection(self.adapter, opts.layers, opts.kinds)
+            self.wanted = resolve_selection(self.adapter, opts.layers, opts.kinds)
             self.generate = (
                 None if opts.generate is None else self.adapter.prepare_generation(opts.generate)
             )
@@ -290,7 +275,7 @@ class _Job:
         self.committed_hashes: np.ndarray | None = None
         self.resume_bsz: int | None = None
         self.generated: list[dict[str, Any]] | None = None if self.generate is None else []
-        self.bar = _progress_bar(opts.progress, opts.total)
+        self.bar = progress_bar(opts.progress, opts.total)
         self.t0 = time.perf_counter()
 
     def run(self) -> CaptureSummary | DryRunReport:
@@ -372,7 +357,7 @@ class _Job:
             masks, tokens = self.lengths.side_data(batch, drop, lengths)
             if self.generated is not None:
                 self.generated.extend(self.adapter.generated()[drop:])
-            ids = _batch_ids(self.opts.sample_ids, bi, batch, self.pos + drop, self.pos + bsz)
+            ids = batch_ids(self.opts.sample_ids, bi, batch, self.pos + drop, self.pos + bsz)
             if digest is not None:
                 ids = {**(ids or {}), **input_hash_ids(digest, bsz - drop)}
             if streamed:
@@ -508,7 +493,7 @@ class _Job:
             captured, fence = self.recorder.finish(self.wanted, 0)
             self.lengths.check(0, lengths, layout)
             masks, tokens = self.lengths.side_data(batch, 0, lengths)
-            ids = {**(_batch_ids(self.opts.sample_ids, 0, batch, 0, bsz) or {})}
+            ids = {**(batch_ids(self.opts.sample_ids, 0, batch, 0, bsz) or {})}
             ids.update(input_hash_ids(digest, bsz))
             if fence is not None:
                 fence.synchronize()
@@ -519,7 +504,7 @@ class _Job:
             )  # fmt: skip
         finally:
             self._close(quiet=True)
-        per_sample = _stored_per_sample(spec, captured, bsz)
+        per_sample = stored_per_sample(spec, captured, bsz)
         samples = planned_samples(self.batches, bsz, self.opts.total)
         fmt = archive_format(self.path, self.opts.format)
         return report(str(self.path), fmt, self.opts.dtype, bsz, per_sample, samples, fp, where)
@@ -600,62 +585,3 @@ class _Job:
                 committed = self.writer.writer.committed if self.writer is not None else 0
                 raise storage_error(e, self.path, committed) from e
             raise e
-
-
-def _stored_per_sample(spec: ArchiveSpec, captured: Any, bsz: int) -> dict[str, int]:
-    """Bytes per sample of each array as stored: dense arrays at the archive's maximum
-    lengths (a ragged batch is padded), sparse ones as captured (values + indices)."""
-    if spec.sparse_topk is not None or not spec.arrays:
-        return {n: stored_nbytes({n: v}) // bsz for n, v in captured.items()}
-    itemsize = 4 if spec.dtype == "float32" else 2
-    return {n: int(np.prod(hts)) * itemsize for n, hts in spec.arrays.items()}
-
-
-def _resolve_selection(
-    adapter: Adapter,
-    layers: Sequence[int | str] | None,
-    kinds: Sequence[str] | None,
-) -> list[str]:
-    names = adapter.names()
-    if layers is not None:
-        known = {int(n.split("/")[1]) for n in names} | set(names)
-        bad = [x for x in layers if x not in known]
-        if bad:
-            raise SelectionError(
-                f"unknown layer(s) {bad}; this model has layers "
-                f"{sorted({int(n.split('/')[1]) for n in names})}"
-            )
-    if kinds is not None:
-        known_k = {n.split("/")[2] for n in names} | {"/".join(n.split("/")[::2]) for n in names}
-        bad = [k for k in kinds if k not in known_k]
-        if bad:
-            raise SelectionError(f"unknown kind(s) {bad}; expected one of {sorted(known_k)}")
-    wanted = list(iter_wanted(names, layers, kinds))
-    if not wanted:
-        raise SelectionError(f"the selection keeps no attention array; available: {names}")
-    return wanted
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
-
-
-def _progress_bar(progress: bool, total: int | None) -> Any:
-    if not progress or not sys.stderr.isatty():
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, unit="sample", desc="capture", dynamic_ncols=True)
-
-
-def _batch_ids(
-    sample_ids: Any, bi: int, batch: Any, start: int, stop: int
-) -> dict[str, np.ndarray] | None:
-    if sample_ids is None:
-        return None
-    if callable(sample_ids):
-        # ids of the whole batch; keep the tail that is written (resume may drop a head)
-        return {k: np.asarray(v)[-(stop - start) :] for k, v in sample_ids(bi, batch).items()}
-    return {k: np.asarray(v)[start:stop] for k, v in sample_ids.items()}

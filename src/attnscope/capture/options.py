@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from attnscope.capture.blocks import check_block
 from attnscope.capture.policy import RowPolicy
 from attnscope.contracts import DTYPES, FORMATS, STACKS
 from attnscope.errors import ConfigError
 
-__all__ = ["CaptureOptions", "resolve_device", "TORCH_DTYPES"]
+__all__ = ["CaptureOptions", "CaptureSummary", "resolve_device", "TORCH_DTYPES"]
 
 TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -103,6 +105,26 @@ class CaptureOptions:
         return self.rank is not None
 
 
+
+@dataclass(frozen=True)
+class CaptureSummary:
+    """What a capture job wrote."""
+
+    archive: str
+    samples: int  # samples written by this call
+    committed: int  # samples committed in the archive in total
+    batches: int
+    bytes: int  # uncompressed bytes of attention written, in the stored dtype
+    seconds: float
+    samples_per_s: float
+    mb_per_s: float
+    # generation (generate=): per written sample, {"ids", "prompt_length", "new_tokens",
+    # "text" (with a tokenizer)}; None for forward-pass capture
+    generated: list[dict[str, Any]] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
 def _positive(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
@@ -179,3 +201,31 @@ def resolve_device(device: str | torch.device) -> torch.device:
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's parameters (CPU for a model without any)."""
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def progress_bar(progress: bool, total: int | None) -> Any:
+    """A tqdm bar, only when ``progress`` and stderr is a terminal."""
+    if not progress or not sys.stderr.isatty():
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="sample", desc="capture", dynamic_ncols=True)
+
+
+def batch_ids(
+    sample_ids: Any, bi: int, batch: Any, start: int, stop: int
+) -> dict[str, np.ndarray] | None:
+    """The ``sample_ids`` option's ids of samples ``[start, stop)`` of batch ``bi``."""
+    if sample_ids is None:
+        return None
+    if callable(sample_ids):
+        # ids of the whole batch; keep the tail that is written (resume may drop a head)
+        return {k: np.asarray(v)[-(stop - start) :] for k, v in sample_ids(bi, batch).items()}
+    return {k: np.asarray(v)[start:stop] for k, v in sample_ids.items()}

@@ -3,13 +3,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
+from attnscope.errors import ConfigError
 from attnscope.store._base import choose_chunks
 
-__all__ = ["ArchiveSpec", "batch_chunk_samples"]
+__all__ = ["ArchiveSpec", "batch_chunk_samples", "resolve_spec"]
 
 
 @dataclass(frozen=True)
@@ -58,3 +62,26 @@ def batch_chunk_samples(
     """
     itemsize = 4 if dtype == "float32" else 2
     return math.gcd(min(choose_chunks(*v, itemsize)[0] for v in arrays.values()), batch_size)
+
+
+def resolve_spec(spec: ArchiveSpec | None, options: Mapping[str, Any], fmt: str) -> ArchiveSpec:
+    """``spec`` with keyword overrides, and the chunk policy of ``fmt`` applied."""
+    unknown = sorted(set(options) - {f.name for f in dataclasses.fields(ArchiveSpec)})
+    if unknown:
+        names = sorted(f.name for f in dataclasses.fields(ArchiveSpec))
+        raise ConfigError(f"unknown archive option(s) {unknown}; expected some of {names}")
+    spec = dataclasses.replace(spec or ArchiveSpec(), **options)
+    if fmt == "hdf5":
+        if spec.chunk_samples not in (None, 1):
+            warnings.warn(
+                f"chunk_samples={spec.chunk_samples} ignored: HDF5 archives keep one sample "
+                "per chunk so that committed data is never rewritten in place",
+                stacklevel=3,
+            )
+        return dataclasses.replace(spec, chunk_samples=1)
+    if spec.chunk_samples is None and spec.batch_size and spec.arrays:
+        if isinstance(spec.batch_size, bool) or int(spec.batch_size) < 1:
+            raise ConfigError(f"batch_size must be an int >= 1 or None, got {spec.batch_size!r}")
+        cs = batch_chunk_samples(spec.arrays, spec.dtype, int(spec.batch_size))
+        return dataclasses.replace(spec, chunk_samples=cs)
+    return spec

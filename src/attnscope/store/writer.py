@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
-import warnings
 import weakref
 from collections.abc import Mapping
 from typing import Any
@@ -40,7 +38,7 @@ from attnscope.store.names import (
     sort_key,
     stored_names,
 )
-from attnscope.store.spec import ArchiveSpec, batch_chunk_samples
+from attnscope.store.spec import ArchiveSpec, resolve_spec
 from attnscope.store.stream import BatchStream
 from attnscope.store.tokens import SideRules, SideStore
 
@@ -53,29 +51,6 @@ class _Node:
     def __init__(self, name: str, h: int, t: int, s: int, heads: list[int]) -> None:
         self.name, self.h, self.t, self.s, self.heads = name, h, t, s, heads
         self.handles: dict[str, ArrayHandle] = {}
-
-
-def _resolve_spec(spec: ArchiveSpec | None, options: Mapping[str, Any], fmt: str) -> ArchiveSpec:
-    """``spec`` with keyword overrides, and the chunk policy of ``fmt`` applied."""
-    unknown = sorted(set(options) - {f.name for f in dataclasses.fields(ArchiveSpec)})
-    if unknown:
-        names = sorted(f.name for f in dataclasses.fields(ArchiveSpec))
-        raise ConfigError(f"unknown archive option(s) {unknown}; expected some of {names}")
-    spec = dataclasses.replace(spec or ArchiveSpec(), **options)
-    if fmt == "hdf5":
-        if spec.chunk_samples not in (None, 1):
-            warnings.warn(
-                f"chunk_samples={spec.chunk_samples} ignored: HDF5 archives keep one sample "
-                "per chunk so that committed data is never rewritten in place",
-                stacklevel=3,
-            )
-        return dataclasses.replace(spec, chunk_samples=1)
-    if spec.chunk_samples is None and spec.batch_size and spec.arrays:
-        if isinstance(spec.batch_size, bool) or int(spec.batch_size) < 1:
-            raise ConfigError(f"batch_size must be an int >= 1 or None, got {spec.batch_size!r}")
-        cs = batch_chunk_samples(spec.arrays, spec.dtype, int(spec.batch_size))
-        return dataclasses.replace(spec, chunk_samples=cs)
-    return spec
 
 
 class ArchiveWriter:
@@ -136,7 +111,7 @@ class ArchiveWriter:
         """
         path = remote.fspath(path)
         fmt = archive_format(path, options.get("format", spec.format if spec else None))
-        spec = _resolve_spec(spec, options, fmt)
+        spec = resolve_spec(spec, options, fmt)
         meta = root_meta(spec, layout, fmt)
         inside = locks_inside(path, fmt)
         refuse_existing_at(path, inside, overwrite)
