@@ -373,6 +373,9 @@ CASES: dict[str, Callable[[Path], list[str]]] = {
     "info of an unknown URL protocol": lambda w: ["info", "nosuchproto://bucket/run.zarr"],
     "analyze a memory URL holding nothing": lambda w: [
         "analyze", "memory://attnscope-cli-none/run.zarr", "--out", str(w / "t")],
+    "info of a chained fsspec URL": lambda w: ["info", "simplecache::s3://bucket/run.zarr"],
+    "capture to a chained fsspec URL": lambda w: _capture(
+        w, "--out", "simplecache::memory://attnscope-cli/run.zarr"),
     # every reading command on an array whose metadata is junk
     **{f"{cmd} junk array zarr.json": _junk_array_meta(cmd)
        for cmd in ("info", "verify", "analyze", "render", "report")},

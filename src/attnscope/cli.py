@@ -97,14 +97,16 @@ ARCHIVE = _Archive()
 
 class _LocalPath(click.Path):
     """A local output or table folder: a URL is refused (``Path`` would fold ``s3://b/t``
-    into a local folder ``s3:/b/t``)."""
+    into a local folder ``s3:/b/t``); a ``file://`` URL becomes its local path."""
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
-        from attnscope.store.remote import is_url
+        from attnscope.store.remote import fspath, is_url
 
         if isinstance(value, str) and is_url(value):
             self.fail(f"{value!r} is a URL; tables, figures and reports are local files only, "
                       "expected a local path", param, ctx)  # fmt: skip
+        if isinstance(value, str):
+            value = fspath(value)
         return super().convert(value, param, ctx)
 
 

@@ -388,3 +388,144 @@ def test_storage_options_from_env_and_prefixes(monkeypatch) -> None:
             open_archive("s3://attnscope-badopts/run.zarr")
     finally:
         remote.set_storage_options("s3://attnscope-badopts/", None)
+
+
+# -- review fixes: half-created groups, scoped credentials, URL forms ---------------------
+def _bare_group(path: str) -> None:
+    """What a writer killed between creating the Zarr group and writing its root metadata
+    left (two writes before): a root zarr.json without attnscope attributes, a lock."""
+    import zarr
+
+    store = remote.open_store(path, read_only=False) if remote.is_url(path) else path
+    zarr.open_group(store=store, mode="w", zarr_format=3)
+    if remote.is_url(path):
+        fs, root = remote.filesystem(path)
+        fs.pipe_file(f"{root}/.attnscope-locks/stale.txt", b"x")
+    else:
+        os.makedirs(os.path.join(path, ".attnscope-locks"))
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_create_writes_group_and_root_meta_in_one_write(where, request, tmp_path, monkeypatch):
+    path = str(tmp_path / "a.zarr") if where == "local" else request.getfixturevalue("url")
+    from attnscope.store import _zarr
+
+    def killed(self, meta):  # a kill -9 between a group PUT and a root-metadata PUT
+        raise RuntimeError("killed before the root metadata")
+
+    monkeypatch.setattr(_zarr.ZarrBackend, "write_root_meta", killed)
+    with ArchiveWriter.create(path, LAYOUT) as w:
+        assert w.committed == 0
+    monkeypatch.undo()
+    with ArchiveWriter.open_or_create(path, LAYOUT) as w:
+        w.append({"encoder/0/self_attention": _softmax(np.random.default_rng(0), (1, 2, 8, 8))})
+    with open_archive(path) as a:
+        assert a.n_samples == 1
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_bare_group_left_by_killed_writer_is_resumed_or_overwritten(where, request, tmp_path):
+    path = str(tmp_path / "a.zarr") if where == "local" else request.getfixturevalue("url")
+    x = _softmax(np.random.default_rng(0), (1, 2, 8, 8))
+    _bare_group(path)
+    with ArchiveWriter.open_or_create(path, LAYOUT) as w:  # resume starts fresh
+        w.append({"encoder/0/self_attention": x})
+    _bare_group(path + "2")
+    with ArchiveWriter.create(path + "2", LAYOUT, overwrite=True) as w:
+        w.append({"encoder/0/self_attention": x})
+    _bare_group(path + "3")
+    with ArchiveWriter.create(path + "3", LAYOUT) as w:  # not "already exists" either
+        w.append({"encoder/0/self_attention": x})
+    for p in (path, path + "2", path + "3"):
+        with open_archive(p) as a:
+            assert a.n_samples == 1
+
+
+def test_prefix_scoped_credentials_are_not_a_missing_bucket(url, monkeypatch) -> None:
+    """Credentials allowed only under a prefix get 403 on HeadBucket / GetBucketLocation
+    (simulated: moto does not evaluate IAM conditions); a denied listing is access denied."""
+    import s3fs.core
+
+    orig = s3fs.core.S3FileSystem._call_s3
+    denied = {"head_bucket", "get_bucket_location"}
+
+    async def scoped(self, method, *a, **kw):
+        if method in denied:
+            raise PermissionError("Access Denied (simulated prefix-scoped IAM policy)")
+        return await orig(self, method, *a, **kw)
+
+    monkeypatch.setattr(s3fs.core.S3FileSystem, "_call_s3", scoped)
+    _write(url, False, batches=1)
+    with open_archive(url) as a:
+        assert a.n_samples == 2
+    denied.add("list_objects_v2")
+    other = f"s3://{BUCKET}/{uuid.uuid4().hex[:8]}.zarr"
+    with pytest.raises(ConfigError, match=f"access to '{other}' denied"):
+        open_archive(other)
+
+
+def test_chained_url_is_refused_not_written_locally(endpoint, tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    chained = f"simplecache::s3://{BUCKET}/chained.zarr"
+    assert remote.is_url(chained) and remote.is_url("zip::memory://x.zip")
+    for call in (lambda: ArchiveWriter.create(chained, LAYOUT), lambda: open_archive(chained)):
+        with pytest.raises(ConfigError, match=r"chained fsspec URL; expected .*'s3://"):
+            call()
+    assert not list(tmp_path.iterdir())
+
+
+def test_file_url_out_folder_is_its_local_path(tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    _write(str(tmp_path / "a.zarr"), False, batches=1)
+    res = CliRunner().invoke(cli, ["analyze", f"file://{tmp_path}/a.zarr", "--out",
+                                   f"file://{tmp_path}/tables", "--no-progress"])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "tables").is_dir() and not (tmp_path / "file:").exists()
+
+
+def test_storage_option_prefixes_match_path_components() -> None:
+    remote.set_storage_options("gs://lab", {"key": "LAB"})
+    remote.set_storage_options("gs://b/run.zarr/", {"key": "K"})
+    remote.set_storage_options("GS://c/", {"key": "C"})
+    try:
+        assert "key" not in remote.storage_options("gs://lab-public/run.zarr")
+        assert remote.storage_options("gs://lab/run.zarr")["key"] == "LAB"
+        assert remote.storage_options("gs://lab")["key"] == "LAB"
+        assert remote.storage_options("gs://b/run.zarr")["key"] == "K"
+        assert remote.storage_options("gs://b/run.zarr/.attnscope-locks")["key"] == "K"
+        assert "key" not in remote.storage_options("gs://b/run.zarr2")
+        assert remote.storage_options("gs://c/x.zarr")["key"] == "C"
+    finally:
+        for p in ("gs://lab", "gs://b/run.zarr/", "GS://c/"):
+            remote.set_storage_options(p, None)
+
+
+def test_upper_case_scheme_is_the_same_url(url) -> None:
+    _write(url, False, batches=1)
+    upper = "S3" + url[2:]
+    assert remote.fspath(upper + "/") == url
+    with open_archive(upper) as a:
+        assert a.n_samples == 2
+
+
+def test_missing_aws_profile_is_one_clear_error(url, monkeypatch) -> None:
+    import s3fs
+
+    _write(url, False, batches=1)
+    for k in list(os.environ):
+        if k.startswith("AWS_") and k not in ("AWS_EC2_METADATA_DISABLED", "AWS_DEFAULT_REGION"):
+            monkeypatch.delenv(k)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent/credentials")
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent/config")
+    monkeypatch.setenv("AWS_PROFILE", "attnscope-no-such-profile")
+    remote.set_storage_options(url, {"key": None, "secret": None})
+    s3fs.S3FileSystem.clear_instance_cache()
+    try:
+        with pytest.raises(ConfigError, match="no credentials for 's3://.*'attnscope-no-such-p"):
+            open_archive(url)
+        res = CliRunner().invoke(cli, ["info", url])
+        lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+        assert res.exit_code == 1 and len(lines) == 1 and "no credentials" in lines[0], res.stderr
+    finally:
+        remote.set_storage_options(url, None)
+        s3fs.S3FileSystem.clear_instance_cache()

@@ -81,6 +81,11 @@ def _codecs(name: str) -> list[Any]:
     return [*comp, Crc32cCodec()]
 
 
+def _json(meta: dict[str, Any]) -> Any:
+    """Round-trip through json so non-JSON values fail here, not in a reader."""
+    return json.loads(json.dumps(meta))
+
+
 class _ZarrArray(ArrayHandle):
     def __init__(self, arr: zarr.Array, backend: ZarrBackend | None = None) -> None:
         self._a = arr
@@ -157,7 +162,7 @@ class ZarrBackend(Backend):
 
     format = "zarr"
 
-    def __init__(self, path: str, mode: str) -> None:
+    def __init__(self, path: str, mode: str, root_meta: dict[str, Any] | None = None) -> None:
         self.path = str(path)
         self.writable = mode != "r"
         is_zip = self.path.endswith(".zip")
@@ -178,11 +183,16 @@ class ZarrBackend(Backend):
         self._store = _CountingStore(base)
         self._commit_groups: dict[str, Any] = {}
         self._pool: ThreadPoolExecutor | None = None
+        attrs = None if root_meta is None else {ROOT_KEY: _json(root_meta)}
         try:
             if mode == "w":
                 # The caller cleared the path (keeping the lock folder); "a" creates the
-                # group without deleting that folder as mode "w" would.
-                self._root = zarr.open_group(store=self._store, mode="a", zarr_format=3)
+                # group without deleting that folder as mode "w" would. The root metadata
+                # goes into the group's one zarr.json write: a writer killed here leaves
+                # either no group or an archive with its metadata.
+                self._root = zarr.open_group(
+                    store=self._store, mode="a", zarr_format=3, attributes=attrs
+                )
             else:
                 self._root = zarr.open_group(store=self._store, mode="r" if mode == "r" else "r+")
         except Exception as e:  # noqa: BLE001 - any failure here means "not a zarr group"
@@ -210,8 +220,7 @@ class ZarrBackend(Backend):
         return dict(meta)
 
     def write_root_meta(self, meta: dict[str, Any]) -> None:
-        # Round-trip through json so non-JSON values fail here, not in a reader.
-        self._root.attrs[ROOT_KEY] = json.loads(json.dumps(meta))
+        self._root.attrs[ROOT_KEY] = _json(meta)
 
     # -- nodes ------------------------------------------------------------------------
     def _node(self, path: str) -> Any:

@@ -254,18 +254,28 @@ def archive_format(path: str | os.PathLike, format: str | None = None) -> str:
     return fmt
 
 
-def open_backend(path: str, fmt: str, mode: str) -> Backend:
-    """The backend of ``fmt`` opened at ``path`` (``"r"``, ``"a"`` or ``"w"``)."""
+def open_backend(
+    path: str, fmt: str, mode: str, root_meta: dict[str, Any] | None = None
+) -> Backend:
+    """The backend of ``fmt`` opened at ``path`` (``"r"``, ``"a"`` or ``"w"``); mode ``"w"``
+    with ``root_meta`` writes it (Zarr: in the same write that creates the root group)."""
     if fmt not in FORMATS:
         raise ConfigError(f"unknown format {fmt!r}; expected one of {FORMATS}")
     remote.refuse_hdf5(path, fmt)
     if fmt == "hdf5":
         from attnscope.store._hdf5 import HDF5Backend
 
-        return HDF5Backend(path, mode)
+        backend: Backend = HDF5Backend(path, mode)
+        if root_meta is not None:
+            try:
+                backend.write_root_meta(root_meta)
+            except BaseException:
+                backend.close()
+                raise
+        return backend
     from attnscope.store._zarr import ZarrBackend
 
-    return ZarrBackend(path, mode)
+    return ZarrBackend(path, mode, root_meta if mode == "w" else None)
 
 
 def holds_no_data(path: str | os.PathLike) -> bool:
@@ -279,8 +289,23 @@ def holds_no_data(path: str | os.PathLike) -> bool:
     if remote.is_url(path):
         return remote.holds_no_data(path)
     if os.path.isdir(path):
-        return set(os.listdir(path)) <= {LOCK_DIR_NAME}
+        return _empty_dir(path)
     return not os.path.exists(path) and os.path.isdir(path + LOCK_DIR_NAME)
+
+
+def _empty_dir(path: str) -> bool:
+    """A directory holding at most the lock folder and a root ``zarr.json`` without
+    attnscope metadata (a writer killed between creating the group and its metadata)."""
+    names = set(os.listdir(path))
+    if not names <= {LOCK_DIR_NAME, "zarr.json"}:
+        return False
+    if "zarr.json" not in names:
+        return True
+    try:
+        with open(os.path.join(path, "zarr.json"), "rb") as fh:
+            return remote.bare_group(fh.read())
+    except OSError:
+        return False
 
 
 def no_data_message(path: str | os.PathLike) -> str:
@@ -392,7 +417,7 @@ def refuse_existing_at(path: str, inside: bool, overwrite: bool) -> None:
             return  # nothing under the URL, or only a writer's lock objects
     elif not os.path.exists(path):
         return
-    elif inside and os.path.isdir(path) and set(os.listdir(path)) <= {LOCK_DIR_NAME}:
+    elif inside and os.path.isdir(path) and _empty_dir(path):
         return  # an empty directory (or one holding only our lock folder) is free
     if not overwrite:
         raise ConfigError(

@@ -58,6 +58,7 @@ BUCKET_PROTOCOLS = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "
 BACKENDS = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs",
             "abfs": "adlfs", "abfss": "adlfs"}  # fmt: skip
 _URL = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]+)://")  # two letters at least: not C://
+_CHAINED = re.compile(r"^\w[\w+.-]*::")  # fsspec chained URLs: simplecache::s3://..., zip::...
 _registered: dict[str, dict[str, Any]] = {}
 _reachable: set[tuple[str, str]] = set()  # (url, options) whose credentials and bucket passed
 T = TypeVar("T")
@@ -75,7 +76,9 @@ def is_url(path: Any) -> bool:
     if not isinstance(path, (str, os.PathLike)):
         return False
     p = os.fspath(path)
-    return isinstance(p, str) and _scheme(p) not in (None, "file")
+    if not isinstance(p, str):
+        return False
+    return _CHAINED.match(p) is not None or _scheme(p) not in (None, "file")
 
 
 def fspath(path: str | os.PathLike[str]) -> str:
@@ -87,7 +90,27 @@ def fspath(path: str | os.PathLike[str]) -> str:
         u = urlparse(p)
         local = u.netloc in ("", "localhost")
         return unquote(u.path if local else f"//{u.netloc}{u.path}")
-    return p.rstrip("/") if _scheme(p) is not None else p
+    return _normal(p) if _scheme(p) is not None or _CHAINED.match(p) else p
+
+
+def _normal(url: str) -> str:
+    """``url`` with a lower-case scheme (RFC 3986: schemes are case-insensitive) and no
+    trailing slash."""
+    scheme = _scheme(url)
+    if scheme is not None:
+        url = scheme + url[len(scheme) :]
+    return url.rstrip("/")
+
+
+def refuse_chained(url: str) -> None:
+    """fsspec chained URLs (``simplecache::s3://...``) are refused in one line: their
+    storage options, listings and leases would apply to the outer layer, not the store."""
+    if _CHAINED.match(url):
+        inner = url.rsplit("::", 1)[-1]
+        raise ConfigError(
+            f"{url!r} is a chained fsspec URL; expected a single-protocol URL "
+            f"(e.g. {inner!r}) or a local path"
+        )
 
 
 def absolute(path: str) -> str:
@@ -169,9 +192,19 @@ def storage_options(url: str) -> dict[str, Any]:
         if not isinstance(env, dict):
             raise ConfigError(f"{ENV_OPTIONS} is {raw!r}; expected a JSON object of options")
         out.update(env)
-    for prefix in sorted((p for p in _registered if url.startswith(p)), key=len):
+    url = _normal(url)
+    match = sorted((len(_normal(p)), p) for p in _registered if _under(url, _normal(p)))
+    for _n, prefix in match:  # the longest (most specific) prefix last, winning
         out.update(_registered[prefix])
     return out
+
+
+def _under(url: str, prefix: str) -> bool:
+    """Whether ``url`` is ``prefix`` or below it, per path component (``s3://lab`` is not a
+    prefix of ``s3://lab-public``); a bare scheme (``s3:`` once normalised) covers all."""
+    if prefix.endswith(":"):
+        return url.startswith(prefix + "//")
+    return url == prefix or url.startswith(prefix + "/")
 
 
 def _backend_error(url: str, e: BaseException) -> MissingExtraError | ConfigError:
@@ -197,6 +230,8 @@ def _backend_error(url: str, e: BaseException) -> MissingExtraError | ConfigErro
 
 def filesystem(url: str) -> tuple[Any, str]:
     """``(fsspec filesystem, path inside it)`` of ``url`` (synchronous API)."""
+    refuse_chained(url)
+    url = _normal(url)
     try:
         from fsspec.core import url_to_fs
     except ImportError as e:
@@ -216,6 +251,7 @@ def filesystem(url: str) -> tuple[Any, str]:
 def open_store(url: str, *, read_only: bool) -> Any:
     """zarr's ``FsspecStore`` at ``url`` (bucket and credentials checked first)."""
     check_reachable(url)
+    url = _normal(url)
     from zarr.storage import FsspecStore
 
     try:
@@ -239,6 +275,14 @@ def storage_call(url: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T
         return fn(*args, **kwargs)
     except Exception as e:  # noqa: BLE001 - classified below, anything else re-raised
         names = {type(x).__name__ for x in _chain(e)}
+        profile = next((x for x in _chain(e) if type(x).__name__ == "ProfileNotFound"), None)
+        if profile is not None:
+            name = getattr(profile, "kwargs", {}).get("profile") or os.environ.get("AWS_PROFILE")
+            raise ConfigError(
+                f"no credentials for {url!r}: AWS profile {name!r} does not exist; expected a "
+                "profile in the AWS config or credentials file (AWS_PROFILE), or keys via "
+                f"AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or {ENV_OPTIONS}"
+            ) from e
         if names & {"NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError"}:
             raise ConfigError(
                 f"no credentials for {url!r}; expected AWS_ACCESS_KEY_ID and "
@@ -280,6 +324,8 @@ def check_reachable(url: str) -> None:
 
     Two requests, once per URL and storage options in this process.
     """
+    refuse_chained(url)
+    url = _normal(url)
     refuse_by_suffix(url)
     scheme = _scheme(url)
     if scheme in BUCKET_PROTOCOLS and bucket_of(url) is None:
@@ -293,12 +339,33 @@ def check_reachable(url: str) -> None:
     fs, root = filesystem(url)
     storage_call(url, fs.exists, f"{root}/zarr.json")  # a signed request: credentials
     bucket = bucket_of(url)
-    if bucket is not None and not storage_call(url, fs.exists, bucket):
+    if bucket is not None and not storage_call(url, _bucket_exists, fs, bucket, root):
         raise ArchiveNotFoundError(
             f"bucket {bucket!r} of {url!r} does not exist; expected an existing bucket "
             "(attnscope never creates buckets)"
         )
     _reachable.add(token)
+
+
+def _bucket_exists(fs: Any, bucket: str, root: str) -> bool:
+    """Whether ``bucket`` exists, asked by listing the archive's own prefix (one key at
+    most): credentials scoped to a prefix may not HEAD the bucket, and fsspec's
+    ``exists(bucket)`` answers False for that 403. A denied listing raises
+    PermissionError (access denied, not "no such bucket")."""
+    if hasattr(fs, "call_s3"):  # s3fs: NoSuchBucket -> FileNotFoundError, 403 -> PermissionError
+        key = root.split("/", 1)[1] if "/" in root else ""
+        try:
+            fs.call_s3("list_objects_v2", Bucket=bucket, Prefix=key + "/" if key else "", MaxKeys=1)
+        except FileNotFoundError:
+            return False
+        return True
+    if fs.exists(bucket):
+        return True
+    try:  # other object stores: a listing of the prefix succeeds when the bucket exists
+        fs.ls(root, detail=False)
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def _top(url: str) -> list[str]:
@@ -334,10 +401,31 @@ def _is_lock_key(key: str) -> bool:
     return key == LOCK_DIR_NAME or key.startswith(LOCK_DIR_NAME + "/")
 
 
+def bare_group(doc: bytes) -> bool:
+    """Whether ``doc`` (a root ``zarr.json``) is a Zarr group without attnscope root
+    metadata: what a writer killed between creating the group and writing its metadata
+    left (archives of older versions wrote them in two PUTs)."""
+    try:
+        meta = json.loads(doc)
+    except ValueError:
+        return False
+    return (isinstance(meta, dict) and meta.get("node_type") == "group"
+            and "attnscope" not in (meta.get("attributes") or {}))  # fmt: skip
+
+
 def holds_no_data(url: str) -> bool:
-    """Objects exist under ``url`` and all belong to the writer lock folder."""
-    names = _top(url)
-    return bool(names) and set(names) <= {LOCK_DIR_NAME}
+    """Objects exist under ``url`` and all belong to the writer lock folder, besides at
+    most a root ``zarr.json`` without attnscope metadata (:func:`bare_group`)."""
+    names = set(_top(url))
+    if not names or not names <= {LOCK_DIR_NAME, "zarr.json"}:
+        return False
+    if "zarr.json" not in names:
+        return True
+    fs, root = filesystem(url)
+    try:
+        return bare_group(storage_call(url, fs.cat_file, f"{root}/zarr.json"))
+    except FileNotFoundError:
+        return True
 
 
 def clear_except_locks(url: str) -> None:

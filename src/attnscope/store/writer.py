@@ -119,8 +119,7 @@ class ArchiveWriter:
         self._lease = self._hold(_lease(path, None, inside))
         try:
             _clear(path)
-            self._backend = open_backend(path, fmt, "w")
-            self._backend.write_root_meta(meta)
+            self._backend = open_backend(path, fmt, "w", root_meta=meta)
             self._backend.write_commit(MAIN, 0, 0, 0)
             self._init(path, fmt, meta, layout, start=0, stop=None, rid=MAIN, count=0)
             for name, hts in (spec.arrays or {}).items():
