@@ -174,6 +174,30 @@ def test_hf_blocks_keep_a_row_policy_rows(tmp_path, spy) -> None:
             np.testing.assert_allclose(a[n][:], want[n], atol=1e-5, rtol=0, err_msg=n)
 
 
+def test_arrays_that_fit_go_out_one_by_one_when_the_batch_would_not(tmp_path, monkeypatch):
+    """Each array fits one block but the batch's do not together: no array waits for the
+    others (host memory stays one array deep), and the numbers are the same."""
+    from attnscope.capture import recorder
+    from attnscope.capture.writer import WriterThread
+
+    torch.manual_seed(0)
+    model = Transformer(32, 64, 4, 2, 2).eval()
+    data = list(synthetic_batches(3, 2, 32, enc={"text": 20}, dec={"a": 12}, seed=4))
+    capture(model, data, tmp_path / "w.zarr", dtype="float32", progress=False)
+    calls: list[tuple[str, int]] = []
+    real = WriterThread.put_block
+
+    def put_block(self, bsz, name, r0, data, fence, t):
+        calls.append((name, r0))
+        return real(self, bsz, name, r0, data, fence, t)
+
+    monkeypatch.setattr(WriterThread, "put_block", put_block)
+    monkeypatch.setattr(recorder, "BLOCK_BYTES", 20_000)  # < 6 arrays, > 1 (decoder self: 4.6 kB)
+    capture(model, data, tmp_path / "s.zarr", dtype="float32", progress=False)
+    names = _equal(tmp_path / "w.zarr", tmp_path / "s.zarr")
+    assert sorted(calls) == sorted((n, 0) for n in names * 3)  # every array, whole, per batch
+
+
 def test_archive_chunks_follow_the_block(tmp_path) -> None:
     """A block is a whole number of chunk rows: every block write covers whole chunks."""
     torch.manual_seed(0)

@@ -260,7 +260,7 @@ class _Job:
             heads=opts.heads, dtype=opts.dtype, topk=opts.topk, validate=opts.validate,
             device=self.device, defer_rows=opts.rows is not None,
         )  # fmt: skip
-        self.recorder.query_block = opts.query_block
+        self.recorder.query_block, self.recorder.n_arrays = opts.query_block, len(self.wanted)
         self.writer: WriterThread | None = None
         self.streaming: tuple[int, Any] | None = None  # (samples, batch) being streamed
         self.resumed: dict[str, Any] | None = None  # archive metadata whose layout is unchecked

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from attnscope.capture.blocks import block_rows
+from attnscope.capture.blocks import BLOCK_BYTES, block_rows
 from attnscope.capture.options import TORCH_DTYPES
 from attnscope.contracts import KIND_AXES
 from attnscope.errors import ConfigError, SelectionError, ValidationError
@@ -113,6 +113,9 @@ class Recorder:
         self.pending: list[tuple[str, torch.Tensor]] | None = [] if defer_rows else None
         #: rows per block (None: automatic, see capture.blocks); used only with `stream`
         self.query_block: int | None = None
+        #: selected arrays per batch: with `stream`, whole arrays go out one by one when
+        #: the batch's would exceed one block together
+        self.n_arrays = 1
         #: consumer of streamed blocks ``(name, r0, host data, fence, T)``; None: no blocks
         self.stream: Callable[[str, int, Any, Any, int], None] | None = None
         self.begin(0)
@@ -131,7 +134,13 @@ class Recorder:
         if self.pending is not None:
             self.pending.append((name, w))
             return
-        self.captured[name] = self._keep(name, self._select_rows(name, w))
+        data = self._keep(name, w := self._select_rows(name, w))
+        if self.stream is not None and self.n_arrays * w.numel() * 4 > BLOCK_BYTES:
+            # the batch's arrays together would exceed one block: each goes out as it comes
+            self.streamed.add(name)
+            self.stream(name, 0, data, self.copier.fence(), int(w.shape[2]))
+            return
+        self.captured[name] = data
 
     def block_rows(self, b: int, h: int, t: int, s: int) -> int:
         """Rows per block for the model's weights ``(b, h, t, s)``; ``t``: one whole array.
