@@ -158,3 +158,83 @@ def test_timeline_selects_among_the_kept_rows(tmp_path) -> None:
     np.testing.assert_allclose(p["mass"], f["mass"], rtol=1e-6)
     with open_archive(tmp_path / "part.zarr") as a:
         assert a.query_rows(arrays[0]).tolist() == ROWS["decoder"]
+
+
+def _timeline_pair(tmp_path: Path, rows: list[int]) -> tuple[Path, Path]:
+    """Full and ``decoder: rows`` archives of the same weights, with episode/step ids."""
+    w = make_weights(seed=3)
+    ids = {"episode": np.zeros(6, np.int64), "step": np.arange(6)}
+    part = _keep(w, {"decoder": rows})
+    for name, data, kw in (("full", w, {}), ("part", part, {"query_rows": {"decoder": rows}})):
+        with ArchiveWriter.create(
+            tmp_path / f"{name}.zarr", make_layout(), dtype="float32", **kw
+        ) as wr:
+            wr.append(data, sample_ids=ids)
+    return tmp_path / "full.zarr", tmp_path / "part.zarr"
+
+
+@pytest.mark.parametrize(
+    ("query", "match"),
+    [
+        ("bos", r"query 'bos' \(tokens \[0\]\) selects no kept row"),
+        ([0], r"query \[0\] selects no kept row"),
+        ([4], r"query \[4\] selects no kept row"),
+        ("last", r"query 'last' is token 9, not a kept row"),
+    ],
+    ids=["bos", "token0", "token4", "last"],
+)
+def test_timeline_refuses_a_group_without_kept_rows(tmp_path, query, match) -> None:
+    _full, part = _timeline_pair(tmp_path, [3, 8])  # the last token (9) is not kept
+    rest = r"; decoder/0/cross_attention keeps only query rows \[3, 8\] \(a capture row policy\)$"
+    with pytest.raises(SelectionError, match=match + rest):
+        timeline(part, tmp_path / "t", query=query, arrays=["decoder/0/cross_attention"])
+    assert not (tmp_path / "t" / "timeline.parquet").exists()
+
+
+def test_timeline_last_is_the_last_token_when_it_was_kept(tmp_path) -> None:
+    full, part = _timeline_pair(tmp_path, [3, 9])
+    arrays = ["decoder/0/cross_attention"]
+    f = pd.read_parquet(timeline(full, tmp_path / "tf", query="last", arrays=arrays))
+    p = pd.read_parquet(timeline(part, tmp_path / "tp", query="last", arrays=arrays))
+    assert len(p) == len(f) > 0 and set(p["query_group"]) == {"last token"}
+    np.testing.assert_allclose(p["mass"], f["mass"], rtol=1e-6)
+
+
+def _ragged_timeline(tmp_path: Path, lens: list[int], rows: list[int]) -> tuple[Path, Path]:
+    rng = np.random.default_rng(0)
+    n = len(lens)
+    mask = np.arange(10)[None, :] < np.asarray(lens)[:, None]
+    x = softmax_block(rng, (n, 2, 10, 10), causal=True)
+    x = np.where(mask[:, None, None, :], x, 0)
+    x /= x.sum(-1, keepdims=True)
+    x = np.where(mask[:, None, :, None], x, 0)
+    ids = {"episode": np.zeros(n, np.int64), "step": np.arange(n)}
+    part = x[:, :, rows]
+    for name, data, kw in (("full", x, {}), ("part", part, {"query_rows": {"decoder": rows}})):
+        kw.update(dtype="float32", max_lengths={"decoder": 10})
+        with ArchiveWriter.create(tmp_path / f"{name}.zarr", make_layout(), **kw) as wr:
+            wr.append({"decoder/0/self_attention": data}, masks={"decoder": mask}, sample_ids=ids)
+    return tmp_path / "full.zarr", tmp_path / "part.zarr"
+
+
+def test_ragged_timeline_last_needs_each_samples_last_token_kept(tmp_path) -> None:
+    full, part = _ragged_timeline(tmp_path, [10, 6, 10, 2], [1, 5, 9])
+    f = pd.read_parquet(timeline(full, tmp_path / "tf", query="last"))
+    p = pd.read_parquet(timeline(part, tmp_path / "tp", query="last"))
+    assert len(p) == len(f) > 0
+    np.testing.assert_allclose(p["mass"], f["mass"], rtol=1e-6)
+    _full, part = _ragged_timeline(tmp_path / "b", [10, 6, 10, 3], [1, 5, 9])
+    want = r"query 'last' is token 2 of sample 3, not a kept row; .* query rows \[1, 5, 9\]"
+    with pytest.raises(SelectionError, match=want):
+        timeline(part, tmp_path / "tb", query="last")
+
+
+def test_ragged_timeline_refuses_kept_rows_that_are_padding_everywhere(tmp_path) -> None:
+    _full, part = _ragged_timeline(tmp_path, [6, 8, 3, 9], [1, 5, 9])
+    assert len(pd.read_parquet(timeline(part, tmp_path / "ok", query=[5, 9]))) > 0
+    want = r"query \[9\] selects no real kept row in any sample of decoder/0/self_attention; "
+    with pytest.raises(SelectionError, match=want + r".* query rows \[1, 5, 9\]"):
+        timeline(part, tmp_path / "t", query=[9])
+    _full, part = _ragged_timeline(tmp_path / "c", [1, 1, 1, 1], [1, 5, 9])
+    empty = pd.read_parquet(timeline(part, tmp_path / "all", query="all"))  # as `analyze` runs it
+    assert len(empty) == 0  # every kept row is padding: no rows, like a full ragged archive

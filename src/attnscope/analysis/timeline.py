@@ -171,12 +171,17 @@ def _array_tables(
         else (qlay.select(query)[1])
     )
     qlay.select(query)  # a bad query fails here; below, only "no real token" can
+    kept = query_rows(arr)
+    if kept is not None:  # a row policy: only the stored rows can be selected
+        _check_kept(arc, name, qlay, query, kept)
     start = 0
+    selected = False
     for block, cells in iter_array_blocks(arr, max_bytes=block_bytes):
         n, h = block.shape[:2]
         qreal = cells.any(axis=2) if cells is not None else np.ones(block.shape[::2], bool)
-        kept = query_rows(arr)
-        if kept is not None:  # a row policy: only the stored rows can be selected
+        if kept is not None:
+            if _is(query, "last") and arc.ragged:
+                _check_last(arc, name, qside, kept, start, n)
             qreal = np.zeros((n, qlay.length), bool)
             qreal[:, kept] = cells.any(axis=2) if cells is not None else True
         wq = np.zeros((n, qlay.length))
@@ -192,6 +197,7 @@ def _array_tables(
         start += n
         if not keep.any():
             continue
+        selected = True
         wq = wq if kept is None else wq[:, kept]
         mass = timeline_mass(block[keep], wq[keep], klay)  # (n, H, n_seg)
         mass = np.concatenate([mass, mass.mean(axis=1, keepdims=True)], axis=1)
@@ -211,6 +217,48 @@ def _array_tables(
             "mass": pa.array(mass.reshape(-1).astype(np.float32)),
         }
         yield _table(w, arr, cols, len(s_col))
+    if kept is not None and start and not selected and not _is(query, "all"):
+        # kept rows of the group that are padding everywhere ("all": as in full archives,
+        # no rows, so that `attnscope analyze` still writes its tables)
+        raise _not_kept(
+            f"query {query!r} selects no real kept row in any sample of {name}", name, kept
+        )
+
+
+def _is(query: Any, word: str) -> bool:
+    return isinstance(query, str) and query == word
+
+
+def _not_kept(what: str, name: str, kept: np.ndarray) -> SelectionError:
+    """The error of a query group that a row policy left without rows (as overlays word it)."""
+    return SelectionError(
+        f"{what}; {name} keeps only query rows {kept.tolist()} (a capture row policy)"
+    )
+
+
+def _check_kept(arc: Any, name: str, qlay: SideLayout, query: Any, kept: np.ndarray) -> None:
+    """Refuse a query group naming no kept row, and ``"last"`` when the side's last token
+    was not kept (ragged archives: checked per sample, :func:`_check_last`)."""
+    if _is(query, "last"):
+        last = qlay.length - 1
+        if not arc.ragged and last not in set(kept.tolist()):
+            raise _not_kept(f"query 'last' is token {last}, not a kept row", name, kept)
+        return
+    rows = qlay.select(query)[0]
+    if not np.isin(rows, kept).any():
+        what = f"query {query!r}" + (f" (tokens {list(rows)})" if isinstance(query, str) else "")
+        raise _not_kept(f"{what} selects no kept row", name, kept)
+
+
+def _check_last(arc: Any, name: str, qside: str, kept: np.ndarray, start: int, n: int) -> None:
+    """Refuse ``"last"`` when a sample's last real token (ragged archives) was not kept."""
+    real = np.asarray(arc.masks(qside, slice(start, start + n)), dtype=bool)
+    rows = set(kept.tolist())
+    for i, m in enumerate(real):
+        pos = np.flatnonzero(m)
+        if len(pos) and int(pos[-1]) not in rows:
+            what = f"query 'last' is token {int(pos[-1])} of sample {start + i}, not a kept row"
+            raise _not_kept(what, name, kept)
 
 
 def _table(w: _TimelineWriter, arr: Any, cols: dict[str, pa.Array], n: int) -> pa.Table:

@@ -43,7 +43,11 @@ def to_xarray(archive: AttentionArchive, name: str | None = None) -> Any:
 
     With ``name``: a ``DataArray`` with dims ``("sample", "head", "query", "key")``,
     coords ``head`` = original head ids, ``query``/``key`` = token labels,
-    ``query_segment``/``key_segment`` = segment name per token, and ``sample_ids``.
+    ``query_segment``/``key_segment`` = segment name per token, and ``sample_ids``;
+    attrs ``query_segments``/``key_segments`` = JSON ``[name, start, stop]`` along the dims.
+    An array keeping some query rows (a row policy) has ``query_position`` = each stored
+    row's original position, and its ``query_segments`` count the kept rows (a segment's
+    kept rows, contiguous along ``query``; segments without one left out).
 
     Without: a ``Dataset`` of every array. Query/key dims are then named by side so
     arrays of different lengths coexist: ``encoder_query``/``encoder_key``,
@@ -92,7 +96,7 @@ def _data_array(archive: AttentionArchive, name: str, qdim: str, kdim: str, hdim
         f"{qdim}_segment": (qdim, [ql.segments[qseg[i]].name for i in qrows]),
         f"{kdim}_segment": (kdim, [kl.segments[i].name for i in kl.segment_ids()]),
     }
-    if arr.query_rows is not None:
+    if arr.query_rows is not None:  # the original positions of the kept rows
         coords[f"{qdim}_position"] = (qdim, qrows)
     for key, v in archive.sample_ids.items():
         coords[f"sample_{key}"] = ("sample", v)
@@ -102,7 +106,7 @@ def _data_array(archive: AttentionArchive, name: str, qdim: str, kdim: str, hdim
         "stack": arr.stack,
         "layer": arr.layer,
         "kind": arr.kind,
-        "query_segments": json.dumps([[s.name, s.start, s.stop] for s in ql.segments]),
+        "query_segments": json.dumps(_query_segments(ql, arr.query_rows)),
         "key_segments": json.dumps([[s.name, s.start, s.stop] for s in kl.segments]),
     }
     return xr.DataArray(
@@ -112,3 +116,19 @@ def _data_array(archive: AttentionArchive, name: str, qdim: str, kdim: str, hdim
         name=name,
         attrs=attrs,
     )
+
+
+def _query_segments(ql: Any, rows: Any) -> list[list[Any]]:
+    """``[name, start, stop]`` of each query segment along the ``query`` dim: the layout's
+    positions, or for an array keeping some rows (a row policy) the segment's kept rows
+    counted among the kept rows (segments without a kept row left out; the original
+    positions are the ``*_position`` coordinate)."""
+    if rows is None:
+        return [[s.name, s.start, s.stop] for s in ql.segments]
+    rows = np.asarray(rows, dtype=np.int64)
+    out = []
+    for s in ql.segments:
+        start, stop = (int(i) for i in np.searchsorted(rows, [s.start, s.stop]))
+        if stop > start:
+            out.append([s.name, start, stop])
+    return out
