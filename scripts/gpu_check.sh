@@ -18,7 +18,7 @@ fi
 } 2>&1 | tee "$out/env.txt"
 if [ "$tsec" != 0 ]; then
   xdist=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")
-  timeout "$tsec" python3 -m pytest -q -p no:cacheprovider $xdist -rs tests/capture \
+  timeout "$tsec" python3 -m pytest -q -p no:cacheprovider $xdist -rs ${GPU_TESTS:-tests/capture} \
     2>&1 | tee "$out/tests.txt" | tail -30
   timeout 120 python3 -m pytest -q -s -p no:cacheprovider tests/capture/test_cuda.py -k 16k \
     2>&1 | grep -E "16k|passed|failed" | tee -a "$out/tests.txt"

@@ -143,10 +143,18 @@ def reference_attentions(model: Any, batch: dict) -> dict[str, torch.Tensor]:
     """Array name -> the model's own ``output_attentions`` tensor, computed eagerly."""
     previous = model.config._attn_implementation
     model.set_attn_implementation("eager")
+    # transformers 5.17's T5 keeps per-stack config copies the switch misses
+    subs = {id(c): c for m in model.modules() if hasattr(c := m.__dict__.get("config"),
+                                                        "_attn_implementation_internal")}
+    saved = {k: c._attn_implementation_internal for k, c in subs.items()}
+    for c in subs.values():
+        c._attn_implementation_internal = "eager"
     try:
         with torch.inference_mode():
             out = model(**batch, output_attentions=True)
     finally:
+        for k, c in subs.items():
+            c._attn_implementation_internal = saved[k]
         model.set_attn_implementation(previous)
     if model.config.is_encoder_decoder:
         groups = [("encoder", "self_attention", out.encoder_attentions),

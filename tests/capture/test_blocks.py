@@ -390,8 +390,9 @@ def test_batch_stream_refuses_what_would_be_wrong(tmp_path) -> None:
         assert s.commit() == 1
         with pytest.raises(ArchiveError, match="committed"):
             s.put("encoder/0/self_attention", 0, w)
+        relayout(wr, layout)  # the same layout: nothing to change
         with pytest.raises(ArchiveError, match="holds committed samples"):
-            relayout(wr, layout)
+            relayout(wr, TokenLayout(layout.encoder, SideLayout.from_lengths({"d": 3})))
     with ArchiveWriter.create(tmp_path / "r.zarr", layout, max_lengths={"encoder": 6}) as wr:
         with pytest.raises(ConfigError, match="ragged"):
             wr.stream(1)
@@ -449,3 +450,68 @@ def test_16k_tokens_capture_under_a_memory_cap(tmp_path) -> None:
         for r, want in zip(got["rows"], got["want"]):
             np.testing.assert_allclose(arr[0, 0, r].astype(np.float32), want, atol=2**-11)
         assert 256 % arr.chunks[2] == 0  # blocks of 256 rows write whole chunks
+
+
+# -- the first batch's archive -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "opts", [{"rows": "decoder:last"}, {"rows": "encoder:rows=1,decoder:last=2"}, {"topk": 3}],
+    ids=["last", "both-sides", "topk"],
+)
+def test_hf_encoder_decoder_first_batch_streams_with_its_whole_layout(tmp_path, spy, opts):
+    """The archive is made at the first (encoder) block from the layout the inputs give,
+    so a decoder-side policy or top-k (which needs the decoder's keys) works."""
+    pytest.importorskip("transformers").logging.set_verbosity_error()
+    model = make("bart")
+    batch = batch_for("bart", model)
+    batch.pop("attention_mask")
+    capture(model, [batch, batch], tmp_path / "w.zarr", dtype="float32", progress=False, **opts)
+    capture(model, [batch, batch], tmp_path / "b.zarr", dtype="float32", progress=False,
+            query_block=2, **opts)  # fmt: skip
+    assert spy
+    with open_archive(tmp_path / "w.zarr") as a, open_archive(tmp_path / "b.zarr") as b:
+        assert a.metadata["layout"] == b.metadata["layout"] and b.n_samples == 4
+        for n in a.arrays():
+            np.testing.assert_allclose(b[n][:], a[n][:], atol=1e-5, err_msg=n)
+
+
+def test_crash_in_a_first_batch_made_at_its_first_block_resumes(tmp_path, monkeypatch):
+    """nn.Transformer's inputs do not tell its lengths: the archive is made at the first
+    (encoder) block with the encoder side only. Killed before the commit, it holds
+    nothing; resume takes the whole layout and completes."""
+    from attnscope.store.stream import BatchStream
+
+    torch.manual_seed(0)
+    model = nn.Transformer(16, 4, 1, 1, 32, dropout=0.0, batch_first=True).eval()
+    b = {"src": torch.randn(2, 9, 16), "tgt": torch.randn(2, 6, 16)}
+    capture(model, [b, b], tmp_path / "w.zarr", dtype="float32", progress=False)
+    real = BatchStream.put
+
+    def put(self, name, *a, **k):
+        if name.startswith("decoder"):
+            raise OSError(28, "No space left on device")
+        return real(self, name, *a, **k)
+
+    monkeypatch.setattr(BatchStream, "put", put)
+    with pytest.raises(Exception, match="No space left|disk full"):
+        capture(model, [b, b], tmp_path / "b.zarr", dtype="float32", progress=False,
+                query_block=2)  # fmt: skip
+    with open_archive(tmp_path / "b.zarr") as a:
+        assert a.n_samples == 0 and a.layout.decoder is None  # made before the decoder ran
+    monkeypatch.setattr(BatchStream, "put", real)
+    capture(model, [b, b], tmp_path / "b.zarr", dtype="float32", progress=False, query_block=2,
+            resume=True)  # fmt: skip
+    _equal(tmp_path / "w.zarr", tmp_path / "b.zarr")
+
+
+def test_later_batch_of_other_lengths_is_refused_before_any_block(tmp_path, spy) -> None:
+    torch.manual_seed(0)
+    model = Transformer(32, 64, 4, 1, 1).eval()
+    a = list(synthetic_batches(1, 2, 32, enc={"text": 30}, dec={"a": 10}, seed=0))
+    b = list(synthetic_batches(1, 2, 32, enc={"text": 20}, dec={"a": 10}, seed=1))
+    with pytest.raises(ShapeError, match=r"batch 1: Transformer has a fixed token layout"):
+        capture(model, a + b, tmp_path / "l.zarr", query_block=4, progress=False)
+    assert len(spy) == 8 + 3 + 3  # batch 0's blocks of 4 rows (30, 10, 10 rows); none of batch 1
+    with open_archive(tmp_path / "l.zarr") as arc:
+        assert arc.n_samples == 2

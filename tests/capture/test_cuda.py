@@ -143,12 +143,13 @@ def test_row_policy_on_cuda_keeps_exactly_the_models_rows(tmp_path, rows, topk) 
     torch.manual_seed(0)
     model = Transformer(32, 16, 4, 2, 2).eval()
     data = batches(2, 2)
-    capture(model, data, tmp_path / "r.zarr", dtype="float32", device="cuda", rows=rows,
+    capture(model, data, tmp_path / "r.zarr", dtype="float32", device=DEVICE, rows=rows,
             heads=[3, 1], topk=topk, progress=False)  # fmt: skip
     want: dict[str, list] = {}
     with torch.inference_mode():
         for enc, dec in data:
-            _, w = model(enc.cuda(), dec.cuda(), return_attention_weights=True)
+            enc, dec = ({k: v.to(DEVICE) for k, v in x.items()} for x in (enc, dec))
+            _, w = model(enc, dec, return_attention_weights=True)
             for stack, layers in w.items():
                 for i, layer in enumerate(layers):
                     for kind, t in layer.items():

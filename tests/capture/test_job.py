@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import numpy as np
@@ -187,9 +188,10 @@ def test_memory_is_bounded_by_the_queue(model, tmp_path, monkeypatch) -> None:
     """The producer never runs more than queue_depth + 2 batches ahead of the writer."""
     produced, written, lead = [0], [0], []
     real_append = ArchiveWriter.append
+    gate = threading.Event()  # the writer waits until the producer ran 4 batches ahead
 
     def slow_append(self, *a, **k):
-        time.sleep(0.02)
+        gate.wait(timeout=30)
         out = real_append(self, *a, **k)
         written[0] += 1
         return out
@@ -200,6 +202,8 @@ def test_memory_is_bounded_by_the_queue(model, tmp_path, monkeypatch) -> None:
         for b in synthetic_batches(12, 2, 32, enc=ENC, dec=DEC):
             produced[0] += 1
             lead.append(produced[0] - written[0])
+            if produced[0] >= 4:  # one in append, two queued, this one about to be
+                gate.set()
             yield b
 
     capture(model, source(), tmp_path / "q.zarr", queue_depth=2, progress=False)

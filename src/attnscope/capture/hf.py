@@ -113,6 +113,9 @@ class HFAdapter(Adapter):
     # -- implementation switching -------------------------------------------------------
 
     def close(self) -> None:
+        for cfg, impl in reversed(self._sub_impls):
+            cfg._attn_implementation_internal = impl
+        self._sub_impls = []
         previous = self._previous_impl
         if previous and previous != "eager":
             try:
@@ -136,6 +139,18 @@ class HFAdapter(Adapter):
                 f"{type(self.model).__name__} cannot switch to eager attention ({e}); load it "
                 "with attn_implementation='eager' to capture weights"
             ) from e
+        # Some versions keep sub-model copies of the config that the switch misses (T5's
+        # stacks in transformers 5.17): every attention config must say eager.
+        self._sub_impls: list[tuple[Any, Any]] = []
+        seen: set[int] = set()
+        for m in self.model.modules():
+            cfg = m.__dict__.get("config")
+            if id(cfg) in seen or not hasattr(cfg, "_attn_implementation_internal"):
+                continue
+            seen.add(id(cfg))
+            if cfg._attn_implementation_internal != "eager":
+                self._sub_impls.append((cfg, cfg._attn_implementation_internal))
+                cfg._attn_implementation_internal = "eager"
 
     @contextlib.contextmanager
     def observing(self, sink: Sink, wanted: set[str]) -> Iterator[None]:

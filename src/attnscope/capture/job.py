@@ -263,6 +263,8 @@ class _Job:
         self.recorder.query_block, self.recorder.n_arrays = opts.query_block, len(self.wanted)
         self.writer: WriterThread | None = None
         self.streaming: tuple[int, Any] | None = None  # (samples, batch) being streamed
+        self.before: tuple[dict[str, int], TokenLayout] | None = None  # see _before_run
+        self.fresh = False  # resumed an archive that has nothing committed
         self.resumed: dict[str, Any] | None = None  # archive metadata whose layout is unchecked
         self.skip = 0  # samples committed before this run (skipped, not re-run)
         self.pos = 0  # index of the next batch's first sample
@@ -327,8 +329,12 @@ class _Job:
         batch = self.adapter.to_device(batch, self.device)
         self.recorder.begin(drop)
         first = self.writer is None  # the archive is made by this batch (or its first block)
-        if self.recorder.pending is not None and self._stream_ok(batch):
-            self._resolve_rows_before_run(batch)
+        self.before = self._before_run(batch) if self._stream_ok(batch) else None
+        if self.before is not None:  # refuse a batch that does not fit before any block
+            if self.recorder.pending is not None:
+                self._resolve_rows(self.before[1])
+            if not first and not self.fresh:
+                self.lengths.check(bi, *self.before)
         self.streaming = (bsz - drop, batch) if self._can_stream(batch) else None
         self.recorder.stream = self._on_block if self.streaming else None
         self._forward(bi, batch)
@@ -360,12 +366,15 @@ class _Job:
             ids = batch_ids(self.opts.sample_ids, bi, batch, self.pos + drop, self.pos + bsz)
             if digest is not None:
                 ids = {**(ids or {}), **input_hash_ids(digest, bsz - drop)}
+            # the archive's first batch: its full layout (the archive may have been made at
+            # the first block, or by a run that committed nothing, before every layer ran)
+            full = layout if first or self.fresh else None
             if streamed:
-                full = layout if first else None  # the first block came before every layer ran
                 self.writer.commit_stream(bsz - drop, captured, ids, fence, tokens=tokens,
                                           layout=full)  # fmt: skip
             else:
-                self.writer.put(captured, ids, fence, masks=masks, tokens=tokens)
+                self.writer.put(captured, ids, fence, masks=masks, tokens=tokens, layout=full)
+            self.fresh = False
             self.n_batches += 1
         self.pos += bsz
         if self.bar is not None:
@@ -391,9 +400,10 @@ class _Job:
         """Recorder's stream consumer: one block of rows, on its way to the archive."""
         assert self.streaming is not None
         bsz, batch = self.streaming
-        if self.writer is None:  # first batch: the archive from what is known so far
-            shapes = self.recorder.shapes
-            layout = self.lengths.decide(batch, side_lengths(shapes), self._layout(batch))
+        if self.writer is None:  # first batch: the archive from what the inputs tell, else
+            # from the layers run so far (completed at the commit: store.stream.relayout)
+            lengths, layout = self.before or (side_lengths(self.recorder.shapes), None)
+            layout = self.lengths.decide(batch, lengths, layout or self._layout(batch))
             self.writer = WriterThread(self._create(bsz, layout), self.opts.queue_depth)
         self.writer.put_block(bsz, name, r0, data, fence, t)
 
@@ -433,18 +443,18 @@ class _Job:
     def _layout(self, batch: Any) -> TokenLayout:
         return self.adapter.layout(batch, self.recorder.shapes)
 
-    def _resolve_rows_before_run(self, batch: Any) -> None:
-        """Resolve the row policy from the layout the batch's inputs give, when they give
-        one for every selected array (reference model, HF): its blocks can then stream."""
+    def _before_run(self, batch: Any) -> tuple[dict[str, int], TokenLayout] | None:
+        """``(lengths, layout)`` the batch's inputs give before the model runs, when they
+        give them for every selected array (reference model, HF); else None."""
         lengths = self.adapter.lengths(batch) or {}
         shapes = {}
         for name in self.wanted:
             stack, _layer, kind = name.split("/")
             q, k = KIND_AXES[(stack, kind)]
             if q not in lengths or k not in lengths:
-                return
+                return None
             shapes[name] = (1, 1, lengths[q], lengths[k])
-        self._resolve_rows(self.adapter.layout(batch, shapes))
+        return lengths, self.adapter.layout(batch, shapes)
 
     def _resolve_rows(self, layout: TokenLayout) -> None:
         """Resolve the row policy on the first batch's layout (the archive's axes)."""
@@ -468,7 +478,9 @@ class _Job:
         self.resume_bsz = int(bsz) if n and isinstance(bsz, int) else None
         self.identity.check(meta)
         self.lengths.adopt(meta, fields, n)
-        self.resumed = meta
+        self.resumed = meta if n else None
+        if not n:  # nothing committed: its layout may be partial (killed at a first block)
+            self.fresh, self.lengths.fixed = True, None
         writer = ArchiveWriter.open(self.path, mode="a")
         self.writer = WriterThread(writer, self.opts.queue_depth)
         self.skip = writer.committed

@@ -43,14 +43,16 @@ class WriterThread:
         *,
         masks: dict[str, np.ndarray] | None = None,
         tokens: dict[str, dict[str, Any]] | None = None,
+        layout: Any = None,
     ) -> None:
         """Queue one batch (blocks while the queue is full).
 
         ``masks`` (side -> ``(B, L_b)`` bool) and ``tokens`` (side -> ``{"labels", "ids"}``)
         go with the batch's ``append``: the store checks them there, before writing.
+        ``layout``: the archive's first batch's full layout (see :meth:`commit_stream`).
         """
         self._start()
-        self._queue.put(("batch", arrays, ids, fence, masks, tokens))
+        self._queue.put(("batch", arrays, ids, fence, masks, tokens, layout))
 
     def put_block(self, bsz: int, name: str, r0: int, data: Any, fence: Any, t: int) -> None:
         """Queue rows ``[r0, r0 + rb)`` of array ``name`` (``t`` rows) of a streamed batch.
@@ -109,9 +111,11 @@ class WriterThread:
     def _do(self, item: tuple) -> None:
         kind, *rest = item
         if kind == "batch":
-            arrays, ids, fence, masks, tokens = rest
+            arrays, ids, fence, masks, tokens, layout = rest
             if fence is not None:
                 fence.synchronize()
+            if layout is not None and not self.writer.committed:
+                relayout(self.writer, layout)
             self.writer.append(to_host(arrays), sample_ids=ids, masks=masks, tokens=tokens)
             self.bytes += stored_nbytes(arrays)
             self.samples += _n_samples(next(iter(arrays.values())))

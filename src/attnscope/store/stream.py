@@ -47,6 +47,8 @@ def relayout(writer: ArchiveWriter, layout: TokenLayout) -> None:
     (and so a side of the layout) may not have run yet; the full layout follows before
     the first commit.
     """
+    if layout.to_json() == writer._meta.get("layout"):
+        return
     if writer._count or writer._start:
         raise ArchiveError(f"{writer.path!r} holds committed samples; its layout is fixed")
     rules = type(writer._rules)(layout, writer._meta)
