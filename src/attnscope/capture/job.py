@@ -6,11 +6,9 @@ The pipeline has three stages that overlap:
    :class:`~attnscope.capture.recorder.Recorder` hooked into it selects the wanted
    layers/heads, validates and casts to the stored dtype *on the device*;
 2. the selected weights are copied to the host (pinned buffers, asynchronously on CUDA);
-3. a :class:`~attnscope.capture.writer.WriterThread` appends batch ``k`` to the archive
-   behind a bounded queue.
-
-Memory stays bounded by ``queue_depth`` batches of selected weights, however many
-batches run.
+3. a :class:`~attnscope.capture.writer.WriterThread` appends batch ``k`` (or streams a
+   long context's blocks of rows) to the archive behind a bounded queue, so memory stays
+   bounded by ``queue_depth`` batches (or blocks) of selected weights.
 """
 
 from __future__ import annotations
@@ -334,6 +332,9 @@ class _Job:
             if self.recorder.pending is not None:
                 self._resolve_rows(self.before[1])
             if not first and not self.fresh:
+                if self.resumed is not None:
+                    CaptureIdentity.check_layout(self.resumed, self.before[1])
+                    self.resumed = None
                 self.lengths.check(bi, *self.before)
         self.streaming = (bsz - drop, batch) if self._can_stream(batch) else None
         self.recorder.stream = self._on_block if self.streaming else None
