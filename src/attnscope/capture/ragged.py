@@ -16,7 +16,7 @@ the first batch's lengths. Families with a fixed token layout (the reference Tra
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -190,6 +190,35 @@ class Lengths:
                     f"(--max-length {max(n, lay.length)}) to a new capture for batches of "
                     "different lengths"
                 )
+
+    def before_run(
+        self, batch: Any, wanted: Sequence[str]
+    ) -> tuple[dict[str, int], TokenLayout] | None:
+        """``(lengths, layout)`` a batch's inputs give before the model runs, when they give
+        them for every array in ``wanted`` (reference model, HF); else None."""
+        lengths = self.adapter.lengths(batch) or {}
+        shapes = {}
+        for name in wanted:
+            stack, _layer, kind = name.split("/")
+            q, k = KIND_AXES[(stack, kind)]
+            if q not in lengths or k not in lengths:
+                return None
+            shapes[name] = (1, 1, lengths[q], lengths[k])
+        return lengths, self.adapter.layout(batch, shapes)
+
+    def block_masks(
+        self, batch: Any, lengths: Mapping[str, int], bsz: int, drop: int
+    ) -> dict[str, np.ndarray]:
+        """A ragged batch's real tokens ``(bsz - drop, L_b)`` on each side of the archive,
+        read before it runs (its query blocks are padded as they come)."""
+        got = self.adapter.masks(batch) or {}
+        out = {}
+        for side, n in lengths.items():
+            if side in (self.max_lengths or {}):
+                m = got.get(side)
+                m = np.ones((bsz, n), bool) if m is None else np.asarray(m).astype(bool)
+                out[side] = m[drop:]
+        return out
 
     def side_data(
         self, batch: Any, drop: int, sides: Iterable[str]

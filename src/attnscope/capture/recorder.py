@@ -127,6 +127,7 @@ class Recorder:
         self.shapes: dict[str, tuple[int, ...]] = {}  # the model's (B, H, T, S) per array
         self._checks: dict[str, tuple[torch.Tensor, float]] = {}
         self.streamed: set[str] = set()  # arrays of this batch handed to `stream` in blocks
+        self._sent: set[str] = set()  # streamed arrays that sent a block this batch
 
     def __call__(self, name: str, w: torch.Tensor) -> None:
         self.shapes[name] = tuple(w.shape)
@@ -172,11 +173,13 @@ class Recorder:
         n_rows = t
         if kept is not None:  # the block's kept rows, after the kept rows of earlier blocks
             inside = kept[(kept >= r0) & (kept < r0 + w.shape[2])]
-            if not len(inside):
-                return
+            last = r0 + w.shape[2] >= t
+            if not len(inside) and not (last and name not in self._sent):
+                return  # (a ragged batch may hold none: its last block declares the array)
             local = torch.as_tensor(inside - r0, device=w.device)
             n_rows, r0 = len(kept), int(np.searchsorted(kept, r0))
             w = w.index_select(2, local)
+        self._sent.add(name)
         self.stream(name, r0, self._keep(name, w), self.copier.fence(), n_rows)
 
     def _heads_and_drop(self, name: str, w: torch.Tensor) -> torch.Tensor:

@@ -54,14 +54,17 @@ class WriterThread:
         self._start()
         self._queue.put(("batch", arrays, ids, fence, masks, tokens, layout))
 
-    def put_block(self, bsz: int, name: str, r0: int, data: Any, fence: Any, t: int) -> None:
+    def put_block(
+        self, bsz: int, name: str, r0: int, data: Any, fence: Any, t: int, masks: Any = None
+    ) -> None:
         """Queue rows ``[r0, r0 + rb)`` of array ``name`` (``t`` rows) of a streamed batch.
 
         The first block of a batch starts a :class:`~attnscope.store.stream.BatchStream` of
-        ``bsz`` samples; at most ``depth`` blocks wait, so host memory stays one block deep.
+        ``bsz`` samples (``masks``: its real tokens per side, for a ragged archive); at most
+        ``depth`` blocks wait, so host memory stays one block deep.
         """
         self._start()
-        self._queue.put(("block", bsz, name, r0, data, fence, t))
+        self._queue.put(("block", bsz, name, r0, data, fence, t, masks))
 
     def commit_stream(
         self, bsz: int, arrays: Captured, ids: dict[str, np.ndarray] | None, fence: Any, *,
@@ -121,9 +124,9 @@ class WriterThread:
             self.samples += _n_samples(next(iter(arrays.values())))
             return
         if self._stream is None:
-            self._stream = self.writer.stream(rest[0])
+            self._stream = self.writer.stream(rest[0], rest[-1] if kind == "block" else None)
         if kind == "block":
-            _bsz, name, r0, data, fence, t = rest
+            _bsz, name, r0, data, fence, t, _masks = rest
             if fence is not None:
                 fence.synchronize()
             self._stream.put(name, r0, _host(data), n_rows=t)

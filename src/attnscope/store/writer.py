@@ -356,13 +356,12 @@ class ArchiveWriter:
         writes, tails = self._data_writes(prepared, pos, end)
         return self._finish(side, ids, frm, pos, end, writes, tails)
 
-    def stream(self, batch_size: int) -> BatchStream:
-        """A batch written in blocks of query rows (:class:`~.stream.BatchStream`):
-        ``put`` each block as it is computed, then ``commit``. Fixed-length archives only.
-        """
+    def stream(self, batch_size: int, masks: Mapping[str, Any] | None = None) -> BatchStream:
+        """A batch written in blocks of query rows (:class:`~.stream.BatchStream`): ``put``
+        each block as it is computed, then ``commit``; ``masks`` for a ragged archive."""
         if self._closed:
             raise ArchiveError(f"writer of {self.path!r} is closed")
-        return BatchStream(self, batch_size)
+        return BatchStream(self, batch_size, masks)
 
     def _check_fits(self, pos: int, end: int) -> None:
         """A batch of samples ``[pos, end)`` must fit this writer's range and limit."""
