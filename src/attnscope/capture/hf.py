@@ -142,12 +142,8 @@ class HFAdapter(Adapter):
         # Some versions keep sub-model copies of the config that the switch misses (T5's
         # stacks in transformers 5.17): every attention config must say eager.
         self._sub_impls: list[tuple[Any, Any]] = []
-        seen: set[int] = set()
-        for m in self.model.modules():
-            cfg = m.__dict__.get("config")
-            if id(cfg) in seen or not hasattr(cfg, "_attn_implementation_internal"):
-                continue
-            seen.add(id(cfg))
+        configs = {id(cfg): cfg for _m, cfg in _attention_configs(self.model)}
+        for cfg in configs.values():
             if cfg._attn_implementation_internal != "eager":
                 self._sub_impls.append((cfg, cfg._attn_implementation_internal))
                 cfg._attn_implementation_internal = "eager"
@@ -161,40 +157,35 @@ class HFAdapter(Adapter):
         """
         handles = []
         swapped: list[tuple[nn.Module, Any]] = []
-        fast_cfgs: dict[int, Any] = {}
-        block_cfgs: dict[int, Any] = {}
+        copies: dict[tuple[int, str], Any] = {}  # (id(config), impl) -> its one copy
         routed: list[int] = []
         self._streamed.clear()
         route_ok = getattr(sink, "stream", None) is not None
         if route_ok:
             hf_blocks.register()
+
+        def swap(m: nn.Module, cfg: Any, impl: str) -> None:
+            if (id(cfg), impl) not in copies:
+                copies[id(cfg), impl] = _with_impl(cfg, impl)
+            swapped.append((m, cfg))
+            m.config = copies[id(cfg), impl]
+
         try:
             for name, site in self.sites.items():
                 if name in wanted:
                     handles.append(site.module.register_forward_hook(self._hook(name, site, sink)))
-                    if not route_ok:
-                        continue
-                    for m in site.module.modules():
-                        cfg, eager = m.__dict__.get("config"), hf_blocks.eager_of(m)
-                        if eager is None or not hasattr(cfg, "_attn_implementation_internal"):
+                    for m, cfg in _attention_configs(site.module) if route_ok else ():
+                        eager = hf_blocks.eager_of(m)
+                        if eager is None:
                             continue
-                        if id(cfg) not in block_cfgs:
-                            block_cfgs[id(cfg)] = _with_impl(cfg, hf_blocks.IMPL)
-                        swapped.append((m, cfg))
-                        m.config = block_cfgs[id(cfg)]
+                        swap(m, cfg, hf_blocks.IMPL)
                         hf_blocks.ROUTES[id(m)] = hf_blocks.Route(
                             name, sink, eager, self.fast_ok, self._streamed
                         )
                         routed.append(id(m))
                 elif self.fast_ok:
-                    for m in site.module.modules():
-                        cfg = m.__dict__.get("config")
-                        if cfg is None or not hasattr(cfg, "_attn_implementation_internal"):
-                            continue
-                        if id(cfg) not in fast_cfgs:
-                            fast_cfgs[id(cfg)] = _with_impl(cfg, "sdpa")
-                        swapped.append((m, cfg))
-                        m.config = fast_cfgs[id(cfg)]
+                    for m, cfg in _attention_configs(site.module):
+                        swap(m, cfg, "sdpa")
             yield
         finally:
             for h in handles:
@@ -399,6 +390,15 @@ class HFAdapter(Adapter):
 
 def _np(t: Any) -> np.ndarray:
     return t.detach().cpu().numpy() if isinstance(t, torch.Tensor) else np.asarray(t)
+
+
+def _attention_configs(module: nn.Module) -> Iterator[tuple[nn.Module, Any]]:
+    """``(module, its config)`` for every module under ``module`` whose own config names an
+    attention implementation (the object each attention layer reads it from)."""
+    for m in module.modules():
+        cfg = m.__dict__.get("config")
+        if hasattr(cfg, "_attn_implementation_internal"):
+            yield m, cfg
 
 
 def _with_impl(cfg: Any, impl: str) -> Any:
