@@ -28,6 +28,7 @@ from attnscope.store import ArchiveWriter, open_archive
 from attnscope.store.stream import relayout
 
 from .hf_models import FAMILIES, batch_for, make, reference_attentions
+from .ref_data import reference_weights
 
 
 @pytest.fixture
@@ -114,17 +115,11 @@ def test_reference_model_streams_blocks_equal_to_its_own_weights(tmp_path, spy, 
     assert {n for n, _r0, _rb in spy} == set(names)
     assert [(r0, rb) for n, r0, rb in spy if n == "encoder/0/self_attention"][:4] == [
         (0, 8), (8, 8), (16, 8), (24, 7)]  # fmt: skip
-    own: dict[str, list] = {}
-    with torch.inference_mode():
-        for enc, dec in data:
-            for stack, layers in model(enc, dec, return_attention_weights=True)[1].items():
-                for i, layer in enumerate(layers):
-                    for kind, t in layer.items():
-                        own.setdefault(f"{stack}/{i}/{kind}", []).append(t.numpy())
+    own = reference_weights(model, data)
     with open_archive(blocks) as a:
         assert a.n_samples == 4 and a.metadata["capture"]["query_block"] == 8
-        for n, parts in own.items():
-            np.testing.assert_allclose(a[n][:], np.concatenate(parts), atol=1e-6, err_msg=n)
+        for n, ref in own.items():
+            np.testing.assert_allclose(a[n][:], ref, atol=1e-6, err_msg=n)
 
 
 def test_blocks_compose_with_heads_layers_and_topk(tmp_path, spy) -> None:

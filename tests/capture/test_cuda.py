@@ -18,7 +18,7 @@ from attnscope.capture.job import capture
 from attnscope.store import open_archive
 
 from .hf_models import FAMILIES, as_stored, batch_for, make, reference_attentions
-from .ref_data import batches
+from .ref_data import batches, reference_weights
 
 DEVICE = os.environ.get("ATTNSCOPE_TEST_DEVICE", "cuda")
 pytestmark = pytest.mark.skipif(
@@ -46,19 +46,11 @@ def test_reference_model_on_cuda_equals_its_own_weights(tmp_path, suffix) -> Non
                       progress=False)  # fmt: skip
     assert summary.samples == 6
     assert next(model.parameters()).device.type == DEVICE
-    want: dict[str, list] = {}
-    with torch.inference_mode():
-        for enc, dec in data:
-            enc, dec = ({k: v.to(DEVICE) for k, v in x.items()} for x in (enc, dec))
-            _, w = model(enc, dec, return_attention_weights=True)
-            for stack, layers in w.items():
-                for i, layer in enumerate(layers):
-                    for kind, t in layer.items():
-                        want.setdefault(f"{stack}/{i}/{kind}", []).append(t.float().cpu().numpy())
+    want = reference_weights(model, data, DEVICE)
     with open_archive(tmp_path / f"r{suffix}") as a:
         assert a.metadata["capture"]["provenance"]["device"].startswith(DEVICE)
-        for name, parts in want.items():
-            np.testing.assert_allclose(a[name][:], np.concatenate(parts), atol=2e-5, rtol=0,
+        for name, ref in want.items():
+            np.testing.assert_allclose(a[name][:], ref, atol=2e-5, rtol=0,
                                        err_msg=name)  # fmt: skip
 
 
@@ -145,19 +137,11 @@ def test_row_policy_on_cuda_keeps_exactly_the_models_rows(tmp_path, rows, topk) 
     data = batches(2, 2)
     capture(model, data, tmp_path / "r.zarr", dtype="float32", device=DEVICE, rows=rows,
             heads=[3, 1], topk=topk, progress=False)  # fmt: skip
-    want: dict[str, list] = {}
-    with torch.inference_mode():
-        for enc, dec in data:
-            enc, dec = ({k: v.to(DEVICE) for k, v in x.items()} for x in (enc, dec))
-            _, w = model(enc, dec, return_attention_weights=True)
-            for stack, layers in w.items():
-                for i, layer in enumerate(layers):
-                    for kind, t in layer.items():
-                        want.setdefault(f"{stack}/{i}/{kind}", []).append(t.float().cpu().numpy())
+    want = reference_weights(model, data, DEVICE)
     with open_archive(tmp_path / "r.zarr") as a:
         kept = RowPolicy.parse(rows).resolve(a.layout)
-        for name, parts in want.items():
-            x = np.concatenate(parts)[:, [3, 1]]
+        for name, ref in want.items():
+            x = ref[:, [3, 1]]
             side = "encoder" if name.startswith("encoder") else "decoder"
             if side in kept:
                 x = x[:, :, kept[side]]

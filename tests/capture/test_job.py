@@ -22,23 +22,12 @@ from attnscope.capture.synthetic import synthetic_batches
 from attnscope.errors import CaptureError, ConfigError, SelectionError
 from attnscope.store import ArchiveWriter, open_archive
 
-from .ref_data import DEC, ENC, batches
+from .ref_data import DEC, ENC, batches, reference_weights
 
 
 @pytest.fixture
 def model(small_model: Transformer) -> Transformer:
     return small_model
-
-
-def reference_weights(model: Transformer, data: list) -> dict[str, np.ndarray]:
-    out: dict[str, list] = {}
-    for enc, dec in data:
-        _, w = model(enc, dec, return_attention_weights=True)
-        for stack, layers in w.items():
-            for i, layer in enumerate(layers):
-                for kind, t in layer.items():
-                    out.setdefault(f"{stack}/{i}/{kind}", []).append(t.numpy())
-    return {k: np.concatenate(v) for k, v in out.items()}
 
 
 @pytest.mark.parametrize("suffix", [".zarr", ".h5"])

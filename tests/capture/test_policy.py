@@ -13,21 +13,9 @@ from attnscope.errors import ConfigError, SelectionError
 from attnscope.store import SideLayout, TokenLayout, open_archive, verify
 
 from . import hf_models
-from .ref_data import DEC, ENC, batches
+from .ref_data import DEC, ENC, batches, reference_weights
 
 LAYOUT = TokenLayout(encoder=SideLayout.from_lengths(ENC), decoder=SideLayout.from_lengths(DEC))
-
-
-def reference_weights(model: Transformer, data: list) -> dict[str, np.ndarray]:
-    """The model's own ``return_attention_weights=True`` weights, per array name."""
-    out: dict[str, list] = {}
-    for enc, dec in data:
-        _, w = model(enc, dec, return_attention_weights=True)
-        for stack, layers in w.items():
-            for i, layer in enumerate(layers):
-                for kind, t in layer.items():
-                    out.setdefault(f"{stack}/{i}/{kind}", []).append(t.numpy())
-    return {k: np.concatenate(v) for k, v in out.items()}
 
 
 # -- parsing ------------------------------------------------------------------------------
