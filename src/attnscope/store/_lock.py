@@ -20,7 +20,7 @@ from typing import Any
 
 from attnscope.errors import ArchiveLockedError
 
-__all__ = ["Lease", "lock_dir", "alive", "overlap"]
+__all__ = ["Lease", "lock_dir", "alive", "overlap", "lock_record"]
 
 ALL = "all"
 LOCK_DIR_NAME = ".attnscope-locks"
@@ -86,6 +86,16 @@ def overlap(a: tuple[int, int] | None, b: tuple[int, int] | None) -> bool:
     return a[0] < b[1] and b[0] < a[1]
 
 
+def lock_record(host: str, rng: tuple[int, int] | None) -> dict:
+    """What a writer's lock file says: who holds it, since when, and which samples."""
+    return {
+        "pid": os.getpid(),
+        "host": host,
+        "since": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "range": None if rng is None else list(rng),
+    }
+
+
 class Lease:
     """A held writer lock; :meth:`release` is idempotent."""
 
@@ -131,12 +141,7 @@ class Lease:
                         f"writer wants {want}. Wait for it, open a disjoint sample_range, or "
                         f"delete {full!r} if that writer is gone."
                     )
-            rec = {
-                "pid": os.getpid(),
-                "host": me,
-                "since": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                "range": None if self.range is None else list(self.range),
-            }
+            rec = lock_record(me, self.range)
             tmp = f"{self.file}.{os.getpid()}.tmp"
             with open(tmp, "w", encoding="utf-8") as fh:
                 json.dump(rec, fh)

@@ -21,7 +21,6 @@ Writer leases on a URL (:class:`RemoteLease`) are advisory: object stores have n
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import os
 import re
@@ -37,7 +36,7 @@ from attnscope.errors import (
     ConfigError,
     MissingExtraError,
 )
-from attnscope.store._lock import ALL, LOCK_DIR_NAME, alive, overlap
+from attnscope.store._lock import ALL, LOCK_DIR_NAME, alive, lock_record, overlap
 
 __all__ = [
     "ENV_OPTIONS",
@@ -521,12 +520,7 @@ class RemoteLease:
                     f"{rec.get('host')!r}, since {rec.get('since')}) holds {held}. Wait for "
                     f"it, or delete {self.dir}/{key} if that writer is gone."
                 )
-        rec = {
-            "pid": os.getpid(),
-            "host": me,
-            "since": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "range": None if self.range is None else list(self.range),
-        }
+        rec = lock_record(me, self.range)
         storage_call(self.dir, fs.pipe_file, f"{root}/{self.file.rsplit('/', 1)[1]}",
                      json.dumps(rec).encode())  # fmt: skip
         self.held = True
