@@ -38,10 +38,8 @@ run. "attn MB" counts uncompressed bytes written (float16 for capture, float32 f
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
 import os
-import platform
 import resource
 import shutil
 import statistics
@@ -55,6 +53,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from _benchlib import disk_bytes, machine, num, render
 
 MB = 1e6
 REF_ROWS = ("plain", "weights", "zarr", "hdf5", "np.save")
@@ -210,12 +209,6 @@ def _captured_bytes(model: Any, batches: list[Any]) -> list[dict[str, np.ndarray
     return out
 
 
-def _disk_bytes(path: Path) -> int:
-    if path.is_file():
-        return path.stat().st_size
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-
-
 def _row_pass(w: Workload, row: str, model: Any, data: Any, dest: Path) -> int:
     """Run ``row`` once over ``data`` (batches, or arrays for np.save); return bytes written."""
     import torch
@@ -299,7 +292,7 @@ class RowRunner:
         nbytes = _row_pass(self.w, self.row, self.model, self.data, dest)
         self._sync()
         dt = time.perf_counter() - t0
-        return {"seconds": dt, "bytes": nbytes, "disk": _disk_bytes(dest) if dest.exists() else 0}
+        return {"seconds": dt, "bytes": nbytes, "disk": disk_bytes(dest)}
 
     def finish(self) -> dict[str, Any]:
         import torch
@@ -425,7 +418,7 @@ def table(results: list[dict], device: str) -> tuple[list[str], list[list[str]]]
     rows = []
     for r in results:
         s, b = r["seconds"], r["bytes"]
-        disk = f"{_num(r['disk'] / MB)} ({b / r['disk']:.2f}x)" if r["disk"] else "-"
+        disk = f"{num(r['disk'] / MB)} ({b / r['disk']:.2f}x)" if r["disk"] else "-"
         rss = (
             f"{r['peak_rss'] / MB:.0f} ({(r['peak_rss'] - r['setup_rss']) / MB:+.0f})"
             if r["peak_rss"] is not None
@@ -437,8 +430,8 @@ def table(results: list[dict], device: str) -> tuple[list[str], list[list[str]]]
             f"{s:.3f}",
             f"{min(r['all_seconds']):.3f}",
             "-" if r["row"] == "np.save" else f"{r['samples'] / s:.1f}",
-            _num(b / MB) if b else "-",
-            _num(b / MB / s) if b else "-",
+            num(b / MB) if b else "-",
+            num(b / MB / s) if b else "-",
             f"{s / plain[r['workload']]:.2f}" if r["workload"] in plain else "-",
             disk,
             rss,
@@ -447,19 +440,6 @@ def table(results: list[dict], device: str) -> tuple[list[str], list[list[str]]]
             line.append(f"{(r['peak_device'] or 0) / MB:.0f}")
         rows.append(line)
     return head, rows
-
-
-def _num(x: float) -> str:
-    return f"{x:.0f}" if x >= 100 else f"{x:.1f}" if x >= 1 else f"{x:.2f}"
-
-
-def render(head: list[str], rows: list[list[str]], markdown: bool) -> str:
-    if markdown:
-        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        lines += ["| " + " | ".join(r) + " |" for r in rows]
-        return "\n".join(lines)
-    widths = [max(len(x) for x in col) for col in zip(head, *rows)]
-    return "\n".join("  ".join(x.rjust(n) for x, n in zip(r, widths)) for r in [head, *rows])
 
 
 def limits(results: list[dict]) -> list[str]:
@@ -490,20 +470,6 @@ def limits(results: list[dict]) -> list[str]:
                         f"{rows[fmt]['disk'] / max(ts['disk'], 1):.2f}x its disk space"
                     )
     return out
-
-
-def machine(device: str) -> str:
-    import torch
-
-    dev = "no GPU"
-    if device.startswith("cuda"):
-        dev = torch.cuda.get_device_name(torch.device(device))
-    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    return (
-        f"{_dt.date.today().isoformat()}, {platform.machine()}, {os.cpu_count()} CPU cores "
-        f"(torch threads {torch.get_num_threads()}), {dev}, torch {torch.__version__}, "
-        f"python {platform.python_version()}, load average {load}"
-    )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -61,11 +61,9 @@ exceeds 80% of the memory (on CUDA: device memory) available when the script sta
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import inspect
 import json
 import os
-import platform
 import resource
 import shutil
 import statistics
@@ -77,6 +75,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from _benchlib import disk_bytes, machine, num, render
 
 MB = 1e6
 GB = 1e9
@@ -206,14 +206,6 @@ def make_batch(model: Any, t: int, device: str, padded: bool = False) -> dict[st
     return batch
 
 
-def _disk_bytes(path: Path) -> int:
-    if not path.exists():
-        return 0
-    if path.is_file():
-        return path.stat().st_size
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-
-
 def run_row(row: str, model: Any, batch: dict[str, Any], dest: Path, qb: Any) -> int:
     """One pass of ``row`` (``dest`` must not exist); returns the attention bytes written."""
     import torch
@@ -288,7 +280,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
             sync()
             if i > 0 or spec["repeats"] == 0:
                 times.append(time.perf_counter() - t0)
-            res["disk"] = _disk_bytes(dest)  # Zarr does not fsync: page cache, untimed
+            res["disk"] = disk_bytes(dest)  # Zarr does not fsync: page cache, untimed
             shutil.rmtree(dest, ignore_errors=True)
     except Exception as e:  # noqa: BLE001 - reported in the table; OOM under a cap is the cap
         oom = any(isinstance(x, torch.cuda.OutOfMemoryError) or "out of memory" in str(x)
@@ -462,10 +454,6 @@ def _brief(r: dict[str, Any]) -> str:
 # -- report -----------------------------------------------------------------------------------
 
 
-def _num(x: float) -> str:
-    return f"{x:.0f}" if abs(x) >= 100 else f"{x:.1f}" if abs(x) >= 1 else f"{x:.2f}"
-
-
 def _qb(qb: Any) -> str:
     return "auto" if qb is None else str(qb)
 
@@ -495,9 +483,9 @@ def table(res: dict[str, Any], device: str) -> tuple[list[str], list[list[str]]]
         b = r.get("bytes", 0)
         line += [
             f"{extra / layer_bytes(cfg, t):.2f}" if r["row"] != "sdpa" else "-",
-            _num(b / MB) if b else "-",
-            _num(r["disk"] / MB) if r.get("disk") else "-",
-            _num(b / MB / s) if b else "-",
+            num(b / MB) if b else "-",
+            num(r["disk"] / MB) if r.get("disk") else "-",
+            num(b / MB / s) if b else "-",
             _qb(r["query_block"]) if r["row"].startswith("capture") else "-",
         ]
         out.append(line)
@@ -541,29 +529,6 @@ def summary(res: dict[str, Any], device: str) -> list[str]:
         time_s = f"time {c['seconds'] / sd['seconds']:.2f}x plain SDPA" if sd else "no sdpa row"
         out.append(f"capture at T={t}: peak extra {where} {ce / MB:.0f} MB {vs}; {time_s}")
     return out
-
-
-def render(head: list[str], rows: list[list[str]], markdown: bool) -> str:
-    if markdown:
-        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        lines += ["| " + " | ".join(r) + " |" for r in rows]
-        return "\n".join(lines)
-    widths = [max(len(x) for x in col) for col in zip(head, *rows)]
-    return "\n".join("  ".join(x.rjust(n) for x, n in zip(r, widths)) for r in [head, *rows])
-
-
-def machine(device: str) -> str:
-    import torch
-
-    dev = "no GPU"
-    if device.startswith("cuda"):
-        dev = torch.cuda.get_device_name(torch.device(device))
-    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    return (
-        f"{_dt.date.today().isoformat()}, {platform.machine()}, {os.cpu_count()} CPU cores "
-        f"(torch threads {torch.get_num_threads()}), {dev}, torch {torch.__version__}, "
-        f"python {platform.python_version()}, load average {load}"
-    )
 
 
 def report(res: dict[str, Any], args: argparse.Namespace) -> str:
