@@ -125,7 +125,7 @@ class ReferenceAdapter(Adapter):
         rows_of = getattr(sink, "block_rows", None)
         if rows_of is None:
             return {}
-        side = {"encoder": _tokens(enc), "decoder": _tokens(dec)}
+        side = self.lengths((enc, dec))
         b, h = first_tensor(enc).shape[0], self.model.config.num_heads
         out = {}
         for name in mods:

@@ -62,6 +62,12 @@ def relayout(writer: ArchiveWriter, layout: TokenLayout) -> None:
     writer._backend.write_root_meta(writer._meta)
 
 
+def _axes(name: str) -> tuple[str, str]:
+    """The (query, key) sides of array ``name``."""
+    stack, _layer, kind = parse_array_name(name)
+    return KIND_AXES[(stack, kind)]
+
+
 class BatchStream:
     """A batch of ``batch_size`` samples written array by array, block by block.
 
@@ -120,8 +126,7 @@ class BatchStream:
         kept = rows_of(self.w._meta, name)  # a row policy: the array holds its kept rows
         if kept is not None:
             return len(kept)
-        stack, _layer, kind = parse_array_name(name)
-        side = KIND_AXES[(stack, kind)][0]
+        side = _axes(name)[0]
         lay = getattr(self.w.layout, side)
         if lay is not None:
             return int(lay.length)
@@ -175,7 +180,7 @@ class BatchStream:
             raise ShapeError(f"{name}: rows {row0}..{row0 + rb - 1} outside the {t} query rows")
         real = None  # ragged: (B, rb) real query rows of the block
         if self.masks:
-            qs, ks = KIND_AXES[(parse_array_name(name)[0], parse_array_name(name)[2])]
+            qs, ks = _axes(name)
             if dense is not None and s != self.lb[ks]:
                 raise ShapeError(f"{name}: block has {s} keys, the batch's {ks} side {self.lb[ks]}")
             kept = rows_of(w._meta, name)
@@ -230,7 +235,7 @@ class BatchStream:
         length (the rest are padding, written as zeros by :meth:`commit`)."""
         if not self.masks:
             return t
-        qs = KIND_AXES[(parse_array_name(name)[0], parse_array_name(name)[2])][0]
+        qs = _axes(name)[0]
         kept = rows_of(self.w._meta, name)
         lb = self.lb[qs]
         return lb if kept is None else int(np.sum(np.asarray(kept) < lb))
@@ -298,7 +303,7 @@ class BatchStream:
         """The batch's (query, key) lengths of ``name`` (zeros: fixed-length, unused)."""
         if not self.masks:
             return 0, 0
-        qs, ks = KIND_AXES[(parse_array_name(name)[0], parse_array_name(name)[2])]
+        qs, ks = _axes(name)
         kept = rows_of(self.w._meta, name)  # such an array says nothing of its query length
         return (self.lb[qs] if kept is None else len(kept)), self.lb[ks]
 
