@@ -35,7 +35,7 @@ from attnscope.capture.options import (
     resolve_device,
 )
 from attnscope.capture.provenance import input_digest, input_hash_ids, run_provenance
-from attnscope.capture.ragged import Lengths, side_lengths
+from attnscope.capture.ragged import BeforeRun, Lengths, side_lengths
 from attnscope.capture.recorder import Recorder, trim
 from attnscope.capture.shard import shard_for
 from attnscope.capture.writer import WriterThread, storage_error, to_host
@@ -260,7 +260,7 @@ class _Job:
         self.recorder.query_block, self.recorder.n_arrays = opts.query_block, len(self.wanted)
         self.writer: WriterThread | None = None
         self.streaming: tuple[int, Any, int] | None = None  # (samples, batch, drop) streamed
-        self.before: tuple[dict[str, int], TokenLayout] | None = None  # see Lengths.before_run
+        self.before: BeforeRun | None = None  # see Lengths.before_run
         self.fresh = False  # resumed an archive that has nothing committed
         self.resumed: dict[str, Any] | None = None  # archive metadata whose layout is unchecked
         self.skip = 0  # samples committed before this run (skipped, not re-run)
@@ -329,14 +329,15 @@ class _Job:
         self.before = self.lengths.before_run(batch, self.wanted) if self._stream_ok() else None
         if self.before is not None:  # refuse a batch that does not fit before any block
             if self.recorder.pending is not None:
-                self._resolve_rows(self.before[1])
+                self._resolve_rows(self.before.layout)
             if not first and not self.fresh:
-                pre = self.before[0]
-                lay = self.lengths.layout(pre) if self.lengths.ragged else self.before[1]
+                b, ragged = self.before, self.lengths.ragged
                 if self.resumed is not None:
+                    lay = self.lengths.layout(b.lengths) if ragged else b.layout
                     CaptureIdentity.check_layout(self.resumed, lay)
                     self.resumed = None
-                self.lengths.check(bi, pre, lay)
+                # only a fixed-layout family's check reads the layout (a tokenizer's pass)
+                self.lengths.check(bi, b.lengths, None if self.adapter.ragged_ok else b.layout)
         self.streaming = (bsz - drop, batch, drop) if self._can_stream(batch) else None
         self.stream_masks: dict[str, np.ndarray] | None = None  # a ragged batch's, streamed
         self.recorder.stream = self._on_block if self.streaming else None
@@ -410,12 +411,14 @@ class _Job:
         bsz, batch, drop = self.streaming
         if self.writer is None:  # first batch: the archive from what the inputs tell, else
             # from the layers run so far (completed at the commit: store.stream.relayout)
-            lengths, layout = self.before or (side_lengths(self.recorder.shapes), None)
-            layout = self.lengths.decide(batch, lengths, layout or self._layout(batch))
+            b = self.before
+            lengths = b.lengths if b else side_lengths(self.recorder.shapes)
+            layout = self.lengths.decide(batch, lengths, b.layout if b else self._layout(batch))
             self.writer = WriterThread(self._create(bsz, layout), self.opts.queue_depth)
         if self.lengths.ragged and self.stream_masks is None:
             assert self.before is not None
-            self.stream_masks = self.lengths.block_masks(batch, self.before[0], bsz + drop, drop)
+            lengths = self.before.lengths
+            self.stream_masks = self.lengths.block_masks(batch, lengths, bsz + drop, drop)
         self.writer.put_block(bsz, name, r0, data, fence, t, self.stream_masks)
 
     def _check_committed(self, bi: int, bsz: int, batch: Any) -> None:

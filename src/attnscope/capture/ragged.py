@@ -16,7 +16,9 @@ the first batch's lengths. Families with a fixed token layout (the reference Tra
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+import functools
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -27,7 +29,7 @@ from attnscope.errors import ConfigError, ShapeError
 from attnscope.store import TokenLayout
 from attnscope.store.layout import SideLayout
 
-__all__ = ["Lengths", "side_lengths"]
+__all__ = ["BeforeRun", "Lengths", "side_lengths"]
 
 # segment name of a ragged archive's generic layout (labels "tokens[0]", "tokens[1]", ...)
 _SEGMENT = "tokens"
@@ -59,6 +61,19 @@ def _scan(adapter: Adapter, batches: Iterable[Any]) -> tuple[dict[str, int], boo
         for side, n in (adapter.lengths(batch) or {}).items():
             seen.setdefault(side, set()).add(int(n))
     return {s: max(v) for s, v in seen.items()}, any(len(v) > 1 for v in seen.values())
+
+
+@dataclass
+class BeforeRun:
+    """A batch's lengths per side, read from its inputs, and its layout, made only when
+    asked for (an HF layout with a tokenizer converts every sample's ids)."""
+
+    lengths: dict[str, int]
+    make_layout: Callable[[], TokenLayout]
+
+    @functools.cached_property
+    def layout(self) -> TokenLayout:
+        return self.make_layout()
 
 
 class Lengths:
@@ -154,8 +169,11 @@ class Lengths:
 
     # -- every batch ---------------------------------------------------------------------
 
-    def check(self, bi: int, lengths: Mapping[str, int], layout: TokenLayout) -> None:
-        """Refuse a batch that does not fit the archive, before anything of it is queued."""
+    def check(self, bi: int, lengths: Mapping[str, int], layout: TokenLayout | None) -> None:
+        """Refuse a batch that does not fit the archive, before anything of it is queued.
+
+        ``layout`` is read only for families with a fixed token layout (not ``ragged_ok``).
+        """
         if self.max_lengths is not None:
             for side, n in sorted(lengths.items()):
                 cap = self.max_lengths.get(side)
@@ -171,6 +189,7 @@ class Lengths:
         if self.fixed is None:
             return
         if not self.adapter.ragged_ok:
+            assert layout is not None
             want, got = _segments(self.fixed), _segments(layout)
             if want != got:
                 raise ShapeError(
@@ -191,11 +210,9 @@ class Lengths:
                     "different lengths"
                 )
 
-    def before_run(
-        self, batch: Any, wanted: Sequence[str]
-    ) -> tuple[dict[str, int], TokenLayout] | None:
-        """``(lengths, layout)`` a batch's inputs give before the model runs, when they give
-        them for every array in ``wanted`` (reference model, HF); else None."""
+    def before_run(self, batch: Any, wanted: Sequence[str]) -> BeforeRun | None:
+        """What a batch's inputs tell before the model runs, when they give the lengths of
+        every array in ``wanted`` (reference model, HF); else None."""
         lengths = self.adapter.lengths(batch) or {}
         shapes = {}
         for name in wanted:
@@ -204,7 +221,7 @@ class Lengths:
             if q not in lengths or k not in lengths:
                 return None
             shapes[name] = (1, 1, lengths[q], lengths[k])
-        return lengths, self.adapter.layout(batch, shapes)
+        return BeforeRun(lengths, lambda: self.adapter.layout(batch, shapes))
 
     def block_masks(
         self, batch: Any, lengths: Mapping[str, int], bsz: int, drop: int
