@@ -39,7 +39,7 @@ def _edit_commit(path: str, fmt: str, n: int) -> None:
         import h5py
 
         with h5py.File(path, "r+") as f:
-            f["_commits/main"][...] = [0, n, n]
+            f["_commits/main"][1:3] = [n, n]  # start, stop, committed, ...: stop and count
 
 
 def _chunk_location(path: str, fmt: str, name: str) -> tuple[str, int, int]:

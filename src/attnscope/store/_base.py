@@ -21,6 +21,7 @@ from attnscope.errors import ArchiveCorruptError, ConfigError
 
 __all__ = [
     "Backend",
+    "parse_record",
     "ArrayHandle",
     "choose_chunks",
     "chunk_grid",
@@ -104,6 +105,34 @@ def chunk_ranges(sel: Sequence[slice], chunks: Sequence[int]) -> list[range]:
         range(s.start // c, (s.stop - 1) // c + 1) if s.stop > s.start else range(0)
         for s, c in zip(sel, chunks)
     ]
+
+
+def parse_record(path: str, rid: str, raw: Any) -> dict[str, Any]:
+    """A commit record as stored -> ``{"start", "stop", "committed", ...}`` (ints).
+
+    A record that has no content yet (a writer killed while an older version created
+    its group) commits nothing: ``main`` -> 0 samples from 0, ``range-a-b`` -> 0 from a.
+    """
+    if raw is None:
+        if rid == "main":
+            return {"start": 0, "stop": 0, "committed": 0}
+        parts = rid.split("-")
+        if len(parts) == 3 and parts[0] == "range" and parts[1].isdigit() and parts[2].isdigit():
+            return {"start": int(parts[1]), "stop": int(parts[2]), "committed": 0}
+        raise ArchiveCorruptError(f"commit record {rid!r} in {path!r} is unreadable")
+    try:
+        if isinstance(raw, dict):
+            rec = dict(raw)
+            for k in ("start", "stop", "committed", "batches", "since"):
+                if k in rec:
+                    rec[k] = int(rec[k])
+            for k in ("start", "stop", "committed"):
+                rec[k] = int(raw[k])
+            return rec
+        a, b, c = (int(x) for x in raw)
+        return {"start": a, "stop": b, "committed": c}
+    except (KeyError, TypeError, ValueError) as e:
+        raise ArchiveCorruptError(f"commit record {rid!r} in {path!r} is malformed: {raw!r}") from e
 
 
 class ArrayHandle(abc.ABC):
@@ -230,13 +259,26 @@ class Backend(abc.ABC):
     def list_children(self, path: str) -> list[str]:
         """Sorted names of the arrays and groups directly under ``path`` ([] if absent)."""
 
-    @abc.abstractmethod
     def read_commits(self) -> dict[str, tuple[int, int, int]]:
         """``{record id: (start, stop, committed)}`` of every writer that ever committed."""
+        return {r: (x["start"], x["stop"], x["committed"]) for r, x in self.read_records().items()}
 
     @abc.abstractmethod
-    def write_commit(self, rid: str, start: int, stop: int, committed: int) -> None:
-        """Durably record that ``committed`` samples from ``start`` are complete."""
+    def read_records(self) -> dict[str, dict[str, Any]]:
+        """``{record id: record}``: ``start``, ``stop``, ``committed`` and, for archives with a
+        commit log (:mod:`.commitlog`), ``batches``, ``chain``, ``since``."""
+
+    @abc.abstractmethod
+    def write_commit(self, rid: str, record: dict[str, Any]) -> None:
+        """Durably replace the commit record ``rid`` (one atomic write)."""
+
+    @abc.abstractmethod
+    def write_log(self, rid: str, seq: int, doc: dict[str, Any]) -> None:
+        """Write log document ``seq`` of writer ``rid`` (before its commit record names it)."""
+
+    @abc.abstractmethod
+    def read_log(self, rid: str, seq: int) -> dict[str, Any] | None:
+        """Log document ``seq`` of writer ``rid``, or None when absent or unreadable."""
 
     def missing_chunks(self, path: str, n: int) -> list[tuple[int, ...]]:
         """Chunk indices of array ``path`` inside samples ``[0, n)`` that are not stored."""

@@ -27,12 +27,15 @@ import hdf5plugin
 import numpy as np
 
 from attnscope.errors import ArchiveCorruptError, ArchiveError, ArchiveNotFoundError, ConfigError
-from attnscope.store._base import ArrayHandle, Backend, MiB, Write, chunk_ranges
+from attnscope.store._base import ArrayHandle, Backend, MiB, Write, chunk_ranges, parse_record
 
 __all__ = ["HDF5Backend"]
 
 ROOT_KEY = "attnscope"
 COMMITS = "_commits"
+COMMITLOG = "_commits_log"
+# a record: start, stop, committed, batches, since, then the 32-byte chain as 4 int64
+_RECORD_LEN = 9
 # File-locking settings tried in turn for readers: HDF5 refuses to open a file twice in
 # one process with different locking flags, so follow whatever the first opener used.
 _LOCKINGS = (False, None, True, "best-effort")
@@ -210,31 +213,63 @@ class HDF5Backend(Backend):
         node = self._f.require_group(path) if group else self._f[path]
         node.attrs[ROOT_KEY] = json.dumps(attrs)
 
-    def read_commits(self) -> dict[str, tuple[int, int, int]]:
+    def read_records(self) -> dict[str, dict[str, Any]]:
         if COMMITS not in self._f:
             return {}
         out = {}
         for rid, ds in self._f[COMMITS].items():
             try:
-                a, b, c = (int(x) for x in ds[()])
+                raw = [int(x) for x in ds[()]]
             except Exception as e:  # noqa: BLE001
                 raise ArchiveCorruptError(
                     f"commit record {rid!r} in {self.path!r} is unreadable"
                 ) from e
-            out[rid] = (a, b, c)
+            if len(raw) == 3:  # written before the commit log
+                out[rid] = parse_record(self.path, rid, raw)
+            elif len(raw) == _RECORD_LEN:
+                chain = np.array(raw[5:], dtype=np.int64).tobytes().hex()
+                keys = ("start", "stop", "committed", "batches", "since")
+                out[rid] = {**dict(zip(keys, raw[:5])), "chain": chain if raw[3] else ""}
+            else:
+                raise ArchiveCorruptError(
+                    f"commit record {rid!r} in {self.path!r} is malformed: {raw!r}"
+                )
         return out
 
-    def write_commit(self, rid: str, start: int, stop: int, committed: int) -> None:
-        # Data first, flushed; then the record, flushed: a kill between the two leaves the
-        # previous record, so the torn batch stays invisible.
+    def write_commit(self, rid: str, record: dict[str, Any]) -> None:
+        # Data first, flushed; then the record (one in-place write of 64 bytes), flushed:
+        # a kill between the two leaves the previous record, so the torn batch stays
+        # invisible. The record is created whole with its first content.
         self._f.flush()
         path = f"{COMMITS}/{rid}"
-        rec = np.array([start, stop, committed], dtype=np.int64)
-        if path in self._f:
+        if "batches" in record:
+            chain = bytes.fromhex(record.get("chain") or "00" * 32)
+            head = [record[k] for k in ("start", "stop", "committed", "batches", "since")]
+            rec = np.concatenate([np.array(head, np.int64), np.frombuffer(chain, np.int64)])
+        else:
+            rec = np.array([record["start"], record["stop"], record["committed"]], np.int64)
+        if path in self._f and self._f[path].shape == rec.shape:
             self._f[path][...] = rec
         else:
+            if path in self._f:
+                del self._f[path]
             self._f.create_dataset(path, data=rec)
         self._f.flush()
+
+    def write_log(self, rid: str, seq: int, doc: dict[str, Any]) -> None:
+        path = f"{COMMITLOG}/{rid}/{seq:08d}"
+        data = np.frombuffer(json.dumps(doc, separators=(",", ":")).encode(), np.uint8)
+        if path in self._f:  # a document of a batch that never committed
+            del self._f[path]
+        self._f.create_dataset(path, data=data)
+
+    def read_log(self, rid: str, seq: int) -> dict[str, Any] | None:
+        path = f"{COMMITLOG}/{rid}/{seq:08d}"
+        try:
+            doc = json.loads(self._f[path][()].tobytes()) if path in self._f else None
+        except Exception:  # noqa: BLE001 - unreadable is absent to the caller
+            return None
+        return doc if isinstance(doc, dict) else None
 
     def flush(self) -> None:
         self._f.flush()

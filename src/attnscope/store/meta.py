@@ -255,10 +255,12 @@ def archive_format(path: str | os.PathLike, format: str | None = None) -> str:
 
 
 def open_backend(
-    path: str, fmt: str, mode: str, root_meta: dict[str, Any] | None = None
-) -> Backend:
+    path: str, fmt: str, mode: str, root_meta: dict[str, Any] | None = None,
+    *, workers: int | None = None,
+) -> Backend:  # fmt: skip
     """The backend of ``fmt`` opened at ``path`` (``"r"``, ``"a"`` or ``"w"``); mode ``"w"``
-    with ``root_meta`` writes it (Zarr: in the same write that creates the root group)."""
+    with ``root_meta`` writes it (Zarr: in the same write that creates the root group).
+    ``workers``: threads that encode and write chunks (Zarr; default one per core)."""
     if fmt not in FORMATS:
         raise ConfigError(f"unknown format {fmt!r}; expected one of {FORMATS}")
     remote.refuse_hdf5(path, fmt)
@@ -275,7 +277,7 @@ def open_backend(
         return backend
     from attnscope.store._zarr import ZarrBackend
 
-    return ZarrBackend(path, mode, root_meta if mode == "w" else None)
+    return ZarrBackend(path, mode, root_meta if mode == "w" else None, workers=workers)
 
 
 def holds_no_data(path: str | os.PathLike) -> bool:

@@ -228,6 +228,7 @@ class BatchStream:
             w._tails.pop((name, part), None)  # a box write, not a whole-chunk tail
             self.bytes += data.nbytes
         assert w._backend is not None
+        self.regions += w._log.regions(writes)
         w._backend.write_many(writes)
 
     def _model_rows(self, name: str, t: int) -> int:
@@ -297,7 +298,8 @@ class BatchStream:
         ids = BatchRules.prepare_ids(sample_ids, self.bsz, w._id_keys, later=later)
         frm = w._frames.prepare(frames, self.bsz, w._count)
         self._open = False
-        return w._finish(side, ids, frm, self.pos, self.end, [], {})
+        w._finish(side, ids, frm, self.pos, self.end, [], {}, written=self.regions)
+        return w.flush()
 
     def _lengths(self, name: str) -> tuple[int, int]:
         """The batch's (query, key) lengths of ``name`` (zeros: fixed-length, unused)."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import os
 import weakref
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -13,10 +13,11 @@ import numpy as np
 from attnscope.contracts import DIMS, FORMATS, QUERY_ROWS, SAMPLE_IDS
 from attnscope.errors import ArchiveError, ConfigError, ShapeError
 from attnscope.store import remote
-from attnscope.store._base import ArrayHandle, Backend, Write, choose_chunks
+from attnscope.store._base import ArrayHandle, Backend, MiB, Write, choose_chunks
 from attnscope.store._lock import Lease, clear_except_locks, locks_inside
 from attnscope.store.batch import BatchRules, Prepared
 from attnscope.store.codecs import storage_dtype
+from attnscope.store.commitlog import LogState, Region, attrs_digest, new_record
 from attnscope.store.frames import FrameStore
 from attnscope.store.layout import TokenLayout
 from attnscope.store.meta import (
@@ -38,6 +39,7 @@ from attnscope.store.names import (
     sort_key,
     stored_names,
 )
+from attnscope.store.pipeline import INFLIGHT_MB, PendingBatch, WritePipeline, coalesce
 from attnscope.store.spec import ArchiveSpec, resolve_spec
 from attnscope.store.stream import BatchStream
 from attnscope.store.tokens import SideRules, SideStore
@@ -68,10 +70,13 @@ class ArchiveWriter:
     ...     w.append({"encoder/0/self_attention": weights})  # (B, H, S, S)
     """
 
-    def __init__(self) -> None:  # use create() / open()
+    def __init__(self, workers: int | None = None, inflight_mb: float | None = None) -> None:
+        # use create() / open()
         self._backend: Backend | None = None
         self._lease: Lease | remote.RemoteLease | None = None
         self._closed = False
+        self._workers = workers
+        self._pipe = WritePipeline(self._write_group, int((inflight_mb or INFLIGHT_MB) * MiB))
 
     # -- construction -------------------------------------------------------------------
     @classmethod
@@ -110,18 +115,20 @@ class ArchiveWriter:
         ArchiveWriter
         """
         path = remote.fspath(path)
+        run = _run_options(options)
         fmt = archive_format(path, options.get("format", spec.format if spec else None))
         spec = resolve_spec(spec, options, fmt)
         meta = root_meta(spec, layout, fmt)
         inside = locks_inside(path, fmt)
         refuse_existing_at(path, inside, overwrite)
-        self = cls()
+        self = cls(**run)
         self._lease = self._hold(_lease(path, None, inside))
         try:
             _clear(path)
-            self._backend = open_backend(path, fmt, "w", root_meta=meta)
-            self._backend.write_commit(MAIN, 0, 0, 0)
-            self._init(path, fmt, meta, layout, start=0, stop=None, rid=MAIN, count=0)
+            self._backend = open_backend(path, fmt, "w", root_meta=meta, workers=self._workers)
+            self._backend.write_commit(MAIN, new_record(0, 0, 0))
+            self._init(path, fmt, meta, layout, start=0, stop=None, rid=MAIN, count=0,
+                       record=new_record(0, 0, 0))  # fmt: skip
             for name, hts in (spec.arrays or {}).items():
                 if len(hts) != 3:
                     raise ShapeError(f"arrays[{name!r}] must be (H, T, S), got {hts!r}")
@@ -144,6 +151,8 @@ class ArchiveWriter:
         *,
         sample_range: tuple[int, int] | None = None,
         format: str | None = None,
+        workers: int | None = None,
+        inflight_mb: float | None = None,
     ) -> ArchiveWriter:
         """Reopen an archive to append after its committed samples.
 
@@ -159,6 +168,8 @@ class ArchiveWriter:
             created up front). A range writer resumes after its own committed samples.
         format
             Override format detection.
+        workers, inflight_mb
+            Encoder threads and the bound on batch data in flight (see :meth:`create`).
         """
         path = remote.fspath(path)
         if mode != "a":
@@ -169,10 +180,10 @@ class ArchiveWriter:
         inside = locks_inside(path, fmt)
         if sample_range is not None:
             sample_range = cls._check_range_arg(path, fmt, inside, sample_range)
-        self = cls()
+        self = cls(**_run_options({"workers": workers, "inflight_mb": inflight_mb}))
         self._lease = self._hold(_lease(path, sample_range, inside))
         try:
-            self._backend = open_backend(path, fmt, "a")
+            self._backend = open_backend(path, fmt, "a", workers=self._workers)
             with damage_is_corruption(path):
                 self._resume(path, fmt, sample_range)
         except BaseException:
@@ -193,7 +204,9 @@ class ArchiveWriter:
         """
         path = remote.fspath(path)
         if remote.exists(path) and not holds_no_data(path):
-            return cls.open(path, format=options.get("format", spec.format if spec else None))
+            run = _run_options(dict(options))
+            return cls.open(path, format=options.get("format", spec.format if spec else None),
+                            **run)  # fmt: skip
         return cls.create(path, layout, spec, **options)
 
     @staticmethod
@@ -212,12 +225,15 @@ class ArchiveWriter:
         assert self._backend is not None
         meta = self._backend.read_root_meta()
         layout = check_meta(meta, path)
-        commits = self._backend.read_commits()
+        records = self._backend.read_records()
+        commits = {r: (x["start"], x["stop"], x["committed"]) for r, x in records.items()}
         if sample_range is None:
             n = committed_prefix(commits)
             rng = [(a, b, c) for rid, (a, b, c) in commits.items() if rid != MAIN and c > 0]
             skip = [(a, a + c) for a, _b, c in rng]  # range-written: not in our label blob
-            self._init(path, fmt, meta, layout, start=0, stop=None, rid=MAIN, count=n, others=skip)
+            rec = records.get(MAIN) or new_record(0, 0, 0)
+            self._init(path, fmt, meta, layout, start=0, stop=None, rid=MAIN, count=n, others=skip,
+                       record=rec)  # fmt: skip
             # Samples a range writer committed past the prefix are not ours to overwrite.
             self._limit = min([(a, b) for a, b, _c in rng if a >= n], default=None)
             return
@@ -235,12 +251,15 @@ class ArchiveWriter:
                 raise ConfigError(
                     f"sample_range {sample_range} overlaps committed range [{oa}, {ob})"
                 )
-        self._init(path, fmt, meta, layout, start=a, stop=b, rid=rid, count=count)
+        rec = records.get(rid) or new_record(a, b, 0)
+        self._init(path, fmt, meta, layout, start=a, stop=b, rid=rid, count=count, record=rec)
         for node in self._nodes.values():
             self._check_range_fits(node)
 
-    def _init(self, path, fmt, meta, layout, *, start, stop, rid, count, others=()) -> None:  # type: ignore[no-untyped-def]
+    def _init(self, path, fmt, meta, layout, *, start, stop, rid, count, others=(), record) -> None:  # type: ignore[no-untyped-def]
         self.path = path
+        self._log = LogState.resume(record, start + count, fmt)
+        self._durable = count
         self.format = fmt
         self._meta = meta
         self.layout = layout
@@ -280,8 +299,9 @@ class ArchiveWriter:
 
     @property
     def committed(self) -> int:
-        """Samples committed by this writer (whole archive, or within its sample_range)."""
-        return self._count
+        """Samples durably committed by this writer (whole archive, or within its
+        sample_range); batches handed to :meth:`submit` count once their commit is written."""
+        return self._durable
 
     @property
     def sample_range(self) -> tuple[int, int] | None:
@@ -328,8 +348,32 @@ class ArchiveWriter:
         int
             The new committed count (see :attr:`committed`).
         """
+        self.submit(weights, sample_ids=sample_ids, masks=masks, tokens=tokens, frames=frames)
+        self.flush()
+        return self._durable
+
+    def submit(
+        self,
+        weights: Mapping[str, Any],
+        *,
+        sample_ids: Mapping[str, Any] | None = None,
+        masks: Mapping[str, Any] | None = None,
+        tokens: Mapping[str, Mapping[str, Any]] | None = None,
+        frames: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Check one batch and hand it to the write pipeline; :meth:`append` without the wait.
+
+        Everything :meth:`append` refuses is refused here, before anything is written.
+        The batch is written and committed in the background, in order, together with
+        the batches queued beside it (:mod:`~attnscope.store.pipeline`); blocks while the
+        data in flight would exceed ``inflight_mb``. The arrays must not be modified until
+        :meth:`flush` returns. A write error is raised by the next ``submit``, ``flush``
+        or ``close``; :attr:`committed` counts what is durable.
+        """
         if self._closed:
             raise ArchiveError(f"writer of {self.path!r} is closed")
+        if self._pipe.failed is not None:
+            raise self._pipe.failed
         items = flatten_weights(weights)
         if not items:
             raise ShapeError("append() got no attention arrays (all entries None or empty dict)")
@@ -354,13 +398,19 @@ class ArchiveWriter:
         # Every box of the batch goes to the backend in one call (Zarr writes them
         # concurrently, HDF5 in one pass); the commit record follows only after it returned.
         writes, tails = self._data_writes(prepared, pos, end)
-        return self._finish(side, ids, frm, pos, end, writes, tails)
+        self._finish(side, ids, frm, pos, end, writes, tails)
+
+    def flush(self) -> int:
+        """Wait until every submitted batch is committed; returns :attr:`committed`."""
+        self._pipe.wait()
+        return self._durable
 
     def stream(self, batch_size: int, masks: Mapping[str, Any] | None = None) -> BatchStream:
         """A batch written in blocks of query rows (:class:`~.stream.BatchStream`): ``put``
         each block as it is computed, then ``commit``; ``masks`` for a ragged archive."""
         if self._closed:
             raise ArchiveError(f"writer of {self.path!r} is closed")
+        self.flush()  # its blocks are written at once: after every queued batch
         return BatchStream(self, batch_size, masks)
 
     def _check_fits(self, pos: int, end: int) -> None:
@@ -380,27 +430,45 @@ class ArchiveWriter:
     def _finish(
         self, side: Any, ids: dict[str, np.ndarray], frm: Any, pos: int, end: int,
         writes: list[Write], tails: dict[tuple[str, str], tuple[int, np.ndarray] | None],
-    ) -> int:  # fmt: skip
-        """Write the batch's side data with ``writes``, then its commit record."""
+        written: Sequence[Region] = (),
+    ) -> None:  # fmt: skip
+        """Queue the batch's boxes with its side data; the pipeline writes and commits them.
+
+        ``written``: digests of boxes this batch already wrote (a :class:`BatchStream`).
+        """
         writes = writes + self._id_writes(ids, pos, end)
         hint = math.gcd(*(h.chunks[0] for x in self._nodes.values() for h in x.handles.values()))
         writes += self._side_store.writes(side, pos, end, hint or 1) + self._frames.writes(
             frm, pos, end)
-        b = self._backend
-        try:
-            b.write_many(writes)  # type: ignore[union-attr]
-        except BaseException:
-            self._tails.clear()  # unknown state on disk: fall back to read-modify-write
-            raise
         for key, tail in tails.items():
             if tail is None:
                 self._tails.pop(key, None)
             else:
                 self._tails[key] = tail
         self._count += end - pos
-        stop = self._stop if self._stop is not None else self._start + self._count
-        b.write_commit(self._rid, self._start, stop, self._count)  # type: ignore[union-attr]
-        return self._count
+        nbytes = sum(int(d.nbytes) for _h, _s, d in writes)
+        self._pipe.put(PendingBatch(pos, end, writes, nbytes, list(written)))
+
+    def _write_group(self, group: list[PendingBatch]) -> None:
+        """Write the boxes of queued batches, then one log document and one commit record
+        (runs in the pipeline's committer thread, one group at a time)."""
+        b = self._backend
+        assert b is not None
+        writes = coalesce([w for batch in group for w in batch.writes])
+        try:
+            regions = self._log.regions(writes, self._workers)
+            b.write_many(writes)
+        except BaseException:
+            self._tails.clear()  # unknown state on disk: fall back to read-modify-write
+            raise
+        for batch in group:
+            regions.extend(batch.extra_regions)
+        pos, end = group[0].pos, group[-1].end
+        stop = self._stop if self._stop is not None else end
+        attrs = {n: attrs_digest(b.get_attrs(n)) for n in self._log.new_attrs(self._nodes)}
+        rec = self._log.commit(b, self._rid, self._start, stop, pos, end, regions, attrs)
+        b.write_commit(self._rid, rec)
+        self._durable = end - self._start
 
     def _ensure_nodes(self, prepared: Prepared, end: int) -> None:
         """Create the arrays this batch brings first, and grow every array to ``end``."""
@@ -555,6 +623,7 @@ class ArchiveWriter:
         """Release the lock and close the store; safe to call more than once."""
         self._closed = True
         try:
+            self._pipe.close()
             if self._backend is not None:
                 backend, self._backend = self._backend, None
                 try:
@@ -564,6 +633,9 @@ class ArchiveWriter:
         finally:
             if self._lease is not None:
                 self._lease.release()
+        if self._pipe.failed is not None and not self._pipe.raised:
+            self._pipe.raised = True
+            raise self._pipe.failed
 
     def __enter__(self) -> ArchiveWriter:
         return self
@@ -575,8 +647,20 @@ class ArchiveWriter:
         state = "closed" if self._closed else "open"
         return (
             f"ArchiveWriter({self.path!r}, format={self.format!r}, "
-            f"committed={self._count}, {state})"
+            f"committed={self._durable}, {state})"
         )
+
+
+def _run_options(options: dict[str, Any]) -> dict[str, Any]:
+    """Pop the options of this run (not of the archive) from ``options``, checked."""
+    workers = options.pop("workers", None)
+    inflight = options.pop("inflight_mb", None)
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int)
+                                or workers < 1):  # fmt: skip
+        raise ConfigError(f"workers must be an int >= 1 or None (one per core), got {workers!r}")
+    if inflight is not None and (isinstance(inflight, bool) or not inflight > 0):
+        raise ConfigError(f"inflight_mb must be a number > 0 or None, got {inflight!r}")
+    return {"workers": workers, "inflight_mb": inflight}
 
 
 def _lease(path: str, sample_range: tuple[int, int] | None, inside: bool) -> Any:

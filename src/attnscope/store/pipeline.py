@@ -1,0 +1,168 @@
+"""The write pipeline behind :meth:`ArchiveWriter.submit`: batches are written and committed
+by a background thread while the caller prepares the next ones.
+
+Stages, each overlapping the others::
+
+    caller thread     validate, cast, plan the boxes of batch k+1          (ArchiveWriter)
+    committer thread  batches k..k+m queued: coalesce their boxes per array, region
+                      digests, one write_many (the backend's encoder pool fans the chunks
+                      out over every core), one log document, one commit record
+    encoder pool      zstd + file writes, chunk by chunk (codecs release the GIL)
+
+Commits stay in order and one commit never covers a batch whose data is not written:
+a kill at any moment leaves the archive at its last commit record. Several batches
+that are queued together are committed by one record (a *group commit*), which is what
+makes tiny batches cheap: the fixed cost of a commit (a log document and an atomic
+record replace) is paid once per group, not once per batch.
+
+Host memory is bounded: batches being written or waiting hold at most ``max_bytes`` of
+data (a single larger batch is admitted alone); :meth:`put` blocks until it fits.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from attnscope.errors import ArchiveError
+from attnscope.store._base import Write
+
+__all__ = ["INFLIGHT_MB", "PendingBatch", "WritePipeline", "coalesce"]
+
+#: default bound on the data of batches in flight, MiB (``inflight_mb``)
+INFLIGHT_MB = 512
+#: batches one group commit may cover at most (bounds the latency of the first of them)
+MAX_GROUP = 64
+
+
+@dataclass
+class PendingBatch:
+    """One batch handed to the pipeline: samples ``[pos, end)`` and every box it writes."""
+
+    pos: int
+    end: int
+    writes: list[Write]
+    nbytes: int = 0
+    extra_regions: list = field(default_factory=list)  # digests of boxes already written
+
+
+def coalesce(writes: Sequence[Write]) -> list[Write]:
+    """Merge consecutive boxes of one array that continue each other along samples.
+
+    Box ``[a, b)`` followed by ``[c, d)`` with ``a <= c <= b`` and the same other sides
+    (the second may start with the in-memory tail of the first's last chunk) become one
+    box ``[a, d)``: a chunk shared by two batches is then encoded and written once.
+    """
+    out: list[Write] = []
+    last: dict[int, int] = {}  # id(handle) -> index in out of its latest box
+    for h, sel, data in writes:
+        i = last.get(id(h))
+        if i is not None:
+            _h, sel0, d0 = out[i]
+            a, b, c = sel0[0].start, sel0[0].stop, sel[0].start
+            if sel0[1:] == sel[1:] and a <= c <= b <= sel[0].stop:
+                data = np.concatenate([d0[: c - a], data]) if c > a else data
+                out[i] = (h, (slice(a, sel[0].stop), *sel[1:]), data)
+                continue
+        last[id(h)] = len(out)
+        out.append((h, sel, data))
+    return out
+
+
+class WritePipeline:
+    """A committer thread that writes queued batches in order and commits them in groups.
+
+    ``write(group)`` writes the boxes of a list of batches and commits them (called in
+    the committer thread; see :meth:`ArchiveWriter._write_group`); ``max_bytes`` bounds
+    the data of batches queued or being written.
+    """
+
+    def __init__(self, write: Callable[[list[PendingBatch]], None], max_bytes: int) -> None:
+        # a weak reference: a writer dropped unclosed is collected (and releases its lock)
+        self._write = weakref.WeakMethod(write)  # type: ignore[arg-type]
+        self.max_bytes = int(max_bytes)
+        self._queue: deque[PendingBatch] = deque()
+        self._cv = threading.Condition()
+        self._inflight = 0  # bytes queued or being written
+        self.peak_bytes = 0  # the most bytes ever in flight (the bound's witness in tests)
+        self._busy = False
+        self._error: BaseException | None = None
+        self._closed = False  # set by close(): nothing more is put
+        self.raised = False  # the error reached the caller once
+        self._thread: threading.Thread | None = None
+
+    def put(self, batch: PendingBatch) -> None:
+        """Queue ``batch``; blocks while the bytes in flight would exceed the bound."""
+        with self._cv:
+            self._raise()
+            while self._inflight and self._inflight + batch.nbytes > self.max_bytes:
+                self._cv.wait()
+                self._raise()
+            self._queue.append(batch)
+            self._inflight += batch.nbytes
+            self.peak_bytes = max(self.peak_bytes, self._inflight)
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._loop, name="attnscope-commit", daemon=True
+                )
+                self._thread.start()
+            self._cv.notify_all()
+
+    def wait(self) -> None:
+        """Return once every queued batch is committed; raise the pipeline's error if any."""
+        with self._cv:
+            while (self._queue or self._busy) and self._error is None:
+                self._cv.wait()
+            self._raise()
+
+    @property
+    def failed(self) -> BaseException | None:
+        return self._error
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            self.raised = True
+            raise self._error
+
+    def close(self) -> None:
+        """Write what is queued and let the thread end (errors stay for :meth:`wait`)."""
+        with self._cv:
+            self._closed = True
+            while self._thread is not None:
+                self._cv.wait()
+
+    def _loop(self) -> None:
+        # Runs while batches are queued, then ends (a new one starts with the next put):
+        # an idle writer holds no thread.
+        while True:
+            with self._cv:
+                if not self._queue:
+                    self._thread = None
+                    self._cv.notify_all()
+                    return
+                group = [self._queue.popleft() for _ in range(min(MAX_GROUP, len(self._queue)))]
+                self._busy = True
+            try:
+                write = self._write()
+                if write is None:
+                    raise ArchiveError("the archive writer was dropped with batches queued")
+                write(group)
+                del write
+            except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+                with self._cv:
+                    self._error = e
+                    self._queue.clear()
+                    self._inflight = 0
+                    self._busy = False
+                    self._thread = None
+                    self._cv.notify_all()
+                return
+            with self._cv:
+                self._inflight -= sum(b.nbytes for b in group)
+                self._busy = False
+                self._cv.notify_all()
