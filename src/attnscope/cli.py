@@ -15,7 +15,7 @@ import click
 
 from attnscope import __version__
 from attnscope._extras import EXTRA_OF, missing_extra_error
-from attnscope.contracts import DTYPES, FIGURE_FORMATS, FIGURE_KINDS, FORMATS
+from attnscope.contracts import COMPRESSORS, DTYPES, FIGURE_FORMATS, FIGURE_KINDS, FORMATS
 from attnscope.errors import AttnscopeError, ConfigError
 
 
@@ -214,6 +214,15 @@ def demo(out: Path, fmt: str | None, batches: int, batch_size: int, seed: int,
 @click.option("--query-block", type=int, default=None,
               help="Long contexts: query rows per block of the weight recompute (default: "
                    "blocks of ~64 MiB, only for layers bigger than that).")
+@click.option("--compressor", type=click.Choice(COMPRESSORS), default=None,
+              help="Chunk codec of a new archive (default: zstd).")
+@click.option("--level", type=int, default=None,
+              help="Compression level (default: zstd -3, its fast mode; zstd 1 or higher for "
+                   "smaller files, see docs/benchmarks.md).")
+@click.option("--workers", type=int, default=None,
+              help="Threads that encode and write chunks (default: one per core).")
+@click.option("--inflight-mb", type=float, default=None,
+              help="Bound on batch data queued for the writer, MiB (default 512).")
 @progress_opt
 def capture(model_kind: str, config: Path | None, hf_config: Path | None, inputs: Path | None,
             batches: int, batch_size: int, seq_len: int, out: Path, fmt: str | None,
@@ -223,7 +232,9 @@ def capture(model_kind: str, config: Path | None, hf_config: Path | None, inputs
             max_new_tokens: int | None, do_sample: bool, progress: bool,
             tokenizer_dir: Path | None = None, max_length: int | None = None,
             dry_run: bool = False, query_block: int | None = None,
-            rows: tuple[str, ...] = ()) -> None:
+            rows: tuple[str, ...] = (), compressor: str | None = None,
+            level: int | None = None, workers: int | None = None,
+            inflight_mb: float | None = None) -> None:
     """Run a model over batches and stream its attention into an archive.
 
     Example: attnscope capture --config model.json --batches 16 --batch-size 8 --out run.zarr
@@ -259,7 +270,8 @@ def capture(model_kind: str, config: Path | None, hf_config: Path | None, inputs
                           progress=progress, topk=topk, overwrite=overwrite, rank=rank,
                           world_size=world_size, generate=generate, tokenizer=tokenizer,
                           max_length=max_length, dry_run=dry_run, query_block=query_block,
-                          rows=list(rows) or None)
+                          rows=list(rows) or None, compressor=compressor, level=level,
+                          workers=workers, inflight_mb=inflight_mb)
     if dry_run:
         click.echo(summary.format())
         return

@@ -62,6 +62,14 @@ FORMATS = ("zarr", "hdf5")
 #: chunk compressors every format writes
 COMPRESSORS = ("zstd", "none", "blosc-zstd", "blosc-lz4")
 DEFAULT_COMPRESSOR = "zstd"
+#: compressor -> (lowest level, highest level, default level); "none" takes no level.
+#: zstd's negative levels are its fast modes; -3 meets the codec rule of
+#: docs/benchmarks.md ("Codec choice") on real attention: >= 1.8x zstd 1's speed, <= +15 % disk
+COMPRESSOR_LEVELS: dict[str, tuple[int, int, int]] = {
+    "zstd": (-7, 22, -3),
+    "blosc-zstd": (0, 9, 1),
+    "blosc-lz4": (0, 9, 5),
+}
 #: the per-sample id array beside the attention arrays
 SAMPLE_IDS = "_sample_ids"
 #: sample-id keys that place a sample in a robot episode (``ArchiveWriter.append(sample_ids=

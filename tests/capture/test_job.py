@@ -174,18 +174,19 @@ def test_sample_ids_are_stored(model, tmp_path) -> None:
 
 
 def test_memory_is_bounded_by_the_queue(model, tmp_path, monkeypatch) -> None:
-    """The producer never runs more than queue_depth + 2 batches ahead of the writer."""
+    """The producer never runs more than queue_depth + 2 batches ahead of the writer thread
+    (which hands batches to the store's pipeline, bounded in bytes: tests/store)."""
     produced, written, lead = [0], [0], []
-    real_append = ArchiveWriter.append
+    real_submit = ArchiveWriter.submit
     gate = threading.Event()  # the writer waits until the producer ran 4 batches ahead
 
-    def slow_append(self, *a, **k):
+    def slow_submit(self, *a, **k):
         gate.wait(timeout=30)
-        out = real_append(self, *a, **k)
+        out = real_submit(self, *a, **k)
         written[0] += 1
         return out
 
-    monkeypatch.setattr(ArchiveWriter, "append", slow_append)
+    monkeypatch.setattr(ArchiveWriter, "submit", slow_submit)
 
     def source():
         for b in synthetic_batches(12, 2, 32, enc=ENC, dec=DEC):

@@ -50,16 +50,19 @@ def test_stored_nbytes_of_tensors_and_pairs() -> None:
 
 
 def _disk_full_after(monkeypatch, n_ok: int) -> None:
-    real = ArchiveWriter.append
+    """The store's write pipeline fails with ENOSPC on the batch after the first ``n_ok``
+    (batches written one by one, whatever groups the pipeline forms)."""
+    real = ArchiveWriter._write_group
     calls = [0]
 
-    def append(self, *a, **k):
-        calls[0] += 1
-        if calls[0] > n_ok:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real(self, *a, **k)
+    def write_group(self, group):
+        for batch in group:
+            calls[0] += 1
+            if calls[0] > n_ok:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            real(self, [batch])
 
-    monkeypatch.setattr(ArchiveWriter, "append", append)
+    monkeypatch.setattr(ArchiveWriter, "_write_group", write_group)
 
 
 @pytest.mark.parametrize("suffix", [".zarr", ".h5"])

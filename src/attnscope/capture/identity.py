@@ -221,3 +221,24 @@ def _json(v: Any) -> Any:
     if isinstance(v, (list, tuple)):
         return [_json(x) for x in v]
     return v
+
+
+# levels of archives written before the level was stored (meta "level" absent)
+_OLD_LEVELS = {"zstd": 1, "blosc-zstd": 1, "blosc-lz4": 5}
+
+
+def check_codec(meta: dict[str, Any], compressor: str | None, level: int | None) -> None:
+    """A resumed archive keeps its codec: refuse a ``compressor``/``level`` asked for that
+    differs from the one it was created with (None: whatever it has)."""
+    have = meta.get("compressor", "zstd")
+    have_level = meta.get("level", _OLD_LEVELS.get(have))
+    if compressor is not None and compressor != have:
+        raise ConfigError(
+            f"compressor {compressor!r} differs from the archive's {have!r}; a resumed archive "
+            "keeps its codec (drop --compressor, or start a new archive)"
+        )
+    if level is not None and level != have_level:
+        raise ConfigError(
+            f"level {level} differs from the archive's {have} level {have_level}; a resumed "
+            "archive keeps its codec (drop --level, or start a new archive)"
+        )

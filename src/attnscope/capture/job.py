@@ -25,7 +25,7 @@ from torch import nn
 
 from attnscope.capture.adapters import Adapter, adapter_for, resolve_selection
 from attnscope.capture.dryrun import DryRunReport, planned_samples, report, stored_per_sample
-from attnscope.capture.identity import CaptureIdentity, param_hash
+from attnscope.capture.identity import CaptureIdentity, check_codec, param_hash
 from attnscope.capture.options import (
     CaptureOptions,
     CaptureSummary,
@@ -39,6 +39,7 @@ from attnscope.capture.ragged import BeforeRun, Lengths, side_lengths
 from attnscope.capture.recorder import Recorder, trim
 from attnscope.capture.shard import shard_for
 from attnscope.capture.writer import WriterThread, storage_error, to_host
+from attnscope.contracts import DEFAULT_COMPRESSOR
 from attnscope.errors import AttnscopeError, CaptureError, ConfigError
 from attnscope.store import (
     ArchiveSpec,
@@ -84,6 +85,10 @@ def capture(
     dry_run: bool = False,
     query_block: int | None = None,
     rows: Any = None,
+    compressor: str | None = None,
+    level: int | None = None,
+    workers: int | None = None,
+    inflight_mb: float | None = None,
 ) -> CaptureSummary | DryRunReport:
     """Run ``model`` over ``batches`` and append every batch's attention to an archive.
 
@@ -164,6 +169,12 @@ def capture(
         per side, e.g. ``"decoder:last=4"``, ``"decoder:segment=traj"``, ``{"decoder":
         [3, 4]}``; those arrays store ``(N, H, R, S)`` and their rows
         (``AttentionArchive.query_rows``). Selected on the device after the heads.
+    compressor, level
+        Chunk codec of a new archive and its level (default zstd -3; ``docs/benchmarks.md``,
+        "Codec choice"); a resumed archive keeps its own and refuses another.
+    workers, inflight_mb
+        Threads that encode and write chunks (default one per core) and the bound on
+        batch data queued for them (default 512 MiB): ``store/pipeline.py``.
 
     Returns
     -------
@@ -208,7 +219,7 @@ def capture(
         tokenizer=tokenizer, tags=tags, overwrite=overwrite, validate=validate,
         queue_depth=queue_depth, total=total, rank=rank, world_size=world_size, wait_s=wait_s,
         generate=generate, max_length=max_length, dry_run=dry_run, query_block=query_block,
-        rows=rows,
+        rows=rows, compressor=compressor, level=level, workers=workers, inflight_mb=inflight_mb,
     )  # fmt: skip
     return _Job(model, batches, as_archive_path(archive_path), opts).run()
 
@@ -478,11 +489,13 @@ class _Job:
         bsz = meta.get("batch_size")
         self.resume_bsz = int(bsz) if n and isinstance(bsz, int) else None
         self.identity.check(meta)
+        check_codec(meta, self.opts.compressor, self.opts.level)
         self.lengths.adopt(meta, fields, n)
         self.resumed = meta if n else None
         if not n:  # nothing committed: its layout may be partial (killed at a first block)
             self.fresh, self.lengths.fixed = True, None
-        writer = ArchiveWriter.open(self.path, mode="a")
+        writer = ArchiveWriter.open(self.path, mode="a", workers=self.opts.workers,
+                                    inflight_mb=self.opts.inflight_mb)
         self.writer = WriterThread(writer, self.opts.queue_depth)
         self.skip = writer.committed
 
@@ -531,6 +544,8 @@ class _Job:
         return ArchiveSpec(
             format=o.format,
             dtype=o.dtype,
+            compressor=o.compressor or DEFAULT_COMPRESSOR,
+            level=o.level,
             model_config=self.identity.model_config,
             capture=capture,
             heads=None if o.heads is None else {n: list(o.heads) for n in self.wanted},
@@ -558,7 +573,8 @@ class _Job:
         o, spec = self.opts, self._spec(bsz)
         try:
             if self.shard is None:
-                return ArchiveWriter.create(self.path, layout, spec, overwrite=o.overwrite)
+                return ArchiveWriter.create(self.path, layout, spec, overwrite=o.overwrite,
+                                            workers=o.workers, inflight_mb=o.inflight_mb)
 
             def check(meta: dict[str, Any]) -> None:
                 self.identity.check(meta)

@@ -13,8 +13,9 @@ from torch import nn
 
 from attnscope.capture.blocks import check_block
 from attnscope.capture.policy import RowPolicy
-from attnscope.contracts import DTYPES, FORMATS, STACKS
+from attnscope.contracts import DEFAULT_COMPRESSOR, DTYPES, FORMATS, STACKS
 from attnscope.errors import ConfigError
+from attnscope.store.codecs import check_level
 
 __all__ = ["CaptureOptions", "CaptureSummary", "resolve_device", "TORCH_DTYPES"]
 
@@ -65,6 +66,10 @@ class CaptureOptions:
     # row policy: per query side, the rows kept ("decoder:last", {"decoder": [3, 4]}, ...;
     # capture/policy.py); parsed here, resolved once the first batch's layout is known
     rows: RowPolicy | None = None
+    compressor: str | None = None  # chunk codec of a new archive; None: contracts' default
+    level: int | None = None  # its level; None: the compressor's default (contracts)
+    workers: int | None = None  # threads that encode and write chunks; None: one per core
+    inflight_mb: float | None = None  # bound on batch data queued for the writer; None: 512
 
     def __post_init__(self) -> None:
         check_block(self.query_block)
@@ -73,6 +78,13 @@ class CaptureOptions:
         if self.format is not None and self.format not in FORMATS:
             raise ConfigError(f"format {self.format!r} is not supported; expected one of {FORMATS}")
         _positive("queue_depth", self.queue_depth)
+        check_level(self.compressor or DEFAULT_COMPRESSOR, self.level)
+        if self.workers is not None:
+            _positive("workers", self.workers)
+        if self.inflight_mb is not None and not (
+            isinstance(self.inflight_mb, (int, float)) and self.inflight_mb > 0
+        ):
+            raise ConfigError(f"inflight_mb must be a number > 0, got {self.inflight_mb!r}")
         if self.topk is not None:
             _positive("topk", self.topk)
         if (self.rank is None) != (self.world_size is None) or (

@@ -89,11 +89,26 @@ class WriterThread:
             raise self._error
 
     def close(self) -> None:
-        """Write what is queued and stop the thread (the archive writer stays open)."""
+        """Write what is queued, commit it, and stop the thread (the archive writer stays
+        open); a write error of the last batches is kept for :meth:`raise_if_failed`."""
         if self._thread is not None:
             self._queue.put(None)
             self._thread.join()
             self._thread = None
+        if self._error is None:
+            try:
+                self.writer.flush()
+            except BaseException as e:  # noqa: BLE001 - re-raised by raise_if_failed
+                self._error = self._as_error(e)
+
+    def _as_error(self, e: BaseException) -> BaseException:
+        if isinstance(e, OSError) and not isinstance(e, AttnscopeError):
+            try:  # the count the message gives is final: no batch is still in flight
+                self.writer.flush()
+            except BaseException:  # noqa: BLE001, S110 - the error at hand is the one to report
+                pass
+            return storage_error(e, self.writer.path, self.writer.committed)
+        return e
 
     def _loop(self) -> None:
         while True:
@@ -106,9 +121,7 @@ class WriterThread:
                 self._do(item)
             except BaseException as e:  # noqa: BLE001 - re-raised in the producer thread
                 self._stream = None
-                if isinstance(e, OSError) and not isinstance(e, AttnscopeError):
-                    e = storage_error(e, self.writer.path, self.writer.committed)
-                self._error = e
+                self._error = self._as_error(e)
 
 
     def _do(self, item: tuple) -> None:
@@ -119,7 +132,9 @@ class WriterThread:
                 fence.synchronize()
             if layout is not None and not self.writer.committed:
                 relayout(self.writer, layout)
-            self.writer.append(to_host(arrays), sample_ids=ids, masks=masks, tokens=tokens)
+            # handed to the store's write pipeline: encoded and committed in the
+            # background, several batches at once, while the next batch is captured
+            self.writer.submit(to_host(arrays), sample_ids=ids, masks=masks, tokens=tokens)
             self.bytes += stored_nbytes(arrays)
             self.samples += _n_samples(next(iter(arrays.values())))
             return

@@ -242,6 +242,7 @@ class Backend(abc.ABC):
         dims: tuple[str, ...],
         attrs: dict[str, Any] | None = None,
         compressor: str = "zstd",
+        level: int | None = None,
     ) -> ArrayHandle: ...
 
     @abc.abstractmethod

@@ -26,8 +26,9 @@ import h5py
 import hdf5plugin
 import numpy as np
 
-from attnscope.errors import ArchiveCorruptError, ArchiveError, ArchiveNotFoundError, ConfigError
+from attnscope.errors import ArchiveCorruptError, ArchiveError, ArchiveNotFoundError
 from attnscope.store._base import ArrayHandle, Backend, MiB, Write, chunk_ranges, parse_record
+from attnscope.store.codecs import check_level
 
 __all__ = ["HDF5Backend"]
 
@@ -41,21 +42,17 @@ _RECORD_LEN = 9
 _LOCKINGS = (False, None, True, "best-effort")
 
 
-def _filters(name: str, checksum: bool = True) -> dict[str, Any]:
-    """``create_dataset`` keywords of a compressor name, plus Fletcher32 if ``checksum``."""
+def _filters(name: str, checksum: bool = True, level: int | None = None) -> dict[str, Any]:
+    """``create_dataset`` keywords of a compressor name and level (None: its default),
+    plus Fletcher32 if ``checksum``."""
+    level = check_level(name, level)
     if name == "none":
         comp: Any = {}
     elif name == "zstd":
-        comp = hdf5plugin.Zstd(clevel=1)
-    elif name in ("blosc-zstd", "blosc-lz4"):
-        cname = name.split("-")[1]
-        comp = hdf5plugin.Blosc(
-            cname=cname, clevel=1 if cname == "zstd" else 5, shuffle=hdf5plugin.Blosc.SHUFFLE
-        )
+        comp = hdf5plugin.Zstd(clevel=level)  # negative (fast) levels pass as cd_values
     else:
-        raise ConfigError(
-            f"unknown compressor {name!r}; expected one of zstd, none, blosc-zstd, blosc-lz4"
-        )
+        cname = name.split("-")[1]
+        comp = hdf5plugin.Blosc(cname=cname, clevel=level, shuffle=hdf5plugin.Blosc.SHUFFLE)
     return {**comp, "fletcher32": True} if checksum else dict(comp)
 
 
@@ -176,7 +173,7 @@ class HDF5Backend(Backend):
     def list_children(self, path: str) -> list[str]:
         return sorted(self._f[path].keys()) if path in self._f else []
 
-    def create_array(self, path, shape, chunks, dtype, *, dims, attrs=None, compressor="zstd"):  # type: ignore[no-untyped-def]
+    def create_array(self, path, shape, chunks, dtype, *, dims, attrs=None, compressor="zstd", level=None):  # type: ignore[no-untyped-def]  # noqa: E501
         ds = self._f.create_dataset(
             path,
             shape=shape,
@@ -187,7 +184,7 @@ class HDF5Backend(Backend):
             # Fletcher32 only where a chunk holds one sample: a multi-sample chunk (token
             # side arrays, label blob, sample ids) is rewritten in place as later batches
             # fill it, and a torn rewrite would break the checksum of its committed samples.
-            **_filters(compressor, checksum=chunks[0] == 1),
+            **_filters(compressor, checksum=chunks[0] == 1, level=level),
         )
         ds.attrs[ROOT_KEY] = json.dumps(attrs or {})
         ds.attrs["dimension_names"] = json.dumps(list(dims))

@@ -30,10 +30,11 @@ import numpy as np
 import zarr
 from zarr.storage import LocalStore, WrapperStore, ZipStore
 
-from attnscope.errors import ArchiveCorruptError, ArchiveNotFoundError, ConfigError
+from attnscope.errors import ArchiveCorruptError, ArchiveNotFoundError
 from attnscope.store import remote
 from attnscope.store._base import ArrayHandle, Backend, Write, chunk_ranges, parse_record
 from attnscope.store._zarr_direct import direct_plan
+from attnscope.store.codecs import check_level
 
 __all__ = ["ZarrBackend"]
 
@@ -63,22 +64,19 @@ class _CountingStore(WrapperStore):
         return buf
 
 
-def _codecs(name: str) -> list[Any]:
-    """Bytes-to-bytes codecs of a compressor name, ending with a crc32c checksum."""
+def _codecs(name: str, level: int | None = None) -> list[Any]:
+    """Bytes-to-bytes codecs of a compressor name and level (None: its default), ending
+    with a crc32c checksum."""
     from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec, ZstdCodec
 
+    level = check_level(name, level)
     if name == "none":
         comp = []
     elif name == "zstd":
-        comp = [ZstdCodec(level=1)]
-    elif name == "blosc-zstd":
-        comp = [BloscCodec(cname="zstd", clevel=1, shuffle=BloscShuffle.shuffle)]
-    elif name == "blosc-lz4":
-        comp = [BloscCodec(cname="lz4", clevel=5, shuffle=BloscShuffle.shuffle)]
+        comp = [ZstdCodec(level=level)]
     else:
-        raise ConfigError(
-            f"unknown compressor {name!r}; expected one of zstd, none, blosc-zstd, blosc-lz4"
-        )
+        cname = name.split("-")[1]
+        comp = [BloscCodec(cname=cname, clevel=level, shuffle=BloscShuffle.shuffle)]
     return [*comp, Crc32cCodec()]
 
 
@@ -244,13 +242,13 @@ class ZarrBackend(Backend):
         node = self._root[path]
         return sorted(list(node.array_keys()) + list(node.group_keys()))
 
-    def create_array(self, path, shape, chunks, dtype, *, dims, attrs=None, compressor="zstd"):  # type: ignore[no-untyped-def]
+    def create_array(self, path, shape, chunks, dtype, *, dims, attrs=None, compressor="zstd", level=None):  # type: ignore[no-untyped-def]  # noqa: E501
         arr = self._root.create_array(
             path,
             shape=shape,
             chunks=chunks,
             dtype=np.dtype(dtype),
-            compressors=_codecs(compressor),
+            compressors=_codecs(compressor, level),
             filters=None,
             fill_value=0,
             dimension_names=dims,

@@ -10,9 +10,11 @@ from typing import Any
 
 import numpy as np
 
-from attnscope.errors import InputError
+from attnscope.contracts import COMPRESSOR_LEVELS, COMPRESSORS
+from attnscope.errors import ConfigError, InputError
 
 __all__ = [
+    "check_level",
     "storage_dtype",
     "read_dtype",
     "to_bf16_bits",
@@ -22,6 +24,27 @@ __all__ = [
     "is_half",
     "as_numpy",
 ]
+
+
+def check_level(compressor: str, level: Any) -> int | None:
+    """The compression level to use: ``level`` checked against the compressor's range,
+    or its default (:data:`attnscope.contracts.COMPRESSOR_LEVELS`) when None."""
+    if compressor not in COMPRESSORS:
+        raise ConfigError(f"unknown compressor {compressor!r}; expected one of {COMPRESSORS}")
+    rng = COMPRESSOR_LEVELS.get(compressor)
+    if rng is None:
+        if level is not None:
+            raise ConfigError(f"compressor {compressor!r} takes no level, got level={level!r}")
+        return None
+    if level is None:
+        return rng[2]
+    if isinstance(level, bool) or not isinstance(level, (int, np.integer)):
+        raise ConfigError(f"level must be an int, got {level!r}")
+    if not rng[0] <= int(level) <= rng[1]:
+        raise ConfigError(
+            f"level {level} is out of range for {compressor!r}: expected {rng[0]}..{rng[1]}"
+        )
+    return int(level)
 
 
 def storage_dtype(dtype: str) -> np.dtype:

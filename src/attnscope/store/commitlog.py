@@ -266,3 +266,23 @@ class LogState:
         self.seq, self.chain = self.seq + 1, chain_of(doc)
         return {"start": start, "stop": stop, "committed": end - start,
                 "batches": self.seq, "chain": self.chain, "since": self.since}  # fmt: skip
+
+
+def check_records(path: str, backend: Any) -> None:
+    """:func:`check_record` for every writer of an open backend (one document read each)."""
+    for rid, rec in backend.read_records().items():
+        check_record(path, rid, rec, backend.read_log)
+
+
+def verify_records(path: str, backend: Any) -> tuple[list[str], bool]:
+    """:func:`verify_log` for every writer: ``(problems, any writer keeps a log)``."""
+    problems: list[str] = []
+    logged = False
+    records = backend.read_records()
+    for rid, rec in sorted(records.items()):
+        logged |= "batches" in rec
+        problems += verify_log(
+            path, rid, rec, backend.read_log,
+            lambda name, sel: backend.get_array(name).read(sel), backend.get_attrs,
+        )  # fmt: skip
+    return problems, logged

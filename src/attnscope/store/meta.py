@@ -26,7 +26,7 @@ from attnscope.errors import (
 from attnscope.store import remote
 from attnscope.store._base import Backend
 from attnscope.store._lock import LOCK_DIR_NAME, locks_inside
-from attnscope.store.codecs import storage_dtype
+from attnscope.store.codecs import check_level, storage_dtype
 from attnscope.store.layout import TokenLayout
 from attnscope.store.spec import ArchiveSpec
 from attnscope.store.validation import check_tolerance
@@ -142,6 +142,7 @@ def root_meta(spec: ArchiveSpec, layout: TokenLayout, fmt: str) -> dict[str, Any
         raise ConfigError(f"unknown dtype {spec.dtype!r}; expected one of {DTYPES}")
     if spec.compressor not in COMPRESSORS:
         raise ConfigError(f"unknown compressor {spec.compressor!r}; expected one of {COMPRESSORS}")
+    level = check_level(spec.compressor, spec.level)
     topk = spec.sparse_topk
     if topk is not None and (isinstance(topk, bool) or int(topk) < 1):
         raise ConfigError(f"sparse_topk must be a positive int or None, got {topk!r}")
@@ -165,6 +166,7 @@ def root_meta(spec: ArchiveSpec, layout: TokenLayout, fmt: str) -> dict[str, Any
         "mode": "dense" if topk is None else "sparse",
         "topk": _opt_int(topk),
         "compressor": spec.compressor,
+        "level": level,
         "chunk_samples": _opt_int(spec.chunk_samples),
         "batch_size": _opt_int(spec.batch_size),
         "query_block": _opt_int(spec.query_block),

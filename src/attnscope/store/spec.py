@@ -32,6 +32,7 @@ class ArchiveSpec:
     tags: dict | None = None  # JSON: user tags, in the provenance
     seed: int | None = None  # random seed of the run, in the provenance
     compressor: str = "zstd"  # one of contracts.COMPRESSORS
+    level: int | None = None  # compression level; None: the compressor's default (contracts)
     validate: bool = True  # check every appended batch (NaN/Inf, negatives, row sums)
     normalized: bool | None = None  # rows are softmax rows (verify checks sums); default validate
     tolerance: float | None = None  # allowed |row sum - 1|; default by dtype

@@ -89,6 +89,7 @@ class BatchStream:
         self.end = self.pos + self.bsz
         writer._check_fits(self.pos, self.end)
         self.done: dict[str, int] = {}  # array name -> rows written so far
+        self.regions: list = []  # digests of the boxes written (the commit log)
         self.n_rows: dict[str, int] = {}  # array name -> T given while the layout lacks it
         self.bytes = 0
         self._open = True

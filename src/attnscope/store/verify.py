@@ -12,6 +12,7 @@ from attnscope.contracts import KIND_AXES, QUERY_ROWS
 from attnscope.errors import ArchiveCorruptError, AttnscopeError
 from attnscope.store import remote
 from attnscope.store._base import MiB
+from attnscope.store.commitlog import check_records, verify_records
 from attnscope.store.meta import holds_no_data, input_hashes, no_data_message
 from attnscope.store.reader import AttentionArchive, open_archive
 from attnscope.store.validation import check_tolerance
@@ -128,6 +129,7 @@ def _check(
             p.append(
                 f"commit record {rid!r} is inconsistent: start={start} stop={stop} committed={c}"
             )
+    _check_log(a, rep, check_data)
     for name in a.missing_arrays():
         p.append(f"{name}: listed in the root metadata but missing from storage (deleted?)")
     if not a.arrays() and n:
@@ -155,6 +157,25 @@ def _check(
     for key, v in _safe_ids(a, rep).items():
         if v.shape[0] < n:
             p.append(f"sample_ids[{key!r}]: {v.shape[0]} entries for {n} committed samples")
+
+
+def _check_log(a: AttentionArchive, rep: VerifyReport, check_data: bool) -> None:
+    """The commit log: records against their documents and, with ``check_data``, every
+    committed region's digest and every array's attributes (docs/archive-format.md)."""
+    backend = a._backend
+    if check_data:
+        problems, logged = verify_records(a.path, backend)
+        rep.problems.extend(problems)
+    else:
+        try:
+            check_records(a.path, backend)
+        except ArchiveCorruptError as e:
+            rep.problems.append(str(e))
+        logged = any("batches" in r for r in backend.read_records().values())
+    if not logged:
+        rep.notes.append(
+            "no commit log (archive written before it): chunk placement and side data not bound"
+        )
 
 
 def _check_tokens(a: AttentionArchive, rep: VerifyReport) -> None:

@@ -557,7 +557,7 @@ class ArchiveWriter:
         if rows is not None:
             attrs[QUERY_ROWS] = rows
         sdt = storage_dtype(self._rules.dtype)
-        comp = self._meta.get("compressor", "zstd")
+        comp, lvl = self._meta.get("compressor", "zstd"), self._meta.get("level")
         # HDF5 grows a rewritten chunk in place at the end of the file; a crash before the
         # next flush leaves it undecodable. One sample per chunk means a chunk holding
         # committed samples is never rewritten (Zarr renames whole chunk files instead).
@@ -576,13 +576,14 @@ class ArchiveWriter:
                 ("residual", np.dtype(np.float32), (n, h, t), chunks[:3], DIMS[:3]),
             ):
                 node.handles[part] = b.create_array(
-                    f"{name}/{part}", shape, ch, dt, dims=dims, compressor=comp
+                    f"{name}/{part}", shape, ch, dt, dims=dims, compressor=comp, level=lvl
                 )
         else:
             chunks = choose_chunks(h, t, s, sdt.itemsize, chunk_samples=cs, batch_size=bs,
                                    query_block=qb)  # fmt: skip
             node.handles[""] = b.create_array(
-                name, (n, h, t, s), chunks, sdt, dims=DIMS, attrs=attrs, compressor=comp
+                name, (n, h, t, s), chunks, sdt, dims=DIMS, attrs=attrs, compressor=comp,
+                level=lvl,
             )
         self._nodes[name] = node
         return node
