@@ -53,16 +53,23 @@ def disk_size(path: str) -> int:
     return os.path.getsize(path)
 
 
-def bench_case(tmp: str, data: np.ndarray, fmt: str, comp: str, batch: int) -> dict:
+def bench_case(
+    tmp: str, data: np.ndarray, fmt: str, comp: str, batch: int, *,
+    workers: int | None = None, submit: bool = True, level: int | None = None,
+) -> dict:  # fmt: skip
+    """Write ``data`` in batches (``submit``: through the write pipeline, as capture does;
+    else one synchronous ``append`` at a time), then read it back."""
     n, h, t, s = data.shape
     mb = data.nbytes / 2**20
     path = os.path.join(tmp, f"b.{'h5' if fmt == 'hdf5' else 'zarr'}")
     lay = TokenLayout(encoder=SideLayout.from_lengths({"tok": t}))
     name = "encoder/0/self_attention"
     t0 = time.perf_counter()
-    with ArchiveWriter.create(path, lay, compressor=comp, validate=False, overwrite=True) as w:
+    with ArchiveWriter.create(path, lay, compressor=comp, validate=False, overwrite=True,
+                              workers=workers, level=level) as w:  # fmt: skip
+        put = w.submit if submit else w.append
         for a in range(0, n, batch):
-            w.append({name: data[a : a + batch]})
+            put({name: data[a : a + batch]})
     t_write = time.perf_counter() - t0
     size = disk_size(path)
     with open_archive(path) as arc:
@@ -123,6 +130,66 @@ def npsave_fsync(tmp: str, data: np.ndarray) -> tuple[float, float]:
     t_read = time.perf_counter() - t0
     os.remove(path)
     return mb / t_write, mb / t_read
+
+
+def bench_pipeline(tmp: str, configs: list, rounds: int) -> list[str]:
+    """Rows: store-only write MB/s (a producer with no model submitting float16 softmax
+    batches as fast as it can) per encoder-pool size, next to np.save+fsync of the same
+    bytes in the same round, and the old path (one synchronous append at a time, zstd 1)."""
+    rows = []
+    rng = np.random.default_rng(2)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    variants = [("append, zstd 1 (before)", dict(submit=False, workers=None, level=1))]
+    variants += [(f"submit, zstd -3, {k} worker{'s' if k > 1 else ''}",
+                  dict(submit=True, workers=k, level=None))
+                 for k in sorted({1, 2, cores or 1})]  # fmt: skip
+    for label, n, h, t, batch in configs:
+        data = attention(rng, n, h, t)
+        for fmt in ("zarr", "hdf5"):
+            for vname, kw in variants:
+                if fmt == "hdf5" and kw["workers"] not in (None, 1):
+                    continue  # HDF5 encodes in its own single-threaded filter pipeline
+                ours, ratio, lim = [], [], []
+                for _ in range(rounds):
+                    lw, _lr = npsave_fsync(tmp, data)
+                    r = bench_case(tmp, data, fmt, "zstd", batch, **kw)
+                    ours.append(r["write"])
+                    lim.append(lw)
+                    ratio.append(r["write"] / lw)
+                rows.append(
+                    f"| {label} | {fmt} | {vname} | {np.median(ours):.0f} | {np.median(lim):.0f} "
+                    f"| {np.median(ratio):.2f}x ({min(ratio):.2f}-{max(ratio):.2f}) |"
+                )
+    return rows
+
+
+def bench_digests(configs: list) -> list[str]:
+    """Rows: what the commit log's region digests cost (XXH3 over every written value)."""
+    from attnscope.store.commitlog import regions_of
+
+    class Handle:
+        def __init__(self, shape: tuple, chunks: tuple, dtype: np.dtype) -> None:
+            self.name, self.chunks, self.dtype = "a", chunks, dtype
+
+    from attnscope.store._base import choose_chunks
+
+    rows = []
+    rng = np.random.default_rng(3)
+    for label, n, h, t, batch in configs:
+        data = attention(rng, min(n, 4 * batch), h, t)
+        chunks = choose_chunks(h, t, t, 2, batch_size=batch)
+        hd = Handle(data.shape, chunks, data.dtype)
+        sel = tuple(slice(0, d) for d in data.shape)
+        t0 = time.perf_counter()
+        reps = 0
+        while time.perf_counter() - t0 < 1.0:
+            regions = regions_of([(hd, sel, data)])
+            reps += 1
+        dt = (time.perf_counter() - t0) / reps
+        gbs = data.nbytes / 2**30 / dt
+        rows.append(f"| {label} | {len(regions)} regions / {data.nbytes / 2**20:.1f} MiB | "
+                    f"{gbs:.1f} GB/s | {1 / gbs:.2f} s per GB |")  # fmt: skip
+    return rows
 
 
 def bench_limits(tmp: str, configs: list, rounds: int) -> list[str]:
@@ -253,6 +320,10 @@ def main() -> None:
         "--limits-only", action="store_true", help="only the vs-np.save+fsync table (issue 15)"
     )
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds per limits row")
+    ap.add_argument(
+        "--pipeline-only", action="store_true",
+        help="only the store-only pipeline table (pool scaling vs np.save+fsync) and digests",
+    )  # fmt: skip
     args = ap.parse_args()
     rng = np.random.default_rng(0)
     if args.padding_only:
@@ -279,6 +350,20 @@ def main() -> None:
         warm = attention(rng, 4, 2, 16)
         for f, c in cases:  # import codecs, start zarr's event loop: not part of the figures
             bench_case(tmp, warm, f, c, 2)
+        print(
+            f"\n### store-only write path: a model-free producer submitting float16 softmax "
+            f"batches, median of {args.rounds} interleaved rounds (ratio range)\n"
+        )
+        print("| case | format | path | write MB/s | np.save+fsync MB/s | write vs limit |")
+        print("|---|---|---|---:|---:|---|")
+        print("\n".join(bench_pipeline(tmp, configs, args.rounds)))
+        print("\n### commit-log digests (XXH3-64 of every region written, one thread)\n")
+        print("| case | work | digest speed | cost |")
+        print("|---|---|---:|---:|")
+        print("\n".join(bench_digests(configs)))
+        if args.pipeline_only:
+            print(f"\nload average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+            return
         print(
             f"\n### default codec vs the limit (np.save + fsync / np.load of the same bytes), "
             f"median of {args.rounds} interleaved rounds, ratio range in brackets\n"

@@ -54,24 +54,31 @@ class PendingBatch:
 def coalesce(writes: Sequence[Write]) -> list[Write]:
     """Merge consecutive boxes of one array that continue each other along samples.
 
-    Box ``[a, b)`` followed by ``[c, d)`` with ``a <= c <= b`` and the same other sides
-    (the second may start with the in-memory tail of the first's last chunk) become one
-    box ``[a, d)``: a chunk shared by two batches is then encoded and written once.
+    Box ``[a, b)`` followed by ``[c, d)`` with ``a <= c <= b <= d`` and the same other
+    sides (the second may start with the in-memory tail of the first's last chunk) become
+    one box ``[a, d)``: a chunk shared by two batches is then encoded and written once.
+    Each merged box is concatenated once (pieces are collected first).
     """
-    out: list[Write] = []
-    last: dict[int, int] = {}  # id(handle) -> index in out of its latest box
+    boxes: list[list[Any]] = []  # [handle, sel, pieces]; pieces: arrays placed end to end
+    last: dict[int, int] = {}  # id(handle) -> index in boxes of its latest box
     for h, sel, data in writes:
         i = last.get(id(h))
         if i is not None:
-            _h, sel0, d0 = out[i]
+            _h, sel0, pieces = boxes[i]
             a, b, c = sel0[0].start, sel0[0].stop, sel[0].start
             if sel0[1:] == sel[1:] and a <= c <= b <= sel[0].stop:
-                data = np.concatenate([d0[: c - a], data]) if c > a else data
-                out[i] = (h, (slice(a, sel[0].stop), *sel[1:]), data)
+                if c < b:  # drop the samples [c, b) the new box brings again
+                    keep = pieces[-1].shape[0] - (b - c)
+                    pieces[-1] = pieces[-1][:keep]
+                pieces.append(data)
+                boxes[i][1] = (slice(a, sel[0].stop), *sel[1:])
                 continue
-        last[id(h)] = len(out)
-        out.append((h, sel, data))
-    return out
+        last[id(h)] = len(boxes)
+        boxes.append([h, sel, [data]])
+    return [
+        (h, sel, pieces[0] if len(pieces) == 1 else np.concatenate(pieces))
+        for h, sel, pieces in boxes
+    ]
 
 
 class WritePipeline:
