@@ -286,3 +286,56 @@ def verify_records(path: str, backend: Any) -> tuple[list[str], bool]:
             lambda name, sel: backend.get_array(name).read(sel), backend.get_attrs,
         )  # fmt: skip
     return problems, logged
+
+
+class DigestIndex:
+    """The committed regions of every array, loaded from the log on the first checked read.
+
+    :meth:`check` compares every region that a read box covers whole with its digest, so
+    a chunk moved, replaced or rewritten is refused by the reads that touch it (analysis
+    reads whole-sample blocks, which cover their regions); a read of part of a region
+    (one head of a many-head chunk) is not checked here (``verify`` is).
+    """
+
+    def __init__(self, path: str, backend: Any) -> None:
+        self.path, self._b = path, backend
+        self._by: dict[str, tuple[list[int], list[tuple[list[list[int]], str, int, str]]]] | None
+        self._by = None
+
+    def _load(self) -> None:
+        by: dict[str, list[tuple[list[list[int]], str, int, str]]] = {}
+        for rid, rec in self._b.read_records().items():
+            for seq in range(int(rec.get("batches", 0))):
+                doc = self._b.read_log(rid, seq)
+                for name, box, dg in (doc or {}).get("regions") or []:
+                    by.setdefault(name, []).append((box, dg, seq, rid))
+        self._by = {}
+        for name, regs in by.items():
+            regs.sort(key=lambda r: r[0][0][0])
+            self._by[name] = ([r[0][0][0] for r in regs], regs)
+
+    def check(self, name: str, sel: tuple[slice, ...], data: np.ndarray) -> None:
+        """Raise ArchiveCorruptError if a region inside ``sel`` differs from its digest."""
+        if self._by is None:
+            self._load()
+        assert self._by is not None
+        got = self._by.get(name)
+        if got is None or not sel:
+            return
+        import bisect
+
+        starts, regs = got
+        lo = bisect.bisect_left(starts, sel[0].start)
+        hi = bisect.bisect_left(starts, sel[0].stop)
+        for box, dg, seq, rid in regs[lo:hi]:
+            if len(box) != len(sel) or not all(
+                s.start <= b0 and b1 <= s.stop for (b0, b1), s in zip(box, sel)
+            ):
+                continue
+            part = data[tuple(slice(b0 - s.start, b1 - s.start) for (b0, b1), s in zip(box, sel))]
+            if _digest_array(part) != dg:
+                raise ArchiveCorruptError(
+                    f"{self.path!r}: array {name!r} {_box(box)} differs from what commit {seq} "
+                    f"of {rid!r} wrote (a chunk moved, replaced or rewritten); the archive is "
+                    "damaged (run 'attnscope verify')"
+                )

@@ -32,6 +32,7 @@ from attnscope.errors import ArchiveCorruptError, ConfigError, InputError, Selec
 from attnscope.store import remote
 from attnscope.store._base import ArrayHandle, MiB
 from attnscope.store.codecs import decode, read_dtype
+from attnscope.store.commitlog import DigestIndex
 from attnscope.store.frames import frame_cameras, frame_handle
 from attnscope.store.indexing import norm_index
 from attnscope.store.layout import SideLayout, TokenLayout
@@ -58,7 +59,10 @@ def checked_read(archive: AttentionArchive, handle: ArrayHandle, box: tuple[slic
             f"its samples are committed ({len(gone)} missing in this read); the archive is "
             "damaged (run 'attnscope verify')"
         )
-    return handle.read(box)
+    data = handle.read(box)
+    if archive._digests is not None:
+        archive._digests.check(handle.name, box, np.asarray(data))
+    return data
 
 
 class AttentionArray:
@@ -265,6 +269,9 @@ class AttentionArchive:
         self._cache: dict[str, AttentionArray] = {}
         self._side_handles: dict[str, ArrayHandle | None] = {}
         self._borrowed = False
+        # reads check the commit log's digests (local archives: the log is read once, at
+        # the first read; on object storage that would be a GET per commit: verify checks)
+        self._digests = None if remote.is_url(self.path) else DigestIndex(self.path, self._backend)
 
     def _borrow(self) -> AttentionArchive:
         # The same open archive (backend and caches shared) whose close() is a no-op: what

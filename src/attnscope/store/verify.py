@@ -129,7 +129,6 @@ def _check(
             p.append(
                 f"commit record {rid!r} is inconsistent: start={start} stop={stop} committed={c}"
             )
-    _check_log(a, rep, check_data)
     for name in a.missing_arrays():
         p.append(f"{name}: listed in the root metadata but missing from storage (deleted?)")
     if not a.arrays() and n:
@@ -157,6 +156,7 @@ def _check(
     for key, v in _safe_ids(a, rep).items():
         if v.shape[0] < n:
             p.append(f"sample_ids[{key!r}]: {v.shape[0]} entries for {n} committed samples")
+    _check_log(a, rep, check_data)
 
 
 def _check_log(a: AttentionArchive, rep: VerifyReport, check_data: bool) -> None:
