@@ -339,7 +339,8 @@ def _hf(
                 b["decoder_input_ids"] = torch.randint(0, vocab, (batch_size, seq_len), generator=g)
             yield b
 
-    return _Batches(make_synth, n_batches)
+    # a list: read ahead for the archive's maximum (the batches are small token ids)
+    return list(make_synth())
 
 
 def build_job(

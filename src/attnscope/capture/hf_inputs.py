@@ -152,10 +152,9 @@ def _decoder_inputs(
         tokenizer.padding_side = side
     mask = enc["attention_mask"]
     _check_nonempty(mask, first, "target")
-    ids = shift(labels=enc["input_ids"])
-    # the start token is real; a target's last token is only ever predicted
-    dec_mask = torch.cat([torch.ones_like(mask[:, :1]), mask[:, :-1]], dim=1)
-    return {"decoder_input_ids": ids, "decoder_attention_mask": dec_mask}
+    # [start, t0, ..., t(n-2)] are a target of n tokens' real decoder inputs: as many as
+    # the target has, so the target's own mask is theirs (t(n-1) is only ever predicted)
+    return {"decoder_input_ids": shift(labels=enc["input_ids"]), "decoder_attention_mask": mask}
 
 
 def array_batches(
