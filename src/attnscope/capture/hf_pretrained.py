@@ -99,8 +99,11 @@ def hf_model_pretrained(
         ) from e
     cls = _model_class(transformers, cfg, generate)
     dtype = getattr(torch, torch_dtype or "float32")
-    bars = transformers.utils.logging.is_progress_bar_enabled()
-    transformers.utils.logging.disable_progress_bar()  # one line per error, no bars
+    log = transformers.utils.logging
+    bars, verbosity = log.is_progress_bar_enabled(), log.get_verbosity()
+    # one line per error: no progress bars, no load report (missing keys are refused below)
+    log.disable_progress_bar()
+    log.set_verbosity_error()
     try:
         model, loading = cls.from_pretrained(
             str(folder), local_files_only=True, dtype=dtype, output_loading_info=True
@@ -111,16 +114,17 @@ def hf_model_pretrained(
             f"{' '.join(str(e).split())[:300]}"
         ) from e
     finally:
+        log.set_verbosity(verbosity)
         if bars:
-            transformers.utils.logging.enable_progress_bar()
+            log.enable_progress_bar()
     missing = sorted(loading.get("missing_keys") or []) + sorted(
         str(k[0]) if isinstance(k, tuple) else str(k)
         for k in loading.get("mismatched_keys") or []
     )
     if missing:
         raise ConfigError(
-            f"--hf-model {source}: {len(missing)} parameter(s) of {cls.__name__} are not in "
-            f"the checkpoint (e.g. {missing[0]}) and would be random; expected a checkpoint "
+            f"--hf-model {source}: {len(missing)} parameter(s) of {type(model).__name__} are "
+            f"not in the checkpoint (e.g. {missing[0]}) and would be random; expected a checkpoint "
             f"of the whole model (its config names {cfg.architectures})"
         )
     record: dict[str, Any] = {"source": "pretrained", "from": str(folder.resolve()),

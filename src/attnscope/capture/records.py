@@ -113,8 +113,9 @@ def _collect(
             targets.append(_field(path, row_id, row, target_field, "--target-field"))
         ids.append(row_id)
     if not texts:
+        what = "sentence" if path.suffix == ".txt" else f"record with a {text_field!r} field"
         raise InputError(f"{path} holds no rows (empty or blank lines only); expected one "
-                         f"record with a {text_field!r} field per row")  # fmt: skip
+                         f"{what} per row")  # fmt: skip
     return Records(texts, targets if target_field is not None else None,
                    np.asarray(ids, dtype=np.int64))  # fmt: skip
 
