@@ -269,6 +269,13 @@ def capture(model_kind: str, config: Path | None, hf_config: Path | None, inputs
 
     if hf_config is not None or hf_model is not None:
         model_kind = "hf"
+    if hf_config is not None:
+        from attnscope.capture.hf_pretrained import WEIGHT_FILES
+
+        folder = hf_config if hf_config.is_dir() else hf_config.parent
+        if any((folder / f).is_file() for f in WEIGHT_FILES):
+            click.echo(f"note: --hf-config builds the model with random weights (seed {seed}); "
+                       f"{folder} holds a checkpoint: --hf-model {folder} loads it", err=True)
     if rank is None and world_size is None:
         rank, world_size = _torchrun_rank()
     if tokenizer_dir is not None:

@@ -104,6 +104,11 @@ def test_hf_config_beside_a_checkpoint_says_random_weights(tmp_path) -> None:
     _invoke("--hf-config", str(folder / "config.json"), "--batches", "1", "--batch-size", "1",
             "--seq-len", "4", "--layers", "0", "--seed", "7", "--out", str(out))  # fmt: skip
     assert f"weights: random, seed 7 (model built from {folder / 'config.json'})" in _info(out)
+    res = CliRunner().invoke(cli, ["capture", "--hf-config", str(folder), "--batches", "1",
+                                   "--batch-size", "1", "--seq-len", "4", "--layers", "0",
+                                   "--no-progress", "--out", str(tmp_path / "n.zarr")])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert f"random weights (seed 0); {folder} holds a checkpoint: --hf-model" in res.stderr
     with open_archive(out) as a:
         weights = a.metadata["capture"]["provenance"]["weights"]
     assert weights == {"source": "random", "seed": 7, "config": str(folder / "config.json")}
