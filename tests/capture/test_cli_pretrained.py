@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -234,8 +235,7 @@ def test_dataset_rows_keep_their_order_and_row_ids(tmp_path, kind) -> None:
             assert a.tokens("encoder", i)[1][masks[i]].tolist() == tok(t)["input_ids"]
 
 
-def test_encoder_decoder_targets_feed_the_decoder_shifted_right(tmp_path) -> None:
-    folder = tmp_path / "bart"
+def _bart_checkpoint(folder: Path) -> Any:
     word_tokenizer(folder, WORDS)
     tok = transformers.AutoTokenizer.from_pretrained(folder)
     cfg = transformers.BartConfig(vocab_size=len(tok), d_model=16, encoder_layers=1,
@@ -247,6 +247,12 @@ def test_encoder_decoder_targets_feed_the_decoder_shifted_right(tmp_path) -> Non
     torch.manual_seed(0)
     model = transformers.BartForConditionalGeneration(cfg).eval()
     model.save_pretrained(folder)
+    return tok
+
+
+def test_encoder_decoder_targets_feed_the_decoder_shifted_right(tmp_path) -> None:
+    folder = tmp_path / "bart"
+    tok = _bart_checkpoint(folder)
     rows = [{"src": SENTENCES[i], "tgt": SENTENCES[i + 5]} for i in range(4)]
     _jsonl(tmp_path / "t.jsonl", rows)
     out = tmp_path / "t.zarr"
@@ -268,3 +274,18 @@ def test_encoder_decoder_targets_feed_the_decoder_shifted_right(tmp_path) -> Non
             em = a.masks("encoder")[i]
             got = a["decoder/0/cross_attention"][i][:, dm][:, :, em]
             np.testing.assert_allclose(got, ref.cross_attentions[0][0].numpy(), atol=1e-5)
+
+
+def test_encoder_decoder_generates_from_dataset_rows(tmp_path) -> None:
+    folder = tmp_path / "bart"
+    _bart_checkpoint(folder)
+    _jsonl(tmp_path / "p.jsonl", [{"text": s} for s in SENTENCES[:3]])
+    out = tmp_path / "g.zarr"
+    _invoke("--hf-model", str(folder), "--inputs", str(tmp_path / "p.jsonl"), "--max-new-tokens",
+            "3", "--dtype", "float32", "--out", str(out))  # fmt: skip
+    with open_archive(out) as a:
+        assert a.n_samples == 3 and a.sample_ids[ROW_ID].tolist() == [0, 1, 2]
+        assert a["decoder/0/cross_attention"].shape[2] == 4  # start token + 3 generated
+        enc = a.masks("encoder").sum(axis=1).tolist()
+    tok = transformers.AutoTokenizer.from_pretrained(folder)
+    assert enc == [len(tok(s)["input_ids"]) for s in SENTENCES[:3]]
