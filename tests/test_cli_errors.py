@@ -216,7 +216,7 @@ def _ckpt(w: Path, weights: str = "all", tok_extra: int = 0) -> str:
         from safetensors.torch import load_file, save_file
 
         state = load_file(d / "model.safetensors")
-        save_file({k: v for k, v in state.items() if ".layer.1." not in k},
+        save_file({k: v for k, v in state.items() if ".layer.1." not in k and "pooler" not in k},
                   d / "model.safetensors", metadata={"format": "pt"})  # fmt: skip
     return str(d)
 

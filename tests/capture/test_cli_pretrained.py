@@ -289,3 +289,19 @@ def test_encoder_decoder_generates_from_dataset_rows(tmp_path) -> None:
         enc = a.masks("encoder").sum(axis=1).tolist()
     tok = transformers.AutoTokenizer.from_pretrained(folder)
     assert enc == [len(tok(s)["input_ids"]) for s in SENTENCES[:3]]
+
+
+def test_a_checkpoint_without_its_pooler_loads_and_says_so(tmp_path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "bert"
+    _bert_checkpoint(folder)
+    state = load_file(folder / "model.safetensors")
+    save_file({k: v for k, v in state.items() if not k.startswith("pooler.")},
+              folder / "model.safetensors", metadata={"format": "pt"})  # fmt: skip
+    _jsonl(tmp_path / "s.jsonl", [{"text": s} for s in SENTENCES[:2]])
+    out = tmp_path / "p.zarr"
+    _invoke("--hf-model", str(folder), "--inputs", str(tmp_path / "s.jsonl"), "--out", str(out))
+    with open_archive(out) as a:
+        weights = a.metadata["capture"]["provenance"]["weights"]
+    assert weights["uninitialised"] == ["pooler.dense.bias", "pooler.dense.weight"]

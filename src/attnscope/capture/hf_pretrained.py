@@ -6,7 +6,8 @@ sharded or not) or a hub id already in the local Hugging Face cache (``HF_HUB_CA
 whose snapshot folder is then read the same way. Nothing is downloaded. A folder without
 a config or without weights, an id that is not cached and a checkpoint that leaves some
 of the model's parameters uninitialised are each refused in one line: a capture of
-partly random weights would look like the real model's attention.
+partly random weights would look like the real model's attention. (A missing pooler,
+which no attention reads, is allowed and listed in the provenance as ``uninitialised``.)
 """
 
 from __future__ import annotations
@@ -121,6 +122,10 @@ def hf_model_pretrained(
         str(k[0]) if isinstance(k, tuple) else str(k)
         for k in loading.get("mismatched_keys") or []
     )
+    # a pooler (BERT-like models' first-token projection) feeds no attention: a checkpoint
+    # saved without one (e.g. from a masked-LM head) is still the model's attention
+    pooler = [k for k in missing if "pooler" in k.split(".")]
+    missing = [k for k in missing if k not in pooler]
     if missing:
         raise ConfigError(
             f"--hf-model {source}: {len(missing)} parameter(s) of {type(model).__name__} are "
@@ -131,6 +136,8 @@ def hf_model_pretrained(
                               "dtype": str(dtype).removeprefix("torch.")}  # fmt: skip
     if hub_id is not None:
         record["hub_id"] = hub_id
+    if pooler:
+        record["uninitialised"] = pooler  # random, and read by no attention
     mark_weights(model, record)
     return model.eval()
 
