@@ -305,3 +305,4 @@ def test_a_checkpoint_without_its_pooler_loads_and_says_so(tmp_path) -> None:
     with open_archive(out) as a:
         weights = a.metadata["capture"]["provenance"]["weights"]
     assert weights["uninitialised"] == ["pooler.dense.bias", "pooler.dense.weight"]
+    assert "random (not in the checkpoint, read by no attention): ['pooler" in _info(out)

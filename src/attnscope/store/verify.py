@@ -463,7 +463,9 @@ def weights_line(w: dict[str, Any] | None) -> str:
     if w.get("source") == "pretrained":
         hub = f" (hub id {w['hub_id']}, local cache)" if w.get("hub_id") else ""
         dtype = f", loaded as {w['dtype']}" if w.get("dtype") else ""
-        return f"pretrained from {w.get('from')}{hub}{dtype}"
+        rand = w.get("uninitialised")
+        rand = f"; random (not in the checkpoint, read by no attention): {rand}" if rand else ""
+        return f"pretrained from {w.get('from')}{hub}{dtype}{rand}"
     if w.get("source") == "random":
         cfg = f" (model built from {w['config']})" if w.get("config") else ""
         return f"random, seed {w.get('seed')}{cfg}"
