@@ -248,7 +248,7 @@ def capture(model_kind: str, config: Path | None, hf_config: Path | None, inputs
 
     Example: attnscope capture --config model.json --batches 16 --batch-size 8 --out run.zarr
 
-    Generation: attnscope capture --hf-config gpt2.json --max-new-tokens 16 --out gen.zarr
+    Generation: attnscope capture --hf-model gpt2/ --inputs p.jsonl --max-new-tokens 16 --out g.zarr
 
     Checkpoint: attnscope capture --hf-model minilm/ --inputs s.jsonl --dtype float32 --out s.zarr
 
