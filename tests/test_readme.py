@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import re
+import runpy
 import shlex
 import shutil
 import subprocess
@@ -57,8 +60,9 @@ def test_readme_row_policies_parse() -> None:
         assert RowPolicy.parse(spec) is not None, spec
 
 
-def _run(line: str) -> str:
-    """One README command: ``attnscope ...`` in process, anything else as a program."""
+def _run(line: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """One README command: ``attnscope ...`` and ``python script.py ...`` in process (no
+    second interpreter importing torch), anything else as a program."""
     from attnscope.cli import cli
 
     argv = shlex.split(line)
@@ -67,9 +71,13 @@ def _run(line: str) -> str:
         assert res.exit_code == 0, f"{line}\n{res.output}"
         return res.output
     if argv[0] == "python":
-        exe = sys.executable
-    else:  # a console script of the environment running the tests
-        exe = shutil.which(argv[0]) or str(Path(sys.executable).parent / argv[0])
+        out = io.StringIO()
+        monkeypatch.setattr(sys, "argv", argv[1:])
+        with contextlib.redirect_stdout(out):
+            runpy.run_path(argv[1], run_name="__main__")
+        return out.getvalue()
+    # a console script of the environment running the tests
+    exe = shutil.which(argv[0]) or str(Path(sys.executable).parent / argv[0])
     res = subprocess.run([exe, *argv[1:]], capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, f"{line}\n{res.stdout}\n{res.stderr}"
     return res.stdout
@@ -92,7 +100,7 @@ def test_readme_examples_run_as_pasted(tmp_path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
     blocks = bash_blocks("Examples")
     assert len(blocks) == 2
-    out = {line: _run(line) for block in blocks for line in block.strip().splitlines()}
+    out = {line: _run(line, monkeypatch) for block in blocks for line in block.strip().splitlines()}
     with open_archive(tmp_path / "run.zarr") as a:
         assert a.n_samples == 32 and list(a["encoder/0/self_attention"].heads) == [0, 3]
     assert list((tmp_path / "figs").rglob("*.png"))
