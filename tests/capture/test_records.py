@@ -25,7 +25,8 @@ def test_csv_and_parquet_read_named_columns(tmp_path) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    (tmp_path / "s.csv").write_text('id,body\n7,"hello, world"\n8,second\n')
+    (tmp_path / "s.csv").write_text('\ufeffid,body\n7,"hello, world"\n8,second\n')  # Excel BOM
+    assert load_records(tmp_path / "s.csv", "id").texts == ["7", "8"]
     rec = load_records(tmp_path / "s.csv", "body")
     assert rec.texts == ["hello, world", "second"] and rec.rows.tolist() == [0, 1]
     pq.write_table(pa.table({"body": ["b", "a"], "n": [1, 2]}), tmp_path / "s.parquet")

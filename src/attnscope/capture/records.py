@@ -164,7 +164,7 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
 
 def _csv_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     try:
-        with path.open(encoding="utf-8", newline="") as f:
+        with path.open(encoding="utf-8-sig", newline="") as f:  # a BOM is no field name
             reader = csv.DictReader(f)
             for no, row in enumerate(reader):
                 # a row with fewer cells than the header: its missing cells are not text
