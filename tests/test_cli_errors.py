@@ -199,6 +199,42 @@ def _hf_inputs(w: Path, name: str, *extra: str, text: str | None = None,
             "--batch-size", "2", "--out", str(w / "hf.zarr"), "--no-progress", *extra]
 
 
+def _ckpt(w: Path, weights: str = "all", tok_extra: int = 0) -> str:
+    """A random HF_BERT saved with save_pretrained (``weights``: "all", "none" (config
+    only), "partial" (layer 1 left out)), with the WordPiece tokenizer of ``_tok_dir``."""
+    import shutil
+
+    import transformers
+
+    d = w / f"ckpt-{weights}-{tok_extra}"
+    transformers.BertModel(transformers.BertConfig(**HF_BERT)).save_pretrained(d)
+    for f in Path(_tok_dir(w, tok_extra)).iterdir():
+        shutil.copy(f, d / f.name)
+    if weights == "none":
+        (d / "model.safetensors").unlink()
+    elif weights == "partial":
+        from safetensors.torch import load_file, save_file
+
+        state = load_file(d / "model.safetensors")
+        save_file({k: v for k, v in state.items() if ".layer.1." not in k and "pooler" not in k},
+                  d / "model.safetensors", metadata={"format": "pt"})  # fmt: skip
+    return str(d)
+
+
+def _rows(w: Path, name: str, *extra: str, text: str = '{"text": "the cat sat"}\n',
+          ckpt: str | None = None) -> list[str]:
+    """``capture --hf-model`` on a rows-of-text file written here."""
+    if name.endswith(".parquet"):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.table({"text": [1, 2], "body": ["the cat", "sat"]}), w / name)
+    else:
+        (w / name).write_text(text)
+    return ["capture", "--hf-model", ckpt or _ckpt(w), "--inputs", str(w / name),
+            "--batch-size", "2", "--out", str(w / "hf.zarr"), "--no-progress", *extra]
+
+
 def _ids(n: int = 2, length: int = 6) -> np.ndarray:
     return np.arange(n * length).reshape(n, length) % 50 + 5
 
@@ -289,6 +325,32 @@ CASES: dict[str, Callable[[Path], list[str]]] = {
         w, "s.jsonl", "--tokenizer", _dir(w)),
     "capture tokenizer larger than the model vocab": lambda w: _hf_inputs(
         w, "s.jsonl", "--tokenizer", _tok_dir(w, 80)),
+    # capture --hf-model (a checkpoint, offline) on rows of a dataset file: nothing written
+    "capture checkpoint folder without weights": lambda w: _rows(
+        w, "s.jsonl", ckpt=_ckpt(w, "none")),
+    "capture checkpoint folder without config": lambda w: _rows(w, "s.jsonl", ckpt=_dir(w)),
+    "capture checkpoint weights partly missing": lambda w: _rows(
+        w, "s.jsonl", ckpt=_ckpt(w, "partial")),
+    "capture checkpoint hub id not cached": lambda w: _rows(
+        w, "s.jsonl", ckpt="attnscope-no-such-org/no-such-model"),
+    "capture checkpoint tokenizer larger than its vocab": lambda w: _rows(
+        w, "s.jsonl", ckpt=_ckpt(w, tok_extra=80)),
+    "capture checkpoint and --hf-config both": lambda w: _rows(
+        w, "s.jsonl", "--hf-config", _json(w / "hf.json", HF_BERT)),
+    "capture checkpoint --torch-dtype without it": lambda w: _hf_inputs(
+        w, "s.jsonl", "--torch-dtype", "float16"),
+    "capture checkpoint --target-field on an encoder": lambda w: _rows(
+        w, "s.jsonl", "--target-field", "text"),
+    "capture dataset unknown text field": lambda w: _rows(w, "s.jsonl", "--text-field", "body"),
+    "capture dataset empty jsonl": lambda w: _rows(w, "s.jsonl", text=""),
+    "capture dataset jsonl line not json": lambda w: _rows(
+        w, "s.jsonl", text='{"text": "the cat"}\nthe cat sat\n'),
+    "capture dataset field not text": lambda w: _rows(
+        w, "s.jsonl", text='{"text": "the cat"}\n{"text": 5}\n'),
+    "capture dataset csv unknown field": lambda w: _rows(
+        w, "s.csv", "--text-field", "body", text="text,label\nthe cat,1\n"),
+    "capture dataset parquet column not text": lambda w: _rows(w, "s.parquet"),
+    "capture dataset unknown suffix": lambda w: _rows(w, "s.tsv", text="the cat\n"),
     "capture npz mask shape unlike input_ids": lambda w: _hf_inputs(
         w, "m.npz", arrays={"input_ids": _ids(), "attention_mask": np.ones((2, 5), int)}),
     "capture npz mask not 0/1": lambda w: _hf_inputs(
@@ -409,6 +471,19 @@ def test_bad_input_is_refused_in_one_line(world: Path, tmp_path: Path, case: str
     after = _snapshot(w)
     changed = [p for p, digest in before.items() if after.get(p) != digest]
     assert not changed, f"{case}: changed or removed files that existed before: {changed}"
+
+
+@pytest.mark.parametrize("case", sorted(c for c in CASES if c.startswith(
+    ("capture checkpoint", "capture dataset"))))  # fmt: skip
+def test_refused_checkpoint_and_dataset_captures_write_nothing(
+    world: Path, tmp_path: Path, case: str
+) -> None:
+    w = tmp_path / "w"
+    shutil.copytree(world, w)
+    args = CASES[case](w)
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code == 1, res.output
+    assert not (w / "hf.zarr").exists(), case
 
 
 def test_the_table_is_large() -> None:

@@ -2,7 +2,8 @@
 
 The core install (``pip install attnscope``: store, analysis, render, CLI) needs no torch
 and no Dask; capture needs ``attnscope[capture]``, Hugging Face models ``attnscope[hf]``,
-Dask clusters and xarray/dask views ``attnscope[dask]``, archives on S3 ``attnscope[s3]``.
+Dask clusters and xarray/dask views ``attnscope[dask]``, archives on S3 ``attnscope[s3]``,
+saved Hugging Face ``datasets`` folders as capture inputs ``attnscope[datasets]``.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ EXTRA_OF = {
     "xarray": "dask",
     "fsspec": "s3",
     "s3fs": "s3",
+    "datasets": "datasets",
 }
 
 

@@ -161,20 +161,38 @@ def demo(out: Path, fmt: str | None, batches: int, batch_size: int, seed: int,
 
 @cli.command()
 @click.option("--model", "model_kind", type=click.Choice(["reference", "hf"]), default="reference",
-              show_default=True, help="Built-in reference model or a Hugging Face config.")
+              show_default=True, help="Built-in reference model or a Hugging Face model "
+                                      "(implied by --hf-model / --hf-config).")
+@click.option("--hf-model", default=None, metavar="PATH_OR_ID",
+              help="Pretrained Hugging Face checkpoint: a folder written by save_pretrained "
+                   "or a hub id in the local HF cache; loaded offline, never downloaded. Its "
+                   "own tokenizer is used unless --tokenizer is given.")
+@click.option("--torch-dtype", type=click.Choice(["float32", "bfloat16", "float16"]),
+              default=None, help="With --hf-model: dtype the weights are loaded and run in "
+                                 "(default float32).")
 @click.option("--config", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Reference model config JSON (TransformerConfig fields; optional "
                    "'enc_modalities'/'dec_modalities' token counts).")
 @click.option("--hf-config", type=click.Path(exists=True, path_type=Path),
-              help="Hugging Face config.json (or its folder); random weights, no download.")
-@click.option("--inputs", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Hugging Face config.json (or its folder): RANDOM weights (seeded by "
+                   "--seed), even if a checkpoint sits beside it; no download. For the "
+                   "trained weights use --hf-model.")
+@click.option("--inputs", type=click.Path(exists=True, path_type=Path),
               help="Inputs .npz ('enc/<modality>', 'dec/<modality>' arrays (N, n, D); for HF "
                    "'input_ids' etc., with 'attention_mask' or 'lengths' for padded rows) or "
-                   ".pt (same keys, loaded with weights_only=True); for HF with --tokenizer "
-                   "also .jsonl ({\"text\": ...} per line) or .txt (a sentence per line).")
+                   ".pt (same keys, loaded with weights_only=True); for HF also rows of text: "
+                   ".jsonl, .csv, .parquet (--text-field), .txt (a sentence per line) or a "
+                   "folder saved by datasets' save_to_disk. Samples keep the file's order and "
+                   "their row ids (sample id 'row').")
+@click.option("--text-field", default=None,
+              help="Field (column) of each row holding its text (default: text).")
+@click.option("--target-field", default=None,
+              help="Encoder-decoder: field holding each row's target, fed to the decoder "
+                   "(shifted right, as in training).")
 @click.option("--tokenizer", "tokenizer_dir", type=click.Path(exists=True, path_type=Path),
-              help="Local Hugging Face tokenizer folder: tokenizes .jsonl/.txt inputs "
-                   "(padding='longest' per batch) and stores every sample's tokens.")
+              help="Local Hugging Face tokenizer folder (default with --hf-model: the "
+                   "checkpoint's own): tokenizes rows of text (padding='longest' per batch) "
+                   "and stores every sample's tokens.")
 @click.option("--max-length", type=int, default=None,
               help="Maximum tokens per sample of a ragged archive (batches of different "
                    "lengths); also truncates .jsonl/.txt sentences. Default: the longest "
@@ -232,32 +250,55 @@ def capture(model_kind: str, config: Path | None, hf_config: Path | None, inputs
             max_new_tokens: int | None, do_sample: bool, progress: bool,
             tokenizer_dir: Path | None = None, max_length: int | None = None,
             dry_run: bool = False, query_block: int | None = None,
-            rows: tuple[str, ...] = (), compressor: str | None = None,
+            rows: tuple[str, ...] = (), hf_model: str | None = None,
+            torch_dtype: str | None = None, text_field: str | None = None,
+            target_field: str | None = None, compressor: str | None = None,
             level: int | None = None, workers: int | None = None,
             inflight_mb: float | None = None) -> None:
     """Run a model over batches and stream its attention into an archive.
 
     Example: attnscope capture --config model.json --batches 16 --batch-size 8 --out run.zarr
 
-    Generation: attnscope capture --hf-config gpt2.json --max-new-tokens 16 --out gen.zarr
+    Generation: attnscope capture --hf-model gpt2/ --inputs p.jsonl --max-new-tokens 16 --out g.zarr
 
-    Sentences: attnscope capture --hf-config bert/ --tokenizer bert/ --inputs s.jsonl --out s.zarr
+    Checkpoint: attnscope capture --hf-model minilm/ --inputs s.jsonl --dtype float32 --out s.zarr
+
+    Dataset: attnscope capture --hf-model t5/ --inputs d.parquet --text-field src
+    --target-field tgt --out d.zarr
 
     Dry run: attnscope capture --config model.json --batches 1000 --out run.zarr --dry-run
 
     Rows: attnscope capture --config model.json --rows decoder:last --out last.zarr
     """
-    from attnscope.capture.cli_support import build_job, generate_options, load_tokenizer
+    from attnscope.capture.cli_support import (
+        build_job,
+        generate_options,
+        load_tokenizer,
+        model_tokenizer,
+        row_ids,
+    )
 
-    if hf_config is not None:
+    if hf_config is not None or hf_model is not None:
         model_kind = "hf"
+    if hf_config is not None:
+        from attnscope.capture.hf_pretrained import WEIGHT_FILES
+
+        folder = hf_config if hf_config.is_dir() else hf_config.parent
+        if any((folder / f).is_file() for f in WEIGHT_FILES):
+            click.echo(f"note: --hf-config builds the model with random weights (seed {seed}); "
+                       f"{folder} holds a checkpoint: --hf-model {folder} loads it", err=True)
     if rank is None and world_size is None:
         rank, world_size = _torchrun_rank()
-    tokenizer = None if tokenizer_dir is None else load_tokenizer(tokenizer_dir)
+    if tokenizer_dir is not None:
+        tokenizer = load_tokenizer(tokenizer_dir)
+    else:
+        tokenizer = None if hf_model is None else model_tokenizer(hf_model)
     model, source = build_job(model_kind, config=config, hf_config=hf_config, inputs=inputs,
                               n_batches=batches, batch_size=batch_size, seq_len=seq_len,
                               seed=seed, generate=max_new_tokens is not None,
-                              tokenizer=tokenizer, max_length=max_length)
+                              tokenizer=tokenizer, max_length=max_length, hf_model=hf_model,
+                              torch_dtype=torch_dtype, text_field=text_field,
+                              target_field=target_field)
     generate = generate_options(max_new_tokens, do_sample, seed)
     from attnscope.capture.job import capture as run_capture
 
@@ -270,8 +311,9 @@ def capture(model_kind: str, config: Path | None, hf_config: Path | None, inputs
                           progress=progress, topk=topk, overwrite=overwrite, rank=rank,
                           world_size=world_size, generate=generate, tokenizer=tokenizer,
                           max_length=max_length, dry_run=dry_run, query_block=query_block,
-                          rows=list(rows) or None, compressor=compressor, level=level,
-                          workers=workers, inflight_mb=inflight_mb)
+                          rows=list(rows) or None,
+                          sample_ids=row_ids(source, world_size), compressor=compressor,
+                          level=level, workers=workers, inflight_mb=inflight_mb)
     if dry_run:
         click.echo(summary.format())
         return

@@ -20,6 +20,7 @@ __all__ = [
     "SAMPLE_IDS",
     "EPISODE_ID",
     "STEP_ID",
+    "ROW_ID",
     "GROUP_KINDS",
     "TOKENS",
     "FRAMES",
@@ -76,6 +77,8 @@ SAMPLE_IDS = "_sample_ids"
 #: {EPISODE_ID: (B,), STEP_ID: (B,)})``); episode timelines need both
 EPISODE_ID = "episode"
 STEP_ID = "step"
+#: sample-id key of a sample read from a dataset file: its row id in that file
+ROW_ID = "row"
 #: kinds of typed token groups in a layout (``store.layout.TokenGroup``); untyped is None
 GROUP_KINDS = ("text", "image", "state", "action", "trajectory")
 #: per-sample token data of one side lives under f"{TOKENS}/{side}/..." (docs/archive-format.md)

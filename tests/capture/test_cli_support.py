@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from attnscope.capture.cli_support import build_job, hf_model_from_config, load_inputs
+from attnscope.capture.cli_support import build_job, hf_model_from_config, load_inputs, row_ids
+from attnscope.capture.hf_inputs import RowBatches
+from attnscope.contracts import ROW_ID
 from attnscope.errors import ConfigError, InputError
 
 MODEL = {
@@ -124,3 +126,17 @@ def test_pt_dict_of_tensors_loads(tmp_path) -> None:
                tmp_path / "ok.pt")  # fmt: skip
     got = load_inputs(tmp_path / "ok.pt")
     assert sorted(got) == ["dec/a", "enc/text"] and got["enc/text"].shape == (2, 3, 4)
+
+
+def _rows(ids: list[int]) -> RowBatches:
+    out = RowBatches()
+    out.sample_ids = {ROW_ID: np.asarray(ids)}
+    return out
+
+
+def test_row_ids_go_to_capture_except_in_multi_process() -> None:
+    assert row_ids([{"input_ids": torch.zeros(1, 2)}]) is None  # not rows of a file
+    assert row_ids(_rows([0, 2, 3]))[ROW_ID].tolist() == [0, 2, 3]
+    assert row_ids(_rows([0, 1, 2]), world_size=2) is None  # positions are the row ids
+    with pytest.raises(ConfigError, match="skip rows"):
+        row_ids(_rows([0, 2, 3]), world_size=2)

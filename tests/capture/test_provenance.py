@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from attnscope.capture import capture
-from attnscope.capture.provenance import git_state, input_digest
+from attnscope.capture.provenance import git_state, input_digest, mark_weights
 from attnscope.contracts import EPISODE_ID, STEP_ID, TABLE_COLUMNS
 from attnscope.store import open_archive
 from attnscope.store.meta import input_hashes
@@ -45,6 +45,29 @@ def test_archive_records_model_code_and_inputs(tmp_path, small_model, make_batch
     assert "input hashes (3 batches)" in text and want[1][:19] in text
     assert "attention explicit softmax; over one block: sdpa output, weights recomputed in " \
         "query blocks: encoder/0/self_attention" in text
+    assert p["weights"] is None  # a model given to capture() is not marked
+    assert "weights: not recorded" in text
+
+
+@pytest.mark.parametrize(
+    ("record", "line"),
+    [
+        ({"source": "pretrained", "from": "/m/minilm", "dtype": "bfloat16"},
+         "weights: pretrained from /m/minilm, loaded as bfloat16"),
+        ({"source": "pretrained", "from": "/c/snap", "hub_id": "acme/m"},
+         "weights: pretrained from /c/snap (hub id acme/m, local cache)"),
+        ({"source": "random", "seed": 3}, "weights: random, seed 3"),
+    ],
+)
+def test_marked_weights_are_in_the_archive_and_info(tmp_path, small_model, make_batches,
+                                                    record, line) -> None:  # fmt: skip
+    mark_weights(small_model, record)
+    capture(small_model, make_batches(1, 2), tmp_path / "w.zarr", layers=[0], progress=False)
+    with open_archive(tmp_path / "w.zarr") as a:
+        assert a.metadata["capture"]["provenance"]["weights"] == record
+    assert f"  {line}" in format_info(info(str(tmp_path / "w.zarr"))).splitlines()
+    with pytest.raises(ValueError, match="pretrained/random"):
+        mark_weights(small_model, {"source": "guessed"})
 
 
 def test_input_digest_sees_every_byte_and_key():

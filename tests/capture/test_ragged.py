@@ -285,3 +285,56 @@ def test_lock_only_folder_resumes_as_an_empty_archive(tmp_path) -> None:
     batch = {"input_ids": torch.randint(3, 50, (2, 5))}
     summary = capture(model, [batch], tmp_path / "e.zarr", resume=True, progress=False)
     assert summary.committed == 2
+
+
+def _ids_batch(g: torch.Generator, length: int) -> dict:
+    ids = torch.randint(3, 100, (2, length), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, length - 2 :] = 0  # sample 1 padded
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def test_a_generator_takes_the_models_maximum_positions(tmp_path) -> None:
+    """Batches that cannot be read ahead: the archive holds the model's 40 positions, so a
+    later, longer batch fits; every real cell is the model's own attention."""
+    model = make("distilbert")
+    g = torch.Generator().manual_seed(0)
+    batches = [_ids_batch(g, 5), _ids_batch(g, 11)]
+    capture(model, (b for b in batches), tmp_path / "g.zarr", dtype="float32", progress=False)
+    model.set_attn_implementation("eager")
+    with open_archive(tmp_path / "g.zarr") as a:
+        assert a.metadata["max_lengths"] == {"encoder": 40}  # max_position_embeddings
+        assert a.n_samples == 4
+        masks = a.masks("encoder")
+        for bi, b in enumerate(batches):
+            with torch.inference_mode():
+                own = model(**b, output_attentions=True).attentions
+            for j in range(2):
+                m = masks[2 * bi + j]
+                assert m.sum() == b["attention_mask"][j].sum()
+                for layer, want in enumerate(own):
+                    got = a[f"encoder/{layer}/self_attention"][2 * bi + j][:, m][:, :, m]
+                    real = b["attention_mask"][j].bool()
+                    ref = want[j][:, real][:, :, real].numpy()
+                    np.testing.assert_allclose(got, ref, atol=1e-6)
+
+
+class _Tok:
+    """The part of a tokenizer capture reads, with a maximum below the model's."""
+
+    model_max_length = 8
+
+    def convert_ids_to_tokens(self, ids):
+        return [f"t{i}" for i in ids]
+
+
+def test_a_generator_batch_longer_than_the_tokenizers_maximum_is_refused(tmp_path) -> None:
+    model = make("distilbert")
+    g = torch.Generator().manual_seed(0)
+    batches = [_ids_batch(g, 5), _ids_batch(g, 11)]
+    with pytest.raises(ShapeError) as e:
+        capture(model, iter(batches), tmp_path / "t.zarr", tokenizer=_Tok(), progress=False)
+    assert "batch 1 has 11 encoder tokens, more than the archive's maximum of 8" in str(e.value)
+    assert "the tokenizer's model_max_length 8" in str(e.value)
+    with open_archive(tmp_path / "t.zarr") as a:
+        assert a.n_samples == 2  # the batch before it stays committed

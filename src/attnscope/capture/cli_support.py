@@ -1,4 +1,4 @@
-"""Build a model and a batch source from CLI options (reference model or HF config)."""
+"""Build a model and a batch source from CLI options (reference model, HF config or checkpoint)."""
 
 from __future__ import annotations
 
@@ -15,20 +15,22 @@ import torch
 
 from attnscope._extras import require
 from attnscope.capture.hf import DECODER_ONLY_TYPES
-from attnscope.capture.hf_inputs import (
-    TEXT_SUFFIXES,
-    array_batches,
-    load_texts,
-    load_tokenizer,
-    text_batches,
-)
+from attnscope.capture.hf_inputs import array_batches, check_tokenizer, load_tokenizer, text_batches
+from attnscope.capture.hf_pretrained import hf_model_pretrained, model_folder
 from attnscope.capture.model import Transformer
+from attnscope.capture.provenance import mark_weights
+from attnscope.capture.records import is_records, load_records
 from attnscope.capture.synthetic import GUIDE_DEC, GUIDE_ENC, guide_model_config, synthetic_batches
 from attnscope.errors import ConfigError, InputError
 
 __all__ = [
     "build_job", "load_inputs", "hf_model_from_config", "generate_options", "load_tokenizer",
+    "model_tokenizer", "row_ids",
 ]  # fmt: skip
+
+# files of a tokenizer saved beside a checkpoint (save_pretrained)
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json",
+                    "spiece.model", "tokenizer.model")  # fmt: skip
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -93,8 +95,8 @@ def load_inputs(path: Path) -> dict[str, np.ndarray]:
         walk("", obj)
         return _checked(path, flat)
     raise InputError(
-        f"inputs file {path} must end in .npz or .pt (or, for Hugging Face models with "
-        f"--tokenizer, .jsonl / .txt), got {path.suffix!r}"
+        f"inputs file {path} must end in .npz or .pt (or, for Hugging Face models, rows of "
+        f"text: .jsonl, .csv, .parquet, .txt or a saved datasets folder), got {path.suffix!r}"
     )
 
 
@@ -180,6 +182,8 @@ def _reference(
         cfg.update(raw)
     torch.manual_seed(seed)
     model = Transformer.from_config(cfg).eval()
+    mark_weights(model, {"source": "random", "seed": seed,
+                         **({"config": str(config)} if config is not None else {})})  # fmt: skip
     if inputs is None:
         d = model.config.embed_dim
         return model, _Batches(
@@ -210,6 +214,10 @@ def _reference(
 def hf_model_from_config(path: Path, seed: int = 0, generate: bool = False) -> torch.nn.Module:
     """A Hugging Face model with random weights from a local ``config.json`` (no download).
 
+    The weights are drawn after ``torch.manual_seed(seed)`` and the model is marked
+    ``random, seed N`` in the archive's provenance (even if checkpoint weights sit beside
+    the config: ``--hf-model`` loads those).
+
     ``generate``: a decoder-only model type gets its language-model head
     (``AutoModelForCausalLM``), which generation needs.
     """
@@ -239,10 +247,12 @@ def hf_model_from_config(path: Path, seed: int = 0, generate: bool = False) -> t
             cls = transformers.AutoModelForCausalLM
         else:
             cls = transformers.AutoModel
-        return cls.from_config(cfg, attn_implementation="eager").eval()
+        model = cls.from_config(cfg, attn_implementation="eager").eval()
     except Exception as e:  # noqa: BLE001 - transformers raises many types on a bad config
         msg = " ".join(str(e).split())
         raise ConfigError(f"cannot build a {model_type} model from {cfg_file}: {msg}") from e
+    mark_weights(model, {"source": "random", "seed": seed, "config": str(cfg_file)})
+    return model
 
 
 def _check_hf_types(cfg_file: Path, raw: dict[str, Any], defaults: Any) -> None:
@@ -268,8 +278,16 @@ def _check_hf_types(cfg_file: Path, raw: dict[str, Any], defaults: Any) -> None:
             )
 
 
+def model_tokenizer(hf_model: str) -> Any:
+    """The tokenizer saved beside the checkpoint ``--hf-model`` names; None if it has none."""
+    folder, _ = model_folder(hf_model)
+    if not any((folder / f).is_file() for f in _TOKENIZER_FILES):
+        return None
+    return load_tokenizer(folder)
+
+
 def _hf(
-    hf_config: Path,
+    model: torch.nn.Module,
     inputs: Path | None,
     n_batches: int,
     batch_size: int,
@@ -278,33 +296,51 @@ def _hf(
     generate: bool = False,
     tokenizer: Any = None,
     max_length: int | None = None,
-) -> tuple[torch.nn.Module, Iterable[Any]]:
-    model = hf_model_from_config(hf_config, seed, generate)
+    text_field: str | None = None,
+    target_field: str | None = None,
+) -> Iterable[Any]:
+    enc_dec = bool(model.config.is_encoder_decoder)
     # decoder-only generation continues after each prompt's last token: pad on the left
-    left_pad = generate and not model.config.is_encoder_decoder
-    if inputs is not None and Path(inputs).suffix in TEXT_SUFFIXES:
+    left_pad = generate and not enc_dec
+    if tokenizer is not None:
+        check_tokenizer(tokenizer, model)
+    if target_field is not None and (not enc_dec or generate):
+        raise ConfigError(
+            f"--target-field {target_field}: targets are an encoder-decoder's decoder inputs "
+            + ("and --max-new-tokens generates them; drop one of the two" if enc_dec else
+               f"but {type(model).__name__} is not an encoder-decoder; drop --target-field")
+        )
+    if inputs is not None and is_records(inputs):
         if tokenizer is None:
             raise ConfigError(
-                f"--inputs {inputs} holds sentences: pass --tokenizer DIR (a local tokenizer "
-                "folder) to turn them into token ids"
+                f"--inputs {inputs} holds sentences and the model comes with no tokenizer: "
+                "pass --tokenizer DIR (a local tokenizer folder) to turn them into token ids"
             )
-        texts = load_texts(inputs)
-        return model, text_batches(
-            texts, tokenizer, model, batch_size, max_length=max_length, left_pad=left_pad
-        )
+        if enc_dec and not generate and target_field is None:
+            raise ConfigError(
+                f"{type(model).__name__} is an encoder-decoder: its decoder needs inputs; "
+                "pass --target-field FIELD (the targets of each row) or --max-new-tokens N"
+            )
+        rec = load_records(inputs, text_field, target_field)
+        return text_batches(rec.texts, tokenizer, model, batch_size, max_length=max_length,
+                            left_pad=left_pad, targets=rec.targets, rows=rec.rows)  # fmt: skip
+    if text_field is not None or target_field is not None:
+        raise ConfigError("--text-field/--target-field name a field of rows of text (--inputs "
+                          ".jsonl, .csv, .parquet or a saved datasets folder)")  # fmt: skip
     if inputs is not None:
-        return model, array_batches(load_inputs(inputs), inputs, batch_size, left_pad=left_pad)
+        return array_batches(load_inputs(inputs), inputs, batch_size, left_pad=left_pad)
     vocab = int(getattr(model.config, "vocab_size", 1000))
 
     def make_synth() -> Iterator[Any]:
         g = torch.Generator().manual_seed(seed)
         for _ in range(n_batches):
             b = {"input_ids": torch.randint(0, vocab, (batch_size, seq_len), generator=g)}
-            if model.config.is_encoder_decoder and not generate:  # generate starts the decoder
+            if enc_dec and not generate:  # generate starts the decoder
                 b["decoder_input_ids"] = torch.randint(0, vocab, (batch_size, seq_len), generator=g)
             yield b
 
-    return model, _Batches(make_synth, n_batches)
+    # a list: read ahead for the archive's maximum (the batches are small token ids)
+    return list(make_synth())
 
 
 def build_job(
@@ -320,31 +356,74 @@ def build_job(
     generate: bool = False,
     tokenizer: Any = None,
     max_length: int | None = None,
+    hf_model: str | None = None,
+    torch_dtype: str | None = None,
+    text_field: str | None = None,
+    target_field: str | None = None,
 ) -> tuple[torch.nn.Module, Iterable[Any]]:
     """(model, re-iterable batches) for ``attnscope capture``.
 
+    ``hf_model``: a checkpoint folder or cached hub id (pretrained weights, loaded in
+    ``torch_dtype``); ``hf_config``: a config (random weights, seeded with ``seed``).
     ``generate``: the batches are prompts (no synthetic ``decoder_input_ids``).
-    ``tokenizer``: turns ``.jsonl`` / ``.txt`` sentences into batches (HF models only);
-    ``max_length`` truncates those sentences (``--max-length``).
+    ``tokenizer``: turns rows of text (``.jsonl``, ``.csv``, ``.parquet``, ``.txt``, a
+    saved ``datasets`` folder; ``text_field`` / ``target_field``) into batches, in file
+    order, whose ``sample_ids`` hold each row's id; ``max_length`` truncates them.
     """
     if n_batches < 1 or batch_size < 1:
         raise ConfigError(f"--batches and --batch-size must be >= 1, got {n_batches}, {batch_size}")
-    if kind == "hf":
-        if hf_config is None:
-            raise ConfigError("--model hf needs --hf-config PATH")
-        return _hf(hf_config, inputs, n_batches, batch_size, seq_len, seed, generate,
-                   tokenizer, max_length)  # fmt: skip
+    if hf_model is not None and (hf_config is not None or config is not None):
+        other = "--hf-config" if hf_config is not None else "--config"
+        raise ConfigError(
+            f"--hf-model and {other} both name a model; expected one (--hf-model: pretrained "
+            "weights, --hf-config: random weights from a config)"
+        )
+    if torch_dtype is not None and hf_model is None:
+        raise ConfigError("--torch-dtype loads a checkpoint's weights in that dtype; it needs "
+                          "--hf-model PATH_OR_ID")  # fmt: skip
+    if kind == "hf" or hf_model is not None:
+        if hf_model is not None:
+            model = hf_model_pretrained(hf_model, torch_dtype=torch_dtype, generate=generate)
+        elif hf_config is None:
+            raise ConfigError("--model hf needs --hf-model PATH_OR_ID or --hf-config PATH")
+        else:
+            model = hf_model_from_config(hf_config, seed, generate)
+        return model, _hf(model, inputs, n_batches, batch_size, seq_len, seed, generate,
+                          tokenizer, max_length, text_field, target_field)  # fmt: skip
     if tokenizer is not None:
         raise ConfigError(
-            "--tokenizer is for Hugging Face models (--hf-config); the reference model "
-            "takes modality arrays (--inputs .npz with 'enc/<modality>', 'dec/<modality>')"
+            "--tokenizer is for Hugging Face models (--hf-model, --hf-config); the reference "
+            "model takes modality arrays (--inputs .npz with 'enc/<modality>', 'dec/<modality>')"
         )
-    if inputs is not None and Path(inputs).suffix in TEXT_SUFFIXES:
+    if inputs is not None and is_records(inputs):
         raise InputError(
             f"--inputs {inputs} holds sentences, which need a Hugging Face model "
-            "(--hf-config) and --tokenizer DIR; the reference model takes .npz / .pt arrays"
+            "(--hf-model, or --hf-config with --tokenizer DIR); the reference model takes "
+            ".npz / .pt arrays"
         )
+    if text_field is not None or target_field is not None:
+        raise ConfigError("--text-field/--target-field name fields of rows of text, for a "
+                          "Hugging Face model (--hf-model, --hf-config)")  # fmt: skip
     return _reference(config, inputs, n_batches, batch_size, seed)
+
+
+def row_ids(source: Iterable[Any], world_size: int | None = None) -> dict[str, np.ndarray] | None:
+    """``capture(sample_ids=...)`` of a batch source read from rows of text: each sample's
+    row id in its file; None for other sources.
+
+    Multi-process capture stores no sample ids yet; there a sample's position is its row
+    id as long as no row was skipped (blank ``.jsonl`` / ``.txt`` lines), else it is refused.
+    """
+    ids = getattr(source, "sample_ids", None)
+    if ids is None or not world_size or world_size <= 1:
+        return ids
+    rows = next(iter(ids.values()))
+    if not np.array_equal(rows, np.arange(len(rows))):
+        raise ConfigError(
+            "multi-process capture stores no row ids yet, and these inputs skip rows (blank "
+            "lines), so a sample's position would not be its row; remove the blank lines"
+        )
+    return None
 
 
 def generate_options(max_new_tokens: int | None, do_sample: bool, seed: int) -> dict | None:

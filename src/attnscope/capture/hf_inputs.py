@@ -8,10 +8,13 @@
   they are. Columns that are padding in every row of a batch are cut from the end of
   that batch, so each batch keeps its own length (exact: a trailing pad token changes
   no real token's attention).
-* ``.jsonl`` (one ``{"text": "..."}`` object per line) or ``.txt`` (one sentence per
-  line; blank lines are skipped), tokenized with ``--tokenizer DIR`` per batch of
-  ``--batch-size`` sentences with ``padding="longest"`` (and ``truncation`` to
-  ``--max-length`` when given).
+* rows of text (:mod:`attnscope.capture.records`: ``.jsonl``, ``.csv``, ``.parquet``,
+  ``.txt`` or a saved ``datasets`` folder, ``--text-field`` / ``--target-field``),
+  tokenized with the model's tokenizer (or ``--tokenizer DIR``) per batch of
+  ``--batch-size`` rows in file order with ``padding="longest"`` (and ``truncation`` to
+  ``--max-length`` when given). Encoder-decoder targets become the decoder's inputs
+  (shifted right, as in training). Each sample's row id goes with it (sample id
+  ``row``).
 
 Everything is read before the model runs, and the batches are a list, so capture takes
 the archive's maximum length from the longest batch.
@@ -20,7 +23,6 @@ the archive's maximum length from the longest batch.
 from __future__ import annotations
 
 import inspect
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -29,11 +31,11 @@ import numpy as np
 import torch
 
 from attnscope._extras import require
+from attnscope.contracts import ROW_ID
 from attnscope.errors import ConfigError, InputError
 
-__all__ = ["TEXT_SUFFIXES", "load_tokenizer", "load_texts", "text_batches", "array_batches"]
+__all__ = ["RowBatches", "check_tokenizer", "load_tokenizer", "text_batches", "array_batches"]
 
-TEXT_SUFFIXES = (".jsonl", ".txt")
 # per-token arrays cut with the batch's trailing padding, and the mask that decides it
 _PER_TOKEN = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
 _PAIRS = (("input_ids", "attention_mask"), ("decoder_input_ids", "decoder_attention_mask"))
@@ -53,35 +55,23 @@ def load_tokenizer(path: Path) -> Any:
         ) from e
 
 
-def load_texts(path: Path) -> list[str]:
-    """The sentences of a ``.jsonl`` (``{"text": ...}`` per line) or ``.txt`` file."""
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise InputError(f"cannot read {path} as UTF-8 text: {e}") from e
-    texts = []
-    for no, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        if Path(path).suffix == ".txt":
-            texts.append(line)
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise InputError(f'{path}:{no} is not JSON ({e.msg}); expected {{"text": ...}}') from e
-        if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-            raise InputError(
-                f"{path}:{no} holds {str(obj)[:60]!r}; expected an object with a string "
-                '"text", e.g. {"text": "attention is all you need"}'
-            )
-        texts.append(obj["text"])
-    if not texts or not any(t.strip() for t in texts):
-        what = 'one {"text": ...} object' if Path(path).suffix == ".jsonl" else "one sentence"
-        raise InputError(
-            f"{path} holds no sentences (empty or blank lines only); expected {what} per line"
+class RowBatches(list):
+    """Batches of rows read from a file, in file order, with each sample's row id.
+
+    ``sample_ids`` is ``{ROW_ID: (N,) int64}``, for ``capture(sample_ids=...)``.
+    """
+
+    sample_ids: dict[str, np.ndarray]
+
+
+def check_tokenizer(tokenizer: Any, model: torch.nn.Module, where: str = "the tokenizer") -> None:
+    """Refuse a tokenizer whose ids do not fit the model's embedding (``vocab_size``)."""
+    vocab = getattr(model.config, "vocab_size", None)
+    if isinstance(vocab, int) and len(tokenizer) > vocab:
+        raise ConfigError(
+            f"{where} has {len(tokenizer)} tokens but the model's vocab_size is {vocab}; "
+            "expected the model's own tokenizer (one whose ids fit its config's vocab_size)"
         )
-    return texts
 
 
 def text_batches(
@@ -92,18 +82,19 @@ def text_batches(
     *,
     max_length: int | None = None,
     left_pad: bool = False,
-) -> list[dict[str, torch.Tensor]]:
-    """Tokenized batches, each padded to its own longest sentence.
+    targets: list[str] | None = None,
+    rows: np.ndarray | None = None,
+) -> RowBatches:
+    """Tokenized batches in the order of ``texts``, each padded to its own longest sentence.
 
     ``left_pad``: decoder-only generation continues after the last token, so prompts are
     padded on the left (and a tokenizer without a pad token pads with its EOS token).
+    ``targets``: an encoder-decoder's decoder side, one per text, fed as
+    ``decoder_input_ids`` shifted right by the model's start token (teacher forcing, as in
+    training) with their ``decoder_attention_mask``. ``rows``: each text's row id in its
+    file (default ``0..N-1``), the batches' ``sample_ids``.
     """
-    vocab = getattr(model.config, "vocab_size", None)
-    if isinstance(vocab, int) and len(tokenizer) > vocab:
-        raise ConfigError(
-            f"the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {vocab}; "
-            "expected a tokenizer that fits the model (its config's vocab_size)"
-        )
+    check_tokenizer(tokenizer, model)
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise ConfigError(
@@ -114,7 +105,7 @@ def text_batches(
     if left_pad:
         tokenizer.padding_side = "left"
     accepted = set(inspect.signature(model.forward).parameters)
-    out = []
+    out = RowBatches()
     for a in range(0, len(texts), batch_size):
         enc = tokenizer(
             texts[a : a + batch_size],
@@ -124,11 +115,46 @@ def text_batches(
             return_tensors="pt",
         )
         batch = {k: v for k, v in enc.items() if k in accepted}
-        if not batch["attention_mask"].any(dim=1).all():
-            row = int((~batch["attention_mask"].any(dim=1)).nonzero()[0]) + a
-            raise InputError(f"sentence {row} has no tokens; expected text the tokenizer keeps")
+        _check_nonempty(batch["attention_mask"], a, "sentence")
+        if targets is not None:
+            batch.update(_decoder_inputs(tokenizer, model, targets[a : a + batch_size],
+                                         max_length, a))  # fmt: skip
         out.append(batch)
+    out.sample_ids = {
+        ROW_ID: np.arange(len(texts), dtype=np.int64) if rows is None else np.asarray(rows)
+    }
     return out
+
+
+def _check_nonempty(mask: torch.Tensor, first: int, what: str) -> None:
+    if not mask.any(dim=1).all():
+        row = int((~mask.any(dim=1)).nonzero()[0]) + first
+        raise InputError(f"{what} {row} has no tokens; expected text the tokenizer keeps")
+
+
+def _decoder_inputs(
+    tokenizer: Any, model: torch.nn.Module, targets: list[str], max_length: int | None, first: int
+) -> dict[str, torch.Tensor]:
+    """``decoder_input_ids`` / ``decoder_attention_mask`` of right-padded targets."""
+    shift = getattr(model, "prepare_decoder_input_ids_from_labels", None)
+    if shift is None:
+        raise ConfigError(
+            f"{type(model).__name__} cannot shift targets into decoder inputs (no "
+            "prepare_decoder_input_ids_from_labels); expected an encoder-decoder model with "
+            "a language-model head (e.g. T5ForConditionalGeneration, BartForConditionalGeneration)"
+        )
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "right"
+    try:
+        enc = tokenizer(text_target=targets, padding="longest", truncation=max_length is not None,
+                        max_length=max_length, return_tensors="pt")  # fmt: skip
+    finally:
+        tokenizer.padding_side = side
+    mask = enc["attention_mask"]
+    _check_nonempty(mask, first, "target")
+    # [start, t0, ..., t(n-2)] are a target of n tokens' real decoder inputs: as many as
+    # the target has, so the target's own mask is theirs (t(n-1) is only ever predicted)
+    return {"decoder_input_ids": shift(labels=enc["input_ids"]), "decoder_attention_mask": mask}
 
 
 def array_batches(

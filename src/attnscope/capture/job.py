@@ -153,8 +153,11 @@ def capture(
         each sample's padding mask. Without it, an archive is ragged when the first batch
         carries a padding mask (HF ``attention_mask``, generation) or ``batches`` is a
         list/tuple of batches of different lengths; its maximum is then the longest batch
-        of the list, else the first batch's length. Not for the reference Transformer or
-        ``nn.MultiheadAttention`` stacks (fixed token layouts).
+        of the list, else (a generator, a DataLoader) the most the model takes: the smaller
+        of the tokenizer's ``model_max_length`` and the config's maximum positions
+        (``capture.ragged.model_max_length``), or the first batch's length when the model
+        has neither. Not for the reference Transformer or ``nn.MultiheadAttention`` stacks
+        (fixed token layouts).
     dry_run
         Run the first batch only (real model, selection, cast, top-k) and return a
         :class:`~attnscope.capture.dryrun.DryRunReport`: bytes per array per sample, the

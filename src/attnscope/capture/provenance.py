@@ -1,10 +1,12 @@
 """Provenance of a capture: what a reader needs to trust a figure made from the archive.
 
 Recorded in the archive's ``capture`` metadata at create: the model's class, training
-state, the attention implementation each array's module ran with, the compute and storage
-dtypes, the device, and the git state of the capturing code. Each batch's inputs are hashed
-(:func:`input_digest`) and the digest goes with the batch's ``append`` as per-sample ids
-(:data:`~attnscope.store.meta.INPUT_HASH_KEYS`), so it is committed with the batch.
+state, where its weights came from (:func:`mark_weights`: ``pretrained from FOLDER`` or
+``random, seed N``), the attention implementation each array's module ran with, the
+compute and storage dtypes, the device, and the git state of the capturing code. Each
+batch's inputs are hashed (:func:`input_digest`) and the digest goes with the batch's
+``append`` as per-sample ids (:data:`~attnscope.store.meta.INPUT_HASH_KEYS`), so it is
+committed with the batch.
 """
 
 from __future__ import annotations
@@ -21,7 +23,13 @@ from torch import nn
 
 from attnscope.store.meta import INPUT_HASH_KEYS
 
-__all__ = ["input_digest", "input_hash_ids", "run_provenance", "git_state"]
+__all__ = [
+    "input_digest", "input_hash_ids", "run_provenance", "git_state", "mark_weights",
+    "weights_of",
+]  # fmt: skip
+
+# attribute of a model holding where its weights came from (set by mark_weights)
+_WEIGHTS_ATTR = "_attnscope_weights"
 
 
 def input_digest(batch: Any) -> bytes:
@@ -87,6 +95,25 @@ def git_state(cwd: str | os.PathLike[str] | None = None) -> dict[str, Any] | Non
     return {"commit": commit, "dirty": None if status is None else bool(status), "cwd": where}
 
 
+def mark_weights(net: nn.Module, record: Mapping[str, Any]) -> None:
+    """Record where ``net``'s weights came from, for the archive's provenance.
+
+    ``record`` is JSON: ``{"source": "pretrained", "from": folder, ...}`` or ``{"source":
+    "random", "seed": N, ...}``. The command line marks the models it builds; a model
+    given to :func:`~attnscope.capture.capture` unmarked has ``weights: null`` (its
+    parameter hash is recorded either way).
+    """
+    if record.get("source") not in ("pretrained", "random"):
+        raise ValueError(f"weights source {record.get('source')!r}; expected pretrained/random")
+    object.__setattr__(net, _WEIGHTS_ATTR, dict(record))
+
+
+def weights_of(net: nn.Module) -> dict[str, Any] | None:
+    """What :func:`mark_weights` recorded for ``net`` (None: not marked)."""
+    rec = getattr(net, _WEIGHTS_ATTR, None)
+    return None if rec is None else dict(rec)
+
+
 def run_provenance(
     net: nn.Module,
     impl: Mapping[str, str],
@@ -99,6 +126,7 @@ def run_provenance(
     return {
         "model_class": f"{type(net).__module__}.{type(net).__qualname__}",
         "training": bool(net.training),
+        "weights": weights_of(net),
         "attention_implementation": dict(impl),
         "device": str(device),
         "compute_dtype": str(p.dtype).removeprefix("torch.") if p is not None else None,

@@ -5,7 +5,11 @@ store to a maximum per side) when ``max_length`` is given, when the adapter repo
 padding masks for the first batch (Hugging Face batches with an ``attention_mask``,
 generation), or when ``batches`` is a list/tuple whose batches differ in length. The
 maximum of a side is ``max_length`` if given; else, for a list/tuple, the longest batch
-(read from the inputs without running the model, :meth:`Adapter.lengths`); else the first
+(read from the inputs without running the model, :meth:`Adapter.lengths`); else (a
+generator, a DataLoader: batches that cannot be read ahead) the most the model takes,
+:func:`model_max_length`: the smaller of the tokenizer's ``model_max_length`` (when set)
+and the model config's maximum positions (``max_position_embeddings``, ``n_positions``,
+...); a model with neither (e.g. T5's relative positions, no tokenizer) keeps the first
 batch's length. An archive never grows along its tokens: a later, longer batch stops the
 job with a :class:`~attnscope.errors.ShapeError` and the batches before it stay committed.
 
@@ -29,7 +33,7 @@ from attnscope.errors import ConfigError, ShapeError
 from attnscope.store import TokenLayout
 from attnscope.store.layout import SideLayout
 
-__all__ = ["BeforeRun", "Lengths", "side_lengths"]
+__all__ = ["BeforeRun", "Lengths", "model_max_length", "side_lengths"]
 
 # segment name of a ragged archive's generic layout (labels "tokens[0]", "tokens[1]", ...)
 _SEGMENT = "tokens"
@@ -46,6 +50,34 @@ def side_lengths(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, int]:
         out.setdefault(q, int(shp[-2]))
         out.setdefault(k, int(shp[-1]))
     return out
+
+
+# config keys of a model's maximum positions, first found wins
+_MAX_POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_positions", "n_ctx",
+                      "max_sequence_length", "seq_length")  # fmt: skip
+# tokenizers without a maximum report transformers' VERY_LARGE_INTEGER (1e30)
+_NO_LIMIT = 10**9
+
+
+def model_max_length(adapter: Adapter) -> tuple[int, str] | None:
+    """``(tokens, where it comes from)``: the most tokens per side the model takes, or None.
+
+    The smaller of the adapter's tokenizer's ``model_max_length`` (unless unset) and the
+    model config's first of ``max_position_embeddings``, ``n_positions``, ``max_positions``,
+    ``n_ctx``, ``max_sequence_length``, ``seq_length``.
+    """
+    found: list[tuple[int, str]] = []
+    tok = getattr(adapter, "tokenizer", None)
+    n = getattr(tok, "model_max_length", None)
+    if isinstance(n, int) and 0 < n < _NO_LIMIT:
+        found.append((n, f"the tokenizer's model_max_length {n}"))
+    cfg = getattr(adapter.model, "config", None)
+    for key in _MAX_POSITION_KEYS:
+        v = getattr(cfg, key, None)
+        if isinstance(v, int) and not isinstance(v, bool) and 0 < v < _NO_LIMIT:
+            found.append((v, f"the model config's {key} {v}"))
+            break
+    return min(found) if found else None
 
 
 def _scan(adapter: Adapter, batches: Iterable[Any]) -> tuple[dict[str, int], bool]:
@@ -100,6 +132,12 @@ class Lengths:
                 "reports masks for batches of different lengths"
             )
         self.scanned, self.differ = _scan(adapter, batches) if adapter.ragged_ok else ({}, False)
+        # batches that cannot be read ahead take the model's maximum (None: first batch's)
+        self.model_max = (
+            model_max_length(adapter)
+            if adapter.ragged_ok and max_length is None and not isinstance(batches, (list, tuple))
+            else None
+        )
         self.max_lengths: dict[str, int] | None = None  # ragged: side -> maximum tokens
         self.fixed: TokenLayout | None = None  # fixed-length: the archive's layout
         # resume: side -> token fields the committed samples carry (None: not checked)
@@ -124,6 +162,8 @@ class Lengths:
         self.max_lengths = {}
         for side, n in lengths.items():
             want = opt.get(side) if isinstance(opt, Mapping) else opt
+            if want is None and self.model_max is not None:
+                want = self.model_max[0]  # a longer first batch is refused by check()
             self.max_lengths[side] = (
                 int(want) if want is not None else max(n, self.scanned.get(side, 0))
             )
@@ -178,9 +218,12 @@ class Lengths:
             for side, n in sorted(lengths.items()):
                 cap = self.max_lengths.get(side)
                 if cap is not None and n > cap:
+                    why = f"max_lengths[{side!r}]"
+                    if self.model_max is not None and cap == self.model_max[0]:
+                        why += f": {self.model_max[1]}"
                     raise ShapeError(
                         f"batch {bi} has {n} {side} tokens, more than the archive's maximum "
-                        f"of {cap} (max_lengths[{side!r}]); nothing of this batch was written "
+                        f"of {cap} ({why}); nothing of this batch was written "
                         f"and the batches before it stay committed; pass max_length={n} "
                         f"(--max-length {n}) or more to a new capture, or truncate the inputs "
                         f"to {cap} tokens (max_length={cap}, --max-length {cap}) and resume"

@@ -453,6 +453,8 @@ def _capture_provenance(cap: dict[str, Any], hashes: list[str] | None) -> list[s
             f"(compute {p.get('compute_dtype')}, stored {p.get('storage_dtype')}), "
             f"weights {cap.get('param_hash')} ({cap.get('n_params')} parameters)"
         )
+    if p:
+        lines.append(f"  weights: {weights_line(p.get('weights'))}")
     impl: dict[str, str] = p.get("attention_implementation") or {}
     if impl:
         groups: dict[str, list[str]] = {}
@@ -473,6 +475,22 @@ def _capture_provenance(cap: dict[str, Any], hashes: list[str] | None) -> list[s
             h[: len("sha256:") + 12] for h in hashes[:4]
         ) + (", ..." if len(hashes) > 4 else ""))
     return lines
+
+
+def weights_line(w: dict[str, Any] | None) -> str:
+    """Where a capture's weights came from, in words (``capture.provenance.weights``)."""
+    if not w:
+        return "not recorded (a model passed to capture(); see the parameter hash)"
+    if w.get("source") == "pretrained":
+        hub = f" (hub id {w['hub_id']}, local cache)" if w.get("hub_id") else ""
+        dtype = f", loaded as {w['dtype']}" if w.get("dtype") else ""
+        rand = w.get("uninitialised")
+        rand = f"; random (not in the checkpoint, read by no attention): {rand}" if rand else ""
+        return f"pretrained from {w.get('from')}{hub}{dtype}{rand}"
+    if w.get("source") == "random":
+        cfg = f" (model built from {w['config']})" if w.get("config") else ""
+        return f"random, seed {w.get('seed')}{cfg}"
+    return str(w)
 
 
 def format_info(d: dict[str, Any]) -> str:
