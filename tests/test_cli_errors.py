@@ -273,6 +273,16 @@ CASES: dict[str, Callable[[Path], list[str]]] = {
     "hf model error (seq-len > positions)": _hf_too_long,
     # capture: selections, devices, inputs
     "capture duplicate heads": lambda w: _capture(w, "--heads", "0,0"),
+    # capture: codec and write pipeline (refused before anything is created)
+    "capture level out of range": lambda w: _capture(w, "--level", "30"),
+    "capture level for no compressor": lambda w: _capture(w, "--compressor", "none",
+                                                         "--level", "3"),
+    "capture unknown compressor": lambda w: _capture(w, "--compressor", "lz5"),
+    "capture workers zero": lambda w: _capture(w, "--workers", "0"),
+    "capture workers negative": lambda w: _capture(w, "--workers", "-2"),
+    "capture inflight-mb zero": lambda w: _capture(w, "--inflight-mb", "0"),
+    "capture resume with another level": lambda w: _resume(w, "--level", "5"),
+    "capture resume with another compressor": lambda w: _resume(w, "--compressor", "blosc-lz4"),
     "capture head out of range": lambda w: _capture(w, "--heads", "9"),
     "capture reversed layer range": lambda w: _capture(w, "--layers", "1-0"),
     "capture unknown kind": lambda w: _capture(w, "--kinds", "bogus"),
@@ -474,7 +484,8 @@ def test_bad_input_is_refused_in_one_line(world: Path, tmp_path: Path, case: str
 
 
 @pytest.mark.parametrize("case", sorted(c for c in CASES if c.startswith(
-    ("capture checkpoint", "capture dataset"))))  # fmt: skip
+    ("capture checkpoint", "capture dataset", "capture level", "capture workers",
+     "capture inflight"))))  # fmt: skip
 def test_refused_checkpoint_and_dataset_captures_write_nothing(
     world: Path, tmp_path: Path, case: str
 ) -> None:
@@ -483,7 +494,7 @@ def test_refused_checkpoint_and_dataset_captures_write_nothing(
     args = CASES[case](w)
     res = CliRunner().invoke(cli, args)
     assert res.exit_code == 1, res.output
-    assert not (w / "hf.zarr").exists(), case
+    assert not (w / "hf.zarr").exists() and not (w / "new.zarr").exists(), case
 
 
 def test_the_table_is_large() -> None:
