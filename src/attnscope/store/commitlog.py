@@ -180,10 +180,11 @@ def verify_log(
             return [f"commit record {rid!r}: log document {seq} is missing or unreadable"]
         if doc.get("prev") != prev or doc.get("seq") != seq:
             problems.append(f"commit record {rid!r}: log document {seq} breaks the hash chain")
-        if doc.get("start") != pos:
+        # a main writer that resumed after other writers' ranges continues past them
+        if not isinstance(doc.get("start"), int) or doc["start"] < pos:
             problems.append(
                 f"commit record {rid!r}: log document {seq} starts at sample {doc.get('start')}, "
-                f"expected {pos}"
+                f"before the end of the previous commit ({pos})"
             )
         pos, prev = int(doc.get("stop", pos)), chain_of(doc)
         attrs.update(doc.get("attrs") or {})
@@ -239,8 +240,10 @@ class LogState:
         ``next_sample`` (Zarr) or keeps the old record form (HDF5: its record is a
         fixed-size dataset that cannot be replaced in one write)."""
         if "batches" in record:
-            since = int(record.get("since", record["start"]))
-            return cls(True, int(record["batches"]), str(record.get("chain") or ""), since)
+            k = int(record["batches"])
+            # a log that holds nothing yet starts where this writer starts
+            since = int(record.get("since", record["start"])) if k else next_sample
+            return cls(True, k, str(record.get("chain") or ""), since)
         return cls(fmt != "hdf5", 0, "", next_sample)
 
     def regions(self, writes: Sequence[Write], workers: int | None = None) -> list[Region]:
