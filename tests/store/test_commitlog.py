@@ -232,3 +232,17 @@ def test_verify_log_reports_a_missing_array_region():
 
     problems = verify_log("x", "main", rec, lambda r, s: doc, read_box, lambda n: {})
     assert problems and "gone [0:2]: cannot be read" in problems[0]
+
+
+def test_deleted_main_record_is_refused(path, fmt, layout, rng):
+    _archive(path, layout, rng)
+    if fmt == "zarr":
+        shutil.rmtree(os.path.join(path, "_commits", "main"))
+    else:
+        import h5py
+
+        with h5py.File(path, "r+") as f:
+            del f["_commits/main"]
+    with pytest.raises(ArchiveCorruptError, match="'main' is missing"):
+        _cheap_check(path, fmt)
+    assert not verify(path).ok

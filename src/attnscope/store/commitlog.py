@@ -272,8 +272,14 @@ class LogState:
 
 
 def check_records(path: str, backend: Any) -> None:
-    """:func:`check_record` for every writer of an open backend (one document read each)."""
-    for rid, rec in backend.read_records().items():
+    """:func:`check_record` for every writer of an open backend (one document read each).
+
+    Every archive has a ``main`` record from its creation on: one that is gone was deleted.
+    """
+    records = backend.read_records()
+    if "main" not in records:
+        raise _damaged(path, "main", "is missing (deleted?); every archive is created with it")
+    for rid, rec in records.items():
         check_record(path, rid, rec, backend.read_log)
 
 
@@ -282,6 +288,8 @@ def verify_records(path: str, backend: Any) -> tuple[list[str], bool]:
     problems: list[str] = []
     logged = False
     records = backend.read_records()
+    if "main" not in records:
+        problems.append(str(_damaged(path, "main", "is missing (deleted?)")))
     for rid, rec in sorted(records.items()):
         logged |= "batches" in rec
         problems += verify_log(
