@@ -468,6 +468,12 @@ class _Job:
     def _reopen(self) -> None:
         """Resume: check the archive means what this run would write, then append to it."""
         with open_archive(self.path) as arch:
+            if self.opts.format is not None and self.opts.format != arch.format:
+                raise ConfigError(
+                    f"resume: format differs: archive {str(self.path)!r} is {arch.format}, this "
+                    f"run asks for {self.opts.format}; resume without --format (or with "
+                    f"--format {arch.format}), or capture into a new archive"
+                )
             meta = arch.metadata
             fields, n = arch.token_fields(), arch.n_samples
             ids = arch.sample_ids if n else {}

@@ -87,6 +87,12 @@ class CaptureOptions:
                 "generate must be a dict of generate() options, e.g. "
                 f"dict(max_new_tokens=16), got {type(self.generate).__name__}"
             )
+        if self.resume and self.overwrite:
+            raise ConfigError(
+                "resume and overwrite contradict each other: resume continues the archive's "
+                "committed samples, overwrite deletes them; expected one of the two "
+                "(--resume or --overwrite)"
+            )
         if self.dry_run and (self.resume or self.rank is not None):
             raise ConfigError(
                 f"dry_run measures a new archive; got resume={self.resume}, rank={self.rank}; "
@@ -170,6 +176,12 @@ def _selection(name: str, values: Sequence[Any] | None, conv: Callable[[Any], An
     if isinstance(values, str):
         raise ConfigError(f"{name} must be a list, got the string {values!r}")
     out = tuple(conv(v) for v in values)
+    if not out:
+        raise ConfigError(
+            f"{name} is empty: it would capture nothing; expected at least one, or None for all"
+        )
+    if name == "heads" and any(v < 0 for v in out):
+        raise ConfigError(f"heads {list(out)} holds a negative index; expected indices >= 0")
     repeated = sorted({v for v in out if out.count(v) > 1}, key=str)
     if repeated:
         raise ConfigError(

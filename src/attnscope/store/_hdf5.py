@@ -13,13 +13,23 @@ Crash safety: the file is flushed after each batch's data and again after its co
 record (a tiny int64 dataset written in place, never resized). Files use the default
 (earliest) format, which has no "file open for write" superblock flag, so a killed
 writer leaves a file that still opens at its last flush.
+
+A write that fails in the operating system (disk full, quota, I/O error) leaves HDF5 with
+dirty caches it can never write; closing such a file makes HDF5 retry, fail again and, in
+h5py, crash while objects are deallocated. So the first such failure abandons the file
+(:meth:`HDF5Backend._abandon`): its descriptor is pointed at ``/dev/null``, the close then
+succeeds without touching the file (which stays as of its last flush, i.e. the last
+commit), every later write raises the same ``OSError``, and the error reaches the caller
+as an ``OSError`` with the operating system's errno.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+import re
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import h5py
@@ -36,6 +46,19 @@ COMMITS = "_commits"
 # File-locking settings tried in turn for readers: HDF5 refuses to open a file twice in
 # one process with different locking flags, so follow whatever the first opener used.
 _LOCKINGS = (False, None, True, "best-effort")
+# HDF5 reports a failed system call inside its message: "... errno = 28, error message = ..."
+_ERRNO = re.compile(r"errno = (\d+)")
+
+
+def os_error(e: BaseException, path: str) -> OSError | None:
+    """The operating-system error behind an h5py error (None when there is none)."""
+    if isinstance(e, OSError) and e.errno:
+        return OSError(e.errno, os.strerror(e.errno), path)
+    m = _ERRNO.search(str(e))
+    if m and int(m.group(1)):
+        n = int(m.group(1))
+        return OSError(n, os.strerror(n), path)
+    return None
 
 
 def _filters(name: str, checksum: bool = True) -> dict[str, Any]:
@@ -77,10 +100,12 @@ class _H5Array(ArrayHandle):
         return self._ds[sel]
 
     def write(self, sel: tuple[slice, ...], data: np.ndarray) -> None:
-        self._ds[sel] = np.ascontiguousarray(data, dtype=self.dtype)
+        with self._b.writing():
+            self._ds[sel] = np.ascontiguousarray(data, dtype=self.dtype)
 
     def resize(self, n: int) -> None:
-        self._ds.resize((n, *self._ds.shape[1:]))
+        with self._b.writing():
+            self._ds.resize((n, *self._ds.shape[1:]))
 
     def stored_nbytes(self) -> int | None:
         try:
@@ -117,6 +142,7 @@ class HDF5Backend(Backend):
         self.path = str(path)
         self.writable = mode != "r"
         self.chunk_reads = 0
+        self._failed: OSError | None = None  # the write failure that abandoned the file
         if mode == "r" or mode == "a":
             if not os.path.exists(self.path):
                 raise ArchiveNotFoundError(f"no archive at {self.path!r}")
@@ -165,7 +191,38 @@ class HDF5Backend(Backend):
         return meta
 
     def write_root_meta(self, meta: dict[str, Any]) -> None:
-        self._f.attrs[ROOT_KEY] = json.dumps(meta)
+        with self.writing():
+            self._f.attrs[ROOT_KEY] = json.dumps(meta)
+
+    @contextmanager
+    def writing(self) -> Iterator[None]:
+        """Run a write; an operating-system failure abandons the file (module docstring)
+        and is raised as ``OSError``; after one, every write raises it again."""
+        if self._failed is not None:
+            raise OSError(self._failed.errno, self._failed.strerror, self.path)
+        try:
+            yield
+        except Exception as e:
+            err = os_error(e, self.path)
+            if err is None:
+                raise
+            self._abandon(err)
+            raise err from e
+
+    def _abandon(self, err: OSError) -> None:
+        """Point the file's descriptor at /dev/null: HDF5's later flushes and its close
+        succeed without writing, and the file keeps what its last flush wrote. ``err``:
+        the failure that every later write raises again."""
+        self._failed = err
+        try:
+            fd = self._f.id.get_vfd_handle()
+            null = os.open(os.devnull, os.O_RDWR)
+            try:
+                os.dup2(null, int(fd))
+            finally:
+                os.close(null)
+        except Exception:  # noqa: BLE001 - not the POSIX driver: HDF5 reports on close
+            pass
 
     def has(self, path: str) -> bool:
         return path in self._f
@@ -174,6 +231,10 @@ class HDF5Backend(Backend):
         return sorted(self._f[path].keys()) if path in self._f else []
 
     def create_array(self, path, shape, chunks, dtype, *, dims, attrs=None, compressor="zstd"):  # type: ignore[no-untyped-def]
+        with self.writing():
+            return self._create_array(path, shape, chunks, dtype, dims, attrs, compressor)
+
+    def _create_array(self, path, shape, chunks, dtype, dims, attrs, compressor):  # type: ignore[no-untyped-def]
         ds = self._f.create_dataset(
             path,
             shape=shape,
@@ -207,8 +268,9 @@ class HDF5Backend(Backend):
         return got if isinstance(got, dict) else {}
 
     def set_attrs(self, path: str, attrs: dict[str, Any], *, group: bool = False) -> None:
-        node = self._f.require_group(path) if group else self._f[path]
-        node.attrs[ROOT_KEY] = json.dumps(attrs)
+        with self.writing():
+            node = self._f.require_group(path) if group else self._f[path]
+            node.attrs[ROOT_KEY] = json.dumps(attrs)
 
     def read_commits(self) -> dict[str, tuple[int, int, int]]:
         if COMMITS not in self._f:
@@ -227,17 +289,20 @@ class HDF5Backend(Backend):
     def write_commit(self, rid: str, start: int, stop: int, committed: int) -> None:
         # Data first, flushed; then the record, flushed: a kill between the two leaves the
         # previous record, so the torn batch stays invisible.
-        self._f.flush()
-        path = f"{COMMITS}/{rid}"
-        rec = np.array([start, stop, committed], dtype=np.int64)
-        if path in self._f:
-            self._f[path][...] = rec
-        else:
-            self._f.create_dataset(path, data=rec)
-        self._f.flush()
+        with self.writing():
+            self._f.flush()
+            path = f"{COMMITS}/{rid}"
+            rec = np.array([start, stop, committed], dtype=np.int64)
+            if path in self._f:
+                self._f[path][...] = rec
+            else:
+                self._f.create_dataset(path, data=rec)
+            self._f.flush()
 
     def flush(self) -> None:
-        self._f.flush()
+        if self.writable:
+            with self.writing():
+                self._f.flush()
 
     def write_many(self, writes: Sequence[Write]) -> None:
         """Write boxes of several arrays; HDF5 compresses and checksums them in C."""
@@ -245,8 +310,18 @@ class HDF5Backend(Backend):
             handle.write(sel, data)
 
     def close(self) -> None:
+        """Close the file; a close whose final flush fails in the operating system
+        abandons the file (module docstring) and raises that ``OSError``."""
         try:
             if self._f.id.valid:
                 self._f.close()
-        except Exception:  # noqa: BLE001 - already closed
-            pass
+        except Exception as e:  # noqa: BLE001 - already closed, or the last flush failed
+            err = os_error(e, self.path) if self.writable else None
+            if err is None or self._failed is not None:
+                return
+            self._abandon(err)
+            try:
+                self._f.close()
+            except Exception:  # noqa: BLE001 - closed as far as HDF5 can
+                pass
+            raise err from e
