@@ -223,6 +223,14 @@ class _Job:
         self.path = path
         self.batches = batches
         self.shard = shard_for(batches, opts)
+        fmt = archive_format(path, opts.format) if self.shard is not None else "zarr"
+        if fmt != "zarr" or (self.shard is not None and str(path).lower().endswith(".zip")):
+            # refused before anything exists: rank 0 would create an archive first
+            raise ConfigError(
+                f"multi-process capture (rank/world_size) needs a Zarr directory archive; "
+                f"{str(path)!r} is {'a Zarr zip' if fmt == 'zarr' else fmt} (one file has one "
+                "writer); capture to a .zarr folder or in one process"
+            )
         dev = None if opts.device is None else resolve_device(opts.device)
         self.adapter = adapter_for(model, opts.tokenizer)
         try:

@@ -46,6 +46,10 @@ COMMITS = "_commits"
 # File-locking settings tried in turn for readers: HDF5 refuses to open a file twice in
 # one process with different locking flags, so follow whatever the first opener used.
 _LOCKINGS = (False, None, True, "best-effort")
+# Opening for append rewrites the superblock's status flags at the start of the file; a
+# handle that then writes nothing puts these bytes back on close (a refused resume leaves
+# the file as it was).
+HEAD_BYTES = 512
 # HDF5 reports a failed system call inside its message: "... errno = 28, error message = ..."
 _ERRNO = re.compile(r"errno = (\d+)")
 
@@ -143,11 +147,16 @@ class HDF5Backend(Backend):
         self.writable = mode != "r"
         self.chunk_reads = 0
         self._failed: OSError | None = None  # the write failure that abandoned the file
+        self._changed = False  # whether a write went through this handle (see close)
+        self._head = b""  # the file's first bytes before an append open (see close)
         if mode == "r" or mode == "a":
             if not os.path.exists(self.path):
                 raise ArchiveNotFoundError(f"no archive at {self.path!r}")
             if os.path.isdir(self.path) or not h5py.is_hdf5(self.path):
                 raise ArchiveCorruptError(f"{self.path!r} is not an HDF5 file")
+        if mode == "a":
+            with open(self.path, "rb") as fh:
+                self._head = fh.read(HEAD_BYTES)
         self._f = self._open(mode)
 
     def _open(self, mode: str) -> Any:
@@ -200,6 +209,7 @@ class HDF5Backend(Backend):
         and is raised as ``OSError``; after one, every write raises it again."""
         if self._failed is not None:
             raise OSError(self._failed.errno, self._failed.strerror, self.path)
+        self._changed = True
         try:
             yield
         except Exception as e:
@@ -208,6 +218,16 @@ class HDF5Backend(Backend):
                 raise
             self._abandon(err)
             raise err from e
+
+    def _restore_head(self) -> None:
+        """Put back the first bytes HDF5's append open rewrote."""
+        try:
+            with open(self.path, "r+b") as fh:
+                if fh.read(len(self._head)) != self._head:
+                    fh.seek(0)
+                    fh.write(self._head)
+        except OSError:  # pragma: no cover - the file became unwritable meanwhile
+            pass
 
     def _abandon(self, err: OSError) -> None:
         """Point the file's descriptor at /dev/null: HDF5's later flushes and its close
@@ -300,7 +320,7 @@ class HDF5Backend(Backend):
             self._f.flush()
 
     def flush(self) -> None:
-        if self.writable:
+        if self.writable and self._changed:
             with self.writing():
                 self._f.flush()
 
@@ -311,7 +331,15 @@ class HDF5Backend(Backend):
 
     def close(self) -> None:
         """Close the file; a close whose final flush fails in the operating system
-        abandons the file (module docstring) and raises that ``OSError``."""
+        abandons the file (module docstring) and raises that ``OSError``. A file opened
+        for append that nothing was written to is left byte for byte as it was."""
+        if self._head and not self._changed and self._failed is None and self._f.id.valid:
+            self._abandon(OSError(0, "closed unchanged"))
+            try:
+                self._f.close()
+            finally:
+                self._restore_head()
+            return
         try:
             if self._f.id.valid:
                 self._f.close()
