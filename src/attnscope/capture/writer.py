@@ -175,7 +175,7 @@ def storage_error(e: OSError, path: Any, committed: int) -> CaptureError:
             "with resume=True (attnscope capture ... --resume)"
         )
     else:
-        then = f"no sample was committed: {todo} and run again"
+        then = f"no sample was committed: {todo} and run again (--resume if the archive exists)"
     err = CaptureError(f"{what} while writing {str(path)!r} ([Errno {e.errno}]); {then}")
     err.__cause__ = e
     return err

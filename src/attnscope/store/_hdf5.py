@@ -50,6 +50,10 @@ _LOCKINGS = (False, None, True, "best-effort")
 # handle that then writes nothing puts these bytes back on close (a refused resume leaves
 # the file as it was).
 HEAD_BYTES = 512
+# HDF5 refuses a file shorter than the end its superblock records ("truncated file: eof =
+# 170010, sblock->base_addr = 0, stored_eof = 170292"): what a flush that failed half way
+# leaves (the superblock is rewritten in place, the data past the end never arrived).
+_STORED_EOF = re.compile(r"truncated file.*stored_eof = (\d+)")
 # HDF5 reports a failed system call inside its message: "... errno = 28, error message = ..."
 _ERRNO = re.compile(r"errno = (\d+)")
 
@@ -219,6 +223,21 @@ class HDF5Backend(Backend):
             self._abandon(err)
             raise err from e
 
+    def _settle(self) -> None:
+        """After an abandoned file is closed: if a failed flush left it shorter than its
+        superblock's end, extend it (sparsely: no disk space) to that end, so that it opens
+        and its committed samples read; the bytes that never arrived read as zeros and
+        belong to no committed sample (commit records are written after their data)."""
+        try:
+            h5py.File(self.path, "r", locking=False).close()
+        except Exception as e:  # noqa: BLE001 - only a short file is repaired here
+            m = _STORED_EOF.search(str(e))
+            if m and int(m.group(1)) > os.path.getsize(self.path):
+                try:
+                    os.truncate(self.path, int(m.group(1)))
+                except OSError:  # pragma: no cover - the file stays as HDF5 left it
+                    pass
+
     def _restore_head(self) -> None:
         """Put back the first bytes HDF5's append open rewrote."""
         try:
@@ -340,16 +359,19 @@ class HDF5Backend(Backend):
             finally:
                 self._restore_head()
             return
+        err: OSError | None = None
         try:
             if self._f.id.valid:
                 self._f.close()
         except Exception as e:  # noqa: BLE001 - already closed, or the last flush failed
-            err = os_error(e, self.path) if self.writable else None
-            if err is None or self._failed is not None:
-                return
-            self._abandon(err)
-            try:
-                self._f.close()
-            except Exception:  # noqa: BLE001 - closed as far as HDF5 can
-                pass
-            raise err from e
+            err = os_error(e, self.path) if self.writable and self._failed is None else None
+            if err is not None:
+                self._abandon(err)
+                try:
+                    self._f.close()
+                except Exception:  # noqa: BLE001 - closed as far as HDF5 can
+                    pass
+        if self._failed is not None and self._failed.errno:
+            self._settle()
+        if err is not None:
+            raise err

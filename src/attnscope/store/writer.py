@@ -397,9 +397,10 @@ class ArchiveWriter:
                 self._tails.pop(key, None)
             else:
                 self._tails[key] = tail
-        self._count += end - pos
-        stop = self._stop if self._stop is not None else self._start + self._count
-        b.write_commit(self._rid, self._start, stop, self._count)  # type: ignore[union-attr]
+        count = self._count + end - pos  # counted once the record is written, not before
+        stop = self._stop if self._stop is not None else self._start + count
+        b.write_commit(self._rid, self._start, stop, count)  # type: ignore[union-attr]
+        self._count = count
         return self._count
 
     def _ensure_nodes(self, prepared: Prepared, end: int) -> None:
