@@ -315,18 +315,19 @@ def five_ids(path, layout, rng):
     return path
 
 
+@pytest.mark.parametrize("every_chunk", [True, False])
 @pytest.mark.parametrize("damage", sorted(DAMAGE))
-def test_check_structure_refuses_what_verify_rejects(five_ids, fmt, damage):
+def test_check_structure_refuses_what_verify_rejects(five_ids, fmt, damage, every_chunk):
     break_it, expect = DAMAGE[damage]
     break_it(five_ids, fmt)
     rep = verify(five_ids, check_data=False)
     assert not rep.ok and any(expect in p for p in rep.problems), rep.problems
     with open_archive(five_ids) as a:
-        got = structure_problems(a)
+        got = structure_problems(a, every_chunk=every_chunk)
         assert got.problems and all("\n" not in p for p in got.problems)
         assert set(got.problems) <= set(rep.problems)  # verify reports the same lines
         with pytest.raises(ArchiveCorruptError) as e:
-            check_structure(a)
+            check_structure(a, every_chunk=every_chunk)
     msg = str(e.value)
     assert "\n" not in msg and repr(five_ids) in msg and "attnscope verify" in msg
 
@@ -347,3 +348,17 @@ def test_check_structure_refuses_a_ragged_archive_without_masks(path, layout, rn
     _drop_array(path, fmt, "_tokens/encoder/mask")
     with open_archive(path) as a, pytest.raises(ArchiveCorruptError, match="mask"):
         check_structure(a)
+
+
+def test_a_chunk_missing_inside_is_left_to_the_read_when_not_every_chunk(tmp_path, layout, rng):
+    path = str(tmp_path / "run.zarr")  # Zarr: one file per chunk, so one can be deleted
+    with ArchiveWriter.create(path, layout, chunk_samples=1) as w:
+        w.append(make_batch(rng, 3, layers=1))
+    d = os.path.join(path, *NAME.split("/"), "c")
+    os.remove(os.path.join(d, "1", "0", "0", "0"))  # sample 1 of 3
+    with open_archive(path) as a:
+        check_structure(a, every_chunk=False)  # one lookup per array: the last sample's
+        with pytest.raises(ArchiveCorruptError, match="chunk\\(s\\) missing"):
+            check_structure(a)
+        with pytest.raises(ArchiveCorruptError, match="is missing although"):
+            a[NAME][1]

@@ -404,7 +404,7 @@ def render_archive(
             f"unknown upsampling {upsampling!r}; expected one of {overlay.UPSAMPLING}"
         )
     with open_archive(archive_or_path) as arc:
-        check_structure(arc)
+        check_structure(arc, every_chunk=False)
         if what is None:
             what_ = figure_jobs.default_what(arc, what_, tables_dir)
         req = _request(arc, layers, heads, samples, kinds, stacks, what_, tables_dir, fmt, log)

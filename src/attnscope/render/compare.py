@@ -334,8 +334,8 @@ def render_diff(
     out = Path(out_dir) / "diff"
     files: list[Path] = []
     with open_archive(a) as arc_a, open_archive(b) as arc_b:
-        check_structure(arc_a)
-        check_structure(arc_b)
+        check_structure(arc_a, every_chunk=False)
+        check_structure(arc_b, every_chunk=False)
         check_same_layout(arc_a, arc_b)
         names = list(arrays) if arrays is not None else arc_a.arrays()
         for i in samples if samples is not None else [0]:

@@ -179,7 +179,7 @@ def prepare_overlay(
     ((3, 3), 0.31)
     """
     with open_archive(archive_or_path) as arc:
-        check_structure(arc)
+        check_structure(arc, every_chunk=False)
         name = _array_name(arc, array, layer, query)
         arr = arc.attention(name)
         qside, kside = KIND_AXES[(arr.stack, arr.kind)]

@@ -425,7 +425,7 @@ def write_report(
             "(`attnscope analyze ARCHIVE --out DIR`); the report does not analyse"
         )
     with open_archive(archive) as arc:
-        check_structure(arc)
+        check_structure(arc, every_chunk=False)
         page = _build(arc, load_tables(tables_dir, arc), sample, samples, arrays, top_pairs,
                       max_cells, max_bytes, _timeline(tables_dir, arc))
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -51,7 +51,7 @@ def _maybe_archive(x: Any) -> Iterator[AttentionArchive | None]:
     """The archive behind ``x`` (an archive or its path), open for the block; else ``None``."""
     if isinstance(x, (str, os.PathLike, AttentionArchive)):
         with open_archive(x) as arc:
-            check_structure(arc)
+            check_structure(arc, every_chunk=False)
             yield arc
     else:
         yield None
