@@ -30,6 +30,7 @@ from attnscope.capture.options import (
     CaptureOptions,
     CaptureSummary,
     batch_ids,
+    check_format,
     model_device,
     progress_bar,
     resolve_device,
@@ -223,14 +224,7 @@ class _Job:
         self.path = path
         self.batches = batches
         self.shard = shard_for(batches, opts)
-        fmt = archive_format(path, opts.format) if self.shard is not None else "zarr"
-        if fmt != "zarr" or (self.shard is not None and str(path).lower().endswith(".zip")):
-            # refused before anything exists: rank 0 would create an archive first
-            raise ConfigError(
-                f"multi-process capture (rank/world_size) needs a Zarr directory archive; "
-                f"{str(path)!r} is {'a Zarr zip' if fmt == 'zarr' else fmt} (one file has one "
-                "writer); capture to a .zarr folder or in one process"
-            )
+        check_format(opts, path)  # before anything exists: rank 0 creates the archive first
         dev = None if opts.device is None else resolve_device(opts.device)
         self.adapter = adapter_for(model, opts.tokenizer)
         try:
@@ -476,12 +470,7 @@ class _Job:
     def _reopen(self) -> None:
         """Resume: check the archive means what this run would write, then append to it."""
         with open_archive(self.path) as arch:
-            if self.opts.format is not None and self.opts.format != arch.format:
-                raise ConfigError(
-                    f"resume: format differs: archive {str(self.path)!r} is {arch.format}, this "
-                    f"run asks for {self.opts.format}; resume without --format (or with "
-                    f"--format {arch.format}), or capture into a new archive"
-                )
+            check_format(self.opts, self.path, arch.format)
             meta = arch.metadata
             fields, n = arch.token_fields(), arch.n_samples
             ids = arch.sample_ids if n else {}

@@ -15,6 +15,7 @@ from attnscope.capture.blocks import check_block
 from attnscope.capture.policy import RowPolicy
 from attnscope.contracts import DTYPES, FORMATS, STACKS
 from attnscope.errors import ConfigError
+from attnscope.store.meta import archive_format
 
 __all__ = ["CaptureOptions", "CaptureSummary", "resolve_device", "TORCH_DTYPES"]
 
@@ -130,6 +131,25 @@ class CaptureSummary:
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+def check_format(opts: CaptureOptions, path: Any, existing: str | None = None) -> None:
+    """Refuse an archive format the job cannot write: a multi-process job needs a Zarr
+    directory (one file has one writer); a resume, the ``existing`` archive's format."""
+    if existing is not None and opts.format is not None and opts.format != existing:
+        raise ConfigError(
+            f"resume: format differs: archive {str(path)!r} is {existing}, this run asks for "
+            f"{opts.format}; resume without --format (or with --format {existing}), or capture "
+            "into a new archive"
+        )
+    if existing is None and opts.sharded:
+        fmt = archive_format(path, opts.format)
+        if fmt != "zarr" or str(path).lower().endswith(".zip"):
+            raise ConfigError(
+                f"multi-process capture (rank/world_size) needs a Zarr directory archive; "
+                f"{str(path)!r} is {'a Zarr zip' if fmt == 'zarr' else fmt} (one file has one "
+                "writer); capture to a .zarr folder or in one process"
+            )
+
 
 def _positive(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
