@@ -18,9 +18,11 @@ A write that fails in the operating system (disk full, quota, I/O error) leaves 
 dirty caches it can never write; closing such a file makes HDF5 retry, fail again and, in
 h5py, crash while objects are deallocated. So the first such failure abandons the file
 (:meth:`HDF5Backend._abandon`): its descriptor is pointed at ``/dev/null``, the close then
-succeeds without touching the file (which stays as of its last flush, i.e. the last
-commit), every later write raises the same ``OSError``, and the error reaches the caller
-as an ``OSError`` with the operating system's errno.
+succeeds without writing, every later write raises the same ``OSError``, and the error
+reaches the caller as an ``OSError`` with the operating system's errno. What the failed
+flush did write stays; a file it left shorter than the end its superblock records is
+extended to that end (:meth:`HDF5Backend._settle`), so the committed samples read and a
+resume continues (tried on a full 5 MiB tmpfs).
 """
 
 from __future__ import annotations
@@ -353,11 +355,11 @@ class HDF5Backend(Backend):
         abandons the file (module docstring) and raises that ``OSError``. A file opened
         for append that nothing was written to is left byte for byte as it was."""
         if self._head and not self._changed and self._failed is None and self._f.id.valid:
-            self._abandon(OSError(0, "closed unchanged"))
             try:
                 self._f.close()
-            finally:
-                self._restore_head()
+            except Exception:  # noqa: BLE001 - nothing of ours was written
+                pass
+            self._restore_head()
             return
         err: OSError | None = None
         try:
@@ -371,7 +373,7 @@ class HDF5Backend(Backend):
                     self._f.close()
                 except Exception:  # noqa: BLE001 - closed as far as HDF5 can
                     pass
-        if self._failed is not None and self._failed.errno:
+        if self._failed is not None:
             self._settle()
         if err is not None:
             raise err
