@@ -166,6 +166,63 @@ def _delete_array(w: Path) -> list[str]:
     return ["verify", str(w / "x.zarr")]
 
 
+def _set_commit(arc: Path, **rec: int) -> None:
+    p = arc / "_commits" / "main" / "zarr.json"
+    doc = json.loads(p.read_text())
+    doc["attributes"]["attnscope"].update(rec)
+    p.write_text(json.dumps(doc))
+
+
+def _drop_last_chunk(arc: Path) -> None:
+    arr = arc / "encoder" / "0" / "self_attention" / "c"
+    sorted(p for p in arr.rglob("*") if p.is_file())[-1].unlink()
+
+
+DAMAGE: dict[str, Callable[[Path], None]] = {
+    "deleted array": lambda arc: shutil.rmtree(arc / "decoder" / "1" / "cross_attention"),
+    "negative commit count": lambda arc: _set_commit(arc, committed=-1),
+    "commit raised past the data": lambda arc: _set_commit(arc, committed=6, stop=6),
+    "missing last chunk": _drop_last_chunk,
+}
+
+
+def _damaged(damage: str, cmd: str) -> Callable[[Path], list[str]]:
+    """A data command on x.zarr damaged in a way verify rejects (refused before computing)."""
+
+    def build(w: Path) -> list[str]:
+        arc = w / "x.zarr"
+        DAMAGE[damage](arc)
+        return {
+            "analyze": ["analyze", str(arc), "--out", str(w / "tz"), "--no-progress"],
+            "render": ["render", str(arc), "--out", str(w / "figs"), "--no-progress"],
+            "report": ["report", str(arc), "--tables", str(w / "tx"), "--out", str(w / "r.html")],
+            "rollout": ["rollout", str(arc), "--out", str(w / "r")],
+            "diff": ["diff", str(w / "y.zarr"), str(arc), "--out", str(w / "d")],
+        }[cmd]
+
+    return build
+
+
+def _h5_resume_other_batch_size(w: Path) -> list[str]:
+    # A writer killed while the file was open leaves the superblock's write flag set; a
+    # refused resume must not clear it (nor change any other byte).
+    with open(w / "x.h5", "r+b") as fh:
+        fh.seek(20)
+        fh.write(b"\x01")
+    return ["capture", "--config", str(w / "model.json"), "--batches", "3", "--batch-size", "3",
+            "--out", str(w / "x.h5"), "--resume", "--no-progress"]
+
+
+def _empty(w: Path) -> str:
+    (w / "empty").mkdir()
+    return str(w / "empty")
+
+
+def _symlink_loop(w: Path) -> list[str]:
+    (w / "loop").symlink_to(w / "loop")
+    return _capture(w, "--out", str(w / "loop" / "x.zarr"))
+
+
 def _truncated_h5(cmd: str) -> Callable[[Path], list[str]]:
     def build(w: Path) -> list[str]:
         data = (w / "x.h5").read_bytes()
@@ -383,6 +440,19 @@ CASES: dict[str, Callable[[Path], list[str]]] = {
     "resume other layers": lambda w: _resume(w, "--layers", "0"),
     "resume other kinds": lambda w: _resume(w, "--kinds", "self_attention"),
     "resume other topk": lambda w: _resume(w, "--topk", "2"),
+    "resume with --overwrite": lambda w: _resume(w, "--overwrite"),
+    "resume with another --format": lambda w: _resume(w, "--format", "hdf5"),
+    "resume hdf5 refused after opening": _h5_resume_other_batch_size,
+    "capture heads empty": lambda w: _capture(w, "--heads", ""),
+    "capture heads reversed": lambda w: _capture(w, "--heads", "3-1"),
+    "capture rows last beyond the axis": lambda w: _capture(w, "--rows", "decoder:last=999"),
+    "capture max-length negative": lambda w: _hf_inputs(
+        w, "m.npz", "--max-length", "-3", arrays={"input_ids": _ids()}),
+    "capture out through a symlink loop": _symlink_loop,
+    "capture out under a file": lambda w: _capture(w, "--out", str(Path(_file(w)) / "x.zarr")),
+    "capture multi-process to hdf5": lambda w: _capture(
+        w, "--rank", "0", "--world-size", "2", "--out", str(w / "s.h5")),
+    "analyze an empty folder": lambda w: ["analyze", _empty(w), "--out", str(w / "t")],
     "resume renamed modality": lambda w: [
         "capture", "--config", _cfg(w, enc_modalities={"words": 4, "image": 6}),
         *_resume(w)[3:]],
@@ -448,6 +518,9 @@ CASES: dict[str, Callable[[Path], list[str]]] = {
     "info of a chained fsspec URL": lambda w: ["info", "simplecache::s3://bucket/run.zarr"],
     "capture to a chained fsspec URL": lambda w: _capture(
         w, "--out", "simplecache::memory://attnscope-cli/run.zarr"),
+    # every data command on an archive whose structure verify rejects
+    **{f"{cmd} {damage}": _damaged(damage, cmd)
+       for cmd in ("analyze", "render", "report", "rollout", "diff") for damage in DAMAGE},
     # every reading command on an array whose metadata is junk
     **{f"{cmd} junk array zarr.json": _junk_array_meta(cmd)
        for cmd in ("info", "verify", "analyze", "render", "report")},

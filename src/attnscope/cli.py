@@ -58,19 +58,24 @@ def _one_line(e: BaseException) -> str:
 
 
 def _int_list(ctx: click.Context, param: click.Parameter, value: str | None) -> list[int] | None:
+    """Comma-separated integers and low-high ranges ('0,2,4-7'). An empty list or a
+    reversed range ('3-1') would select nothing: refused in one line naming the value."""
     if value is None:
         return None
+    form = "expected integers like '0,2,4-7' (ranges low-high)"
     out: list[int] = []
-    try:
-        for part in value.split(","):
-            part = part.strip()
-            if "-" in part[1:]:
-                a, b = part.split("-", 1)
-                out.extend(range(int(a), int(b) + 1))
-            elif part:
-                out.append(int(part))
-    except ValueError:
-        raise click.BadParameter(f"expected integers like '0,2,4-7', got {value!r}") from None
+    for part in (p.strip() for p in value.split(",")):
+        try:
+            ends = [int(x) for x in part.split("-", 1)] if "-" in part[1:] else [int(part)]
+        except ValueError:
+            if not part:
+                continue
+            raise click.BadParameter(f"{form}, got {value!r}") from None
+        if len(ends) == 2 and ends[0] > ends[1]:
+            raise ConfigError(f"--{param.name} {value!r}: range {part!r} is reversed; {form}")
+        out.extend(range(ends[0], ends[-1] + 1))
+    if not out:
+        raise ConfigError(f"--{param.name} selects nothing: got {value!r}; {form}")
     return out
 
 
@@ -193,7 +198,7 @@ def demo(out: Path, fmt: str | None, batches: int, batch_size: int, seed: int,
               help="Local Hugging Face tokenizer folder (default with --hf-model: the "
                    "checkpoint's own): tokenizes rows of text (padding='longest' per batch) "
                    "and stores every sample's tokens.")
-@click.option("--max-length", type=int, default=None,
+@click.option("--max-length", type=click.IntRange(min=1), default=None,
               help="Maximum tokens per sample of a ragged archive (batches of different "
                    "lengths); also truncates .jsonl/.txt sentences. Default: the longest "
                    "batch of the inputs.")
@@ -402,24 +407,12 @@ def analyze(archive: Path, out: Path, topk: int, sink_token: int, workers: int,
         click.echo(f"{name}: {p}")
 
 
-def _selection(ctx: click.Context, param: click.Parameter, value: str | None) -> list[int] | None:
-    """``_int_list`` that refuses a reversed range ('3-1') instead of selecting nothing."""
-    for part in (value or "").split(","):
-        ends = [e.strip() for e in part.split("-")]
-        if len(ends) == 2 and all(e.isdigit() for e in ends) and int(ends[0]) > int(ends[1]):
-            raise ConfigError(
-                f"--{param.name} {value!r}: range {part.strip()!r} is reversed; expected "
-                "integers like '0,2,4-7' (ranges low-high)"
-            )
-    return _int_list(ctx, param, value)
-
-
 @cli.command()
 @click.argument("archive", type=ARCHIVE)
 @click.option("--out", type=LOCAL, required=True, help="Figures folder.")
-@click.option("--layers", callback=_selection, help="Layer indices, e.g. '0,2', '0-3'.")
-@click.option("--heads", callback=_selection, help="Head indices, e.g. '0,3'.")
-@click.option("--samples", callback=_selection, help="Sample indices (default: 0).")
+@click.option("--layers", callback=_int_list, help="Layer indices, e.g. '0,2', '0-3'.")
+@click.option("--heads", callback=_int_list, help="Head indices, e.g. '0,3'.")
+@click.option("--samples", callback=_int_list, help="Sample indices (default: 0).")
 @kinds_opt
 @click.option("--what", callback=_str_list, default=None,
               help=f"Figure families, any of {','.join(FIGURE_KINDS)} (default: all; "
@@ -474,7 +467,7 @@ def render(archive: Path, out: Path, layers: list[int] | None, heads: list[int] 
 @click.option("--out", type=LOCAL, default=Path("report.html"),
               show_default=True)
 @click.option("--sample", default=0, show_default=True, help="Sample shown when it opens.")
-@click.option("--samples", callback=_selection,
+@click.option("--samples", callback=_int_list,
               help="Samples embedded in the viewer, e.g. '0-3,9' (default: as many as fit "
                    "~1.3 MB, from 0).")
 def report(archive: Path, tables_dir: Path | None, out: Path, sample: int,
@@ -511,9 +504,9 @@ def report(archive: Path, tables_dir: Path | None, out: Path, sample: int,
 @click.argument("archive", type=ARCHIVE)
 @click.option("--out", type=LOCAL, required=True,
               help="Folder for rollout.parquet (and rollout/ figures).")
-@click.option("--samples", callback=_selection,
+@click.option("--samples", callback=_int_list,
               help="Samples to roll out, e.g. '0-3,9' (default: all).")
-@click.option("--heads", callback=_selection,
+@click.option("--heads", callback=_int_list,
               help="Original head ids to average (default: every stored head).")
 @click.option("--figures", is_flag=True,
               help="Also draw rollout heatmaps (of the --samples given, else of sample 0).")
@@ -550,8 +543,8 @@ def rollout(archive: Path, out: Path, samples: list[int] | None, heads: list[int
               help="Folder for diff.parquet (and diff/ figures).")
 @click.option("--figures", is_flag=True,
               help="Also draw B - A heatmaps (head mean) and per-layer/head JS summaries.")
-@click.option("--samples", callback=_selection, help="Samples drawn with --figures (default: 0).")
-@click.option("--heads", callback=_selection,
+@click.option("--samples", callback=_int_list, help="Samples drawn with --figures (default: 0).")
+@click.option("--heads", callback=_int_list,
               help="Heads drawn with --figures, besides the head mean.")
 @click.option("--fmt", type=click.Choice(FIGURE_FORMATS), default="png", show_default=True)
 def diff(archive_a: Path, archive_b: Path, out: Path, figures: bool,

@@ -239,3 +239,73 @@ def test_tables_of_a_relative_path_are_not_stale_from_another_cwd(tmp_path, monk
     monkeypatch.chdir(tmp_path.parent)
     df = load_table(tmp_path / "tables", "head_stats", archive=tmp_path / "a.zarr")
     assert len(df) > 0
+
+
+def _damage(path: Path, how: str) -> None:
+    """Damage that verify rejects: a deleted array, or an impossible commit count."""
+    import shutil
+
+    name = "decoder/0/cross_attention"
+    if str(path).endswith(".zarr"):
+        if how == "deleted array":
+            shutil.rmtree(path / name)
+            return
+        rec = path / "_commits" / "main" / "zarr.json"
+        doc = json.loads(rec.read_text())
+        doc["attributes"]["attnscope"]["committed"] = -2
+        rec.write_text(json.dumps(doc))
+        return
+    import h5py
+
+    with h5py.File(path, "r+") as f:
+        if how == "deleted array":
+            del f[name]
+        else:
+            f["_commits/main"][...] = [0, 6, -2]
+
+
+@pytest.mark.parametrize("how", ["deleted array", "negative commit count"])
+@pytest.mark.parametrize("command", ["analyze", "rollout", "diff", "timeline", "statistics"])
+def test_data_commands_refuse_a_damaged_archive_before_computing(
+    tmp_path: Path, fmt: str, how: str, command: str
+) -> None:
+    from attnscope.analysis.diff import diff_archives
+    from attnscope.analysis.rollout import rollout_archive
+    from attnscope.analysis.timeline import timeline
+    from attnscope.errors import ArchiveCorruptError
+
+    good = tmp_path / f"good.{fmt}"
+    build_archive(good, make_weights(seed=1), make_layout()).close()
+    bad = tmp_path / f"bad.{fmt}"
+    build_archive(bad, make_weights(seed=1), make_layout()).close()
+    _damage(bad, how)
+    out = tmp_path / "out"
+    run = {
+        "analyze": lambda: analyze(bad, out, progress=False),
+        "rollout": lambda: rollout_archive(bad, out),
+        "diff": lambda: diff_archives(good, bad, out),
+        "timeline": lambda: timeline(bad, out),
+        "statistics": lambda: statistics_json(bad, out / "s.json"),
+    }[command]
+    with pytest.raises(ArchiveCorruptError) as e:
+        run()
+    msg = str(e.value)
+    assert "\n" not in msg and "attnscope verify" in msg
+    assert ("missing from storage" if how == "deleted array" else "committed=-2") in msg
+    assert not out.exists() or not any(out.iterdir())  # refused before writing anything
+
+
+def test_a_failed_analyze_leaves_no_partial_table(small, tmp_path: Path, monkeypatch) -> None:
+    import errno
+
+    a, _w = small
+    real_close = pq.ParquetWriter.close
+
+    def close(self: Any) -> None:  # the disk fills while the tables are finished
+        real_close(self)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(pq.ParquetWriter, "close", close)
+    with pytest.raises(OSError, match="No space left"):
+        analyze(a, tmp_path / "t", progress=False)
+    assert sorted(p.name for p in (tmp_path / "t").iterdir()) == []

@@ -22,6 +22,10 @@ from attnscope.errors import ConfigError
         ({"topk": True}, "topk must be an integer >= 1, got True"),
         ({"format": "npz"}, "format 'npz' is not supported"),
         ({"rank": 1}, "rank and world_size go together"),
+        ({"resume": True, "overwrite": True}, "resume and overwrite contradict each other"),
+        ({"heads": []}, "heads is empty: it would capture nothing"),
+        ({"layers": ()}, "layers is empty"),
+        ({"heads": [2, -1]}, "heads [2, -1] holds a negative index"),
     ],
 )
 def test_bad_options_are_refused(kwargs, needle) -> None:
@@ -60,3 +64,19 @@ def test_cuda_device_without_cuda_is_one_line(small_model, make_batches, tmp_pat
 
 def test_cpu_device_resolves() -> None:
     assert resolve_device("cpu") == torch.device("cpu")
+
+
+def test_resume_with_another_format_is_refused(small_model, make_batches, tmp_path) -> None:
+    path = tmp_path / "run.zarr"
+    capture(small_model, make_batches(1), path, progress=False)
+    with pytest.raises(ConfigError, match="resume: format differs: archive .* is zarr, this run"):
+        capture(small_model, make_batches(2), path, resume=True, format="hdf5", progress=False)
+
+
+def test_multi_process_hdf5_is_refused_before_creating_anything(
+    small_model, make_batches, tmp_path
+) -> None:
+    path = tmp_path / "run.h5"
+    with pytest.raises(ConfigError, match="multi-process capture .* needs a Zarr directory"):
+        capture(small_model, make_batches(2), path, rank=0, world_size=2, progress=False)
+    assert list(tmp_path.iterdir()) == []

@@ -99,6 +99,9 @@ def test_bad_spellings_are_one_config_error(spec, match) -> None:
          r"row\(s\) \[10\] out of range: the encoder axis has 10 rows"),
         ("decoder:last", TokenLayout(encoder=LAYOUT.encoder),
          r"no decoder side \(its sides: \['encoder'\]\)"),
+        ("encoder:last=999", LAYOUT,
+         r"'encoder:last=999' asks for more rows than the encoder axis has \(10\); "
+         r"expected last=1..10"),
     ],
 )  # fmt: skip
 def test_resolution_errors_name_what_exists(spec, layout, match) -> None:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import errno
+import os
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
 
 from attnscope.capture.job import capture
-from attnscope.capture.writer import stored_nbytes
+from attnscope.capture.writer import storage_error, stored_nbytes
 from attnscope.cli import cli
 from attnscope.errors import CaptureError
 from attnscope.store import ArchiveWriter, open_archive
@@ -108,3 +109,85 @@ def test_cli_disk_full_is_one_line(tmp_path, monkeypatch) -> None:
     assert len(lines) == 1, res.stderr
     assert lines[0].startswith("Error: CaptureError: disk full")
     assert "the 2 samples committed before are safe" in lines[0]
+
+
+@pytest.mark.parametrize(
+    ("code", "what", "free"),
+    [
+        (errno.ENOSPC, "disk full", True),
+        (errno.EDQUOT, "disk quota exceeded", True),
+        (errno.EROFS, "read-only file system", False),
+        (errno.EPERM, "operation not permitted", False),
+        (errno.ELOOP, "symbolic link loop", False),
+        (errno.ENOTDIR, "not a folder", False),
+        (errno.EIO, "input/output error", False),
+    ],
+)
+def test_storage_error_says_what_the_errno_means(code, what, free) -> None:
+    for committed in (0, 4):
+        msg = str(storage_error(OSError(code, os.strerror(code)), "run.zarr", committed))
+        assert what in msg.split(" while ")[0] and f"[Errno {code}]" in msg and "\n" not in msg
+        assert ("free space" in msg) is free, msg
+        assert ("the 4 samples committed before are safe" in msg) is bool(committed)
+
+
+# Runs the CLI in a child process whose HDF5 file stops growing at the n-th append: the
+# file-size limit (RLIMIT_FSIZE) is set to the file's size, so HDF5's C code fails to write
+# with EFBIG as it fails with ENOSPC on a full disk (tried on a 5 MiB tmpfs: the same, with
+# "disk full"). A full disk still lets a file grow sparsely, which the store uses to make a
+# half-flushed file open again; the limit does not, so it is lifted when the writer closes.
+# A crash of h5py would take the child, not pytest.
+_DISK_FILLS = """
+import os, resource, signal, sys
+from attnscope.cli import cli
+from attnscope.store import ArchiveWriter
+
+real, calls = ArchiveWriter.append, [0]
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails, EFBIG
+
+def append(self, *a, **k):
+    calls[0] += 1
+    if calls[0] == int(sys.argv[1]) + 1:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (os.path.getsize(self.path), hard))
+    return real(self, *a, **k)
+
+def close(self):
+    resource.setrlimit(resource.RLIMIT_FSIZE, (hard, hard))
+    real_close(self)
+
+hard = resource.getrlimit(resource.RLIMIT_FSIZE)[1]
+real_close = ArchiveWriter.close
+ArchiveWriter.append, ArchiveWriter.close = append, close
+cli.main(sys.argv[2:], prog_name="attnscope")
+"""
+
+
+def test_hdf5_write_failure_is_one_line_in_capture_and_resume(tmp_path) -> None:
+    import json
+    import subprocess
+    import sys
+
+    from attnscope.store import verify
+
+    cfg = tmp_path / "model.json"
+    cfg.write_text(json.dumps({
+        "embed_dim": 32, "context_length": 16, "num_heads": 4, "num_encoder_layers": 1,
+        "num_decoder_layers": 1, "enc_modalities": {"text": 4}, "dec_modalities": {"act": 3},
+    }))  # fmt: skip
+    out = tmp_path / "f.h5"
+    args = ["capture", "--config", str(cfg), "--batches", "3", "--batch-size", "2", "--out",
+            str(out), "--no-progress", "--device", "cpu"]  # fmt: skip
+    for n_ok, extra in ((1, []), (0, ["--resume"])):
+        res = subprocess.run([sys.executable, "-c", _DISK_FILLS, str(n_ok), *args, *extra],
+                             capture_output=True, text=True, timeout=300)  # fmt: skip
+        lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+        assert res.returncode == 1 and len(lines) == 1, res.stderr[-3000:]
+        assert lines[0].startswith("Error: CaptureError: file too large"), lines
+        assert "the 2 samples committed before are safe: raise the limit" in lines[0]
+        assert "--resume" in lines[0]
+        rep = verify(out)
+        assert rep.ok and rep.n_samples == 2, rep.problems
+    res = CliRunner().invoke(cli, [*args, "--resume"])
+    assert res.exit_code == 0, res.output
+    with open_archive(out) as a:
+        assert a.n_samples == 6

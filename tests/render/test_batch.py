@@ -143,3 +143,30 @@ def test_reused_figure_shows_its_own_data(small_archive, tmp_path):
     paths = render_archive(small_archive, tmp_path, layers=[0], stacks=["encoder"],
                            heads=[0, 1], what=["heatmap"], progress=False)
     assert len(paths) == 2 and paths[0].read_bytes() != paths[1].read_bytes()
+
+
+@pytest.mark.parametrize("entry", ["render_archive", "write_report", "diff_figures", "visualizer"])
+def test_rendering_refuses_an_archive_with_a_deleted_array(rng, tmp_path, entry):
+    import shutil
+
+    from attnscope.errors import ArchiveCorruptError
+    from attnscope.render.compare import render_diff
+    from attnscope.render.report import write_report
+    from attnscope.render.visualizer import AttentionVisualizer
+
+    from .conftest import SMALL_LAYOUT, small_weights, write_archive
+
+    path = write_archive(tmp_path / "a.zarr", small_weights(rng), SMALL_LAYOUT)
+    good = write_archive(tmp_path / "b.zarr", small_weights(rng), SMALL_LAYOUT)
+    shutil.rmtree(path / "decoder" / "1" / "cross_attention")
+    out = tmp_path / "out"
+    run = {
+        "render_archive": lambda: render_archive(path, out, progress=False),
+        "write_report": lambda: write_report(path, out / "r.html", tables_dir=tmp_path),
+        "diff_figures": lambda: render_diff(good, path, out),
+        "visualizer": lambda: AttentionVisualizer().plot_attention_heatmap(
+            path, stack="encoder", layer=0, kind="self_attention", show=False),
+    }[entry]
+    with pytest.raises(ArchiveCorruptError, match="decoder/1/cross_attention: listed in the root"):
+        run()
+    assert not out.exists()

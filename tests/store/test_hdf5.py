@@ -135,3 +135,43 @@ def test_side_arrays_shared_by_batches_carry_no_fletcher32(tmp_path) -> None:
     with open_archive(p) as a:
         assert a.n_samples == 4
         assert a.masks("encoder").all()
+
+
+def test_append_open_that_writes_nothing_leaves_the_file_byte_for_byte(tmp_path, layout, rng):
+    from attnscope.store._hdf5 import HDF5Backend
+
+    path = tmp_path / "run.h5"
+    with ArchiveWriter.create(path, layout) as w:
+        w.append(make_batch(rng, 2, layers=1))
+    with open(path, "r+b") as fh:  # the write flag a killed writer leaves in the superblock
+        fh.seek(20)
+        fh.write(b"\x01")
+    before = path.read_bytes()
+    ArchiveWriter.open(path).close()  # e.g. a resume refused once the writer is open
+    HDF5Backend(str(path), "a").close()
+    assert path.read_bytes() == before
+    with ArchiveWriter.open(path) as w:  # a real append still writes
+        w.append(make_batch(rng, 1, layers=1))
+    assert verify(path).n_samples == 3
+
+
+def test_a_failed_write_abandons_the_file_at_its_last_commit(tmp_path, layout, rng):
+    import errno
+
+    from attnscope.store._hdf5 import HDF5Backend
+
+    path = tmp_path / "run.h5"
+    w = ArchiveWriter.create(path, layout)
+    w.append(make_batch(rng, 2, layers=1))
+    backend = w._backend
+    assert isinstance(backend, HDF5Backend)
+    err = OSError(errno.ENOSPC, "No space left on device", str(path))
+    with pytest.raises(OSError) as e, backend.writing():
+        raise RuntimeError(f"Unable to flush file (file write failed: errno = 28, {err})")
+    assert e.value.errno == errno.ENOSPC
+    with pytest.raises(OSError, match="No space left"):  # every later write refused
+        w.append(make_batch(rng, 2, layers=1))
+    with pytest.raises(OSError, match="No space left"):
+        w.close()  # the final flush reports it too; the file is closed all the same
+    rep = verify(path)
+    assert rep.ok and rep.n_samples == 2

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from attnscope.errors import ArchiveCorruptError, ArchiveError, ConfigError
-from attnscope.store import ArchiveWriter, info, open_archive, verify
+from attnscope.store import ArchiveWriter, check_structure, info, open_archive, verify
+from attnscope.store.integrity import structure_problems
 
 from .store_testlib import make_batch
 
@@ -241,3 +242,123 @@ def test_hdf5_open_in_h5py_by_the_same_process_reads(tmp_path, layout, rng):
             ArchiveWriter.open(path)
     with ArchiveWriter.open(path) as w:  # closed again: resumes
         assert w.committed == 2
+
+
+# --- the structural check of the data commands (store/integrity.py) ----------------------
+
+
+def _set_commit(path: str, fmt: str, start: int, stop: int, n: int) -> None:
+    if fmt == "zarr":
+        p = os.path.join(path, "_commits", "main", "zarr.json")
+        doc = json.load(open(p))
+        doc["attributes"]["attnscope"].update(start=start, committed=n, stop=stop)
+        json.dump(doc, open(p, "w"))
+    else:
+        import h5py
+
+        with h5py.File(path, "r+") as f:
+            f["_commits/main"][:3] = [start, stop, n]  # start, stop, committed, ...
+
+
+def _drop_array(path: str, fmt: str, name: str) -> None:
+    if fmt == "zarr":
+        shutil.rmtree(os.path.join(path, *name.split("/")))
+    else:
+        import h5py
+
+        with h5py.File(path, "r+") as f:
+            del f[name]
+
+
+def _drop_last_chunk(path: str, fmt: str, name: str) -> None:
+    """Remove the chunk holding the last committed sample (sample 4) of ``name``."""
+    if fmt == "zarr":
+        d = os.path.join(path, *name.split("/"), "c")
+        with open_archive(path) as a:
+            cs = a[name].chunks[0]
+        os.remove(os.path.join(d, str(4 // cs), "0", "0", "0"))
+    else:  # HDF5 cannot delete a chunk: claim a sample whose chunk was never written
+        _set_commit(path, fmt, 0, 6, 6)
+
+
+DAMAGE = {
+    "negative commit count": (
+        lambda p, f: _set_commit(p, f, 0, 5, -3),
+        "commit record 'main' is inconsistent: start=0 stop=5 committed=-3",
+    ),
+    "commit stop before start": (
+        lambda p, f: _set_commit(p, f, 4, 2, 0),
+        "commit record 'main' is inconsistent",
+    ),
+    "commit raised past the arrays": (
+        lambda p, f: _set_commit(p, f, 0, 40, 40),
+        "samples but 40 are committed",
+    ),
+    "deleted array": (
+        lambda p, f: _drop_array(p, f, NAME),
+        f"{NAME}: listed in the root metadata but missing from storage",
+    ),
+    "missing chunk inside the committed samples": (
+        lambda p, f: _drop_last_chunk(p, f, NAME),
+        "chunk(s) missing or truncated inside the committed samples",
+    ),
+}
+
+
+@pytest.fixture
+def five_ids(path, layout, rng):
+    """Five samples in two batches, with per-sample ids."""
+    with ArchiveWriter.create(path, layout) as w:
+        for i, b in enumerate((3, 2)):
+            ids = {"input_sha256_0": np.arange(b, dtype=np.uint64) + 10 * i}
+            w.append(make_batch(rng, b, layers=1), sample_ids=ids)
+    return path
+
+
+@pytest.mark.parametrize("every_chunk", [True, False])
+@pytest.mark.parametrize("damage", sorted(DAMAGE))
+def test_check_structure_refuses_what_verify_rejects(five_ids, fmt, damage, every_chunk):
+    break_it, expect = DAMAGE[damage]
+    break_it(five_ids, fmt)
+    rep = verify(five_ids, check_data=False)
+    assert not rep.ok and any(expect in p for p in rep.problems), rep.problems
+    with open_archive(five_ids) as a:
+        got = structure_problems(a, every_chunk=every_chunk)
+        assert got.problems and all("\n" not in p for p in got.problems)
+        assert set(got.problems) <= set(rep.problems)  # verify reports the same lines
+        with pytest.raises(ArchiveCorruptError) as e:
+            check_structure(a, every_chunk=every_chunk)
+    msg = str(e.value)
+    assert "\n" not in msg and repr(five_ids) in msg and "attnscope verify" in msg
+
+
+def test_check_structure_passes_an_intact_archive_reading_no_chunk(five_ids, fmt):
+    with open_archive(five_ids) as a:
+        before = a._backend.chunk_reads
+        check_structure(a)
+        assert not structure_problems(a).problems
+        assert a._backend.chunk_reads == before  # listings and attributes only
+    assert verify(five_ids).ok
+
+
+def test_check_structure_refuses_a_ragged_archive_without_masks(path, layout, rng, fmt):
+    with ArchiveWriter.create(path, layout, max_lengths={"encoder": 9}) as w:
+        b = make_batch(rng, 2, layers=1)
+        w.append(b, masks={"encoder": np.ones((2, 9), dtype=bool)})
+    _drop_array(path, fmt, "_tokens/encoder/mask")
+    with open_archive(path) as a, pytest.raises(ArchiveCorruptError, match="mask"):
+        check_structure(a)
+
+
+def test_a_chunk_missing_inside_is_left_to_the_read_when_not_every_chunk(tmp_path, layout, rng):
+    path = str(tmp_path / "run.zarr")  # Zarr: one file per chunk, so one can be deleted
+    with ArchiveWriter.create(path, layout, chunk_samples=1) as w:
+        w.append(make_batch(rng, 3, layers=1))
+    d = os.path.join(path, *NAME.split("/"), "c")
+    os.remove(os.path.join(d, "1", "0", "0", "0"))  # sample 1 of 3
+    with open_archive(path) as a:
+        check_structure(a, every_chunk=False)  # one lookup per array: the last sample's
+        with pytest.raises(ArchiveCorruptError, match="chunk\\(s\\) missing"):
+            check_structure(a)
+        with pytest.raises(ArchiveCorruptError, match="is missing although"):
+            a[NAME][1]

@@ -320,3 +320,14 @@ def test_copy_of_archive_verifies(good, tmp_path):
     dst = str(tmp_path / ("copy" + os.path.splitext(good)[1]))
     (shutil.copytree if os.path.isdir(good) else shutil.copy)(good, dst)
     assert verify(dst).ok
+
+
+def test_info_of_an_empty_folder_names_what_is_there(tmp_path):
+    from attnscope.store import info
+
+    empty = tmp_path / "empty.zarr"
+    empty.mkdir()
+    note = info(empty)["note"]
+    assert "empty folder" in note and "lock" not in note
+    (empty / ".attnscope-locks").mkdir()
+    assert "only the lock folder of a writer" in info(empty)["note"]

@@ -32,7 +32,7 @@ from attnscope.analysis.statistics import entries_from_accumulators, write_stati
 from attnscope.analysis.tables import TableWriter
 from attnscope.contracts import KIND_AXES
 from attnscope.errors import ConfigError, SelectionError
-from attnscope.store import open_archive
+from attnscope.store import check_structure, open_archive
 
 __all__ = ["analyze", "SIMILARITIES"]
 
@@ -317,6 +317,7 @@ def analyze(
     if Path(out_dir).exists() and not Path(out_dir).is_dir():
         raise ConfigError(f"tables folder {os.fspath(out_dir)!r} is a file; expected a folder")
     with open_archive(archive_or_path) as a:
+        check_structure(a)
         names = _select(a, arrays)
         specs = [
             _spec(

@@ -22,7 +22,7 @@ from attnscope.analysis.metrics import as_float32, row_entropy
 from attnscope.analysis.rollout import ParquetSink
 from attnscope.contracts import AVERAGE_HEAD, KIND_AXES
 from attnscope.errors import ConfigError
-from attnscope.store import open_archive
+from attnscope.store import check_structure, open_archive
 
 __all__ = ["check_same_layout", "diff_archives", "js_rows"]
 
@@ -224,6 +224,8 @@ def diff_archives(
     >>> diff_archives("ckpt1.zarr", "ckpt2.zarr", "diff/")  # doctest: +SKIP
     """
     with open_archive(a) as arc_a, open_archive(b) as arc_b:
+        check_structure(arc_a)
+        check_structure(arc_b)
         check_same_layout(arc_a, arc_b, max_bytes=max_bytes)
         id_a, id_b = arc_a.identity(), arc_b.identity()
         fa, fb = str(id_a["fingerprint"]), str(id_b["fingerprint"])

@@ -32,7 +32,7 @@ from attnscope.analysis.blocks import dense_block, sample_slices, sparse_causal
 from attnscope.analysis.tables import TABLE_SCHEMAS
 from attnscope.contracts import IDENTITY_KEY
 from attnscope.errors import SelectionError, ShapeError
-from attnscope.store import open_archive
+from attnscope.store import check_structure, open_archive
 from attnscope.store.names import array_name
 
 __all__ = [
@@ -321,6 +321,7 @@ def sample_rollout(
         decoder token. Positions are the stored positions of the real tokens.
     """
     with open_archive(archive) as a:
+        check_structure(a, every_chunk=False)  # reads one sample
         (i,) = _check_samples([sample], a.n_samples)
         return dict(_iter_rollouts(a, [i], heads, 64 << 20))[i]
 
@@ -404,6 +405,7 @@ def rollout_archive(
     >>> load_table("tables", "rollout", archive="run.zarr")  # doctest: +SKIP
     """
     with open_archive(archive) as a:
+        check_structure(a)
         ids = _check_samples(samples, a.n_samples)
         names = rollout_arrays(a)
         last = {

@@ -42,6 +42,7 @@ from attnscope.errors import InputError, ShapeError
 from attnscope.store import (
     AttentionArchive,
     as_numpy,
+    check_structure,
     flatten_weights,
     open_archive,
     parse_array_name,
@@ -99,6 +100,7 @@ def _entries_from_nested(weights: Mapping[str, Any]) -> dict[str, list[dict]]:
 
 def _entries_from_archive(archive: Any, *, max_bytes: int = 64 << 20) -> dict[str, list[dict]]:
     with open_archive(archive) as a:
+        check_structure(a)
         accs: dict[str, tuple[StatsAccumulator, Any]] = {}
         for name in a.arrays():
             arr = a[name]

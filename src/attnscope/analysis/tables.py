@@ -143,24 +143,29 @@ class TableWriter:
         """Close the writers and give every table its final name (empty tables included)."""
         out: dict[str, Path] = {}
         for name in self.tables():
-            w = self._writers.pop(name, None)
+            w = self._writers.get(name)
             if w is None:
                 pq.write_table(self._schemas[name].empty_table(), self._partial(name))
             else:
                 w.close()
+                del self._writers[name]
             final = self.out_dir / f"{name}.parquet"
             os.replace(self._partial(name), final)
             out[name] = final
         return out
 
     def abort(self) -> None:
-        """Close and delete the partial files."""
-        for name, w in list(self._writers.items()):
+        """Close the writers and delete every partial file, also when closing fails (a
+        full disk fails the close's last write; the error on its way out is the one
+        reported)."""
+        for w in self._writers.values():
             try:
                 w.close()
-            finally:
-                self._partial(name).unlink(missing_ok=True)
+            except Exception:  # noqa: BLE001 - the file is deleted below either way
+                pass
         self._writers.clear()
+        for name in self.tables():
+            self._partial(name).unlink(missing_ok=True)
 
 
 def _resolve(path: Any) -> str:

@@ -22,7 +22,7 @@ from attnscope.analysis.blocks import iter_array_blocks, query_rows
 from attnscope.analysis.tables import TableWriter, _const, _lookup
 from attnscope.contracts import AVERAGE_HEAD, EPISODE_ID, KIND_AXES, STEP_ID
 from attnscope.errors import ConfigError, SelectionError
-from attnscope.store import open_archive
+from attnscope.store import check_structure, open_archive
 from attnscope.store.layout import SideLayout
 
 __all__ = ["TIMELINE", "has_episodes", "timeline", "timeline_mass"]
@@ -101,6 +101,7 @@ def timeline(
     PosixPath('tables/timeline.parquet')
     """
     with open_archive(archive_or_path) as arc:
+        check_structure(arc)
         if not has_episodes(arc):
             raise ConfigError(
                 f"timeline needs per-sample {EPISODE_ID!r} and {STEP_ID!r} ids; the archive has "

@@ -30,6 +30,7 @@ from attnscope.capture.options import (
     CaptureOptions,
     CaptureSummary,
     batch_ids,
+    check_format,
     model_device,
     progress_bar,
     resolve_device,
@@ -237,6 +238,7 @@ class _Job:
         self.path = path
         self.batches = batches
         self.shard = shard_for(batches, opts)
+        check_format(opts, path)  # before anything exists: rank 0 creates the archive first
         dev = None if opts.device is None else resolve_device(opts.device)
         self.adapter = adapter_for(model, opts.tokenizer)
         try:
@@ -482,6 +484,7 @@ class _Job:
     def _reopen(self) -> None:
         """Resume: check the archive means what this run would write, then append to it."""
         with open_archive(self.path) as arch:
+            check_format(self.opts, self.path, arch.format)
             meta = arch.metadata
             fields, n = arch.token_fields(), arch.n_samples
             ids = arch.sample_ids if n else {}

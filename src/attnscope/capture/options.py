@@ -16,6 +16,7 @@ from attnscope.capture.policy import RowPolicy
 from attnscope.contracts import DEFAULT_COMPRESSOR, DTYPES, FORMATS, STACKS
 from attnscope.errors import ConfigError
 from attnscope.store.codecs import check_level
+from attnscope.store.meta import archive_format
 
 __all__ = ["CaptureOptions", "CaptureSummary", "resolve_device", "TORCH_DTYPES"]
 
@@ -99,6 +100,12 @@ class CaptureOptions:
                 "generate must be a dict of generate() options, e.g. "
                 f"dict(max_new_tokens=16), got {type(self.generate).__name__}"
             )
+        if self.resume and self.overwrite:
+            raise ConfigError(
+                "resume and overwrite contradict each other: resume continues the archive's "
+                "committed samples, overwrite deletes them; expected one of the two "
+                "(--resume or --overwrite)"
+            )
         if self.dry_run and (self.resume or self.rank is not None):
             raise ConfigError(
                 f"dry_run measures a new archive; got resume={self.resume}, rank={self.rank}; "
@@ -136,6 +143,25 @@ class CaptureSummary:
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+def check_format(opts: CaptureOptions, path: Any, existing: str | None = None) -> None:
+    """Refuse an archive format the job cannot write: a multi-process job needs a Zarr
+    directory (one file has one writer); a resume, the ``existing`` archive's format."""
+    if existing is not None and opts.format is not None and opts.format != existing:
+        raise ConfigError(
+            f"resume: format differs: archive {str(path)!r} is {existing}, this run asks for "
+            f"{opts.format}; resume without --format (or with --format {existing}), or capture "
+            "into a new archive"
+        )
+    if existing is None and opts.sharded:
+        fmt = archive_format(path, opts.format)
+        if fmt != "zarr" or str(path).lower().endswith(".zip"):
+            raise ConfigError(
+                f"multi-process capture (rank/world_size) needs a Zarr directory archive; "
+                f"{str(path)!r} is {'a Zarr zip' if fmt == 'zarr' else fmt} (one file has one "
+                "writer); capture to a .zarr folder or in one process"
+            )
+
 
 def _positive(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
@@ -182,6 +208,12 @@ def _selection(name: str, values: Sequence[Any] | None, conv: Callable[[Any], An
     if isinstance(values, str):
         raise ConfigError(f"{name} must be a list, got the string {values!r}")
     out = tuple(conv(v) for v in values)
+    if not out:
+        raise ConfigError(
+            f"{name} is empty: it would capture nothing; expected at least one, or None for all"
+        )
+    if name == "heads" and any(v < 0 for v in out):
+        raise ConfigError(f"heads {list(out)} holds a negative index; expected indices >= 0")
     repeated = sorted({v for v in out if out.count(v) > 1}, key=str)
     if repeated:
         raise ConfigError(

@@ -137,8 +137,8 @@ class RowPolicy:
         (the layout's length: a ragged archive's maximum).
 
         Raises :class:`SelectionError` for a side the layout lacks, a segment it does not
-        name (listing those it has), a row out of range (naming the length) or a rule that
-        keeps no row.
+        name (listing those it has), a row out of range or a ``last`` count beyond the
+        axis (naming the length) or a rule that keeps no row.
         """
         out: dict[str, np.ndarray] = {}
         for side, rule, arg in self.sides:
@@ -151,7 +151,12 @@ class RowPolicy:
                 )
             n = int(lay.length)
             if rule == "last":
-                rows = np.arange(max(0, n - int(arg)), n)
+                if int(arg) > n:
+                    raise SelectionError(
+                        f"rows: '{side}:last={int(arg)}' asks for more rows than the {side} "
+                        f"axis has ({n}); expected last=1..{n}"
+                    )
+                rows = np.arange(n - int(arg), n)
             elif rule == "every":
                 rows = np.arange(0, n, int(arg))
             elif rule == "segment":

@@ -160,14 +160,38 @@ class WriterThread:
         self.samples += bsz
 
 
+# errno -> (what happened, what to do); the committed samples are safe either way
+_ADVICE = {
+    errno.ENOSPC: ("disk full", "free space"),
+    errno.EDQUOT: ("disk quota exceeded", "free space (or raise the quota)"),
+    errno.EROFS: ("read-only file system", "remount it read-write"),
+    errno.EACCES: ("permission denied", "make the output path writable"),
+    errno.EPERM: ("operation not permitted", "make the output path writable"),
+    errno.ELOOP: ("symbolic link loop in the output path", "fix the link or choose another --out"),
+    errno.ENOTDIR: (
+        "a part of the output path is a file, not a folder",
+        "choose an --out inside a folder",
+    ),
+    errno.EFBIG: (
+        "file too large (the file-size limit, ulimit -f)",
+        "raise the limit, or write a Zarr archive (one file per chunk)",
+    ),
+    errno.EIO: ("input/output error", "check the disk"),
+}
+
+
 def storage_error(e: OSError, path: Any, committed: int) -> CaptureError:
-    """A one-line error for a failed write that says the committed samples are safe."""
-    what = "disk full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
-    err = CaptureError(
-        f"{what} while writing {str(path)!r} ([Errno {e.errno}]); the {committed} samples "
-        "committed before are safe: free space and run again with resume=True "
-        "(attnscope capture ... --resume)"
-    )
+    """A one-line error for a failed write: what the errno means, what to do, and that
+    the committed samples are safe (only disk full / quota advises freeing space)."""
+    what, todo = _ADVICE.get(e.errno or 0, (e.strerror or str(e), "fix the cause"))
+    if committed:
+        then = (
+            f"the {committed} samples committed before are safe: {todo} and run again "
+            "with resume=True (attnscope capture ... --resume)"
+        )
+    else:
+        then = f"no sample was committed: {todo} and run again (--resume if the archive exists)"
+    err = CaptureError(f"{what} while writing {str(path)!r} ([Errno {e.errno}]); {then}")
     err.__cause__ = e
     return err
 

@@ -39,7 +39,7 @@ from attnscope.render import overlay, plots, tables
 from attnscope.render._figure_jobs import head_tag as _head_tag
 from attnscope.render._reuse import Painter
 from attnscope.render._save import save_figure, write_png
-from attnscope.store import open_archive
+from attnscope.store import check_structure, open_archive
 
 __all__ = ["FIGURES", "WHAT", "Job", "render_archive"]
 
@@ -404,6 +404,7 @@ def render_archive(
             f"unknown upsampling {upsampling!r}; expected one of {overlay.UPSAMPLING}"
         )
     with open_archive(archive_or_path) as arc:
+        check_structure(arc, every_chunk=False)
         if what is None:
             what_ = figure_jobs.default_what(arc, what_, tables_dir)
         req = _request(arc, layers, heads, samples, kinds, stacks, what_, tables_dir, fmt, log)

@@ -329,11 +329,13 @@ def render_diff(
     import matplotlib.pyplot as plt
 
     from attnscope.analysis.diff import check_same_layout  # a layout check, no analysis
-    from attnscope.store import open_archive
+    from attnscope.store import check_structure, open_archive
 
     out = Path(out_dir) / "diff"
     files: list[Path] = []
     with open_archive(a) as arc_a, open_archive(b) as arc_b:
+        check_structure(arc_a, every_chunk=False)
+        check_structure(arc_b, every_chunk=False)
         check_same_layout(arc_a, arc_b)
         names = list(arrays) if arrays is not None else arc_a.arrays()
         for i in samples if samples is not None else [0]:

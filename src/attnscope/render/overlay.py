@@ -38,7 +38,7 @@ from attnscope.contracts import EPISODE_ID, KIND_AXES, STEP_ID
 from attnscope.errors import ConfigError, SelectionError, ShapeError
 from attnscope.render._prepare import AxisSpec, PreparedMatrix
 from attnscope.render._style import STYLE, plain
-from attnscope.store import open_archive
+from attnscope.store import check_structure, open_archive
 from attnscope.store.layout import Segment, SideLayout
 
 __all__ = [
@@ -179,6 +179,7 @@ def prepare_overlay(
     ((3, 3), 0.31)
     """
     with open_archive(archive_or_path) as arc:
+        check_structure(arc, every_chunk=False)
         name = _array_name(arc, array, layer, query)
         arr = arc.attention(name)
         qside, kside = KIND_AXES[(arr.stack, arr.kind)]

@@ -38,7 +38,7 @@ from attnscope.render._style import STYLE, colormap
 from attnscope.render._viewer import CSS, JS
 from attnscope.render.batch import FIGURE_TABLES, load_tables
 from attnscope.render.overlay import image_groups
-from attnscope.store import AttentionArchive, open_archive
+from attnscope.store import AttentionArchive, check_structure, open_archive
 
 __all__ = ["check_report_path", "write_report"]
 
@@ -425,6 +425,7 @@ def write_report(
             "(`attnscope analyze ARCHIVE --out DIR`); the report does not analyse"
         )
     with open_archive(archive) as arc:
+        check_structure(arc, every_chunk=False)
         page = _build(arc, load_tables(tables_dir, arc), sample, samples, arrays, top_pairs,
                       max_cells, max_bytes, _timeline(tables_dir, arc))
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -38,7 +38,7 @@ from attnscope.errors import InputError, SelectionError
 from attnscope.render import plots
 from attnscope.render._crop import has_sample_axes
 from attnscope.render._prepare import MAX_PIXELS, array_layouts
-from attnscope.store import AttentionArchive, open_archive
+from attnscope.store import AttentionArchive, check_structure, open_archive
 from attnscope.store.layout import SideLayout, TokenLayout
 
 __all__ = ["AttentionVisualizer"]
@@ -51,6 +51,7 @@ def _maybe_archive(x: Any) -> Iterator[AttentionArchive | None]:
     """The archive behind ``x`` (an archive or its path), open for the block; else ``None``."""
     if isinstance(x, (str, os.PathLike, AttentionArchive)):
         with open_archive(x) as arc:
+            check_structure(arc, every_chunk=False)
             yield arc
     else:
         yield None

@@ -7,13 +7,15 @@ Modules, one job each: ``names`` (array names), ``codecs`` (dtype encodings),
 ``validation`` (checks of appended weights), ``meta`` (root metadata, format sniffing),
 ``batch`` (what one appended batch must look like), ``writer`` (``ArchiveWriter``),
 ``reader`` (``open_archive``, ``AttentionArchive``, ``AttentionArray``), ``views``
-(dask / xarray), ``verify`` (``verify`` / ``info``); ``_base`` is the backend interface,
+(dask / xarray), ``integrity`` (``check_structure``: the structural check every data
+command runs), ``verify`` (``verify`` / ``info``); ``_base`` is the backend interface,
 ``_zarr`` and ``_hdf5`` its two implementations, ``_lock`` the writer leases, ``remote``
 archives at fsspec URLs (``s3://bucket/run.zarr``; Zarr only).
 """
 
 from attnscope.store._base import choose_chunks
 from attnscope.store.codecs import as_numpy
+from attnscope.store.integrity import check_structure
 from attnscope.store.layout import Segment, SideLayout, TokenLayout
 from attnscope.store.meta import SCHEMA_VERSION, archive_format, holds_no_data, refuse_existing
 from attnscope.store.names import array_name, flatten_weights, parse_array_name
@@ -31,6 +33,7 @@ __all__ = [
     "AttentionArchive",
     "AttentionArray",
     "open_archive",
+    "check_structure",
     "set_storage_options",
     "info",
     "format_info",

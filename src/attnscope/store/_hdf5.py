@@ -13,13 +13,25 @@ Crash safety: the file is flushed after each batch's data and again after its co
 record (a tiny int64 dataset written in place, never resized). Files use the default
 (earliest) format, which has no "file open for write" superblock flag, so a killed
 writer leaves a file that still opens at its last flush.
+
+A write that fails in the operating system (disk full, quota, I/O error) leaves HDF5 with
+dirty caches it can never write; closing such a file makes HDF5 retry, fail again and, in
+h5py, crash while objects are deallocated. So the first such failure abandons the file
+(:meth:`HDF5Backend._abandon`): its descriptor is pointed at ``/dev/null``, the close then
+succeeds without writing, every later write raises the same ``OSError``, and the error
+reaches the caller as an ``OSError`` with the operating system's errno. What the failed
+flush did write stays; a file it left shorter than the end its superblock records is
+extended to that end (:meth:`HDF5Backend._settle`), so the committed samples read and a
+resume continues (tried on a full 5 MiB tmpfs).
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+import re
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import h5py
@@ -40,6 +52,27 @@ _RECORD_LEN = 9
 # File-locking settings tried in turn for readers: HDF5 refuses to open a file twice in
 # one process with different locking flags, so follow whatever the first opener used.
 _LOCKINGS = (False, None, True, "best-effort")
+# Opening for append rewrites the superblock's status flags at the start of the file; a
+# handle that then writes nothing puts these bytes back on close (a refused resume leaves
+# the file as it was).
+HEAD_BYTES = 512
+# HDF5 refuses a file shorter than the end its superblock records ("truncated file: eof =
+# 170010, sblock->base_addr = 0, stored_eof = 170292"): what a flush that failed half way
+# leaves (the superblock is rewritten in place, the data past the end never arrived).
+_STORED_EOF = re.compile(r"truncated file.*stored_eof = (\d+)")
+# HDF5 reports a failed system call inside its message: "... errno = 28, error message = ..."
+_ERRNO = re.compile(r"errno = (\d+)")
+
+
+def os_error(e: BaseException, path: str) -> OSError | None:
+    """The operating-system error behind an h5py error (None when there is none)."""
+    if isinstance(e, OSError) and e.errno:
+        return OSError(e.errno, os.strerror(e.errno), path)
+    m = _ERRNO.search(str(e))
+    if m and int(m.group(1)):
+        n = int(m.group(1))
+        return OSError(n, os.strerror(n), path)
+    return None
 
 
 def _filters(name: str, checksum: bool = True, level: int | None = None) -> dict[str, Any]:
@@ -77,10 +110,12 @@ class _H5Array(ArrayHandle):
         return self._ds[sel]
 
     def write(self, sel: tuple[slice, ...], data: np.ndarray) -> None:
-        self._ds[sel] = np.ascontiguousarray(data, dtype=self.dtype)
+        with self._b.writing():
+            self._ds[sel] = np.ascontiguousarray(data, dtype=self.dtype)
 
     def resize(self, n: int) -> None:
-        self._ds.resize((n, *self._ds.shape[1:]))
+        with self._b.writing():
+            self._ds.resize((n, *self._ds.shape[1:]))
 
     def stored_nbytes(self) -> int | None:
         try:
@@ -117,11 +152,17 @@ class HDF5Backend(Backend):
         self.path = str(path)
         self.writable = mode != "r"
         self.chunk_reads = 0
+        self._failed: OSError | None = None  # the write failure that abandoned the file
+        self._changed = False  # whether a write went through this handle (see close)
+        self._head = b""  # the file's first bytes before an append open (see close)
         if mode == "r" or mode == "a":
             if not os.path.exists(self.path):
                 raise ArchiveNotFoundError(f"no archive at {self.path!r}")
             if os.path.isdir(self.path) or not h5py.is_hdf5(self.path):
                 raise ArchiveCorruptError(f"{self.path!r} is not an HDF5 file")
+        if mode == "a":
+            with open(self.path, "rb") as fh:
+                self._head = fh.read(HEAD_BYTES)
         self._f = self._open(mode)
 
     def _open(self, mode: str) -> Any:
@@ -165,7 +206,64 @@ class HDF5Backend(Backend):
         return meta
 
     def write_root_meta(self, meta: dict[str, Any]) -> None:
-        self._f.attrs[ROOT_KEY] = json.dumps(meta)
+        with self.writing():
+            self._f.attrs[ROOT_KEY] = json.dumps(meta)
+
+    @contextmanager
+    def writing(self) -> Iterator[None]:
+        """Run a write; an operating-system failure abandons the file (module docstring)
+        and is raised as ``OSError``; after one, every write raises it again."""
+        if self._failed is not None:
+            raise OSError(self._failed.errno, self._failed.strerror, self.path)
+        self._changed = True
+        try:
+            yield
+        except Exception as e:
+            err = os_error(e, self.path)
+            if err is None:
+                raise
+            self._abandon(err)
+            raise err from e
+
+    def _settle(self) -> None:
+        """After an abandoned file is closed: if a failed flush left it shorter than its
+        superblock's end, extend it (sparsely: no disk space) to that end, so that it opens
+        and its committed samples read; the bytes that never arrived read as zeros and
+        belong to no committed sample (commit records are written after their data)."""
+        try:
+            h5py.File(self.path, "r", locking=False).close()
+        except Exception as e:  # noqa: BLE001 - only a short file is repaired here
+            m = _STORED_EOF.search(str(e))
+            if m and int(m.group(1)) > os.path.getsize(self.path):
+                try:
+                    os.truncate(self.path, int(m.group(1)))
+                except OSError:  # pragma: no cover - the file stays as HDF5 left it
+                    pass
+
+    def _restore_head(self) -> None:
+        """Put back the first bytes HDF5's append open rewrote."""
+        try:
+            with open(self.path, "r+b") as fh:
+                if fh.read(len(self._head)) != self._head:
+                    fh.seek(0)
+                    fh.write(self._head)
+        except OSError:  # pragma: no cover - the file became unwritable meanwhile
+            pass
+
+    def _abandon(self, err: OSError) -> None:
+        """Point the file's descriptor at /dev/null: HDF5's later flushes and its close
+        succeed without writing, and the file keeps what its last flush wrote. ``err``:
+        the failure that every later write raises again."""
+        self._failed = err
+        try:
+            fd = self._f.id.get_vfd_handle()
+            null = os.open(os.devnull, os.O_RDWR)
+            try:
+                os.dup2(null, int(fd))
+            finally:
+                os.close(null)
+        except Exception:  # noqa: BLE001 - not the POSIX driver: HDF5 reports on close
+            pass
 
     def has(self, path: str) -> bool:
         return path in self._f
@@ -174,6 +272,10 @@ class HDF5Backend(Backend):
         return sorted(self._f[path].keys()) if path in self._f else []
 
     def create_array(self, path, shape, chunks, dtype, *, dims, attrs=None, compressor="zstd", level=None):  # type: ignore[no-untyped-def]  # noqa: E501
+        with self.writing():
+            return self._create_array(path, shape, chunks, dtype, dims, attrs, compressor, level)
+
+    def _create_array(self, path, shape, chunks, dtype, dims, attrs, compressor, level):  # type: ignore[no-untyped-def]  # noqa: E501
         ds = self._f.create_dataset(
             path,
             shape=shape,
@@ -207,8 +309,9 @@ class HDF5Backend(Backend):
         return got if isinstance(got, dict) else {}
 
     def set_attrs(self, path: str, attrs: dict[str, Any], *, group: bool = False) -> None:
-        node = self._f.require_group(path) if group else self._f[path]
-        node.attrs[ROOT_KEY] = json.dumps(attrs)
+        with self.writing():
+            node = self._f.require_group(path) if group else self._f[path]
+            node.attrs[ROOT_KEY] = json.dumps(attrs)
 
     def read_records(self) -> dict[str, dict[str, Any]]:
         if COMMITS not in self._f:
@@ -234,31 +337,33 @@ class HDF5Backend(Backend):
         return out
 
     def write_commit(self, rid: str, record: dict[str, Any]) -> None:
-        # Data first, flushed; then the record (one in-place write of 64 bytes), flushed:
+        # Data first, flushed; then the record (one in-place write of 72 bytes), flushed:
         # a kill between the two leaves the previous record, so the torn batch stays
         # invisible. The record is created whole with its first content.
-        self._f.flush()
-        path = f"{COMMITS}/{rid}"
-        if "batches" in record:
-            chain = bytes.fromhex(record.get("chain") or "00" * 32)
-            head = [record[k] for k in ("start", "stop", "committed", "batches", "since")]
-            rec = np.concatenate([np.array(head, np.int64), np.frombuffer(chain, np.int64)])
-        else:
-            rec = np.array([record["start"], record["stop"], record["committed"]], np.int64)
-        if path in self._f and self._f[path].shape == rec.shape:
-            self._f[path][...] = rec
-        else:
-            if path in self._f:
-                del self._f[path]
-            self._f.create_dataset(path, data=rec)
-        self._f.flush()
+        with self.writing():
+            self._f.flush()
+            path = f"{COMMITS}/{rid}"
+            if "batches" in record:
+                chain = bytes.fromhex(record.get("chain") or "00" * 32)
+                head = [record[k] for k in ("start", "stop", "committed", "batches", "since")]
+                rec = np.concatenate([np.array(head, np.int64), np.frombuffer(chain, np.int64)])
+            else:
+                rec = np.array([record["start"], record["stop"], record["committed"]], np.int64)
+            if path in self._f and self._f[path].shape == rec.shape:
+                self._f[path][...] = rec
+            else:
+                if path in self._f:
+                    del self._f[path]
+                self._f.create_dataset(path, data=rec)
+            self._f.flush()
 
     def write_log(self, rid: str, seq: int, doc: dict[str, Any]) -> None:
         path = f"{COMMITLOG}/{rid}/{seq:08d}"
         data = np.frombuffer(json.dumps(doc, separators=(",", ":")).encode(), np.uint8)
-        if path in self._f:  # a document of a batch that never committed
-            del self._f[path]
-        self._f.create_dataset(path, data=data)
+        with self.writing():
+            if path in self._f:  # a document of a batch that never committed
+                del self._f[path]
+            self._f.create_dataset(path, data=data)
 
     def read_log(self, rid: str, seq: int) -> dict[str, Any] | None:
         path = f"{COMMITLOG}/{rid}/{seq:08d}"
@@ -269,7 +374,9 @@ class HDF5Backend(Backend):
         return doc if isinstance(doc, dict) else None
 
     def flush(self) -> None:
-        self._f.flush()
+        if self.writable and self._changed:
+            with self.writing():
+                self._f.flush()
 
     def write_many(self, writes: Sequence[Write]) -> None:
         """Write boxes of several arrays; HDF5 compresses and checksums them in C."""
@@ -277,8 +384,29 @@ class HDF5Backend(Backend):
             handle.write(sel, data)
 
     def close(self) -> None:
+        """Close the file; a close whose final flush fails in the operating system
+        abandons the file (module docstring) and raises that ``OSError``. A file opened
+        for append that nothing was written to is left byte for byte as it was."""
+        if self._head and not self._changed and self._failed is None and self._f.id.valid:
+            try:
+                self._f.close()
+            except Exception:  # noqa: BLE001 - nothing of ours was written
+                pass
+            self._restore_head()
+            return
+        err: OSError | None = None
         try:
             if self._f.id.valid:
                 self._f.close()
-        except Exception:  # noqa: BLE001 - already closed
-            pass
+        except Exception as e:  # noqa: BLE001 - already closed, or the last flush failed
+            err = os_error(e, self.path) if self.writable and self._failed is None else None
+            if err is not None:
+                self._abandon(err)
+                try:
+                    self._f.close()
+                except Exception:  # noqa: BLE001 - closed as far as HDF5 can
+                    pass
+        if self._failed is not None:
+            self._settle()
+        if err is not None:
+            raise err

@@ -313,11 +313,22 @@ def _empty_dir(path: str) -> bool:
 
 
 def no_data_message(path: str | os.PathLike) -> str:
-    """What :func:`holds_no_data` means, for users: one line."""
+    """What :func:`holds_no_data` means, for users: one line naming what is there."""
+    p = os.fspath(path)
+    if remote.is_url(p):
+        what = "only the lock objects of a writer that stopped before its first commit"
+    elif os.path.isdir(os.path.join(p, LOCK_DIR_NAME)) or os.path.isdir(p + LOCK_DIR_NAME):
+        what = (
+            "only the lock folder of a writer that stopped before its first commit (e.g. a "
+            "capture killed while loading the model)"
+        )
+    elif os.path.isdir(p) and not os.listdir(p):
+        what = "it is an empty folder"
+    else:
+        what = "only the root group of a writer that stopped before its first commit"
     return (
-        f"{os.fspath(path)!r} holds no committed data: only the lock folder of a writer that "
-        "stopped before its first commit (e.g. a capture killed while loading the model); "
-        "re-run capture (create and --overwrite accept this folder)"
+        f"{p!r} holds no committed data: {what}; re-run capture (create and --overwrite "
+        "accept it)"
     )
 
 

@@ -8,11 +8,12 @@ from typing import Any
 
 import numpy as np
 
-from attnscope.contracts import KIND_AXES, QUERY_ROWS
-from attnscope.errors import ArchiveCorruptError, AttnscopeError
+from attnscope.contracts import KIND_AXES, QUERY_ROWS, SAMPLE_IDS
+from attnscope.errors import ArchiveCorruptError
 from attnscope.store import remote
 from attnscope.store._base import MiB
-from attnscope.store.commitlog import check_records, verify_records
+from attnscope.store.commitlog import verify_records
+from attnscope.store.integrity import structure_problems
 from attnscope.store.meta import holds_no_data, input_hashes, no_data_message
 from attnscope.store.reader import AttentionArchive, open_archive
 from attnscope.store.validation import check_tolerance
@@ -124,15 +125,8 @@ def _check(
 ) -> None:
     p = rep.problems
     n = a.n_samples
-    for rid, (start, stop, c) in a.commits.items():
-        if c < 0 or start < 0 or (rid != "main" and c > stop - start):
-            p.append(
-                f"commit record {rid!r} is inconsistent: start={start} stop={stop} committed={c}"
-            )
-    for name in a.missing_arrays():
-        p.append(f"{name}: listed in the root metadata but missing from storage (deleted?)")
-    if not a.arrays() and n:
-        p.append(f"{n} samples committed but the archive holds no attention arrays")
+    structure = structure_problems(a)  # what every data command refuses, no data read
+    p.extend(structure.problems)
     meta = a.metadata
     rows_checked = bool(meta.get("normalized", meta.get("validate", True)))
     if not rows_checked:
@@ -142,20 +136,14 @@ def _check(
     if "arrays" not in meta:
         rep.notes.append("array list not recorded (older archive): deleted arrays not checked")
     for name in a.arrays():
-        try:
-            arr = a.attention(name)
-        except AttnscopeError as e:
-            p.append(f"{name}: {e}" if not str(e).startswith(name) else str(e))
+        if name in structure.unreadable:
             continue
         rep.arrays_checked += 1
-        _check_shape(a, name, arr, p)
-        torn = _check_chunks(arr, n, p)
-        if check_data and not torn and n:
-            _check_data(name, arr, rep, tol, rows_checked, max_bytes)
+        if check_data and n:
+            _check_data(name, a.attention(name), rep, tol, rows_checked, max_bytes)
     _check_tokens(a, rep)
-    for key, v in _safe_ids(a, rep).items():
-        if v.shape[0] < n:
-            p.append(f"sample_ids[{key!r}]: {v.shape[0]} entries for {n} committed samples")
+    if not any(x.startswith(SAMPLE_IDS) or x.startswith("sample_ids[") for x in p):
+        _safe_ids(a, rep)  # the ids decode (their lengths and chunks: structure_problems)
     _check_log(a, rep, check_data)
 
 
@@ -163,14 +151,10 @@ def _check_log(a: AttentionArchive, rep: VerifyReport, check_data: bool) -> None
     """The commit log: records against their documents and, with ``check_data``, every
     committed region's digest and every array's attributes (docs/archive-format.md)."""
     backend = a._backend
-    if check_data:
+    if check_data:  # the cheap record check ran with the structure: no line twice
         problems, logged = verify_records(a.path, backend)
-        rep.problems.extend(problems)
+        rep.problems.extend(x for x in problems if x not in rep.problems)
     else:
-        try:
-            check_records(a.path, backend)
-        except ArchiveCorruptError as e:
-            rep.problems.append(str(e))
         logged = any("batches" in r for r in backend.read_records().values())
     if not logged:
         rep.notes.append(
@@ -203,50 +187,6 @@ def _real_rows(arr: Any, sl: slice) -> np.ndarray | None:
     qs, _ks = KIND_AXES[(arr.stack, arr.kind)]
     m = arr.archive.masks(qs, sl)
     return m if arr.query_rows is None else m[:, arr.query_rows]
-
-
-def _check_shape(a: AttentionArchive, name: str, arr: Any, p: list[str]) -> None:
-    h, t, s = arr.shape[1:]
-    if len(arr.heads) != h:
-        p.append(f"{name}: lists {len(arr.heads)} head ids for {h} stored heads")
-    qs, ks = KIND_AXES[(arr.stack, arr.kind)]
-    for side, got, dim in ((qs, t, "query"), (ks, s, "key")):
-        lay = getattr(a.layout, side)
-        if lay is None:
-            p.append(f"{name}: the layout has no {side} side")
-        elif dim == "query" and arr.query_rows is not None:
-            rows = arr.query_rows
-            if len(rows) != got or (len(rows) and (rows.min() < 0 or rows.max() >= lay.length)):
-                p.append(
-                    f"{name}: query_rows {rows.tolist()} do not fit {got} stored rows of the "
-                    f"{lay.length}-token {side} layout"
-                )
-            elif np.any(np.diff(rows) <= 0):
-                p.append(f"{name}: query_rows {rows.tolist()} are not ascending and unique")
-        elif lay.length != got:
-            p.append(f"{name}: {dim} length {got} != {lay.length} tokens of the {side} layout")
-
-
-def _check_chunks(arr: Any, n: int, p: list[str]) -> bool:
-    """Report chunks missing inside the committed samples; True if any is."""
-    try:
-        missing = arr.missing_chunks()
-    except Exception as e:  # noqa: BLE001 - an unreadable chunk index is damage
-        p.append(f"{arr.name}: chunk index unreadable ({type(e).__name__}: {_line(e)})")
-        return True
-    chunks = arr.storage_chunks()
-    torn = False
-    for key, gone in missing.items():
-        if gone:
-            cs = chunks[key][0]
-            first = gone[0]
-            p.append(
-                f"{key}: {len(gone)} chunk(s) missing or truncated inside the committed "
-                f"samples, first chunk {first} "
-                f"(samples {first[0] * cs}..{min(n, (first[0] + 1) * cs) - 1})"
-            )
-            torn = True
-    return torn
 
 
 def _line(e: BaseException) -> str:
