@@ -213,7 +213,9 @@ class Backend(abc.ABC):
         dims: tuple[str, ...],
         attrs: dict[str, Any] | None = None,
         compressor: str = "zstd",
-    ) -> ArrayHandle: ...
+        overwrite: bool = False,
+    ) -> ArrayHandle:
+        """A new array; ``overwrite`` replaces one already at ``path``."""
 
     @abc.abstractmethod
     def get_array(self, path: str) -> ArrayHandle: ...
@@ -225,6 +227,10 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def set_attrs(self, path: str, attrs: dict[str, Any], *, group: bool = False) -> None:
         """Set JSON attributes of a node, creating a group at ``path`` when ``group``."""
+
+    def delete(self, path: str) -> None:
+        """Remove the array or group at ``path`` (and everything under it)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot delete {path!r}")
 
     @abc.abstractmethod
     def list_children(self, path: str) -> list[str]:

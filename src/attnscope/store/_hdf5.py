@@ -170,10 +170,17 @@ class HDF5Backend(Backend):
     def has(self, path: str) -> bool:
         return path in self._f
 
+    def delete(self, path: str) -> None:
+        if path in self._f:
+            del self._f[path]
+
     def list_children(self, path: str) -> list[str]:
         return sorted(self._f[path].keys()) if path in self._f else []
 
-    def create_array(self, path, shape, chunks, dtype, *, dims, attrs=None, compressor="zstd"):  # type: ignore[no-untyped-def]
+    def create_array(self, path, shape, chunks, dtype, *, dims, attrs=None, compressor="zstd",  # type: ignore[no-untyped-def]
+                     overwrite=False):  # fmt: skip
+        if overwrite and path in self._f:
+            del self._f[path]
         ds = self._f.create_dataset(
             path,
             shape=shape,

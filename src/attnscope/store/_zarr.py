@@ -233,13 +233,21 @@ class ZarrBackend(Backend):
             return False
         return True
 
+    def delete(self, path: str) -> None:
+        # Through the store: the node may lack its own zarr.json (a writer killed between
+        # writing an array's and its parent group's metadata).
+        from zarr.core.sync import sync
+
+        sync(self._store.delete_dir(path))
+
     def list_children(self, path: str) -> list[str]:
         if not self.has(path):
             return []
         node = self._root[path]
         return sorted(list(node.array_keys()) + list(node.group_keys()))
 
-    def create_array(self, path, shape, chunks, dtype, *, dims, attrs=None, compressor="zstd"):  # type: ignore[no-untyped-def]
+    def create_array(self, path, shape, chunks, dtype, *, dims, attrs=None, compressor="zstd",  # type: ignore[no-untyped-def]
+                     overwrite=False):  # fmt: skip
         arr = self._root.create_array(
             path,
             shape=shape,
@@ -251,7 +259,7 @@ class ZarrBackend(Backend):
             dimension_names=dims,
             attributes={ROOT_KEY: attrs or {}},
             config={"write_empty_chunks": True},
-            overwrite=False,
+            overwrite=overwrite,
         )
         return _ZarrArray(arr, self)
 
@@ -383,6 +391,8 @@ class ZarrBackend(Backend):
         out = {}
         for rid in g.group_keys():
             rec = g[rid].attrs.get(ROOT_KEY)
+            if rec is None:  # a writer killed between creating its record and writing it
+                continue  # committed nothing (stand-in until one-document commit records)
             if not isinstance(rec, dict):
                 raise ArchiveCorruptError(f"commit record {rid!r} in {self.path!r} is unreadable")
             try:

@@ -7,6 +7,7 @@ import datetime as _dt
 import json
 import os
 import platform
+import re
 import socket
 import sys
 from collections.abc import Iterator, Mapping
@@ -293,10 +294,15 @@ def holds_no_data(path: str | os.PathLike) -> bool:
     return not os.path.exists(path) and os.path.isdir(path + LOCK_DIR_NAME)
 
 
+#: a root ``zarr.json`` being written (zarr's ``LocalStore``: temporary file, then rename)
+_PARTIAL_ROOT = re.compile(r"zarr\.[0-9a-f]+\.partial")
+
+
 def _empty_dir(path: str) -> bool:
-    """A directory holding at most the lock folder and a root ``zarr.json`` without
+    """A directory holding at most the lock folder, the temporary file of a root
+    ``zarr.json`` (a writer killed while writing it), and a root ``zarr.json`` without
     attnscope metadata (a writer killed between creating the group and its metadata)."""
-    names = set(os.listdir(path))
+    names = {n for n in os.listdir(path) if not _PARTIAL_ROOT.fullmatch(n)}
     if not names <= {LOCK_DIR_NAME, "zarr.json"}:
         return False
     if "zarr.json" not in names:

@@ -72,6 +72,8 @@ class ArchiveWriter:
         self._backend: Backend | None = None
         self._lease: Lease | remote.RemoteLease | None = None
         self._closed = False
+        # no commit record covers a sample yet: nodes on disk are debris of a killed first batch
+        self._fresh = False
 
     # -- construction -------------------------------------------------------------------
     @classmethod
@@ -116,6 +118,7 @@ class ArchiveWriter:
         inside = locks_inside(path, fmt)
         refuse_existing_at(path, inside, overwrite)
         self = cls()
+        self._fresh = True
         self._lease = self._hold(_lease(path, None, inside))
         try:
             _clear(path)
@@ -213,6 +216,12 @@ class ArchiveWriter:
         meta = self._backend.read_root_meta()
         layout = check_meta(meta, path)
         commits = self._backend.read_commits()
+        if not any(c > 0 for _a, _b, c in commits.values()):
+            # Sample-id arrays of a first batch that never committed are not "earlier"
+            # keys; a whole-archive writer removes them (the next batch defines the keys).
+            if sample_range is None:
+                self._backend.delete(SAMPLE_IDS)
+            self._fresh = True
         if sample_range is None:
             n = committed_prefix(commits)
             rng = [(a, b, c) for rid, (a, b, c) in commits.items() if rid != MAIN and c > 0]
@@ -273,7 +282,8 @@ class ArchiveWriter:
             for part in self._parts():
                 node.handles[part] = b.get_array(f"{name}/{part}" if part else name)
             self._nodes[name] = node
-        self._id_keys = b.list_children(SAMPLE_IDS) or None
+        # keys of the ids committed so far (None: nothing committed yet, see _resume)
+        self._id_keys = None if self._fresh else b.list_children(SAMPLE_IDS) or None
 
     def _parts(self) -> list[str]:
         return ["values", "indices", "residual"] if self._rules.sparse else [""]
@@ -466,10 +476,10 @@ class ArchiveWriter:
                     h = b.create_array(
                         path, (0,), (4096,), arr.dtype, dims=("sample",), compressor="none"
                     )
-                    self._id_keys = sorted(set(self._id_keys or []) | {key})
                 else:
                     h = b.get_array(path)
                 self._id_handles[key] = h
+                self._id_keys = sorted(set(self._id_keys or []) | {key})
             if h.shape[0] < end:
                 h.resize(max(end, 2 * h.shape[0]))
             writes.append((h, (slice(pos, end),), arr))
@@ -508,13 +518,15 @@ class ArchiveWriter:
                 ("residual", np.dtype(np.float32), (n, h, t), chunks[:3], DIMS[:3]),
             ):
                 node.handles[part] = b.create_array(
-                    f"{name}/{part}", shape, ch, dt, dims=dims, compressor=comp
+                    f"{name}/{part}", shape, ch, dt, dims=dims, compressor=comp,
+                    overwrite=self._fresh,
                 )
         else:
             chunks = choose_chunks(h, t, s, sdt.itemsize, chunk_samples=cs, batch_size=bs,
                                    query_block=qb)  # fmt: skip
             node.handles[""] = b.create_array(
-                name, (n, h, t, s), chunks, sdt, dims=DIMS, attrs=attrs, compressor=comp
+                name, (n, h, t, s), chunks, sdt, dims=DIMS, attrs=attrs, compressor=comp,
+                overwrite=self._fresh,  # an unlisted array of a batch that never committed
             )
         self._nodes[name] = node
         return node
