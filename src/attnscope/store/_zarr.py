@@ -21,7 +21,9 @@ import asyncio
 import json
 import os
 import uuid
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from concurrent.futures import Future, ThreadPoolExecutor
 from itertools import product
 from typing import Any
@@ -60,6 +62,15 @@ class _CountingStore(WrapperStore):
             if buf is not None:
                 self.bytes_read += len(buf)
         return buf
+
+
+@contextmanager
+def _no_debris_warning() -> Iterator[None]:
+    """Listing a group: a ``*.partial`` file left by a killed write (never renamed into
+    place) is no node; zarr would warn about it once per listing."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*not recognized as a component of a Zarr")
+        yield
 
 
 def _codecs(name: str) -> list[Any]:
@@ -244,7 +255,8 @@ class ZarrBackend(Backend):
         if not self.has(path):
             return []
         node = self._root[path]
-        return sorted(list(node.array_keys()) + list(node.group_keys()))
+        with _no_debris_warning():
+            return sorted(list(node.array_keys()) + list(node.group_keys()))
 
     def create_array(self, path, shape, chunks, dtype, *, dims, attrs=None, compressor="zstd",  # type: ignore[no-untyped-def]
                      overwrite=False):  # fmt: skip
@@ -389,7 +401,9 @@ class ZarrBackend(Backend):
             return {}
         g = self._root[COMMITS]
         out = {}
-        for rid in g.group_keys():
+        with _no_debris_warning():
+            rids = list(g.group_keys())
+        for rid in rids:
             rec = g[rid].attrs.get(ROOT_KEY)
             if rec is None:  # a writer killed between creating its record and writing it
                 continue  # committed nothing (stand-in until one-document commit records)

@@ -4,6 +4,7 @@ path, opening the matching backend, and the committed prefix of the commit recor
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import json
 import os
 import platform
@@ -90,17 +91,23 @@ def damage_is_corruption(path: str) -> Iterator[None]:
         ) from e
 
 
-def _provenance(seed: int | None, tags: dict | None, backend_lib: str) -> dict[str, Any]:
+@functools.lru_cache(maxsize=None)
+def _installed(pkg: str) -> str | None:
+    """The installed version of a package not imported (reads its metadata: ~10 ms)."""
     import importlib.metadata as im
 
+    try:
+        return im.version(pkg)
+    except im.PackageNotFoundError:
+        return None
+
+
+def _provenance(seed: int | None, tags: dict | None, backend_lib: str) -> dict[str, Any]:
     def ver(pkg: str) -> str | None:
         mod = sys.modules.get(pkg)
         if mod is not None and hasattr(mod, "__version__"):
             return str(mod.__version__)
-        try:
-            return im.version(pkg)
-        except im.PackageNotFoundError:
-            return None
+        return _installed(pkg)
 
     from attnscope import __version__
 
