@@ -266,5 +266,9 @@ class Backend(abc.ABC):
     def flush(self) -> None:  # noqa: B027 - optional hook
         """Make everything written so far durable (HDF5: H5Fflush)."""
 
+    def publish(self) -> None:  # noqa: B027 - optional hook
+        """A new archive is complete: make it visible at its path (HDF5: rename the file
+        written beside it; Zarr needs nothing, its root metadata is one atomic write)."""
+
     @abc.abstractmethod
     def close(self) -> None: ...

@@ -24,6 +24,8 @@ __all__ = ["Lease", "lock_dir", "alive", "overlap", "lock_record"]
 
 ALL = "all"
 LOCK_DIR_NAME = ".attnscope-locks"
+#: suffix of a file archive (HDF5) while it is created: renamed into place once complete
+CREATING = ".attnscope-creating"
 
 
 def lock_dir(path: str, *, inside: bool) -> str:
@@ -173,7 +175,10 @@ def locks_inside(path: str, fmt: str) -> bool:
 
 
 def clear_except_locks(path: str) -> None:
-    """Delete the archive at ``path``, keeping the lock folder of a directory archive."""
+    """Delete the archive at ``path``, keeping the lock folder of a directory archive
+    (and the file a killed creation left at ``path + CREATING``)."""
+    if os.path.isfile(path + CREATING):
+        os.remove(path + CREATING)
     if os.path.isdir(path):
         for entry in os.listdir(path):
             if entry != LOCK_DIR_NAME:

@@ -131,6 +131,7 @@ class ArchiveWriter:
                 self._create_node(name, *map(int, hts), n=int(spec.capacity or 0))
             self._record_arrays()
             self._backend.flush()
+            self._backend.publish()
         except BaseException:
             if self._backend is not None:
                 self._backend.close()
