@@ -160,10 +160,13 @@ def _fork(path: str, kill_at: int, work: str) -> int:
 
 
 def zygote() -> None:
-    """Read ``{"path": template with {k}, "work": folder, "strides": [a, b]}`` from stdin;
-    run the scenario once unkilled (k = 0) to list its operations, then once per kill
-    point: every ``a``-th operation up to the first commit, every ``b``-th after it (and
-    the first and last); print ``{"ops": n, "first_commit": k, "runs": {k: returncode}}``."""
+    """Read ``{"path": template with {k}, "work": folder, "strides": [a, b], "names":
+    [...]}`` from stdin; run the scenario once unkilled (k = 0) to list its operations,
+    then once per kill point: every ``a``-th operation up to the first commit, every
+    ``b``-th after it (and the first and last), or with ``names`` (``[key, nth]`` pairs)
+    the nth operation on each key and the first commit record's; print ``{"ops": n,
+    "first_commit": k, "runs": {k: returncode}}`` (k: the first operation after the first
+    commit)."""
     job = json.loads(sys.stdin.read())
     tpl, work, (a, b) = job["path"], job["work"], job["strides"]
     # Warm up (lazy imports, zarr's codecs) once here, not in every child: zarr and
@@ -174,7 +177,12 @@ def zygote() -> None:
         lines = fh.read().splitlines()
     n = sum(not x.startswith("committed") for x in lines)
     k1 = lines.index(f"committed {B}") + 1  # operations up to the first commit, inclusive
-    points = sorted({1, n, *range(1, k1 + 1, a), *range(k1 + 1, n + 1, b)})
+    if job.get("names"):  # the first operation on each named key, and the first commit
+        ops = [x for x in lines if not x.startswith("committed")]
+        points = sorted({k1 - 1} | {[i + 1 for i, x in enumerate(ops) if key in x][nth - 1]
+                                    for key, nth in job["names"]})  # fmt: skip
+    else:
+        points = sorted({1, n, *range(1, k1 + 1, a), *range(k1 + 1, n + 1, b)})
     runs = {0: rc0}
     for k in points:
         runs[k] = _fork(tpl.format(k=k), k, os.path.join(work, str(k)))
@@ -182,13 +190,15 @@ def zygote() -> None:
 
 
 def scan(path_template: str, work: str, strides: tuple[int, int] = (1, 1),
-         env: dict[str, str] | None = None) -> dict[str, Any]:  # fmt: skip
+         env: dict[str, str] | None = None,
+         names: list | None = None) -> dict[str, Any]:  # fmt: skip
     """Run the zygote in a fresh interpreter; returns its report (see :func:`zygote`)."""
     code = (f"import sys; sys.path.insert(0, {os.path.dirname(__file__)!r}); "
             "import kill_testlib; kill_testlib.zygote()")  # fmt: skip
     proc = subprocess.run(
         [sys.executable, "-c", code],
-        input=json.dumps({"path": path_template, "work": work, "strides": list(strides)}),
+        input=json.dumps({"path": path_template, "work": work, "strides": list(strides),
+                          "names": names}),
         capture_output=True, text=True, timeout=300, env=env,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]

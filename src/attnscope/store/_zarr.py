@@ -23,8 +23,8 @@ import os
 import uuid
 import warnings
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from itertools import product
 from typing import Any
 

@@ -91,7 +91,7 @@ def damage_is_corruption(path: str) -> Iterator[None]:
         ) from e
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _installed(pkg: str) -> str | None:
     """The installed version of a package not imported (reads its metadata: ~10 ms)."""
     import importlib.metadata as im
