@@ -137,12 +137,14 @@ class Lease:
                         "the whole archive" if self.range is None else f"samples {list(self.range)}"
                     )
                     held = "the whole archive" if other is None else f"samples {list(other)}"
-                    raise ArchiveLockedError(
+                    err = ArchiveLockedError(
                         f"{self.archive!r} is locked: a writer (pid {rec.get('pid')} on host "
                         f"{rec.get('host')!r}, since {rec.get('since')}) holds {held}, and this "
                         f"writer wants {want}. Wait for it, open a disjoint sample_range, or "
                         f"delete {full!r} if that writer is gone."
                     )
+                    err.whole = other is None
+                    raise err
             rec = lock_record(me, self.range)
             tmp = f"{self.file}.{os.getpid()}.tmp"
             with open(tmp, "w", encoding="utf-8") as fh:

@@ -18,6 +18,7 @@ from attnscope.store._lock import Lease, clear_except_locks, locks_inside
 from attnscope.store.batch import BatchRules, Prepared
 from attnscope.store.codecs import storage_dtype
 from attnscope.store.frames import FrameStore
+from attnscope.store.ids import id_array, read_ids
 from attnscope.store.layout import TokenLayout
 from attnscope.store.meta import (
     MAIN,
@@ -72,8 +73,10 @@ class ArchiveWriter:
         self._backend: Backend | None = None
         self._lease: Lease | remote.RemoteLease | None = None
         self._closed = False
-        # no commit record covers a sample yet: nodes on disk are debris of a killed first batch
+        # a whole-archive writer of an archive that no commit record covers a sample of:
+        # nodes on disk are debris of a killed first batch, replaced when met
         self._fresh = False
+        self._ids_committed = True  # False: no sample committed, id arrays are not "earlier"
 
     # -- construction -------------------------------------------------------------------
     @classmethod
@@ -218,11 +221,13 @@ class ArchiveWriter:
         layout = check_meta(meta, path)
         commits = self._backend.read_commits()
         if not any(c > 0 for _a, _b, c in commits.values()):
-            # Sample-id arrays of a first batch that never committed are not "earlier"
-            # keys; a whole-archive writer removes them (the next batch defines the keys).
+            # Nodes of a first batch that never committed are debris: its sample-id arrays
+            # are not "earlier" keys, and a whole-archive writer replaces what it finds
+            # (removes the ids: the next batch defines the keys; recreates arrays).
+            self._ids_committed = False
             if sample_range is None:
                 self._backend.delete(SAMPLE_IDS)
-            self._fresh = True
+                self._fresh = True
         if sample_range is None:
             n = committed_prefix(commits)
             rng = [(a, b, c) for rid, (a, b, c) in commits.items() if rid != MAIN and c > 0]
@@ -284,7 +289,7 @@ class ArchiveWriter:
                 node.handles[part] = b.get_array(f"{name}/{part}" if part else name)
             self._nodes[name] = node
         # keys of the ids committed so far (None: nothing committed yet, see _resume)
-        self._id_keys = None if self._fresh else b.list_children(SAMPLE_IDS) or None
+        self._id_keys = b.list_children(SAMPLE_IDS) or None if self._ids_committed else None
 
     def _parts(self) -> list[str]:
         return ["values", "indices", "residual"] if self._rules.sparse else [""]
@@ -469,22 +474,25 @@ class ArchiveWriter:
         b = self._backend
         assert b is not None
         writes: list[Write] = []
+        cap = int(self._meta.get("capacity") or 0)
         for key, arr in ids.items():
             h = self._id_handles.get(key)
             if h is None:
-                path = f"{SAMPLE_IDS}/{key}"
-                if not b.has(path):
-                    h = b.create_array(
-                        path, (0,), (4096,), arr.dtype, dims=("sample",), compressor="none"
-                    )
-                else:
-                    h = b.get_array(path)
+                hint = math.gcd(*(x.chunks[0] for n in self._nodes.values()
+                                  for x in n.handles.values()))  # fmt: skip
+                h = id_array(b, key, arr.dtype, cap, hint, shared=self._stop is not None)
                 self._id_handles[key] = h
                 self._id_keys = sorted(set(self._id_keys or []) | {key})
             if h.shape[0] < end:
                 h.resize(max(end, 2 * h.shape[0]))
             writes.append((h, (slice(pos, end),), arr))
         return writes
+
+    def committed_ids(self, keys: list[str] | tuple[str, ...]) -> dict[str, np.ndarray] | None:
+        """The ids ``keys`` of this writer's committed samples (``[start, start + committed)``
+        of its range, or of the archive), or None when one of them is not stored."""
+        assert self._backend is not None
+        return read_ids(self._backend, keys, self._start, self._count)
 
     def _create_node(
         self, name: str, h: int, t: int, s: int, *, n: int, batch: int | None = None
