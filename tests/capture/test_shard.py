@@ -131,3 +131,27 @@ def test_killed_rank_keeps_the_others_samples_and_rejoins_after_the_resume_check
     s = _run(path, 1)
     assert s.samples == 2 and s.committed == 4
     _equals_reference(path, 8)
+
+
+# rank 0 dies while creating the archive: its root metadata is written, no array is listed
+KILL_IN_CREATE = """
+def killing(real):
+    def op(src, *a, **k):
+        if "self_attention/zarr." in os.fspath(src):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(src, *a, **k)
+    return op
+os.replace, os.link = killing(os.replace), killing(os.link)
+"""
+
+
+def test_rank_0_killed_while_creating_the_archive_creates_it_again(tmp_path):
+    path = tmp_path / "mp.zarr"
+    rank0 = _rank(path, 0, KILL_IN_CREATE)
+    rank0.communicate(timeout=120)
+    assert rank0.returncode == -signal.SIGKILL
+    with open_archive(path) as a:  # what the kill left: metadata, nothing listed or committed
+        assert a.metadata["arrays"] == [] and a.n_samples == 0
+    assert _run(path, 0).samples == 4  # made again, then its range
+    assert _run(path, 1).samples == 4
+    _equals_reference(path, 8)
