@@ -164,7 +164,7 @@ def zygote() -> None:
     [...]}`` from stdin; run the scenario once unkilled (k = 0) to list its operations,
     then once per kill point: every ``a``-th operation up to the first commit, every
     ``b``-th after it (and the first and last), or with ``names`` (``[key, nth]`` pairs)
-    the nth operation on each key and the first commit record's; print ``{"ops": n,
+    the nth operation on each key; print ``{"ops": n,
     "first_commit": k, "runs": {k: returncode}}`` (k: the first operation after the first
     commit)."""
     job = json.loads(sys.stdin.read())
@@ -179,8 +179,8 @@ def zygote() -> None:
     k1 = lines.index(f"committed {B}") + 1  # operations up to the first commit, inclusive
     if job.get("names"):  # the first operation on each named key, and the first commit
         ops = [x for x in lines if not x.startswith("committed")]
-        points = sorted({k1 - 1} | {[i + 1 for i, x in enumerate(ops) if key in x][nth - 1]
-                                    for key, nth in job["names"]})  # fmt: skip
+        points = sorted({[i + 1 for i, x in enumerate(ops) if key in x][nth - 1]
+                         for key, nth in job["names"]})  # fmt: skip
     else:
         points = sorted({1, n, *range(1, k1 + 1, a), *range(k1 + 1, n + 1, b)})
     runs = {0: rc0}
