@@ -289,7 +289,7 @@ class ArchiveWriter:
                 node.handles[part] = b.get_array(f"{name}/{part}" if part else name)
             self._nodes[name] = node
         # keys of the ids committed so far (None: nothing committed yet, see _resume)
-        self._id_keys = b.list_children(SAMPLE_IDS) or None if self._ids_committed else None
+        self._id_keys = (b.list_children(SAMPLE_IDS) or None) if self._ids_committed else None
 
     def _parts(self) -> list[str]:
         return ["values", "indices", "residual"] if self._rules.sparse else [""]
