@@ -85,6 +85,15 @@ def _resume(w: Path, *extra: str) -> list[str]:
             "--out", str(w / "x.zarr"), "--resume", "--no-progress", *extra]
 
 
+def _rank_rejoin(w: Path, *change: str) -> list[str]:
+    """Rank 0 of two writes its half of a sharded archive; it is then rerun with ``change``."""
+    args = ["capture", "--config", str(w / "model.json"), "--batches", "2", "--batch-size",
+            "2", "--out", str(w / "mp.zarr"), "--rank", "0", "--world-size", "2",
+            "--no-progress"]  # fmt: skip
+    _ok(args)
+    return [*args, *change]
+
+
 def _npz_strings(w: Path) -> list[str]:
     np.savez(w / "s.npz", **{"enc/text": np.array([["a", "b"]]), "dec/act": np.zeros((1, 5, 32))})
     return _capture(w, "--inputs", str(w / "s.npz"))
@@ -521,6 +530,10 @@ CASES: dict[str, Callable[[Path], list[str]]] = {
     # every data command on an archive whose structure verify rejects
     **{f"{cmd} {damage}": _damaged(damage, cmd)
        for cmd in ("analyze", "render", "report", "rollout", "diff") for damage in DAMAGE},
+    # a rank rejoining its archive runs the checks of a resume (docs/capture.md)
+    "capture rank rejoin with other weights": lambda w: _rank_rejoin(w, "--seed", "1"),
+    "capture rank rejoin with another batch size": lambda w: _rank_rejoin(
+        w, "--batch-size", "1", "--batches", "4"),
     # every reading command on an array whose metadata is junk
     **{f"{cmd} junk array zarr.json": _junk_array_meta(cmd)
        for cmd in ("info", "verify", "analyze", "render", "report")},

@@ -64,7 +64,10 @@ class ArchiveCorruptError(ArchiveError, ValueError):
 
 
 class ArchiveLockedError(ArchiveError, PermissionError):
-    """Another writer holds the archive."""
+    """Another writer holds the archive; ``whole``: it holds the whole archive (a
+    creating or single-process writer), not a sample range."""
+
+    whole: bool = False
 
 
 class StaleTableError(ArchiveError, ValueError):

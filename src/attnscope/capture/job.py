@@ -288,6 +288,7 @@ class _Job:
         # resume: the committed samples' input hashes ((n, 4) uint64 words; None: not
         # recorded) and the archive's batch size, compared with this run's batches
         self.committed_hashes: np.ndarray | None = None
+        self.hash_base = 0  # sample of committed_hashes[0] (a rank's range start)
         self.resume_bsz: int | None = None
         self.generated: list[dict[str, Any]] | None = None if self.generate is None else []
         self.bar = progress_bar(opts.progress, opts.total)
@@ -332,7 +333,7 @@ class _Job:
         bsz = self.adapter.batch_size(batch)
         if self.shard is not None and bi == self.shard.first_batch:
             self.pos = bi * bsz  # equal-sized batches: this rank's first sample
-        if self.shard is None and self.pos < self.skip:
+        if self.pos < self.skip:  # (a rank learns its skip when it opens its range)
             self._check_committed(bi, bsz, batch)
         if self.pos + bsz <= self.skip:  # committed by an earlier run
             self.pos += bsz
@@ -370,8 +371,11 @@ class _Job:
         if first and self.writer is None:  # (else made at the batch's first block)
             self.writer = WriterThread(self._create(bsz, layout), self.opts.queue_depth)
             if self.shard is not None and self.writer.writer.committed:
-                # this rank resumes after its own committed samples
+                # this rank resumes after its own committed samples, which must come from
+                # this run's inputs (as a single-process resume checks)
                 self.skip = self.pos + self.writer.writer.committed
+                self._adopt_hashes(self.writer.writer)
+                self._check_committed(bi, bsz, None, digest)
                 drop = min(bsz, self.skip - self.pos)
                 captured = trim(captured, drop)
         elif not first:
@@ -437,23 +441,33 @@ class _Job:
             self.stream_masks = self.lengths.block_masks(batch, lengths, bsz + drop, drop)
         self.writer.put_block(bsz, name, r0, data, fence, t, self.stream_masks)
 
-    def _check_committed(self, bi: int, bsz: int, batch: Any) -> None:
+    def _adopt_hashes(self, writer: ArchiveWriter) -> None:
+        """A rejoining rank: its committed samples' input hashes, from its own range."""
+        ids = writer.committed_ids(INPUT_HASH_KEYS)
+        if ids is not None:
+            self.committed_hashes = np.stack([ids[k].astype(np.uint64) for k in INPUT_HASH_KEYS], 1)
+            self.hash_base = self.pos
+
+    def _check_committed(self, bi: int, bsz: int, batch: Any, digest: Any = None) -> None:
         """Resume: refuse a batch whose committed samples came from other inputs."""
+        who = "" if self.shard is None else f"rank {self.shard.rank}: "
         if bi == 0 and self.resume_bsz is not None and bsz != self.resume_bsz:
             raise ConfigError(
                 f"resume: batch size differs: archive has {self.resume_bsz}, this run's first "
                 f"batch has {bsz}; resume with the batch size (--batch-size "
                 f"{self.resume_bsz}) and inputs that wrote the archive"
             )
-        if self.committed_hashes is None or self.pos >= len(self.committed_hashes):
+        i = self.pos - self.hash_base
+        if self.committed_hashes is None or not 0 <= i < len(self.committed_hashes):
             return
-        stored = self.committed_hashes[self.pos]
-        words = np.array([w[0] for w in input_hash_ids(input_digest(batch), 1).values()])
+        stored = self.committed_hashes[i]
+        digest = input_digest(batch) if digest is None else digest
+        words = np.array([w[0] for w in input_hash_ids(digest, 1).values()])
         if not np.array_equal(stored, words):
             have = stored.astype(">u8").tobytes().hex()[:12]
             got = words.astype(">u8").tobytes().hex()[:12]
             raise ConfigError(
-                f"resume: batch {bi}'s inputs differ from the committed ones (sample "
+                f"{who}resume: batch {bi}'s inputs differ from the committed ones (sample "
                 f"{self.pos}): archive has input hash sha256:{have}…, this run's batch has "
                 f"sha256:{got}…; resume with the inputs, order and batch size that wrote the "
                 "archive, or capture into a new one"
@@ -582,11 +596,7 @@ class _Job:
                 return ArchiveWriter.create(self.path, layout, spec, overwrite=o.overwrite,
                                             workers=o.workers, inflight_mb=o.inflight_mb)
 
-            def check(meta: dict[str, Any]) -> None:
-                self.identity.check(meta)
-                CaptureIdentity.check_layout(meta, layout)
-
-            return self.shard.open_writer(self.path, layout, spec, check)
+            return self.shard.open_writer(self.path, layout, spec, self.identity)
         except AttnscopeError:
             raise
         except OSError as e:

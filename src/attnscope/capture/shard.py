@@ -4,14 +4,20 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from attnscope.capture.identity import CaptureIdentity
 from attnscope.capture.options import CaptureOptions
-from attnscope.errors import AttnscopeError, CaptureError, ConfigError
-from attnscope.store import ArchiveSpec, ArchiveWriter, TokenLayout, open_archive
+from attnscope.errors import ArchiveLockedError, AttnscopeError, CaptureError, ConfigError
+from attnscope.store import (
+    ArchiveSpec,
+    ArchiveWriter,
+    TokenLayout,
+    holds_no_data,
+    open_archive,
+)
 
 __all__ = ["Shard", "shard_for"]
 
@@ -35,38 +41,96 @@ class Shard:
         path: Path,
         layout: TokenLayout,
         spec: ArchiveSpec,
-        check: Callable[[dict[str, Any]], None],
+        identity: CaptureIdentity,
     ) -> ArchiveWriter:
         """Rank 0 creates the archive at full capacity; every rank then opens its range.
 
-        ``check(metadata)`` runs on the archive before this rank writes to it (the archive
-        may be one of an earlier, interrupted job).
+        Before this rank writes to it (the archive may be one of an earlier, interrupted
+        job), it runs what a resume checks on the archive: ``identity`` (options, model
+        config and weights), the token layout and the batch size, refused in one line
+        naming the rank (the job compares the committed inputs batch by batch).
+
+        The archive is ready for the ranks once its root metadata lists its arrays (the
+        last step of creating it) and its creator's whole-archive lease is released: until
+        then a rank waits, up to ``wait_s``. A rank restarted after a kill rejoins the same
+        way and resumes after its own committed samples; rank 0 redoes a creation that was
+        killed before it completed.
         """
         bsz = int(spec.batch_size or 1)
         capacity = self.total if self.total is not None else self.n_batches * bsz
-        if self.rank == 0 and not path.exists():
-            spec = dataclasses.replace(spec, capacity=capacity)
-            ArchiveWriter.create(path, layout, spec).close()
+        if self.rank == 0:
+            state = _creation(path)
+            if state != "made":
+                spec = dataclasses.replace(spec, capacity=capacity)
+                ArchiveWriter.create(path, layout, spec, overwrite=state == "redo").close()
+        rng = (self.first_batch * bsz, min(capacity, self.stop_batch * bsz))
         deadline = time.monotonic() + self.wait_s
-        while (meta := _created(path)) is None:
+        why = "it was not created by rank 0"
+        while True:
+            meta, err = _created(path)
+            if meta is not None:
+                self._check(meta, identity, layout, bsz)
+                try:
+                    return ArchiveWriter.open(path, sample_range=rng)
+                except ArchiveLockedError as e:
+                    if not e.whole:  # another process runs this rank's samples
+                        raise ArchiveLockedError(f"rank {self.rank}: {e}") from None
+                    why = f"a whole-archive writer still holds it ({e})"
+            elif err is not None:
+                why = f"it is not readable yet ({err})"
             if time.monotonic() > deadline:
                 raise CaptureError(
-                    f"rank {self.rank}: archive {path} was not created by rank 0 within "
-                    f"{self.wait_s} s"
+                    f"rank {self.rank}: archive {path} was not ready within {self.wait_s} s: "
+                    f"{why}"
                 )
             time.sleep(0.2)
-        check(meta)
-        a = self.first_batch * bsz
-        return ArchiveWriter.open(path, sample_range=(a, min(capacity, self.stop_batch * bsz)))
 
 
-def _created(path: Path) -> dict[str, Any] | None:
-    """The archive's metadata once rank 0 has created its arrays, else None."""
+    def _check(
+        self, meta: dict[str, Any], identity: CaptureIdentity, layout: TokenLayout, bsz: int
+    ) -> None:
+        have = meta.get("batch_size")
+        try:
+            identity.check(meta)
+            CaptureIdentity.check_layout(meta, layout)
+            if isinstance(have, int) and have != bsz:
+                raise ConfigError(
+                    f"resume: batch size differs: archive has {have}, this run's batches "
+                    f"have {bsz}; rejoin with the batch size (--batch-size {have}) and "
+                    "inputs that wrote the archive"
+                )
+        except ConfigError as e:
+            raise ConfigError(f"rank {self.rank}: {e}") from None
+
+
+def _creation(path: Path) -> str:
+    """Rank 0's view of ``path``: ``"new"`` (nothing, or only the debris of a creation
+    killed before its root metadata), ``"redo"`` (an archive whose creation was killed
+    before its arrays were listed: nothing was committed to it), or ``"made"``."""
+    if not path.exists() or holds_no_data(path):
+        return "new"
+    meta, _err = _created(path)
+    if meta is not None:
+        return "made"
     try:
         with open_archive(path) as arch:
-            return arch.metadata if arch.arrays() else None
+            empty = not arch.metadata.get("arrays") and not any(
+                c > 0 for _a, _b, c in arch.commits.values()
+            )
     except AttnscopeError:
-        return None
+        return "made"  # not ours to replace: opening it reports what is wrong
+    return "redo" if empty else "made"
+
+
+def _created(path: Path) -> tuple[dict[str, Any] | None, AttnscopeError | None]:
+    """``(metadata, None)`` once rank 0 has created the archive (its root metadata lists
+    its arrays), else ``(None, the error of opening it, if any)``."""
+    try:
+        with open_archive(path) as arch:
+            meta = arch.metadata
+            return (meta if meta.get("arrays") and arch.arrays() else None), None
+    except AttnscopeError as e:
+        return None, e
 
 
 def shard_for(batches: Any, opts: CaptureOptions) -> Shard | None:

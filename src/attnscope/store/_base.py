@@ -243,7 +243,9 @@ class Backend(abc.ABC):
         attrs: dict[str, Any] | None = None,
         compressor: str = "zstd",
         level: int | None = None,
-    ) -> ArrayHandle: ...
+        overwrite: bool = False,
+    ) -> ArrayHandle:
+        """A new array; ``overwrite`` replaces one already at ``path``."""
 
     @abc.abstractmethod
     def get_array(self, path: str) -> ArrayHandle: ...
@@ -255,6 +257,10 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def set_attrs(self, path: str, attrs: dict[str, Any], *, group: bool = False) -> None:
         """Set JSON attributes of a node, creating a group at ``path`` when ``group``."""
+
+    def delete(self, path: str) -> None:
+        """Remove the array or group at ``path`` (and everything under it)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot delete {path!r}")
 
     @abc.abstractmethod
     def list_children(self, path: str) -> list[str]:
@@ -302,6 +308,10 @@ class Backend(abc.ABC):
 
     def flush(self) -> None:  # noqa: B027 - optional hook
         """Make everything written so far durable (HDF5: H5Fflush)."""
+
+    def publish(self) -> None:  # noqa: B027 - optional hook
+        """A new archive is complete: make it visible at its path (HDF5: rename the file
+        written beside it; Zarr needs nothing, its root metadata is one atomic write)."""
 
     @abc.abstractmethod
     def close(self) -> None: ...

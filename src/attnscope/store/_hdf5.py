@@ -9,7 +9,10 @@ in C, and any HDF5 tool that loads the same plugins (``import hdf5plugin`` in Py
 Archives written before Fletcher32 (whose chunks attnscope encoded itself, marked by an
 ``attnscope_codec`` attribute) declare the same filter ids and read the same way.
 
-Crash safety: the file is flushed after each batch's data and again after its commit
+Crash safety: a new file is written as ``<path>.attnscope-creating`` and renamed to
+``<path>`` once its metadata is complete and flushed, so a writer killed while creating it
+leaves no file at ``<path>`` (an empty archive: resume creates it, overwrite replaces it).
+The file is flushed after each batch's data and again after its commit
 record (a tiny int64 dataset written in place, never resized). Files use the default
 (earliest) format, which has no "file open for write" superblock flag, so a killed
 writer leaves a file that still opens at its last flush.
@@ -40,6 +43,7 @@ import numpy as np
 
 from attnscope.errors import ArchiveCorruptError, ArchiveError, ArchiveNotFoundError
 from attnscope.store._base import ArrayHandle, Backend, MiB, Write, chunk_ranges, parse_record
+from attnscope.store._lock import CREATING
 from attnscope.store.codecs import check_level
 
 __all__ = ["HDF5Backend"]
@@ -155,6 +159,9 @@ class HDF5Backend(Backend):
         self._failed: OSError | None = None  # the write failure that abandoned the file
         self._changed = False  # whether a write went through this handle (see close)
         self._head = b""  # the file's first bytes before an append open (see close)
+        # A new file is created beside its final name and renamed into place once complete
+        # (publish): a writer killed while creating it leaves no file at ``path``.
+        self._creating = self.path + CREATING if mode == "w" else None
         if mode == "r" or mode == "a":
             if not os.path.exists(self.path):
                 raise ArchiveNotFoundError(f"no archive at {self.path!r}")
@@ -172,7 +179,8 @@ class HDF5Backend(Backend):
         err: OSError | None = None
         for locking in _LOCKINGS if mode == "r" else (False,):
             try:
-                return h5py.File(self.path, h5mode, locking=locking, rdcc_nbytes=16 * MiB)
+                return h5py.File(self._creating or self.path, h5mode, locking=locking,
+                                 rdcc_nbytes=16 * MiB)  # fmt: skip
             except OSError as e:
                 err = e
                 if "locking" not in str(e):
@@ -268,11 +276,17 @@ class HDF5Backend(Backend):
     def has(self, path: str) -> bool:
         return path in self._f
 
+    def delete(self, path: str) -> None:
+        if path in self._f:
+            del self._f[path]
+
     def list_children(self, path: str) -> list[str]:
         return sorted(self._f[path].keys()) if path in self._f else []
 
-    def create_array(self, path, shape, chunks, dtype, *, dims, attrs=None, compressor="zstd", level=None):  # type: ignore[no-untyped-def]  # noqa: E501
+    def create_array(self, path, shape, chunks, dtype, *, dims, attrs=None, compressor="zstd", level=None, overwrite=False):  # type: ignore[no-untyped-def]  # noqa: E501
         with self.writing():
+            if overwrite and path in self._f:
+                del self._f[path]
             return self._create_array(path, shape, chunks, dtype, dims, attrs, compressor, level)
 
     def _create_array(self, path, shape, chunks, dtype, dims, attrs, compressor, level):  # type: ignore[no-untyped-def]  # noqa: E501
@@ -378,6 +392,13 @@ class HDF5Backend(Backend):
             with self.writing():
                 self._f.flush()
 
+    def publish(self) -> None:
+        """Flush the new file and rename it to its final name (the file stays open)."""
+        if self._creating is not None:
+            self._f.flush()
+            os.replace(self._creating, self.path)
+            self._creating = None
+
     def write_many(self, writes: Sequence[Write]) -> None:
         """Write boxes of several arrays; HDF5 compresses and checksums them in C."""
         for handle, sel, data in writes:
@@ -410,3 +431,8 @@ class HDF5Backend(Backend):
             self._settle()
         if err is not None:
             raise err
+        if self._creating is not None:  # closed before complete: no archive
+            try:
+                os.remove(self._creating)
+            except OSError:
+                pass

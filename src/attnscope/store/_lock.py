@@ -24,6 +24,8 @@ __all__ = ["Lease", "lock_dir", "alive", "overlap", "lock_record"]
 
 ALL = "all"
 LOCK_DIR_NAME = ".attnscope-locks"
+#: suffix of a file archive (HDF5) while it is created: renamed into place once complete
+CREATING = ".attnscope-creating"
 
 
 def lock_dir(path: str, *, inside: bool) -> str:
@@ -135,12 +137,14 @@ class Lease:
                         "the whole archive" if self.range is None else f"samples {list(self.range)}"
                     )
                     held = "the whole archive" if other is None else f"samples {list(other)}"
-                    raise ArchiveLockedError(
+                    err = ArchiveLockedError(
                         f"{self.archive!r} is locked: a writer (pid {rec.get('pid')} on host "
                         f"{rec.get('host')!r}, since {rec.get('since')}) holds {held}, and this "
                         f"writer wants {want}. Wait for it, open a disjoint sample_range, or "
                         f"delete {full!r} if that writer is gone."
                     )
+                    err.whole = other is None
+                    raise err
             rec = lock_record(me, self.range)
             tmp = f"{self.file}.{os.getpid()}.tmp"
             with open(tmp, "w", encoding="utf-8") as fh:
@@ -173,7 +177,10 @@ def locks_inside(path: str, fmt: str) -> bool:
 
 
 def clear_except_locks(path: str) -> None:
-    """Delete the archive at ``path``, keeping the lock folder of a directory archive."""
+    """Delete the archive at ``path``, keeping the lock folder of a directory archive
+    (and the file a killed creation left at ``path + CREATING``)."""
+    if os.path.isfile(path + CREATING):
+        os.remove(path + CREATING)
     if os.path.isdir(path):
         for entry in os.listdir(path):
             if entry != LOCK_DIR_NAME:

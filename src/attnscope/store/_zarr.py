@@ -21,8 +21,10 @@ import asyncio
 import json
 import os
 import uuid
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from itertools import product
 from typing import Any
 
@@ -62,6 +64,15 @@ class _CountingStore(WrapperStore):
             if buf is not None:
                 self.bytes_read += len(buf)
         return buf
+
+
+@contextmanager
+def _no_debris_warning() -> Iterator[None]:
+    """Listing a group: a ``*.partial`` file left by a killed write (never renamed into
+    place) is no node; zarr would warn about it once per listing."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*not recognized as a component of a Zarr")
+        yield
 
 
 def _codecs(name: str, level: int | None = None) -> list[Any]:
@@ -236,13 +247,21 @@ class ZarrBackend(Backend):
             return False
         return True
 
+    def delete(self, path: str) -> None:
+        # Through the store: the node may lack its own zarr.json (a writer killed between
+        # writing an array's and its parent group's metadata).
+        from zarr.core.sync import sync
+
+        sync(self._store.delete_dir(path))
+
     def list_children(self, path: str) -> list[str]:
         if not self.has(path):
             return []
         node = self._root[path]
-        return sorted(list(node.array_keys()) + list(node.group_keys()))
+        with _no_debris_warning():
+            return sorted(list(node.array_keys()) + list(node.group_keys()))
 
-    def create_array(self, path, shape, chunks, dtype, *, dims, attrs=None, compressor="zstd", level=None):  # type: ignore[no-untyped-def]  # noqa: E501
+    def create_array(self, path, shape, chunks, dtype, *, dims, attrs=None, compressor="zstd", level=None, overwrite=False):  # type: ignore[no-untyped-def]  # noqa: E501
         arr = self._root.create_array(
             path,
             shape=shape,
@@ -254,7 +273,7 @@ class ZarrBackend(Backend):
             dimension_names=dims,
             attributes={ROOT_KEY: attrs or {}},
             config={"write_empty_chunks": True},
-            overwrite=False,
+            overwrite=overwrite,
         )
         return _ZarrArray(arr, self)
 
@@ -384,7 +403,9 @@ class ZarrBackend(Backend):
             return {}
         g = self._root[COMMITS]
         out = {}
-        for rid in g.group_keys():
+        with _no_debris_warning():
+            rids = list(g.group_keys())
+        for rid in rids:
             out[rid] = parse_record(self.path, rid, g[rid].attrs.get(ROOT_KEY))
         return out
 

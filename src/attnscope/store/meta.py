@@ -4,9 +4,11 @@ path, opening the matching backend, and the committed prefix of the commit recor
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import json
 import os
 import platform
+import re
 import socket
 import sys
 from collections.abc import Iterator, Mapping
@@ -89,17 +91,23 @@ def damage_is_corruption(path: str) -> Iterator[None]:
         ) from e
 
 
-def _provenance(seed: int | None, tags: dict | None, backend_lib: str) -> dict[str, Any]:
+@functools.cache
+def _installed(pkg: str) -> str | None:
+    """The installed version of a package not imported (reads its metadata: ~10 ms)."""
     import importlib.metadata as im
 
+    try:
+        return im.version(pkg)
+    except im.PackageNotFoundError:
+        return None
+
+
+def _provenance(seed: int | None, tags: dict | None, backend_lib: str) -> dict[str, Any]:
     def ver(pkg: str) -> str | None:
         mod = sys.modules.get(pkg)
         if mod is not None and hasattr(mod, "__version__"):
             return str(mod.__version__)
-        try:
-            return im.version(pkg)
-        except im.PackageNotFoundError:
-            return None
+        return _installed(pkg)
 
     from attnscope import __version__
 
@@ -297,10 +305,15 @@ def holds_no_data(path: str | os.PathLike) -> bool:
     return not os.path.exists(path) and os.path.isdir(path + LOCK_DIR_NAME)
 
 
+#: a root ``zarr.json`` being written (zarr's ``LocalStore``: temporary file, then rename)
+_PARTIAL_ROOT = re.compile(r"zarr\.[0-9a-f]+\.partial")
+
+
 def _empty_dir(path: str) -> bool:
-    """A directory holding at most the lock folder and a root ``zarr.json`` without
+    """A directory holding at most the lock folder, the temporary file of a root
+    ``zarr.json`` (a writer killed while writing it), and a root ``zarr.json`` without
     attnscope metadata (a writer killed between creating the group and its metadata)."""
-    names = set(os.listdir(path))
+    names = {n for n in os.listdir(path) if not _PARTIAL_ROOT.fullmatch(n)}
     if not names <= {LOCK_DIR_NAME, "zarr.json"}:
         return False
     if "zarr.json" not in names:

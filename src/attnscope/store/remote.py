@@ -515,11 +515,13 @@ class RemoteLease:
                 continue
             if overlap(self.range, other):  # type: ignore[arg-type]
                 held = "the whole archive" if other is None else f"samples {list(other)}"
-                raise ArchiveLockedError(
+                err = ArchiveLockedError(
                     f"{self.archive!r} is locked: a writer (pid {rec.get('pid')} on host "
                     f"{rec.get('host')!r}, since {rec.get('since')}) holds {held}. Wait for "
                     f"it, or delete {self.dir}/{key} if that writer is gone."
                 )
+                err.whole = other is None
+                raise err
         rec = lock_record(me, self.range)
         storage_call(self.dir, fs.pipe_file, f"{root}/{self.file.rsplit('/', 1)[1]}",
                      json.dumps(rec).encode())  # fmt: skip

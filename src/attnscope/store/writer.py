@@ -19,6 +19,7 @@ from attnscope.store.batch import BatchRules, Prepared
 from attnscope.store.codecs import storage_dtype
 from attnscope.store.commitlog import LogState, Region, attrs_digest, new_record
 from attnscope.store.frames import FrameStore
+from attnscope.store.ids import id_array, read_ids
 from attnscope.store.layout import TokenLayout
 from attnscope.store.meta import (
     MAIN,
@@ -77,6 +78,10 @@ class ArchiveWriter:
         self._closed = False
         self._workers = workers
         self._pipe = WritePipeline(self._write_group, int((inflight_mb or INFLIGHT_MB) * MiB))
+        # a whole-archive writer of an archive that no commit record covers a sample of:
+        # nodes on disk are debris of a killed first batch, replaced when met
+        self._fresh = False
+        self._ids_committed = True  # False: no sample committed, id arrays are not "earlier"
 
     # -- construction -------------------------------------------------------------------
     @classmethod
@@ -122,6 +127,7 @@ class ArchiveWriter:
         inside = locks_inside(path, fmt)
         refuse_existing_at(path, inside, overwrite)
         self = cls(**run)
+        self._fresh = True
         self._lease = self._hold(_lease(path, None, inside))
         try:
             _clear(path)
@@ -135,6 +141,7 @@ class ArchiveWriter:
                 self._create_node(name, *map(int, hts), n=int(spec.capacity or 0))
             self._record_arrays()
             self._backend.flush()
+            self._backend.publish()
         except BaseException:
             if self._backend is not None:
                 self._backend.close()
@@ -227,6 +234,14 @@ class ArchiveWriter:
         layout = check_meta(meta, path)
         records = self._backend.read_records()
         commits = {r: (x["start"], x["stop"], x["committed"]) for r, x in records.items()}
+        if not any(c > 0 for _a, _b, c in commits.values()):
+            # Nodes of a first batch that never committed are debris: its sample-id arrays
+            # are not "earlier" keys, and a whole-archive writer replaces what it finds
+            # (removes the ids: the next batch defines the keys; recreates arrays).
+            self._ids_committed = False
+            if sample_range is None:
+                self._backend.delete(SAMPLE_IDS)
+                self._fresh = True
         if sample_range is None:
             n = committed_prefix(commits)
             rng = [(a, b, c) for rid, (a, b, c) in commits.items() if rid != MAIN and c > 0]
@@ -292,7 +307,8 @@ class ArchiveWriter:
             for part in self._parts():
                 node.handles[part] = b.get_array(f"{name}/{part}" if part else name)
             self._nodes[name] = node
-        self._id_keys = b.list_children(SAMPLE_IDS) or None
+        # keys of the ids committed so far (None: nothing committed yet, see _resume)
+        self._id_keys = (b.list_children(SAMPLE_IDS) or None) if self._ids_committed else None
 
     def _parts(self) -> list[str]:
         return ["values", "indices", "residual"] if self._rules.sparse else [""]
@@ -526,22 +542,25 @@ class ArchiveWriter:
         b = self._backend
         assert b is not None
         writes: list[Write] = []
+        cap = int(self._meta.get("capacity") or 0)
         for key, arr in ids.items():
             h = self._id_handles.get(key)
             if h is None:
-                path = f"{SAMPLE_IDS}/{key}"
-                if not b.has(path):
-                    h = b.create_array(
-                        path, (0,), (4096,), arr.dtype, dims=("sample",), compressor="none"
-                    )
-                    self._id_keys = sorted(set(self._id_keys or []) | {key})
-                else:
-                    h = b.get_array(path)
+                hint = math.gcd(*(x.chunks[0] for n in self._nodes.values()
+                                  for x in n.handles.values()))  # fmt: skip
+                h = id_array(b, key, arr.dtype, cap, hint, shared=self._stop is not None)
                 self._id_handles[key] = h
+                self._id_keys = sorted(set(self._id_keys or []) | {key})
             if h.shape[0] < end:
                 h.resize(max(end, 2 * h.shape[0]))
             writes.append((h, (slice(pos, end),), arr))
         return writes
+
+    def committed_ids(self, keys: list[str] | tuple[str, ...]) -> dict[str, np.ndarray] | None:
+        """The ids ``keys`` of this writer's committed samples (``[start, start + committed)``
+        of its range, or of the archive), or None when one of them is not stored."""
+        assert self._backend is not None
+        return read_ids(self._backend, keys, self._start, self._count)
 
     def _create_node(
         self, name: str, h: int, t: int, s: int, *, n: int, batch: int | None = None
@@ -576,7 +595,8 @@ class ArchiveWriter:
                 ("residual", np.dtype(np.float32), (n, h, t), chunks[:3], DIMS[:3]),
             ):
                 node.handles[part] = b.create_array(
-                    f"{name}/{part}", shape, ch, dt, dims=dims, compressor=comp, level=lvl
+                    f"{name}/{part}", shape, ch, dt, dims=dims, compressor=comp, level=lvl,
+                    overwrite=self._fresh,
                 )
         else:
             chunks = choose_chunks(h, t, s, sdt.itemsize, chunk_samples=cs, batch_size=bs,
@@ -584,6 +604,7 @@ class ArchiveWriter:
             node.handles[""] = b.create_array(
                 name, (n, h, t, s), chunks, sdt, dims=DIMS, attrs=attrs, compressor=comp,
                 level=lvl,
+                overwrite=self._fresh,  # an unlisted array of a batch that never committed
             )
         self._nodes[name] = node
         return node

@@ -1,0 +1,157 @@
+"""Multi-process capture (``capture/shard.py``): ranks start in any order, a killed rank
+rejoins after the checks a resume runs, and one rank's crash never touches another's
+committed samples."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from attnscope.capture import Transformer
+from attnscope.capture.job import capture
+from attnscope.errors import ConfigError
+from attnscope.store import info, open_archive, verify
+
+from .ref_data import batches, reference_weights
+
+HERE = os.path.dirname(__file__)
+# One rank in a subprocess; {inject} patches it before it captures. Batches 0-1 are
+# rank 0's, 2-3 rank 1's (samples 0-3 and 4-7).
+RANK = textwrap.dedent(
+    """
+    import os, signal, sys, time, torch
+    sys.path.insert(0, {here!r})
+    from ref_data import batches
+    from attnscope.capture import Transformer
+    from attnscope.capture.job import capture
+    {inject}
+    torch.manual_seed(0)
+    m = Transformer(32, 16, 4, 2, 2).eval()
+    capture(m, batches(4), sys.argv[1], rank=int(sys.argv[2]), world_size=2, progress=False,
+            wait_s=60)
+    print("done", flush=True)
+    """
+)
+# rank 1 dies right after its first batch is committed
+KILL_AFTER_COMMIT = """
+from attnscope.store import writer as W
+_append = W.ArchiveWriter.append
+def append(self, *a, **k):
+    n = _append(self, *a, **k)
+    os.kill(os.getpid(), signal.SIGKILL)
+W.ArchiveWriter.append = append
+"""
+# rank 0 holds its create-time lease 3 s longer: rank 1 sees the arrays meanwhile
+SLOW_RELEASE = """
+from attnscope.store import _lock
+_release = _lock.Lease.release
+def release(self):
+    if self.range is None and self.held:
+        time.sleep(3)
+    _release(self)
+_lock.Lease.release = release
+"""
+
+
+def _rank(path, rank: int, inject: str) -> subprocess.Popen:
+    code = RANK.format(here=HERE, inject=inject)
+    return subprocess.Popen([sys.executable, "-c", code, str(path), str(rank)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+
+
+def _model() -> Transformer:
+    torch.manual_seed(0)
+    return Transformer(32, 16, 4, 2, 2).eval()
+
+
+def _run(path, rank: int, data=None, **kw):
+    return capture(_model(), batches(4) if data is None else data, path, rank=rank,
+                   world_size=2, progress=False, wait_s=60, **kw)  # fmt: skip
+
+
+def _equals_reference(path, n: int) -> None:
+    ref = reference_weights(_model(), batches(4))
+    with open_archive(path) as a:
+        assert a.n_samples == n
+        for name, want in ref.items():
+            np.testing.assert_allclose(a[name][:], want[:n], atol=1e-3, err_msg=name)
+    assert verify(path).ok
+
+
+def test_rank_that_sees_the_arrays_before_the_create_lease_is_released_waits(tmp_path):
+    path = tmp_path / "mp.zarr"
+    rank0 = _rank(path, 0, SLOW_RELEASE)
+    try:
+        s = _run(path, 1)  # polls from the start: sees the arrays during rank 0's delay
+    finally:
+        out, err = rank0.communicate(timeout=120)
+    assert rank0.returncode == 0 and out.split() == ["done"], err[-2000:]
+    assert s.samples == 4
+    _equals_reference(path, 8)
+
+
+def test_killed_rank_keeps_the_others_samples_and_rejoins_after_the_resume_checks(tmp_path):
+    path = tmp_path / "mp.zarr"
+    rank1 = _rank(path, 1, KILL_AFTER_COMMIT)
+    done: list = []
+    t = threading.Thread(target=lambda: done.append(_run(path, 0)))
+    t.start()
+    rank1.communicate(timeout=120)
+    t.join(timeout=120)
+    assert rank1.returncode == -signal.SIGKILL and done and done[0].samples == 4
+    # rank 1's kill touched nothing of rank 0: its samples read, verify and info pass
+    with open_archive(path) as a:
+        assert a.commits["range-0-4"][2] == 4 and a.commits["range-4-8"][2] == 2
+    _equals_reference(path, 6)
+    assert info(path)["n_samples"] == 6
+    # a rejoining rank runs the checks of a resume, refused in one line naming the rank
+    for kw, what in (
+        ({"data": batches(4, seed=1)}, "rank 1: resume: batch 2's inputs differ"),
+        ({"data": batches(8, b=1)}, "rank 1: resume: batch size differs"),
+        ({"heads": [0, 1]}, "rank 1: resume: heads differ"),
+        ({"dtype": "float32"}, "rank 1: resume: dtype differs"),
+    ):
+        with pytest.raises(ConfigError, match=what) as e:
+            _run(path, 1, **kw)
+        assert "\n" not in str(e.value)
+    torch.manual_seed(1)  # other weights
+    other = Transformer(32, 16, 4, 2, 2).eval()
+    with pytest.raises(ConfigError, match="rank 1: resume: model weights differ"):
+        capture(other, batches(4), path, rank=1, world_size=2, progress=False, wait_s=60)
+    _equals_reference(path, 6)  # refused runs wrote nothing
+    # the restarted rank rejoins at once and writes only its uncommitted batch
+    s = _run(path, 1)
+    assert s.samples == 2 and s.committed == 4
+    _equals_reference(path, 8)
+
+
+# rank 0 dies while creating the archive: its root metadata is written, no array is listed
+KILL_IN_CREATE = """
+def killing(real):
+    def op(src, *a, **k):
+        if "self_attention/zarr." in os.fspath(src):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(src, *a, **k)
+    return op
+os.replace, os.link = killing(os.replace), killing(os.link)
+"""
+
+
+def test_rank_0_killed_while_creating_the_archive_creates_it_again(tmp_path):
+    path = tmp_path / "mp.zarr"
+    rank0 = _rank(path, 0, KILL_IN_CREATE)
+    rank0.communicate(timeout=120)
+    assert rank0.returncode == -signal.SIGKILL
+    with open_archive(path) as a:  # what the kill left: metadata, nothing listed or committed
+        assert a.metadata["arrays"] == [] and a.n_samples == 0
+    assert _run(path, 0).samples == 4  # made again, then its range
+    assert _run(path, 1).samples == 4
+    _equals_reference(path, 8)
