@@ -48,7 +48,8 @@ def test_dry_run_writes_nothing_and_predicts_the_real_archive(
     capture(small_model, batches, dest, progress=False, heads=[0, 2])
     if suffix == ".zarr":
         size, files = _on_disk(str(dest))
-        assert rep.files == files
+        # one commit-log document per commit; batches committed together share one
+        assert files <= rep.files <= files + rep.batches - 1
         assert abs(rep.bytes_compressed - size) <= 0.1 * size
     else:
         assert rep.files == 1

@@ -40,7 +40,7 @@ class DryRunReport:
     batches: int | None  # batches the job will write; None: unknown
     bytes_uncompressed: int  # of the whole job (per batch when samples is None)
     bytes_compressed: int  # measured by encoding the batch; whole job or per batch
-    files: int  # files the job will create (per batch when samples is None)
+    files: int  # files the job will create at most (per batch when samples is None)
     chunks: int  # chunks the job will create (per batch when samples is None)
     free_bytes: int | None  # free space at the destination's nearest existing parent; None: a URL
     footprint: Footprint = field(repr=False)  # the measured fixed and per-batch parts
@@ -84,7 +84,8 @@ class DryRunReport:
             f"  {scope}:",
             f"    uncompressed {self.bytes_uncompressed / MB:,.1f} MB, compressed "
             f"{self.bytes_compressed / MB:,.1f} MB (x{ratio:.2f}, measured on batch 0)",
-            f"    {self.chunks:,} chunks in {self.files:,} files",
+            f"    {self.chunks:,} chunks in at most {self.files:,} files (one commit-log "
+            "document per commit; batches committed together share one)",
             "  free at destination: "
             + ("not known (object storage)" if self.free_bytes is None
                else f"{self.free_bytes / MB:,.1f} MB"),
