@@ -30,10 +30,10 @@ from typing import Any
 
 import numpy as np
 
-from attnscope.errors import ArchiveError
+from attnscope.errors import ArchiveError, ConfigError
 from attnscope.store._base import Write
 
-__all__ = ["INFLIGHT_MB", "PendingBatch", "WritePipeline", "coalesce"]
+__all__ = ["INFLIGHT_MB", "PendingBatch", "WritePipeline", "coalesce", "data_writes", "run_options"]
 
 #: default bound on the data of batches in flight, MiB (``inflight_mb``)
 INFLIGHT_MB = 512
@@ -174,3 +174,45 @@ class WritePipeline:
                 self._inflight -= sum(b.nbytes for b in group)
                 self._busy = False
                 self._cv.notify_all()
+
+
+def run_options(options: dict[str, Any]) -> dict[str, Any]:
+    """Pop the options of this run (not of the archive) from ``options``, checked."""
+    workers = options.pop("workers", None)
+    inflight = options.pop("inflight_mb", None)
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int)
+                                or workers < 1):  # fmt: skip
+        raise ConfigError(f"workers must be an int >= 1 or None (one per core), got {workers!r}")
+    if inflight is not None and (isinstance(inflight, bool) or not inflight > 0):
+        raise ConfigError(f"inflight_mb must be a number > 0 or None, got {inflight!r}")
+    return {"workers": workers, "inflight_mb": inflight}
+
+
+def data_writes(
+    nodes: dict[str, Any], tails_now: dict[tuple[str, str], tuple[int, np.ndarray]],
+    prepared: dict[str, dict[str, np.ndarray]], pos: int, end: int,
+) -> tuple[list[Write], dict[tuple[str, str], tuple[int, np.ndarray] | None]]:  # fmt: skip
+    """The boxes of one batch's attention (samples ``[pos, end)``) and the new tails.
+
+    Where a chunk holds several samples, each box starts with the in-memory copy of the
+    writer's own samples already in the last, partly filled chunk (``tails_now``), so the
+    backend writes whole chunks instead of reading the chunk back, decoding it and merging
+    (read-modify-write); the returned tails are those the next batch will need (None: the
+    batch ends on a chunk boundary).
+    """
+    writes: list[Write] = []
+    tails: dict[tuple[str, str], tuple[int, np.ndarray] | None] = {}
+    for name, parts in prepared.items():
+        for part, handle in nodes[name].handles.items():
+            cs = handle.chunks[0]
+            data, lo = parts[part], pos
+            key = (name, part)
+            if cs > 1 and handle.merge_tails:
+                tail = tails_now.get(key)
+                if tail is not None and pos % cs and tail[0] + len(tail[1]) == pos:
+                    data, lo = np.concatenate([tail[1], data]), tail[0]
+                c0 = end - end % cs
+                tails[key] = (c0, data[c0 - lo :].copy()) if end % cs and c0 >= lo else None
+            sel = (slice(lo, end),) + tuple(slice(0, d) for d in data.shape[1:])
+            writes.append((handle, sel, data))
+    return writes, tails

@@ -10,13 +10,12 @@ from typing import Any
 
 import numpy as np
 
-from attnscope.contracts import DIMS, FORMATS, QUERY_ROWS, SAMPLE_IDS
+from attnscope.contracts import FORMATS, SAMPLE_IDS
 from attnscope.errors import ArchiveError, ConfigError, ShapeError
 from attnscope.store import remote
-from attnscope.store._base import ArrayHandle, Backend, MiB, Write, choose_chunks
+from attnscope.store._base import ArrayHandle, Backend, MiB, Write
 from attnscope.store._lock import Lease, clear_except_locks, locks_inside
 from attnscope.store.batch import BatchRules, Prepared
-from attnscope.store.codecs import storage_dtype
 from attnscope.store.commitlog import LogState, Region, attrs_digest, new_record
 from attnscope.store.frames import FrameStore
 from attnscope.store.ids import id_array, read_ids
@@ -35,25 +34,23 @@ from attnscope.store.meta import (
 )
 from attnscope.store.names import (
     flatten_weights,
-    parse_array_name,
-    rows_of,
     sort_key,
     stored_names,
 )
-from attnscope.store.pipeline import INFLIGHT_MB, PendingBatch, WritePipeline, coalesce
+from attnscope.store.nodes import Node, check_range_fits, create_node
+from attnscope.store.pipeline import (
+    INFLIGHT_MB,
+    PendingBatch,
+    WritePipeline,
+    coalesce,
+    data_writes,
+    run_options,
+)
 from attnscope.store.spec import ArchiveSpec, resolve_spec
 from attnscope.store.stream import BatchStream
 from attnscope.store.tokens import SideRules, SideStore
 
 __all__ = ["ArchiveWriter"]
-
-
-class _Node:
-    """What the writer knows about one attention node: (H, T, S), heads, storage handles."""
-
-    def __init__(self, name: str, h: int, t: int, s: int, heads: list[int]) -> None:
-        self.name, self.h, self.t, self.s, self.heads = name, h, t, s, heads
-        self.handles: dict[str, ArrayHandle] = {}
 
 
 class ArchiveWriter:
@@ -120,7 +117,7 @@ class ArchiveWriter:
         ArchiveWriter
         """
         path = remote.fspath(path)
-        run = _run_options(options)
+        run = run_options(options)
         fmt = archive_format(path, options.get("format", spec.format if spec else None))
         spec = resolve_spec(spec, options, fmt)
         meta = root_meta(spec, layout, fmt)
@@ -138,7 +135,7 @@ class ArchiveWriter:
             for name, hts in (spec.arrays or {}).items():
                 if len(hts) != 3:
                     raise ShapeError(f"arrays[{name!r}] must be (H, T, S), got {hts!r}")
-                self._create_node(name, *map(int, hts), n=int(spec.capacity or 0))
+                create_node(self, name, *map(int, hts), n=int(spec.capacity or 0))
             self._record_arrays()
             self._backend.flush()
             self._backend.publish()
@@ -187,7 +184,7 @@ class ArchiveWriter:
         inside = locks_inside(path, fmt)
         if sample_range is not None:
             sample_range = cls._check_range_arg(path, fmt, inside, sample_range)
-        self = cls(**_run_options({"workers": workers, "inflight_mb": inflight_mb}))
+        self = cls(**run_options({"workers": workers, "inflight_mb": inflight_mb}))
         self._lease = self._hold(_lease(path, sample_range, inside))
         try:
             self._backend = open_backend(path, fmt, "a", workers=self._workers)
@@ -211,7 +208,7 @@ class ArchiveWriter:
         """
         path = remote.fspath(path)
         if remote.exists(path) and not holds_no_data(path):
-            run = _run_options(dict(options))
+            run = run_options(dict(options))
             return cls.open(path, format=options.get("format", spec.format if spec else None),
                             **run)  # fmt: skip
         return cls.create(path, layout, spec, **options)
@@ -269,7 +266,7 @@ class ArchiveWriter:
         rec = records.get(rid) or new_record(a, b, 0)
         self._init(path, fmt, meta, layout, start=a, stop=b, rid=rid, count=count, record=rec)
         for node in self._nodes.values():
-            self._check_range_fits(node)
+            check_range_fits(self, node)
 
     def _init(self, path, fmt, meta, layout, *, start, stop, rid, count, others=(), record) -> None:  # type: ignore[no-untyped-def]
         self.path = path
@@ -285,7 +282,7 @@ class ArchiveWriter:
         self._rid = rid
         self._count = count
         self._limit: tuple[int, int] | None = None  # (start, stop) of the next range record
-        self._nodes: dict[str, _Node] = {}
+        self._nodes: dict[str, Node] = {}
         self._id_keys: list[str] | None = None
         self._id_handles: dict[str, ArrayHandle] = {}
         # (array name, part) -> (first sample, copy of samples [first, committed)) of the
@@ -303,7 +300,7 @@ class ArchiveWriter:
         for name in stored_names(b):
             attrs = b.get_attrs(name)
             h, t, s = (int(x) for x in attrs["hts"])
-            node = _Node(name, h, t, s, list(attrs.get("heads", range(h))))
+            node = Node(name, h, t, s, list(attrs.get("heads", range(h))))
             for part in self._parts():
                 node.handles[part] = b.get_array(f"{name}/{part}" if part else name)
             self._nodes[name] = node
@@ -413,7 +410,7 @@ class ArchiveWriter:
         self._ensure_nodes(prepared, end)
         # Every box of the batch goes to the backend in one call (Zarr writes them
         # concurrently, HDF5 in one pass); the commit record follows only after it returned.
-        writes, tails = self._data_writes(prepared, pos, end)
+        writes, tails = data_writes(self._nodes, self._tails, prepared, pos, end)
         self._finish(side, ids, frm, pos, end, writes, tails)
 
     def flush(self) -> int:
@@ -499,7 +496,7 @@ class ArchiveWriter:
             first = None
         for name in new:
             n = max(end, int(self._meta.get("capacity") or 0))
-            self._create_node(name, *prepared[name]["_hts"], n=n, batch=first)
+            create_node(self, name, *prepared[name]["_hts"], n=n, batch=first)
         if new:
             self._record_arrays()
         grow: list[tuple[ArrayHandle, int]] = []
@@ -513,30 +510,6 @@ class ArchiveWriter:
                     grow.append((handle, -(-n // cs) * cs))
         if grow:
             b.resize_many(grow)
-
-    def _data_writes(
-        self, prepared: Prepared, pos: int, end: int
-    ) -> tuple[list[Write], dict[tuple[str, str], tuple[int, np.ndarray] | None]]:
-        writes: list[Write] = []
-        tails: dict[tuple[str, str], tuple[int, np.ndarray] | None] = {}
-        for name, parts in prepared.items():
-            for part, handle in self._nodes[name].handles.items():
-                cs = handle.chunks[0]
-                data, lo = parts[part], pos
-                key = (name, part)
-                if cs > 1 and handle.merge_tails:
-                    # Several samples per chunk: prepend the in-memory copy of this
-                    # writer's own samples already in the last, partly filled chunk, so
-                    # the backend writes whole chunks instead of reading the chunk back,
-                    # decoding it and merging (read-modify-write).
-                    tail = self._tails.get(key)
-                    if tail is not None and pos % cs and tail[0] + len(tail[1]) == pos:
-                        data, lo = np.concatenate([tail[1], data]), tail[0]
-                    c0 = end - end % cs
-                    tails[key] = (c0, data[c0 - lo :].copy()) if end % cs and c0 >= lo else None
-                sel = (slice(lo, end),) + tuple(slice(0, d) for d in data.shape[1:])
-                writes.append((handle, sel, data))
-        return writes, tails
 
     def _id_writes(self, ids: dict[str, np.ndarray], pos: int, end: int) -> list[Write]:
         b = self._backend
@@ -562,53 +535,6 @@ class ArchiveWriter:
         assert self._backend is not None
         return read_ids(self._backend, keys, self._start, self._count)
 
-    def _create_node(
-        self, name: str, h: int, t: int, s: int, *, n: int, batch: int | None = None
-    ) -> _Node:
-        b = self._backend
-        assert b is not None
-        stack, layer, kind = parse_array_name(name)
-        self._rules.check_shape(name, h, t, s, {})
-        heads = self._rules.heads.get(name) or list(range(h))
-        attrs = {"stack": stack, "layer": layer, "kind": kind, "hts": [h, t, s],
-                 "heads": [int(x) for x in heads], "dims": list(DIMS)}  # fmt: skip
-        rows = rows_of(self._meta, name)
-        if rows is not None:
-            attrs[QUERY_ROWS] = rows
-        sdt = storage_dtype(self._rules.dtype)
-        comp, lvl = self._meta.get("compressor", "zstd"), self._meta.get("level")
-        # HDF5 grows a rewritten chunk in place at the end of the file; a crash before the
-        # next flush leaves it undecodable. One sample per chunk means a chunk holding
-        # committed samples is never rewritten (Zarr renames whole chunk files instead).
-        cs = 1 if self.format == "hdf5" else self._meta.get("chunk_samples")
-        bs, qb = self._meta.get("batch_size") or batch, self._meta.get("query_block")
-        node = _Node(name, h, t, s, attrs["heads"])
-        if self._rules.sparse:
-            k = int(self._rules.topk)  # type: ignore[arg-type]
-            chunks = choose_chunks(h, t, k, sdt.itemsize, chunk_samples=cs, batch_size=bs)
-            b.set_attrs(name, {**attrs, "topk": k}, group=True)
-            idt = np.dtype(np.int16 if s < 32768 else np.int32)
-            rank = DIMS[:3] + ("rank",)
-            for part, dt, shape, ch, dims in (
-                ("values", sdt, (n, h, t, k), chunks, rank),
-                ("indices", idt, (n, h, t, k), chunks, rank),
-                ("residual", np.dtype(np.float32), (n, h, t), chunks[:3], DIMS[:3]),
-            ):
-                node.handles[part] = b.create_array(
-                    f"{name}/{part}", shape, ch, dt, dims=dims, compressor=comp, level=lvl,
-                    overwrite=self._fresh,
-                )
-        else:
-            chunks = choose_chunks(h, t, s, sdt.itemsize, chunk_samples=cs, batch_size=bs,
-                                   query_block=qb)  # fmt: skip
-            node.handles[""] = b.create_array(
-                name, (n, h, t, s), chunks, sdt, dims=DIMS, attrs=attrs, compressor=comp,
-                level=lvl,
-                overwrite=self._fresh,  # an unlisted array of a batch that never committed
-            )
-        self._nodes[name] = node
-        return node
-
     def _record_arrays(self) -> None:
         """List every array in the root metadata, so a deleted one is noticed by verify."""
         assert self._backend is not None
@@ -616,23 +542,6 @@ class ArchiveWriter:
         if self._meta.get("arrays") != names:
             self._meta["arrays"] = names
             self._backend.write_root_meta(self._meta)
-
-    def _check_range_fits(self, node: _Node) -> None:
-        a, b = self._start, self._stop
-        assert b is not None
-        for part, handle in node.handles.items():
-            n, cs = handle.shape[0], handle.chunks[0]
-            if n < b:
-                raise ConfigError(
-                    f"{node.name}{'/' + part if part else ''}: sample_range stop {b} exceeds "
-                    f"the archive capacity {n}; create it with capacity >= {b}"
-                )
-            if a % cs or (b % cs and b != n):
-                raise ConfigError(
-                    f"{node.name}: sample_range ({a}, {b}) is not aligned to the {cs}-sample "
-                    f"chunks (two writers would share a chunk); use multiples of {cs} or "
-                    f"create with chunk_samples=1"
-                )
 
     # -- closing ------------------------------------------------------------------------
     def _hold(self, lease: Any) -> Any:
@@ -671,18 +580,6 @@ class ArchiveWriter:
             f"ArchiveWriter({self.path!r}, format={self.format!r}, "
             f"committed={self._durable}, {state})"
         )
-
-
-def _run_options(options: dict[str, Any]) -> dict[str, Any]:
-    """Pop the options of this run (not of the archive) from ``options``, checked."""
-    workers = options.pop("workers", None)
-    inflight = options.pop("inflight_mb", None)
-    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int)
-                                or workers < 1):  # fmt: skip
-        raise ConfigError(f"workers must be an int >= 1 or None (one per core), got {workers!r}")
-    if inflight is not None and (isinstance(inflight, bool) or not inflight > 0):
-        raise ConfigError(f"inflight_mb must be a number > 0 or None, got {inflight!r}")
-    return {"workers": workers, "inflight_mb": inflight}
 
 
 def _lease(path: str, sample_range: tuple[int, int] | None, inside: bool) -> Any:
