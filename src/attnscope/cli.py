@@ -419,11 +419,12 @@ def render(archive: Path, out: Path, layers: list[int] | None, heads: list[int] 
                    "analyse into a temporary folder, removed afterwards).")
 @click.option("--out", type=LOCAL, default=Path("report.html"),
               show_default=True)
-@click.option("--sample", default=0, show_default=True, help="Sample shown when it opens.")
+@click.option("--sample", type=int, default=None,
+              help="Sample shown when it opens (default: the first of --samples, else 0).")
 @click.option("--samples", callback=_selection,
               help="Samples embedded in the viewer, e.g. '0-3,9' (default: as many as fit "
                    "~1.3 MB, from 0).")
-def report(archive: Path, tables_dir: Path | None, out: Path, sample: int,
+def report(archive: Path, tables_dir: Path | None, out: Path, sample: int | None,
            samples: list[int] | None) -> None:
     """Write one self-contained HTML viewer of the stored attention (works from file://).
 

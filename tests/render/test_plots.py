@@ -89,7 +89,13 @@ def test_long_sequence_gets_segment_names_and_downsampling(rng):
     assert max(data.shape) <= 1024
     assert data.shape == (800, 800)  # blocks of 3 tokens
     assert data.max() == 1.0 and data[5 // 3, -1] == 1.0
-    assert [t.get_text() for t in ax.get_xticklabels()] == ["text", "agentview_image", "state"]
+    # every 60th token labelled (2400 / 40), the segment names on the opposite side
+    labels = [t.get_text() for t in ax.get_xticklabels()]
+    assert labels[:3] == ["text[0]", "text[60]", "text[120]"] and len(labels) == 40
+    assert list(ax.get_xticks()[:2]) == [0, 60]
+    assert "every 60th token labelled" in ax.get_xlabel()
+    (top,) = [c for c in ax.child_axes if c.get_xticklabels()]
+    assert [t.get_text() for t in top.get_xticklabels()] == ["text", "agentview_image", "state"]
     assert boundary_positions(ax, "cols") == [299.5, 2299.5]
     # extent keeps token coordinates
     assert ax.images[0].get_extent() == [-0.5, n - 0.5, n - 0.5, -0.5]

@@ -91,5 +91,7 @@ def test_axis_spec_labels_short_and_segments_long():
     assert p.cols.boundaries == (3,)
     long = SideLayout.from_lengths({"text": 30, "img": 20})
     p = prepare_matrix(np.zeros((50, 50)), query_layout=long, key_layout=long)
-    assert p.rows.labels is None
+    assert p.rows.label_step == 2  # every 2nd of 50 tokens, at most 40 labels
+    assert p.rows.ticks() == (list(range(0, 50, 2)), [long.labels[i] for i in range(0, 50, 2)])
     assert p.rows.segment_names == (("text", 14.5), ("img", 39.5))
+    assert p.cols.ticks()[1][:2] == ["text[0]", "text[2]"]

@@ -37,6 +37,7 @@ from attnscope.errors import ArchiveNotFoundError, ConfigError, SelectionError
 from attnscope.render import _figure_jobs as figure_jobs
 from attnscope.render import overlay, plots, tables
 from attnscope.render._figure_jobs import head_tag as _head_tag
+from attnscope.render._prepare import head_ids
 from attnscope.render._reuse import Painter
 from attnscope.render._save import save_figure, write_png
 from attnscope.store import open_archive
@@ -285,12 +286,13 @@ def _request(
         if lyr in layers_ and kd in kinds_
     ]
     for st, lyr, kd in sel:
-        h = int(arc.attention(st, lyr, kd).shape[1])
+        ids = head_ids(arc.attention(st, lyr, kd))  # the model's head ids, not positions
         for hd in heads_:
-            if hd is not None and not 0 <= hd < h:
-                raise SelectionError(
-                    f"head {hd} out of range: {st} layer {lyr} {kd} has heads 0..{h - 1}"
-                )
+            if hd is not None and hd not in ids:
+                full = ids == list(range(len(ids)))
+                why, shown = ("out of range", f"0..{len(ids) - 1}") if full else (
+                    "is not a stored head", str(ids))
+                raise SelectionError(f"head {hd} {why}: {st} layer {lyr} {kd} has heads {shown}")
     return Request(
         sel=tuple(sel),
         samples=tuple(samples_),

@@ -36,7 +36,7 @@ import numpy as np
 
 from attnscope.contracts import EPISODE_ID, KIND_AXES, STEP_ID
 from attnscope.errors import ConfigError, SelectionError, ShapeError
-from attnscope.render._prepare import AxisSpec, PreparedMatrix
+from attnscope.render._prepare import AxisSpec, PreparedMatrix, head_position
 from attnscope.render._style import STYLE, plain
 from attnscope.store import open_archive
 from attnscope.store.layout import Segment, SideLayout
@@ -163,7 +163,7 @@ def prepare_overlay(
     query
         Segment name of the query side, ``"all"``, ``"last"`` or token indices.
     head
-        Stored head index, or ``None`` for the mean over heads.
+        The model's head id (``AttentionArray.heads``), or ``None`` for the mean over heads.
     array, layer
         ``"stack/layer/kind"`` to read; default :func:`default_array` at ``layer`` (default:
         the last).
@@ -205,9 +205,7 @@ def prepare_overlay(
             raise SelectionError(
                 f"sample {sample!r} out of range: the archive has samples 0..{n - 1}"
             )
-        n_heads = int(arr.shape[1])
-        if head is not None and not 0 <= head < n_heads:
-            raise SelectionError(f"head {head} out of range: {name} has heads 0..{n_heads - 1}")
+        pos = None if head is None else head_position(arr, head)  # model head id -> axis
         qreal = kreal = None
         if arc.ragged:
             qreal = arc.masks(qside, slice(sample, sample + 1))[0]
@@ -227,8 +225,8 @@ def prepare_overlay(
             ) from None
         stored = list(queries) if kept is None else np.searchsorted(kept, queries).tolist()
         seg = imgs[image]
-        w = np.asarray(arr[sample] if head is None else arr[sample, head], dtype=np.float32)
-        w = w[None] if head is not None else w  # (H, T, S)
+        w = np.asarray(arr[sample] if pos is None else arr[sample, pos], dtype=np.float32)
+        w = w[None] if pos is not None else w  # (H, T, S)
         rows = w[:, stored, :].mean(axis=1).mean(axis=0)  # (S,) mean row of the selection
         mass = rows[seg.start : seg.stop].astype(np.float64)
         if kreal is not None:

@@ -374,7 +374,7 @@ def write_report(
     out: str | os.PathLike[str],
     *,
     tables_dir: str | os.PathLike[str] | None = None,
-    sample: int = 0,
+    sample: int | None = None,
     samples: Sequence[int] | None = None,
     arrays: Sequence[str] | None = None,
     top_pairs: int = 10,
@@ -395,7 +395,8 @@ def write_report(
         the report does not run the analysis itself). Tables of another archive raise
         :class:`~attnscope.errors.StaleTableError`.
     sample
-        Sample shown when the page opens (always embedded).
+        Sample shown when the page opens (always embedded); default the first of
+        ``samples`` as given, else 0.
     samples
         Samples embedded in the page (default: the first ones whose maps fit in
         ``max_bytes`` of base64, at least one).
@@ -424,6 +425,8 @@ def write_report(
             "write_report needs tables_dir, the folder written by attnscope.analysis.analyze "
             "(`attnscope analyze ARCHIVE --out DIR`); the report does not analyse"
         )
+    if sample is None:
+        sample = int(next(iter(samples), 0)) if samples is not None else 0
     with open_archive(archive) as arc:
         page = _build(arc, load_tables(tables_dir, arc), sample, samples, arrays, top_pairs,
                       max_cells, max_bytes, _timeline(tables_dir, arc))
