@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from attnscope.errors import InputError, SelectionError, ShapeError
+from attnscope.errors import ConfigError, InputError, SelectionError, ShapeError
 from attnscope.render._crop import (
     fit_layout,
     kept_rows_layout,
@@ -314,7 +314,7 @@ SCALES = ("max", "row", "p<percentile>")
 
 
 def check_scale(scale: str) -> float | None:
-    """The percentile of a ``"pNN"`` scale, None for ``"max"`` / ``"row"``; else SelectionError."""
+    """The percentile of a ``"pNN"`` scale, None for ``"max"`` / ``"row"``; else ConfigError."""
     if scale in ("max", "row"):
         return None
     if isinstance(scale, str) and scale.startswith("p"):
@@ -324,8 +324,9 @@ def check_scale(scale: str) -> float | None:
             q = -1.0
         if 0 < q <= 100:
             return q
-    raise SelectionError(
-        f"scale must be 'max', 'row' or a percentile such as 'p99', got {scale!r}"
+    raise ConfigError(
+        f"scale must be 'max', 'row' or a percentile such as 'p99' (0 < p <= 100), "
+        f"got {scale!r}"
     )
 
 
@@ -333,11 +334,11 @@ def scale_label(scale: str, forced: bool) -> str:
     """Colour bar label stating how the colour range was chosen."""
     q = check_scale(scale)
     if scale == "row":
-        return "weight / row max (each row on its own scale)"
-    parts = [] if q is None else [f"top: {q:g}th percentile, above drawn at top"]
+        return "weight / row max"
+    parts = [] if q is None else [f"top: {q:g}th pct"]
     if forced:
-        parts.append("1-key rows not scaled")
-    return "attention weight" + (f" ({'; '.join(parts)})" if parts else "")
+        parts.append("1-key rows excluded")
+    return f"weight ({'; '.join(parts)})" if parts else "attention weight"
 
 
 def colour_limits(

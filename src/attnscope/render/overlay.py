@@ -56,7 +56,20 @@ __all__ = [
 ]
 
 #: how the patch grid is stretched over a frame
-UPSAMPLING = ("bilinear", "nearest")
+UPSAMPLING = ("auto", "bilinear", "nearest")
+#: ``upsampling="auto"``: grids with fewer patches than this on a side are drawn as flat
+#: blocks (nearest); smoothing a 3 x 3 grid would invent structure between patches
+NEAREST_BELOW = 8
+
+
+def resolve_upsampling(method: str, grid_shape: tuple[int, ...]) -> str:
+    """``"nearest"`` or ``"bilinear"``: ``"auto"`` is nearest below :data:`NEAREST_BELOW`
+    patches a side, bilinear from there (bilinear is opt-in for small grids)."""
+    if method not in UPSAMPLING:
+        raise ConfigError(f"unknown upsampling {method!r}; expected one of {UPSAMPLING}")
+    if method != "auto":
+        return method
+    return "nearest" if min(grid_shape[:2]) < NEAREST_BELOW else "bilinear"
 #: the named queries (besides segment names and index lists)
 QUERY_WORDS = ("all", "last")
 
@@ -247,17 +260,19 @@ def prepare_overlay(
         )
 
 
-def upsample(grid: np.ndarray, shape: tuple[int, int], method: str = "bilinear") -> np.ndarray:
+def upsample(grid: np.ndarray, shape: tuple[int, int], method: str = "auto") -> np.ndarray:
     """``grid (rows, cols)`` stretched to ``shape (H, W)``.
 
     ``nearest``: pixel ``(y, x)`` takes the patch it lies in. ``bilinear``: linear in both
     directions between patch centres, edge patches clamped (``align_corners=False``).
+    ``auto``: :func:`resolve_upsampling` (nearest below 8 patches a side).
     """
     if method not in UPSAMPLING:
         raise ConfigError(f"unknown upsampling {method!r}; expected one of {UPSAMPLING}")
     g = np.asarray(grid, dtype=np.float64)
     if g.ndim != 2:
         raise ShapeError(f"grid must be 2-D (rows, cols), got shape {g.shape}")
+    method = resolve_upsampling(method, g.shape)
     H, W = (int(x) for x in shape)
     r, c = g.shape
     ys = (np.arange(H) + 0.5) * r / H - 0.5  # pixel centres in patch coordinates
@@ -361,7 +376,7 @@ def plot_overlay(
     data: OverlayData | Any,
     *,
     frame: str | os.PathLike | np.ndarray | None = None,
-    upsampling: str = "bilinear",
+    upsampling: str = "auto",
     alpha: float = 0.55,
     ax: Any = None,
     title: str | None = None,
@@ -378,7 +393,8 @@ def plot_overlay(
         :func:`prepare_overlay` (``sample``, ``image``, ``query``, ``head``, ``array``, ``layer``).
     frame
         The camera frame (PNG path or array): the heat is upsampled to its size
-        (``upsampling``: ``"bilinear"`` or ``"nearest"``) and drawn with ``alpha`` over it.
+        (``upsampling``: ``"auto"``, nearest below 8 patches a side, else bilinear;
+        or ``"bilinear"`` / ``"nearest"``) and drawn with ``alpha`` over it.
         Default: the frame stored with the sample (:func:`stored_frame`; an archive given
         as ``data`` and ``use_stored_frame=True``); without any, the patch grid is drawn as a
         plain heatmap.

@@ -55,6 +55,8 @@ __all__ = [
 ]
 
 PathLike = str | os.PathLike
+#: longest tick label on the small panels of grids and layer comparisons (cut in the middle)
+PANEL_LABEL_CHARS = 18
 BOUNDARY_GID = {"rows": "segment_boundary_query", "cols": "segment_boundary_key"}
 #: (stack, kind) of the three arrays of a flow figure, in plot_attention_flow's argument order
 FLOW_ARRAYS = (
@@ -80,7 +82,8 @@ def _ordinal(k: int) -> str:
 
 
 def _decorate_axis(
-    ax: Axes, spec: AxisSpec, which: str, rotation: float, ticks: bool = True
+    ax: Axes, spec: AxisSpec, which: str, rotation: float, ticks: bool = True,
+    names: bool | None = None, label_chars: int | None = None,
 ) -> None:
     set_ticks = ax.set_xticks if which == "cols" else ax.set_yticks
     line = ax.axvline if which == "cols" else ax.axhline
@@ -92,6 +95,9 @@ def _decorate_axis(
             alpha=0.9,
             gid=BOUNDARY_GID[which],
         )
+    names = ticks if names is None else names
+    if names and spec.labels is not None and len(spec.segment_names) > 1:
+        _segment_axis(ax, spec, which)  # segment names beside the token labels
     if not ticks:  # inner grid panels: no tick objects at all (each costs ~1 ms to lay out)
         set_ticks([])
         return
@@ -100,10 +106,10 @@ def _decorate_axis(
     align = {"ha": "right"} if which == "cols" and 0 < rot < 90 else {}
     if spec.labels is not None:
         pos, labels = spec.ticks()
-        size = STYLE.tick_size if len(pos) <= 20 else STYLE.dense_tick_size
-        set_ticks(pos, [plain(x) for x in labels], rotation=rot, fontsize=size, **align)
-        if len(spec.segment_names) > 1:  # segment names beside the token labels
-            _segment_axis(ax, spec, which)
+        dense = len(pos) > 20 or label_chars is not None
+        size = STYLE.dense_tick_size if dense else STYLE.tick_size
+        text = [plain(x) if label_chars is None else short(x, label_chars) for x in labels]
+        set_ticks(pos, text, rotation=rot, fontsize=size, **align)
     elif spec.segment_names:
         centres = [c for _, c in spec.segment_names]
         names = [plain(n) for n, _ in spec.segment_names]
@@ -119,7 +125,7 @@ def _segment_axis(ax: Axes, spec: AxisSpec, which: str) -> None:
     names = [plain(n) for n, _ in spec.segment_names]
     if which == "cols":
         sec = ax.secondary_xaxis("top")
-        sec.set_xticks(centres, names, fontsize=STYLE.segment_tick_size, rotation=30,
+        sec.set_xticks(centres, names, fontsize=STYLE.segment_tick_size, rotation=20,
                        ha="left", rotation_mode="anchor")
     else:
         sec = ax.secondary_yaxis("right")
@@ -127,15 +133,27 @@ def _segment_axis(ax: Axes, spec: AxisSpec, which: str) -> None:
     sec.tick_params(length=0, pad=2)
 
 
-def _axis_label(base: str | None, spec: AxisSpec) -> str | None:
-    """``key``, ``key: text`` for a one-segment axis, ``(every 3rd token labelled)``."""
+def _axis_label(base: str | None, spec: AxisSpec, brief: bool = False) -> str | None:
+    """``key``, ``key: text`` for a one-segment axis, ``(every 3rd token labelled)``
+    (``brief``: ``(every 3rd)``, for small panels)."""
     if not base:
         return base
     if spec.labels is not None and len(spec.segment_names) == 1:
         base = f"{base}: {plain(spec.segment_names[0][0])}"
     if spec.labels is not None and spec.label_step > 1:
-        base += f" (every {_ordinal(spec.label_step)}token labelled)"
+        step = _ordinal(spec.label_step)
+        base += f" (every {step.strip()})" if brief else f" (every {step}token labelled)"
     return base
+
+
+def short(label: Any, max_chars: int) -> str:
+    """``label`` as literal text of at most ``max_chars``, cut in the middle so that both
+    ends stay (``robot0_eef_pos_past_traj[8]`` -> ``robot0_e…traj[8]``)."""
+    text = str(label)
+    if len(text) > max_chars:
+        head = (max_chars - 1) // 2
+        text = text[:head] + "…" + text[len(text) - (max_chars - 1 - head):]
+    return plain(text)
 
 
 def draw_matrix(
@@ -149,6 +167,8 @@ def draw_matrix(
     col_rotation: float = 90,
     xticks: bool = True,
     yticks: bool = True,
+    names: tuple[bool, bool] | None = None,
+    label_chars: int | None = None,
 ) -> Any:
     """Draw a prepared matrix onto ``ax``; return the ``AxesImage``.
 
@@ -156,6 +176,8 @@ def draw_matrix(
     coordinates are cell indices (``extent`` undoes any block reduction); tick labels
     are drawn as literal text (see :func:`attnscope.render._style.plain`).
     ``xticks``/``yticks=False`` leave that axis without ticks (inner panels of a grid).
+    ``names`` (x, y): draw the segment names on the top / right side (default: where
+    there are ticks). ``label_chars``: small panels, tick labels cut in the middle.
     Masked cells (``prepared.mask``) take the mask colour.
     """
     im = ax.imshow(
@@ -166,13 +188,17 @@ def draw_matrix(
         interpolation="nearest",
         extent=prepared.extent,
     )
-    _decorate_axis(ax, prepared.cols, "cols", col_rotation, xticks)
-    _decorate_axis(ax, prepared.rows, "rows", col_rotation, yticks)
-    xlabel, ylabel = _axis_label(xlabel, prepared.cols), _axis_label(ylabel, prepared.rows)
+    xn, yn = names if names is not None else (None, None)
+    _decorate_axis(ax, prepared.cols, "cols", col_rotation, xticks, xn, label_chars)
+    _decorate_axis(ax, prepared.rows, "rows", col_rotation, yticks, yn, label_chars)
+    brief = label_chars is not None
+    xlabel = _axis_label(xlabel, prepared.cols, brief)
+    ylabel = _axis_label(ylabel, prepared.rows, brief)
+    size = {"fontsize": STYLE.panel_title_size - 1} if brief else {}
     if xlabel:
-        ax.set_xlabel(xlabel)
+        ax.set_xlabel(xlabel, **size)
     if ylabel:
-        ax.set_ylabel(ylabel)
+        ax.set_ylabel(ylabel, **size)
     return im
 
 
@@ -368,6 +394,9 @@ def plot_head_grid(
             ylabel="query" if c == 0 else None,
             xticks=k + ncols >= len(heads),  # the last panel of its column
             yticks=c == 0,
+            # segment names on the outer sides only: top row, last panel of each row
+            names=(r == 0, c == ncols - 1 or k == len(heads) - 1),
+            label_chars=PANEL_LABEL_CHARS,
         )
         ax.set_title(f"head {i}", fontsize=STYLE.panel_title_size)
     fig.colorbar(im, ax=axes, shrink=0.8, label=_shared_label(prepared))
@@ -425,8 +454,10 @@ def plot_layer_comparison(
     shared = (_norm(*shared_limits(prepared, vmin, vmax, log, scale), log)
               if shared_scale else None)
     im = None
-    for ax, (name, _), p in zip(axes, items, prepared):
-        im = draw_matrix(ax, p, cmap=cmap, norm=shared)
+    for k, (ax, (name, _), p) in enumerate(zip(axes, items, prepared)):
+        r, c = divmod(k, ncols)
+        im = draw_matrix(ax, p, cmap=cmap, norm=shared, label_chars=PANEL_LABEL_CHARS,
+                         names=(r == 0, c == ncols - 1 or k == len(items) - 1))
         ax.set_title(f"layer {name}")
         if not shared_scale:
             fig.colorbar(im, ax=ax, label=p.label)

@@ -28,13 +28,14 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from matplotlib.colors import to_rgb
 
 from attnscope.contracts import AVERAGE_HEAD, KIND_AXES, STACKS
 from attnscope.errors import ConfigError, SelectionError, ShapeError
 from attnscope.render._crop import crop_layout, positions_of, read_real
 from attnscope.render._figure_jobs import load_timeline
-from attnscope.render._prepare import block_reduce
-from attnscope.render._style import STYLE, colormap
+from attnscope.render._prepare import block_reduce, causal_mask
+from attnscope.render._style import STYLE, colormap, mask_color
 from attnscope.render._viewer import CSS, JS
 from attnscope.render.batch import FIGURE_TABLES, load_tables
 from attnscope.render.overlay import image_groups
@@ -68,12 +69,18 @@ def _head_maps(
     x = read_real(arr, (sample,), rows, cols).astype(np.float32)
     if x.ndim != 3:
         raise ShapeError(f"expected one sample of shape (H, T, S), got {x.shape}")
+    causal = False
+    if arr.kind == "self_attention":  # masked cells: the page draws them in the mask colour
+        kept = arr.query_rows
+        q_pos = rows if kept is None else (np.asarray(kept) if rows is None
+                                           else np.asarray(kept)[rows])
+        causal = causal_mask(x.mean(axis=0), q_pos, cols) is not None
     reduced = [block_reduce(m, max_cells, "max") for m in x]
     _, fr, fc = reduced[0]
     maps = np.stack([r for r, _, _ in reduced]).astype("<f2")
     t_real, s_real = x.shape[1:]
     return {"b64": _b64(maps), "T": int(t_real), "S": int(s_real), "t": int(maps.shape[1]),
-            "s": int(maps.shape[2]), "fr": fr, "fc": fc}
+            "s": int(maps.shape[2]), "fr": fr, "fc": fc, "causal": causal}
 
 
 def _side(lay: Any, pos: np.ndarray | None) -> dict[str, Any]:
@@ -232,6 +239,9 @@ def _viewer_data(
     head_stats, seg, pairs = (tables[n] for n in FIGURE_TABLES)
     return {
         "lut": _lut(STYLE.cmap),
+        "mask": [int(round(255 * c)) for c in to_rgb(mask_color(STYLE.cmap))],
+        # a model with one segment per side (text only): its 1 x 1 mass says nothing
+        "mass_shown": any(len(arc.layout.side(sd).segments) > 1 for sd in used),
         "samples": samples,
         "initial": {"array": names[0], "sample": sample},
         "tokens": tokens,
@@ -477,15 +487,17 @@ def _build(
         f"<p class='muted'>{shown} of {arc.n_samples} embedded "
         "(<code>attnscope report --samples</code> chooses). Hover a cell for its tokens and "
         "weight; click a query (a row) for its attention as bars. Colours run from 0 to the "
-        "largest weight of the map shown.</p>"
+        "largest weight of the map shown, rows with a single allowed key (a causal map's "
+        "first row) left out; grey cells are masked (not attended).</p>"
         "<div id='hover' class='muted'></div>"
         "<div class='row'><canvas id='map' width='10' height='10'></canvas>"
         "<div><h3 id='row-title'></h3><canvas id='row' width='10' height='10'></canvas></div>"
         "</div>"
         "<div class='row'><div><h3>Normalised entropy (layer x head)</h3>"
         "<p class='muted'>Mean row entropy / log of the keys a row may attend to "
-        "(1 = uniform, 0 = one key); mean over samples.</p><div id='entropy'></div></div>"
-        "<div><h3>Modality-to-modality mass</h3><p class='muted'>Rows: query segment; "
+        "(1 = uniform, 0 = one key); mean over samples; colours on a fixed 0-1 scale."
+        "</p><div id='entropy'></div></div>"
+        "<div id='mass-box'><h3>Modality-to-modality mass</h3><p class='muted'>Rows: query segment; "
         "columns: key segment; mean over samples. Each row sums to 1.</p>"
         "<div id='mass'></div></div>"
         "<div><h3>Top pairs</h3><div id='pairs'></div></div></div>"

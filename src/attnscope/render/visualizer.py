@@ -175,6 +175,7 @@ class AttentionVisualizer:
         layer: int | None = None,
         kind: str | None = None,
         log: bool = False,
+        scale: str = "max",
     ) -> Figure:
         """Heatmap of one head or the head mean (``head_idx=None``) of sample ``batch_idx``.
 
@@ -185,7 +186,8 @@ class AttentionVisualizer:
         """
         with _maybe_archive(attention_weights) as arc:
             attn, q, k = self._select(arc, attention_weights, stack, layer, kind)
-            look = dict(title=title, figsize=figsize, cmap=cmap, vmin=vmin, vmax=vmax, log=log)
+            look = dict(title=title, figsize=figsize, cmap=cmap, vmin=vmin, vmax=vmax, log=log,
+                        scale=scale)
             return self._draw(
                 plots.plot_heatmap, attn, head_idx=head_idx, batch_idx=batch_idx,
                 query_layout=q, key_layout=k, save_path=save_path, show=show, cap=None, **look,
@@ -207,11 +209,13 @@ class AttentionVisualizer:
         layer: int | None = None,
         kind: str | None = None,
         log: bool = False,
+        scale: str = "max",
     ) -> Figure:
         """All heads of one layer in a grid with one shared colour scale."""
         with _maybe_archive(attention_weights) as arc:
             attn, q, k = self._select(arc, attention_weights, stack, layer, kind)
-            look = dict(title=title, figsize=figsize, cmap=cmap, vmin=vmin, vmax=vmax, log=log)
+            look = dict(title=title, figsize=figsize, cmap=cmap, vmin=vmin, vmax=vmax, log=log,
+                        scale=scale)
             return self._draw(
                 plots.plot_head_grid, attn, batch_idx=batch_idx, query_layout=q, key_layout=k,
                 save_path=save_path, show=show, **look,
@@ -234,6 +238,7 @@ class AttentionVisualizer:
         vmin: float | None = None,
         vmax: float | None = None,
         log: bool = False,
+        scale: str = "max",
     ) -> Figure:
         """One panel per layer of ``attention_type``, one head or the head mean.
 
@@ -252,7 +257,8 @@ class AttentionVisualizer:
                 items = self._layer_items(layer_attention_list, attention_type, layers)
                 first = next(iter(items.values()), None)
                 q, k = self._layouts(first, stack, attention_type) if items else (None, None)
-            look = dict(title=title, figsize=figsize, cmap=cmap, vmin=vmin, vmax=vmax, log=log)
+            look = dict(title=title, figsize=figsize, cmap=cmap, vmin=vmin, vmax=vmax, log=log,
+                        scale=scale)
             return self._draw(
                 plots.plot_layer_comparison, items, head_idx=head_idx, batch_idx=batch_idx,
                 query_layout=q, key_layout=k, save_path=save_path, show=show, **look,
@@ -298,6 +304,7 @@ class AttentionVisualizer:
         title: str | None = None,
         cmap: str = "viridis",
         log: bool = False,
+        scale: str = "max",
     ) -> Figure:
         """Encoder self -> decoder self -> decoder cross attention of one layer.
 
@@ -323,7 +330,7 @@ class AttentionVisualizer:
                 plots.plot_attention_flow, enc, dec, cross, layer_idx=layer_idx,
                 head_idx=head_idx, batch_idx=batch_idx, encoder_layout=enc_layout,
                 decoder_layout=dec_layout, title=title, figsize=figsize, cmap=cmap, log=log,
-                save_path=save_path, show=show,
+                scale=scale, save_path=save_path, show=show,
             )
 
     def save_attention_statistics(
