@@ -190,7 +190,7 @@ def _table_jobs(p: _Plan) -> Iterator[Job]:
         )
     for name, draw in (
         ("segment_mass", tables.plot_segment_mass),
-        ("top_pairs", tables.plot_top_pairs),
+        ("top_pairs", tables.plot_top_pair_summary),
     ):
         for st, lyr, kd in p.req.sel:
             if name == "segment_mass" and not _several_segments(p.arc, st, kd):

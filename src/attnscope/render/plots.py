@@ -224,7 +224,8 @@ def fit_title(text: str, width_in: float, fontsize: float = 12) -> str:
 
 
 def annotate_cells(
-    ax: Axes, data: Any, fmt: str, *, dark_on_light: bool, fontsize: float | None = None
+    ax: Axes, data: Any, fmt: str, *, dark_on_light: bool, fontsize: float | None = None,
+    limits: tuple[float, float] | None = None,
 ) -> None:
     """Write every cell's value into it, in a colour that reads on the cell.
 
@@ -233,7 +234,7 @@ def annotate_cells(
     """
     import numpy as np
 
-    lo, hi = float(np.nanmin(data)), float(np.nanmax(data))
+    lo, hi = limits if limits is not None else (float(np.nanmin(data)), float(np.nanmax(data)))
     mid = (lo + hi) / 2
     hi_text, lo_text = ("black", "white") if dark_on_light else ("white", "black")
     for (r, c), v in np.ndenumerate(data):

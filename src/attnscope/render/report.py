@@ -39,6 +39,7 @@ from attnscope.render._style import STYLE, colormap, mask_color
 from attnscope.render._viewer import CSS, JS
 from attnscope.render.batch import FIGURE_TABLES, load_tables
 from attnscope.render.overlay import image_groups
+from attnscope.render.tables import drop_forced
 from attnscope.store import AttentionArchive, open_archive
 
 __all__ = ["check_report_path", "write_report"]
@@ -302,9 +303,11 @@ def _mass(seg: pd.DataFrame, names: Sequence[str]) -> dict[str, Any]:
 def _pairs(pairs: pd.DataFrame, names: Sequence[str], samples: list[int], k: int
            ) -> dict[str, Any]:
     """The ``k`` heaviest (query, key, weight, query label, key label) per array, embedded
-    sample and head; positions are stored ones and the labels the table's (each sample's own)."""
+    sample and head; positions are stored ones and the labels the table's (each sample's own).
+    Forced cells (a query's only allowed key, e.g. causal row 0 at weight 1) are left out."""
     cols = ["query", "key", "weight", "query_label", "key_label"]
     out: dict[str, Any] = {}
+    pairs = drop_forced(pairs)
     for name in names:
         sub = _rows(pairs, name)
         sub = sub[sub["sample"].isin(samples)].sort_values("rank", kind="stable")
@@ -500,7 +503,8 @@ def _build(
         "<div id='mass-box'><h3>Modality-to-modality mass</h3><p class='muted'>Rows: query segment; "
         "columns: key segment; mean over samples. Each row sums to 1.</p>"
         "<div id='mass'></div></div>"
-        "<div><h3>Top pairs</h3><div id='pairs'></div></div></div>"
+        "<div><h3>Top pairs</h3><p class='muted'>Forced cells (a query's only allowed "
+        "key) left out.</p><div id='pairs'></div></div></div>"
         "<div class='row'><div id='overlay-box'><h3>Where the query looks on the images</h3>"
         "<p class='muted'><label>query segment <select id='sel-qseg'></select></label> "
         "Attention mass of the chosen query (a clicked row, or a segment's mean row) on each "
