@@ -143,3 +143,33 @@ def test_reused_figure_shows_its_own_data(small_archive, tmp_path):
     paths = render_archive(small_archive, tmp_path, layers=[0], stacks=["encoder"],
                            heads=[0, 1], what=["heatmap"], progress=False)
     assert len(paths) == 2 and paths[0].read_bytes() != paths[1].read_bytes()
+
+
+def test_heads_are_the_models_ids_in_files_titles_and_grids(kept_heads_archive, tmp_path):
+    """An archive keeping model heads 0 and 3: head 3 is asked for as 3, its files say h03,
+    its title 'head 3', and the grid's panels are 'head 0' and 'head 3'."""
+    from PIL import Image
+
+    from attnscope.render import plots
+    from attnscope.store import open_archive
+
+    out = tmp_path / "figs"
+    paths = render_archive(kept_heads_archive, out, layers=[0], heads=[3],
+                           what=["heatmap", "grid"], progress=False)
+    assert "heatmap/decoder-L00-self_attention-s0000-h03.png" in names(paths, out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert {f["head"] for f in manifest["files"] if f["what"] == "heatmap"} == {3}
+    with open_archive(kept_heads_archive) as arc:
+        fig = plots.plot_head_grid(arc.attention("decoder", 0, "self_attention"))
+        assert [ax.get_title() for ax in fig.axes[:2]] == ["head 0", "head 3"]
+        fig = plots.plot_heatmap(arc.attention("decoder", 0, "self_attention"), head_idx=3,
+                                 title=None)
+        assert fig.axes[0].get_title() == "head 3, sample 0"
+    assert Image.open(out / "grid/decoder-L00-self_attention-s0000.png").size[0] > 0
+
+
+@pytest.mark.parametrize("head", [1, 2])
+def test_a_head_the_archive_did_not_keep_is_refused(kept_heads_archive, tmp_path, head):
+    with pytest.raises(SelectionError, match=rf"head {head} is not a stored head.*\[0, 3\]"):
+        render_archive(kept_heads_archive, tmp_path / "f", heads=[head], progress=False)
+    assert not (tmp_path / "f").exists()

@@ -129,7 +129,9 @@ def head_position(attn: Any, head: Any) -> int:
         raise SelectionError(f"head_idx must be a head id, one of {_id_list(ids)}; got {head!r}")
     if int(head) not in ids:
         why = "out of range" if ids == list(range(len(ids))) else "is not a stored head"
-        raise SelectionError(f"head_idx {int(head)} {why}: this attention has heads {_id_list(ids)}")
+        raise SelectionError(
+            f"head_idx {int(head)} {why}: this attention has heads {_id_list(ids)}"
+        )
     return ids.index(int(head))
 
 

@@ -6,7 +6,8 @@ built by :mod:`attnscope.render.report`) and draws everything client-side on can
 * the attention map of the chosen array, sample and head (or the mean of the heads),
   coloured through the embedded colormap LUT from 0 to the largest weight of the allowed
   cells (rows with a single allowed key left out), masked cells (causal: a key past the
-  query, ``data.causal``) in the mask colour ``D.mask`` with a legend entry, segment boundaries as white lines, a label
+  query, ``data.causal``) in the mask colour ``D.mask`` with a legend entry, segment
+  boundaries as white lines, a label
   per token up to 40 tokens and segment names beyond; each sample with its own tokens
   (``D.tokens[side][sample]``: labels and segments of its real tokens, and their stored
   positions ``pos``, null when none is padding), its map holding only those tokens;
@@ -143,6 +144,8 @@ function draw(){var c=current(),a=c.a,m=c.m,cv=$('map'),ctx=cv.getContext('2d');
   ctx.fillText(a.name+' \u00b7 sample '+st.sample+' \u00b7 '+who,
     L,6);
   view={a:a,m:m,cs:cs,L:L,T:T,mk:mk,vmax:vmax};document.body.dataset.drawn=hash32(img.data);
+  cv.dataset.masked=String(mk?mk.reduce(function(x,y){return x+y;},0):0);
+  cv.dataset.vmax=String(vmax);
   drawRow();tables();drawOverlay();drawTimeline();}
 function bytesOf(b64){var b=atob(b64),a=new Uint8Array(b.length);
   for(var i=0;i<b.length;i++)a[i]=b.charCodeAt(i);return a;}
@@ -225,7 +228,8 @@ function hover(ev){var c=cellAt(ev),h=$('hover');if(!c||!c.inMap){return;}
   var w=view.m[c.i*view.a.s+c.j];h.dataset.weight=String(w);h.dataset.cell=c.i+','+c.j;
   h.textContent='query '+tokenText(view.a,'rows',c.i)+'  \u2192  key '+tokenText(view.a,'cols',
     c.j)+
-    '  weight '+w.toPrecision(4)+(view.mk&&view.mk[c.i*view.a.s+c.j]?'  (masked: not attended)':'');}
+    '  weight '+w.toPrecision(4)+
+    (view.mk&&view.mk[c.i*view.a.s+c.j]?'  (masked: not attended)':'');}
 function drawRow(){var cv=$('row'),ctx=cv.getContext('2d'),a=view.a;
   if(st.q===null||st.q>=a.t){cv.width=10;cv.height=10;cv.style.display='none';
     $('row-title').textContent='Click a query (a row of the map) to see its attention as bars.';

@@ -26,8 +26,8 @@ from typing import Any
 
 from matplotlib.axes import Axes
 from matplotlib.colors import LogNorm, Normalize
-from matplotlib.ticker import MaxNLocator
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from attnscope.errors import InputError, SelectionError
 from attnscope.render._prepare import (

@@ -124,7 +124,7 @@ def cell_format(lo: float, hi: float) -> str:
     the range ``hi - lo`` apart) never print the same number (at least 2, at most 6)."""
     span = float(hi - lo)
     digits = 2 if not np.isfinite(span) or span <= 0 else int(np.ceil(-np.log10(span / 256)))
-    return "{:.%df}" % min(6, max(2, digits))
+    return f"{{:.{min(6, max(2, digits))}f}}"
 
 
 def prepare_head_metric(
