@@ -173,3 +173,27 @@ def test_a_head_the_archive_did_not_keep_is_refused(kept_heads_archive, tmp_path
     with pytest.raises(SelectionError, match=rf"head {head} is not a stored head.*\[0, 3\]"):
         render_archive(kept_heads_archive, tmp_path / "f", heads=[head], progress=False)
     assert not (tmp_path / "f").exists()
+
+
+def test_painted_figures_draw_masked_cells_in_the_mask_colour(kept_heads_archive, tmp_path):
+    """Batch PNGs (painted on reused templates): the causal decoder map has its masked
+    triangle (6 of 16 cells) in the mask colour; the encoder map has no such area."""
+    import matplotlib.colors as mcolors
+    import numpy as np
+    from PIL import Image
+
+    from attnscope.render._style import MASK_COLOR
+
+    out = tmp_path / "f"
+    render_archive(kept_heads_archive, out, layers=[0], heads=[None, 3], what=["heatmap"],
+                   samples=[0, 1], progress=False)
+    grey = np.round(np.array(mcolors.to_rgb(MASK_COLOR)) * 255)
+
+    def grey_pixels(name):
+        img = np.asarray(Image.open(out / "heatmap" / name).convert("RGB"))
+        return int((img == grey).all(axis=-1).sum())
+
+    dec = grey_pixels("decoder-L00-self_attention-s0001-h03.png")
+    assert dec > 6 / 16 * 0.3 * 1000 * 800 * 0.5  # a large share of the map area
+    assert grey_pixels("encoder-L00-self_attention-s0001-h03.png") < 100  # antialiased text
+    assert grey_pixels("decoder-L00-self_attention-s0000-havg.png") == dec  # same template

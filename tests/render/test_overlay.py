@@ -213,3 +213,18 @@ def test_overlay_of_an_archive_without_frames_is_a_plain_grid(planted: tuple) ->
         assert arc.cameras() == [] and arc.frame("agentview", 0) is None
     fig = plot_overlay(path, sample=0, head=0, array="decoder/0/cross_attention")
     assert len(fig.axes[0].get_images()) == 1
+
+
+def test_small_grids_are_flat_blocks_unless_bilinear_is_asked() -> None:
+    g = np.arange(9, dtype=float).reshape(3, 3)
+    np.testing.assert_array_equal(upsample(g, (9, 9)), upsample(g, (9, 9), "nearest"))
+    big = np.arange(64, dtype=float).reshape(8, 8)
+    np.testing.assert_array_equal(upsample(big, (16, 16)), upsample(big, (16, 16), "bilinear"))
+    assert not np.array_equal(upsample(g, (9, 9), "bilinear"), upsample(g, (9, 9)))
+
+
+def test_plot_overlay_default_on_a_3x3_grid_is_nearest(planted: tuple) -> None:
+    frame = np.zeros((24, 24, 3), dtype=np.float32)
+    fig = plot_overlay(planted[0], frame=frame, head=0, array="decoder/0/cross_attention")
+    heat = np.ma.getdata(fig.axes[0].images[1].get_array())
+    assert len(np.unique(heat)) <= 9  # one flat value per patch, nothing in between
