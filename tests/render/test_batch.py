@@ -196,4 +196,4 @@ def test_painted_figures_draw_masked_cells_in_the_mask_colour(kept_heads_archive
     dec = grey_pixels("decoder-L00-self_attention-s0001-h03.png")
     assert dec > 6 / 16 * 0.3 * 1000 * 800 * 0.5  # a large share of the map area
     assert grey_pixels("encoder-L00-self_attention-s0001-h03.png") < 100  # antialiased text
-    assert grey_pixels("decoder-L00-self_attention-s0000-havg.png") == dec  # same template
+    assert abs(grey_pixels("decoder-L00-self_attention-s0000-havg.png") - dec) < 100
