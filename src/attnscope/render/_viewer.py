@@ -108,19 +108,29 @@ function segLines(ctx,a,which,x0,y0,cs,len){var sd=side(a,which),f=which==='rows
     if(which==='rows'){ctx.moveTo(x0,y0+p);ctx.lineTo(x0+len,y0+p);}else{ctx.moveTo(x0+p,y0);
       ctx.lineTo(x0+p,y0+len);}
     ctx.stroke();});}
-function axisLabels(ctx,a,which,n,cs,x0,y0){var sd=side(a,which),f=which==='rows'?a.fr:a.fc,
-  perToken=sd.labels.length&&n*f<=40&&f===1;
-  var items=perToken?sd.labels.map(function(l,i){return [l,i+0.5];
-    }):sd.segments.map(function(g){return [g[0],(g[1]+g[2])/2/f];});
-  ctx.fillStyle='#222';ctx.font=(perToken?'10px':'11px')+' sans-serif';
-  items.forEach(function(it){var t=String(it[0]);if(t.length>40)t=t.slice(0,39)+'\u2026';
+function axisLabels(ctx,a,which,n,cs,x0,y0,top){ // every k-th token's label (at most 40),
+  // and the segment names beside them (left of the rows; above the columns, at top)
+  var sd=side(a,which),f=which==='rows'?a.fr:a.fc,k=Math.max(1,Math.ceil(n/40)),items=[];
+  if(sd.labels.length)for(var i=0;i<n;i+=k)items.push([sd.labels[Math.min(i*f,
+    sd.labels.length-1)],i+0.5]);
+  ctx.fillStyle='#222';ctx.font=(n<=20?'11px':'10px')+' sans-serif';
+  items.forEach(function(it){var t=String(it[0]); // long labels cut in the middle
+    if(t.length>24)t=t.slice(0,11)+'\u2026'+t.slice(t.length-12);
     if(which==='rows'){ctx.textAlign='right';ctx.textBaseline='middle';ctx.fillText(t,x0-4,
       y0+it[1]*cs);}
     else{ctx.save();ctx.translate(x0+it[1]*cs,y0+4);ctx.rotate(-Math.PI/2);
       ctx.textAlign='right';
-      ctx.textBaseline='middle';ctx.fillText(t,0,0);ctx.restore();}});}
+      ctx.textBaseline='middle';ctx.fillText(t,0,0);ctx.restore();}});
+  if(sd.segments.length<2&&items.length)return;
+  ctx.font='italic 11px sans-serif';ctx.fillStyle='#555';
+  sd.segments.forEach(function(g){var c=(g[1]+g[2])/2/f*cs,t=String(g[0]);
+    if(t.length>30)t=t.slice(0,29)+'\u2026';
+    if(which==='rows'){ctx.save();ctx.translate(x0-176,y0+c);ctx.rotate(-Math.PI/2);
+      ctx.textAlign='center';ctx.textBaseline='top';ctx.fillText(t,0,0);ctx.restore();}
+    else if(top!==undefined){ctx.textAlign='center';ctx.textBaseline='bottom';
+      ctx.fillText(t,x0+c,top-4);}});}
 function draw(){var c=current(),a=c.a,m=c.m,cv=$('map'),ctx=cv.getContext('2d');
-  var cs=Math.max(2,Math.floor(Math.min(560/a.t,560/a.s))),L=190,T=28,B=150;
+  var cs=Math.max(2,Math.floor(Math.min(560/a.t,560/a.s))),L=190,T=44,B=150;
   cv.width=L+a.s*cs+100;cv.height=T+a.t*cs+B;ctx.fillStyle='#fff';ctx.fillRect(0,0,cv.width,
     cv.height);
   var mk=maskOf(a),vmax=scaleMax(a,m,mk);
@@ -131,7 +141,7 @@ function draw(){var c=current(),a=c.a,m=c.m,cv=$('map'),ctx=cv.getContext('2d');
     img.data[4*k]=rgb[0];img.data[4*k+1]=rgb[1];img.data[4*k+2]=rgb[2];img.data[4*k+3]=255;}
   oc.putImageData(img,0,0);ctx.imageSmoothingEnabled=false;ctx.drawImage(off,L,T,a.s*cs,a.t*cs);
   segLines(ctx,a,'rows',L,T,cs,a.s*cs);segLines(ctx,a,'cols',L,T,cs,a.t*cs);
-  axisLabels(ctx,a,'rows',a.t,cs,L,T);axisLabels(ctx,a,'cols',a.s,cs,L,T+a.t*cs);
+  axisLabels(ctx,a,'rows',a.t,cs,L,T);axisLabels(ctx,a,'cols',a.s,cs,L,T+a.t*cs,T);
   var bx=L+a.s*cs+20,bh=a.t*cs;for(var y=0;y<bh;y++){var v=Math.round((1-y/bh)*255)*3;
     ctx.fillStyle='rgb('+lut[v]+','+lut[v+1]+','+lut[v+2]+')';ctx.fillRect(bx,T+y,14,1);}
   ctx.fillStyle='#222';ctx.textAlign='left';ctx.textBaseline='middle';
