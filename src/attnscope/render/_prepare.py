@@ -30,6 +30,7 @@ from attnscope.render._crop import (
     read_real,
     real_positions,
     sample_axes,
+    stored_axes,
 )
 from attnscope.store import as_numpy as _store_numpy
 from attnscope.store.layout import SideLayout, TokenLayout
@@ -460,6 +461,7 @@ def prepare_matrix(
     max_pixels: int = MAX_PIXELS,
     max_labels: int = MAX_TICK_LABELS,
     scale: str = "max",
+    crop: bool = True,
 ) -> PreparedMatrix:
     """Select, average and downsample one matrix, and work out its axis decoration.
 
@@ -471,6 +473,8 @@ def prepare_matrix(
     An archive selection of a ragged archive is cropped to the sample's real tokens (padded
     query rows and key columns removed, whatever the padding pattern); a layout covering
     the stored axis is cropped alike, with its segments recounted (see ``_crop``).
+    ``crop=False`` shows an archive selection on the archive's whole axes instead: padded
+    rows and columns, and the rows a capture row policy dropped, become masked cells.
 
     Masked cells (:func:`causal_mask`: a self-attention map whose cells past the diagonal
     are all 0; NaN cells) are marked in ``mask``. The colour range comes from the allowed
@@ -479,16 +483,20 @@ def prepare_matrix(
     """
     check_scale(scale)
     b = _check_index(batch_idx, n_samples(attn), "batch_idx")
-    rows, cols = real_positions(attn, b) if _is_lazy(attn) else (None, None)
-    if query_layout is None and key_layout is None:
-        own = sample_axes(attn, b)
-        query_layout, key_layout = own if own is not None else array_layouts(attn)
-    mat = select_matrix(attn, head_idx=head_idx, batch_idx=b, rows=rows, cols=cols)
-    t, s = mat.shape
-    _, _, t_stored, s_stored = _shape4(attn)
-    query_layout = check_layout(fit_layout(query_layout, rows, t_stored), t, "query")
-    key_layout = check_layout(fit_layout(key_layout, cols, s_stored), s, "key")
-    mask = _mask(attn, mat, rows, cols)
+    if not crop and _is_lazy(attn):
+        mat, hidden, q_lay, k_lay = stored_axes(attn, b, select_matrix(
+            attn, head_idx=head_idx, batch_idx=b))
+        if query_layout is None and key_layout is None:
+            query_layout, key_layout = q_lay, k_lay
+        t, s = mat.shape
+        query_layout = check_layout(query_layout, t, "query")
+        key_layout = check_layout(key_layout, s, "key")
+        mask = _mask(None, np.where(hidden, 0, mat), None, None)
+        mask = hidden if mask is None else mask | hidden
+    else:
+        mat, mask, query_layout, key_layout = _cropped(
+            attn, b, head_idx, query_layout, key_layout)
+        t, s = mat.shape
     data, values, forced = scaled(mat, mask, scale)
     data, fr, fc = block_reduce(data, max_pixels, reduce)
     if mask is not None:
@@ -511,13 +519,30 @@ def prepare_matrix(
     )
 
 
+def _cropped(
+    attn: Any, b: int, head_idx: int | None, query_layout: SideLayout | None,
+    key_layout: SideLayout | None,
+) -> tuple[np.ndarray, np.ndarray | None, SideLayout | None, SideLayout | None]:
+    """``(matrix, mask, query layout, key layout)`` of sample ``b``'s real tokens."""
+    rows, cols = real_positions(attn, b) if _is_lazy(attn) else (None, None)
+    if query_layout is None and key_layout is None:
+        own = sample_axes(attn, b)
+        query_layout, key_layout = own if own is not None else array_layouts(attn)
+    mat = select_matrix(attn, head_idx=head_idx, batch_idx=b, rows=rows, cols=cols)
+    t, s = mat.shape
+    _, _, t_stored, s_stored = _shape4(attn)
+    query_layout = check_layout(fit_layout(query_layout, rows, t_stored), t, "query")
+    key_layout = check_layout(fit_layout(key_layout, cols, s_stored), s, "key")
+    return mat, _mask(attn, mat, rows, cols), query_layout, key_layout
+
+
 def _mask(
     attn: Any, mat: np.ndarray, rows: np.ndarray | None, cols: np.ndarray | None
 ) -> np.ndarray | None:
     """Cells not attended: the causal triangle of self-attention (positions: original
     query rows of a row-policy array, stored key positions), and NaN cells."""
     mask = None
-    kind = getattr(attn, "kind", None) if _is_lazy(attn) else None
+    kind = getattr(attn, "kind", None) if _is_lazy(attn) else None  # None: any input
     if kind in (None, "self_attention"):
         q_pos = rows
         kept = getattr(attn, "query_rows", None) if _is_lazy(attn) else None

@@ -31,6 +31,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from attnscope.render import plots
+from attnscope.render._axes import fit_title
 from attnscope.render._prepare import PreparedMatrix, shared_limits
 from attnscope.render._save import DPI, freeze_layout, png_from_canvas
 
@@ -171,6 +172,6 @@ class Painter:
             self._templates.move_to_end(key)
         title = kwargs["title"]
         width = tpl.fig.get_figwidth() * (1.0 if kind.suptitle else 0.75)
-        if plots.fit_title(title, width) != title:  # a wrapped title needs its own layout
+        if fit_title(title, width) != title:  # a wrapped title needs its own layout
             return None
         return tpl.paint(mats, kind.limits(given, mats), title, path)

@@ -27,20 +27,26 @@ from typing import Any
 from matplotlib.axes import Axes
 from matplotlib.colors import LogNorm, Normalize
 from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
 
 from attnscope.errors import InputError, SelectionError
+from attnscope.render._axes import (  # noqa: F401  (BOUNDARY_GID: re-exported for tests)
+    BOUNDARY_GID,
+    PANEL_LABEL_CHARS,
+    axis_label,
+    decorate_axis,
+    fit_title,
+    mask_legend,
+)
 from attnscope.render._prepare import (
     MAX_PANEL_TICK_LABELS,
     MAX_PIXELS,
-    AxisSpec,
     PreparedMatrix,
     head_ids,
     prepare_matrix,
     shared_limits,
 )
 from attnscope.render._save import finish
-from attnscope.render._style import MASK_LABEL, STYLE, colormap, mask_color, plain
+from attnscope.render._style import STYLE, colormap
 from attnscope.store.layout import SideLayout
 
 __all__ = [
@@ -55,9 +61,6 @@ __all__ = [
 ]
 
 PathLike = str | os.PathLike
-#: longest tick label on the small panels of grids and layer comparisons (cut in the middle)
-PANEL_LABEL_CHARS = 18
-BOUNDARY_GID = {"rows": "segment_boundary_query", "cols": "segment_boundary_key"}
 #: (stack, kind) of the three arrays of a flow figure, in plot_attention_flow's argument order
 FLOW_ARRAYS = (
     ("encoder", "self_attention"),
@@ -75,85 +78,6 @@ def new_figure(figsize: tuple[float, float] | None) -> Figure:
 
 def _norm(lo: float | None, hi: float | None, log: bool) -> Normalize:
     return LogNorm(lo, hi, clip=False) if log else Normalize(lo, hi)
-
-
-def _ordinal(k: int) -> str:
-    return {1: "", 2: "2nd ", 3: "3rd "}.get(k, f"{k}th ")
-
-
-def _decorate_axis(
-    ax: Axes, spec: AxisSpec, which: str, rotation: float, ticks: bool = True,
-    names: bool | None = None, label_chars: int | None = None,
-) -> None:
-    set_ticks = ax.set_xticks if which == "cols" else ax.set_yticks
-    line = ax.axvline if which == "cols" else ax.axhline
-    for b in spec.boundaries:
-        line(
-            b - 0.5,
-            color=STYLE.boundary_color,
-            lw=STYLE.boundary_width,
-            alpha=0.9,
-            gid=BOUNDARY_GID[which],
-        )
-    names = ticks if names is None else names
-    if names and spec.labels is not None and len(spec.segment_names) > 1:
-        _segment_axis(ax, spec, which)  # segment names beside the token labels
-    if not ticks:  # inner grid panels: no tick objects at all (each costs ~1 ms to lay out)
-        set_ticks([])
-        return
-    rot = rotation if which == "cols" else 0
-    # rotated column labels read best anchored at their right end
-    align = {"ha": "right"} if which == "cols" and 0 < rot < 90 else {}
-    if spec.labels is not None:
-        pos, labels = spec.ticks()
-        dense = len(pos) > 20 or label_chars is not None
-        size = STYLE.dense_tick_size if dense else STYLE.tick_size
-        text = [plain(x) if label_chars is None else short(x, label_chars) for x in labels]
-        set_ticks(pos, text, rotation=rot, fontsize=size, **align)
-    elif spec.segment_names:
-        centres = [c for _, c in spec.segment_names]
-        names = [plain(n) for n, _ in spec.segment_names]
-        set_ticks(centres, names, rotation=rot, fontsize=STYLE.segment_tick_size, **align)
-    else:  # a raw tensor: token indices are integers
-        axis = ax.xaxis if which == "cols" else ax.yaxis
-        axis.set_major_locator(MaxNLocator(integer=True))
-
-
-def _segment_axis(ax: Axes, spec: AxisSpec, which: str) -> None:
-    """Segment names at their centres on the opposite side (top / right) of the axes."""
-    centres = [c for _, c in spec.segment_names]
-    names = [plain(n) for n, _ in spec.segment_names]
-    if which == "cols":
-        sec = ax.secondary_xaxis("top")
-        sec.set_xticks(centres, names, fontsize=STYLE.segment_tick_size, rotation=20,
-                       ha="left", rotation_mode="anchor")
-    else:
-        sec = ax.secondary_yaxis("right")
-        sec.set_yticks(centres, names, fontsize=STYLE.segment_tick_size)
-    sec.tick_params(length=0, pad=2)
-
-
-def _axis_label(base: str | None, spec: AxisSpec, brief: bool = False) -> str | None:
-    """``key``, ``key: text`` for a one-segment axis, ``(every 3rd token labelled)``
-    (``brief``: ``(every 3rd)``, for small panels)."""
-    if not base:
-        return base
-    if spec.labels is not None and len(spec.segment_names) == 1:
-        base = f"{base}: {plain(spec.segment_names[0][0])}"
-    if spec.labels is not None and spec.label_step > 1:
-        step = _ordinal(spec.label_step)
-        base += f" (every {step.strip()})" if brief else f" (every {step}token labelled)"
-    return base
-
-
-def short(label: Any, max_chars: int) -> str:
-    """``label`` as literal text of at most ``max_chars``, cut in the middle so that both
-    ends stay (``robot0_eef_pos_past_traj[8]`` -> ``robot0_e…traj[8]``)."""
-    text = str(label)
-    if len(text) > max_chars:
-        head = (max_chars - 1) // 2
-        text = text[:head] + "…" + text[len(text) - (max_chars - 1 - head):]
-    return plain(text)
 
 
 def draw_matrix(
@@ -189,38 +113,17 @@ def draw_matrix(
         extent=prepared.extent,
     )
     xn, yn = names if names is not None else (None, None)
-    _decorate_axis(ax, prepared.cols, "cols", col_rotation, xticks, xn, label_chars)
-    _decorate_axis(ax, prepared.rows, "rows", col_rotation, yticks, yn, label_chars)
+    decorate_axis(ax, prepared.cols, "cols", col_rotation, xticks, xn, label_chars)
+    decorate_axis(ax, prepared.rows, "rows", col_rotation, yticks, yn, label_chars)
     brief = label_chars is not None
-    xlabel = _axis_label(xlabel, prepared.cols, brief)
-    ylabel = _axis_label(ylabel, prepared.rows, brief)
+    xlabel = axis_label(xlabel, prepared.cols, brief)
+    ylabel = axis_label(ylabel, prepared.rows, brief)
     size = {"fontsize": STYLE.panel_title_size - 1} if brief else {}
     if xlabel:
         ax.set_xlabel(xlabel, **size)
     if ylabel:
         ax.set_ylabel(ylabel, **size)
     return im
-
-
-def mask_legend(fig: Figure, mats: Sequence[PreparedMatrix], cmap: Any) -> None:
-    """A legend entry for the mask colour, below the figure, when any cell is masked."""
-    if not any(m.has_mask for m in mats):
-        return
-    from matplotlib.patches import Patch
-
-    patch = Patch(facecolor=mask_color(cmap if cmap is not None else STYLE.cmap),
-                  edgecolor="0.3", linewidth=0.5, label=MASK_LABEL)
-    fig.legend(handles=[patch], loc="outside lower right", fontsize=STYLE.segment_tick_size,
-               frameon=False, handlelength=1.2, handleheight=1.2)
-
-
-def fit_title(text: str, width_in: float, fontsize: float = 12) -> str:
-    """``text`` wrapped onto lines that fit ``width_in`` inches (titles are never clipped)."""
-    import textwrap
-
-    chars = max(16, int(width_in * 72 / (fontsize * 0.55)))
-    return "\n".join(textwrap.wrap(text, chars, break_long_words=True)) if len(text) > chars \
-        else text
 
 
 def annotate_cells(
@@ -277,6 +180,7 @@ def plot_heatmap(
     vmax: float | None = None,
     log: bool = False,
     scale: str = "max",
+    crop: bool = True,
     reduce: str = "max",
     max_pixels: int = MAX_PIXELS,
     colorbar: bool = True,
@@ -304,6 +208,10 @@ def plot_heatmap(
         cells drawn at the top colour) or ``"row"`` (each row divided by its max). The
         colour bar label says which. Masked cells (causal upper triangle) are drawn in
         the mask colour, with a legend entry.
+    crop
+        Archive selections: show the sample's real tokens (default), or with
+        ``crop=False`` the archive's whole axes, padded rows and columns and the rows a
+        capture row policy dropped drawn as masked cells.
     reduce, max_pixels
         Block reduction (``"max"`` or ``"mean"``) of axes longer than ``max_pixels``.
     ax
@@ -322,7 +230,7 @@ def plot_heatmap(
     (p,) = heatmap_matrices(
         attention, head_idx=head_idx, batch_idx=batch_idx, query_layout=query_layout,
         key_layout=key_layout, vmin=vmin, vmax=vmax, log=log, reduce=reduce,
-        max_pixels=max_pixels, scale=scale,
+        max_pixels=max_pixels, scale=scale, crop=crop,
     )
     own = ax is None
     fig = new_figure(figsize) if own else ax.figure
@@ -359,6 +267,7 @@ def plot_head_grid(
     vmax: float | None = None,
     log: bool = False,
     scale: str = "max",
+    crop: bool = True,
     reduce: str = "max",
     max_pixels: int = 512,
     save_path: PathLike | None = None,
@@ -376,6 +285,7 @@ def plot_head_grid(
     prepared = grid_matrices(
         attention, batch_idx=batch_idx, heads=heads, query_layout=query_layout,
         key_layout=key_layout, log=log, reduce=reduce, max_pixels=max_pixels, scale=scale,
+        crop=crop,
     )
     nrows, ncols = _grid_shape(len(heads), ncols)
     fig = new_figure(figsize or (3.2 * ncols + 1.2, 3.0 * nrows + 0.8))
@@ -427,6 +337,7 @@ def plot_layer_comparison(
     vmax: float | None = None,
     log: bool = False,
     scale: str = "max",
+    crop: bool = True,
     shared_scale: bool = True,
     reduce: str = "max",
     max_pixels: int = 512,
@@ -443,7 +354,7 @@ def plot_layer_comparison(
     if not items:
         raise SelectionError("no layers to compare")
     opts = dict(vmin=vmin, vmax=vmax, log=log, reduce=reduce, max_pixels=max_pixels,
-                scale=scale)
+                scale=scale, crop=crop)
     prepared = [
         prepare_matrix(a, head_idx=head_idx, batch_idx=batch_idx, query_layout=query_layout,
                        key_layout=key_layout, max_labels=MAX_PANEL_TICK_LABELS, **opts)
@@ -499,6 +410,7 @@ def plot_attention_flow(
     vmax: float | None = None,
     log: bool = False,
     scale: str = "max",
+    crop: bool = True,
     reduce: str = "max",
     max_pixels: int = 512,
     save_path: PathLike | None = None,
@@ -521,7 +433,7 @@ def plot_attention_flow(
         encoder_attention, decoder_self_attention, decoder_cross_attention,
         head_idx=head_idx, batch_idx=batch_idx, encoder_layout=encoder_layout,
         decoder_layout=decoder_layout, vmin=vmin, vmax=vmax, log=log, reduce=reduce,
-        max_pixels=max_pixels, scale=scale,
+        max_pixels=max_pixels, scale=scale, crop=crop,
     )
     s, t = enc.n_cols, dec.n_rows
     fig = new_figure(figsize)
@@ -567,13 +479,15 @@ def heatmap_matrices(
     attention: Any, *, head_idx: int | None = None, batch_idx: int = 0,
     query_layout: SideLayout | None = None, key_layout: SideLayout | None = None,
     vmin: float | None = None, vmax: float | None = None, log: bool = False,
-    reduce: str = "max", max_pixels: int = MAX_PIXELS, scale: str = "max", **_: Any,
+    reduce: str = "max", max_pixels: int = MAX_PIXELS, scale: str = "max", crop: bool = True,
+    **_: Any,
 ) -> list[PreparedMatrix]:
     """The one matrix of :func:`plot_heatmap` (other keyword arguments are ignored)."""
     return [
         prepare_matrix(attention, head_idx=head_idx, batch_idx=batch_idx,
                        query_layout=query_layout, key_layout=key_layout, vmin=vmin,
-                       vmax=vmax, log=log, reduce=reduce, max_pixels=max_pixels, scale=scale)
+                       vmax=vmax, log=log, reduce=reduce, max_pixels=max_pixels, scale=scale,
+                       crop=crop)
     ]
 
 
@@ -590,13 +504,13 @@ def grid_matrices(
     attention: Any, *, batch_idx: int = 0, heads: Sequence[int] | None = None,
     query_layout: SideLayout | None = None, key_layout: SideLayout | None = None,
     log: bool = False, reduce: str = "max", max_pixels: int = 512, scale: str = "max",
-    **_: Any,
+    crop: bool = True, **_: Any,
 ) -> list[PreparedMatrix]:
     """One matrix per panel of :func:`plot_head_grid`, each on its own colour range."""
     return [
         prepare_matrix(attention, head_idx=i, batch_idx=batch_idx, query_layout=query_layout,
                        key_layout=key_layout, log=log, reduce=reduce, max_pixels=max_pixels,
-                       max_labels=MAX_PANEL_TICK_LABELS, scale=scale)
+                       max_labels=MAX_PANEL_TICK_LABELS, scale=scale, crop=crop)
         for i in grid_heads(attention, heads)
     ]
 
@@ -606,11 +520,12 @@ def flow_matrices(
     head_idx: int | None = None, batch_idx: int = 0,
     encoder_layout: SideLayout | None = None, decoder_layout: SideLayout | None = None,
     vmin: float | None = None, vmax: float | None = None, log: bool = False,
-    reduce: str = "max", max_pixels: int = 512, scale: str = "max", **_: Any,
+    reduce: str = "max", max_pixels: int = 512, scale: str = "max", crop: bool = True,
+    **_: Any,
 ) -> list[PreparedMatrix]:
     """Encoder self, decoder self and cross matrices of :func:`plot_attention_flow`, checked."""
     opts = dict(vmin=vmin, vmax=vmax, log=log, reduce=reduce, max_pixels=max_pixels,
-                scale=scale)
+                scale=scale, crop=crop)
     out = [
         prepare_matrix(a, query_layout=q, key_layout=k, head_idx=head_idx, batch_idx=batch_idx,
                        **opts)

@@ -26,10 +26,11 @@ from matplotlib.figure import Figure
 
 from attnscope.contracts import AVERAGE_HEAD, TABLE_COLUMNS
 from attnscope.errors import InputError, SelectionError
+from attnscope.render._axes import fit_title, short
 from attnscope.render._prepare import AxisSpec, PreparedMatrix
 from attnscope.render._save import finish
 from attnscope.render._style import STYLE, plain
-from attnscope.render.plots import annotate_cells, draw_matrix, new_figure, short
+from attnscope.render.plots import annotate_cells, draw_matrix, new_figure
 
 __all__ = [
     "load_table",
@@ -315,8 +316,6 @@ def plot_top_pairs(
 
 
 def _wrap(text: str, width_in: float) -> str:
-    from attnscope.render.plots import fit_title
-
     return fit_title(text, 0.9 * width_in)
 
 

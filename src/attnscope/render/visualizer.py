@@ -176,6 +176,7 @@ class AttentionVisualizer:
         kind: str | None = None,
         log: bool = False,
         scale: str = "max",
+        crop: bool = True,
     ) -> Figure:
         """Heatmap of one head or the head mean (``head_idx=None``) of sample ``batch_idx``.
 
@@ -187,7 +188,7 @@ class AttentionVisualizer:
         with _maybe_archive(attention_weights) as arc:
             attn, q, k = self._select(arc, attention_weights, stack, layer, kind)
             look = dict(title=title, figsize=figsize, cmap=cmap, vmin=vmin, vmax=vmax, log=log,
-                        scale=scale)
+                        scale=scale, crop=crop)
             return self._draw(
                 plots.plot_heatmap, attn, head_idx=head_idx, batch_idx=batch_idx,
                 query_layout=q, key_layout=k, save_path=save_path, show=show, cap=None, **look,
@@ -210,12 +211,13 @@ class AttentionVisualizer:
         kind: str | None = None,
         log: bool = False,
         scale: str = "max",
+        crop: bool = True,
     ) -> Figure:
         """All heads of one layer in a grid with one shared colour scale."""
         with _maybe_archive(attention_weights) as arc:
             attn, q, k = self._select(arc, attention_weights, stack, layer, kind)
             look = dict(title=title, figsize=figsize, cmap=cmap, vmin=vmin, vmax=vmax, log=log,
-                        scale=scale)
+                        scale=scale, crop=crop)
             return self._draw(
                 plots.plot_head_grid, attn, batch_idx=batch_idx, query_layout=q, key_layout=k,
                 save_path=save_path, show=show, **look,
@@ -239,6 +241,7 @@ class AttentionVisualizer:
         vmax: float | None = None,
         log: bool = False,
         scale: str = "max",
+        crop: bool = True,
     ) -> Figure:
         """One panel per layer of ``attention_type``, one head or the head mean.
 
@@ -258,7 +261,7 @@ class AttentionVisualizer:
                 first = next(iter(items.values()), None)
                 q, k = self._layouts(first, stack, attention_type) if items else (None, None)
             look = dict(title=title, figsize=figsize, cmap=cmap, vmin=vmin, vmax=vmax, log=log,
-                        scale=scale)
+                        scale=scale, crop=crop)
             return self._draw(
                 plots.plot_layer_comparison, items, head_idx=head_idx, batch_idx=batch_idx,
                 query_layout=q, key_layout=k, save_path=save_path, show=show, **look,
@@ -305,6 +308,7 @@ class AttentionVisualizer:
         cmap: str = "viridis",
         log: bool = False,
         scale: str = "max",
+        crop: bool = True,
     ) -> Figure:
         """Encoder self -> decoder self -> decoder cross attention of one layer.
 
@@ -330,7 +334,7 @@ class AttentionVisualizer:
                 plots.plot_attention_flow, enc, dec, cross, layer_idx=layer_idx,
                 head_idx=head_idx, batch_idx=batch_idx, encoder_layout=enc_layout,
                 decoder_layout=dec_layout, title=title, figsize=figsize, cmap=cmap, log=log,
-                scale=scale, save_path=save_path, show=show,
+                scale=scale, crop=crop, save_path=save_path, show=show,
             )
 
     def save_attention_statistics(
