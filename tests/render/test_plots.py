@@ -10,6 +10,7 @@ from attnscope.render import (
     plot_heatmap,
     plot_layer_comparison,
 )
+from attnscope.render._axes import SEGMENT_NAME_GID
 from attnscope.render.plots import BOUNDARY_GID
 from attnscope.store.layout import SideLayout
 
@@ -94,8 +95,9 @@ def test_long_sequence_gets_segment_names_and_downsampling(rng):
     assert labels[:3] == ["text[0]", "text[60]", "text[120]"] and len(labels) == 40
     assert list(ax.get_xticks()[:2]) == [0, 60]
     assert "every 60th token labelled" in ax.get_xlabel()
-    (top,) = [c for c in ax.child_axes if c.get_xticklabels()]
-    assert [t.get_text() for t in top.get_xticklabels()] == ["text", "agentview_image", "state"]
+    top = [t for t in ax.texts if t.get_gid() == SEGMENT_NAME_GID["cols"]]
+    assert [t.get_text() for t in top] == ["text", "agentview_image", "state"]
+    assert [t.get_position()[0] for t in top] == [149.5, 1299.5, 2349.5]  # segment centres
     assert boundary_positions(ax, "cols") == [299.5, 2299.5]
     # extent keeps token coordinates
     assert ax.images[0].get_extent() == [-0.5, n - 0.5, n - 0.5, -0.5]
@@ -291,8 +293,8 @@ def test_head_grid_panels_label_every_kth_token_with_segment_names(rng):
     x = random_attention(rng, (1, 2, 36, 36))
     fig = plot_head_grid(x, query_layout=lay, key_layout=lay)
     ax = fig.axes[0]
-    assert [t.get_text() for t in ax.get_yticklabels()][:2] == ["text[0]", "text[3]"]
+    assert [t.get_text() for t in ax.get_yticklabels()][:2] == ["text[0]", "text[4]"]  # 36 / 10
     assert "tokens" not in [t.get_text() for a in fig.axes for t in a.get_yticklabels()]
-    names = [t.get_text() for a in fig.axes for c in a.child_axes
-             for t in c.get_xticklabels() + c.get_yticklabels()]
+    names = [t.get_text() for a in fig.axes for t in a.texts
+             if t.get_gid() in SEGMENT_NAME_GID.values()]
     assert "text" in names and "image" in names

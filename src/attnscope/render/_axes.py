@@ -22,11 +22,13 @@ from attnscope.render._style import MASK_LABEL, STYLE, mask_color, plain
 __all__ = [
     "BOUNDARY_GID",
     "PANEL_LABEL_CHARS",
+    "SEGMENT_NAME_GID",
     "axis_label",
     "decorate_axis",
     "fit_title",
     "mask_legend",
     "short",
+    "title_pad",
 ]
 
 #: longest tick label on the small panels of grids and layer comparisons (cut in the middle)
@@ -54,7 +56,8 @@ def decorate_axis(
         )
     names = ticks if names is None else names
     if names and spec.labels is not None and len(spec.segment_names) > 1:
-        _segment_axis(ax, spec, which)  # segment names beside the token labels
+        # segment names beside the token labels (panels: cut like their labels)
+        _segment_axis(ax, spec, which, None if label_chars is None else label_chars + 6)
     if not ticks:  # inner grid panels: no tick objects at all (each costs ~1 ms to lay out)
         set_ticks([])
         return
@@ -76,18 +79,40 @@ def decorate_axis(
         axis.set_major_locator(MaxNLocator(integer=True))
 
 
-def _segment_axis(ax: Axes, spec: AxisSpec, which: str) -> None:
-    """Segment names at their centres on the opposite side (top / right) of the axes."""
-    centres = [c for _, c in spec.segment_names]
-    names = [plain(n) for n, _ in spec.segment_names]
-    if which == "cols":
-        sec = ax.secondary_xaxis("top")
-        sec.set_xticks(centres, names, fontsize=STYLE.segment_tick_size, rotation=20,
-                       ha="left", rotation_mode="anchor")
-    else:
-        sec = ax.secondary_yaxis("right")
-        sec.set_yticks(centres, names, fontsize=STYLE.segment_tick_size)
-    sec.tick_params(length=0, pad=2)
+#: rotation (degrees) of the segment names above the columns
+NAME_ROTATION = 20
+#: gid of the segment-name texts beside token labels (tests find them by it)
+SEGMENT_NAME_GID = {"rows": "segment_name_query", "cols": "segment_name_key"}
+
+
+def _segment_axis(ax: Axes, spec: AxisSpec, which: str, max_chars: int | None = None) -> None:
+    """Segment names at their centres on the opposite side (top / right) of the axes.
+
+    Plain texts in a blended transform (data along the axis, axes across it), not a
+    secondary axis: a secondary axis costs as much layout as the main one.
+    """
+    size = STYLE.segment_tick_size
+    for name, centre in spec.segment_names:
+        name = plain(name) if max_chars is None else short(name, max_chars)
+        if which == "cols":
+            ax.text(centre, 1.01, name, transform=ax.get_xaxis_transform(),
+                    fontsize=size, rotation=NAME_ROTATION, ha="left", va="bottom",
+                    rotation_mode="anchor", gid=SEGMENT_NAME_GID[which])
+        else:
+            ax.text(1.01, centre, name, transform=ax.get_yaxis_transform(),
+                    fontsize=size, ha="left", va="center", gid=SEGMENT_NAME_GID[which])
+
+
+def title_pad(ax: Axes, base: float = 6.0) -> float:
+    """Title padding (points) that clears the segment names drawn above ``ax``."""
+    import math
+
+    names = [t for t in ax.texts if t.get_gid() == SEGMENT_NAME_GID["cols"]]
+    if not names:
+        return base
+    size = names[0].get_fontsize()
+    longest = max(len(t.get_text()) for t in names)
+    return base + size * 1.2 + longest * size * 0.55 * math.sin(math.radians(NAME_ROTATION))
 
 
 def axis_label(base: str | None, spec: AxisSpec, brief: bool = False) -> str | None:

@@ -59,7 +59,7 @@ MAX_TICK_LABELS = 40
 #: The same for the small panels of multi-panel figures (head grids, layer comparisons):
 #: beyond it they show segment names, which read better at that size and cost far less
 #: text layout than a label per token on every panel.
-MAX_PANEL_TICK_LABELS = 16
+MAX_PANEL_TICK_LABELS = 10
 
 
 def as_numpy(x: Any) -> np.ndarray:

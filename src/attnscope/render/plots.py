@@ -36,6 +36,7 @@ from attnscope.render._axes import (  # noqa: F401  (BOUNDARY_GID: re-exported f
     decorate_axis,
     fit_title,
     mask_legend,
+    title_pad,
 )
 from attnscope.render._prepare import (
     MAX_PANEL_TICK_LABELS,
@@ -237,7 +238,8 @@ def plot_heatmap(
     ax = fig.add_subplot() if ax is None else ax
     im = draw_matrix(ax, p, cmap=cmap)
     text = title if title is not None else f"{_who(head_idx)}, sample {batch_idx}"
-    ax.set_title(fit_title(text, 0.75 * fig.get_figwidth()) if own else text)
+    ax.set_title(fit_title(text, 0.75 * fig.get_figwidth()) if own else text,
+                 pad=title_pad(ax))
     if colorbar:
         fig.colorbar(im, ax=ax, label=p.label)
     if own:
@@ -309,7 +311,7 @@ def plot_head_grid(
             names=(r == 0, c == ncols - 1 or k == len(heads) - 1),
             label_chars=PANEL_LABEL_CHARS,
         )
-        ax.set_title(f"head {i}", fontsize=STYLE.panel_title_size)
+        ax.set_title(f"head {i}", fontsize=STYLE.panel_title_size, pad=title_pad(ax))
     fig.colorbar(im, ax=axes, shrink=0.8, label=_shared_label(prepared))
     if title is not None:
         fig.suptitle(fit_title(title, fig.get_figwidth()))
@@ -368,9 +370,13 @@ def plot_layer_comparison(
     im = None
     for k, (ax, (name, _), p) in enumerate(zip(axes, items, prepared)):
         r, c = divmod(k, ncols)
+        # ticks on the outer panels only (as in head grids): tick labels are most of the cost
         im = draw_matrix(ax, p, cmap=cmap, norm=shared, label_chars=PANEL_LABEL_CHARS,
+                         xticks=k + ncols >= len(items), yticks=c == 0,
+                         xlabel="key" if k + ncols >= len(items) else None,
+                         ylabel="query" if c == 0 else None,
                          names=(r == 0, c == ncols - 1 or k == len(items) - 1))
-        ax.set_title(f"layer {name}")
+        ax.set_title(f"layer {name}", pad=title_pad(ax))
         if not shared_scale:
             fig.colorbar(im, ax=ax, label=p.label)
     if shared_scale:
@@ -448,7 +454,7 @@ def plot_attention_flow(
         (ax_cross, cross, "decoder cross-attention"),
     ):
         ims.append(draw_matrix(ax, p, cmap=cmap, xlabel=None, ylabel=None))
-        ax.set_title(name, fontsize=STYLE.panel_title_size)
+        ax.set_title(name, fontsize=STYLE.panel_title_size, pad=title_pad(ax))
     ax_enc.set_ylabel("encoder query")
     ax_cross.set_xlabel("encoder key")
     ax_cross.set_ylabel("decoder query")
