@@ -21,7 +21,8 @@ built by :mod:`attnscope.render.report`) and draws everything client-side on can
   row (a clicked query, or the mean row of the query segment chosen in ``#sel-qseg``) on
   each image group's patch grid, the numbers of ``render.overlay.prepare_overlay``,
   through the colormap from 0 to the grid's largest mass; over the frame stored with the
-  sample (``D.frames``, raw RGB) when there is one, smoothed (bilinear) with alpha. Each
+  sample (``D.frames``, raw RGB) when there is one, with alpha (smoothed from 8 patches a
+  side, flat patches below, as ``render.overlay``'s ``upsampling="auto"``). Each
   grid canvas carries its values (``data-grid``) and brightest patch (``data-argmax``);
 * the episode timeline (``D.timeline``, from ``timeline.parquet``): mass on each key
   modality vs step, for the chosen episode and the current array's layer and head.
@@ -193,7 +194,9 @@ function drawOverlay(){var box=$('overlay'),a=view.a,groups=D.images[a.name];
     for(k=0;k<R*C;k++){var v=grid[k],q=Math.max(0,Math.min(255,Math.round(v/(mx||1)*255)))*3;
       hi.data[4*k]=lut[q];hi.data[4*k+1]=lut[q+1];hi.data[4*k+2]=lut[q+2];
       hi.data[4*k+3]=v===v?(fr?140:255):0;}
-    hc.putImageData(hi,0,0);ctx.imageSmoothingEnabled=!!fr;ctx.drawImage(ho,0,0,cv.width,
+    // smoothed over a frame only from 8 patches a side (as render.overlay's "auto")
+    hc.putImageData(hi,0,0);ctx.imageSmoothingEnabled=!!fr&&Math.min(R,C)>=8;
+    ctx.drawImage(ho,0,0,cv.width,
       cv.height);
     cv.dataset.grid=JSON.stringify(grid.map(function(v){return v===v?+v.toFixed(5):null;}));
     cv.dataset.argmax=arg<0?'':Math.floor(arg/C)+','+(arg%C);cv.dataset.frame=fr?'1':'0';
