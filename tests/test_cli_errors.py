@@ -498,6 +498,8 @@ CASES: dict[str, Callable[[Path], list[str]]] = {
                                            str(w / "figs"), "--heads", "9"],
     "render unknown figure kind": lambda w: ["render", str(w / "x.zarr"), "--out",
                                              str(w / "figs"), "--what", "bogus"],
+    "render bad colour scale": lambda w: ["render", str(w / "x.zarr"), "--out",
+                                          str(w / "figs"), "--scale", "p200"],
     "render another archive's tables": lambda w: [
         "render", str(w / "x.zarr"), "--out", str(w / "figs"), "--what", "tables",
         "--tables", str(w / "ty")],

@@ -428,14 +428,19 @@ def analyze(archive: Path, out: Path, topk: int, sink_token: int, workers: int,
                    "or episode{E}_step{S}.png (optionally in a subfolder per camera).")
 @click.option("--query", default="all", show_default=True,
               help="Overlays: query group, a segment name, 'all', 'last' or indices '3,4'.")
-@click.option("--upsampling", type=click.Choice(["bilinear", "nearest"]), default="bilinear",
-              show_default=True, help="Overlays: how patches are stretched over a frame.")
+@click.option("--upsampling", type=click.Choice(["auto", "bilinear", "nearest"]),
+              default="auto", show_default=True,
+              help="Overlays: how patches are stretched over a frame (auto: flat blocks "
+                   "below 8 patches a side, else bilinear).")
+@click.option("--scale", default="max", show_default=True,
+              help="Top of the colour range of attention maps: max (rows with one allowed "
+                   "key left out), a percentile such as p99, or row (each row over its max).")
 @progress_opt
 def render(archive: Path, out: Path, layers: list[int] | None, heads: list[int] | None,
            samples: list[int] | None, kinds: list[str] | None, what: list[str] | None,
            tables_dir: Path | None, fmt: str, workers: int | None, progress: bool,
            frames: Path | None = None, query: str = "all",
-           upsampling: str = "bilinear") -> None:
+           upsampling: str = "auto", scale: str = "max") -> None:
     """Render heatmaps, head grids, layer comparisons, flows and table figures from an archive.
 
     A selection that gives no figure is an error. Table figures need --tables (run
@@ -455,7 +460,7 @@ def render(archive: Path, out: Path, layers: list[int] | None, heads: list[int] 
     files = render_archive(archive, out, layers=layers, heads=heads, samples=samples,
                            kinds=kinds, what=what, tables_dir=tables_dir, fmt=fmt,
                            progress=progress, workers=workers, query=q, frames=frames,
-                           upsampling=upsampling)
+                           upsampling=upsampling, scale=scale)
     click.echo(f"wrote {len(files)} files to {out}")
 
 
@@ -466,11 +471,12 @@ def render(archive: Path, out: Path, layers: list[int] | None, heads: list[int] 
                    "analyse into a temporary folder, removed afterwards).")
 @click.option("--out", type=LOCAL, default=Path("report.html"),
               show_default=True)
-@click.option("--sample", default=0, show_default=True, help="Sample shown when it opens.")
+@click.option("--sample", type=int, default=None,
+              help="Sample shown when it opens (default: the first of --samples, else 0).")
 @click.option("--samples", callback=_int_list,
               help="Samples embedded in the viewer, e.g. '0-3,9' (default: as many as fit "
                    "~1.3 MB, from 0).")
-def report(archive: Path, tables_dir: Path | None, out: Path, sample: int,
+def report(archive: Path, tables_dir: Path | None, out: Path, sample: int | None,
            samples: list[int] | None) -> None:
     """Write one self-contained HTML viewer of the stored attention (works from file://).
 

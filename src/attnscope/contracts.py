@@ -37,6 +37,8 @@ __all__ = [
     "TABLE_COLUMNS",
     "TABLES",
     "IDENTITY_KEY",
+    "TABLE_VERSIONS",
+    "TABLE_VERSION_KEY",
     "MANIFEST",
     "STATISTICS_JSON",
     "FIGURE_FORMATS",
@@ -164,6 +166,8 @@ TABLE_COLUMNS: dict[str, tuple[tuple[str, str], ...]] = {
         ("key_label", "string"),
         ("query_segment", "string"),
         ("key_segment", "string"),
+        # keys the query row may attend to (causal, real); 1 = a forced cell (version 2)
+        ("allowed_keys", "int64"),
     ),
     "segment_mass": _KEYS
     + (
@@ -226,6 +230,11 @@ TABLE_COLUMNS: dict[str, tuple[tuple[str, str], ...]] = {
 TABLES = tuple(t for t in TABLE_COLUMNS if t not in ("timeline", "rollout", "diff"))
 #: Parquet schema-metadata key holding the identity JSON of the analysed archive
 IDENTITY_KEY = "attnscope.identity"
+#: Parquet schema-metadata key holding a table's column version (:data:`TABLE_VERSIONS`)
+TABLE_VERSION_KEY = "attnscope.table_version"
+#: column version of each table (absent: 1); readers accept every older version.
+#: top_pairs 2: + ``allowed_keys`` (tables of version 1 lack it)
+TABLE_VERSIONS: dict[str, int] = {"top_pairs": 2}
 #: file names written beside the tables
 MANIFEST = "manifest.json"
 STATISTICS_JSON = "attention_statistics.json"

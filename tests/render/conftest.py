@@ -161,3 +161,35 @@ def small_archive(rng, tmp_path):
     path = write_archive(tmp_path / "small.zarr", small_weights(rng), SMALL_LAYOUT)
     with open_archive(path) as arc:
         yield arc
+
+
+#: the model head ids an archive keeps when a capture asks for heads 0 and 3
+KEPT_HEADS = [0, 3]
+
+
+def kept_heads_weights(rng: np.random.Generator) -> dict:
+    """Tiny guide-shaped weights of 2 stored heads (model heads 0 and 3); the decoder's
+    self-attention causal, so masks and forced rows show too."""
+    w = small_weights(rng)
+    w = {st: [{k: v[:, :2].copy() for k, v in layer.items()} for layer in layers]
+         for st, layers in w.items()}
+    tril = np.tril(rng.random((2, 2, 4, 4)) + 0.1)
+    for layer in w["decoder"]:
+        layer["self_attention"] = (tril / tril.sum(-1, keepdims=True)).astype(np.float32)
+    return w
+
+
+@pytest.fixture
+def kept_heads_archive(rng, tmp_path):
+    """Path of an archive (Zarr) whose every array keeps model heads 0 and 3 (stored at
+    positions 0 and 1)."""
+    from attnscope.store import ArchiveWriter
+
+    w = kept_heads_weights(rng)
+    names = [f"{st}/{i}/{k}" for st, layers in w.items() for i, lay in enumerate(layers)
+             for k in lay]
+    path = tmp_path / "kept.zarr"
+    with ArchiveWriter.create(path, SMALL_LAYOUT, dtype="float32",
+                              heads={n: KEPT_HEADS for n in names}) as wr:
+        wr.append(w)
+    return path

@@ -170,3 +170,57 @@ def test_rendering_refuses_an_archive_with_a_deleted_array(rng, tmp_path, entry)
     with pytest.raises(ArchiveCorruptError, match="decoder/1/cross_attention: listed in the root"):
         run()
     assert not out.exists()
+
+
+def test_heads_are_the_models_ids_in_files_titles_and_grids(kept_heads_archive, tmp_path):
+    """An archive keeping model heads 0 and 3: head 3 is asked for as 3, its files say h03,
+    its title 'head 3', and the grid's panels are 'head 0' and 'head 3'."""
+    from PIL import Image
+
+    from attnscope.render import plots
+    from attnscope.store import open_archive
+
+    out = tmp_path / "figs"
+    paths = render_archive(kept_heads_archive, out, layers=[0], heads=[3],
+                           what=["heatmap", "grid"], progress=False)
+    assert "heatmap/decoder-L00-self_attention-s0000-h03.png" in names(paths, out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert {f["head"] for f in manifest["files"] if f["what"] == "heatmap"} == {3}
+    with open_archive(kept_heads_archive) as arc:
+        fig = plots.plot_head_grid(arc.attention("decoder", 0, "self_attention"))
+        assert [ax.get_title() for ax in fig.axes[:2]] == ["head 0", "head 3"]
+        fig = plots.plot_heatmap(arc.attention("decoder", 0, "self_attention"), head_idx=3,
+                                 title=None)
+        assert fig.axes[0].get_title() == "head 3, sample 0"
+    assert Image.open(out / "grid/decoder-L00-self_attention-s0000.png").size[0] > 0
+
+
+@pytest.mark.parametrize("head", [1, 2])
+def test_a_head_the_archive_did_not_keep_is_refused(kept_heads_archive, tmp_path, head):
+    with pytest.raises(SelectionError, match=rf"head {head} is not a stored head.*\[0, 3\]"):
+        render_archive(kept_heads_archive, tmp_path / "f", heads=[head], progress=False)
+    assert not (tmp_path / "f").exists()
+
+
+def test_painted_figures_draw_masked_cells_in_the_mask_colour(kept_heads_archive, tmp_path):
+    """Batch PNGs (painted on reused templates): the causal decoder map has its masked
+    triangle (6 of 16 cells) in the mask colour; the encoder map has no such area."""
+    import matplotlib.colors as mcolors
+    import numpy as np
+    from PIL import Image
+
+    from attnscope.render._style import MASK_COLOR
+
+    out = tmp_path / "f"
+    render_archive(kept_heads_archive, out, layers=[0], heads=[None, 3], what=["heatmap"],
+                   samples=[0, 1], progress=False)
+    grey = np.round(np.array(mcolors.to_rgb(MASK_COLOR)) * 255)
+
+    def grey_pixels(name):
+        img = np.asarray(Image.open(out / "heatmap" / name).convert("RGB"))
+        return int((img == grey).all(axis=-1).sum())
+
+    dec = grey_pixels("decoder-L00-self_attention-s0001-h03.png")
+    assert dec > 6 / 16 * 0.3 * 1000 * 800 * 0.5  # a large share of the map area
+    assert grey_pixels("encoder-L00-self_attention-s0001-h03.png") < 100  # antialiased text
+    assert abs(grey_pixels("decoder-L00-self_attention-s0000-havg.png") - dec) < 100

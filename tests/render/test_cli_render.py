@@ -131,3 +131,32 @@ def test_report_without_tables_analyses_into_a_temporary_folder(work, tmp_path):
     assert res.exit_code == 0, res.output
     assert (tmp_path / "r.html").read_text().startswith("<!DOCTYPE html>")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.html"]
+
+
+def test_render_heads_are_the_models_ids(kept_heads_archive, tmp_path):
+    """Captured with heads 0 and 3: `--heads 3` draws model head 3 as h03 titled 'head 3';
+    `--heads 1` (a position, not a head id) is refused in one line."""
+    res = run("render", kept_heads_archive, "--out", tmp_path / "f", "--heads", "3",
+              "--layers", "0", "--what", "heatmap", "--workers", "1")
+    assert res.exit_code == 0, res.output
+    made = sorted(p.name for p in (tmp_path / "f" / "heatmap").iterdir())
+    assert made and all(n.endswith("-h03.png") for n in made)
+    res = run("render", kept_heads_archive, "--out", tmp_path / "g", "--heads", "1")
+    assert_one_line_error(res, "head 1 is not a stored head", "[0, 3]")
+    assert not (tmp_path / "g").exists()
+
+
+def test_report_opens_on_the_first_requested_sample(work, tmp_path):
+    import json
+    import re
+
+    res = run("report", work / "x.zarr", "--out", tmp_path / "r.html", "--samples", "1")
+    assert res.exit_code == 0, res.output
+    page = (tmp_path / "r.html").read_text()
+    data = json.loads(re.search(r"id='attnscope-data'>(.*?)</script>", page, re.S).group(1))
+    assert data["initial"]["sample"] == 1 and data["samples"] == [1]
+
+
+def test_render_scale_is_checked(work, tmp_path):
+    res = run("render", work / "x.zarr", "--out", tmp_path / "f", "--scale", "p200")
+    assert_one_line_error(res, "scale must be 'max', 'row' or a percentile", "'p200'")

@@ -108,3 +108,35 @@ def test_cli_rollout_end_to_end(pair: tuple, tmp_path: Path) -> None:
     assert set(df["sample"]) == {0, 1}
     for name in ("decoder-cross_attention", "decoder-self_attention", "encoder-self_attention"):
         assert (out / "rollout" / f"{name}-s0001.png").exists()
+
+
+def test_diff_and_rollout_speak_model_head_ids(kept_heads_archive, tmp_path: Path) -> None:
+    """Heads 0 and 3 kept: the diff of head 3 is of the second stored head, its file h03
+    and title 'head 3'; rollout over head 3 averages that head only; head 1 is refused."""
+    import shutil
+
+    from attnscope.analysis.rollout import sample_rollout
+    from attnscope.render.compare import render_diff
+    from attnscope.store import open_archive
+
+    b_path = tmp_path / "b.zarr"
+    shutil.copytree(kept_heads_archive, b_path)
+    with open_archive(kept_heads_archive) as a, open_archive(b_path) as b:
+        xa = a.attention("encoder", 0, "self_attention")
+        p = prepare_diff(xa, b.attention("encoder", 0, "self_attention"), head_idx=3)
+        assert (p.data == 0).all()
+        fig = plot_diff(xa, b.attention("encoder", 0, "self_attention"), head_idx=3)
+        assert "head 3" in fig.axes[0].get_title()
+        with pytest.raises(SelectionError, match=r"head_idx 1 is not a stored head"):
+            prepare_diff(xa, xa, head_idx=1)
+        files = render_diff(a, b, tmp_path / "d", heads=[3], arrays=["encoder/0/self_attention"])
+        assert [f.name for f in files] == ["encoder-L00-self_attention-s0000-h03.png"]
+    one = sample_rollout(kept_heads_archive, 0, heads=[3])[("encoder", "self_attention")][0]
+    with open_archive(kept_heads_archive) as a:
+        mats = [np.asarray(a.attention("encoder", i, "self_attention")[0, 1], dtype=np.float64)
+                for i in a.layers("encoder")]
+    from attnscope.analysis.rollout import attention_rollout
+
+    np.testing.assert_allclose(one, attention_rollout(mats), atol=1e-6)
+    with pytest.raises(SelectionError, match=r"\[0, 3\]"):
+        sample_rollout(kept_heads_archive, 0, heads=[1])

@@ -14,6 +14,7 @@ from attnscope.render import (
     plot_top_pairs,
     render_archive,
 )
+from attnscope.render._axes import SEGMENT_NAME_GID
 from attnscope.render._style import plain
 from attnscope.store.layout import Segment, SideLayout, TokenLayout
 
@@ -71,7 +72,12 @@ def test_long_axes_show_segment_names_as_text(rng):
     lay = SideLayout((Segment("$$", 0, 30), Segment("$\\frac$", 30, 60)))
     fig = plot_heatmap(random_attention(rng, (1, 1, 60, 60)), query_layout=lay, key_layout=lay,
                        colorbar=False)
-    assert sorted(set(texts(fig))) == ["\\$\\$", "\\$\\frac\\$"]
+    labels = texts(fig)  # every 2nd token's label, escaped
+    assert_plain(labels)
+    assert labels[:2] == ["\\$\\$[0]", "\\$\\$[2]"]
+    names = [t.get_text() for ax in fig.axes for t in ax.texts
+             if t.get_gid() in SEGMENT_NAME_GID.values()]  # segment names beside them
+    assert sorted(set(names)) == ["\\$\\$", "\\$\\frac\\$"]
 
 
 @pytest.fixture

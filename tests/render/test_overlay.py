@@ -213,3 +213,34 @@ def test_overlay_of_an_archive_without_frames_is_a_plain_grid(planted: tuple) ->
         assert arc.cameras() == [] and arc.frame("agentview", 0) is None
     fig = plot_overlay(path, sample=0, head=0, array="decoder/0/cross_attention")
     assert len(fig.axes[0].get_images()) == 1
+
+
+def test_small_grids_are_flat_blocks_unless_bilinear_is_asked() -> None:
+    g = np.arange(9, dtype=float).reshape(3, 3)
+    np.testing.assert_array_equal(upsample(g, (9, 9)), upsample(g, (9, 9), "nearest"))
+    big = np.arange(64, dtype=float).reshape(8, 8)
+    np.testing.assert_array_equal(upsample(big, (16, 16)), upsample(big, (16, 16), "bilinear"))
+    assert not np.array_equal(upsample(g, (9, 9), "bilinear"), upsample(g, (9, 9)))
+
+
+def test_plot_overlay_default_on_a_3x3_grid_is_nearest(planted: tuple) -> None:
+    frame = np.zeros((24, 24, 3), dtype=np.float32)
+    fig = plot_overlay(planted[0], frame=frame, head=0, array="decoder/0/cross_attention")
+    heat = np.ma.getdata(fig.axes[0].images[1].get_array())
+    assert len(np.unique(heat)) <= 9  # one flat value per patch, nothing in between
+
+
+def test_overlay_head_is_the_models_head_id(tmp_path: Path) -> None:
+    """An archive keeping model heads 2 and 0 (in that order): head 0 is the planted head
+    (stored second), head 2 the other; head 1 is refused naming the stored heads."""
+    w = _weights(np.random.default_rng(0))
+    kept = {n: x[:, [1, 0]].copy() for n, x in w.items()}  # planted head 0 stored second
+    path = tmp_path / "kept.zarr"
+    with ArchiveWriter.create(path, _layout(), heads={n: [2, 0] for n in kept}) as wr:
+        wr.append(kept)
+    ov = prepare_overlay(path, head=0, array="decoder/0/cross_attention", query="all")
+    assert ov.grid[PATCH] == pytest.approx(1.0, abs=1e-3) and ov.head == 0
+    other = prepare_overlay(path, head=2, array="decoder/0/cross_attention", query="all")
+    assert other.grid[PATCH] < 0.9
+    with pytest.raises(SelectionError, match=r"head_idx 1 is not a stored head.*\[2, 0\]"):
+        prepare_overlay(path, head=1, array="decoder/0/cross_attention")

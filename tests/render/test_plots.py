@@ -10,6 +10,7 @@ from attnscope.render import (
     plot_heatmap,
     plot_layer_comparison,
 )
+from attnscope.render._axes import SEGMENT_NAME_GID
 from attnscope.render.plots import BOUNDARY_GID
 from attnscope.store.layout import SideLayout
 
@@ -89,7 +90,14 @@ def test_long_sequence_gets_segment_names_and_downsampling(rng):
     assert max(data.shape) <= 1024
     assert data.shape == (800, 800)  # blocks of 3 tokens
     assert data.max() == 1.0 and data[5 // 3, -1] == 1.0
-    assert [t.get_text() for t in ax.get_xticklabels()] == ["text", "agentview_image", "state"]
+    # every 60th token labelled (2400 / 40), the segment names on the opposite side
+    labels = [t.get_text() for t in ax.get_xticklabels()]
+    assert labels[:3] == ["text[0]", "text[60]", "text[120]"] and len(labels) == 40
+    assert list(ax.get_xticks()[:2]) == [0, 60]
+    assert "every 60th token labelled" in ax.get_xlabel()
+    top = [t for t in ax.texts if t.get_gid() == SEGMENT_NAME_GID["cols"]]
+    assert [t.get_text() for t in top] == ["text", "agentview_image", "state"]
+    assert [t.get_position()[0] for t in top] == [149.5, 1299.5, 2349.5]  # segment centres
     assert boundary_positions(ax, "cols") == [299.5, 2299.5]
     # extent keeps token coordinates
     assert ax.images[0].get_extent() == [-0.5, n - 0.5, n - 0.5, -0.5]
@@ -174,3 +182,119 @@ def test_svg_pdf_are_reproducible(tmp_path, rng, fmt):
     plot_heatmap(x, head_idx=1, save_path=a)
     plot_heatmap(x, head_idx=1, save_path=b)
     assert a.read_bytes() == b.read_bytes()
+
+
+def _causal(rng, t: int = 8) -> np.ndarray:
+    x = np.tril(rng.random((t, t)) + 0.05)
+    return (x / x.sum(-1, keepdims=True)).astype(np.float32)
+
+
+def _pixel(fig, ax, x: float, y: float) -> np.ndarray:
+    """RGB of the rendered figure at data point (x, y) of ``ax``."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    px, py = ax.transData.transform((x, y))
+    img = np.asarray(canvas.buffer_rgba())
+    return img[int(img.shape[0] - py), int(px), :3]
+
+
+def test_masked_cells_are_drawn_in_the_mask_colour_with_a_legend(rng):
+    from attnscope.render._style import MASK_COLOR, MASK_LABEL, colormap
+
+    x = _causal(rng)
+    fig = plot_heatmap(x)
+    ax = fig.axes[0]
+    want = np.round(np.array(mcolors.to_rgb(MASK_COLOR)) * 255)
+    np.testing.assert_array_equal(_pixel(fig, ax, 6, 1), want)  # key 6 > query 1: masked
+    assert not np.array_equal(_pixel(fig, ax, 1, 6), want)  # allowed cell
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == [MASK_LABEL]
+    # the grey is no colour of the attention colormap (nor of the table colormaps)
+    for name in ("viridis", "magma", "Blues", "RdBu_r"):
+        lut = colormap(name)(np.linspace(0, 1, 256))[:, :3]
+        assert np.min(np.linalg.norm(lut - mcolors.to_rgb(MASK_COLOR), axis=1)) > 0.1
+    assert plot_heatmap(rng.random((5, 5))).legends == []  # nothing masked, no legend
+
+
+def test_masked_cells_in_grids_layers_and_flows(rng):
+    from attnscope.render._style import MASK_COLOR
+
+    want = np.round(np.array(mcolors.to_rgb(MASK_COLOR)) * 255)
+    x = np.stack([_causal(rng), _causal(rng)])[None]  # (1, 2, 8, 8)
+    for fig in (plot_head_grid(x), plot_layer_comparison([x, x])):
+        assert all(im.get_array().mask[1, 6] for ax in fig.axes for im in ax.images)
+        np.testing.assert_array_equal(_pixel(fig, fig.axes[0], 6, 1), want)
+        assert len(fig.legends) == 1
+    enc = random_attention(rng, (1, 2, 5, 5))
+    cross = random_attention(rng, (1, 2, 8, 5))
+    fig = plot_attention_flow(enc, x, cross)
+    dec_ax = fig.axes[1]
+    np.testing.assert_array_equal(_pixel(fig, dec_ax, 6, 1), want)
+    assert not fig.axes[0].images[0].get_array().mask.any()  # encoder: nothing masked
+
+
+def test_forced_rows_do_not_set_the_colour_scale(rng):
+    x = _causal(rng)  # row 0 has one allowed key: weight 1.0
+    fig = plot_heatmap(x)
+    im = fig.axes[0].images[0]
+    assert im.get_clim()[1] == pytest.approx(x[1:].max()) and x[1:].max() < 1.0
+    assert "1-key rows excluded" in fig.axes[1].get_ylabel()  # the colour bar says so
+    # the forced cell is drawn in the top colour, not outside the colormap
+    top = np.array(im.cmap(1.0)[:3]) * 255  # Agg rounds colours to within 1 level
+    np.testing.assert_allclose(_pixel(fig, fig.axes[0], 0, 0), top, atol=1)
+
+
+def test_percentile_scale_tops_the_colour_bar_at_that_percentile(rng):
+    x = random_attention(rng, (1, 1, 12, 12), sharp=4.0)
+    fig = plot_heatmap(x, scale="p90")
+    im, cbar = fig.axes[0].images[0], fig.axes[1]
+    assert im.get_clim()[1] == pytest.approx(np.percentile(x, 90))
+    assert "90th pct" in cbar.get_ylabel()
+    # the colour bar's top pixel is the colormap's top colour, at the documented limit
+    assert cbar.get_ylim()[1] == pytest.approx(np.percentile(x, 90))
+    top = np.array(im.cmap(1.0)[:3]) * 255
+    lo, hi = cbar.get_ylim()
+    # (the bar is 256 colours: its top pixel row is the top entry or its neighbour)
+    np.testing.assert_allclose(_pixel(fig, cbar, 0.5, hi - (hi - lo) * 0.005), top, atol=3)
+
+
+def test_row_scale_divides_each_row_by_its_max(rng):
+    from attnscope.render._prepare import prepare_matrix
+
+    x = _causal(rng)
+    p = prepare_matrix(x, scale="row")
+    np.testing.assert_allclose(p.data.max(axis=1), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(p.data[3, :4], x[3, :4] / x[3, :4].max(), rtol=1e-6)
+    assert (p.vmin, p.vmax) == (0.0, 1.0) and p.label == "weight / row max"
+
+
+def test_raw_tensor_ticks_are_integers(rng):
+    fig = plot_heatmap(random_attention(rng, (1, 1, 11, 11)))
+    ax = fig.axes[0]
+    fig.canvas.draw()
+    for ticks in (ax.get_xticks(), ax.get_yticks()):
+        inside = [t for t in ticks if -0.5 <= t <= 10.5]
+        assert inside and all(float(t).is_integer() for t in inside)
+
+
+def test_one_layer_comparison_title_is_not_clipped(rng):
+    x = random_attention(rng, (1, 2, 6, 6))
+    title = "decoder self_attention across layers, mean of heads, sample 0"
+    fig = plot_layer_comparison([x], title=title)
+    fig.canvas.draw()
+    box = fig._suptitle.get_window_extent()
+    assert box.x0 >= 0 and box.x1 <= fig.bbox.x1
+    assert fig.get_suptitle().replace("\n", " ") == title
+
+
+def test_head_grid_panels_label_every_kth_token_with_segment_names(rng):
+    lay = SideLayout.from_lengths({"text": 20, "image": 16})
+    x = random_attention(rng, (1, 2, 36, 36))
+    fig = plot_head_grid(x, query_layout=lay, key_layout=lay)
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_yticklabels()][:2] == ["text[0]", "text[4]"]  # 36 / 10
+    assert "tokens" not in [t.get_text() for a in fig.axes for t in a.get_yticklabels()]
+    names = [t.get_text() for a in fig.axes for t in a.texts
+             if t.get_gid() in SEGMENT_NAME_GID.values()]
+    assert "text" in names and "image" in names

@@ -91,5 +91,26 @@ def test_axis_spec_labels_short_and_segments_long():
     assert p.cols.boundaries == (3,)
     long = SideLayout.from_lengths({"text": 30, "img": 20})
     p = prepare_matrix(np.zeros((50, 50)), query_layout=long, key_layout=long)
-    assert p.rows.labels is None
+    assert p.rows.label_step == 2  # every 2nd of 50 tokens, at most 40 labels
+    assert p.rows.ticks() == (list(range(0, 50, 2)), [long.labels[i] for i in range(0, 50, 2)])
     assert p.rows.segment_names == (("text", 14.5), ("img", 39.5))
+    assert p.cols.ticks()[1][:2] == ["text[0]", "text[2]"]
+
+
+def test_head_idx_is_the_models_head_id(kept_heads_archive):
+    """Head 3 of an archive keeping heads 0 and 3 is its second stored head, the one the
+    xarray view calls head 3; position 1 is no head id of it."""
+    from attnscope.render._prepare import head_ids, head_position
+    from attnscope.store import open_archive
+
+    with open_archive(kept_heads_archive) as arc:
+        arr = arc.attention("encoder", 1, "self_attention")
+        assert head_ids(arr) == [0, 3] and head_position(arr, 3) == 1
+        p = prepare_matrix(arr, head_idx=3, batch_idx=1)
+        np.testing.assert_array_equal(p.data, arr[1, 1])
+        view = arc.to_xarray("encoder/1/self_attention")
+        assert view["head"].values.tolist() == [0, 3]
+        np.testing.assert_array_equal(p.data, view.sel(head=3, sample=1).values)
+        with pytest.raises(SelectionError, match=r"head_idx 1 is not a stored head.*\[0, 3\]"):
+            prepare_matrix(arr, head_idx=1)
+    assert head_ids(np.zeros((1, 4, 2, 2))) == [0, 1, 2, 3]  # in-memory: positions are ids

@@ -126,3 +126,16 @@ def test_overlay_of_kept_rows_averages_the_kept_rows_of_the_group(tmp_path) -> N
     np.testing.assert_allclose(last.grid, cross[0, 0, 4, 2:6].reshape(2, 2), rtol=1e-6)
     with pytest.raises(SelectionError, match=r"keeps only query rows \[0, 3, 4\]"):
         prepare_overlay(path, sample=0, query=[1], head=0)
+
+
+def test_uncropped_figures_mask_the_dropped_rows(archive) -> None:
+    """``crop=False`` on a row-policy array: all 6 decoder rows, the kept ones (1, 3, 5) as
+    stored, the dropped ones masked and labelled with their own tokens."""
+    with open_archive(archive) as a:
+        arr = a["decoder/0/cross_attention"]
+        pm = prepare_matrix(arr, head_idx=1, batch_idx=1, crop=False)
+        assert pm.n_rows == 6 and pm.rows.labels == LAYOUT.decoder.labels
+        np.testing.assert_array_equal(pm.data[ROWS], arr[1, 1])
+        assert pm.mask[[0, 2, 4]].all() and not pm.mask[ROWS].any()
+        fig = plot_heatmap(arr, batch_idx=1, crop=False)
+        assert fig.axes[0].images[0].get_array().mask[[0, 2, 4]].all()

@@ -330,3 +330,23 @@ def test_cli_render_and_report_of_a_ragged_archive(ragged, ragged_tables, tmp_pa
     assert res.exit_code == 0, res.output
     tok = viewer_data((tmp_path / "r.html").read_text())["tokens"]["encoder"]["2"]
     assert tok["labels"] == [ragged[4][2][i] for i in _real(ragged[2][2])]
+
+
+def test_uncropped_figures_mask_the_padding(ragged) -> None:
+    """``crop=False``: the whole stored axes, padded rows and key columns masked (any
+    padding pattern), the real cells as stored; the colour range ignores the padding."""
+    path, stored, em, dm, el, dl = ragged
+    with open_archive(path) as arc:
+        for s in range(len(em)):
+            p = prepare_matrix(arc.attention("decoder", 0, "cross_attention"), head_idx=1,
+                               batch_idx=s, crop=False)
+            assert (p.n_rows, p.n_cols) == (DEC_MAX, ENC_MAX)
+            padded = ~(dm[s][:, None] & em[s][None, :])
+            np.testing.assert_array_equal(p.mask, padded)
+            real = stored[CROSS][s, 1][~padded]
+            np.testing.assert_allclose(p.data[~padded], real, rtol=1e-6)
+            assert p.vmax == pytest.approx(real.max())
+            assert p.rows.labels == tuple(dl[s])  # every stored position's own label
+        fig = plot_heatmap(arc.attention("decoder", 0, "cross_attention"), batch_idx=2,
+                           crop=False)
+        assert fig.axes[0].images[0].get_array().mask.any() and len(fig.legends) == 1

@@ -310,3 +310,65 @@ def test_hostile_labels_reach_the_viewer_as_text(evil, tmp_path) -> None:
     assert f'query "{EVIL[0]}" (#0)' in shown and f'key "{EVIL[1]}" (#1)' in shown
     assert "pwned" not in dom.split('id="hover"')[0].split("<main>")[-1]  # no injected node
     assert "<b>" not in dom.replace("<b>&amp;", "")  # never parsed as HTML
+
+
+@needs_chromium
+def test_viewer_masks_the_causal_triangle_and_scales_without_row_0(archive, tables,
+                                                                    tmp_path) -> None:
+    """Decoder self-attention (causal, 6 x 6): 15 cells masked, hovering one says so, and
+    the colour scale's top is the largest weight of rows 1-5 (row 0 is forced: 1.0)."""
+    from attnscope.store import open_archive
+
+    out = write_report(archive, tmp_path / "r.html", tables_dir=tables)
+    dom = dump(out, "array=decoder/0/self_attention&sample=0&head=0&cell=1,4", tmp_path)
+    canvas = re.search(r'<canvas id="map"[^>]*>', dom).group(0)
+    assert 'data-masked="15"' in canvas
+    vmax = float(re.search(r'data-vmax="([^"]+)"', canvas).group(1))
+    with open_archive(archive) as arc:
+        m = np.float16(arc["decoder/0/self_attention"][0, 0]).astype(np.float64)
+    assert m[0, 0] == 1.0 and vmax == pytest.approx(m[1:].max(), rel=1e-9) and vmax < 1.0
+    assert "masked: not attended" in hover(dom)[0]
+    assert 'id="row" width="10" height="10" style="display: none;"' in dom  # no stray square
+    cross = dump(out, "array=decoder/0/cross_attention&sample=0&head=0", tmp_path)
+    assert 'data-masked="0"' in re.search(r'<canvas id="map"[^>]*>', cross).group(0)
+
+
+def test_report_speaks_model_head_ids(kept_heads_archive, tmp_path) -> None:
+    """Heads 0 and 3 kept: the page's heads, entropy columns, mass and top pairs are keyed
+    by 0 and 3 (never 1), and the maps of head 3 are the second stored head."""
+    import base64
+
+    from attnscope.analysis import analyze
+    from attnscope.store import open_archive
+
+    analyze(kept_heads_archive, tmp_path / "t", progress=False)
+    page = write_report(kept_heads_archive, tmp_path / "r.html", tables_dir=tmp_path / "t",
+                        samples=[1]).read_text()
+    data = viewer_data(page)
+    assert data["initial"]["sample"] == 1  # opens on the first requested sample
+    assert {tuple(a["heads"]) for a in data["arrays"]} == {(0, 3)}
+    assert all(e["heads"] == [0, 3, -1] for e in data["entropy"].values())
+    name = "decoder/0/self_attention"
+    assert sorted(data["mass"][name]) == ["-1", "0", "3"]
+    assert sorted(data["pairs"][name]) == ["1|-1", "1|0", "1|3"]
+    # forced cells (causal row 0 -> key 0) are not among the top pairs
+    assert all([q, k] != [0, 0] for q, k, *_ in data["pairs"][name]["1|3"])
+    d = next(a for a in data["arrays"] if a["name"] == name)["data"]["1"]
+    maps = np.frombuffer(base64.b64decode(d["b64"]), "<f2").reshape(2, d["t"], d["s"])
+    with open_archive(kept_heads_archive) as arc:
+        np.testing.assert_array_equal(maps[1], np.float16(arc[name][1, 1]))
+    assert d["causal"] is True and data["mass_shown"] is True
+
+
+def test_report_of_a_text_only_model_has_no_mass_table(tmp_path) -> None:
+    from attnscope.analysis import analyze
+
+    rng = np.random.default_rng(3)
+    lay = TokenLayout(SideLayout.from_lengths({"tokens": 5}), None)
+    path = tmp_path / "t.zarr"
+    with ArchiveWriter.create(path, lay) as w:
+        w.append({"encoder": [{"self_attention": softmax(rng.normal(size=(2, 2, 5, 5)))}]})
+    analyze(path, tmp_path / "tab", progress=False)
+    data = viewer_data(write_report(path, tmp_path / "r.html", tables_dir=tmp_path / "tab")
+                       .read_text())
+    assert data["mass_shown"] is False

@@ -104,3 +104,79 @@ def test_every_table_figure_renders_from_analyze_output(small_archive, tmp_path)
     for metric in METRICS:  # every numeric head_stats column is a drawable metric
         fig = plot_head_metric(hs, stack="decoder", kind="cross_attention", metric=metric)
         assert fig.axes[0].images[0].get_array().shape == (3, 5)  # 3 layers x (4 heads + avg)
+
+
+def _pairs(rows):
+    """A top_pairs table from (sample, head, rank, query, key, weight, qlabel, klabel,
+    allowed_keys) rows."""
+    cols = ["sample", "head", "rank", "query", "key", "weight", "query_label", "key_label",
+            "allowed_keys"]
+    df = pd.DataFrame(rows, columns=cols)
+    return df.assign(stack="decoder", layer=0, kind="self_attention")
+
+
+def test_top_pair_summary_counts_each_heads_top_pair_over_samples():
+    """Forced cells (allowed_keys 1) never count; the rest: per head, how often a token
+    pair is the head's top pair, and its mean weight there."""
+    from attnscope.render.tables import plot_top_pair_summary, prepare_top_pair_summary
+
+    rows = []
+    for s in range(4):
+        rows += [(s, 0, 0, 0, 0, 1.0, "<s>", "<s>", 1),  # forced: row 0 sees one key
+                 (s, 0, 1, 2, 1, 0.6 + 0.1 * (s % 2), "cat", "the", 3),
+                 (s, 0, 2, 3, 3, 0.5, "sat", "sat", 4),
+                 (s, 3, 0, 0, 0, 1.0, "<s>", "<s>", 1),
+                 (s, 3, 1, 3, 2, 0.8, "sat", "cat", 4) if s < 3 else
+                 (s, 3, 1, 1, 0, 0.7, "the", "<s>", 2)]
+    df = _pairs(rows)
+    tp = prepare_top_pair_summary(df, stack="decoder", layer=0, kind="self_attention")
+    h0 = tp[tp["head"] == 0]
+    assert h0["pair"].tolist() == ["cat -> the"] and h0["count"].item() == 4
+    assert h0["weight"].item() == pytest.approx(0.65) and h0["share"].item() == 1.0
+    h3 = tp[tp["head"] == 3]
+    assert h3["pair"].tolist() == ["sat -> cat", "the -> <s>"]
+    assert h3["count"].tolist() == [3, 1] and h3["samples"].tolist() == [4, 4]
+    fig = plot_top_pair_summary(df, stack="decoder", layer=0, kind="self_attention")
+    assert "forced cells excluded" in fig.get_suptitle().replace("\n", " ")
+    assert [ax.get_title() for ax in fig.axes] == ["head 0", "head 3"]
+    # tables of version 1 (no allowed_keys) still read, and the title says what it knows
+    old = df.drop(columns="allowed_keys")
+    fig = plot_top_pair_summary(old, stack="decoder", layer=0, kind="self_attention")
+    assert "forced cells not marked" in fig.get_suptitle().replace("\n", " ")
+
+
+def test_top_pairs_of_one_sample_leave_forced_cells_out():
+    df = _pairs([(0, 0, 0, 0, 0, 1.0, "<s>", "<s>", 1), (0, 0, 1, 2, 1, 0.6, "cat", "the", 3)])
+    assert prepare_top_pairs(df, k=5).pair.tolist() == ["cat -> the"]
+    assert "forced cells excluded" in plot_top_pairs(df, head=0).axes[0].get_title().replace(
+        "\n", " ")
+
+
+def test_top_pairs_table_marks_forced_cells(small_archive, tmp_path):
+    """analyze writes allowed_keys (top_pairs version 2): row 0 of a causal array is forced."""
+    import pyarrow.parquet as pq
+
+    from attnscope.analysis import analyze
+    from attnscope.contracts import TABLE_VERSION_KEY
+
+    analyze(small_archive, tmp_path / "t", topk=16, progress=False)
+    meta = pq.read_schema(tmp_path / "t" / "top_pairs.parquet").metadata
+    assert meta[TABLE_VERSION_KEY.encode()] == b"2"
+    df = pd.read_parquet(tmp_path / "t" / "top_pairs.parquet")
+    enc = df[df["stack"] == "encoder"]
+    assert (enc["allowed_keys"] == 5).all()  # bidirectional, 5 keys
+    cross = df[df["kind"] == "cross_attention"]
+    assert (cross["allowed_keys"] == 5).all()
+
+
+def test_normalised_entropy_has_a_fixed_unit_scale_and_enough_decimals(head_stats):
+    from attnscope.render.tables import cell_format
+
+    hs = head_stats.assign(norm_entropy_mean=0.9 + head_stats["entropy_mean"] * 0.004)
+    fig = plot_head_metric(hs, stack="decoder", kind="self_attention",
+                           metric="norm_entropy_mean")
+    assert fig.axes[0].images[0].get_clim() == (0.0, 1.0)
+    texts = [t.get_text() for t in fig.axes[0].texts]
+    assert all(len(t.split(".")[1]) == 3 for t in texts)  # 1/256 of 0..1 needs 3 decimals
+    assert cell_format(0.0, 1.0) == "{:.3f}" and cell_format(1.0, 1.004) == "{:.5f}"
+    assert cell_format(0.0, 100.0) == "{:.2f}"

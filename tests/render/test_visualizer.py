@@ -209,3 +209,22 @@ def test_bad_selections_in_facade(guide_weights, real_archive):
         viz.plot_layer_comparison(guide_weights, show=False)
     with pytest.raises(SelectionError, match="pass stack=, layer= and kind="):
         viz.plot_attention_heatmap(real_archive, stack="encoder", show=False)
+
+
+def test_facade_heads_are_the_models_ids(kept_heads_archive):
+    """The facade on an archive keeping heads 0 and 3: head_idx=3 is model head 3."""
+    from attnscope.store import open_archive
+
+    viz = AttentionVisualizer()
+    with open_archive(kept_heads_archive) as arc:
+        arr = arc.attention("decoder", 1, "cross_attention")
+        fig = viz.plot_attention_heatmap(arr, head_idx=3, batch_idx=1, show=False)
+        np.testing.assert_array_equal(fig.axes[0].images[0].get_array(), arr[1, 1])
+        assert fig.axes[0].get_title() == "head 3, sample 1"
+        grid = viz.plot_multi_head_attention(arr, show=False)
+        assert [ax.get_title() for ax in grid.axes[:2]] == ["head 0", "head 3"]
+        layers = viz.plot_layer_comparison(arc, stack="decoder", attention_type="cross_attention",
+                                           head_idx=3, show=False)
+        assert layers.get_suptitle() == "head 3, sample 0"
+        with pytest.raises(SelectionError, match=r"head_idx 1 is not a stored head"):
+            viz.plot_attention_heatmap(arr, head_idx=1, show=False)

@@ -500,6 +500,9 @@ def analyze_block(
     local = cols["sample"] - sample0
     cols["_qlab"] = cols["query"] + (local * t if per_q else 0)
     cols["_klab"] = cols["key"] + (local * s if per_k else 0)
+    # keys each pair's query row may attend to (1: a forced cell, e.g. causal row 0)
+    n_allowed = np.broadcast_to(np.asarray(allowed).reshape(-1, t), (n, t))
+    cols["allowed_keys"] = n_allowed[local, cols["query"]].astype(np.int64)
     _original_queries(cols, spec)
     if masked:
         keep = cols["weight"] >= 0

@@ -19,7 +19,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from attnscope.analysis._engine import ArraySpec
-from attnscope.contracts import IDENTITY_KEY, TABLE_COLUMNS, TABLES
+from attnscope.contracts import (
+    IDENTITY_KEY,
+    TABLE_COLUMNS,
+    TABLE_VERSION_KEY,
+    TABLE_VERSIONS,
+    TABLES,
+)
 from attnscope.errors import ArchiveError, ConfigError, SelectionError, StaleTableError
 from attnscope.store import open_archive
 
@@ -39,6 +45,12 @@ TABLE_SCHEMAS: dict[str, pa.Schema] = {
     for table, cols in TABLE_COLUMNS.items()
 }
 _IDENTITY_KEY = IDENTITY_KEY.encode()
+
+
+def _version(table: str) -> dict[bytes, bytes]:
+    """Schema metadata naming the table's column version (tables at version 1: none)."""
+    v = TABLE_VERSIONS.get(table, 1)
+    return {TABLE_VERSION_KEY.encode(): str(v).encode()} if v > 1 else {}
 
 
 def _const(value: Any, n: int, typ: pa.DataType) -> pa.Array:
@@ -68,7 +80,8 @@ class TableWriter:
         self.similarity = similarity
         self._writers: dict[str, pq.ParquetWriter] = {}
         meta = {_IDENTITY_KEY: json.dumps(identity, sort_keys=True).encode()}
-        self._schemas = {k: v.with_metadata(meta) for k, v in TABLE_SCHEMAS.items()}
+        self._schemas = {k: v.with_metadata({**meta, **_version(k)})
+                         for k, v in TABLE_SCHEMAS.items()}
 
     def tables(self) -> list[str]:
         out = ["head_stats", "row_stats", "top_pairs", "segment_mass"]

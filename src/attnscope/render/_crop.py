@@ -30,6 +30,7 @@ __all__ = [
     "read_real",
     "real_positions",
     "sample_axes",
+    "stored_axes",
 ]
 
 
@@ -130,3 +131,34 @@ def sample_axes(attn: Any, sample: int) -> tuple[SideLayout | None, SideLayout |
     except SelectionError:
         return None, None
     return kept_rows_layout(attn, q), k
+
+
+def stored_axes(
+    attn: Any, sample: int, mat: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, SideLayout | None, SideLayout | None]:
+    """One sample's matrix on the archive's whole axes instead of its real tokens.
+
+    ``mat`` is the sample's stored ``(R, S)`` matrix (``R`` kept rows of a row-policy
+    array, else ``T``). Returns ``(matrix (T, S), hidden (T, S) bool, query layout, key
+    layout)``: rows a row policy dropped are NaN, and ``hidden`` marks them, the padded
+    rows and the padded key columns, so a figure draws them as masked cells. The layouts
+    are the sample's own labels over the whole axes.
+    """
+    kept = getattr(attn, "query_rows", None)
+    valid = getattr(attn, "valid", None)
+    r, s = mat.shape
+    q_ok, k_ok = valid(int(sample)) if callable(valid) else (np.ones(r, bool), np.ones(s, bool))
+    q_lay = k_lay = None
+    if has_sample_axes(attn):
+        try:
+            q_lay, k_lay = attn.archive.sample_layout(int(sample)).axes(attn.stack, attn.kind)
+        except SelectionError:
+            pass
+    rows = np.arange(r) if kept is None else np.asarray(kept, dtype=np.int64)
+    t = q_lay.length if q_lay is not None and kept is not None else int(rows.max()) + 1
+    full = np.full((t, s), np.nan, dtype=np.float32)
+    full[rows] = mat
+    hidden = np.ones((t, s), dtype=bool)
+    hidden[rows[np.asarray(q_ok, dtype=bool)]] = False
+    hidden[:, ~np.asarray(k_ok, dtype=bool)] = True
+    return full, hidden, q_lay, k_lay

@@ -23,13 +23,14 @@ from typing import Any
 
 import numpy as np
 
-from attnscope.errors import InputError, SelectionError, ShapeError
+from attnscope.errors import ConfigError, InputError, SelectionError, ShapeError
 from attnscope.render._crop import (
     fit_layout,
     kept_rows_layout,
     read_real,
     real_positions,
     sample_axes,
+    stored_axes,
 )
 from attnscope.store import as_numpy as _store_numpy
 from attnscope.store.layout import SideLayout, TokenLayout
@@ -41,7 +42,10 @@ __all__ = [
     "PreparedMatrix",
     "as_numpy",
     "block_reduce",
+    "causal_mask",
     "check_layout",
+    "head_ids",
+    "head_position",
     "n_heads",
     "n_samples",
     "prepare_matrix",
@@ -55,7 +59,7 @@ MAX_TICK_LABELS = 40
 #: The same for the small panels of multi-panel figures (head grids, layer comparisons):
 #: beyond it they show segment names, which read better at that size and cost far less
 #: text layout than a label per token on every panel.
-MAX_PANEL_TICK_LABELS = 16
+MAX_PANEL_TICK_LABELS = 10
 
 
 def as_numpy(x: Any) -> np.ndarray:
@@ -103,6 +107,42 @@ def n_heads(attn: Any) -> int:
     return _shape4(attn)[1]
 
 
+def head_ids(attn: Any) -> list[int]:
+    """The model's head ids along the head axis of ``attn``.
+
+    An archive selection knows them (``AttentionArray.heads``: a capture may keep only
+    some heads, e.g. 0 and 3); any other input numbers its heads ``0..H-1``.
+    """
+    h = n_heads(attn)
+    ids = getattr(attn, "heads", None) if _is_lazy(attn) else None
+    if not isinstance(ids, (list, tuple, np.ndarray)) or len(ids) != h:
+        return list(range(h))
+    return [int(i) for i in ids]
+
+
+def head_position(attn: Any, head: Any) -> int:
+    """Position on the head axis of ``attn`` of model head ``head`` (see :func:`head_ids`).
+
+    Raises :class:`SelectionError` naming the stored head ids when ``head`` is not one.
+    """
+    ids = head_ids(attn)
+    if isinstance(head, bool) or not isinstance(head, (int, np.integer)):
+        raise SelectionError(f"head_idx must be a head id, one of {_id_list(ids)}; got {head!r}")
+    if int(head) not in ids:
+        why = "out of range" if ids == list(range(len(ids))) else "is not a stored head"
+        raise SelectionError(
+            f"head_idx {int(head)} {why}: this attention has heads {_id_list(ids)}"
+        )
+    return ids.index(int(head))
+
+
+def _id_list(ids: Sequence[int]) -> str:
+    """``0..7`` for a full range, else the ids themselves (``[0, 3]``)."""
+    if list(ids) == list(range(len(ids))):
+        return f"0..{len(ids) - 1}"
+    return str(list(ids))
+
+
 def n_samples(attn: Any) -> int:
     """Number of samples (batch entries) of an attention input."""
     return _shape4(attn)[0]
@@ -127,6 +167,9 @@ def select_matrix(
 ) -> np.ndarray:
     """The ``(T, S)`` matrix of one sample: one head, or the mean over heads (``head_idx=None``).
 
+    ``head_idx`` is the model's head id (:func:`head_ids`: an archive keeping heads 0 and
+    3 is asked for head 3, never for its second stored head).
+
     Archive selections read only sample ``batch_idx`` (and head ``head_idx``); the head
     average is accumulated head by head so peak memory stays at two matrices. ``rows`` /
     ``cols`` (ascending query / key positions, e.g. a sample's real tokens) keep only those
@@ -135,7 +178,7 @@ def select_matrix(
     b, h, _, _ = _shape4(attn)
     batch_idx = _check_index(batch_idx, b, "batch_idx")
     if head_idx is not None:
-        head_idx = _check_index(head_idx, h, "head_idx")
+        head_idx = head_position(attn, head_idx)
     if _is_lazy(attn):
         if head_idx is not None:
             return read_real(attn, (batch_idx, head_idx), rows, cols).astype(np.float32)
@@ -191,7 +234,8 @@ def check_layout(layout: SideLayout | None, n: int, what: str) -> SideLayout | N
 
 @dataclass(frozen=True)
 class AxisSpec:
-    """How one matrix axis is decorated: per-token tick labels, or segment boundaries + names."""
+    """How one matrix axis is decorated: tick labels (every ``label_step``-th token),
+    segment boundaries and segment names."""
 
     n: int
     labels: tuple[str, ...] | None
@@ -199,17 +243,28 @@ class AxisSpec:
     boundaries: tuple[int, ...] = ()
     #: ``(name, centre)`` of each segment, centre in token coordinates
     segment_names: tuple[tuple[str, float], ...] = ()
+    #: a tick label on every ``label_step``-th token (1: every token)
+    label_step: int = 1
 
     @classmethod
     def build(
         cls, n: int, layout: SideLayout | None, max_labels: int = MAX_TICK_LABELS
     ) -> AxisSpec:
+        """Labels of every token up to ``max_labels`` tokens, else of every k-th token
+        (``k = ceil(n / max_labels)``); segment names and boundaries always."""
         if layout is None:
             return cls(n, None)
         bounds = tuple(seg.start for seg in layout.segments[1:])
         names = tuple((seg.name, (seg.start + seg.stop - 1) / 2) for seg in layout.segments)
-        labels = tuple(layout.labels) if n <= max_labels else None
-        return cls(n, labels, bounds, names)
+        step = max(1, -(-n // max(1, max_labels)))
+        return cls(n, tuple(layout.labels), bounds, names, step)
+
+    def ticks(self) -> tuple[list[int], list[str]]:
+        """Positions and labels of the token ticks drawn (every ``label_step``-th)."""
+        if self.labels is None:
+            return [], []
+        pos = list(range(0, self.n, self.label_step))
+        return pos, [self.labels[i] for i in pos]
 
 
 @dataclass(frozen=True)
@@ -227,19 +282,87 @@ class PreparedMatrix:
     vmin: float | None = None
     vmax: float | None = None
     log: bool = False
+    #: cells that may not be attended (causal upper triangle, NaN), same shape as ``data``;
+    #: drawn in :data:`~attnscope.render._style.MASK_COLOR`. None: nothing masked
+    mask: np.ndarray | None = None
+    #: the values that set the colour range (allowed cells of rows with more than one
+    #: allowed key); None: every finite value of ``data``
+    scale_values: np.ndarray | None = field(default=None, repr=False)
+    #: colour bar label, saying how the range was chosen
+    label: str = "attention weight"
 
     @property
     def extent(self) -> tuple[float, float, float, float]:
         """``imshow`` extent so data coordinates are token indices even after reduction."""
         return (-0.5, self.n_cols - 0.5, self.n_rows - 0.5, -0.5)
 
+    @property
+    def has_mask(self) -> bool:
+        return self.mask is not None and bool(self.mask.any())
+
+    def display(self) -> np.ndarray:
+        """``data`` as drawn: a masked array (masked cells take the colormap's "bad" colour,
+        the mask colour); on a log scale non-positive allowed cells are lifted below the
+        range, so they take the lowest colour, not the mask colour."""
+        data = self.data
+        if self.log:
+            data = np.where(data > 0, data, np.float32(np.finfo(np.float32).tiny))
+        if self.mask is None:
+            return data
+        return np.ma.masked_array(data, mask=self.mask)
+
+
+#: ``scale`` values: ``"max"`` (default), ``"row"`` or a percentile ``"p99"`` / ``"p99.5"``
+SCALES = ("max", "row", "p<percentile>")
+
+
+def check_scale(scale: str) -> float | None:
+    """The percentile of a ``"pNN"`` scale, None for ``"max"`` / ``"row"``; else ConfigError."""
+    if scale in ("max", "row"):
+        return None
+    if isinstance(scale, str) and scale.startswith("p"):
+        try:
+            q = float(scale[1:])
+        except ValueError:
+            q = -1.0
+        if 0 < q <= 100:
+            return q
+    raise ConfigError(
+        f"scale must be 'max', 'row' or a percentile such as 'p99' (0 < p <= 100), "
+        f"got {scale!r}"
+    )
+
+
+def scale_label(scale: str, forced: bool) -> str:
+    """Colour bar label stating how the colour range was chosen."""
+    q = check_scale(scale)
+    if scale == "row":
+        return "weight / row max"
+    parts = [] if q is None else [f"top: {q:g}th pct"]
+    if forced:
+        parts.append("1-key rows excluded")
+    return f"weight ({'; '.join(parts)})" if parts else "attention weight"
+
 
 def colour_limits(
-    data: np.ndarray, vmin: float | None, vmax: float | None, log: bool
+    data: np.ndarray,
+    vmin: float | None,
+    vmax: float | None,
+    log: bool,
+    scale: str = "max",
 ) -> tuple[float, float]:
-    """Colour limits: explicit values win; log scales start at the smallest positive value."""
+    """Colour limits: explicit values win; log scales start at the smallest positive value.
+
+    ``scale="pNN"`` puts the top at the NN-th percentile of the finite values (a robust
+    upper limit: a few sink cells do not wash out the rest); ``"row"``: ``[0, 1]``.
+    """
     finite = data[np.isfinite(data)]
+    q = check_scale(scale)
+    if scale == "row":
+        finite = np.asarray([0.0, 1.0])
     hi = float(finite.max()) if finite.size else 1.0
+    if q is not None and finite.size:
+        hi = float(np.percentile(finite, q))
     if log:
         pos = finite[finite > 0]
         lo = float(pos.min()) if pos.size else 1e-6
@@ -253,6 +376,57 @@ def colour_limits(
     lo = lo if vmin is None else float(vmin)
     hi = hi if vmax is None else float(vmax)
     return lo, hi
+
+
+def causal_mask(
+    mat: np.ndarray, q_pos: np.ndarray | None, k_pos: np.ndarray | None
+) -> np.ndarray | None:
+    """``(T, S)`` True where key position > query position, when every such cell of ``mat``
+    is exactly 0 (causal self-attention); None otherwise.
+
+    ``q_pos`` / ``k_pos`` are the positions of the drawn rows / columns in one token
+    sequence (stored or original positions; None: ``0..T-1`` / ``0..S-1``). A matrix with
+    no cell past the diagonal proves nothing and gets None.
+    """
+    t, s = mat.shape
+    q = np.arange(t) if q_pos is None else np.asarray(q_pos)
+    k = np.arange(s) if k_pos is None else np.asarray(k_pos)
+    upper = k[None, :] > q[:, None]
+    if not upper.any() or np.any(mat[upper]) or not np.any(mat[~upper]):
+        return None
+    return upper
+
+
+def _reduce_mask(mask: np.ndarray, fr: int, fc: int) -> np.ndarray:
+    """A block is masked when every cell of it is (block-reduced like the data)."""
+    if fr == 1 and fc == 1:
+        return mask
+    t, s = mask.shape
+    padded = np.ones((-(-t // fr) * fr, -(-s // fc) * fc), dtype=bool)
+    padded[:t, :s] = mask
+    return padded.reshape(padded.shape[0] // fr, fr, padded.shape[1] // fc, fc).all(axis=(1, 3))
+
+
+def scaled(
+    mat: np.ndarray, mask: np.ndarray | None, scale: str
+) -> tuple[np.ndarray, np.ndarray, bool]:
+    """``(data, values setting the colour range, whether forced rows were left out)``.
+
+    Rows with a single allowed key (causal row 0: always 1.0) carry no information and
+    would set a linear scale that leaves every other row dark: their cells are left out of
+    the range (unless every row is forced). ``scale="row"`` divides each row by its max.
+    """
+    allowed = np.isfinite(mat) if mask is None else (~mask & np.isfinite(mat))
+    n_allowed = allowed.sum(axis=1)
+    forced = n_allowed == 1
+    keep = allowed & ~forced[:, None] if (~forced & (n_allowed > 0)).any() else allowed
+    left_out = bool(forced.any() and keep.sum() < allowed.sum())
+    data = mat
+    if scale == "row":
+        peak = np.where(allowed, mat, 0).max(axis=1, keepdims=True)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            data = np.where(peak > 0, mat / peak, 0).astype(np.float32)
+    return data, data[keep], left_out
 
 
 def array_layouts(arr: Any) -> tuple[SideLayout | None, SideLayout | None]:
@@ -286,30 +460,48 @@ def prepare_matrix(
     reduce: str = "max",
     max_pixels: int = MAX_PIXELS,
     max_labels: int = MAX_TICK_LABELS,
+    scale: str = "max",
+    crop: bool = True,
 ) -> PreparedMatrix:
     """Select, average and downsample one matrix, and work out its axis decoration.
 
     ``attn`` is any attention input (a ``(T, S)`` matrix included). An archive selection
     without explicit layouts brings its own (modality-aware axes), with sample
     ``batch_idx``'s own token labels. Axes of at most ``max_labels`` tokens get a tick
-    label per token, longer ones segment names.
+    label per token, longer ones a label on every k-th token.
 
     An archive selection of a ragged archive is cropped to the sample's real tokens (padded
     query rows and key columns removed, whatever the padding pattern); a layout covering
     the stored axis is cropped alike, with its segments recounted (see ``_crop``).
+    ``crop=False`` shows an archive selection on the archive's whole axes instead: padded
+    rows and columns, and the rows a capture row policy dropped, become masked cells.
+
+    Masked cells (:func:`causal_mask`: a self-attention map whose cells past the diagonal
+    are all 0; NaN cells) are marked in ``mask``. The colour range comes from the allowed
+    cells of rows with more than one allowed key (:func:`scaled`), topped at their max
+    (``scale="max"``) or a percentile (``"p99"``); ``"row"`` scales each row to its max.
     """
+    check_scale(scale)
     b = _check_index(batch_idx, n_samples(attn), "batch_idx")
-    rows, cols = real_positions(attn, b) if _is_lazy(attn) else (None, None)
-    if query_layout is None and key_layout is None:
-        own = sample_axes(attn, b)
-        query_layout, key_layout = own if own is not None else array_layouts(attn)
-    mat = select_matrix(attn, head_idx=head_idx, batch_idx=b, rows=rows, cols=cols)
-    t, s = mat.shape
-    _, _, t_stored, s_stored = _shape4(attn)
-    query_layout = check_layout(fit_layout(query_layout, rows, t_stored), t, "query")
-    key_layout = check_layout(fit_layout(key_layout, cols, s_stored), s, "key")
-    data, fr, fc = block_reduce(mat, max_pixels, reduce)
-    lo, hi = colour_limits(data, vmin, vmax, log)
+    if not crop and _is_lazy(attn):
+        mat, hidden, q_lay, k_lay = stored_axes(attn, b, select_matrix(
+            attn, head_idx=head_idx, batch_idx=b))
+        if query_layout is None and key_layout is None:
+            query_layout, key_layout = q_lay, k_lay
+        t, s = mat.shape
+        query_layout = check_layout(query_layout, t, "query")
+        key_layout = check_layout(key_layout, s, "key")
+        mask = _mask(None, np.where(hidden, 0, mat), None, None)
+        mask = hidden if mask is None else mask | hidden
+    else:
+        mat, mask, query_layout, key_layout = _cropped(
+            attn, b, head_idx, query_layout, key_layout)
+        t, s = mat.shape
+    data, values, forced = scaled(mat, mask, scale)
+    data, fr, fc = block_reduce(data, max_pixels, reduce)
+    if mask is not None:
+        mask = _reduce_mask(mask, fr, fc)
+    lo, hi = colour_limits(values, vmin, vmax, log, scale)
     return PreparedMatrix(
         data=data,
         n_rows=t,
@@ -321,12 +513,58 @@ def prepare_matrix(
         vmin=lo,
         vmax=hi,
         log=log,
+        mask=mask,
+        scale_values=values,
+        label=scale_label(scale, forced),
     )
 
 
+def _cropped(
+    attn: Any, b: int, head_idx: int | None, query_layout: SideLayout | None,
+    key_layout: SideLayout | None,
+) -> tuple[np.ndarray, np.ndarray | None, SideLayout | None, SideLayout | None]:
+    """``(matrix, mask, query layout, key layout)`` of sample ``b``'s real tokens."""
+    rows, cols = real_positions(attn, b) if _is_lazy(attn) else (None, None)
+    if query_layout is None and key_layout is None:
+        own = sample_axes(attn, b)
+        query_layout, key_layout = own if own is not None else array_layouts(attn)
+    mat = select_matrix(attn, head_idx=head_idx, batch_idx=b, rows=rows, cols=cols)
+    t, s = mat.shape
+    _, _, t_stored, s_stored = _shape4(attn)
+    query_layout = check_layout(fit_layout(query_layout, rows, t_stored), t, "query")
+    key_layout = check_layout(fit_layout(key_layout, cols, s_stored), s, "key")
+    return mat, _mask(attn, mat, rows, cols), query_layout, key_layout
+
+
+def _mask(
+    attn: Any, mat: np.ndarray, rows: np.ndarray | None, cols: np.ndarray | None
+) -> np.ndarray | None:
+    """Cells not attended: the causal triangle of self-attention (positions: original
+    query rows of a row-policy array, stored key positions), and NaN cells."""
+    mask = None
+    kind = getattr(attn, "kind", None) if _is_lazy(attn) else None  # None: any input
+    if kind in (None, "self_attention"):
+        q_pos = rows
+        kept = getattr(attn, "query_rows", None) if _is_lazy(attn) else None
+        if kept is not None:
+            kept = np.asarray(kept, dtype=np.int64)
+            q_pos = kept if rows is None else kept[rows]
+        mask = causal_mask(mat, q_pos, cols)
+    bad = ~np.isfinite(mat)
+    if bad.any():
+        mask = bad if mask is None else mask | bad
+    return mask
+
+
 def shared_limits(
-    mats: Sequence[PreparedMatrix], vmin: float | None, vmax: float | None, log: bool
+    mats: Sequence[PreparedMatrix],
+    vmin: float | None,
+    vmax: float | None,
+    log: bool,
+    scale: str = "max",
 ) -> tuple[float, float]:
-    """One colour range covering every matrix in ``mats`` (explicit limits win)."""
-    stacked = np.concatenate([m.data[np.isfinite(m.data)].ravel() for m in mats])
-    return colour_limits(stacked, vmin, vmax, log)
+    """One colour range covering every matrix in ``mats`` (explicit limits win), from the
+    values that set each one's range (:attr:`PreparedMatrix.scale_values`)."""
+    parts = [m.data if m.scale_values is None else m.scale_values for m in mats]
+    stacked = np.concatenate([np.ravel(x)[np.isfinite(np.ravel(x))] for x in parts])
+    return colour_limits(stacked, vmin, vmax, log, scale)

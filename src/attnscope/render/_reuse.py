@@ -31,6 +31,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from attnscope.render import plots
+from attnscope.render._axes import fit_title
 from attnscope.render._prepare import PreparedMatrix, shared_limits
 from attnscope.render._save import DPI, freeze_layout, png_from_canvas
 
@@ -46,7 +47,8 @@ def _heatmap_limits(args: dict, mats: list[PreparedMatrix]) -> list[tuple[float,
 
 
 def _grid_limits(args: dict, mats: list[PreparedMatrix]) -> list[tuple[float, float]]:
-    lim = shared_limits(mats, args.get("vmin"), args.get("vmax"), args.get("log", False))
+    lim = shared_limits(mats, args.get("vmin"), args.get("vmax"), args.get("log", False),
+                        args.get("scale", "max"))
     return [lim] * len(mats)
 
 
@@ -103,7 +105,7 @@ class _Template:
     def paint(self, mats: list[PreparedMatrix], limits: list[tuple[float, float]], title: str,
               path: Path) -> Path:
         for im, m, (lo, hi) in zip(self.images, mats, limits):
-            im.set_data(m.data)
+            im.set_data(m.display())
             if im.get_clim() != (lo, hi):
                 im.set_clim(lo, hi)  # colour bars follow through the norm's callbacks
         self.title.set_text(title)
@@ -150,7 +152,9 @@ class Painter:
             return None
         mats = kind.matrices(*[given[n] for n in kind.data_args if n.endswith("attention")],
                              **{k: v for k, v in given.items() if not k.endswith("attention")})
-        shape = tuple((m.data.shape, m.n_rows, m.n_cols, m.rows, m.cols) for m in mats)
+        # the colour bar label and the mask legend are drawn into the template: part of the key
+        shape = tuple((m.data.shape, m.n_rows, m.n_cols, m.rows, m.cols, m.label, m.has_mask)
+                      for m in mats)
         fixed = {k: _freeze(v) for k, v in given.items()
                  if k not in kind.data_args and k not in ("title", "vmin", "vmax")}
         key = (draw.__name__, shape, tuple(sorted(fixed.items())))
@@ -166,4 +170,8 @@ class Painter:
                 self._templates.popitem(last=False)
         else:
             self._templates.move_to_end(key)
-        return tpl.paint(mats, kind.limits(given, mats), kwargs["title"], path)
+        title = kwargs["title"]
+        width = tpl.fig.get_figwidth() * (1.0 if kind.suptitle else 0.75)
+        if fit_title(title, width) != title:  # a wrapped title needs its own layout
+            return None
+        return tpl.paint(mats, kind.limits(given, mats), title, path)

@@ -16,7 +16,7 @@ from typing import Any
 
 import matplotlib as mpl
 
-__all__ = ["STYLE", "Style", "colormap", "plain"]
+__all__ = ["MASK_COLOR", "MASK_LABEL", "STYLE", "Style", "colormap", "mask_color", "plain"]
 
 
 @dataclass(frozen=True)
@@ -57,13 +57,32 @@ class Style:
 STYLE = Style()
 
 
-def colormap(name: Any) -> Any:
-    """A colormap by name (or as given) whose NaN/"bad" colour is its lowest colour.
+#: masked cells (a causal mask's upper triangle, NaN): a neutral grey that no colormap of
+#: the style comes near (RGB distance >= 0.15 to every entry of viridis, magma, Blues, RdBu_r)
+MASK_COLOR = "#c8c8c8"
+#: the mask colour for colormaps that come near the grey (Greys, gray, ...)
+MASK_COLOR_ALT = "#ff4fd8"
+#: legend text of the mask colour
+MASK_LABEL = "masked: not attended (causal mask, NaN)"
 
-    Exact zeros on a log scale are "bad": drawn in the lowest colour, not white.
-    """
+
+def mask_color(cmap: Any) -> str:
+    """:data:`MASK_COLOR`, or :data:`MASK_COLOR_ALT` when ``cmap`` has a colour near it."""
+    import numpy as np
+
+    cmap = mpl.colormaps[cmap] if isinstance(cmap, str) else cmap
+    lut = np.asarray(cmap(np.linspace(0.0, 1.0, 256)))[:, :3]
+    grey = np.asarray(mpl.colors.to_rgb(MASK_COLOR))
+    near = float(np.min(np.linalg.norm(lut - grey, axis=1))) < 0.1
+    return MASK_COLOR_ALT if near else MASK_COLOR
+
+
+def colormap(name: Any) -> Any:
+    """A colormap by name (or as given) whose "bad" colour (masked and NaN cells) is the
+    mask colour (:func:`mask_color`), with values below / above the range in its lowest /
+    highest colour (a robust top clips the few brightest cells to the top colour)."""
     cmap = mpl.colormaps[name] if isinstance(name, str) else name
-    return cmap.with_extremes(bad=cmap(0.0))
+    return cmap.with_extremes(bad=mask_color(cmap), under=cmap(0.0), over=cmap(1.0))
 
 
 def plain(label: Any, max_chars: int = STYLE.max_label_chars) -> str:

@@ -4,7 +4,10 @@ The script reads one JSON document (``<script type="application/json" id="attnsc
 built by :mod:`attnscope.render.report`) and draws everything client-side on canvases:
 
 * the attention map of the chosen array, sample and head (or the mean of the heads),
-  coloured through the embedded colormap LUT, segment boundaries as white lines, a label
+  coloured through the embedded colormap LUT from 0 to the largest weight of the allowed
+  cells (rows with a single allowed key left out), masked cells (causal: a key past the
+  query, ``data.causal``) in the mask colour ``D.mask`` with a legend entry, segment
+  boundaries as white lines, a label
   per token up to 40 tokens and segment names beyond; each sample with its own tokens
   (``D.tokens[side][sample]``: labels and segments of its real tokens, and their stored
   positions ``pos``, null when none is padding), its map holding only those tokens;
@@ -18,7 +21,8 @@ built by :mod:`attnscope.render.report`) and draws everything client-side on can
   row (a clicked query, or the mean row of the query segment chosen in ``#sel-qseg``) on
   each image group's patch grid, the numbers of ``render.overlay.prepare_overlay``,
   through the colormap from 0 to the grid's largest mass; over the frame stored with the
-  sample (``D.frames``, raw RGB) when there is one, smoothed (bilinear) with alpha. Each
+  sample (``D.frames``, raw RGB) when there is one, with alpha (smoothed from 8 patches a
+  side, flat patches below, as ``render.overlay``'s ``upsampling="auto"``). Each
   grid canvas carries its values (``data-grid``) and brightest patch (``data-argmax``);
 * the episode timeline (``D.timeline``, from ``timeline.parquet``): mass on each key
   modality vs step, for the chosen episode and the current array's layer and head.
@@ -66,7 +70,19 @@ function maps(a0,sample){ // (H, t, s) float16 -> list of Float64Array per head
 function viewOf(a0,sample){ // one sample of an array: its sizes and its own tokens
   var d=a0.data[String(sample)],k=String(sample);
   return {name:a0.name,stack:a0.stack,layer:a0.layer,kind:a0.kind,heads:a0.heads,T:d.T,S:d.S,
-    t:d.t,s:d.s,fr:d.fr,fc:d.fc,sides:{rows:D.tokens[a0.rows][k],cols:D.tokens[a0.cols][k]}};}
+    t:d.t,s:d.s,fr:d.fr,fc:d.fc,causal:!!d.causal,
+    sides:{rows:D.tokens[a0.rows][k],cols:D.tokens[a0.cols][k]}};}
+function maskOf(a){ // 1 = not attended (causal: key position past the query's); null: none
+  if(!a.causal)return null;var rs=side(a,'rows'),ks=side(a,'cols'),mk=new Uint8Array(a.t*a.s);
+  for(var i=0;i<a.t;i++){var ql=posOf(rs,Math.min((i+1)*a.fr,a.T)-1);
+    for(var j=0;j<a.s;j++)mk[i*a.s+j]=posOf(ks,j*a.fc)>ql?1:0;}
+  return mk;}
+function scaleMax(a,m,mk){ // largest weight of allowed cells, rows with one allowed key left out
+  var mx=0,any=0;for(var i=0;i<a.t;i++){var n=0,rm=0;for(var j=0;j<a.s;j++){var k=i*a.s+j;
+    if(mk&&mk[k])continue;n++;if(m[k]>rm)rm=m[k];}
+    if(n>1){any=1;if(rm>mx)mx=rm;}}
+  if(!any)for(var k2=0;k2<m.length;k2++)if((!mk||!mk[k2])&&m[k2]>mx)mx=m[k2];
+  return mx||1;}
 function current(){var a0=arrayOf(st.array),a=viewOf(a0,st.sample),ms=maps(a0,st.sample),m;
   if(st.head==='avg'){m=new Float64Array(a.t*a.s);
     for(var h=0;h<ms.length;h++)for(var i=0;i<m.length;i++)m[i]+=ms[h][i];
@@ -93,39 +109,54 @@ function segLines(ctx,a,which,x0,y0,cs,len){var sd=side(a,which),f=which==='rows
     if(which==='rows'){ctx.moveTo(x0,y0+p);ctx.lineTo(x0+len,y0+p);}else{ctx.moveTo(x0+p,y0);
       ctx.lineTo(x0+p,y0+len);}
     ctx.stroke();});}
-function axisLabels(ctx,a,which,n,cs,x0,y0){var sd=side(a,which),f=which==='rows'?a.fr:a.fc,
-  perToken=sd.labels.length&&n*f<=40&&f===1;
-  var items=perToken?sd.labels.map(function(l,i){return [l,i+0.5];
-    }):sd.segments.map(function(g){return [g[0],(g[1]+g[2])/2/f];});
-  ctx.fillStyle='#222';ctx.font=(perToken?'10px':'11px')+' sans-serif';
-  items.forEach(function(it){var t=String(it[0]);if(t.length>40)t=t.slice(0,39)+'\u2026';
+function axisLabels(ctx,a,which,n,cs,x0,y0,top){ // every k-th token's label (at most 40),
+  // and the segment names beside them (left of the rows; above the columns, at top)
+  var sd=side(a,which),f=which==='rows'?a.fr:a.fc,k=Math.max(1,Math.ceil(n/40)),items=[];
+  if(sd.labels.length)for(var i=0;i<n;i+=k)items.push([sd.labels[Math.min(i*f,
+    sd.labels.length-1)],i+0.5]);
+  ctx.fillStyle='#222';ctx.font=(n<=20?'11px':'10px')+' sans-serif';
+  items.forEach(function(it){var t=String(it[0]); // long labels cut in the middle
+    if(t.length>24)t=t.slice(0,11)+'\u2026'+t.slice(t.length-12);
     if(which==='rows'){ctx.textAlign='right';ctx.textBaseline='middle';ctx.fillText(t,x0-4,
       y0+it[1]*cs);}
     else{ctx.save();ctx.translate(x0+it[1]*cs,y0+4);ctx.rotate(-Math.PI/2);
       ctx.textAlign='right';
-      ctx.textBaseline='middle';ctx.fillText(t,0,0);ctx.restore();}});}
+      ctx.textBaseline='middle';ctx.fillText(t,0,0);ctx.restore();}});
+  if(sd.segments.length<2&&items.length)return;
+  ctx.font='italic 11px sans-serif';ctx.fillStyle='#555';
+  sd.segments.forEach(function(g){var c=(g[1]+g[2])/2/f*cs,t=String(g[0]);
+    if(t.length>30)t=t.slice(0,29)+'\u2026';
+    if(which==='rows'){ctx.save();ctx.translate(x0-176,y0+c);ctx.rotate(-Math.PI/2);
+      ctx.textAlign='center';ctx.textBaseline='top';ctx.fillText(t,0,0);ctx.restore();}
+    else if(top!==undefined){ctx.textAlign='center';ctx.textBaseline='bottom';
+      ctx.fillText(t,x0+c,top-4);}});}
 function draw(){var c=current(),a=c.a,m=c.m,cv=$('map'),ctx=cv.getContext('2d');
-  var cs=Math.max(2,Math.floor(Math.min(560/a.t,560/a.s))),L=190,T=28,B=150;
-  cv.width=L+a.s*cs+90;cv.height=T+a.t*cs+B;ctx.fillStyle='#fff';ctx.fillRect(0,0,cv.width,
+  var cs=Math.max(2,Math.floor(Math.min(560/a.t,560/a.s))),L=190,T=44,B=150;
+  cv.width=L+a.s*cs+100;cv.height=T+a.t*cs+B;ctx.fillStyle='#fff';ctx.fillRect(0,0,cv.width,
     cv.height);
-  var vmax=0;for(var i=0;i<m.length;i++)if(m[i]>vmax)vmax=m[i];vmax=vmax||1;
+  var mk=maskOf(a),vmax=scaleMax(a,m,mk);
   var off=document.createElement('canvas');off.width=a.s;off.height=a.t;
     var oc=off.getContext('2d'),img=oc.createImageData(a.s,a.t);
   for(var k=0;k<m.length;k++){var q=Math.max(0,Math.min(255,Math.round(m[k]/vmax*255)))*3;
-    img.data[4*k]=lut[q];img.data[4*k+1]=lut[q+1];img.data[4*k+2]=lut[q+2];img.data[4*k+3]=255;}
+    var rgb=mk&&mk[k]?D.mask:[lut[q],lut[q+1],lut[q+2]];
+    img.data[4*k]=rgb[0];img.data[4*k+1]=rgb[1];img.data[4*k+2]=rgb[2];img.data[4*k+3]=255;}
   oc.putImageData(img,0,0);ctx.imageSmoothingEnabled=false;ctx.drawImage(off,L,T,a.s*cs,a.t*cs);
   segLines(ctx,a,'rows',L,T,cs,a.s*cs);segLines(ctx,a,'cols',L,T,cs,a.t*cs);
-  axisLabels(ctx,a,'rows',a.t,cs,L,T);axisLabels(ctx,a,'cols',a.s,cs,L,T+a.t*cs);
+  axisLabels(ctx,a,'rows',a.t,cs,L,T);axisLabels(ctx,a,'cols',a.s,cs,L,T+a.t*cs,T);
   var bx=L+a.s*cs+20,bh=a.t*cs;for(var y=0;y<bh;y++){var v=Math.round((1-y/bh)*255)*3;
     ctx.fillStyle='rgb('+lut[v]+','+lut[v+1]+','+lut[v+2]+')';ctx.fillRect(bx,T+y,14,1);}
   ctx.fillStyle='#222';ctx.textAlign='left';ctx.textBaseline='middle';
     ctx.font='11px sans-serif';
   ctx.fillText(vmax.toPrecision(3),bx+18,T+4);ctx.fillText('0',bx+18,T+bh-4);
+  if(mk&&mk.indexOf(1)>=0){ctx.fillStyle='rgb('+D.mask.join(',')+')';
+    ctx.fillRect(bx,T+bh+10,14,14);ctx.fillStyle='#222';ctx.fillText('masked',bx+18,T+bh+17);}
   ctx.textBaseline='top';ctx.font='13px sans-serif';
   var who=st.head==='avg'?'mean of heads':'head '+st.head;
   ctx.fillText(a.name+' \u00b7 sample '+st.sample+' \u00b7 '+who,
     L,6);
-  view={a:a,m:m,cs:cs,L:L,T:T};document.body.dataset.drawn=hash32(img.data);
+  view={a:a,m:m,cs:cs,L:L,T:T,mk:mk,vmax:vmax};document.body.dataset.drawn=hash32(img.data);
+  cv.dataset.masked=String(mk?mk.reduce(function(x,y){return x+y;},0):0);
+  cv.dataset.vmax=String(vmax);
   drawRow();tables();drawOverlay();drawTimeline();}
 function bytesOf(b64){var b=atob(b64),a=new Uint8Array(b.length);
   for(var i=0;i<b.length;i++)a[i]=b.charCodeAt(i);return a;}
@@ -163,7 +194,9 @@ function drawOverlay(){var box=$('overlay'),a=view.a,groups=D.images[a.name];
     for(k=0;k<R*C;k++){var v=grid[k],q=Math.max(0,Math.min(255,Math.round(v/(mx||1)*255)))*3;
       hi.data[4*k]=lut[q];hi.data[4*k+1]=lut[q+1];hi.data[4*k+2]=lut[q+2];
       hi.data[4*k+3]=v===v?(fr?140:255):0;}
-    hc.putImageData(hi,0,0);ctx.imageSmoothingEnabled=!!fr;ctx.drawImage(ho,0,0,cv.width,
+    // smoothed over a frame only from 8 patches a side (as render.overlay's "auto")
+    hc.putImageData(hi,0,0);ctx.imageSmoothingEnabled=!!fr&&Math.min(R,C)>=8;
+    ctx.drawImage(ho,0,0,cv.width,
       cv.height);
     cv.dataset.grid=JSON.stringify(grid.map(function(v){return v===v?+v.toFixed(5):null;}));
     cv.dataset.argmax=arg<0?'':Math.floor(arg/C)+','+(arg%C);cv.dataset.frame=fr?'1':'0';
@@ -208,11 +241,13 @@ function hover(ev){var c=cellAt(ev),h=$('hover');if(!c||!c.inMap){return;}
   var w=view.m[c.i*view.a.s+c.j];h.dataset.weight=String(w);h.dataset.cell=c.i+','+c.j;
   h.textContent='query '+tokenText(view.a,'rows',c.i)+'  \u2192  key '+tokenText(view.a,'cols',
     c.j)+
-    '  weight '+w.toPrecision(4);}
+    '  weight '+w.toPrecision(4)+
+    (view.mk&&view.mk[c.i*view.a.s+c.j]?'  (masked: not attended)':'');}
 function drawRow(){var cv=$('row'),ctx=cv.getContext('2d'),a=view.a;
-  if(st.q===null||st.q>=a.t){cv.width=10;cv.height=10;
+  if(st.q===null||st.q>=a.t){cv.width=10;cv.height=10;cv.style.display='none';
     $('row-title').textContent='Click a query (a row of the map) to see its attention as bars.';
     return;}
+  cv.style.display='';
   var n=a.s,bw=Math.max(3,Math.floor(560/n)),L=50,T=10,H=180,B=150;cv.width=L+n*bw+20;
     cv.height=T+H+B;
   ctx.fillStyle='#fff';ctx.fillRect(0,0,cv.width,cv.height);var row=view.m.subarray(st.q*n,
@@ -230,17 +265,17 @@ function drawRow(){var cv=$('row'),ctx=cv.getContext('2d'),a=view.a;
   axisLabels(ctx,a,'cols',n,bw,L,T+H);
   $('row-title').textContent='query '+tokenText(a,'rows',st.q)+': attention over the keys';
   $('row').dataset.query=String(st.q);}
-function cellsTable(el,rowNames,colNames,vals,fmt,cur){el.textContent='';
+function cellsTable(el,rowNames,colNames,vals,fmt,cur,range){el.textContent='';
   var tb=document.createElement('table'),tr=document.createElement('tr');
   [''].concat(colNames).forEach(function(c){var th=document.createElement('th');
     th.className='l';th.textContent=c;tr.appendChild(th);});tb.appendChild(tr);
   var lo=Infinity,hi=-Infinity;vals.forEach(function(r){r.forEach(function(v){if(v!==null){
-    lo=Math.min(lo,v);hi=Math.max(hi,v);}});});
+    lo=Math.min(lo,v);hi=Math.max(hi,v);}});});if(range){lo=range[0];hi=range[1];}
   rowNames.forEach(function(rn,i){var tr2=document.createElement('tr'),
     th=document.createElement('th');th.className='l';th.textContent=rn;tr2.appendChild(th);
     vals[i].forEach(function(v,j){var td=document.createElement('td');if(v!==null){
       td.textContent=fmt(v);
-      var q=Math.round((v-lo)/((hi-lo)||1)*255)*3;
+      var q=Math.max(0,Math.min(255,Math.round((v-lo)/((hi-lo)||1)*255)))*3;
         td.style.background='rgb('+lut[q]+','+lut[q+1]+','+lut[q+2]+')';
         td.style.color=q>380?'#000':'#fff';}
       if(cur&&cur[0]===i&&cur[1]===j)td.className='cur';tr2.appendChild(td);});
@@ -249,9 +284,10 @@ function tables(){var a=view.a,e=D.entropy[a.stack+'|'+a.kind],
   hk=st.head==='avg'?-1:Number(st.head);
   if(e){cellsTable($('entropy'),e.layers.map(String),e.heads.map(function(h){
     return h===-1?'avg':String(h);}),e.values,
-    function(v){return v.toFixed(2);},[e.layers.indexOf(a.layer),e.heads.indexOf(hk)]);
+    function(v){return v.toFixed(3);},[e.layers.indexOf(a.layer),e.heads.indexOf(hk)],[0,1]);
       }else $('entropy').textContent='(no head_stats rows)';
   var ms=(D.mass[a.name]||{})[String(hk)];
+  $('mass-box').style.display=D.mass_shown?'':'none';
   if(ms)cellsTable($('mass'),ms.q,ms.k,ms.m,function(v){return v.toFixed(3);},null);
     else $('mass').textContent='(no segment_mass rows for this head)';
   var tp=(D.pairs[a.name]||{})[st.sample+'|'+hk],el=$('pairs');el.textContent='';

@@ -37,6 +37,7 @@ from attnscope.errors import ArchiveNotFoundError, ConfigError, SelectionError
 from attnscope.render import _figure_jobs as figure_jobs
 from attnscope.render import overlay, plots, tables
 from attnscope.render._figure_jobs import head_tag as _head_tag
+from attnscope.render._prepare import check_scale, head_ids
 from attnscope.render._reuse import Painter
 from attnscope.render._save import save_figure, write_png
 from attnscope.store import check_structure, open_archive
@@ -62,7 +63,9 @@ class Request:
     #: overlays: the query group, frames folder (None: no frame) and upsampling
     query: Any = "all"
     frames: str | None = None
-    upsampling: str = "bilinear"
+    upsampling: str = "auto"
+    #: colour range of attention maps (``plots.plot_heatmap``'s ``scale``)
+    scale: str = "max"
 
 
 @dataclass(frozen=True)
@@ -115,6 +118,7 @@ def _heatmap_jobs(p: _Plan) -> Iterator[Job]:
                 head_idx=hd,
                 batch_idx=s,
                 log=p.req.log,
+                scale=p.req.scale,
                 title=f"{st} layer {lyr} {kd}, {_head_name(hd)}, sample {s}",
             )
 
@@ -129,6 +133,7 @@ def _grid_jobs(p: _Plan) -> Iterator[Job]:
                 p.arc.attention(st, lyr, kd),
                 batch_idx=s,
                 log=p.req.log,
+                scale=p.req.scale,
                 title=f"{st} layer {lyr} {kd}, all heads, sample {s}",
             )
 
@@ -147,6 +152,7 @@ def _layer_jobs(p: _Plan) -> Iterator[Job]:
                 head_idx=hd,
                 batch_idx=s,
                 log=p.req.log,
+                scale=p.req.scale,
                 title=f"{st} {kd} across layers, {_head_name(hd)}, sample {s}",
             )
 
@@ -167,6 +173,7 @@ def _flow_jobs(p: _Plan) -> Iterator[Job]:
                 head_idx=hd,
                 batch_idx=s,
                 log=p.req.log,
+                scale=p.req.scale,
                 title=plots.flow_title(lyr, hd, s),
             )
 
@@ -183,9 +190,11 @@ def _table_jobs(p: _Plan) -> Iterator[Job]:
         )
     for name, draw in (
         ("segment_mass", tables.plot_segment_mass),
-        ("top_pairs", tables.plot_top_pairs),
+        ("top_pairs", tables.plot_top_pair_summary),
     ):
         for st, lyr, kd in p.req.sel:
+            if name == "segment_mass" and not _several_segments(p.arc, st, kd):
+                continue  # one query segment x one key segment (text only): mass is 1
             yield p.job(
                 f"tables/{name}-{st}-L{lyr:02d}-{kd}",
                 dict(table=name, stack=st, layer=lyr, kind=kd),
@@ -195,6 +204,15 @@ def _table_jobs(p: _Plan) -> Iterator[Job]:
                 layer=lyr,
                 kind=kd,
             )
+
+
+def _several_segments(arc: Any, stack: str, kind: str) -> bool:
+    """Whether either side of an array has more than one segment (modalities to compare)."""
+    try:
+        sides = arc.layout.axes(stack, kind)
+    except SelectionError:
+        return True
+    return any(len(side.segments) > 1 for side in sides)
 
 
 #: figure kind -> the jobs it draws; the one place to add a figure kind
@@ -285,12 +303,13 @@ def _request(
         if lyr in layers_ and kd in kinds_
     ]
     for st, lyr, kd in sel:
-        h = int(arc.attention(st, lyr, kd).shape[1])
+        ids = head_ids(arc.attention(st, lyr, kd))  # the model's head ids, not positions
         for hd in heads_:
-            if hd is not None and not 0 <= hd < h:
-                raise SelectionError(
-                    f"head {hd} out of range: {st} layer {lyr} {kd} has heads 0..{h - 1}"
-                )
+            if hd is not None and hd not in ids:
+                full = ids == list(range(len(ids)))
+                why, shown = ("out of range", f"0..{len(ids) - 1}") if full else (
+                    "is not a stored head", str(ids))
+                raise SelectionError(f"head {hd} {why}: {st} layer {lyr} {kd} has heads {shown}")
     return Request(
         sel=tuple(sel),
         samples=tuple(samples_),
@@ -342,7 +361,8 @@ def render_archive(
     workers: int | None = 1,
     query: str | Sequence[int] = "all",
     frames: str | os.PathLike | None = None,
-    upsampling: str = "bilinear",
+    upsampling: str = "auto",
+    scale: str = "max",
 ) -> list[Path]:
     """Render a batch of figures from an archive into ``out_dir``; return the written paths.
 
@@ -379,7 +399,12 @@ def render_archive(
         Overlays (``render.overlay``): the query group (a segment name, ``"all"``,
         ``"last"`` or token indices), a folder of camera frames (``{sample}.png``,
         ``{sample:06d}.png`` or ``episode{E}_step{S}.png``, optionally under a subfolder
-        named after the image group's camera) and ``"bilinear"`` or ``"nearest"``.
+        named after the image group's camera) and ``"auto"`` (nearest below 8 patches a
+        side, else bilinear), ``"bilinear"`` or ``"nearest"``.
+    scale
+        Top of the colour range of attention maps: ``"max"`` (the largest allowed weight,
+        rows with one allowed key left out), a percentile such as ``"p99"``, or ``"row"``
+        (each row over its max); see :func:`attnscope.render.plot_heatmap`.
 
     Returns
     -------
@@ -403,6 +428,7 @@ def render_archive(
         raise ConfigError(
             f"unknown upsampling {upsampling!r}; expected one of {overlay.UPSAMPLING}"
         )
+    check_scale(scale)
     with open_archive(archive_or_path) as arc:
         check_structure(arc, every_chunk=False)
         if what is None:
@@ -413,6 +439,7 @@ def render_archive(
             query=query if isinstance(query, str) else tuple(query),
             frames=None if frames is None else os.fspath(frames),
             upsampling=upsampling,
+            scale=scale,
         )
         jobs = _jobs(arc, req)
         if not jobs:

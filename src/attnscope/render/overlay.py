@@ -36,7 +36,7 @@ import numpy as np
 
 from attnscope.contracts import EPISODE_ID, KIND_AXES, STEP_ID
 from attnscope.errors import ConfigError, SelectionError, ShapeError
-from attnscope.render._prepare import AxisSpec, PreparedMatrix
+from attnscope.render._prepare import AxisSpec, PreparedMatrix, head_position
 from attnscope.render._style import STYLE, plain
 from attnscope.store import check_structure, open_archive
 from attnscope.store.layout import Segment, SideLayout
@@ -56,7 +56,20 @@ __all__ = [
 ]
 
 #: how the patch grid is stretched over a frame
-UPSAMPLING = ("bilinear", "nearest")
+UPSAMPLING = ("auto", "bilinear", "nearest")
+#: ``upsampling="auto"``: grids with fewer patches than this on a side are drawn as flat
+#: blocks (nearest); smoothing a 3 x 3 grid would invent structure between patches
+NEAREST_BELOW = 8
+
+
+def resolve_upsampling(method: str, grid_shape: tuple[int, ...]) -> str:
+    """``"nearest"`` or ``"bilinear"``: ``"auto"`` is nearest below :data:`NEAREST_BELOW`
+    patches a side, bilinear from there (bilinear is opt-in for small grids)."""
+    if method not in UPSAMPLING:
+        raise ConfigError(f"unknown upsampling {method!r}; expected one of {UPSAMPLING}")
+    if method != "auto":
+        return method
+    return "nearest" if min(grid_shape[:2]) < NEAREST_BELOW else "bilinear"
 #: the named queries (besides segment names and index lists)
 QUERY_WORDS = ("all", "last")
 
@@ -163,7 +176,7 @@ def prepare_overlay(
     query
         Segment name of the query side, ``"all"``, ``"last"`` or token indices.
     head
-        Stored head index, or ``None`` for the mean over heads.
+        The model's head id (``AttentionArray.heads``), or ``None`` for the mean over heads.
     array, layer
         ``"stack/layer/kind"`` to read; default :func:`default_array` at ``layer`` (default:
         the last).
@@ -206,9 +219,7 @@ def prepare_overlay(
             raise SelectionError(
                 f"sample {sample!r} out of range: the archive has samples 0..{n - 1}"
             )
-        n_heads = int(arr.shape[1])
-        if head is not None and not 0 <= head < n_heads:
-            raise SelectionError(f"head {head} out of range: {name} has heads 0..{n_heads - 1}")
+        pos = None if head is None else head_position(arr, head)  # model head id -> axis
         qreal = kreal = None
         if arc.ragged:
             qreal = arc.masks(qside, slice(sample, sample + 1))[0]
@@ -228,8 +239,8 @@ def prepare_overlay(
             ) from None
         stored = list(queries) if kept is None else np.searchsorted(kept, queries).tolist()
         seg = imgs[image]
-        w = np.asarray(arr[sample] if head is None else arr[sample, head], dtype=np.float32)
-        w = w[None] if head is not None else w  # (H, T, S)
+        w = np.asarray(arr[sample] if pos is None else arr[sample, pos], dtype=np.float32)
+        w = w[None] if pos is not None else w  # (H, T, S)
         rows = w[:, stored, :].mean(axis=1).mean(axis=0)  # (S,) mean row of the selection
         mass = rows[seg.start : seg.stop].astype(np.float64)
         if kreal is not None:
@@ -250,17 +261,19 @@ def prepare_overlay(
         )
 
 
-def upsample(grid: np.ndarray, shape: tuple[int, int], method: str = "bilinear") -> np.ndarray:
+def upsample(grid: np.ndarray, shape: tuple[int, int], method: str = "auto") -> np.ndarray:
     """``grid (rows, cols)`` stretched to ``shape (H, W)``.
 
     ``nearest``: pixel ``(y, x)`` takes the patch it lies in. ``bilinear``: linear in both
     directions between patch centres, edge patches clamped (``align_corners=False``).
+    ``auto``: :func:`resolve_upsampling` (nearest below 8 patches a side).
     """
     if method not in UPSAMPLING:
         raise ConfigError(f"unknown upsampling {method!r}; expected one of {UPSAMPLING}")
     g = np.asarray(grid, dtype=np.float64)
     if g.ndim != 2:
         raise ShapeError(f"grid must be 2-D (rows, cols), got shape {g.shape}")
+    method = resolve_upsampling(method, g.shape)
     H, W = (int(x) for x in shape)
     r, c = g.shape
     ys = (np.arange(H) + 0.5) * r / H - 0.5  # pixel centres in patch coordinates
@@ -364,7 +377,7 @@ def plot_overlay(
     data: OverlayData | Any,
     *,
     frame: str | os.PathLike | np.ndarray | None = None,
-    upsampling: str = "bilinear",
+    upsampling: str = "auto",
     alpha: float = 0.55,
     ax: Any = None,
     title: str | None = None,
@@ -381,7 +394,8 @@ def plot_overlay(
         :func:`prepare_overlay` (``sample``, ``image``, ``query``, ``head``, ``array``, ``layer``).
     frame
         The camera frame (PNG path or array): the heat is upsampled to its size
-        (``upsampling``: ``"bilinear"`` or ``"nearest"``) and drawn with ``alpha`` over it.
+        (``upsampling``: ``"auto"``, nearest below 8 patches a side, else bilinear;
+        or ``"bilinear"`` / ``"nearest"``) and drawn with ``alpha`` over it.
         Default: the frame stored with the sample (:func:`stored_frame`; an archive given
         as ``data`` and ``use_stored_frame=True``); without any, the patch grid is drawn as a
         plain heatmap.

@@ -29,22 +29,32 @@ from matplotlib.colors import LogNorm, Normalize
 from matplotlib.figure import Figure
 
 from attnscope.errors import InputError, SelectionError
+from attnscope.render._axes import (  # noqa: F401  (BOUNDARY_GID: re-exported for tests)
+    BOUNDARY_GID,
+    PANEL_LABEL_CHARS,
+    axis_label,
+    decorate_axis,
+    fit_title,
+    mask_legend,
+    title_pad,
+)
 from attnscope.render._prepare import (
     MAX_PANEL_TICK_LABELS,
     MAX_PIXELS,
-    AxisSpec,
     PreparedMatrix,
-    n_heads,
+    head_ids,
     prepare_matrix,
     shared_limits,
 )
 from attnscope.render._save import finish
-from attnscope.render._style import STYLE, colormap, plain
+from attnscope.render._style import STYLE, colormap
 from attnscope.store.layout import SideLayout
 
 __all__ = [
     "annotate_cells",
     "draw_matrix",
+    "fit_title",
+    "mask_legend",
     "plot_attention_flow",
     "plot_head_grid",
     "plot_heatmap",
@@ -52,7 +62,6 @@ __all__ = [
 ]
 
 PathLike = str | os.PathLike
-BOUNDARY_GID = {"rows": "segment_boundary_query", "cols": "segment_boundary_key"}
 #: (stack, kind) of the three arrays of a flow figure, in plot_attention_flow's argument order
 FLOW_ARRAYS = (
     ("encoder", "self_attention"),
@@ -72,35 +81,6 @@ def _norm(lo: float | None, hi: float | None, log: bool) -> Normalize:
     return LogNorm(lo, hi, clip=False) if log else Normalize(lo, hi)
 
 
-def _decorate_axis(
-    ax: Axes, spec: AxisSpec, which: str, rotation: float, ticks: bool = True
-) -> None:
-    set_ticks = ax.set_xticks if which == "cols" else ax.set_yticks
-    line = ax.axvline if which == "cols" else ax.axhline
-    for b in spec.boundaries:
-        line(
-            b - 0.5,
-            color=STYLE.boundary_color,
-            lw=STYLE.boundary_width,
-            alpha=0.9,
-            gid=BOUNDARY_GID[which],
-        )
-    if not ticks:  # inner grid panels: no tick objects at all (each costs ~1 ms to lay out)
-        set_ticks([])
-        return
-    rot = rotation if which == "cols" else 0
-    # rotated column labels read best anchored at their right end
-    align = {"ha": "right"} if which == "cols" and 0 < rot < 90 else {}
-    if spec.labels is not None:
-        size = STYLE.tick_size if spec.n <= 20 else STYLE.dense_tick_size
-        labels = [plain(x) for x in spec.labels]
-        set_ticks(range(spec.n), labels, rotation=rot, fontsize=size, **align)
-    elif spec.segment_names:
-        centres = [c for _, c in spec.segment_names]
-        names = [plain(n) for n, _ in spec.segment_names]
-        set_ticks(centres, names, rotation=rot, fontsize=STYLE.segment_tick_size, **align)
-
-
 def draw_matrix(
     ax: Axes,
     prepared: PreparedMatrix,
@@ -112,6 +92,8 @@ def draw_matrix(
     col_rotation: float = 90,
     xticks: bool = True,
     yticks: bool = True,
+    names: tuple[bool, bool] | None = None,
+    label_chars: int | None = None,
 ) -> Any:
     """Draw a prepared matrix onto ``ax``; return the ``AxesImage``.
 
@@ -119,26 +101,35 @@ def draw_matrix(
     coordinates are cell indices (``extent`` undoes any block reduction); tick labels
     are drawn as literal text (see :func:`attnscope.render._style.plain`).
     ``xticks``/``yticks=False`` leave that axis without ticks (inner panels of a grid).
+    ``names`` (x, y): draw the segment names on the top / right side (default: where
+    there are ticks). ``label_chars``: small panels, tick labels cut in the middle.
+    Masked cells (``prepared.mask``) take the mask colour.
     """
     im = ax.imshow(
-        prepared.data,
+        prepared.display(),
         cmap=colormap(cmap if cmap is not None else STYLE.cmap),
         norm=norm or _norm(prepared.vmin, prepared.vmax, prepared.log),
         aspect="auto",
         interpolation="nearest",
         extent=prepared.extent,
     )
-    _decorate_axis(ax, prepared.cols, "cols", col_rotation, xticks)
-    _decorate_axis(ax, prepared.rows, "rows", col_rotation, yticks)
+    xn, yn = names if names is not None else (None, None)
+    decorate_axis(ax, prepared.cols, "cols", col_rotation, xticks, xn, label_chars)
+    decorate_axis(ax, prepared.rows, "rows", col_rotation, yticks, yn, label_chars)
+    brief = label_chars is not None
+    xlabel = axis_label(xlabel, prepared.cols, brief)
+    ylabel = axis_label(ylabel, prepared.rows, brief)
+    size = {"fontsize": STYLE.panel_title_size - 1} if brief else {}
     if xlabel:
-        ax.set_xlabel(xlabel)
+        ax.set_xlabel(xlabel, **size)
     if ylabel:
-        ax.set_ylabel(ylabel)
+        ax.set_ylabel(ylabel, **size)
     return im
 
 
 def annotate_cells(
-    ax: Axes, data: Any, fmt: str, *, dark_on_light: bool, fontsize: float | None = None
+    ax: Axes, data: Any, fmt: str, *, dark_on_light: bool, fontsize: float | None = None,
+    limits: tuple[float, float] | None = None,
 ) -> None:
     """Write every cell's value into it, in a colour that reads on the cell.
 
@@ -147,7 +138,7 @@ def annotate_cells(
     """
     import numpy as np
 
-    lo, hi = float(np.nanmin(data)), float(np.nanmax(data))
+    lo, hi = limits if limits is not None else (float(np.nanmin(data)), float(np.nanmax(data)))
     mid = (lo + hi) / 2
     hi_text, lo_text = ("black", "white") if dark_on_light else ("white", "black")
     for (r, c), v in np.ndenumerate(data):
@@ -189,6 +180,8 @@ def plot_heatmap(
     vmin: float | None = None,
     vmax: float | None = None,
     log: bool = False,
+    scale: str = "max",
+    crop: bool = True,
     reduce: str = "max",
     max_pixels: int = MAX_PIXELS,
     colorbar: bool = True,
@@ -210,6 +203,16 @@ def plot_heatmap(
     log
         Logarithmic colour scale, for peaky attention. Its range starts at the smallest
         positive weight, floored at ``1e-6`` of the maximum (unless ``vmin`` is given).
+    scale
+        Top of the colour range: ``"max"`` (the largest allowed weight, rows with a
+        single allowed key left out), a percentile ``"p99"`` (robust: the few brightest
+        cells drawn at the top colour) or ``"row"`` (each row divided by its max). The
+        colour bar label says which. Masked cells (causal upper triangle) are drawn in
+        the mask colour, with a legend entry.
+    crop
+        Archive selections: show the sample's real tokens (default), or with
+        ``crop=False`` the archive's whole axes, padded rows and columns and the rows a
+        capture row policy dropped drawn as masked cells.
     reduce, max_pixels
         Block reduction (``"max"`` or ``"mean"``) of axes longer than ``max_pixels``.
     ax
@@ -228,14 +231,19 @@ def plot_heatmap(
     (p,) = heatmap_matrices(
         attention, head_idx=head_idx, batch_idx=batch_idx, query_layout=query_layout,
         key_layout=key_layout, vmin=vmin, vmax=vmax, log=log, reduce=reduce,
-        max_pixels=max_pixels,
+        max_pixels=max_pixels, scale=scale, crop=crop,
     )
-    fig = new_figure(figsize) if ax is None else ax.figure
+    own = ax is None
+    fig = new_figure(figsize) if own else ax.figure
     ax = fig.add_subplot() if ax is None else ax
     im = draw_matrix(ax, p, cmap=cmap)
-    ax.set_title(title if title is not None else f"{_who(head_idx)}, sample {batch_idx}")
+    text = title if title is not None else f"{_who(head_idx)}, sample {batch_idx}"
+    ax.set_title(fit_title(text, 0.75 * fig.get_figwidth()) if own else text,
+                 pad=title_pad(ax))
     if colorbar:
-        fig.colorbar(im, ax=ax, label="attention weight")
+        fig.colorbar(im, ax=ax, label=p.label)
+    if own:
+        mask_legend(fig, [p], cmap)
     return finish(fig, save_path, show)
 
 
@@ -260,6 +268,8 @@ def plot_head_grid(
     vmin: float | None = None,
     vmax: float | None = None,
     log: bool = False,
+    scale: str = "max",
+    crop: bool = True,
     reduce: str = "max",
     max_pixels: int = 512,
     save_path: PathLike | None = None,
@@ -267,21 +277,24 @@ def plot_head_grid(
 ) -> Figure:
     """All heads of one layer side by side, with one shared colour scale and colour bar.
 
-    The figure has one Axes per head (titled ``head i``) plus one colour-bar Axes.
-    Tick labels are kept on the outer panels only.
+    The figure has one Axes per head (titled ``head i``, ``i`` the model's head id: an
+    archive keeping heads 0 and 3 shows ``head 0`` and ``head 3``) plus one colour-bar
+    Axes. Tick labels are kept on the outer panels only. ``scale`` as in
+    :func:`plot_heatmap`, over all panels together.
     """
     heads = grid_heads(attention, heads)
     # vmin/vmax apply to the shared scale below, not to each head
     prepared = grid_matrices(
         attention, batch_idx=batch_idx, heads=heads, query_layout=query_layout,
-        key_layout=key_layout, log=log, reduce=reduce, max_pixels=max_pixels,
+        key_layout=key_layout, log=log, reduce=reduce, max_pixels=max_pixels, scale=scale,
+        crop=crop,
     )
     nrows, ncols = _grid_shape(len(heads), ncols)
     fig = new_figure(figsize or (3.2 * ncols + 1.2, 3.0 * nrows + 0.8))
     # Not shared axes: inner panels drop their ticks entirely (shared axes would keep
     # every panel's hidden tick artists, which made a grid ~2x slower to draw).
     axes = _panels(fig, len(heads), ncols)
-    norm = _norm(*shared_limits(prepared, vmin, vmax, log), log)
+    norm = _norm(*shared_limits(prepared, vmin, vmax, log, scale), log)
     im = None
     for k, (ax, i, p) in enumerate(zip(axes, heads, prepared)):
         r, c = divmod(k, ncols)
@@ -294,12 +307,21 @@ def plot_head_grid(
             ylabel="query" if c == 0 else None,
             xticks=k + ncols >= len(heads),  # the last panel of its column
             yticks=c == 0,
+            # segment names on the outer sides only: top row, last panel of each row
+            names=(r == 0, c == ncols - 1 or k == len(heads) - 1),
+            label_chars=PANEL_LABEL_CHARS,
         )
-        ax.set_title(f"head {i}", fontsize=STYLE.panel_title_size)
-    fig.colorbar(im, ax=axes, shrink=0.8)
+        ax.set_title(f"head {i}", fontsize=STYLE.panel_title_size, pad=title_pad(ax))
+    fig.colorbar(im, ax=axes, shrink=0.8, label=_shared_label(prepared))
     if title is not None:
-        fig.suptitle(title)
+        fig.suptitle(fit_title(title, fig.get_figwidth()))
+    mask_legend(fig, prepared, cmap)
     return finish(fig, save_path, show)
+
+
+def _shared_label(mats: Sequence[PreparedMatrix]) -> str:
+    """The colour bar label of panels sharing one scale (the one saying the most)."""
+    return max((m.label for m in mats), key=len)
 
 
 def plot_layer_comparison(
@@ -316,6 +338,8 @@ def plot_layer_comparison(
     vmin: float | None = None,
     vmax: float | None = None,
     log: bool = False,
+    scale: str = "max",
+    crop: bool = True,
     shared_scale: bool = True,
     reduce: str = "max",
     max_pixels: int = 512,
@@ -331,25 +355,35 @@ def plot_layer_comparison(
     items = list(layers.items()) if isinstance(layers, Mapping) else list(enumerate(layers))
     if not items:
         raise SelectionError("no layers to compare")
-    scale = dict(vmin=vmin, vmax=vmax, log=log, reduce=reduce, max_pixels=max_pixels)
+    opts = dict(vmin=vmin, vmax=vmax, log=log, reduce=reduce, max_pixels=max_pixels,
+                scale=scale, crop=crop)
     prepared = [
         prepare_matrix(a, head_idx=head_idx, batch_idx=batch_idx, query_layout=query_layout,
-                       key_layout=key_layout, max_labels=MAX_PANEL_TICK_LABELS, **scale)
+                       key_layout=key_layout, max_labels=MAX_PANEL_TICK_LABELS, **opts)
         for _, a in items
     ]
     nrows, ncols = _grid_shape(len(items), ncols if ncols is not None else min(len(items), 4))
     fig = new_figure(figsize or (4.0 * ncols + 1.0, 3.6 * nrows + 0.8))
     axes = _panels(fig, len(items), ncols)
-    shared = _norm(*shared_limits(prepared, vmin, vmax, log), log) if shared_scale else None
+    shared = (_norm(*shared_limits(prepared, vmin, vmax, log, scale), log)
+              if shared_scale else None)
     im = None
-    for ax, (name, _), p in zip(axes, items, prepared):
-        im = draw_matrix(ax, p, cmap=cmap, norm=shared)
-        ax.set_title(f"layer {name}")
+    for k, (ax, (name, _), p) in enumerate(zip(axes, items, prepared)):
+        r, c = divmod(k, ncols)
+        # ticks on the outer panels only (as in head grids): tick labels are most of the cost
+        im = draw_matrix(ax, p, cmap=cmap, norm=shared, label_chars=PANEL_LABEL_CHARS,
+                         xticks=k + ncols >= len(items), yticks=c == 0,
+                         xlabel="key" if k + ncols >= len(items) else None,
+                         ylabel="query" if c == 0 else None,
+                         names=(r == 0, c == ncols - 1 or k == len(items) - 1))
+        ax.set_title(f"layer {name}", pad=title_pad(ax))
         if not shared_scale:
-            fig.colorbar(im, ax=ax)
+            fig.colorbar(im, ax=ax, label=p.label)
     if shared_scale:
-        fig.colorbar(im, ax=axes, shrink=0.8)
-    fig.suptitle(title if title is not None else f"{_who(head_idx)}, sample {batch_idx}")
+        fig.colorbar(im, ax=axes, shrink=0.8, label=_shared_label(prepared))
+    text = title if title is not None else f"{_who(head_idx)}, sample {batch_idx}"
+    fig.suptitle(fit_title(text, fig.get_figwidth()))
+    mask_legend(fig, prepared, cmap)
     return finish(fig, save_path, show)
 
 
@@ -381,6 +415,8 @@ def plot_attention_flow(
     vmin: float | None = None,
     vmax: float | None = None,
     log: bool = False,
+    scale: str = "max",
+    crop: bool = True,
     reduce: str = "max",
     max_pixels: int = 512,
     save_path: PathLike | None = None,
@@ -403,7 +439,7 @@ def plot_attention_flow(
         encoder_attention, decoder_self_attention, decoder_cross_attention,
         head_idx=head_idx, batch_idx=batch_idx, encoder_layout=encoder_layout,
         decoder_layout=decoder_layout, vmin=vmin, vmax=vmax, log=log, reduce=reduce,
-        max_pixels=max_pixels,
+        max_pixels=max_pixels, scale=scale, crop=crop,
     )
     s, t = enc.n_cols, dec.n_rows
     fig = new_figure(figsize)
@@ -418,17 +454,21 @@ def plot_attention_flow(
         (ax_cross, cross, "decoder cross-attention"),
     ):
         ims.append(draw_matrix(ax, p, cmap=cmap, xlabel=None, ylabel=None))
-        ax.set_title(name, fontsize=STYLE.panel_title_size)
+        ax.set_title(name, fontsize=STYLE.panel_title_size, pad=title_pad(ax))
     ax_enc.set_ylabel("encoder query")
     ax_cross.set_xlabel("encoder key")
     ax_cross.set_ylabel("decoder query")
     ax_dec.set_xlabel("decoder key")
     ax_enc.tick_params(labelbottom=False)
     ax_dec.tick_params(labelleft=False)
-    fig.colorbar(ims[0], ax=ax_enc, location="right", shrink=0.8, label="encoder self")
-    fig.colorbar(ims[1], ax=ax_dec, location="right", shrink=0.8, label="decoder self")
-    fig.colorbar(ims[2], ax=ax_cross, location="bottom", shrink=0.8, label="cross")
-    fig.suptitle(title if title is not None else flow_title(layer_idx, head_idx, batch_idx))
+    for im, ax, p, where, name in ((ims[0], ax_enc, enc, "right", "encoder self"),
+                                   (ims[1], ax_dec, dec, "right", "decoder self"),
+                                   (ims[2], ax_cross, cross, "bottom", "cross")):
+        label = p.label.replace("attention weight", name, 1)
+        fig.colorbar(im, ax=ax, location=where, shrink=0.8, label=label)
+    text = title if title is not None else flow_title(layer_idx, head_idx, batch_idx)
+    fig.suptitle(fit_title(text, fig.get_figwidth()))
+    mask_legend(fig, [enc, dec, cross], cmap)
     return finish(fig, save_path, show)
 
 
@@ -445,34 +485,38 @@ def heatmap_matrices(
     attention: Any, *, head_idx: int | None = None, batch_idx: int = 0,
     query_layout: SideLayout | None = None, key_layout: SideLayout | None = None,
     vmin: float | None = None, vmax: float | None = None, log: bool = False,
-    reduce: str = "max", max_pixels: int = MAX_PIXELS, **_: Any,
+    reduce: str = "max", max_pixels: int = MAX_PIXELS, scale: str = "max", crop: bool = True,
+    **_: Any,
 ) -> list[PreparedMatrix]:
     """The one matrix of :func:`plot_heatmap` (other keyword arguments are ignored)."""
     return [
         prepare_matrix(attention, head_idx=head_idx, batch_idx=batch_idx,
                        query_layout=query_layout, key_layout=key_layout, vmin=vmin,
-                       vmax=vmax, log=log, reduce=reduce, max_pixels=max_pixels)
+                       vmax=vmax, log=log, reduce=reduce, max_pixels=max_pixels, scale=scale,
+                       crop=crop)
     ]
 
 
 def grid_heads(attention: Any, heads: Sequence[int] | None) -> list[int]:
-    h = n_heads(attention)
-    heads = list(range(h)) if heads is None else list(heads)
+    """The model head ids of a head grid's panels (default: every stored head)."""
+    ids = head_ids(attention)
+    heads = ids if heads is None else list(heads)
     if not heads:
-        raise SelectionError(f"no heads selected; this attention has heads 0..{h - 1}")
+        raise SelectionError(f"no heads selected; this attention has heads {ids}")
     return heads
 
 
 def grid_matrices(
     attention: Any, *, batch_idx: int = 0, heads: Sequence[int] | None = None,
     query_layout: SideLayout | None = None, key_layout: SideLayout | None = None,
-    log: bool = False, reduce: str = "max", max_pixels: int = 512, **_: Any,
+    log: bool = False, reduce: str = "max", max_pixels: int = 512, scale: str = "max",
+    crop: bool = True, **_: Any,
 ) -> list[PreparedMatrix]:
     """One matrix per panel of :func:`plot_head_grid`, each on its own colour range."""
     return [
         prepare_matrix(attention, head_idx=i, batch_idx=batch_idx, query_layout=query_layout,
                        key_layout=key_layout, log=log, reduce=reduce, max_pixels=max_pixels,
-                       max_labels=MAX_PANEL_TICK_LABELS)
+                       max_labels=MAX_PANEL_TICK_LABELS, scale=scale, crop=crop)
         for i in grid_heads(attention, heads)
     ]
 
@@ -482,13 +526,15 @@ def flow_matrices(
     head_idx: int | None = None, batch_idx: int = 0,
     encoder_layout: SideLayout | None = None, decoder_layout: SideLayout | None = None,
     vmin: float | None = None, vmax: float | None = None, log: bool = False,
-    reduce: str = "max", max_pixels: int = 512, **_: Any,
+    reduce: str = "max", max_pixels: int = 512, scale: str = "max", crop: bool = True,
+    **_: Any,
 ) -> list[PreparedMatrix]:
     """Encoder self, decoder self and cross matrices of :func:`plot_attention_flow`, checked."""
-    scale = dict(vmin=vmin, vmax=vmax, log=log, reduce=reduce, max_pixels=max_pixels)
+    opts = dict(vmin=vmin, vmax=vmax, log=log, reduce=reduce, max_pixels=max_pixels,
+                scale=scale, crop=crop)
     out = [
         prepare_matrix(a, query_layout=q, key_layout=k, head_idx=head_idx, batch_idx=batch_idx,
-                       **scale)
+                       **opts)
         for a, q, k in (
             (encoder_attention, encoder_layout, encoder_layout),
             (decoder_self_attention, decoder_layout, decoder_layout),

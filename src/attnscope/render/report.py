@@ -28,16 +28,18 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from matplotlib.colors import to_rgb
 
 from attnscope.contracts import AVERAGE_HEAD, KIND_AXES, STACKS
 from attnscope.errors import ConfigError, SelectionError, ShapeError
 from attnscope.render._crop import crop_layout, positions_of, read_real
 from attnscope.render._figure_jobs import load_timeline
-from attnscope.render._prepare import block_reduce
-from attnscope.render._style import STYLE, colormap
+from attnscope.render._prepare import block_reduce, causal_mask
+from attnscope.render._style import STYLE, colormap, mask_color
 from attnscope.render._viewer import CSS, JS
 from attnscope.render.batch import FIGURE_TABLES, load_tables
 from attnscope.render.overlay import image_groups
+from attnscope.render.tables import drop_forced
 from attnscope.store import AttentionArchive, check_structure, open_archive
 
 __all__ = ["check_report_path", "write_report"]
@@ -68,12 +70,18 @@ def _head_maps(
     x = read_real(arr, (sample,), rows, cols).astype(np.float32)
     if x.ndim != 3:
         raise ShapeError(f"expected one sample of shape (H, T, S), got {x.shape}")
+    causal = False
+    if arr.kind == "self_attention":  # masked cells: the page draws them in the mask colour
+        kept = arr.query_rows
+        q_pos = rows if kept is None else (np.asarray(kept) if rows is None
+                                           else np.asarray(kept)[rows])
+        causal = causal_mask(x.mean(axis=0), q_pos, cols) is not None
     reduced = [block_reduce(m, max_cells, "max") for m in x]
     _, fr, fc = reduced[0]
     maps = np.stack([r for r, _, _ in reduced]).astype("<f2")
     t_real, s_real = x.shape[1:]
     return {"b64": _b64(maps), "T": int(t_real), "S": int(s_real), "t": int(maps.shape[1]),
-            "s": int(maps.shape[2]), "fr": fr, "fc": fc}
+            "s": int(maps.shape[2]), "fr": fr, "fc": fc, "causal": causal}
 
 
 def _side(lay: Any, pos: np.ndarray | None) -> dict[str, Any]:
@@ -232,6 +240,9 @@ def _viewer_data(
     head_stats, seg, pairs = (tables[n] for n in FIGURE_TABLES)
     return {
         "lut": _lut(STYLE.cmap),
+        "mask": [int(round(255 * c)) for c in to_rgb(mask_color(STYLE.cmap))],
+        # a model with one segment per side (text only): its 1 x 1 mass says nothing
+        "mass_shown": any(len(arc.layout.side(sd).segments) > 1 for sd in used),
         "samples": samples,
         "initial": {"array": names[0], "sample": sample},
         "tokens": tokens,
@@ -292,9 +303,11 @@ def _mass(seg: pd.DataFrame, names: Sequence[str]) -> dict[str, Any]:
 def _pairs(pairs: pd.DataFrame, names: Sequence[str], samples: list[int], k: int
            ) -> dict[str, Any]:
     """The ``k`` heaviest (query, key, weight, query label, key label) per array, embedded
-    sample and head; positions are stored ones and the labels the table's (each sample's own)."""
+    sample and head; positions are stored ones and the labels the table's (each sample's own).
+    Forced cells (a query's only allowed key, e.g. causal row 0 at weight 1) are left out."""
     cols = ["query", "key", "weight", "query_label", "key_label"]
     out: dict[str, Any] = {}
+    pairs = drop_forced(pairs)
     for name in names:
         sub = _rows(pairs, name)
         sub = sub[sub["sample"].isin(samples)].sort_values("rank", kind="stable")
@@ -374,7 +387,7 @@ def write_report(
     out: str | os.PathLike[str],
     *,
     tables_dir: str | os.PathLike[str] | None = None,
-    sample: int = 0,
+    sample: int | None = None,
     samples: Sequence[int] | None = None,
     arrays: Sequence[str] | None = None,
     top_pairs: int = 10,
@@ -395,7 +408,8 @@ def write_report(
         the report does not run the analysis itself). Tables of another archive raise
         :class:`~attnscope.errors.StaleTableError`.
     sample
-        Sample shown when the page opens (always embedded).
+        Sample shown when the page opens (always embedded); default the first of
+        ``samples`` as given, else 0.
     samples
         Samples embedded in the page (default: the first ones whose maps fit in
         ``max_bytes`` of base64, at least one).
@@ -424,6 +438,8 @@ def write_report(
             "write_report needs tables_dir, the folder written by attnscope.analysis.analyze "
             "(`attnscope analyze ARCHIVE --out DIR`); the report does not analyse"
         )
+    if sample is None:
+        sample = int(next(iter(samples), 0)) if samples is not None else 0
     with open_archive(archive) as arc:
         check_structure(arc, every_chunk=False)
         page = _build(arc, load_tables(tables_dir, arc), sample, samples, arrays, top_pairs,
@@ -475,18 +491,22 @@ def _build(
         f"<p class='muted'>{shown} of {arc.n_samples} embedded "
         "(<code>attnscope report --samples</code> chooses). Hover a cell for its tokens and "
         "weight; click a query (a row) for its attention as bars. Colours run from 0 to the "
-        "largest weight of the map shown.</p>"
+        "largest weight of the map shown, rows with a single allowed key (a causal map's "
+        "first row) left out; grey cells are masked (not attended).</p>"
         "<div id='hover' class='muted'></div>"
         "<div class='row'><canvas id='map' width='10' height='10'></canvas>"
         "<div><h3 id='row-title'></h3><canvas id='row' width='10' height='10'></canvas></div>"
         "</div>"
         "<div class='row'><div><h3>Normalised entropy (layer x head)</h3>"
         "<p class='muted'>Mean row entropy / log of the keys a row may attend to "
-        "(1 = uniform, 0 = one key); mean over samples.</p><div id='entropy'></div></div>"
-        "<div><h3>Modality-to-modality mass</h3><p class='muted'>Rows: query segment; "
+        "(1 = uniform, 0 = one key); mean over samples; colours on a fixed 0-1 scale."
+        "</p><div id='entropy'></div></div>"
+        "<div id='mass-box'><h3>Modality-to-modality mass</h3>"
+        "<p class='muted'>Rows: query segment; "
         "columns: key segment; mean over samples. Each row sums to 1.</p>"
         "<div id='mass'></div></div>"
-        "<div><h3>Top pairs</h3><div id='pairs'></div></div></div>"
+        "<div><h3>Top pairs</h3><p class='muted'>Forced cells (a query's only allowed "
+        "key) left out.</p><div id='pairs'></div></div></div>"
         "<div class='row'><div id='overlay-box'><h3>Where the query looks on the images</h3>"
         "<p class='muted'><label>query segment <select id='sel-qseg'></select></label> "
         "Attention mass of the chosen query (a clicked row, or a segment's mean row) on each "

@@ -26,6 +26,7 @@ from matplotlib.figure import Figure
 
 from attnscope.contracts import AVERAGE_HEAD, TABLE_COLUMNS
 from attnscope.errors import InputError, SelectionError
+from attnscope.render._axes import fit_title, short
 from attnscope.render._prepare import AxisSpec, PreparedMatrix
 from attnscope.render._save import finish
 from attnscope.render._style import STYLE, plain
@@ -35,8 +36,11 @@ __all__ = [
     "load_table",
     "plot_head_metric",
     "plot_segment_mass",
+    "plot_top_pair_summary",
     "plot_top_pairs",
+    "drop_forced",
     "prepare_head_metric",
+    "prepare_top_pair_summary",
     "prepare_segment_mass",
     "prepare_top_pairs",
 ]
@@ -110,6 +114,18 @@ def _axes(ax: Axes | None, figsize: tuple[float, float]) -> tuple[Figure, Axes]:
 
 #: head_stats columns that :func:`plot_head_metric` can draw
 METRICS = tuple(c for c, t in TABLE_COLUMNS["head_stats"] if t.startswith("float"))
+#: metrics in [0, 1] by definition: drawn on a fixed 0-1 colour scale, so colours compare
+#: across figures and tiny differences do not span the whole colormap
+FIXED_UNIT = ("norm_entropy_mean", "norm_entropy_min", "norm_entropy_max", "row_max_mean",
+              "row_max_min", "sink_score")
+
+
+def cell_format(lo: float, hi: float) -> str:
+    """A format with enough decimals that two cells of visibly different colour (1/256 of
+    the range ``hi - lo`` apart) never print the same number (at least 2, at most 6)."""
+    span = float(hi - lo)
+    digits = 2 if not np.isfinite(span) or span <= 0 else int(np.ceil(-np.log10(span / 256)))
+    return f"{{:.{min(6, max(2, digits))}f}}"
 
 
 def prepare_head_metric(
@@ -152,14 +168,16 @@ def plot_head_metric(
     says otherwise.
     """
     pv = prepare_head_metric(head_stats, stack=stack, kind=kind, metric=metric)
-    p = _matrix(pv, np.nanmin(pv.to_numpy()), np.nanmax(pv.to_numpy()), [str(i) for i in pv.index])
+    vals = pv.to_numpy(dtype=np.float64)
+    lo, hi = (0.0, 1.0) if metric in FIXED_UNIT else (np.nanmin(vals), np.nanmax(vals))
+    p = _matrix(pv, lo, hi, [str(i) for i in pv.index])
     fig, ax = _axes(
         ax, figsize or (max(4.0, 0.7 * p.n_cols + 2.5), max(3.0, 0.5 * p.n_rows + 1.5))
     )
     im = draw_matrix(ax, p, cmap=cmap, xlabel="head", ylabel="layer", col_rotation=0)
     if annotate if annotate is not None else (p.n_rows <= 16 and p.n_cols <= 16):
-        annotate_cells(ax, p.data, "{:.2f}", dark_on_light=True)
-    fig.colorbar(im, ax=ax, label=metric)
+        annotate_cells(ax, p.data, cell_format(lo, hi), dark_on_light=True, limits=(lo, hi))
+    fig.colorbar(im, ax=ax, label=metric + (" (fixed 0-1 scale)" if metric in FIXED_UNIT else ""))
     ax.set_title(title if title is not None else f"{metric}: {stack} {kind}")
     return finish(fig, save_path, show)
 
@@ -232,11 +250,13 @@ def prepare_top_pairs(
     sample: int | None = None,
     k: int = 20,
 ) -> pd.DataFrame:
-    """The ``k`` heaviest pairs, with a ``pair`` column ``"query label -> key label"``."""
+    """The ``k`` heaviest pairs, with a ``pair`` column ``"query label -> key label"``;
+    forced cells (:func:`drop_forced`) left out."""
     df = _select(
         top_pairs, "top_pairs", stack=stack, layer=layer, kind=kind, head=head, sample=sample
     )
     require(df, "top_pairs", "weight", "query_label", "key_label", "layer", "head", "sample")
+    df = drop_forced(df)
     df = df.sort_values("weight", ascending=False, kind="stable").head(k)
     pair = df["query_label"].astype(str) + " -> " + df["key_label"].astype(str)
     # pairs pooled over several heads/samples/layers: say where each one comes from
@@ -263,7 +283,9 @@ def plot_top_pairs(
     save_path: PathLike | None = None,
     show: bool = False,
 ) -> Figure:
-    """Horizontal bars of the ``k`` heaviest query -> key pairs, heaviest on top."""
+    """Horizontal bars of the ``k`` heaviest query -> key pairs, heaviest on top; forced
+    cells (a query's only allowed key) excluded, as the title says."""
+    top_pairs = load_table(top_pairs)
     tp = prepare_top_pairs(
         top_pairs, stack=stack, layer=layer, kind=kind, head=head, sample=sample, k=k
     )
@@ -287,5 +309,126 @@ def plot_top_pairs(
         )
         if x is not None
     ]
-    ax.set_title(title if title is not None else f"top {len(tp)} pairs " + " ".join(parts))
+    note = forced_note(load_table(top_pairs))
+    text = title if title is not None else f"top {len(tp)} pairs " + " ".join(parts) + note
+    ax.set_title(text if title is not None else _wrap(text, fig.get_figwidth()))
     return finish(fig, save_path, show)
+
+
+def _wrap(text: str, width_in: float) -> str:
+    return fit_title(text, 0.9 * width_in)
+
+
+def drop_forced(df: pd.DataFrame) -> pd.DataFrame:
+    """``top_pairs`` rows without forced cells: pairs whose query row may attend to one key
+    only (``allowed_keys == 1``: causal row 0 always puts 1.0 there, which says nothing).
+    Tables written before ``allowed_keys`` existed (version 1) are returned as they are."""
+    if "allowed_keys" not in df.columns:
+        return df
+    return df[df["allowed_keys"] != 1]
+
+
+def forced_note(df: pd.DataFrame) -> str:
+    """Title suffix saying what happened to forced cells."""
+    if "allowed_keys" not in df.columns:
+        return " (forced cells not marked in this table: re-run analyze)"
+    return " (forced cells excluded)"
+
+
+def prepare_top_pair_summary(
+    top_pairs: pd.DataFrame | PathLike,
+    *,
+    stack: str,
+    layer: int,
+    kind: str,
+    n: int = 5,
+) -> pd.DataFrame:
+    """How often and how strongly each (query token, key token) pair is a head's top pair.
+
+    For every (sample, head) its top pair is the heaviest non-forced cell (rank order of
+    the table after :func:`drop_forced`); pairs are named by their token labels (each
+    sample's own when the archive stores tokens), so the same tokens in different samples
+    count together. Per head (model head ids; the head mean ``-1`` last), the ``n`` pairs
+    that are top most often.
+
+    Returns
+    -------
+    DataFrame with columns ``head``, ``pair`` (``"query label -> key label"``), ``count``
+    (samples where it is the head's top pair), ``share`` (count / samples of that head),
+    ``weight`` (its mean weight there), ``samples``, ``query_label``, ``key_label``.
+    """
+    df = _select(top_pairs, "top_pairs", stack=stack, layer=layer, kind=kind)
+    require(df, "top_pairs", "sample", "head", "rank", "weight", "query_label", "key_label")
+    df = drop_forced(df)
+    top = df.sort_values(["sample", "head", "rank"], kind="stable").groupby(
+        ["sample", "head"], sort=True).head(1)
+    top = top.assign(pair=top["query_label"].astype(str) + " -> " + top["key_label"].astype(str))
+    g = top.groupby(["head", "pair"], sort=True).agg(
+        count=("sample", "size"), weight=("weight", "mean"),
+        query_label=("query_label", "first"), key_label=("key_label", "first")).reset_index()
+    samples = top.groupby("head")["sample"].nunique()
+    g["samples"] = g["head"].map(samples).astype(np.int64)
+    g["share"] = g["count"] / g["samples"]
+    g["order"] = g["head"].where(g["head"] != AVERAGE_HEAD, np.iinfo(np.int64).max)
+    g = g.sort_values(["order", "count", "weight", "pair"], ascending=[True, False, False, True],
+                      kind="stable")
+    g = g.groupby("head", sort=False).head(n)
+    cols = ["head", "pair", "count", "share", "weight", "samples", "query_label", "key_label"]
+    return g[cols].reset_index(drop=True)
+
+
+def plot_top_pair_summary(
+    top_pairs: pd.DataFrame | PathLike,
+    *,
+    stack: str,
+    layer: int,
+    kind: str = "self_attention",
+    n: int = 5,
+    title: str | None = None,
+    ncols: int = 4,
+    save_path: PathLike | None = None,
+    show: bool = False,
+) -> Figure:
+    """One panel per head: the (query token, key token) pairs that are most often its top
+    pair over the samples (bar: share of samples; text: count and mean weight), forced
+    cells excluded (:func:`prepare_top_pair_summary`)."""
+    import math
+
+    top_pairs = load_table(top_pairs)
+    tp = prepare_top_pair_summary(top_pairs, stack=stack, layer=layer, kind=kind, n=n)
+    if tp.empty:
+        raise SelectionError("no attention pairs match this selection")
+    heads = list(dict.fromkeys(tp["head"]))
+    ncols = max(1, min(ncols, len(heads)))
+    nrows = math.ceil(len(heads) / ncols)
+    fig = new_figure((4.2 * ncols, (0.32 * n + 1.0) * nrows + 0.9))
+    grid = fig.subplots(nrows, ncols, squeeze=False)
+    flat = [a for row in grid for a in row]
+    for extra in flat[len(heads):]:
+        extra.remove()
+    for ax, h in zip(flat, heads):
+        sub = tp[tp["head"] == h]
+        y = np.arange(len(sub))
+        ax.barh(y, sub["share"].to_numpy(), color=STYLE.bar_color)
+        names = [f"{short(q, 16)} -> {short(k, 16)}"
+                 for q, k in zip(sub["query_label"], sub["key_label"])]
+        ax.set_yticks(y, names, fontsize=STYLE.cell_size)
+        ax.set_ylim(n - 0.5, -0.5)
+        ax.set_xlim(0, 1.45)
+        ax.set_xticks([0, 0.5, 1])
+        for yi, (c, w, m) in enumerate(zip(sub["count"], sub["weight"], sub["samples"])):
+            ax.text(min(float(c) / m, 1.0) + 0.02, yi, f"{c}/{m}, w {w:.2f}", va="center",
+                    fontsize=STYLE.cell_size)
+        ax.set_title(_head_name(h), fontsize=STYLE.panel_title_size)
+        ax.tick_params(axis="x", labelsize=STYLE.cell_size)
+    for ax in flat[(nrows - 1) * ncols:len(heads)]:
+        ax.set_xlabel("share of samples where it is the top pair", fontsize=STYLE.cell_size)
+    text = title if title is not None else (
+        f"{stack} layer {layer} {kind}: each head's top pair over samples"
+        + forced_note(load_table(top_pairs)))
+    fig.suptitle(text if title is not None else _wrap(text, fig.get_figwidth()))
+    return finish(fig, save_path, show)
+
+
+def _head_name(h: Any) -> str:
+    return "mean of heads" if h == AVERAGE_HEAD else f"head {int(h)}"

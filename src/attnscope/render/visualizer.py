@@ -176,6 +176,8 @@ class AttentionVisualizer:
         layer: int | None = None,
         kind: str | None = None,
         log: bool = False,
+        scale: str = "max",
+        crop: bool = True,
     ) -> Figure:
         """Heatmap of one head or the head mean (``head_idx=None``) of sample ``batch_idx``.
 
@@ -186,7 +188,8 @@ class AttentionVisualizer:
         """
         with _maybe_archive(attention_weights) as arc:
             attn, q, k = self._select(arc, attention_weights, stack, layer, kind)
-            look = dict(title=title, figsize=figsize, cmap=cmap, vmin=vmin, vmax=vmax, log=log)
+            look = dict(title=title, figsize=figsize, cmap=cmap, vmin=vmin, vmax=vmax, log=log,
+                        scale=scale, crop=crop)
             return self._draw(
                 plots.plot_heatmap, attn, head_idx=head_idx, batch_idx=batch_idx,
                 query_layout=q, key_layout=k, save_path=save_path, show=show, cap=None, **look,
@@ -208,11 +211,14 @@ class AttentionVisualizer:
         layer: int | None = None,
         kind: str | None = None,
         log: bool = False,
+        scale: str = "max",
+        crop: bool = True,
     ) -> Figure:
         """All heads of one layer in a grid with one shared colour scale."""
         with _maybe_archive(attention_weights) as arc:
             attn, q, k = self._select(arc, attention_weights, stack, layer, kind)
-            look = dict(title=title, figsize=figsize, cmap=cmap, vmin=vmin, vmax=vmax, log=log)
+            look = dict(title=title, figsize=figsize, cmap=cmap, vmin=vmin, vmax=vmax, log=log,
+                        scale=scale, crop=crop)
             return self._draw(
                 plots.plot_head_grid, attn, batch_idx=batch_idx, query_layout=q, key_layout=k,
                 save_path=save_path, show=show, **look,
@@ -235,6 +241,8 @@ class AttentionVisualizer:
         vmin: float | None = None,
         vmax: float | None = None,
         log: bool = False,
+        scale: str = "max",
+        crop: bool = True,
     ) -> Figure:
         """One panel per layer of ``attention_type``, one head or the head mean.
 
@@ -253,7 +261,8 @@ class AttentionVisualizer:
                 items = self._layer_items(layer_attention_list, attention_type, layers)
                 first = next(iter(items.values()), None)
                 q, k = self._layouts(first, stack, attention_type) if items else (None, None)
-            look = dict(title=title, figsize=figsize, cmap=cmap, vmin=vmin, vmax=vmax, log=log)
+            look = dict(title=title, figsize=figsize, cmap=cmap, vmin=vmin, vmax=vmax, log=log,
+                        scale=scale, crop=crop)
             return self._draw(
                 plots.plot_layer_comparison, items, head_idx=head_idx, batch_idx=batch_idx,
                 query_layout=q, key_layout=k, save_path=save_path, show=show, **look,
@@ -299,6 +308,8 @@ class AttentionVisualizer:
         title: str | None = None,
         cmap: str = "viridis",
         log: bool = False,
+        scale: str = "max",
+        crop: bool = True,
     ) -> Figure:
         """Encoder self -> decoder self -> decoder cross attention of one layer.
 
@@ -324,7 +335,7 @@ class AttentionVisualizer:
                 plots.plot_attention_flow, enc, dec, cross, layer_idx=layer_idx,
                 head_idx=head_idx, batch_idx=batch_idx, encoder_layout=enc_layout,
                 decoder_layout=dec_layout, title=title, figsize=figsize, cmap=cmap, log=log,
-                save_path=save_path, show=show,
+                scale=scale, crop=crop, save_path=save_path, show=show,
             )
 
     def save_attention_statistics(
