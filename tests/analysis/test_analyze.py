@@ -261,7 +261,7 @@ def _damage(path: Path, how: str) -> None:
         if how == "deleted array":
             del f[name]
         else:
-            f["_commits/main"][...] = [0, 6, -2]
+            f["_commits/main"][:3] = [0, 6, -2]  # start, stop, committed, ...
 
 
 @pytest.mark.parametrize("how", ["deleted array", "negative commit count"])

@@ -43,11 +43,12 @@ RANK = textwrap.dedent(
 # rank 1 dies right after its first batch is committed
 KILL_AFTER_COMMIT = """
 from attnscope.store import writer as W
-_append = W.ArchiveWriter.append
-def append(self, *a, **k):
-    n = _append(self, *a, **k)
+_submit = W.ArchiveWriter.submit
+def submit(self, *a, **k):
+    _submit(self, *a, **k)
+    self.flush()  # committed
     os.kill(os.getpid(), signal.SIGKILL)
-W.ArchiveWriter.append = append
+W.ArchiveWriter.submit = submit
 """
 # rank 0 holds its create-time lease 3 s longer: rank 1 sees the arrays meanwhile
 SLOW_RELEASE = """

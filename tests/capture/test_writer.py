@@ -142,12 +142,13 @@ import os, resource, signal, sys
 from attnscope.cli import cli
 from attnscope.store import ArchiveWriter
 
-real, calls = ArchiveWriter.append, [0]
+real, calls = ArchiveWriter.submit, [0]
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails, EFBIG
 
-def append(self, *a, **k):
+def submit(self, *a, **k):
     calls[0] += 1
     if calls[0] == int(sys.argv[1]) + 1:
+        self.flush()  # the batches before are committed; this one meets the limit
         resource.setrlimit(resource.RLIMIT_FSIZE, (os.path.getsize(self.path), hard))
     return real(self, *a, **k)
 
@@ -157,7 +158,7 @@ def close(self):
 
 hard = resource.getrlimit(resource.RLIMIT_FSIZE)[1]
 real_close = ArchiveWriter.close
-ArchiveWriter.append, ArchiveWriter.close = append, close
+ArchiveWriter.submit, ArchiveWriter.close = submit, close
 cli.main(sys.argv[2:], prog_name="attnscope")
 """
 

@@ -117,9 +117,9 @@ def test_write_error_reaches_the_caller_and_keeps_what_was_committed(tmp_path, f
     w = ArchiveWriter.create(path, layout, format=fmt)
     w.submit(make_batch(rng, 2))
     w.submit(make_batch(rng, 2))
-    w.submit(make_batch(rng, 2))
     with pytest.raises(OSError, match="No space"):
-        w.flush()
+        w.submit(make_batch(rng, 2))  # HDF5 writes here (in the caller's thread)
+        w.flush()  # Zarr: the committer thread's error
     with pytest.raises(OSError, match="No space"):  # the writer stays failed
         w.submit(make_batch(rng, 2))
     w.close()  # raised already: closing does not raise it again
@@ -178,25 +178,35 @@ KILL_SCRIPT = textwrap.dedent(
                          decoder=SideLayout.from_lengths({{"action": 4}}))
     rng = np.random.default_rng(7)
     batches = [make_batch(rng, 3) for _ in range(10)]
-    real = LogState.commit
-    commits = [0]
+    import threading
+    real, real_group = LogState.commit, ArchiveWriter._write_group
+    commits, submitted = [0], threading.Event()
 
     def commit(self, *a, **k):
         commits[0] += 1
-        if commits[0] == 3:  # the third commit: later batches are queued or being written
+        if commits[0] == 2:  # the second group's data is written, its record is not
             os.kill(os.getpid(), signal.SIGKILL)
         return real(self, *a, **k)
 
-    LogState.commit = commit
+    def write_group(self, group):  # the first group waits: the rest pile up behind it
+        submitted.wait(timeout=60)
+        real_group(self, group)
+
+    LogState.commit, ArchiveWriter._write_group = commit, write_group
     w = ArchiveWriter.create({path!r}, layout, format={fmt!r}, chunk_samples=2)
     for b in batches:
         w.submit(b)
+        if w._pipe.inline:  # HDF5 writes in the caller's thread: nothing waits
+            submitted.set()
+    submitted.set()
     w.close()
     """
 )
 
 
 def test_kill_while_several_batches_are_in_flight_loses_nothing_committed(tmp_path, fmt, layout):
+    """Zarr: the second group commit (of the nine batches queued behind the first) is
+    killed after its data; HDF5 (written in the caller's thread): the second commit."""
     path = str(tmp_path / f"k.{fmt}")
     tests = os.path.dirname(__file__)
     script = KILL_SCRIPT.format(tests=tests, path=path, fmt=fmt)

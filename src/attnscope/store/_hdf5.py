@@ -363,12 +363,16 @@ class HDF5Backend(Backend):
                 rec = np.concatenate([np.array(head, np.int64), np.frombuffer(chain, np.int64)])
             else:
                 rec = np.array([record["start"], record["stop"], record["committed"]], np.int64)
-            if path in self._f and self._f[path].shape == rec.shape:
-                self._f[path][...] = rec
+            # h5py objects stay in locals: a temporary freed while a failed write unwinds
+            # would be closed before the file is abandoned (writing()), and HDF5's close
+            # of it would write again and fail outside any handler
+            ds = self._f[path] if path in self._f else None
+            if ds is not None and ds.shape == rec.shape:
+                ds[...] = rec
             else:
-                if path in self._f:
+                if ds is not None:
                     del self._f[path]
-                self._f.create_dataset(path, data=rec)
+                ds = self._f.create_dataset(path, data=rec)
             self._f.flush()
 
     def write_log(self, rid: str, seq: int, doc: dict[str, Any]) -> None:
@@ -377,7 +381,11 @@ class HDF5Backend(Backend):
         with self.writing():
             if path in self._f:  # a document of a batch that never committed
                 del self._f[path]
-            self._f.create_dataset(path, data=data)
+            ds = self._f.create_dataset(path, data=data)
+            # flushed while the dataset is open: closing it writes its header, and a write
+            # that fails there (disk full) would fail outside writing()'s handling
+            self._f.flush()
+            del ds
 
     def read_log(self, rid: str, seq: int) -> dict[str, Any] | None:
         path = f"{COMMITLOG}/{rid}/{seq:08d}"

@@ -90,10 +90,16 @@ class WritePipeline:
     the data of batches queued or being written.
     """
 
-    def __init__(self, write: Callable[[list[PendingBatch]], None], max_bytes: int) -> None:
+    def __init__(
+        self, write: Callable[[list[PendingBatch]], None], max_bytes: int, *, inline: bool = False
+    ) -> None:
         # a weak reference: a writer dropped unclosed is collected (and releases its lock)
         self._write = weakref.WeakMethod(write)  # type: ignore[arg-type]
         self.max_bytes = int(max_bytes)
+        # inline: each batch is written in the caller's thread (HDF5: h5py runs one call at
+        # a time under its global lock and encodes in C holding the GIL, so a second thread
+        # would overlap nothing; one thread also keeps a failed file's handling simple)
+        self.inline = inline
         self._queue: deque[PendingBatch] = deque()
         self._cv = threading.Condition()
         self._inflight = 0  # bytes queued or being written
@@ -106,6 +112,17 @@ class WritePipeline:
 
     def put(self, batch: PendingBatch) -> None:
         """Queue ``batch``; blocks while the bytes in flight would exceed the bound."""
+        if self.inline:
+            self._raise()
+            self.peak_bytes = max(self.peak_bytes, batch.nbytes)
+            write = self._write()
+            assert write is not None
+            try:
+                write([batch])
+            except BaseException as e:
+                self._error, self.raised = e, True
+                raise
+            return
         with self._cv:
             self._raise()
             while self._inflight and self._inflight + batch.nbytes > self.max_bytes:

@@ -270,6 +270,7 @@ class ArchiveWriter:
 
     def _init(self, path, fmt, meta, layout, *, start, stop, rid, count, others=(), record) -> None:  # type: ignore[no-untyped-def]
         self.path = path
+        self._pipe.inline = fmt == "hdf5"  # see WritePipeline
         self._log = LogState.resume(record, start + count, fmt)
         self._durable = count
         self.format = fmt
