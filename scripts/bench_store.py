@@ -139,7 +139,8 @@ def bench_pipeline(tmp: str, configs: list, rounds: int) -> list[str]:
     rows = []
     rng = np.random.default_rng(2)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    variants = [("append, zstd 1 (before)", dict(submit=False, workers=None, level=1))]
+    variants = [("append, zstd 1 (before)", dict(submit=False, workers=None, level=1)),
+                ("append, zstd -3", dict(submit=False, workers=None, level=None))]
     variants += [(f"submit, zstd -3, {k} worker{'s' if k > 1 else ''}",
                   dict(submit=True, workers=k, level=None))
                  for k in sorted({1, 2, cores or 1})]  # fmt: skip

@@ -162,6 +162,7 @@ def test_coalesce_merges_a_box_with_the_next_that_continues_it():
     assert (sel[0].start, sel[0].stop) == (0, 9)
     np.testing.assert_array_equal(data, np.concatenate([a[:4], b]))
     apart = coalesce([(h, (slice(0, 2), *full), a[:2]), (h, (slice(5, 6), *full), a[:1])])
+    assert len(coalesce([(h, (slice(0, 2), *full), a[:2]), (h, (slice(2, 4), *full), a[:2])])) == 2
     assert len(apart) == 2  # a gap: two boxes
 
 

@@ -55,7 +55,7 @@ class PendingBatch:
 def coalesce(writes: Sequence[Write]) -> list[Write]:
     """Merge consecutive boxes of one array that continue each other along samples.
 
-    Box ``[a, b)`` followed by ``[c, d)`` with ``a <= c <= b <= d`` and the same other
+    Box ``[a, b)`` followed by ``[c, d)`` with ``a <= c < b <= d`` and the same other
     sides (the second may start with the in-memory tail of the first's last chunk) become
     one box ``[a, d)``: a chunk shared by two batches is then encoded and written once.
     Each merged box is concatenated once (pieces are collected first).
@@ -67,7 +67,9 @@ def coalesce(writes: Sequence[Write]) -> list[Write]:
         if i is not None:
             _h, sel0, pieces = boxes[i]
             a, b, c = sel0[0].start, sel0[0].stop, sel[0].start
-            if sel0[1:] == sel[1:] and a <= c <= b <= sel[0].stop:
+            # only a box that starts inside the previous one (a shared chunk's tail) is
+            # merged: boxes that meet on a chunk boundary are written as they are (no copy)
+            if sel0[1:] == sel[1:] and a <= c < b <= sel[0].stop:
                 if c < b:  # drop the samples [c, b) the new box brings again
                     keep = pieces[-1].shape[0] - (b - c)
                     pieces[-1] = pieces[-1][:keep]
