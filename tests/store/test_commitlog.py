@@ -246,3 +246,23 @@ def test_deleted_main_record_is_refused(path, fmt, layout, rng):
     with pytest.raises(ArchiveCorruptError, match="'main' is missing"):
         _cheap_check(path, fmt)
     assert not verify(path).ok
+
+
+def test_a_read_fetches_only_the_log_documents_of_its_samples(tmp_path, layout, rng, monkeypatch):
+    """64 commits: reading samples 40-41 reads about log2(64) documents, not 64."""
+    path = str(tmp_path / "many.zarr")
+    with ArchiveWriter.create(path, layout, chunk_samples=1) as w:
+        for _ in range(64):
+            w.append(make_batch(rng, 1, layers=1))
+    from attnscope.store._zarr import ZarrBackend
+
+    reads = []
+    real = ZarrBackend.read_log
+    def read_log(self, rid, seq):
+        reads.append(seq)
+        return real(self, rid, seq)
+
+    monkeypatch.setattr(ZarrBackend, "read_log", read_log)
+    with open_archive(path) as a:
+        a[NAME][40:42]
+    assert 0 < len(set(reads)) <= 9, reads  # binary search + the two documents read

@@ -30,6 +30,7 @@ from click.testing import CliRunner  # noqa: E402
 
 from attnscope.cli import cli  # noqa: E402
 from attnscope.errors import (  # noqa: E402
+    ArchiveCorruptError,
     ArchiveLockedError,
     ArchiveNotFoundError,
     ConfigError,
@@ -529,3 +530,20 @@ def test_missing_aws_profile_is_one_clear_error(url, monkeypatch) -> None:
     finally:
         remote.set_storage_options(url, None)
         s3fs.S3FileSystem.clear_instance_cache()
+
+
+def test_swapped_chunks_on_s3_are_refused_by_verify_and_by_reads(url):
+    """The commit log binds each chunk's place on object storage too."""
+    _write(url, ragged=False)
+    assert verify(url).ok
+    fs, root = remote.filesystem(url)
+    a, b = (f"{root}/encoder/0/self_attention/c/{i}/0/0/0" for i in (0, 1))
+    blob_a, blob_b = fs.cat_file(a), fs.cat_file(b)
+    assert blob_a != blob_b
+    fs.pipe_file(a, blob_b)
+    fs.pipe_file(b, blob_a)
+    with open_archive(url) as arc:
+        with pytest.raises(ArchiveCorruptError, match="differs from what commit"):
+            arc["encoder/0/self_attention"][0:2]
+    rep = verify(url)
+    assert not rep.ok and any("digest mismatch" in p for p in rep.problems), rep.problems

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import xxhash
 
+from attnscope.contracts import TOKEN_LABELS
 from attnscope.errors import ArchiveCorruptError
 from attnscope.store._base import Write, chunk_ranges
 
@@ -300,53 +301,73 @@ def verify_records(path: str, backend: Any) -> tuple[list[str], bool]:
 
 
 class DigestIndex:
-    """The committed regions of every array, loaded from the log on the first checked read.
+    """Checks reads against the commit log: every region a read box covers whole must
+    match its digest, so a chunk moved, replaced or rewritten is refused by the reads that
+    touch it (analysis reads whole-sample blocks, which cover their regions; a read of
+    part of a region, e.g. one head of a many-head chunk, is left to ``verify``).
 
-    :meth:`check` compares every region that a read box covers whole with its digest, so
-    a chunk moved, replaced or rewritten is refused by the reads that touch it (analysis
-    reads whole-sample blocks, which cover their regions); a read of part of a region
-    (one head of a many-head chunk) is not checked here (``verify`` is).
+    Only the documents of the commits covering a read's samples are fetched: a writer's
+    documents are in sample order, so a binary search over them finds the first one
+    (``log2(commits)`` reads, each document read once and kept), which keeps the first
+    read of a large archive on object storage at a few GETs.
     """
 
     def __init__(self, path: str, backend: Any) -> None:
         self.path, self._b = path, backend
-        self._by: dict[str, tuple[list[int], list[tuple[list[list[int]], str, int, str]]]] | None
-        self._by = None
+        self._records: dict[str, dict[str, Any]] | None = None
+        self._docs: dict[tuple[str, int], dict[str, Any]] = {}
 
-    def _load(self) -> None:
-        by: dict[str, list[tuple[list[list[int]], str, int, str]]] = {}
-        for rid, rec in self._b.read_records().items():
-            for seq in range(int(rec.get("batches", 0))):
-                doc = self._b.read_log(rid, seq)
-                for name, box, dg in (doc or {}).get("regions") or []:
-                    by.setdefault(name, []).append((box, dg, seq, rid))
-        self._by = {}
-        for name, regs in by.items():
-            regs.sort(key=lambda r: r[0][0][0])
-            self._by[name] = ([r[0][0][0] for r in regs], regs)
+    def _doc(self, rid: str, seq: int) -> dict[str, Any]:
+        key = (rid, seq)
+        if key not in self._docs:
+            doc = self._b.read_log(rid, seq)
+            if not isinstance(doc, dict):
+                raise ArchiveCorruptError(
+                    f"{self.path!r}: commit record {rid!r} log document {seq} is missing or "
+                    "unreadable; the archive is damaged (run 'attnscope verify')"
+                )
+            self._docs[key] = doc
+        return self._docs[key]
+
+    def _covering(self, lo: int, hi: int) -> list[tuple[str, int, dict[str, Any]]]:
+        """``(rid, seq, doc)`` of every committed document whose samples meet ``[lo, hi)``."""
+        if self._records is None:
+            self._records = self._b.read_records()
+        out = []
+        for rid, rec in self._records.items():
+            k = int(rec.get("batches", 0))
+            a, b = 0, k  # first document whose stop > lo
+            while a < b:
+                m = (a + b) // 2
+                if int(self._doc(rid, m).get("stop", 0)) <= lo:
+                    a = m + 1
+                else:
+                    b = m
+            for seq in range(a, k):
+                doc = self._doc(rid, seq)
+                if int(doc.get("start", 0)) >= hi:
+                    break
+                out.append((rid, seq, doc))
+        return out
 
     def check(self, name: str, sel: tuple[slice, ...], data: np.ndarray) -> None:
-        """Raise ArchiveCorruptError if a region inside ``sel`` differs from its digest."""
-        if self._by is None:
-            self._load()
-        assert self._by is not None
-        got = self._by.get(name)
-        if got is None or not sel:
-            return
-        import bisect
+        """Raise ArchiveCorruptError if a region inside ``sel`` differs from its digest.
 
-        starts, regs = got
-        lo = bisect.bisect_left(starts, sel[0].start)
-        hi = bisect.bisect_left(starts, sel[0].stop)
-        for box, dg, seq, rid in regs[lo:hi]:
-            if len(box) != len(sel) or not all(
-                s.start <= b0 and b1 <= s.stop for (b0, b1), s in zip(box, sel)
-            ):
-                continue
-            part = data[tuple(slice(b0 - s.start, b1 - s.start) for (b0, b1), s in zip(box, sel))]
-            if _digest_array(part) != dg:
-                raise ArchiveCorruptError(
-                    f"{self.path!r}: array {name!r} {_box(box)} differs from what commit {seq} "
-                    f"of {rid!r} wrote (a chunk moved, replaced or rewritten); the archive is "
-                    "damaged (run 'attnscope verify')"
-                )
+        ``sel`` is in samples along its first axis for every array a commit covers
+        (attention, masks, ids, frames); the label blobs (bytes) are checked by ``verify``.
+        """
+        if not sel or f"/{TOKEN_LABELS}/" in name:  # the label blobs: bytes, not samples
+            return
+        for rid, seq, doc in self._covering(sel[0].start, sel[0].stop):
+            for rname, box, dg in doc.get("regions") or []:
+                if rname != name or len(box) != len(sel) or not all(
+                    s.start <= b0 and b1 <= s.stop for (b0, b1), s in zip(box, sel)
+                ):
+                    continue
+                src = tuple(slice(b0 - s.start, b1 - s.start) for (b0, b1), s in zip(box, sel))
+                if _digest_array(data[src]) != dg:
+                    raise ArchiveCorruptError(
+                        f"{self.path!r}: array {name!r} {_box(box)} differs from what commit "
+                        f"{seq} of {rid!r} wrote (a chunk moved, replaced or rewritten); the "
+                        "archive is damaged (run 'attnscope verify')"
+                    )

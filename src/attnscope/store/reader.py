@@ -269,9 +269,8 @@ class AttentionArchive:
         self._cache: dict[str, AttentionArray] = {}
         self._side_handles: dict[str, ArrayHandle | None] = {}
         self._borrowed = False
-        # reads check the commit log's digests (local archives: the log is read once, at
-        # the first read; on object storage that would be a GET per commit: verify checks)
-        self._digests = None if remote.is_url(self.path) else DigestIndex(self.path, self._backend)
+        # reads check the commit log's digests (store/commitlog.py, DigestIndex)
+        self._digests = DigestIndex(self.path, self._backend)
 
     def _borrow(self) -> AttentionArchive:
         # The same open archive (backend and caches shared) whose close() is a no-op: what
