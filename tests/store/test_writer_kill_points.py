@@ -150,4 +150,4 @@ def test_every_kill_point_of_an_s3_writer_resumes(tmp_path, request) -> None:
             seen.add(_resumes(tpl.format(k=k), str(tmp_path / "work" / k), ref))
         except Exception as e:
             raise AssertionError(f"kill before operation {k} of {rep['ops']}: {e!r}") from e
-    assert seen == {0}
+    assert seen == ({0, 2, 4} if full else {0})  # the full scan kills after commits too
