@@ -229,3 +229,4 @@ def test_kill_while_several_batches_are_in_flight_loses_nothing_committed(tmp_pa
         for name, want in concat(batches).items():
             np.testing.assert_allclose(a[name][:], want, atol=1e-3)
     assert verify(path).ok
+

@@ -547,3 +547,27 @@ def test_swapped_chunks_on_s3_are_refused_by_verify_and_by_reads(url):
             arc["encoder/0/self_attention"][0:2]
     rep = verify(url)
     assert not rep.ok and any("digest mismatch" in p for p in rep.problems), rep.problems
+
+
+def test_a_group_commit_on_s3_keeps_every_sample_id(url, monkeypatch):
+    """Boxes of one array that share a chunk (sample ids, 4096 per chunk), written in one
+    group commit through zarr's codec pipeline (every array on object storage), go one
+    after another: concurrent, each read-modify-write would drop the other's samples."""
+    import threading
+
+    gate, real = threading.Event(), ArchiveWriter._write_group
+
+    def held(self, group):
+        assert gate.wait(timeout=60)
+        real(self, group)
+
+    monkeypatch.setattr(ArchiveWriter, "_write_group", held)
+    rng = np.random.default_rng(3)
+    with ArchiveWriter.create(url, LAYOUT) as w:
+        for i in range(6):
+            w.submit({"encoder/0/self_attention": _softmax(rng, (2, 2, 8, 8))},
+                     sample_ids={"step": np.arange(2 * i, 2 * i + 2)})  # fmt: skip
+        gate.set()
+    with open_archive(url) as a:
+        np.testing.assert_array_equal(a.sample_ids["step"], np.arange(12))
+    assert verify(url).ok

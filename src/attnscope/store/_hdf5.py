@@ -379,8 +379,14 @@ class HDF5Backend(Backend):
         path = f"{COMMITLOG}/{rid}/{seq:08d}"
         data = np.frombuffer(json.dumps(doc, separators=(",", ":")).encode(), np.uint8)
         with self.writing():
-            if path in self._f:  # a document of a batch that never committed
-                del self._f[path]
+            # A document of a batch that never committed is left as it is (a file abandoned
+            # mid-flush may hold it past its end, where HDF5 can neither delete nor move it):
+            # the new one takes the next free ".k" name; the last written is the one read.
+            if path in self._f:
+                k = 1
+                while _log_name(path, k) in self._f:
+                    k += 1
+                path = _log_name(path, k)
             ds = self._f.create_dataset(path, data=data)
             # flushed while the dataset is open: closing it writes its header, and a write
             # that fails there (disk full) would fail outside writing()'s handling
@@ -388,7 +394,10 @@ class HDF5Backend(Backend):
             del ds
 
     def read_log(self, rid: str, seq: int) -> dict[str, Any] | None:
-        path = f"{COMMITLOG}/{rid}/{seq:08d}"
+        base = f"{COMMITLOG}/{rid}/{seq:08d}"
+        path, k = base, 1
+        while _log_name(base, k) in self._f:  # the last written (see write_log)
+            path, k = _log_name(base, k), k + 1
         try:
             doc = json.loads(self._f[path][()].tobytes()) if path in self._f else None
         except Exception:  # noqa: BLE001 - unreadable is absent to the caller
@@ -444,3 +453,8 @@ class HDF5Backend(Backend):
                 os.remove(self._creating)
             except OSError:
                 pass
+
+
+def _log_name(path: str, k: int) -> str:
+    """Name of the ``k``-th rewrite of a log document (0: the document itself)."""
+    return path if k == 0 else f"{path}.{k}"

@@ -385,8 +385,19 @@ class ZarrBackend(Backend):
             return
         from zarr.core.sync import sync
 
+        # Boxes of different arrays run concurrently; boxes of one array one after another
+        # (two boxes in one chunk are each a read-modify-write of it: concurrent, one
+        # would lose the other's samples)
+        per: dict[int, list[Write]] = {}
+        for w in writes:
+            per.setdefault(id(w[0]), []).append(w)
+
+        async def _one(boxes: list[Write]) -> None:
+            for h, sel, d in boxes:
+                await h._setitem(sel, d)  # type: ignore[attr-defined]
+
         async def _all() -> None:
-            await asyncio.gather(*(h._setitem(sel, d) for h, sel, d in writes))  # type: ignore[attr-defined]
+            await asyncio.gather(*(_one(boxes) for boxes in per.values()))
 
         sync(_all())
 
