@@ -69,7 +69,10 @@ def endpoint():
     remote.set_storage_options("s3://", opts)
     import s3fs
 
-    s3fs.S3FileSystem(**opts).mkdir(BUCKET)
+    try:
+        s3fs.S3FileSystem(**opts).mkdir(BUCKET)
+    except FileExistsError:  # moto's state is per process: a second server sees the bucket
+        pass
     yield url
     remote.set_storage_options("s3://", None)
     srv.stop()
