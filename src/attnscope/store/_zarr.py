@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import uuid
 import warnings
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -35,7 +34,7 @@ from zarr.storage import LocalStore, WrapperStore, ZipStore
 from attnscope.errors import ArchiveCorruptError, ArchiveNotFoundError
 from attnscope.store import remote
 from attnscope.store._base import ArrayHandle, Backend, Write, chunk_ranges, parse_record
-from attnscope.store._zarr_direct import direct_plan
+from attnscope.store._zarr_direct import _atomic_put, direct_plan
 from attnscope.store.codecs import check_level
 
 __all__ = ["ZarrBackend"]
@@ -446,22 +445,8 @@ class ZarrBackend(Backend):
         doc = {"attributes": {ROOT_KEY: attrs}, "zarr_format": 3, "node_type": "group"}
         blob = json.dumps(doc, separators=(",", ":")).encode()
         base = self._store._store
-        if isinstance(base, LocalStore):
-            final = os.path.join(str(base.root), *key.split("/"), "zarr.json")
-            tmp = f"{final}.{uuid.uuid4().hex}.partial"
-            try:
-                try:
-                    fh = open(tmp, "wb")  # noqa: SIM115 - closed below
-                except FileNotFoundError:
-                    os.makedirs(os.path.dirname(final), exist_ok=True)
-                    fh = open(tmp, "wb")  # noqa: SIM115
-                with fh:
-                    fh.write(blob)
-                os.replace(tmp, final)
-            except BaseException:
-                if os.path.exists(tmp):
-                    os.remove(tmp)
-                raise
+        if isinstance(base, LocalStore):  # the chunk writer's atomic replace, as LocalStore does
+            _atomic_put(os.path.join(str(base.root), *key.split("/"), "zarr.json"), blob)
             return
         from zarr.core.buffer import default_buffer_prototype
         from zarr.core.sync import sync

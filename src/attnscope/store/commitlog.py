@@ -247,7 +247,7 @@ class LogState:
             return cls(True, k, str(record.get("chain") or ""), since)
         return cls(fmt != "hdf5", 0, "", next_sample)
 
-    def regions(self, writes: Sequence[Write], workers: int | None = None) -> list[Region]:
+    def regions(self, writes: Sequence[Write]) -> list[Region]:
         return regions_of(writes) if self.enabled else []
 
     def new_attrs(self, nodes: Iterable[str]) -> list[str]:

@@ -470,7 +470,7 @@ class ArchiveWriter:
         assert b is not None
         writes = coalesce([w for batch in group for w in batch.writes])
         try:
-            regions = self._log.regions(writes, self._workers)
+            regions = self._log.regions(writes)
             b.write_many(writes)
         except BaseException:
             self._tails.clear()  # unknown state on disk: fall back to read-modify-write
