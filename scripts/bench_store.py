@@ -172,7 +172,7 @@ def bench_digests(configs: list) -> list[str]:
         def __init__(self, shape: tuple, chunks: tuple, dtype: np.dtype) -> None:
             self.name, self.chunks, self.dtype = "a", chunks, dtype
 
-    from attnscope.store._base import choose_chunks
+    from attnscope.store.backends.base import choose_chunks
 
     rows = []
     rng = np.random.default_rng(3)
@@ -245,7 +245,8 @@ def bench_append(
 @contextlib.contextmanager
 def checksums(on: bool) -> Iterator[None]:
     """New arrays with (the default) or without per-chunk checksums (benchmark only)."""
-    from attnscope.store import _hdf5, _zarr
+    from attnscope.store.backends import hdf5_store as _hdf5
+    from attnscope.store.backends import zarr_store as _zarr
 
     if on:
         yield

@@ -84,17 +84,17 @@ def _str_list(ctx: click.Context, param: click.Parameter, value: str | None) -> 
 
 
 class _Archive(click.ParamType):
-    """An archive path (``pathlib.Path``) or fsspec URL (kept whole: ``Path`` would fold
-    ``s3://`` into ``s3:/``)."""
+    """An archive path or fsspec URL, resolved once into a ``Location`` (``Path`` would
+    fold ``s3://`` into ``s3:/``)."""
 
     name = "archive"
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
         if not isinstance(value, str):
             return value
-        from attnscope.store.remote import as_archive_path
+        from attnscope.store.backends.location import locate
 
-        return as_archive_path(value)
+        return locate(value)
 
 
 ARCHIVE = _Archive()
@@ -105,7 +105,7 @@ class _LocalPath(click.Path):
     into a local folder ``s3:/b/t``); a ``file://`` URL becomes its local path."""
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
-        from attnscope.store.remote import fspath, is_url
+        from attnscope.store.backends.remote import fspath, is_url
 
         if isinstance(value, str) and is_url(value):
             self.fail(f"{value!r} is a URL; tables, figures and reports are local files only, "

@@ -278,7 +278,7 @@ def test_reference_model_stays_fixed_length(tmp_path, small_model, make_batches)
 
 
 def test_lock_only_folder_resumes_as_an_empty_archive(tmp_path) -> None:
-    from attnscope.store._lock import LOCK_DIR_NAME
+    from attnscope.store.backends.lock import LOCK_DIR_NAME
 
     (tmp_path / "e.zarr" / LOCK_DIR_NAME).mkdir(parents=True)
     model = make("bert")

@@ -52,7 +52,7 @@ W.ArchiveWriter.submit = submit
 """
 # rank 0 holds its create-time lease 3 s longer: rank 1 sees the arrays meanwhile
 SLOW_RELEASE = """
-from attnscope.store import _lock
+from attnscope.store.backends import lock as _lock
 _release = _lock.Lease.release
 def release(self):
     if self.range is None and self.held:

@@ -137,7 +137,7 @@ def _child(path: str, kill_at: int, work: str) -> None:
     """One writer run (in a forked process); exits through SIGKILL or os._exit."""
     code = 0
     try:
-        import attnscope.store._zarr as zb
+        import attnscope.store.backends.zarr_store as zb
 
         zb.ENCODE_THREADS = 1  # chunk files one after another: a stable operation order
         _arm(kill_at, os.path.join(work, "ops"))

@@ -254,7 +254,7 @@ def test_a_read_fetches_only_the_log_documents_of_its_samples(tmp_path, layout, 
     with ArchiveWriter.create(path, layout, chunk_samples=1) as w:
         for _ in range(64):
             w.append(make_batch(rng, 1, layers=1))
-    from attnscope.store._zarr import ZarrBackend
+    from attnscope.store.backends.zarr_store import ZarrBackend
 
     reads = []
     real = ZarrBackend.read_log

@@ -30,7 +30,7 @@ from attnscope.store import (
     open_archive,
     verify,
 )
-from attnscope.store._lock import LOCK_DIR_NAME
+from attnscope.store.backends.lock import LOCK_DIR_NAME
 
 ENC = "encoder/0/self_attention"
 L = 8

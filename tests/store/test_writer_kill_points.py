@@ -25,7 +25,7 @@ from attnscope.store import ArchiveWriter, open_archive, verify
 from .kill_testlib import LAYOUT, OPTS, B, scan, write_all
 
 try:  # the moto S3 server fixture of test_remote
-    from .test_remote import endpoint  # noqa: F401
+    from .backends.test_remote import endpoint  # noqa: F401
 except pytest.skip.Exception:  # s3fs or moto missing
     pass
 
@@ -124,9 +124,9 @@ def test_every_kill_point_of_an_s3_writer_resumes(tmp_path, request) -> None:
     copied for the overwrite)."""
     pytest.importorskip("s3fs")
     pytest.importorskip("moto.server")
-    from attnscope.store import remote
+    from attnscope.store.backends import remote
 
-    from .test_remote import BUCKET, KEYS
+    from .backends.test_remote import BUCKET, KEYS
 
     endpoint = request.getfixturevalue("endpoint")
 

@@ -8,7 +8,6 @@ is created at the destination: no folder, no lock, no file.
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -16,8 +15,8 @@ from typing import Any
 import numpy as np
 
 from attnscope.capture.writer import stored_nbytes
+from attnscope.store.backends.location import locate
 from attnscope.store.footprint import Footprint
-from attnscope.store.remote import is_url
 from attnscope.store.spec import ArchiveSpec
 
 __all__ = ["DryRunReport", "planned_samples", "report"]
@@ -122,7 +121,7 @@ def report(
         archive=archive, archive_format=fmt, dtype=dtype, batch_size=bsz,
         bytes_per_sample=dict(per_sample), samples=samples, batches=n_batches,
         bytes_uncompressed=raw, bytes_compressed=nbytes, files=files, chunks=chunks,
-        free_bytes=None if is_url(where) else shutil.disk_usage(where).free, footprint=fp,
+        free_bytes=locate(where).free_bytes(), footprint=fp,
     )  # fmt: skip
 
 

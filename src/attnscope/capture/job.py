@@ -16,7 +16,6 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -50,9 +49,9 @@ from attnscope.store import (
     open_archive,
     refuse_existing,
 )
+from attnscope.store.backends.location import Location, locate
 from attnscope.store.footprint import check_writable, measure_footprint
 from attnscope.store.meta import INPUT_HASH_KEYS, archive_format
-from attnscope.store.remote import as_archive_path
 
 __all__ = ["capture", "CaptureSummary", "CaptureOptions", "DryRunReport"]
 
@@ -225,14 +224,15 @@ def capture(
         generate=generate, max_length=max_length, dry_run=dry_run, query_block=query_block,
         rows=rows, compressor=compressor, level=level, workers=workers, inflight_mb=inflight_mb,
     )  # fmt: skip
-    return _Job(model, batches, as_archive_path(archive_path), opts).run()
+    return _Job(model, batches, locate(archive_path), opts).run()
 
 
 class _Job:
     """One call of :func:`capture`: the loop over batches and the archive it feeds."""
 
     def __init__(
-        self, model: nn.Module | Adapter, batches: Iterable[Any], path: Path, opts: CaptureOptions
+        self, model: nn.Module | Adapter, batches: Iterable[Any], path: Location,
+        opts: CaptureOptions,
     ) -> None:
         self.opts = opts
         self.path = path

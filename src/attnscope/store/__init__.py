@@ -13,14 +13,14 @@ command runs), ``verify`` (``verify`` / ``info``); ``_base`` is the backend inte
 archives at fsspec URLs (``s3://bucket/run.zarr``; Zarr only).
 """
 
-from attnscope.store._base import choose_chunks
+from attnscope.store.backends.base import choose_chunks
+from attnscope.store.backends.remote import set_storage_options
 from attnscope.store.codecs import as_numpy
 from attnscope.store.integrity import check_structure
 from attnscope.store.layout import Segment, SideLayout, TokenLayout
 from attnscope.store.meta import SCHEMA_VERSION, archive_format, holds_no_data, refuse_existing
 from attnscope.store.names import array_name, flatten_weights, parse_array_name
 from attnscope.store.reader import AttentionArchive, AttentionArray, open_archive
-from attnscope.store.remote import set_storage_options
 from attnscope.store.spec import ArchiveSpec, batch_chunk_samples
 from attnscope.store.verify import VerifyReport, format_info, info, verify
 from attnscope.store.writer import ArchiveWriter

@@ -36,7 +36,7 @@ import xxhash
 
 from attnscope.contracts import TOKEN_LABELS
 from attnscope.errors import ArchiveCorruptError
-from attnscope.store._base import Write, chunk_ranges
+from attnscope.store.backends.base import Write, chunk_ranges
 
 __all__ = [
     "LOG_VERSION",

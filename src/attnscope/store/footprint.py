@@ -16,9 +16,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from attnscope.errors import ConfigError
-from attnscope.store import remote
-from attnscope.store._lock import LOCK_DIR_NAME
+from attnscope.store.backends.location import locate
+from attnscope.store.backends.lock import LOCK_DIR_NAME
 from attnscope.store.layout import TokenLayout
 from attnscope.store.meta import archive_format
 from attnscope.store.spec import ArchiveSpec
@@ -109,21 +108,4 @@ def check_writable(path: str | os.PathLike[str]) -> str:
     """The nearest existing parent of ``path`` (or ``path`` itself), if this process may
     create the archive there; a one-line :class:`ConfigError` otherwise. Creates nothing.
     A URL is checked for its backend, credentials and bucket, and returned as is."""
-    if remote.is_url(path):
-        url = remote.fspath(path)
-        remote.check_reachable(url)
-        return url
-    p = os.path.abspath(os.fspath(path))
-    probe = p if os.path.exists(p) else os.path.dirname(p)
-    while not os.path.exists(probe):
-        probe = os.path.dirname(probe)
-    if os.path.exists(p) and not os.path.isdir(p):
-        ok = os.access(p, os.W_OK) and os.access(os.path.dirname(p), os.W_OK | os.X_OK)
-    else:
-        ok = os.path.isdir(probe) and os.access(probe, os.W_OK | os.X_OK)
-    if not ok:
-        raise ConfigError(
-            f"cannot write an archive at {os.fspath(path)!r}: {probe!r} is not a writable "
-            "directory; expected a path under a directory this user may write to"
-        )
-    return probe
+    return locate(path).check_writable()

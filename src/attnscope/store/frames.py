@@ -22,7 +22,7 @@ import numpy as np
 
 from attnscope.contracts import FRAMES
 from attnscope.errors import ConfigError, SelectionError, ShapeError
-from attnscope.store._base import ArrayHandle, Backend, Write
+from attnscope.store.backends.base import ArrayHandle, Backend, Write
 from attnscope.store.codecs import as_numpy
 
 __all__ = ["FrameStore", "frame_cameras", "frame_handle", "frame_path"]

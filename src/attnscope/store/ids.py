@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from attnscope.contracts import SAMPLE_IDS
-from attnscope.store._base import ArrayHandle, Backend
+from attnscope.store.backends.base import ArrayHandle, Backend
 
 __all__ = ["id_array", "read_ids"]
 

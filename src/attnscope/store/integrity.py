@@ -42,7 +42,7 @@ from attnscope.contracts import (
     TOKEN_MASK,
 )
 from attnscope.errors import ArchiveCorruptError, AttnscopeError
-from attnscope.store._base import ArrayHandle
+from attnscope.store.backends.base import ArrayHandle
 from attnscope.store.commitlog import check_records
 from attnscope.store.meta import MAIN, damage_is_corruption
 from attnscope.store.reader import AttentionArchive

@@ -8,7 +8,6 @@ import functools
 import json
 import os
 import platform
-import re
 import socket
 import sys
 from collections.abc import Iterator, Mapping
@@ -25,9 +24,9 @@ from attnscope.errors import (
     ConfigError,
     InputError,
 )
-from attnscope.store import remote
-from attnscope.store._base import Backend
-from attnscope.store._lock import LOCK_DIR_NAME, locks_inside
+from attnscope.store.backends.base import Backend
+from attnscope.store.backends.location import Location, locate
+from attnscope.store.backends.lock import locks_inside
 from attnscope.store.codecs import check_level, storage_dtype
 from attnscope.store.layout import TokenLayout
 from attnscope.store.spec import ArchiveSpec
@@ -253,14 +252,14 @@ def _query_rows(given: Any, layout: TokenLayout) -> dict[str, list[int]] | None:
 def archive_format(path: str | os.PathLike, format: str | None = None) -> str:
     """The format a new archive at ``path`` gets: ``format``, else ``.h5``/``.hdf5`` -> hdf5,
     anything else zarr. HDF5 at a URL raises :class:`ConfigError` (local files only)."""
-    path = remote.fspath(path)
+    loc = locate(path)
     if format is not None:
         if format not in FORMATS:
             raise ConfigError(f"unknown format {format!r}; expected one of {FORMATS}")
         fmt = format
     else:
-        fmt = "hdf5" if path.lower().endswith((".h5", ".hdf5")) else "zarr"
-    remote.refuse_hdf5(path, fmt)
+        fmt = "hdf5" if loc.lower().endswith((".h5", ".hdf5")) else "zarr"
+    loc.refuse_hdf5(fmt)
     return fmt
 
 
@@ -273,9 +272,10 @@ def open_backend(
     ``workers``: threads that encode and write chunks (Zarr; default one per core)."""
     if fmt not in FORMATS:
         raise ConfigError(f"unknown format {fmt!r}; expected one of {FORMATS}")
-    remote.refuse_hdf5(path, fmt)
+    path = locate(path)
+    path.refuse_hdf5(fmt)
     if fmt == "hdf5":
-        from attnscope.store._hdf5 import HDF5Backend
+        from attnscope.store.backends.hdf5_store import HDF5Backend
 
         backend: Backend = HDF5Backend(path, mode)
         if root_meta is not None:
@@ -285,7 +285,7 @@ def open_backend(
                 backend.close()
                 raise
         return backend
-    from attnscope.store._zarr import ZarrBackend
+    from attnscope.store.backends.zarr_store import ZarrBackend
 
     return ZarrBackend(path, mode, root_meta if mode == "w" else None, workers=workers)
 
@@ -297,77 +297,20 @@ def holds_no_data(path: str | os.PathLike) -> bool:
     missing file beside its sidecar lock folder (HDF5, zip): an empty archive. At a URL:
     keys exist and all belong to the lock folder.
     """
-    path = remote.fspath(path)
-    if remote.is_url(path):
-        return remote.holds_no_data(path)
-    if os.path.isdir(path):
-        return _empty_dir(path)
-    return not os.path.exists(path) and os.path.isdir(path + LOCK_DIR_NAME)
-
-
-#: a root ``zarr.json`` being written (zarr's ``LocalStore``: temporary file, then rename)
-_PARTIAL_ROOT = re.compile(r"zarr\.[0-9a-f]+\.partial")
-
-
-def _empty_dir(path: str) -> bool:
-    """A directory holding at most the lock folder, the temporary file of a root
-    ``zarr.json`` (a writer killed while writing it), and a root ``zarr.json`` without
-    attnscope metadata (a writer killed between creating the group and its metadata)."""
-    names = {n for n in os.listdir(path) if not _PARTIAL_ROOT.fullmatch(n)}
-    if not names <= {LOCK_DIR_NAME, "zarr.json"}:
-        return False
-    if "zarr.json" not in names:
-        return True
-    try:
-        with open(os.path.join(path, "zarr.json"), "rb") as fh:
-            return remote.bare_group(fh.read())
-    except OSError:
-        return False
+    return locate(path).holds_no_data()
 
 
 def no_data_message(path: str | os.PathLike) -> str:
     """What :func:`holds_no_data` means, for users: one line naming what is there."""
-    p = os.fspath(path)
-    if remote.is_url(p):
-        what = "only the lock objects of a writer that stopped before its first commit"
-    elif os.path.isdir(os.path.join(p, LOCK_DIR_NAME)) or os.path.isdir(p + LOCK_DIR_NAME):
-        what = (
-            "only the lock folder of a writer that stopped before its first commit (e.g. a "
-            "capture killed while loading the model)"
-        )
-    elif os.path.isdir(p) and not os.listdir(p):
-        what = "it is an empty folder"
-    else:
-        what = "only the root group of a writer that stopped before its first commit"
-    return (
-        f"{p!r} holds no committed data: {what}; re-run capture (create and --overwrite "
-        "accept it)"
-    )
+    return locate(path).no_data_message()
 
 
-def sniff_format(path: str) -> str:
-    """``"zarr"`` or ``"hdf5"`` for an existing archive, from what is on disk."""
-    if holds_no_data(path):
-        raise ArchiveNotFoundError(no_data_message(path))
-    if remote.is_url(path):
-        return remote.sniff_format(path)
-    if not os.path.exists(path):
-        raise ArchiveNotFoundError(f"no archive at {path!r}")
-    if os.path.isdir(path):
-        if not os.path.exists(os.path.join(path, "zarr.json")):
-            raise ArchiveCorruptError(
-                f"{path!r} is a directory without zarr.json: not an attnscope Zarr archive"
-            )
-        return "zarr"
-    if path.lower().endswith(".zip"):
-        return "zarr"
-    with open(path, "rb") as fh:
-        head = fh.read(8)
-    if head == b"\x89HDF\r\n\x1a\n" or path.lower().endswith((".h5", ".hdf5")):
-        return "hdf5"
-    raise ArchiveCorruptError(
-        f"{path!r} is neither a Zarr directory/zip nor an HDF5 file: not an attnscope archive"
-    )
+def sniff_format(path: str | os.PathLike) -> str:
+    """``"zarr"`` or ``"hdf5"`` for an existing archive, from what is stored."""
+    loc = locate(path)
+    if loc.holds_no_data():
+        raise ArchiveNotFoundError(loc.no_data_message())
+    return loc.sniff_format()
 
 
 def is_archive(path: str) -> bool:
@@ -435,17 +378,17 @@ def refuse_existing(
 ) -> None:
     """Raise :class:`ConfigError` unless a new archive may be created at ``path``: nothing is
     there (or only a writer's lock folder), or ``overwrite`` and it is an archive."""
-    path = remote.fspath(path)
-    refuse_existing_at(path, locks_inside(path, archive_format(path, format)), overwrite)
+    loc = locate(path)
+    refuse_existing_at(loc, locks_inside(loc, archive_format(loc, format)), overwrite)
 
 
-def refuse_existing_at(path: str, inside: bool, overwrite: bool) -> None:
-    if remote.is_url(path):
-        if not remote.exists(path) or remote.holds_no_data(path):
+def refuse_existing_at(path: Location, inside: bool, overwrite: bool) -> None:
+    if path.remote:
+        if not path.exists() or path.holds_no_data():
             return  # nothing under the URL, or only a writer's lock objects
-    elif not os.path.exists(path):
+    elif not path.exists():
         return
-    elif inside and os.path.isdir(path) and _empty_dir(path):
+    elif inside and os.path.isdir(path) and path.empty_dir():  # type: ignore[attr-defined]
         return  # an empty directory (or one holding only our lock folder) is free
     if not overwrite:
         raise ConfigError(

@@ -9,7 +9,7 @@ import numpy as np
 
 from attnscope.contracts import DIMS, QUERY_ROWS
 from attnscope.errors import ConfigError
-from attnscope.store._base import ArrayHandle, choose_chunks
+from attnscope.store.backends.base import ArrayHandle, choose_chunks
 from attnscope.store.codecs import storage_dtype
 from attnscope.store.names import parse_array_name, rows_of
 

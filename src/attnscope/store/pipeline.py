@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from attnscope.errors import ArchiveError, ConfigError
-from attnscope.store._base import Write
+from attnscope.store.backends.base import Write
 
 __all__ = ["INFLIGHT_MB", "PendingBatch", "WritePipeline", "coalesce", "data_writes", "run_options"]
 

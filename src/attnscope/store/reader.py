@@ -29,8 +29,8 @@ from attnscope.contracts import (
     TOKEN_MASK,
 )
 from attnscope.errors import ArchiveCorruptError, ConfigError, InputError, SelectionError
-from attnscope.store import remote
-from attnscope.store._base import ArrayHandle, MiB
+from attnscope.store.backends.base import ArrayHandle, MiB
+from attnscope.store.backends.location import locate
 from attnscope.store.codecs import decode, read_dtype
 from attnscope.store.commitlog import DigestIndex
 from attnscope.store.frames import frame_cameras, frame_handle
@@ -251,7 +251,7 @@ class AttentionArchive:
     """Read-only view of an archive; see :func:`open_archive`."""
 
     def __init__(self, path: str | os.PathLike, *, format: str | None = None) -> None:
-        self.path = remote.fspath(path)
+        self.path = locate(path)
         with damage_is_corruption(self.path):
             self.format = format or sniff_format(self.path)
             if self.format not in FORMATS:
@@ -315,7 +315,7 @@ class AttentionArchive:
         h = hashlib.sha256(json.dumps(self._root, sort_keys=True).encode())
         h.update(f"|{self.n_samples}".encode())
         return {
-            "archive": remote.absolute(self.path),  # tables checked from any cwd
+            "archive": str(self.path),  # absolute: tables checked from any cwd
             "schema_version": self.schema_version,
             "n_samples": self.n_samples,
             "fingerprint": h.hexdigest()[:16],

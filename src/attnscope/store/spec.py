@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from attnscope.errors import ConfigError
-from attnscope.store._base import choose_chunks
+from attnscope.store.backends.base import choose_chunks
 
 __all__ = ["ArchiveSpec", "batch_chunk_samples", "resolve_spec"]
 

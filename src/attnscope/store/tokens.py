@@ -33,7 +33,7 @@ from attnscope.contracts import (
     TOKENS,
 )
 from attnscope.errors import ConfigError, InputError, SelectionError, ShapeError
-from attnscope.store._base import ArrayHandle, Backend, Write
+from attnscope.store.backends.base import ArrayHandle, Backend, Write
 from attnscope.store.codecs import as_numpy
 from attnscope.store.layout import TokenLayout
 from attnscope.store.names import parse_array_name, rows_of

@@ -10,8 +10,8 @@ import numpy as np
 
 from attnscope.contracts import KIND_AXES, QUERY_ROWS, SAMPLE_IDS
 from attnscope.errors import ArchiveCorruptError
-from attnscope.store import remote
-from attnscope.store._base import MiB
+from attnscope.store.backends.base import MiB
+from attnscope.store.backends.location import locate
 from attnscope.store.commitlog import verify_records
 from attnscope.store.integrity import structure_problems
 from attnscope.store.meta import holds_no_data, input_hashes, no_data_message
@@ -60,21 +60,6 @@ class VerifyReport:
         }
 
 
-def _disk_size(path: str) -> int:
-    if remote.is_url(path):
-        return remote.disk_size(path)
-    if os.path.isdir(path):
-        total = 0
-        for root, _dirs, files in os.walk(path):
-            for f in files:
-                try:
-                    total += os.path.getsize(os.path.join(root, f))
-                except OSError:
-                    pass
-        return total
-    return os.path.getsize(path) if os.path.exists(path) else 0
-
-
 def verify(
     path: str | os.PathLike,
     *,
@@ -110,7 +95,7 @@ def verify(
         Not an attnscope archive, or too damaged to open (e.g. truncated HDF5 header).
     """
     tol = check_tolerance(tolerance)
-    path = remote.fspath(path)
+    path = locate(path)
     if holds_no_data(path):
         return VerifyReport(path=path, ok=True, notes=[no_data_message(path)])
     with open_archive(path) as a:
@@ -275,7 +260,7 @@ def info(path: str | os.PathLike) -> dict[str, Any]:
     ArchiveNotFoundError, ArchiveCorruptError
         As :func:`open_archive`.
     """
-    path = remote.fspath(path)
+    path = locate(path)
     if holds_no_data(path):
         return _empty_info(path)
     with open_archive(path) as a:
@@ -316,7 +301,7 @@ def info(path: str | os.PathLike) -> dict[str, Any]:
             "mode": a.mode,
             "topk": a.topk,
             "compressor": meta.get("compressor"),
-            "size_bytes": _disk_size(path),
+            "size_bytes": path.disk_size(),
             "fingerprint": a.identity()["fingerprint"],
             "layout": layout,
             "arrays": arrays,
@@ -344,7 +329,7 @@ def _empty_info(path: str) -> dict[str, Any]:
         "mode": None,
         "topk": None,
         "compressor": None,
-        "size_bytes": _disk_size(path),
+        "size_bytes": path.disk_size(),
         "fingerprint": None,
         "layout": {},
         "arrays": [],

@@ -12,9 +12,9 @@ import numpy as np
 
 from attnscope.contracts import FORMATS, SAMPLE_IDS
 from attnscope.errors import ArchiveError, ConfigError, ShapeError
-from attnscope.store import remote
-from attnscope.store._base import ArrayHandle, Backend, MiB, Write
-from attnscope.store._lock import Lease, clear_except_locks, locks_inside
+from attnscope.store.backends.base import ArrayHandle, Backend, MiB, Write
+from attnscope.store.backends.location import locate
+from attnscope.store.backends.lock import locks_inside
 from attnscope.store.batch import BatchRules, Prepared
 from attnscope.store.commitlog import LogState, Region, attrs_digest, new_record
 from attnscope.store.frames import FrameStore
@@ -26,7 +26,6 @@ from attnscope.store.meta import (
     check_meta,
     committed_prefix,
     damage_is_corruption,
-    holds_no_data,
     open_backend,
     refuse_existing_at,
     root_meta,
@@ -71,7 +70,7 @@ class ArchiveWriter:
     def __init__(self, workers: int | None = None, inflight_mb: float | None = None) -> None:
         # use create() / open()
         self._backend: Backend | None = None
-        self._lease: Lease | remote.RemoteLease | None = None
+        self._lease: Any = None
         self._closed = False
         self._workers = workers
         self._pipe = WritePipeline(self._write_group, int((inflight_mb or INFLIGHT_MB) * MiB))
@@ -116,7 +115,7 @@ class ArchiveWriter:
         -------
         ArchiveWriter
         """
-        path = remote.fspath(path)
+        path = locate(path)
         run = run_options(options)
         fmt = archive_format(path, options.get("format", spec.format if spec else None))
         spec = resolve_spec(spec, options, fmt)
@@ -125,9 +124,9 @@ class ArchiveWriter:
         refuse_existing_at(path, inside, overwrite)
         self = cls(**run)
         self._fresh = True
-        self._lease = self._hold(_lease(path, None, inside))
+        self._lease = self._hold(path.lease(None, inside=inside))
         try:
-            _clear(path)
+            path.clear_except_locks()
             self._backend = open_backend(path, fmt, "w", root_meta=meta, workers=self._workers)
             self._backend.write_commit(MAIN, new_record(0, 0, 0))
             self._init(path, fmt, meta, layout, start=0, stop=None, rid=MAIN, count=0,
@@ -142,7 +141,7 @@ class ArchiveWriter:
         except BaseException:
             if self._backend is not None:
                 self._backend.close()
-            _clear(path)  # no half-created archive left behind (the lock is ours)
+            path.clear_except_locks()  # no half-created archive left behind (the lock is ours)
             self._lease.release()
             raise
         return self
@@ -175,7 +174,7 @@ class ArchiveWriter:
         workers, inflight_mb
             Encoder threads and the bound on batch data in flight (see :meth:`create`).
         """
-        path = remote.fspath(path)
+        path = locate(path)
         if mode != "a":
             raise ConfigError(f"ArchiveWriter.open mode must be 'a', got {mode!r}; use create()")
         fmt = format or sniff_format(path)
@@ -185,7 +184,7 @@ class ArchiveWriter:
         if sample_range is not None:
             sample_range = cls._check_range_arg(path, fmt, inside, sample_range)
         self = cls(**run_options({"workers": workers, "inflight_mb": inflight_mb}))
-        self._lease = self._hold(_lease(path, sample_range, inside))
+        self._lease = self._hold(path.lease(sample_range, inside=inside))
         try:
             self._backend = open_backend(path, fmt, "a", workers=self._workers)
             with damage_is_corruption(path):
@@ -206,8 +205,8 @@ class ArchiveWriter:
         is none: nothing at ``path``, or only the lock folder of a writer that stopped
         before its first commit (an empty archive). What ``resume`` means for capture.
         """
-        path = remote.fspath(path)
-        if remote.exists(path) and not holds_no_data(path):
+        path = locate(path)
+        if path.exists() and not path.holds_no_data():
             run = run_options(dict(options))
             return cls.open(path, format=options.get("format", spec.format if spec else None),
                             **run)  # fmt: skip
@@ -469,6 +468,8 @@ class ArchiveWriter:
         b = self._backend
         assert b is not None
         writes = coalesce([w for batch in group for w in batch.writes])
+        if self._lease is not None:
+            self._lease.check()  # a lease deleted or taken over: write nothing more
         try:
             regions = self._log.regions(writes)
             b.write_many(writes)
@@ -581,15 +582,3 @@ class ArchiveWriter:
             f"ArchiveWriter({self.path!r}, format={self.format!r}, "
             f"committed={self._durable}, {state})"
         )
-
-
-def _lease(path: str, sample_range: tuple[int, int] | None, inside: bool) -> Any:
-    """The writer lease of ``path``: ``flock``-guarded files, or advisory at a URL."""
-    if remote.is_url(path):
-        return remote.RemoteLease(path, sample_range)
-    return Lease(path, sample_range, inside=inside)
-
-
-def _clear(path: str) -> None:
-    """Delete the archive at ``path`` (local or URL), keeping its writer locks."""
-    (remote.clear_except_locks if remote.is_url(path) else clear_except_locks)(path)

@@ -42,14 +42,14 @@ from attnscope.store import (  # noqa: E402
     TokenLayout,
     info,
     open_archive,
-    remote,  # noqa: E402
     verify,
 )
+from attnscope.store.backends import remote  # noqa: E402
 
 BUCKET = "attnscope-test"
 KEYS = {"key": "testing", "secret": "testing"}
 _ref = importlib.util.spec_from_file_location(
-    "capture_ref_data", Path(__file__).parents[1] / "capture" / "ref_data.py"
+    "capture_ref_data", Path(__file__).parents[2] / "capture" / "ref_data.py"
 )
 ref_data = importlib.util.module_from_spec(_ref)
 _ref.loader.exec_module(ref_data)  # type: ignore[union-attr]
@@ -268,7 +268,7 @@ def test_kill9_during_capture_to_s3_then_resume(url, endpoint, tmp_path) -> None
 def test_kill_between_data_and_commit_on_s3_hides_torn_batch(url, endpoint, monkeypatch):
     """The store's own crash test on S3: SIGKILL after a batch's chunk PUTs, before the PUT
     of its commit record (chunks of 4 samples, batches of 6: partial chunks rewritten)."""
-    from .test_store_crash_lock_verify import check_after_crash, run_child
+    from ..test_store_crash_lock_verify import check_after_crash, run_child
 
     monkeypatch.setenv(remote.ENV_OPTIONS, json.dumps({"endpoint_url": endpoint, **KEYS}))
     proc = run_child(url, die_at=3)
@@ -412,7 +412,7 @@ def _bare_group(path: str) -> None:
 @pytest.mark.parametrize("where", ["local", "s3"])
 def test_create_writes_group_and_root_meta_in_one_write(where, request, tmp_path, monkeypatch):
     path = str(tmp_path / "a.zarr") if where == "local" else request.getfixturevalue("url")
-    from attnscope.store import _zarr
+    from attnscope.store.backends import zarr_store as _zarr
 
     def killed(self, meta):  # a kill -9 between a group PUT and a root-metadata PUT
         raise RuntimeError("killed before the root metadata")

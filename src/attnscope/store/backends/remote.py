@@ -2,7 +2,8 @@
 that knows URLs.
 
 Everything the store does to a *path* (exists, list, delete, size, locks) has a URL twin
-here; the rest of the store asks :func:`is_url` and calls these. Zarr archives on a URL are
+here; :func:`attnscope.store.backends.location.locate` asks :func:`is_url` once, and a
+:class:`~attnscope.store.backends.location.RemoteLocation` calls these. Zarr archives on a URL are
 read and written through zarr's ``FsspecStore``; HDF5 stays local-file only.
 
 ``file://`` URLs are local paths (the prefix is stripped), so they keep the local store's
@@ -14,9 +15,9 @@ the environment variable ``ATTNSCOPE_STORAGE_OPTIONS``, then what
 configuration (``FSSPEC_S3_ENDPOINT_URL``, ...) and the provider's (``AWS_ACCESS_KEY_ID``,
 ``AWS_ENDPOINT_URL``, profiles) apply underneath, as with any fsspec URL.
 
-Writer leases on a URL (:class:`RemoteLease`) are advisory: object stores have no
-``flock``, so check-and-create is a listing followed by a PUT (see
-``docs/archive-format.md``, "Archives on object storage").
+Writer leases on a URL (:class:`RemoteLease`) are exclusive where the store has
+conditional writes (S3 ``If-None-Match: *``; see ``docs/archive-format.md``, "Archives on
+object storage").
 """
 
 from __future__ import annotations
@@ -36,13 +37,18 @@ from attnscope.errors import (
     ConfigError,
     MissingExtraError,
 )
-from attnscope.store._lock import ALL, LOCK_DIR_NAME, alive, lock_record, overlap
+from attnscope.store.backends.lock import (
+    ALL,
+    LOCK_DIR_NAME,
+    alive,
+    lock_record,
+    lost_error,
+    overlap,
+)
 
 __all__ = [
     "ENV_OPTIONS",
-    "ArchiveURL",
     "RemoteLease",
-    "as_archive_path",
     "fspath",
     "is_url",
     "set_storage_options",
@@ -70,8 +76,6 @@ def _scheme(path: str) -> str | None:
 
 def is_url(path: Any) -> bool:
     """Whether ``path`` is a non-local fsspec URL (``file://`` counts as local)."""
-    if isinstance(path, ArchiveURL):
-        return True
     if not isinstance(path, (str, os.PathLike)):
         return False
     p = os.fspath(path)
@@ -112,56 +116,11 @@ def refuse_chained(url: str) -> None:
         )
 
 
-def absolute(path: str) -> str:
-    """``os.path.abspath`` of a local path; a URL unchanged."""
-    return path if is_url(path) else os.path.abspath(path)
-
-
 def exists(path: str) -> bool:
     """Whether anything is at ``path``: a local file or folder, or any key under a URL."""
     if not is_url(path):
         return os.path.exists(path)
     return bool(_top(path))
-
-
-class ArchiveURL(os.PathLike):
-    """A URL where capture expects a ``pathlib.Path``: ``str``, ``exists()`` and ``name``.
-
-    ``os.fspath`` gives the URL back, so the store functions take it like any path.
-    """
-
-    def __init__(self, url: str) -> None:
-        self.url = url.rstrip("/")
-
-    def __fspath__(self) -> str:
-        return self.url
-
-    def __str__(self) -> str:
-        return self.url
-
-    def __repr__(self) -> str:
-        return f"ArchiveURL({self.url!r})"
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, ArchiveURL) and other.url == self.url
-
-    def __hash__(self) -> int:
-        return hash(self.url)
-
-    @property
-    def name(self) -> str:
-        return self.url.rsplit("/", 1)[-1]
-
-    def exists(self) -> bool:
-        return exists(self.url)
-
-
-def as_archive_path(path: str | os.PathLike[str]) -> Any:
-    """An archive location as capture keeps it: :class:`ArchiveURL` or ``pathlib.Path``."""
-    from pathlib import Path
-
-    p = fspath(path)
-    return ArchiveURL(p) if is_url(p) else Path(p)
 
 
 # -- storage options and filesystems ----------------------------------------------------
@@ -479,40 +438,72 @@ def refuse_hdf5(path: str, fmt: str) -> None:
 
 
 # -- writer leases ----------------------------------------------------------------------
-class RemoteLease:
-    """Advisory writer lease on a URL: a JSON object in ``<url>/.attnscope-locks/``.
+def _create(fs: Any, path: str, body: bytes) -> bool:
+    """Write ``body`` at ``path`` only if nothing is there; False if something is.
 
-    Same records and rules as :class:`attnscope.store._lock.Lease` (stale when its pid is
-    dead on this host, another host's never broken), but check-and-create is a listing
-    then a PUT: two writers starting within one round trip of each other can both pass.
+    S3 (and MinIO, R2, moto): one conditional PUT (``If-None-Match: *``), atomic on the
+    server. A filesystem whose ``pipe_file`` has no ``mode="create"`` gets an exists check
+    then a PUT: advisory only (see ``docs/archive-format.md``)."""
+    try:
+        fs.pipe_file(path, body, mode="create")
+    except FileExistsError:
+        return False
+    except TypeError as e:
+        if "mode" not in str(e):
+            raise
+        if fs.exists(path):
+            return False
+        fs.pipe_file(path, body)
+    return True
+
+
+class RemoteLease:
+    """Writer lease on a URL: a JSON object in ``<url>/.attnscope-locks/``.
+
+    Same records and rules as :class:`attnscope.store.backends.lock.Lease` (stale when its
+    pid is dead on this host, another host's never broken). Two writers cannot both win:
+    the record is created with a conditional PUT (``If-None-Match: *``), so of two writers
+    of one name one gets 412; writers of different names (overlapping sample ranges)
+    create first and list after, so at least one of two racing writers sees the other and
+    backs off (S3 listings are strongly consistent). :meth:`check` runs before each group
+    commit and stops a writer whose record was deleted or replaced.
     """
 
     def __init__(self, archive: str, sample_range: tuple[int, int] | None) -> None:
         self.archive = archive
         self.range = sample_range
         self.dir = f"{archive.rstrip('/')}/{LOCK_DIR_NAME}"
-        name = ALL if sample_range is None else f"range-{sample_range[0]}-{sample_range[1]}"
-        self.file = f"{self.dir}/{name}.json"
+        self.name = (ALL if sample_range is None else
+                     f"range-{sample_range[0]}-{sample_range[1]}") + ".json"  # fmt: skip
+        self.file = f"{self.dir}/{self.name}"
         self.held = False
+        self.token: str | None = None
 
-    def acquire(self) -> RemoteLease:
-        fs, root = filesystem(self.dir)
-        me = socket.gethostname()
+    def _read(self, fs: Any, full: str) -> dict[str, Any] | None:
+        """A lock record, or None when it is gone or unreadable debris."""
+        try:
+            rec = json.loads(storage_call(self.dir, fs.cat_file, full))
+        except FileNotFoundError:
+            return None
+        except ValueError:
+            storage_call(self.dir, fs.rm, full)  # a PUT is whole: debris, not a writer
+            return None
+        return rec if isinstance(rec, dict) else None
+
+    def _sweep(self, fs: Any, root: str, me: str, *, mine: str | None = None) -> None:
+        """Remove stale records of this host; raise if a live overlapping one is found
+        (``mine``: this writer's own record, skipped)."""
         for key in keys(self.dir):
-            if not key.endswith(".json"):
+            if not key.endswith(".json") or key == mine:
                 continue
             full = f"{root}/{key}"
-            try:
-                rec: dict[str, Any] = json.loads(storage_call(self.dir, fs.cat_file, full))
-                other = None if rec.get("range") is None else tuple(rec["range"])
-            except FileNotFoundError:
-                continue  # released meanwhile
-            except ValueError:
-                storage_call(self.dir, fs.rm, full)  # a PUT is whole: debris, not a writer
+            rec = self._read(fs, full)
+            if rec is None:
                 continue
             if rec.get("host") == me and isinstance(rec.get("pid"), int) and not alive(rec["pid"]):
                 storage_call(self.dir, fs.rm, full)  # stale: its writer died on this host
                 continue
+            other = None if rec.get("range") is None else tuple(rec["range"])
             if overlap(self.range, other):  # type: ignore[arg-type]
                 held = "the whole archive" if other is None else f"samples {list(other)}"
                 err = ArchiveLockedError(
@@ -522,11 +513,39 @@ class RemoteLease:
                 )
                 err.whole = other is None
                 raise err
+
+    def acquire(self) -> RemoteLease:
+        fs, root = filesystem(self.dir)
+        me = socket.gethostname()
+        self._sweep(fs, root, me)
         rec = lock_record(me, self.range)
-        storage_call(self.dir, fs.pipe_file, f"{root}/{self.file.rsplit('/', 1)[1]}",
-                     json.dumps(rec).encode())  # fmt: skip
-        self.held = True
+        body = json.dumps(rec).encode()
+        full = f"{root}/{self.name}"
+        if not storage_call(self.dir, _create, fs, full, body):
+            # another writer created this very name after the sweep: it reports it (or
+            # removes it, stale) and then the create is tried once more
+            self._sweep(fs, root, me)
+            if not storage_call(self.dir, _create, fs, full, body):
+                err = ArchiveLockedError(
+                    f"{self.archive!r} is locked: another writer created {self.file} while "
+                    "this one started; expected one writer of these samples (retry later)"
+                )
+                err.whole = self.range is None
+                raise err
+        self.held, self.token = True, rec["token"]
+        try:  # create, then list: a writer of an overlapping range is seen by one of us
+            self._sweep(fs, root, me, mine=self.name)
+        except BaseException:
+            self.release()
+            raise
         return self
+
+    def check(self) -> None:
+        """Raise unless this writer's record is still the one at its name (one GET)."""
+        fs, root = filesystem(self.dir)
+        found = self._read(fs, f"{root}/{self.name}")
+        if found is None or found.get("token") != self.token:
+            raise lost_error(self.archive, self.file, found)
 
     def release(self) -> None:
         """Delete this writer's lock object (idempotent; errors are ignored)."""
@@ -535,6 +554,8 @@ class RemoteLease:
         self.held = False
         try:
             fs, root = filesystem(self.dir)
-            fs.rm(f"{root}/{self.file.rsplit('/', 1)[1]}")
+            found = json.loads(fs.cat_file(f"{root}/{self.name}"))
+            if found.get("token") == self.token:  # never another writer's record
+                fs.rm(f"{root}/{self.name}")
         except Exception:  # noqa: BLE001 - a vanished object or a lost connection
             pass

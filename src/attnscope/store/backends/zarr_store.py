@@ -32,9 +32,10 @@ import zarr
 from zarr.storage import LocalStore, WrapperStore, ZipStore
 
 from attnscope.errors import ArchiveCorruptError, ArchiveNotFoundError
-from attnscope.store import remote
-from attnscope.store._base import ArrayHandle, Backend, Write, chunk_ranges, parse_record
-from attnscope.store._zarr_direct import _atomic_put, direct_plan
+from attnscope.store.backends import remote
+from attnscope.store.backends.base import ArrayHandle, Backend, Write, chunk_ranges, parse_record
+from attnscope.store.backends.location import locate
+from attnscope.store.backends.zarr_direct import _atomic_put, direct_plan
 from attnscope.store.codecs import check_level
 
 __all__ = ["ZarrBackend"]
@@ -175,16 +176,16 @@ class ZarrBackend(Backend):
         self, path: str, mode: str, root_meta: dict[str, Any] | None = None,
         *, workers: int | None = None,
     ) -> None:  # fmt: skip
-        self.path = str(path)
+        self.path = locate(path)
         self._workers = workers or ENCODE_THREADS
         self.writable = mode != "r"
         is_zip = self.path.endswith(".zip")
-        url = remote.is_url(self.path)
-        exists = remote.exists(self.path) if url and mode == "r" else os.path.exists(self.path)
+        url = self.path.remote
+        exists = self.path.exists() if mode == "r" or not url else False  # no listing to write
         if mode == "r" and not exists:
             raise ArchiveNotFoundError(f"no archive at {self.path!r}")
         if url:
-            remote.refuse_hdf5(self.path, self.format)  # zip: local files only
+            self.path.refuse_hdf5(self.format)  # zip: local files only
             base: Any = remote.open_store(self.path, read_only=(mode == "r"))
         elif is_zip:
             if mode == "r":

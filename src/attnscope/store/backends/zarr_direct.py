@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from attnscope.errors import ArchiveCorruptError
-from attnscope.store._base import chunk_ranges
+from attnscope.store.backends.base import chunk_ranges
 
 __all__ = ["DirectChunks", "direct_plan"]
 

@@ -15,9 +15,9 @@ import zarr
 
 from attnscope.errors import ArchiveCorruptError
 from attnscope.store import ArchiveWriter, SideLayout, TokenLayout, open_archive, verify
-from attnscope.store import _zarr as Z
+from attnscope.store.backends import zarr_store as Z
 
-from .store_testlib import softmax
+from ..store_testlib import softmax
 
 NAME = "encoder/0/self_attention"
 

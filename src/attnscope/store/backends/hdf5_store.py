@@ -42,8 +42,15 @@ import hdf5plugin
 import numpy as np
 
 from attnscope.errors import ArchiveCorruptError, ArchiveError, ArchiveNotFoundError
-from attnscope.store._base import ArrayHandle, Backend, MiB, Write, chunk_ranges, parse_record
-from attnscope.store._lock import CREATING
+from attnscope.store.backends.base import (
+    ArrayHandle,
+    Backend,
+    MiB,
+    Write,
+    chunk_ranges,
+    parse_record,
+)
+from attnscope.store.backends.lock import CREATING
 from attnscope.store.codecs import check_level
 
 __all__ = ["HDF5Backend"]

@@ -1,4 +1,4 @@
-"""store._lock: writer leases, stale and torn records, no debris after a clean close."""
+"""store.backends.lock: writer leases, stale and torn records, no debris after a clean close."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import pytest
 
 from attnscope.errors import ArchiveLockedError
 from attnscope.store import ArchiveWriter
-from attnscope.store._lock import Lease, lock_dir
+from attnscope.store.backends.lock import Lease, lock_dir
 
-from .store_testlib import make_batch
+from ..store_testlib import make_batch
 
 
 def test_dropped_writer_releases_its_lock(path, layout, rng) -> None:

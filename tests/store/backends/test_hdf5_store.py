@@ -1,4 +1,4 @@
-"""store._hdf5: files other tools read (plain h5py + hdf5plugin), old files still read."""
+"""store.backends.hdf5_store: files other tools read (h5py + hdf5plugin); old files still read."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 
 from attnscope.store import ArchiveWriter, open_archive, verify
 
-from .store_testlib import make_batch
+from ..store_testlib import make_batch
 
 NAME = "decoder/0/cross_attention"
 
@@ -138,7 +138,7 @@ def test_side_arrays_shared_by_batches_carry_no_fletcher32(tmp_path) -> None:
 
 
 def test_append_open_that_writes_nothing_leaves_the_file_byte_for_byte(tmp_path, layout, rng):
-    from attnscope.store._hdf5 import HDF5Backend
+    from attnscope.store.backends.hdf5_store import HDF5Backend
 
     path = tmp_path / "run.h5"
     with ArchiveWriter.create(path, layout) as w:
@@ -158,7 +158,7 @@ def test_append_open_that_writes_nothing_leaves_the_file_byte_for_byte(tmp_path,
 def test_a_failed_write_abandons_the_file_at_its_last_commit(tmp_path, layout, rng):
     import errno
 
-    from attnscope.store._hdf5 import HDF5Backend
+    from attnscope.store.backends.hdf5_store import HDF5Backend
 
     path = tmp_path / "run.h5"
     w = ArchiveWriter.create(path, layout)

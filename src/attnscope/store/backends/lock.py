@@ -13,8 +13,8 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
-import shutil
 import socket
+import uuid
 from contextlib import contextmanager
 from typing import Any
 
@@ -89,13 +89,28 @@ def overlap(a: tuple[int, int] | None, b: tuple[int, int] | None) -> bool:
 
 
 def lock_record(host: str, rng: tuple[int, int] | None) -> dict:
-    """What a writer's lock file says: who holds it, since when, and which samples."""
+    """What a writer's lock file says: who holds it, since when, which samples, and a
+    random token that tells this writer's record from a later one at the same name."""
     return {
         "pid": os.getpid(),
         "host": host,
         "since": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "range": None if rng is None else list(rng),
+        "token": uuid.uuid4().hex,
     }
+
+
+def lost_error(archive: str, file: str, found: Any) -> ArchiveLockedError:
+    """The one line a writer raises when its lease record is gone or another writer's."""
+    what = "is gone" if found is None else f"now names another writer (pid {found.get('pid')} " \
+        f"on host {found.get('host')!r})"
+    err = ArchiveLockedError(
+        f"{archive!r}: this writer's lease {file} {what}; stopped before writing more (its "
+        "committed batches are kept). Expected the lease to stay until close: do not delete "
+        "the lock of a running writer"
+    )
+    err.whole = True
+    return err
 
 
 class Lease:
@@ -108,6 +123,18 @@ class Lease:
         name = ALL if sample_range is None else f"range-{sample_range[0]}-{sample_range[1]}"
         self.file = os.path.join(self.dir, name + ".json")
         self.held = False
+        self.token: str | None = None
+
+    def check(self) -> None:
+        """Raise :func:`lost_error` unless this writer's record is still in place (called
+        before each group commit: a lock deleted by hand must not let two writers on)."""
+        try:
+            with open(self.file, encoding="utf-8") as fh:
+                found = json.load(fh)
+        except (OSError, ValueError):
+            found = None
+        if not isinstance(found, dict) or found.get("token") != self.token:
+            raise lost_error(self.archive, self.file, found if isinstance(found, dict) else None)
 
     def acquire(self) -> Lease:
         me = socket.gethostname()
@@ -146,6 +173,7 @@ class Lease:
                     err.whole = other is None
                     raise err
             rec = lock_record(me, self.range)
+            self.token = rec["token"]
             tmp = f"{self.file}.{os.getpid()}.tmp"
             with open(tmp, "w", encoding="utf-8") as fh:
                 json.dump(rec, fh)
@@ -161,8 +189,11 @@ class Lease:
         try:
             with _mutex(self.dir):
                 try:
-                    os.remove(self.file)
-                except FileNotFoundError:
+                    with open(self.file, encoding="utf-8") as fh:
+                        mine = json.load(fh).get("token") == self.token
+                    if mine:  # never another writer's record
+                        os.remove(self.file)
+                except (OSError, ValueError, AttributeError):
                     pass
                 if set(os.listdir(self.dir)) <= {MUTEX}:
                     os.remove(os.path.join(self.dir, MUTEX))
@@ -174,17 +205,3 @@ class Lease:
 def locks_inside(path: str, fmt: str) -> bool:
     """Whether the writer locks live inside the archive (a Zarr directory) or beside it."""
     return fmt == "zarr" and not path.lower().endswith(".zip")
-
-
-def clear_except_locks(path: str) -> None:
-    """Delete the archive at ``path``, keeping the lock folder of a directory archive
-    (and the file a killed creation left at ``path + CREATING``)."""
-    if os.path.isfile(path + CREATING):
-        os.remove(path + CREATING)
-    if os.path.isdir(path):
-        for entry in os.listdir(path):
-            if entry != LOCK_DIR_NAME:
-                full = os.path.join(path, entry)
-                (shutil.rmtree if os.path.isdir(full) else os.remove)(full)
-    elif os.path.exists(path):
-        os.remove(path)
