@@ -433,3 +433,14 @@ def test_model_forward_error_is_a_capture_error_naming_the_batch(tmp_path) -> No
 def test_library_errors_inside_the_forward_pass_through(model, tmp_path) -> None:
     with pytest.raises(ConfigError, match="topk=99"):
         capture(model, batches(1), tmp_path / "t.zarr", topk=99, progress=False)
+
+
+def test_capture_resolves_its_archive_path_once(model, tmp_path, monkeypatch) -> None:
+    from attnscope.store.backends import location
+
+    calls: list[object] = []
+    real = location._resolve
+    monkeypatch.setattr(location, "_resolve", lambda w: calls.append(w) or real(w))
+    s = capture(model, batches(), str(tmp_path / "run.zarr"), progress=False)
+    assert s.committed == 6
+    assert len(calls) == 1, calls  # the rest of the store is handed the Location

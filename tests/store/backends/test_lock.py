@@ -66,3 +66,29 @@ def test_folder_stays_while_another_lease_holds_it(tmp_path) -> None:
     c = Lease(archive, None, inside=False).acquire()  # a fresh folder after removal
     assert os.path.exists(c.file)
     c.release()
+
+
+def test_a_lock_deleted_by_hand_stops_the_writer_keeping_its_commits(path, layout, rng) -> None:
+    w = ArchiveWriter.create(path, layout)
+    w.append(make_batch(rng, 2))
+    os.remove(w._lease.file)  # "delete it if that writer is gone", while it is not
+    with pytest.raises(ArchiveLockedError, match="lease .* is gone"):
+        w.append(make_batch(rng, 2))
+    try:
+        w.close()  # the error may be raised again here (Zarr's committer thread) or not
+    except ArchiveLockedError:
+        pass
+    with ArchiveWriter.open(path) as w2:  # nothing of the refused batch; resume works
+        assert w2.committed == 2
+
+
+def test_release_never_deletes_another_writers_record(path, layout) -> None:
+    w = ArchiveWriter.create(path, layout)
+    file = w._lease.file
+    with open(file) as fh:
+        other = {**json.load(fh), "token": "someone-else"}
+    with open(file, "w") as fh:
+        json.dump(other, fh)  # the lock now names another writer
+    w.close()
+    with open(file) as fh:
+        assert json.load(fh)["token"] == "someone-else"

@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -574,3 +575,106 @@ def test_a_group_commit_on_s3_keeps_every_sample_id(url, monkeypatch):
     with open_archive(url) as a:
         np.testing.assert_array_equal(a.sample_ids["step"], np.arange(12))
     assert verify(url).ok
+
+
+def _race(monkeypatch, *calls):
+    """Run ``calls`` in threads that all pass the lease's first listing before any of them
+    creates its record: the interleaving two processes started together can hit."""
+    gate = threading.Barrier(len(calls), timeout=30)
+    real = remote._create
+
+    def create(fs, path, body):
+        gate.wait()
+        return real(fs, path, body)
+
+    monkeypatch.setattr(remote, "_create", create)
+    out: list[object] = [None] * len(calls)
+
+    def run(i, fn):
+        try:
+            out[i] = fn()
+        except Exception as e:  # noqa: BLE001 - the outcome is what the test checks
+            out[i] = e
+
+    threads = [threading.Thread(target=run, args=(i, fn)) for i, fn in enumerate(calls)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    return out
+
+
+def test_two_writers_racing_on_one_prefix_cannot_both_win(url, monkeypatch) -> None:
+    rng = np.random.default_rng(3)
+    batch = {"encoder/0/self_attention": _softmax(rng, (2, 2, 8, 8))}
+    out = _race(monkeypatch, lambda: ArchiveWriter.create(url, LAYOUT),
+                lambda: ArchiveWriter.create(url, LAYOUT))  # fmt: skip
+    won = [w for w in out if isinstance(w, ArchiveWriter)]
+    lost = [e for e in out if isinstance(e, ArchiveLockedError)]
+    assert len(won) == 1 and len(lost) == 1, out
+    assert "locked" in str(lost[0])
+    won[0].append(batch)
+    won[0].close()
+    monkeypatch.undo()
+    with open_archive(url) as a:
+        np.testing.assert_array_equal(a["encoder/0/self_attention"][:],
+                                      batch["encoder/0/self_attention"].astype(np.float16))
+    assert verify(url).ok
+
+
+def test_overlapping_range_writers_racing_cannot_both_win(url, monkeypatch) -> None:
+    with ArchiveWriter.create(url, LAYOUT, capacity=8, chunk_samples=1,
+                              arrays={"encoder/0/self_attention": (2, 8, 8)}):  # fmt: skip
+        pass
+    out = _race(monkeypatch, lambda: ArchiveWriter.open(url, sample_range=(0, 4)),
+                lambda: ArchiveWriter.open(url, sample_range=(2, 6)))  # fmt: skip
+    assert sum(isinstance(w, ArchiveWriter) for w in out) <= 1, out  # often neither: safe
+    assert sum(isinstance(w, ArchiveLockedError) for w in out) >= 1, out
+    for w in out:
+        if isinstance(w, ArchiveWriter):
+            w.close()
+    monkeypatch.undo()
+    fs, root = remote.filesystem(url)
+    assert not [k for k in remote.keys(url) if k.startswith(".attnscope-locks/")]  # released
+    # disjoint ranges race freely: both win
+    out = _race(monkeypatch, lambda: ArchiveWriter.open(url, sample_range=(0, 4)),
+                lambda: ArchiveWriter.open(url, sample_range=(4, 8)))  # fmt: skip
+    assert all(isinstance(w, ArchiveWriter) for w in out), out
+    for w in out:
+        w.close()
+
+
+def test_a_lease_deleted_by_hand_stops_the_writer_keeping_its_commits(url) -> None:
+    rng = np.random.default_rng(4)
+    batch = {"encoder/0/self_attention": _softmax(rng, (2, 2, 8, 8))}
+    w = ArchiveWriter.create(url, LAYOUT)
+    w.append(batch)
+    fs, root = remote.filesystem(url)
+    fs.rm(f"{root}/.attnscope-locks/all.json")  # "delete it if that writer is gone"
+    with pytest.raises(ArchiveLockedError, match="lease .*all.json is gone"):
+        w.append(batch)
+    try:
+        w.close()  # the error may be raised again here (Zarr's committer thread) or not
+    except ArchiveLockedError:
+        pass
+    with open_archive(url) as a:
+        assert a.n_samples == 2  # the batch before is kept; nothing of the refused one
+    assert verify(url).ok
+    with ArchiveWriter.open(url) as w2:  # resume works once the clash is gone
+        w2.append(batch)
+    with open_archive(url) as a:
+        assert a.n_samples == 4
+
+
+def test_a_released_lease_never_deletes_another_writers_record(url) -> None:
+    w = ArchiveWriter.create(url, LAYOUT)
+    fs, root = remote.filesystem(url)
+    key = f"{root}/.attnscope-locks/all.json"
+    other = {**json.loads(fs.cat_file(key)), "token": "someone-else", "pid": 1}
+    fs.pipe_file(key, json.dumps(other).encode())  # taken over while this writer ran
+    try:
+        w.close()
+    except ArchiveLockedError:
+        pass
+    assert json.loads(fs.cat_file(key))["token"] == "someone-else"
+    fs.rm(key)

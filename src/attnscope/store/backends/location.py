@@ -234,6 +234,10 @@ def locate(where: str | os.PathLike[str]) -> Location:
     """
     if isinstance(where, Location):
         return where
+    return _resolve(where)
+
+
+def _resolve(where: Any) -> Location:
     if not isinstance(where, (str, os.PathLike)):
         raise ConfigError(f"archive location {where!r} is not a path or URL; expected a str or "
                           "os.PathLike")  # fmt: skip
