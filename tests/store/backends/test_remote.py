@@ -678,3 +678,30 @@ def test_a_released_lease_never_deletes_another_writers_record(url) -> None:
         pass
     assert json.loads(fs.cat_file(key))["token"] == "someone-else"
     fs.rm(key)
+
+
+_bench = importlib.util.spec_from_file_location(
+    "bench_s3_requests", Path(__file__).parents[3] / "scripts" / "bench_s3_requests.py"
+)
+bench_s3 = importlib.util.module_from_spec(_bench)
+_bench.loader.exec_module(bench_s3)  # type: ignore[union-attr]
+
+
+def test_request_counts_per_batch_and_per_open_do_not_grow_with_the_archive() -> None:
+    """Counted at the server: an append costs one PUT per chunk it fills, one log document,
+    one record and one lease check (plus, when an array grows, its metadata: capacity
+    doubles, so after batches 2, 3, 5, 9, ...); opening an archive 10x larger costs the
+    same."""
+    with bench_s3.moto_s3() as log:
+        small = bench_s3.measure(log, batches=4, b=4, layers=1)
+        large = bench_s3.measure(log, batches=12, b=4, layers=1)
+        opened = [bench_s3.measure_open(log, n, 10) for n in (200, 2000)]  # 20, 200 chunks
+    arrays = 2  # encoder self + decoder cross, one layer; one chunk each per batch
+    for res in (small, large):
+        assert res["append (one batch)"] == {"PUT": arrays + 2, "GET": 1}, res
+    for step in ("create", "open + metadata", "close"):
+        assert small[step] == large[step], (step, small[step], large[step])
+    assert opened[0]["open + metadata"] == opened[1]["open + metadata"], opened
+    # a read finds its log documents by binary search: a few more GETs, not 10x
+    reads = [o["read one sample"]["GET"] for o in opened]
+    assert reads[1] <= reads[0] + 6, reads
