@@ -9,11 +9,11 @@ from collections import namedtuple
 import pytest
 from click.testing import CliRunner
 
-import attnscope.capture.dryrun as dryrun_mod
 from attnscope.capture import capture
 from attnscope.capture.dryrun import DryRunReport
 from attnscope.cli import cli
 from attnscope.errors import ConfigError
+from attnscope.store.backends import location
 
 
 def _files(root) -> list[str]:
@@ -80,12 +80,12 @@ def test_dry_run_warns_when_the_destination_lacks_space(
 ):
     usage = namedtuple("usage", "total used free")
     real = shutil.disk_usage
-    monkeypatch.setattr(dryrun_mod.shutil, "disk_usage", lambda p: usage(10, 9, 1))
+    monkeypatch.setattr(location.shutil, "disk_usage", lambda p: usage(10, 9, 1))
     rep = capture(small_model, make_batches(2, 2), tmp_path / "a.zarr", dry_run=True,
                   progress=False)  # fmt: skip
     assert rep.warning is not None and rep.warning.startswith("warning:")
     assert rep.format().splitlines()[-1] == rep.warning
-    monkeypatch.setattr(dryrun_mod.shutil, "disk_usage", real)
+    monkeypatch.setattr(location.shutil, "disk_usage", real)
     rep = capture(small_model, make_batches(2, 2), tmp_path / "a.zarr", dry_run=True,
                   progress=False)  # fmt: skip
     assert rep.warning is None
