@@ -306,9 +306,11 @@ function drawTimeline(){var T=D.timeline,cv=$('timeline');
   ctx.fillText(T.query+' \u2192 key modalities \u00b7 '+key.replace('|',' ')+' layer '+layer+
     ' \u00b7 '+(hk==='-1'?'mean of heads':'head '+hk),L,6);
   cv.dataset.lines=String(lines.length);cv.dataset.episode=String(st.ep);cv.dataset.layer=layer;}
-function cellAt(ev){if(!view)return null;var r=$('map').getBoundingClientRect(),
-  x=ev.clientX-r.left-view.L,y=ev.clientY-r.top-view.T,j=Math.floor(x/view.cs),
-    i=Math.floor(y/view.cs);
+function scaleOf(cv){ // canvas pixels per CSS pixel (a notebook may shrink a wide canvas)
+  return cv.clientWidth?cv.width/cv.clientWidth:1;}
+function cellAt(ev){if(!view)return null;var cv=$('map'),r=cv.getBoundingClientRect(),
+  k=scaleOf(cv),x=(ev.clientX-r.left-cv.clientLeft)*k-view.L,
+    y=(ev.clientY-r.top-cv.clientTop)*k-view.T,j=Math.floor(x/view.cs),i=Math.floor(y/view.cs);
   return {i:i,j:j,inMap:i>=0&&j>=0&&i<view.a.t&&j<view.a.s,label:x<0&&i>=0&&i<view.a.t};}
 function hover(ev){var c=cellAt(ev),h=$('hover');if(!c||!c.inMap){return;}
   var w=view.m[c.i*view.a.s+c.j];h.dataset.weight=String(w);h.dataset.cell=c.i+','+c.j;
@@ -409,13 +411,15 @@ $('map').addEventListener('click',function(ev){var c=cellAt(ev);if(c&&(c.inMap||
   st.q=c.i;st.qseg='';drawRow();drawOverlay();writeHash();}});
 update();
 if(h0.cell&&/^\d+,\d+$/.test(h0.cell)){var ij=h0.cell.split(',').map(Number),
-  r=$('map').getBoundingClientRect();
-  $('map').dispatchEvent(new MouseEvent('mousemove',{clientX:r.left+view.L+(ij[1]+0.5)*view.cs,
-    clientY:r.top+view.T+(ij[0]+0.5)*view.cs}));}
+  r=$('map').getBoundingClientRect(),k=scaleOf($('map'));
+  $('map').dispatchEvent(new MouseEvent('mousemove',{clientX:r.left+$('map').clientLeft+
+    (view.L+(ij[1]+0.5)*view.cs)/k,clientY:r.top+$('map').clientTop+
+    (view.T+(ij[0]+0.5)*view.cs)/k}));}
 if(h0.click&&/^\d+,\d+$/.test(h0.click)){var cl=h0.click.split(',').map(Number),
-  rc=$('map').getBoundingClientRect();
-  $('map').dispatchEvent(new MouseEvent('click',{clientX:rc.left+view.L+(cl[1]+0.5)*view.cs,
-    clientY:rc.top+view.T+(cl[0]+0.5)*view.cs}));}
+  rc=$('map').getBoundingClientRect(),kc=scaleOf($('map'));
+  $('map').dispatchEvent(new MouseEvent('click',{clientX:rc.left+$('map').clientLeft+
+    (view.L+(cl[1]+0.5)*view.cs)/kc,clientY:rc.top+$('map').clientTop+
+    (view.T+(cl[0]+0.5)*view.cs)/kc}));}
 R.dataset.ready='1';
 })
 """
