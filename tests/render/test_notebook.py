@@ -220,6 +220,8 @@ def test_notebook_shows_each_figure_once(executed) -> None:
                               'kind="cross_attention")')  # the call does not
     assert _count(inner, "image/png") == 1
     assert any(o.output_type == "stream" and "sample 0" in o.text for o in inner)
+    grid = _outputs(nb, "from attnscope.render import plot_head_grid")  # show=False, last
+    assert _count(grid, "image/png") == 1
 
 
 def test_notebook_displays_archive_summary_and_viewers(executed) -> None:
@@ -273,6 +275,7 @@ def test_notebook_html_in_chromium_hover_shows_the_stored_value(executed, tmp_pa
     assert console_messages(res.stderr) == [], res.stderr[-2000:]
     roots = re.findall(r'<div[^>]*id="(attnscope-[0-9a-f]+-)root"[^>]*data-ready="1"', res.stdout)
     assert len(roots) == 2, "both viewers ran to the end"
+    assert page.count("viewer did not run") == 2 and "viewer did not run" not in res.stdout
     got = {}
     for p in roots:
         m = re.search(rf'<div[^>]*id="{p}hover"[^>]*>(.*?)</div>', res.stdout, re.S)

@@ -420,6 +420,7 @@ if(h0.click&&/^\d+,\d+$/.test(h0.click)){var cl=h0.click.split(',').map(Number),
   $('map').dispatchEvent(new MouseEvent('click',{clientX:rc.left+$('map').clientLeft+
     (view.L+(cl[1]+0.5)*view.cs)/kc,clientY:rc.top+$('map').clientTop+
     (view.T+(cl[0]+0.5)*view.cs)/kc}));}
+var nj=$('nojs');if(nj)nj.parentNode.removeChild(nj); // it ran: no need to explain
 R.dataset.ready='1';
 })
 """

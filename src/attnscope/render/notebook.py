@@ -47,6 +47,12 @@ MAX_NOTEBOOK_BYTES = 2_000_000
 
 Source = str | os.PathLike[str] | AttentionArchive | AttentionArray
 
+# shown until the viewer's script removes it: where outputs do not run scripts
+_NO_SCRIPT = (
+    "<b>The attnscope viewer did not run</b>: this output's script was not executed (an "
+    "untrusted notebook: re-run the cell or trust the notebook; or a page without JavaScript)."
+)
+
 
 def _mb(n: int) -> str:
     return f"{n / 1e6:.1f} MB" if n >= 100_000 else f"{n / 1e3:.1f} kB"
@@ -73,7 +79,7 @@ class Viewer:
         p = f"attnscope-{secrets.token_hex(6)}-"
         return (
             f"<div id='{p}root' class='attnscope-viewer'><style>{scoped_css(p + 'root')}</style>"
-            f"{markup(p, self._note)}"
+            f"<p id='{p}nojs'>{_NO_SCRIPT}</p>{markup(p, self._note)}"
             f"<script type='application/json' id='{p}attnscope-data'>{self._json}</script>"
             f"{script(p, False)}</div>"
         )
