@@ -107,6 +107,11 @@ def test_help_shows_the_functions_signature_and_parameters() -> None:
     for param in inspect.signature(capture).parameters:
         assert param in desc
     assert "Parameters\n    ----------" in desc and "callable" in desc  # then the package
-    assert type(attnscope.capture).__call__.__doc__ == capture.__doc__  # IPython: Call docstring
+    # IPython's `capture?`: "Call signature" / "Call docstring" come from __call__
+    call = type(attnscope.capture).__call__
+    assert call.__doc__ == capture.__doc__
+    assert inspect.signature(attnscope.capture.__call__) == inspect.signature(capture)
+    params = list(inspect.signature(capture).parameters)
+    assert list(inspect.signature(call).parameters) == ["self", *params]
     # the package stays importable as one, submodules included
     import attnscope.capture.synthetic  # noqa: F401

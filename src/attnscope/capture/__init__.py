@@ -48,7 +48,12 @@ class _CallableModule(types.ModuleType):
         return capture(*args, **kwargs)
 
 
-_CallableModule.__call__.__doc__ = capture.__doc__  # IPython's "Call docstring"
+# IPython's "Call signature" and "Call docstring" (`capture?`): the function's
+_CallableModule.__call__.__doc__ = capture.__doc__
+_CallableModule.__call__.__signature__ = inspect.signature(capture).replace(  # type: ignore[attr-defined]
+    parameters=[inspect.Parameter("self", inspect.Parameter.POSITIONAL_ONLY),
+                *inspect.signature(capture).parameters.values()]
+)
 sys.modules[__name__].__class__ = _CallableModule
 # What inspect.signature(attnscope.capture) and IDEs report for the call.
 __signature__ = inspect.signature(capture)
