@@ -27,6 +27,10 @@ DATA = re.compile(r"<script type=.application/json. id=.(attnscope-[0-9a-f]+-)at
                   r"(.*?)</script>", re.S)
 
 
+#: the fixture's arrays, in the archive's order (stack, layer, kind)
+ARRAYS = ["encoder/0/self_attention", "decoder/0/self_attention", "decoder/0/cross_attention"]
+
+
 def viewers(page: str) -> dict[str, dict]:
     """``{id prefix: embedded JSON}`` of every viewer in an HTML page or fragment."""
     return {p: json.loads(d) for p, d in DATA.findall(page)}
@@ -54,14 +58,14 @@ def test_viewer_embeds_a_bounded_default_and_says_how_to_choose(archive) -> None
     with open_archive(archive) as arc:
         every = viewer(arc)
         d = next(iter(viewers(every.html()).values()))
-        assert [a["name"] for a in d["arrays"]] == arc.arrays() and d["samples"] == [0, 1, 2, 3, 4]
+        assert [a["name"] for a in d["arrays"]] == ARRAYS and d["samples"] == [0, 1, 2, 3, 4]
         assert not d["tables"] and d["initial"] == {
             "array": "encoder/0/self_attention", "sample": 0, "head": None}
         # base64 bytes of one sample of an array: 4 * ceil(H * T * S * 2 bytes / 3)
-        cost = [4 * -(-int(np.prod(arc[n].shape[1:])) * 2 // 3) for n in arc.arrays()]
+        cost = [4 * -(-int(np.prod(arc[n].shape[1:])) * 2 // 3) for n in ARRAYS]
         small = viewer(arc, max_bytes=cost[0] + cost[1])  # two arrays of one sample
         d = next(iter(viewers(small.html()).values()))
-        assert [a["name"] for a in d["arrays"]] == arc.arrays()[:2] and d["samples"] == [0]
+        assert [a["name"] for a in d["arrays"]] == ARRAYS[:2] and d["samples"] == [0]
         assert small.nbytes == cost[0] + cost[1] and "2 of 3 arrays, samples 0 of 5" in small.text
         assert "attnscope.show(archive, arrays=[...], samples=[...])" in small.html()
         # at least one array of one sample, whatever the budget
@@ -117,6 +121,15 @@ def test_viewer_with_tables_shows_them(archive, tmp_path) -> None:
     assert d["tables"] and d["entropy"] and d["pairs"]["encoder/0/self_attention"]
 
 
+def test_show_is_attnscope_show(archive) -> None:
+    import attnscope
+    import attnscope.render
+
+    assert attnscope.show is attnscope.render.show is show
+    with open_archive(archive) as arc:
+        assert arc.arrays() == ARRAYS  # the one call of the archive's listing in this file
+
+
 def test_show_outside_a_notebook_prints_plain_text(archive, capsys) -> None:
     assert show(archive, sample=1) is None
     out = capsys.readouterr().out
@@ -138,7 +151,7 @@ def test_archive_displays_a_summary_table(archive) -> None:
         page = arc._repr_html_()
         for needle in ["samples committed</td><td style='text-align:left'>5<", "zstd",
                        "text [0:4]; image [4:9]", "action[0], action[1]", "5x2x6x9",
-                       *arc.arrays()]:
+                       *ARRAYS]:
             assert needle in page, needle
         assert "attnscope-data" not in page  # a summary, no embedded attention
 
