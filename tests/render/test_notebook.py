@@ -145,6 +145,17 @@ def test_viewer_save_writes_a_page(archive, tmp_path) -> None:
         viewer(archive).save(tmp_path)
 
 
+def test_figures_outside_notebooks_are_left_alone(archive) -> None:
+    """No kernel: no display hook on the figure, pyplot keeps it (as before)."""
+    import matplotlib.pyplot as plt
+
+    from attnscope.render.plots import plot_heatmap
+
+    with open_archive(archive) as arc:
+        fig = plot_heatmap(arc["encoder/0/self_attention"], head_idx=0, show=True)
+    assert "_ipython_display_" not in fig.__dict__ and plt.fignum_exists(fig.number)
+
+
 # -- the store's rich display -------------------------------------------------------------
 def test_archive_displays_a_summary_table(archive) -> None:
     with open_archive(archive) as arc:
