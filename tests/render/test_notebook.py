@@ -68,6 +68,10 @@ def test_viewer_embeds_a_bounded_default_and_says_how_to_choose(archive) -> None
         assert [a["name"] for a in d["arrays"]] == ARRAYS[:2] and d["samples"] == [0]
         assert small.nbytes == cost[0] + cost[1] and "2 of 3 arrays, samples 0 of 5" in small.text
         assert "attnscope.show(archive, arrays=[...], samples=[...])" in small.html()
+        # the sample shown first, then the first others that fit
+        mid = viewer(arc, sample=3, max_bytes=3 * sum(cost))
+        d = next(iter(viewers(mid.html()).values()))
+        assert d["samples"] == [0, 1, 3] and mid.nbytes == 3 * sum(cost)
         # at least one array of one sample, whatever the budget
         d = next(iter(viewers(viewer(arc, max_bytes=0, sample=3).html()).values()))
         assert len(d["arrays"]) == 1 and d["samples"] == [3]

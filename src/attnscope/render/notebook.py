@@ -34,6 +34,7 @@ from attnscope.render.batch import load_tables
 from attnscope.render.report import (
     MAX_CELLS,
     _cost,
+    _costs,
     _json_for_script,
     _timeline,
     _viewer_data,
@@ -143,33 +144,37 @@ def _choose(
 ) -> tuple[list[str], list[int], int]:
     """Arrays and samples to embed, and their base64 bytes: the given ones (refused past
     ``max_bytes``), else the first that fit (at least one array of ``sample``)."""
-    def cost(nm: list[str], smp: list[int]) -> int:
-        return int(sum(_cost(arc, nm, s, s + 1, max_cells)[0] for s in smp))
-
-    if names is None:
+    if names is None:  # the first arrays whose maps of ``sample`` fit
         every = _all_arrays(arc)
-        per = [cost([n], [sample]) for n in every]
+        per = _costs(arc, every, sample, sample + 1, max_cells)[:, 0]
         fit = int(np.searchsorted(np.cumsum(per), max_bytes, side="right"))
         names = every[: max(1, fit)]
-    if samples is None:
-        samples, used = [sample], cost(names, [sample])
-        for s in range(arc.n_samples):
-            if s == sample:
-                continue
-            more = cost(names, [s])
-            if used + more > max_bytes:
-                break
-            samples.append(s)
-            used += more
-        return names, sorted(samples), used
-    used = cost(names, samples)
-    if used > max_bytes:
-        raise ConfigError(
-            f"the selection embeds {_mb(used)} of attention in the notebook, over "
-            f"max_bytes={max_bytes} ({_mb(max_bytes)}); choose fewer arrays= or samples=, "
-            "a smaller max_cells=, or raise max_bytes"
-        )
-    return names, samples, used
+    if samples is not None:
+        used = int(sum(_cost(arc, names, s, s + 1, max_cells)[0] for s in samples))
+        if used > max_bytes:
+            raise ConfigError(
+                f"the selection embeds {_mb(used)} of attention in the notebook, over "
+                f"max_bytes={max_bytes} ({_mb(max_bytes)}); choose fewer arrays= or samples=, "
+                "a smaller max_cells=, or raise max_bytes"
+            )
+        return names, samples, used
+    # ``sample``, then the first other samples that fit, in blocks (masks read per block)
+    chosen, used = [sample], int(_cost(arc, names, sample, sample + 1, max_cells)[0])
+    lo, n, step = 0, arc.n_samples, 1024
+    while lo < n:
+        hi = min(n, lo + step)
+        cost = _cost(arc, names, lo, hi, max_cells)
+        if lo <= sample < hi:
+            cost[sample - lo] = 0  # counted already
+        cum = np.cumsum(cost) + used
+        fit = int(np.searchsorted(cum, max_bytes, side="right"))
+        chosen += [s for s in range(lo, lo + fit) if s != sample]
+        if fit < len(cost):
+            break
+        used, lo = int(cum[-1]), hi
+    else:
+        return names, sorted(chosen), used
+    return names, sorted(chosen), int(cum[fit - 1]) if fit else used
 
 
 def _span(xs: Sequence[int]) -> str:

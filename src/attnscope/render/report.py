@@ -126,20 +126,27 @@ def _kept_tokens(arc: AttentionArchive, arr: Any, side: str, samples: Sequence[i
     return page, rows
 
 
-def _cost(arc: AttentionArchive, names: Sequence[str], lo: int, hi: int, max_cells: int
-          ) -> np.ndarray:
-    """Base64 bytes of the maps of samples ``lo:hi`` (every array, real tokens only)."""
+def _costs(arc: AttentionArchive, names: Sequence[str], lo: int, hi: int, max_cells: int
+           ) -> np.ndarray:
+    """Base64 bytes of the maps of samples ``lo:hi``, ``(len(names), hi - lo)``: per array
+    and sample, real tokens only."""
     real = {}
-    out = np.zeros(hi - lo, dtype=np.int64)
-    for name in names:
+    out = np.zeros((len(names), hi - lo), dtype=np.int64)
+    for i, name in enumerate(names):
         stack, _, kind = name.split("/")
         q, k = KIND_AXES[(stack, kind)]
         for sd in (q, k):
             if sd not in real:
                 real[sd] = np.minimum(arc.masks(sd, slice(lo, hi)).sum(1), max_cells)
         h = int(arc[name].shape[1])
-        out += 4 * -(-h * real[q] * real[k] * 2 // 3)
+        out[i] = 4 * -(-h * real[q] * real[k] * 2 // 3)
     return out
+
+
+def _cost(arc: AttentionArchive, names: Sequence[str], lo: int, hi: int, max_cells: int
+          ) -> np.ndarray:
+    """Base64 bytes of the maps of samples ``lo:hi`` (every array, real tokens only)."""
+    return _costs(arc, names, lo, hi, max_cells).sum(axis=0)
 
 
 def _choose_samples(
