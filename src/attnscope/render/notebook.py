@@ -247,7 +247,8 @@ def viewer(
         note = html.escape(what) + (
             ". <code>attnscope.show(archive, arrays=[...], samples=[...])</code> chooses "
             "others." if (len(names) < total or len(chosen) < n) else ".")
-        text = (f"attnscope viewer of {arc.path}: {what}; arrays {', '.join(names)}")
+        listed = ", ".join(names[:6]) + (f", ... ({len(names)})" if len(names) > 6 else "")
+        text = f"attnscope viewer of {arc.path}: {what}; arrays {listed}"
     return Viewer(data, note, text, nbytes)
 
 
