@@ -91,7 +91,8 @@ def test_viewer_refuses_an_explicit_choice_over_the_budget(archive) -> None:
     ({"sample": 5}, SelectionError, r"sample 5 out of range \[0, 5\)"),
     ({"samples": [-1]}, SelectionError, r"sample -1 out of range"),
     ({"arrays": ["encoder/3/self_attention"]}, SelectionError, "unknown array"),
-    ({"arrays": []}, SelectionError, "selects nothing"),
+    ({"arrays": []}, SelectionError, "arrays selects nothing"),
+    ({"samples": []}, SelectionError, "samples selects nothing"),
     ({"head": 7}, SelectionError, "head 7 is in none of"),
     ({"max_cells": 0}, ConfigError, "max_cells must be >= 1"),
 ])

@@ -129,6 +129,9 @@ def _samples(arc: AttentionArchive, sample: int | None, samples: Sequence[int] |
     if n == 0:
         raise SelectionError(f"archive {arc.path!r} holds no committed sample yet")
     chosen = None if samples is None else sorted({int(s) for s in samples})
+    if chosen == []:
+        raise SelectionError("samples selects nothing; give at least one, or None for the "
+                             "first that fit")
     if sample is None:
         sample = chosen[0] if chosen else 0
     chosen = None if chosen is None else sorted(set(chosen) | {int(sample)})
