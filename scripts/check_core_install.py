@@ -70,13 +70,23 @@ def main() -> None:
             run("report", str(arc), "--tables", str(tables), "--out", str(Path(tmp) / "r.html"))
             if not any(figs.rglob("*.png")):
                 sys.exit(f"core install: render wrote no PNG for {name}")
+        rich = subprocess.run(  # notebooks' rich display needs neither torch nor IPython
+            [sys.executable, "-c", "import sys, attnscope\n"
+             f"a = attnscope.open_archive({str(Path(tmp) / 'run.zarr')!r})\n"
+             "assert 'samples committed' in a._repr_html_()\n"
+             "assert 'attnscope-data' in a['encoder/0/self_attention']._repr_html_()\n"
+             "attnscope.show(a, sample=1)\n"
+             "assert 'torch' not in sys.modules and 'IPython' not in sys.modules"],
+            capture_output=True, text=True)
+        if rich.returncode != 0 or "not in a notebook" not in rich.stdout:
+            sys.exit(f"core install: rich display / attnscope.show failed: {rich.stderr.strip()}")
         res = run("capture", "--out", str(Path(tmp) / "c.zarr"), ok=False)
         lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
         if res.returncode != 1 or len(lines) != 1 or "attnscope[capture]" not in lines[0]:
             sys.exit(f"core install: capture without torch should name the extra, got "
                      f"exit {res.returncode}: {res.stderr.strip()!r}")
-    print("core install: verify, info, analyze, render, report ok without torch/dask; "
-          "capture names attnscope[capture]")
+    print("core install: verify, info, analyze, render, report, notebook display ok without "
+          "torch/dask; capture names attnscope[capture]")
 
 
 if __name__ == "__main__":

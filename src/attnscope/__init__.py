@@ -23,6 +23,7 @@ _LAZY = {
     "AttentionArchive": "attnscope.store",
     "TokenLayout": "attnscope.store.layout",
     "AttentionVisualizer": "attnscope.render.visualizer",
+    "show": "attnscope.render.notebook",
 }
 
 __all__ = ["AttnscopeError", "__version__", *_LAZY]

@@ -26,6 +26,11 @@ __all__ = [
 class AttnscopeError(Exception):
     """Base class of every error raised by attnscope on bad input or bad data."""
 
+    def _render_traceback_(self) -> list[str]:
+        """How IPython and Jupyter show it: one line, as the CLI prints it, not a traceback
+        through attnscope's internals (``%debug`` still reaches the frames)."""
+        return [f"{type(self).__name__}: {self}"]
+
 
 class InputError(AttnscopeError, TypeError):
     """An argument has the wrong type (e.g. a list where a tensor was expected)."""

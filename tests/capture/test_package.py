@@ -89,3 +89,29 @@ def test_cli_capture_without_torch_is_one_line() -> None:
     lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
     assert res.returncode == 1 and len(lines) == 1, res.stderr
     assert lines[0].startswith("Error: MissingExtraError") and "attnscope[capture]" in lines[0]
+
+
+def test_help_shows_the_functions_signature_and_parameters() -> None:
+    """``help(attnscope.capture)`` / ``capture?`` describe the call, not only the package."""
+    import inspect
+    import pydoc
+
+    import attnscope
+    from attnscope.capture.job import capture
+
+    text = pydoc.render_doc(attnscope.capture, renderer=pydoc.plaintext)
+    summary = inspect.cleandoc(capture.__doc__).splitlines()[0]
+    assert f"attnscope.capture - {summary}" in text  # help's NAME line
+    desc = text.split("DESCRIPTION", 1)[1]
+    assert desc.lstrip().startswith(f"capture{inspect.signature(capture)}")
+    for param in inspect.signature(capture).parameters:
+        assert param in desc
+    assert "Parameters\n    ----------" in desc and "callable" in desc  # then the package
+    # IPython's `capture?`: "Call signature" / "Call docstring" come from __call__
+    call = type(attnscope.capture).__call__
+    assert call.__doc__ == capture.__doc__
+    assert inspect.signature(attnscope.capture.__call__) == inspect.signature(capture)
+    params = list(inspect.signature(capture).parameters)
+    assert list(inspect.signature(call).parameters) == ["self", *params]
+    # the package stays importable as one, submodules included
+    import attnscope.capture.synthetic  # noqa: F401

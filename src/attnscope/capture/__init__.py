@@ -48,6 +48,23 @@ class _CallableModule(types.ModuleType):
         return capture(*args, **kwargs)
 
 
+# IPython's "Call signature" and "Call docstring" (`capture?`): the function's
+_CallableModule.__call__.__doc__ = capture.__doc__
+_CallableModule.__call__.__signature__ = inspect.signature(capture).replace(  # type: ignore[attr-defined]
+    parameters=[inspect.Parameter("self", inspect.Parameter.POSITIONAL_ONLY),
+                *inspect.signature(capture).parameters.values()]
+)
 sys.modules[__name__].__class__ = _CallableModule
 # What inspect.signature(attnscope.capture) and IDEs report for the call.
 __signature__ = inspect.signature(capture)
+
+
+def _call_doc(package_doc: str) -> str:
+    """The package docstring that ``help(attnscope.capture)`` and ``capture?`` show: what
+    users call (the function's summary, signature and parameters) first, then the package."""
+    summary, _, rest = inspect.cleandoc(capture.__doc__ or "").partition("\n")
+    return (f"{summary}\n\ncapture{__signature__}\n\n{rest.strip()}\n\n"
+            f"The package\n-----------\n{package_doc}")
+
+
+__doc__ = _call_doc(__doc__ or "")

@@ -31,6 +31,7 @@ from attnscope.render.compare import (
     render_diff,
     render_rollout,
 )
+from attnscope.render.notebook import Viewer, show, viewer
 from attnscope.render.overlay import OverlayData, plot_overlay, prepare_overlay
 from attnscope.render.plots import (
     draw_matrix,
@@ -72,4 +73,7 @@ __all__ = [
     "prepare_overlay",
     "plot_timeline",
     "timeline_series",
+    "Viewer",
+    "show",
+    "viewer",
 ]

@@ -17,6 +17,7 @@ from matplotlib.figure import Figure
 
 from attnscope.contracts import FIGURE_FORMATS
 from attnscope.errors import ConfigError
+from attnscope.render._ipython import display_once, inline_backend, show_once
 
 __all__ = ["finish", "freeze_layout", "save_figure", "write_png"]
 
@@ -81,9 +82,16 @@ def png_from_canvas(canvas: Any, path: str | os.PathLike) -> Path:
 
 
 def finish(fig: Figure, save_path: str | os.PathLike | None, show: bool) -> Figure:
-    """Optional conveniences after drawing: save, then show (skipped on headless backends)."""
+    """Optional conveniences after drawing: save, then show (skipped on headless backends).
+
+    In a notebook (the inline backend) the figure appears once: ``show=True`` displays it
+    at once, and a returned figure that is the cell's value is not displayed again;
+    ``show=False`` leaves it to the notebook (shown at the end of the cell, once).
+    """
     if save_path is not None:
         save_figure(fig, save_path)
+    if inline_backend():
+        return show_once(fig) if show else display_once(fig)
     if show:
         import matplotlib.pyplot as plt
 

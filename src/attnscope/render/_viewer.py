@@ -1,7 +1,13 @@
-"""The stylesheet and script of the HTML report's viewer (embedded verbatim in the page).
+"""The stylesheet, elements and script of the interactive viewer (embedded verbatim).
 
-The script reads one JSON document (``<script type="application/json" id="attnscope-data">``,
-built by :mod:`attnscope.render.report`) and draws everything client-side on canvases:
+One viewer per report page (:mod:`attnscope.render.report`), or several on one notebook
+page (:mod:`attnscope.render.notebook`): every element id starts with the viewer's prefix
+(``""`` in the report; ``attnscope-<random>-`` in a notebook, where the stylesheet is scoped
+to the viewer's root, :func:`scoped_css`, and the URL fragment is left alone). The script,
+:data:`JS_FUNCTION` called by :func:`script`, keeps its state in its own closure (no
+globals) and reads one JSON document (``<script type="application/json"
+id="PREFIXattnscope-data">``, built by ``report._viewer_data``) and draws everything
+client-side on canvases:
 
 * the attention map of the chosen array, sample and head (or the mean of the heads),
   coloured through the embedded colormap LUT from 0 to the largest weight of the allowed
@@ -16,7 +22,7 @@ built by :mod:`attnscope.render.report`) and draws everything client-side on can
 * clicking a cell or a query label shows that query's row as bars (``#row``), BertViz's
   head view for any modality;
 * the entropy (layer x head), modality-to-modality mass and top pairs of the analysis
-  tables for the current choice;
+  tables for the current choice (hidden when ``data.tables`` is false: no tables given);
 * overlays (``D.images``: the image groups of each array's key side): the chosen query's
   row (a clicked query, or the mean row of the query segment chosen in ``#sel-qseg``) on
   each image group's patch grid, the numbers of ``render.overlay.prepare_overlay``,
@@ -34,26 +40,93 @@ and ``ep`` choose the overlay's query segment and the timeline's episode. ``q`` 
 ``cell`` count the cells of the map shown (a sample's real tokens), not stored positions.
 """
 
-CSS = """
+import json
+import re
+
+#: rules of the whole report page
+PAGE_CSS = """
 body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0;color:#222}
 header{background:#1f2937;color:#fff;padding:14px 24px}header h1{margin:0;font-size:20px}
 main{padding:8px 24px 40px;max-width:1400px}h2{border-bottom:1px solid #ddd;padding-bottom:4px}
+pre{background:#f7f7f7;padding:8px;overflow:auto}
+"""
+#: rules of the viewer's elements (scoped to one viewer's root in a notebook)
+VIEW_CSS = """
 table{border-collapse:collapse;margin:6px 0 14px}td,th{border:1px solid #ddd;padding:3px 8px;
 text-align:right}th{background:#f3f4f6}td.l,th.l{text-align:left}td.cur{outline:2px solid #e11}
-select{font-size:14px;margin-right:12px}pre{background:#f7f7f7;padding:8px;overflow:auto}
+select{font-size:14px;margin-right:12px}
 .muted{color:#666}.row{display:flex;flex-wrap:wrap;gap:18px;align-items:flex-start}
-#hover{min-height:1.5em;font-family:ui-monospace,monospace;white-space:pre}
+.hover{min-height:1.5em;font-family:ui-monospace,monospace;white-space:pre}
 canvas{border:1px solid #eee}.ov{font-size:12px;text-align:center}
 """
+CSS = PAGE_CSS + VIEW_CSS
 
-JS = r"""
-(function(){
+
+def scoped_css(root_id: str) -> str:
+    """:data:`VIEW_CSS` with every selector under ``#root_id``: several viewers on one
+    notebook page, none styling the page around it."""
+    rules = []
+    for sels, body in re.findall(r"([^{}]+)\{([^{}]*)\}", VIEW_CSS):
+        scoped = ",".join(f"#{root_id} {sel.strip()}" for sel in sels.split(","))
+        rules.append(f"{scoped}{{{body}}}")
+    return (f"#{root_id}{{font:13px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;"
+            f"color:#222;background:#fff;padding:6px 8px}}#{root_id} h3{{font-size:14px;"
+            f"margin:8px 0 4px}}" + "".join(rules))
+
+
+def script(prefix: str, use_hash: bool) -> str:
+    """The viewer's ``<script>`` element for the elements whose ids start with ``prefix``;
+    ``use_hash``: mirror the view in the page's URL fragment (the report, one per page)."""
+    return f"<script>{JS_FUNCTION}({json.dumps(prefix)},{str(use_hash).lower()});</script>"
+
+
+def markup(prefix: str, note: str) -> str:
+    """The viewer's elements (ids prefixed with ``prefix``); ``note`` is HTML, already
+    escaped, saying what is embedded and how to choose more."""
+    p = prefix
+    return (
+        f"<p><label>array <select id='{p}sel-array'></select></label>"
+        f"<label>sample <select id='{p}sel-sample'></select></label>"
+        f"<label>head <select id='{p}sel-head'></select></label></p>"
+        f"<p class='muted'>{note} Hover a cell for its tokens and "
+        "weight; click a query (a row) for its attention as bars. Colours run from 0 to the "
+        "largest weight of the map shown, rows with a single allowed key (a causal map's "
+        "first row) left out; grey cells are masked (not attended).</p>"
+        f"<div id='{p}hover' class='hover muted'></div>"
+        f"<div class='row'><canvas id='{p}map' width='10' height='10'></canvas>"
+        f"<div><h3 id='{p}row-title'></h3><canvas id='{p}row' width='10' height='10'></canvas>"
+        "</div></div>"
+        f"<div class='row' id='{p}tables'><div><h3>Normalised entropy (layer x head)</h3>"
+        "<p class='muted'>Mean row entropy / log of the keys a row may attend to "
+        "(1 = uniform, 0 = one key); mean over samples; colours on a fixed 0-1 scale."
+        f"</p><div id='{p}entropy'></div></div>"
+        f"<div id='{p}mass-box'><h3>Modality-to-modality mass</h3>"
+        "<p class='muted'>Rows: query segment; "
+        "columns: key segment; mean over samples. Each row sums to 1.</p>"
+        f"<div id='{p}mass'></div></div>"
+        "<div><h3>Top pairs</h3><p class='muted'>Forced cells (a query's only allowed "
+        f"key) left out.</p><div id='{p}pairs'></div></div></div>"
+        f"<div class='row'><div id='{p}overlay-box'><h3>Where the query looks on the images</h3>"
+        f"<p class='muted'><label>query segment <select id='{p}sel-qseg'></select></label> "
+        "Attention mass of the chosen query (a clicked row, or a segment's mean row) on each "
+        "image group, on its patch grid (absolute mass, over the frame stored with the "
+        f"sample when there is one).</p><div id='{p}overlay' class='row'></div></div>"
+        f"<div id='{p}timeline-box'><h3>Episode timeline</h3><p class='muted'>"
+        f"<label>episode <select id='{p}sel-episode'></select></label> Attention mass of the "
+        "timeline's query group on each key modality vs step (this array's layer, head).</p>"
+        f"<canvas id='{p}timeline' width='10' height='10'></canvas></div></div>"
+    )
+
+
+JS_FUNCTION = r"""
+(function(P,useHash){
 'use strict';
-var D=JSON.parse(document.getElementById('attnscope-data').textContent);
-var $=function(id){return document.getElementById(id);};
+var $=function(id){return document.getElementById(P+id);};
+var D=JSON.parse($('attnscope-data').textContent),R=P?$('root'):document.body;
 var lut=(function(){var b=atob(D.lut),a=new Uint8Array(b.length);
   for(var i=0;i<b.length;i++)a[i]=b.charCodeAt(i);return a;})();
-var st={array:D.initial.array,sample:D.initial.sample,head:'avg',q:null,qseg:'',ep:null};
+var st={array:D.initial.array,sample:D.initial.sample,head:D.initial.head===undefined||
+  D.initial.head===null?'avg':String(D.initial.head),q:null,qseg:'',ep:null};
 var cache={}, view=null;
 function arrayOf(name){for(var i=0;i<D.arrays.length;
   i++)if(D.arrays[i].name===name)return D.arrays[i];return D.arrays[0];}
@@ -154,9 +227,9 @@ function draw(){var c=current(),a=c.a,m=c.m,cv=$('map'),ctx=cv.getContext('2d');
   var who=st.head==='avg'?'mean of heads':'head '+st.head;
   ctx.fillText(a.name+' \u00b7 sample '+st.sample+' \u00b7 '+who,
     L,6);
-  view={a:a,m:m,cs:cs,L:L,T:T,mk:mk,vmax:vmax};document.body.dataset.drawn=hash32(img.data);
+  view={a:a,m:m,cs:cs,L:L,T:T,mk:mk,vmax:vmax};R.dataset.drawn=hash32(img.data);
   cv.dataset.masked=String(mk?mk.reduce(function(x,y){return x+y;},0):0);
-  cv.dataset.vmax=String(vmax);
+  cv.dataset.vmax=String(vmax);cv.dataset.geom=[L,T,cs].join(',');
   drawRow();tables();drawOverlay();drawTimeline();}
 function bytesOf(b64){var b=atob(b64),a=new Uint8Array(b.length);
   for(var i=0;i<b.length;i++)a[i]=b.charCodeAt(i);return a;}
@@ -233,9 +306,11 @@ function drawTimeline(){var T=D.timeline,cv=$('timeline');
   ctx.fillText(T.query+' \u2192 key modalities \u00b7 '+key.replace('|',' ')+' layer '+layer+
     ' \u00b7 '+(hk==='-1'?'mean of heads':'head '+hk),L,6);
   cv.dataset.lines=String(lines.length);cv.dataset.episode=String(st.ep);cv.dataset.layer=layer;}
-function cellAt(ev){if(!view)return null;var r=$('map').getBoundingClientRect(),
-  x=ev.clientX-r.left-view.L,y=ev.clientY-r.top-view.T,j=Math.floor(x/view.cs),
-    i=Math.floor(y/view.cs);
+function scaleOf(cv){ // canvas pixels per CSS pixel (a notebook may shrink a wide canvas)
+  return cv.clientWidth?cv.width/cv.clientWidth:1;}
+function cellAt(ev){if(!view)return null;var cv=$('map'),r=cv.getBoundingClientRect(),
+  k=scaleOf(cv),x=(ev.clientX-r.left-cv.clientLeft)*k-view.L,
+    y=(ev.clientY-r.top-cv.clientTop)*k-view.T,j=Math.floor(x/view.cs),i=Math.floor(y/view.cs);
   return {i:i,j:j,inMap:i>=0&&j>=0&&i<view.a.t&&j<view.a.s,label:x<0&&i>=0&&i<view.a.t};}
 function hover(ev){var c=cellAt(ev),h=$('hover');if(!c||!c.inMap){return;}
   var w=view.m[c.i*view.a.s+c.j];h.dataset.weight=String(w);h.dataset.cell=c.i+','+c.j;
@@ -280,7 +355,8 @@ function cellsTable(el,rowNames,colNames,vals,fmt,cur,range){el.textContent='';
         td.style.color=q>380?'#000':'#fff';}
       if(cur&&cur[0]===i&&cur[1]===j)td.className='cur';tr2.appendChild(td);});
         tb.appendChild(tr2);});el.appendChild(tb);}
-function tables(){var a=view.a,e=D.entropy[a.stack+'|'+a.kind],
+function tables(){if(!D.tables){$('tables').style.display='none';return;}
+  var a=view.a,e=D.entropy[a.stack+'|'+a.kind],
   hk=st.head==='avg'?-1:Number(st.head);
   if(e){cellsTable($('entropy'),e.layers.map(String),e.heads.map(function(h){
     return h===-1?'avg':String(h);}),e.values,
@@ -300,11 +376,13 @@ function tables(){var a=view.a,e=D.entropy[a.stack+'|'+a.kind],
     p[2].toFixed(4)].forEach(function(t,k){
     var td=document.createElement('td');if(k===1||k===2)td.className='l';td.textContent=t;
       tr.appendChild(td);});tb.appendChild(tr);});el.appendChild(tb);}
-function writeHash(){var p=['array='+encodeURIComponent(st.array),'sample='+st.sample,
+function writeHash(){if(!useHash)return;
+  var p=['array='+encodeURIComponent(st.array),'sample='+st.sample,
   'head='+st.head];if(st.q!==null)p.push('q='+st.q);
   if(st.qseg)p.push('qseg='+encodeURIComponent(st.qseg));if(st.ep!==null)p.push('ep='+st.ep);
   history.replaceState(null,'','#'+p.join('&'));}
-function readHash(){var out={};location.hash.replace(/^#/,'').split('&').forEach(function(kv){
+function readHash(){var out={};if(!useHash)return out;
+  location.hash.replace(/^#/,'').split('&').forEach(function(kv){
   var i=kv.indexOf('=');
   if(i>0)out[decodeURIComponent(kv.slice(0,i))]=decodeURIComponent(kv.slice(i+1));});return out;
     }
@@ -333,13 +411,16 @@ $('map').addEventListener('click',function(ev){var c=cellAt(ev);if(c&&(c.inMap||
   st.q=c.i;st.qseg='';drawRow();drawOverlay();writeHash();}});
 update();
 if(h0.cell&&/^\d+,\d+$/.test(h0.cell)){var ij=h0.cell.split(',').map(Number),
-  r=$('map').getBoundingClientRect();
-  $('map').dispatchEvent(new MouseEvent('mousemove',{clientX:r.left+view.L+(ij[1]+0.5)*view.cs,
-    clientY:r.top+view.T+(ij[0]+0.5)*view.cs}));}
+  r=$('map').getBoundingClientRect(),k=scaleOf($('map'));
+  $('map').dispatchEvent(new MouseEvent('mousemove',{clientX:r.left+$('map').clientLeft+
+    (view.L+(ij[1]+0.5)*view.cs)/k,clientY:r.top+$('map').clientTop+
+    (view.T+(ij[0]+0.5)*view.cs)/k}));}
 if(h0.click&&/^\d+,\d+$/.test(h0.click)){var cl=h0.click.split(',').map(Number),
-  rc=$('map').getBoundingClientRect();
-  $('map').dispatchEvent(new MouseEvent('click',{clientX:rc.left+view.L+(cl[1]+0.5)*view.cs,
-    clientY:rc.top+view.T+(cl[0]+0.5)*view.cs}));}
-document.body.dataset.ready='1';
-})();
+  rc=$('map').getBoundingClientRect(),kc=scaleOf($('map'));
+  $('map').dispatchEvent(new MouseEvent('click',{clientX:rc.left+$('map').clientLeft+
+    (view.L+(cl[1]+0.5)*view.cs)/kc,clientY:rc.top+$('map').clientTop+
+    (view.T+(cl[0]+0.5)*view.cs)/kc}));}
+var nj=$('nojs');if(nj)nj.parentNode.removeChild(nj); // it ran: no need to explain
+R.dataset.ready='1';
+})
 """

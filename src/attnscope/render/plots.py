@@ -38,6 +38,7 @@ from attnscope.render._axes import (  # noqa: F401  (BOUNDARY_GID: re-exported f
     mask_legend,
     title_pad,
 )
+from attnscope.render._ipython import display_once
 from attnscope.render._prepare import (
     MAX_PANEL_TICK_LABELS,
     MAX_PIXELS,
@@ -71,10 +72,11 @@ FLOW_ARRAYS = (
 
 
 def new_figure(figsize: tuple[float, float] | None) -> Figure:
-    """A new pyplot-managed figure (so notebooks display it) with constrained layout."""
+    """A new pyplot-managed figure (so notebooks display it) with constrained layout; in a
+    notebook displayed once, also when a function returning it ends the cell."""
     import matplotlib.pyplot as plt
 
-    return plt.figure(figsize=figsize, layout="constrained")
+    return display_once(plt.figure(figsize=figsize, layout="constrained"))
 
 
 def _norm(lo: float | None, hi: float | None, log: bool) -> Normalize:

@@ -36,7 +36,7 @@ from attnscope.render._crop import crop_layout, positions_of, read_real
 from attnscope.render._figure_jobs import load_timeline
 from attnscope.render._prepare import block_reduce, causal_mask
 from attnscope.render._style import STYLE, colormap, mask_color
-from attnscope.render._viewer import CSS, JS
+from attnscope.render._viewer import CSS, markup, script
 from attnscope.render.batch import FIGURE_TABLES, load_tables
 from attnscope.render.overlay import image_groups
 from attnscope.render.tables import drop_forced
@@ -126,20 +126,27 @@ def _kept_tokens(arc: AttentionArchive, arr: Any, side: str, samples: Sequence[i
     return page, rows
 
 
-def _cost(arc: AttentionArchive, names: Sequence[str], lo: int, hi: int, max_cells: int
-          ) -> np.ndarray:
-    """Base64 bytes of the maps of samples ``lo:hi`` (every array, real tokens only)."""
+def _costs(arc: AttentionArchive, names: Sequence[str], lo: int, hi: int, max_cells: int
+           ) -> np.ndarray:
+    """Base64 bytes of the maps of samples ``lo:hi``, ``(len(names), hi - lo)``: per array
+    and sample, real tokens only."""
     real = {}
-    out = np.zeros(hi - lo, dtype=np.int64)
-    for name in names:
+    out = np.zeros((len(names), hi - lo), dtype=np.int64)
+    for i, name in enumerate(names):
         stack, _, kind = name.split("/")
         q, k = KIND_AXES[(stack, kind)]
         for sd in (q, k):
             if sd not in real:
                 real[sd] = np.minimum(arc.masks(sd, slice(lo, hi)).sum(1), max_cells)
         h = int(arc[name].shape[1])
-        out += 4 * -(-h * real[q] * real[k] * 2 // 3)
+        out[i] = 4 * -(-h * real[q] * real[k] * 2 // 3)
     return out
+
+
+def _cost(arc: AttentionArchive, names: Sequence[str], lo: int, hi: int, max_cells: int
+          ) -> np.ndarray:
+    """Base64 bytes of the maps of samples ``lo:hi`` (every array, real tokens only)."""
+    return _costs(arc, names, lo, hi, max_cells).sum(axis=0)
 
 
 def _choose_samples(
@@ -215,9 +222,11 @@ def _timeline(tables_dir: str | os.PathLike[str], arc: AttentionArchive) -> dict
 
 
 def _viewer_data(
-    arc: AttentionArchive, names: Sequence[str], tables: dict[str, pd.DataFrame],
-    samples: list[int], sample: int, k: int, max_cells: int,
+    arc: AttentionArchive, names: Sequence[str], tables: dict[str, pd.DataFrame] | None,
+    samples: list[int], sample: int, k: int, max_cells: int, head: int | None = None,
 ) -> dict[str, Any]:
+    """The viewer's JSON document (see :mod:`attnscope.render._viewer`); ``tables`` None:
+    no analysis tables (the viewer hides their section)."""
     used = [sd for sd in STACKS
             if any(sd in KIND_AXES[(n.split("/")[0], n.split("/")[2])] for n in names)]
     tokens, real = _tokens(arc, samples, used)
@@ -237,19 +246,21 @@ def _viewer_data(
             "heads": [int(h) for h in arc.heads(name)], "rows": rows_side, "cols": k_side,
             "data": data,
         })
-    head_stats, seg, pairs = (tables[n] for n in FIGURE_TABLES)
+    if tables is not None:
+        head_stats, seg, pairs = (tables[n] for n in FIGURE_TABLES)
     return {
         "lut": _lut(STYLE.cmap),
         "mask": [int(round(255 * c)) for c in to_rgb(mask_color(STYLE.cmap))],
         # a model with one segment per side (text only): its 1 x 1 mass says nothing
         "mass_shown": any(len(arc.layout.side(sd).segments) > 1 for sd in used),
         "samples": samples,
-        "initial": {"array": names[0], "sample": sample},
+        "initial": {"array": names[0], "sample": sample, "head": head},
         "tokens": tokens,
         "arrays": arrays,
-        "entropy": _entropy(head_stats, names),
-        "mass": _mass(seg, names),
-        "pairs": _pairs(pairs, names, samples, k),
+        "tables": tables is not None,
+        "entropy": {} if tables is None else _entropy(head_stats, names),
+        "mass": {} if tables is None else _mass(seg, names),
+        "pairs": {} if tables is None else _pairs(pairs, names, samples, k),
         "images": (images := _images(arc, names)),
         "frames": _frames(arc, images, samples),
     }
@@ -485,37 +496,9 @@ def _build(
     shown = (f"samples {chosen[0]}-{chosen[-1]}" if chosen == list(range(chosen[0], chosen[-1] + 1))
              else "samples " + ", ".join(map(str, chosen)))
     body.append(
-        "<h2>Attention</h2><p><label>array <select id='sel-array'></select></label>"
-        "<label>sample <select id='sel-sample'></select></label>"
-        "<label>head <select id='sel-head'></select></label></p>"
-        f"<p class='muted'>{shown} of {arc.n_samples} embedded "
-        "(<code>attnscope report --samples</code> chooses). Hover a cell for its tokens and "
-        "weight; click a query (a row) for its attention as bars. Colours run from 0 to the "
-        "largest weight of the map shown, rows with a single allowed key (a causal map's "
-        "first row) left out; grey cells are masked (not attended).</p>"
-        "<div id='hover' class='muted'></div>"
-        "<div class='row'><canvas id='map' width='10' height='10'></canvas>"
-        "<div><h3 id='row-title'></h3><canvas id='row' width='10' height='10'></canvas></div>"
-        "</div>"
-        "<div class='row'><div><h3>Normalised entropy (layer x head)</h3>"
-        "<p class='muted'>Mean row entropy / log of the keys a row may attend to "
-        "(1 = uniform, 0 = one key); mean over samples; colours on a fixed 0-1 scale."
-        "</p><div id='entropy'></div></div>"
-        "<div id='mass-box'><h3>Modality-to-modality mass</h3>"
-        "<p class='muted'>Rows: query segment; "
-        "columns: key segment; mean over samples. Each row sums to 1.</p>"
-        "<div id='mass'></div></div>"
-        "<div><h3>Top pairs</h3><p class='muted'>Forced cells (a query's only allowed "
-        "key) left out.</p><div id='pairs'></div></div></div>"
-        "<div class='row'><div id='overlay-box'><h3>Where the query looks on the images</h3>"
-        "<p class='muted'><label>query segment <select id='sel-qseg'></select></label> "
-        "Attention mass of the chosen query (a clicked row, or a segment's mean row) on each "
-        "image group, on its patch grid (absolute mass, over the frame stored with the "
-        "sample when there is one).</p><div id='overlay' class='row'></div></div>"
-        "<div id='timeline-box'><h3>Episode timeline</h3><p class='muted'>"
-        "<label>episode <select id='sel-episode'></select></label> Attention mass of the "
-        "timeline's query group on each key modality vs step (this array's layer, head).</p>"
-        "<canvas id='timeline' width='10' height='10'></canvas></div></div>"
+        "<h2>Attention</h2>"
+        + markup("", f"{shown} of {arc.n_samples} embedded "
+                     "(<code>attnscope report --samples</code> chooses).")
     )
     overview = {
         "archive": str(arc.path),
@@ -544,5 +527,5 @@ def _build(
         f"<header><h1>{title}</h1></header><main>{''.join(body)}</main>"
         "<script type='application/json' id='attnscope-data'>"
         f"{_json_for_script(data)}</script>"
-        f"<script>{JS}</script></body></html>"
+        f"{script('', True)}</body></html>"
     )

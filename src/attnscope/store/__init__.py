@@ -8,9 +8,10 @@ Modules, one job each: ``names`` (array names), ``codecs`` (dtype encodings),
 ``batch`` (what one appended batch must look like), ``writer`` (``ArchiveWriter``),
 ``reader`` (``open_archive``, ``AttentionArchive``, ``AttentionArray``), ``views``
 (dask / xarray), ``integrity`` (``check_structure``: the structural check every data
-command runs), ``verify`` (``verify`` / ``info``); ``_base`` is the backend interface,
-``_zarr`` and ``_hdf5`` its two implementations, ``_lock`` the writer leases, ``remote``
-archives at fsspec URLs (``s3://bucket/run.zarr``; Zarr only).
+command runs), ``verify`` (``verify`` / ``info``). ``backends/`` is where bytes live: ``location``
+(a path or URL resolved once at the door), ``base`` (the backend interface),
+``zarr_store`` and ``hdf5_store`` its two implementations, ``lock`` the writer leases,
+``remote`` archives at fsspec URLs (``s3://bucket/run.zarr``; Zarr only).
 """
 
 from attnscope.store.backends.base import choose_chunks

@@ -29,6 +29,7 @@ from attnscope.contracts import (
     TOKEN_MASK,
 )
 from attnscope.errors import ArchiveCorruptError, ConfigError, InputError, SelectionError
+from attnscope.store import _display
 from attnscope.store.backends.base import ArrayHandle, MiB
 from attnscope.store.backends.location import locate
 from attnscope.store.codecs import decode, read_dtype
@@ -140,6 +141,9 @@ class AttentionArray:
             f"AttentionArray({self.name!r}, shape={self.shape}, dtype={self.dtype}, "
             f"chunks={self.chunks})"
         )
+
+    def _repr_html_(self) -> str:  # notebooks: the interactive viewer (store/_display.py)
+        return _display.array_html(self)
 
     # -- storage (what verify and info look at) -------------------------------------------
     def stored_lengths(self) -> dict[str, int]:
@@ -558,6 +562,9 @@ class AttentionArchive:
             f"AttentionArchive({self.path!r}, format={self.format!r}, n_samples={self.n_samples}, "
             f"arrays={len(self._names)}, dtype={self.dtype!r}, mode={self.mode!r})"
         )
+
+    def _repr_html_(self) -> str:  # notebooks: a summary table (store/_display.py)
+        return _display.archive_html(self)
 
 
 def open_archive(
