@@ -1,0 +1,226 @@
+"""TransformerLens models: every layer's ``hook_pattern``, layer by layer.
+
+Supported: a TransformerLens 4 ``TransformerBridge`` (``TransformerBridge.boot_transformers``
+wraps a Hugging Face model) and a TransformerLens 3 ``HookedTransformer``. Both name each
+layer's attention pattern ``blocks.{i}.attn.hook_pattern``, shaped ``(B, H, T, S)``
+(``[batch, head_index, query_pos, key_pos]``), the tensor ``run_with_cache`` stores as
+``cache["pattern", i]``.
+
+One layer at a time
+    A forward hook on each selected layer's ``hook_pattern`` (added through the model's
+    own ``hooks()`` context manager, so it is removed when the run ends, even on an error)
+    hands the pattern to the sink the moment that layer has run. No cache is kept.
+
+Batches
+    A ``(B, T)`` tensor of token ids, or a dict with ``input_ids`` and optionally
+    ``attention_mask`` (e.g. ``dict(bridge.tokenizer(texts, padding=True,
+    return_tensors="pt"))``); any other key is passed to the model's forward as a keyword.
+    With a mask, the model is called with ``attention_mask=`` (TransformerLens then masks the
+    padded keys and derives positions for left padding) and the archive is ragged like a
+    Hugging Face capture's: padded rows and columns are stored as zeros.
+
+Tokens
+    With a tokenizer (``tokenizer=``, else the model's own ``model.tokenizer``), every
+    sample's token ids and strings are stored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from attnscope.capture.base import Adapter, Sink, describe, jsonable
+from attnscope.errors import CaptureError, InputError
+from attnscope.store.layout import SideLayout, TokenLayout
+
+__all__ = ["TransformerLensAdapter", "is_transformer_lens", "pattern_hook"]
+
+# TransformerLens config fields that say where the model runs, not what it computes: left
+# out of the archive's model config, so a resume on another device is the same model
+_RUN_FIELDS = frozenset({"device", "n_devices"})
+
+
+def pattern_hook(layer: int) -> str:
+    """TransformerLens's name of layer ``layer``'s attention pattern hook point."""
+    return f"blocks.{layer}.attn.hook_pattern"
+
+
+def is_transformer_lens(model: Any) -> bool:
+    """Whether ``model``'s class (or a base class) comes from the ``transformer_lens`` package."""
+    return any(c.__module__.split(".")[0] == "transformer_lens" for c in type(model).__mro__)
+
+
+class TransformerLensAdapter(Adapter):
+    """A TransformerLens ``TransformerBridge`` or ``HookedTransformer`` (see the module docstring).
+
+    A causal model (``cfg.attention_dir == "causal"``) gives ``decoder/{i}/self_attention``,
+    a bidirectional one ``encoder/{i}/self_attention``, one array per layer.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer: Any = None) -> None:
+        self.model = model
+        self.tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
+        what = f"{type(model).__name__} (a TransformerLens model)"
+        cfg = getattr(model, "cfg", None)
+        n_layers = getattr(cfg, "n_layers", None)
+        hook_dict = _hook_dict(model)
+        if not isinstance(n_layers, int) or n_layers < 1 or hook_dict is None:
+            raise CaptureError(
+                f"cannot capture attention from {what}: expected a TransformerBridge or "
+                "HookedTransformer with cfg.n_layers, hook points (hook_dict) and a hooks() "
+                f"context manager, got cfg.n_layers={n_layers!r}"
+                + ("" if hook_dict is not None else " and no hook_dict/hooks()")
+            )
+        hf_cfg = getattr(getattr(model, "original_model", None), "config", None)
+        if bool(getattr(hf_cfg, "is_encoder_decoder", False)):
+            raise CaptureError(
+                f"cannot capture attention from {what}: it wraps an encoder-decoder model "
+                f"({type(model.original_model).__name__}), whose patterns TransformerLens does "
+                "not name blocks.<layer>.attn.hook_pattern; capture the Hugging Face model "
+                "itself: capture(bridge.original_model, batches, path)"
+            )
+        missing = [pattern_hook(i) for i in range(n_layers) if pattern_hook(i) not in hook_dict]
+        if missing:
+            some = sorted(k for k in hook_dict if "pattern" in k)[:4]
+            raise CaptureError(
+                f"cannot capture attention from {what}: expected a hook point "
+                f"blocks.<layer>.attn.hook_pattern for each of its {n_layers} layers, "
+                f"missing {missing[:3]}{' ...' if len(missing) > 3 else ''} (pattern hook "
+                f"points it has: {some or 'none'}); a model without attention patterns has "
+                "no weights to capture"
+            )
+        causal = getattr(cfg, "attention_dir", "causal") == "causal"
+        self.side = "decoder" if causal else "encoder"
+        self.points = {f"{self.side}/{i}/self_attention": pattern_hook(i) for i in range(n_layers)}
+
+    def names(self) -> list[str]:
+        return list(self.points)
+
+    def config(self) -> dict[str, Any]:
+        cfg = self.model.cfg
+        raw = cfg.to_dict() if callable(getattr(cfg, "to_dict", None)) else vars(cfg)
+        out: dict[str, Any] = {
+            "model": "transformer_lens." + type(self.model).__name__,
+            "tl_config": jsonable({k: v for k, v in raw.items() if k not in _RUN_FIELDS}),
+        }
+        hf = getattr(self.model, "original_model", None)
+        if callable(getattr(getattr(hf, "config", None), "to_dict", None)):
+            out["hf_model"] = "transformers." + type(hf).__name__
+            out["hf_config"] = jsonable(hf.config.to_dict())
+        return out
+
+    def attention_impl(self, wanted: Sequence[str]) -> dict[str, str]:
+        hf_cfg = getattr(getattr(self.model, "original_model", None), "config", None)
+        impl = getattr(hf_cfg, "_attn_implementation", None)
+        ran = "TransformerLens hook_pattern" + (f" (Hugging Face {impl})" if impl else "")
+        return describe(self.names(), wanted, ran, ran + ", not stored")
+
+    # -- running --------------------------------------------------------------------------
+
+    def batch_size(self, batch: Any) -> int:
+        return int(_split(batch)[0].shape[0])
+
+    def run(self, batch: Any, sink: Sink, wanted: set[str]) -> None:
+        ids, mask, extra = _split(batch)
+        pad_rows = None if mask is None or bool(mask.all()) else ~mask.bool()
+
+        def hook_for(name: str) -> Any:
+            def hook(pattern: Tensor, hook: Any) -> None:
+                sink(name, pattern if pad_rows is None else _uniform_rows(pattern, pad_rows))
+
+            return hook
+
+        fwd = [(self.points[n], hook_for(n)) for n in self.names() if n in wanted]
+        kwargs = dict(extra)
+        if mask is not None:
+            kwargs["attention_mask"] = mask
+        with self.model.hooks(fwd_hooks=fwd):
+            self.model(ids, return_type=None, **kwargs)
+
+    # -- what a ragged archive stores ----------------------------------------------------
+
+    def lengths(self, batch: Any) -> dict[str, int] | None:
+        return {self.side: int(_split(batch)[0].shape[1])}
+
+    def masks(self, batch: Any) -> dict[str, np.ndarray] | None:
+        mask = _split(batch)[1]
+        return None if mask is None else {self.side: _np(mask).astype(bool)}
+
+    def tokens(self, batch: Any) -> dict[str, dict[str, Any]] | None:
+        if self.tokenizer is None:
+            return None
+        ids = _np(_split(batch)[0]).astype(np.int64)
+        to_tokens = self.tokenizer.convert_ids_to_tokens
+        labels = [[str(t) for t in to_tokens(row)] for row in ids.tolist()]
+        return {self.side: {"ids": ids, "labels": labels}}
+
+    def layout(self, batch: Any, shapes: Mapping[str, tuple[int, ...]]) -> TokenLayout:
+        """One side; with a tokenizer, labelled by the first sample's tokens."""
+        base = super().layout(batch, shapes)
+        lay = getattr(base, self.side)
+        toks = (self.tokens(batch) or {}).get(self.side)
+        if toks is not None and lay is not None and len(toks["labels"][0]) == lay.length:
+            lay = SideLayout.from_labels(toks["labels"][0], name="text")
+        return TokenLayout(**{self.side: lay})
+
+
+def _hook_dict(model: Any) -> Mapping[str, Any] | None:
+    """The model's hook points by name; None when it has no ``hooks()`` context manager."""
+    if not callable(getattr(model, "hooks", None)):
+        return None
+    try:
+        d = model.hook_dict
+    except Exception:  # noqa: BLE001 - someone else's property: no hook points
+        return None
+    return d if isinstance(d, Mapping) else None
+
+
+def _split(batch: Any) -> tuple[Tensor, Tensor | None, dict[str, Any]]:
+    """``(input_ids (B, T), attention_mask (B, T) or None, other forward keywords)``."""
+    if isinstance(batch, Tensor):
+        ids, mask, extra = batch, None, {}
+    elif isinstance(batch, Mapping) and isinstance(batch.get("input_ids"), Tensor):
+        extra = {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask")}
+        ids, mask = batch["input_ids"], batch.get("attention_mask")
+    else:
+        got = type(batch).__name__
+        if isinstance(batch, Mapping):
+            got = f"a dict with keys {sorted(map(str, batch))}"
+        raise InputError(
+            "a TransformerLens batch must be a (B, T) tensor of token ids or a dict with "
+            f"'input_ids' (and optionally 'attention_mask'), got {got}; tokenize text first, "
+            "e.g. dict(model.tokenizer(texts, padding=True, return_tensors='pt'))"
+        )
+    if ids.dim() != 2 or ids.is_floating_point():
+        raise InputError(
+            f"TransformerLens input_ids must be a (B, T) integer tensor, got shape "
+            f"{tuple(ids.shape)} of {ids.dtype}"
+        )
+    if mask is not None:
+        if not isinstance(mask, Tensor) or tuple(mask.shape) != tuple(ids.shape):
+            shape = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
+            raise InputError(
+                f"attention_mask has shape {shape} but input_ids has {tuple(ids.shape)}; "
+                "expected the same (B, T): one 0/1 entry per token"
+            )
+    return ids, mask, extra
+
+
+def _uniform_rows(w: Tensor, pad: Tensor) -> Tensor:
+    """``w (B, H, T, S)`` with the rows of padded queries (``pad (B, T)`` True) uniform.
+
+    A padded query is no real token's attention and the archive stores its row as zeros;
+    TransformerLens leaves it uniform (``TransformerBridge``) or all zero
+    (``HookedTransformer`` with left padding). Uniform rows keep the recorder's row check,
+    which covers every row, about the real ones.
+    """
+    fill = torch.full((), 1.0 / w.shape[-1], dtype=w.dtype, device=w.device)
+    return torch.where(pad.to(w.device)[:, None, :, None], fill, w)
+
+
+def _np(t: Any) -> np.ndarray:
+    return t.detach().cpu().numpy() if isinstance(t, Tensor) else np.asarray(t)
