@@ -3,7 +3,8 @@
 The core install (``pip install attnscope``: store, analysis, render, CLI) needs no torch
 and no Dask; capture needs ``attnscope[capture]``, Hugging Face models ``attnscope[hf]``,
 Dask clusters and xarray/dask views ``attnscope[dask]``, archives on S3 ``attnscope[s3]``,
-saved Hugging Face ``datasets`` folders as capture inputs ``attnscope[datasets]``.
+saved Hugging Face ``datasets`` folders as capture inputs ``attnscope[datasets]``,
+TransformerLens models ``attnscope[tl]``, the BertViz export ``attnscope[bertviz]``.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ EXTRA_OF = {
     "fsspec": "s3",
     "s3fs": "s3",
     "datasets": "datasets",
+    "transformer_lens": "tl",
+    "bertviz": "bertviz",
 }
 
 
