@@ -10,6 +10,7 @@ TransformerLens 3's ``HookedTransformer`` is tested where TransformerLens < 4 is
 
 from __future__ import annotations
 
+import importlib.metadata
 from pathlib import Path
 from typing import Any
 
@@ -59,11 +60,19 @@ def tokenizer(tok_dir: Path, side: str = "right") -> Any:
     return tok
 
 
+def bert_mlm() -> Any:
+    """A 2-layer random BERT with its masked-LM head (what TransformerLens boots for BERT)."""
+    cfg = transformers.BertConfig(vocab_size=100, hidden_size=16, num_hidden_layers=2,
+                                  num_attention_heads=2, intermediate_size=32)  # fmt: skip
+    torch.manual_seed(0)
+    return transformers.BertForMaskedLM(cfg).eval()
+
+
 def bridge(family: str, tok_dir: Path, folder: Path, dtype: torch.dtype = torch.float32) -> Any:
     """The family's tiny random model (seed 0), saved to ``folder`` and booted offline."""
     from transformer_lens.model_bridge import TransformerBridge
 
-    hf = make(family)
+    hf = bert_mlm() if family == "bert" else make(family)
     hf.save_pretrained(folder)
     b = TransformerBridge.boot_transformers(str(folder), hf_model=hf, tokenizer=tokenizer(tok_dir))
     return b.to(dtype) if dtype != torch.float32 else b
@@ -149,6 +158,21 @@ def test_bridge_padded_batches_equal_run_with_cache(tmp_path, tok_dir, family, s
                 np.testing.assert_allclose(got[:, :, :t, :t], ref, rtol=0, atol=1e-7)
         labels, _ids = a.tokens("decoder", 1)
         assert [x for x, m in zip(labels, a.masks("decoder", 1)) if m] == ["dog", "ran"]
+
+
+def test_bidirectional_bridge_is_an_encoder(tmp_path, tok_dir) -> None:
+    if int(importlib.metadata.version("transformer-lens").split(".")[0]) < 4:
+        pytest.skip("TransformerLens 3's bridge fires no hook_pattern for BERT")
+    model = bridge("bert", tok_dir, tmp_path / "m")
+    batch = padded(tok_dir, "right")
+    want = patterns(model, batch)
+    capture(model, [batch], tmp_path / "a.zarr", dtype="float32", progress=False)
+    with open_archive(tmp_path / "a.zarr") as a:
+        assert a.arrays() == ["encoder/0/self_attention", "encoder/1/self_attention"]
+        np.testing.assert_array_equal(a.masks("encoder"), batch["attention_mask"].bool().numpy())
+        for i in range(2):
+            ref = as_stored(want[i], batch["attention_mask"])
+            np.testing.assert_array_equal(a[f"encoder/{i}/self_attention"][:], ref)
 
 
 @pytest.mark.parametrize("family", ["gpt2", "qwen2"])
@@ -251,11 +275,35 @@ class _NoPatterns(transformer_lens.HookedRootModule):
         return self.hook_embed(x)
 
 
+class _SilentPattern(transformer_lens.HookedRootModule):
+    """Has ``blocks.0.attn.hook_pattern`` but its forward never reaches it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from transformer_lens.hook_points import HookPoint
+
+        self.cfg = type("Cfg", (), {"n_layers": 1})()
+        attn = torch.nn.Module()
+        attn.hook_pattern = HookPoint()
+        block = torch.nn.Module()
+        block.attn = attn
+        self.blocks = torch.nn.ModuleList([block])
+        self.proj = torch.nn.Linear(2, 2)
+        self.setup()
+
+    def forward(self, x: torch.Tensor, return_type: Any = None) -> torch.Tensor:
+        return self.proj(x.float())
+
+
 def test_refusals_name_what_was_given_and_expected(tmp_path, tok_dir) -> None:
     with pytest.raises(CaptureError, match=r"_NoPatterns \(a TransformerLens model\).*"
                        r"blocks.<layer>.attn.hook_pattern.*missing \['blocks.0.attn"):
         capture(_NoPatterns(), [torch.zeros(1, 2)], tmp_path / "x.zarr", progress=False)
     assert not (tmp_path / "x.zarr").exists()
+    with pytest.raises(CaptureError, match=r"_SilentPattern: hook point\(s\) "
+                       r"\['blocks.0.attn.hook_pattern'\] did not fire"):  # fmt: skip
+        capture(_SilentPattern(), [torch.zeros(1, 2, dtype=torch.long)], tmp_path / "y.zarr",
+                progress=False)  # fmt: skip
     model = bridge("gpt2", tok_dir, tmp_path / "m")
     with pytest.raises(InputError, match="tensor of token ids or a dict with 'input_ids'.*list"):
         capture(model, [["the cat"]], tmp_path / "s.zarr", progress=False)
@@ -297,3 +345,31 @@ def test_hooked_transformer_padded_equals_run_with_cache(tmp_path, tok_dir, side
             np.testing.assert_array_equal(a[f"decoder/{i}/self_attention"][:], ref)
         labels, _ids = a.tokens("decoder", 0)
         assert labels[:3] == ["the", "cat", "sat"] or labels[-3:] == ["mat", "far", "away"]
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_hooked_encoder_takes_the_mask_as_one_zero_attention_mask(tmp_path, tok_dir, side):
+    try:
+        from transformer_lens import HookedEncoder, HookedTransformerConfig
+    except ImportError:
+        pytest.skip("HookedEncoder needs transformer-lens < 4 (removed in 4.0)")
+    tok = tokenizer(tok_dir)
+    cfg = HookedTransformerConfig(n_layers=2, d_model=16, n_ctx=16, d_head=8, n_heads=2,
+                                  d_vocab=len(tok), act_fn="gelu", attention_dir="bidirectional",
+                                  seed=0)  # fmt: skip
+    model = HookedEncoder(cfg, tokenizer=tok).eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # HookedEncoder leaves its weights uninitialised
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    batch = padded(tok_dir, side)
+    with torch.inference_mode():
+        _, cache = model.run_with_cache(
+            batch["input_ids"], one_zero_attention_mask=batch["attention_mask"]
+        )
+    capture(model, [batch], tmp_path / "a.zarr", dtype="float32", progress=False)
+    with open_archive(tmp_path / "a.zarr") as a:
+        assert a.arrays() == ["encoder/0/self_attention", "encoder/1/self_attention"]
+        for i in range(2):
+            ref = as_stored(cache["pattern", i].numpy(), batch["attention_mask"])
+            np.testing.assert_array_equal(a[f"encoder/{i}/self_attention"][:], ref)

@@ -1,8 +1,8 @@
 """TransformerLens models: every layer's ``hook_pattern``, layer by layer.
 
 Supported: a TransformerLens 4 ``TransformerBridge`` (``TransformerBridge.boot_transformers``
-wraps a Hugging Face model) and a TransformerLens 3 ``HookedTransformer``. Both name each
-layer's attention pattern ``blocks.{i}.attn.hook_pattern``, shaped ``(B, H, T, S)``
+wraps a Hugging Face model) and a TransformerLens 3 ``HookedTransformer`` or ``HookedEncoder``.
+All name each layer's attention pattern ``blocks.{i}.attn.hook_pattern``, shaped ``(B, H, T, S)``
 (``[batch, head_index, query_pos, key_pos]``), the tensor ``run_with_cache`` stores as
 ``cache["pattern", i]``.
 
@@ -15,9 +15,10 @@ Batches
     A ``(B, T)`` tensor of token ids, or a dict with ``input_ids`` and optionally
     ``attention_mask`` (e.g. ``dict(bridge.tokenizer(texts, padding=True,
     return_tensors="pt"))``); any other key is passed to the model's forward as a keyword.
-    With a mask, the model is called with ``attention_mask=`` (TransformerLens then masks the
-    padded keys and derives positions for left padding) and the archive is ragged like a
-    Hugging Face capture's: padded rows and columns are stored as zeros.
+    With a mask, the model is called with ``attention_mask=`` (a 3.x ``HookedEncoder``:
+    ``one_zero_attention_mask=``); TransformerLens then masks the padded keys and derives
+    positions for left padding. The archive is ragged like a Hugging Face capture's: padded
+    rows and columns are stored as zeros.
 
 Tokens
     With a tokenizer (``tokenizer=``, else the model's own ``model.tokenizer``), every
@@ -26,6 +27,7 @@ Tokens
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -42,6 +44,8 @@ __all__ = ["TransformerLensAdapter", "is_transformer_lens", "pattern_hook"]
 # TransformerLens config fields that say where the model runs, not what it computes: left
 # out of the archive's model config, so a resume on another device is the same model
 _RUN_FIELDS = frozenset({"device", "n_devices"})
+# forward keywords of a 0/1 padding mask, first found wins (3.x HookedEncoder: the second)
+_MASK_KWS = ("attention_mask", "one_zero_attention_mask")
 
 
 def pattern_hook(layer: int) -> str:
@@ -93,6 +97,10 @@ class TransformerLensAdapter(Adapter):
                 f"points it has: {some or 'none'}); a model without attention patterns has "
                 "no weights to capture"
             )
+        # the forward's name of a 0/1 padding mask: HookedEncoder (3.x) calls it
+        # one_zero_attention_mask; None: the model takes no mask
+        params = _parameters(model)
+        self.mask_kw = next((k for k in _MASK_KWS if k in params), None)
         causal = getattr(cfg, "attention_dir", "causal") == "causal"
         self.side = "decoder" if causal else "encoder"
         self.points = {f"{self.side}/{i}/self_attention": pattern_hook(i) for i in range(n_layers)}
@@ -128,8 +136,11 @@ class TransformerLensAdapter(Adapter):
         ids, mask, extra = _split(batch)
         pad_rows = None if mask is None or bool(mask.all()) else ~mask.bool()
 
+        fired: set[str] = set()
+
         def hook_for(name: str) -> Any:
             def hook(pattern: Tensor, hook: Any) -> None:
+                fired.add(name)
                 sink(name, pattern if pad_rows is None else _uniform_rows(pattern, pad_rows))
 
             return hook
@@ -137,9 +148,23 @@ class TransformerLensAdapter(Adapter):
         fwd = [(self.points[n], hook_for(n)) for n in self.names() if n in wanted]
         kwargs = dict(extra)
         if mask is not None:
-            kwargs["attention_mask"] = mask
+            if self.mask_kw is None:
+                raise InputError(
+                    f"{type(self.model).__name__}.forward takes no attention mask (none of "
+                    f"{list(_MASK_KWS)}), so a batch with 'attention_mask' cannot be run as "
+                    "padded; pass batches of equal length without a mask"
+                )
+            kwargs[self.mask_kw] = mask
         with self.model.hooks(fwd_hooks=fwd):
             self.model(ids, return_type=None, **kwargs)
+        silent = [self.points[n] for n in self.names() if n in wanted and n not in fired]
+        if silent:
+            raise CaptureError(
+                f"{type(self.model).__name__}: hook point(s) {silent} did not fire during the "
+                "forward, so TransformerLens computed no attention pattern there (this "
+                "TransformerLens version does not hook that model's attention); capture the "
+                "Hugging Face model itself, or another TransformerLens version"
+            )
 
     # -- what a ragged archive stores ----------------------------------------------------
 
@@ -166,6 +191,17 @@ class TransformerLensAdapter(Adapter):
         if toks is not None and lay is not None and len(toks["labels"][0]) == lay.length:
             lay = SideLayout.from_labels(toks["labels"][0], name="text")
         return TokenLayout(**{self.side: lay})
+
+
+def _parameters(model: Any) -> set[str]:
+    """Keyword names of the model's forward (every mask name when it takes ``**kwargs``)."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):  # no signature to read: assume the 4.x name
+        return {"attention_mask"}
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return set(params) | {"attention_mask"}
+    return set(params)
 
 
 def _hook_dict(model: Any) -> Mapping[str, Any] | None:
