@@ -373,3 +373,18 @@ def test_hooked_encoder_takes_the_mask_as_one_zero_attention_mask(tmp_path, tok_
         for i in range(2):
             ref = as_stored(cache["pattern", i].numpy(), batch["attention_mask"])
             np.testing.assert_array_equal(a[f"encoder/{i}/self_attention"][:], ref)
+
+
+def test_bertviz_export_of_a_bridge_capture_is_the_real_tokens_pattern(tmp_path, tok_dir):
+    from attnscope.interop.bertviz import bertviz_arrays
+
+    model = bridge("qwen2", tok_dir, tmp_path / "m")
+    batch = padded(tok_dir, "left")
+    want = patterns(model, batch)
+    capture(model, [batch], tmp_path / "a.zarr", dtype="float32", progress=False)
+    got = bertviz_arrays(tmp_path / "a.zarr", 1)
+    real = np.flatnonzero(batch["attention_mask"][1].numpy())
+    assert got.tokens == {"tokens": ["dog", "ran"]} and got.layers == {"attention": [0, 1]}
+    for i in range(2):
+        np.testing.assert_array_equal(got.attention["attention"][i][0],
+                                      want[i][1][:, real][:, :, real])  # fmt: skip
