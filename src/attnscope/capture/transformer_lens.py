@@ -59,7 +59,8 @@ def is_transformer_lens(model: Any) -> bool:
 
 
 class TransformerLensAdapter(Adapter):
-    """A TransformerLens ``TransformerBridge`` or ``HookedTransformer`` (see the module docstring).
+    """A TransformerLens ``TransformerBridge``, ``HookedTransformer`` or ``HookedEncoder``
+    (see the module docstring).
 
     A causal model (``cfg.attention_dir == "causal"``) gives ``decoder/{i}/self_attention``,
     a bidirectional one ``encoder/{i}/self_attention``, one array per layer.
@@ -74,9 +75,9 @@ class TransformerLensAdapter(Adapter):
         hook_dict = _hook_dict(model)
         if not isinstance(n_layers, int) or n_layers < 1 or hook_dict is None:
             raise CaptureError(
-                f"cannot capture attention from {what}: expected a TransformerBridge or "
-                "HookedTransformer with cfg.n_layers, hook points (hook_dict) and a hooks() "
-                f"context manager, got cfg.n_layers={n_layers!r}"
+                f"cannot capture attention from {what}: expected a TransformerBridge, "
+                "HookedTransformer or HookedEncoder with cfg.n_layers, hook points (hook_dict) "
+                f"and a hooks() context manager, got cfg.n_layers={n_layers!r}"
                 + ("" if hook_dict is not None else " and no hook_dict/hooks()")
             )
         hf_cfg = getattr(getattr(model, "original_model", None), "config", None)
