@@ -295,7 +295,21 @@ class _SilentPattern(transformer_lens.HookedRootModule):
         return self.proj(x.float())
 
 
+class _NoConfig(transformer_lens.HookedRootModule):
+    """A TransformerLens module without ``cfg``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.setup()
+
+
 def test_refusals_name_what_was_given_and_expected(tmp_path, tok_dir) -> None:
+    with pytest.raises(CaptureError, match=r"_NoConfig \(a TransformerLens model\): expected a "
+                       r"TransformerBridge, HookedTransformer or HookedEncoder with cfg.n_layers"):
+        adapter_for(_NoConfig())
+    with pytest.raises(CaptureError, match=r"wraps an encoder-decoder model "
+                       r"\(T5ForConditionalGeneration\).*capture\(bridge.original_model"):
+        adapter_for(bridge("t5_2enc_3dec", tok_dir, tmp_path / "t5"))
     with pytest.raises(CaptureError, match=r"_NoPatterns \(a TransformerLens model\).*"
                        r"blocks.<layer>.attn.hook_pattern.*missing \['blocks.0.attn"):
         capture(_NoPatterns(), [torch.zeros(1, 2)], tmp_path / "x.zarr", progress=False)
