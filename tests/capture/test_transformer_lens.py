@@ -160,6 +160,20 @@ def test_bridge_padded_batches_equal_run_with_cache(tmp_path, tok_dir, family, s
         assert [x for x, m in zip(labels, a.masks("decoder", 1)) if m] == ["dog", "ran"]
 
 
+def test_compatibility_mode_bridge_equals_run_with_cache(tmp_path, tok_dir) -> None:
+    """``enable_compatibility_mode()`` (HookedTransformer numerics: processed weights, hook
+    aliases) is captured the same way."""
+    model = bridge("qwen2", tok_dir, tmp_path / "m")
+    model.enable_compatibility_mode()
+    batch = padded(tok_dir, "left")
+    want = patterns(model, batch)
+    capture(model, [batch], tmp_path / "a.zarr", dtype="float32", progress=False)
+    with open_archive(tmp_path / "a.zarr") as a:
+        for i in range(2):
+            ref = as_stored(want[i], batch["attention_mask"])
+            np.testing.assert_array_equal(a[f"decoder/{i}/self_attention"][:], ref)
+
+
 def test_bidirectional_bridge_is_an_encoder(tmp_path, tok_dir) -> None:
     if int(importlib.metadata.version("transformer-lens").split(".")[0]) < 4:
         pytest.skip("TransformerLens 3's bridge fires no hook_pattern for BERT")
