@@ -78,6 +78,12 @@ def bridge(family: str, tok_dir: Path, folder: Path, dtype: torch.dtype = torch.
     return b.to(dtype) if dtype != torch.float32 else b
 
 
+def needs_tl4(why: str) -> None:
+    """Skip where TransformerLens < 4 is installed (its bridge lacks what the test needs)."""
+    if int(importlib.metadata.version("transformer-lens").split(".")[0]) < 4:
+        pytest.skip(why)
+
+
 def padded(tok_dir: Path, side: str, texts: list[str] = SENTENCES) -> dict[str, torch.Tensor]:
     enc = tokenizer(tok_dir, side)(texts, padding=True, return_tensors="pt")
     assert (enc["attention_mask"] == 0).any()
@@ -175,8 +181,7 @@ def test_compatibility_mode_bridge_equals_run_with_cache(tmp_path, tok_dir) -> N
 
 
 def test_bidirectional_bridge_is_an_encoder(tmp_path, tok_dir) -> None:
-    if int(importlib.metadata.version("transformer-lens").split(".")[0]) < 4:
-        pytest.skip("TransformerLens 3's bridge fires no hook_pattern for BERT")
+    needs_tl4("TransformerLens 3's bridge fires no hook_pattern for BERT")
     model = bridge("bert", tok_dir, tmp_path / "m")
     batch = padded(tok_dir, "right")
     want = patterns(model, batch)
@@ -205,6 +210,39 @@ def test_right_padded_bridge_archive_equals_hugging_face_archive(tmp_path, tok_d
         assert h.labels("decoder") == t.labels("decoder")
         for n in h.arrays():
             np.testing.assert_allclose(t[n][:], h[n][:], rtol=0, atol=1e-6, err_msg=n)
+
+
+@pytest.mark.parametrize("family", ["t5_2enc_3dec", "t5_3enc_2dec"])
+def test_encoder_decoder_bridge_equals_hugging_face_archive(tmp_path, tok_dir, family) -> None:
+    """T5 (asymmetric depths), both sides padded: every kind, masks and tokens as the HF path
+    stores them, and equal to run_with_cache's patterns."""
+    needs_tl4("TransformerLens 3's bridge of T5 fails in its forward")
+    batch = padded(tok_dir, "right")
+    dec = padded(tok_dir, "right", ["a dog", "the cat sat on", "ran"])
+    batch.update(decoder_input_ids=dec["input_ids"], decoder_attention_mask=dec["attention_mask"])
+    tok = tokenizer(tok_dir)
+    capture(make(family), [batch], tmp_path / "hf.zarr", dtype="float32", tokenizer=tok,
+            progress=False)  # fmt: skip
+    model = bridge(family, tok_dir, tmp_path / "m")
+    capture(model, [batch], tmp_path / "tl.zarr", dtype="float32", progress=False)
+    with torch.inference_mode():
+        _, cache = model.run_with_cache(batch["input_ids"], **{k: v for k, v in batch.items()
+                                                              if k != "input_ids"})  # fmt: skip
+    with open_archive(tmp_path / "hf.zarr") as h, open_archive(tmp_path / "tl.zarr") as t:
+        assert h.arrays() == t.arrays()
+        n_enc, n_dec = len(t.layers("encoder")), len(t.layers("decoder"))
+        assert (n_enc, n_dec) == {"t5_2enc_3dec": (2, 3), "t5_3enc_2dec": (3, 2)}[family]
+        for side in ("encoder", "decoder"):
+            np.testing.assert_array_equal(h.masks(side), t.masks(side))
+            assert h.labels(side) == t.labels(side)
+        for n in h.arrays():
+            np.testing.assert_allclose(t[n][:], h[n][:], rtol=0, atol=1e-6, err_msg=n)
+        em, dm = batch["attention_mask"].bool().numpy(), dec["attention_mask"].bool().numpy()
+        cross = t["decoder/1/cross_attention"][:]
+        want = cache["decoder_blocks.1.cross_attn.hook_pattern"].numpy()
+        np.testing.assert_array_equal(
+            cross, np.where(dm[:, None, :, None] & em[:, None, None, :], want, 0)
+        )
 
 
 def test_layers_heads_topk_select_from_the_patterns(tmp_path, tok_dir) -> None:
@@ -321,9 +359,9 @@ def test_refusals_name_what_was_given_and_expected(tmp_path, tok_dir) -> None:
     with pytest.raises(CaptureError, match=r"_NoConfig \(a TransformerLens model\): expected a "
                        r"TransformerBridge, HookedTransformer or HookedEncoder with cfg.n_layers"):
         adapter_for(_NoConfig())
-    with pytest.raises(CaptureError, match=r"wraps an encoder-decoder model "
-                       r"\(T5ForConditionalGeneration\).*capture\(bridge.original_model"):
-        adapter_for(bridge("t5_2enc_3dec", tok_dir, tmp_path / "t5"))
+    t5 = bridge("t5_2enc_3dec", tok_dir, tmp_path / "t5")
+    with pytest.raises(InputError, match="encoder-decoder model: a batch needs 'decoder_input_"):
+        capture(t5, [padded(tok_dir, "right")], tmp_path / "t5.zarr", progress=False)
     with pytest.raises(CaptureError, match=r"_NoPatterns \(a TransformerLens model\).*"
                        r"blocks.<layer>.attn.hook_pattern.*missing \['blocks.0.attn"):
         capture(_NoPatterns(), [torch.zeros(1, 2)], tmp_path / "x.zarr", progress=False)

@@ -4,7 +4,9 @@ Supported: a TransformerLens 4 ``TransformerBridge`` (``TransformerBridge.boot_t
 wraps a Hugging Face model) and a TransformerLens 3 ``HookedTransformer`` or ``HookedEncoder``.
 All name each layer's attention pattern ``blocks.{i}.attn.hook_pattern``, shaped ``(B, H, T, S)``
 (``[batch, head_index, query_pos, key_pos]``), the tensor ``run_with_cache`` stores as
-``cache["pattern", i]``.
+``cache["pattern", i]``. A bridge of an encoder-decoder model (T5) names them
+``encoder_blocks.{i}.attn``, ``decoder_blocks.{i}.self_attn`` and ``.cross_attn``; its batches
+also hold ``decoder_input_ids`` (and optionally ``decoder_attention_mask``).
 
 One layer at a time
     A forward hook on each selected layer's ``hook_pattern`` (added through the model's
@@ -36,6 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from attnscope.capture.base import Adapter, Sink, describe, jsonable
+from attnscope.contracts import KIND_AXES
 from attnscope.errors import CaptureError, InputError
 from attnscope.store.layout import SideLayout, TokenLayout
 
@@ -46,6 +49,14 @@ __all__ = ["TransformerLensAdapter", "is_transformer_lens", "pattern_hook"]
 _RUN_FIELDS = frozenset({"device", "n_devices"})
 # forward keywords of a 0/1 padding mask, first found wins (3.x HookedEncoder: the second)
 _MASK_KWS = ("attention_mask", "one_zero_attention_mask")
+# hook points of an encoder-decoder bridge, per stack and kind ({} = layer)
+_ENC_DEC_HOOKS = {
+    "encoder": {"self_attention": "encoder_blocks.{}.attn.hook_pattern"},
+    "decoder": {
+        "self_attention": "decoder_blocks.{}.self_attn.hook_pattern",
+        "cross_attention": "decoder_blocks.{}.cross_attn.hook_pattern",
+    },
+}
 
 
 def pattern_hook(layer: int) -> str:
@@ -63,7 +74,8 @@ class TransformerLensAdapter(Adapter):
     (see the module docstring).
 
     A causal model (``cfg.attention_dir == "causal"``) gives ``decoder/{i}/self_attention``,
-    a bidirectional one ``encoder/{i}/self_attention``, one array per layer.
+    a bidirectional one ``encoder/{i}/self_attention``, one array per layer; an
+    encoder-decoder bridge all three kinds.
     """
 
     def __init__(self, model: nn.Module, tokenizer: Any = None) -> None:
@@ -81,13 +93,14 @@ class TransformerLensAdapter(Adapter):
                 + ("" if hook_dict is not None else " and no hook_dict/hooks()")
             )
         hf_cfg = getattr(getattr(model, "original_model", None), "config", None)
-        if bool(getattr(hf_cfg, "is_encoder_decoder", False)):
-            raise CaptureError(
-                f"cannot capture attention from {what}: it wraps an encoder-decoder model "
-                f"({type(model.original_model).__name__}), whose patterns TransformerLens does "
-                "not name blocks.<layer>.attn.hook_pattern; capture the Hugging Face model "
-                "itself: capture(bridge.original_model, batches, path)"
-            )
+        self.enc_dec = bool(getattr(hf_cfg, "is_encoder_decoder", False))
+        params = _parameters(model)
+        # the forward's name of a 0/1 padding mask: HookedEncoder (3.x) calls it
+        # one_zero_attention_mask; None: the model takes no mask
+        self.mask_kw = next((k for k in _MASK_KWS if k in params), None)
+        if self.enc_dec:
+            self.points = _enc_dec_points(hook_dict, what)
+            return
         missing = [pattern_hook(i) for i in range(n_layers) if pattern_hook(i) not in hook_dict]
         if missing:
             some = sorted(k for k in hook_dict if "pattern" in k)[:4]
@@ -98,10 +111,6 @@ class TransformerLensAdapter(Adapter):
                 f"points it has: {some or 'none'}); a model without attention patterns has "
                 "no weights to capture"
             )
-        # the forward's name of a 0/1 padding mask: HookedEncoder (3.x) calls it
-        # one_zero_attention_mask; None: the model takes no mask
-        params = _parameters(model)
-        self.mask_kw = next((k for k in _MASK_KWS if k in params), None)
         causal = getattr(cfg, "attention_dir", "causal") == "causal"
         self.side = "decoder" if causal else "encoder"
         self.points = {f"{self.side}/{i}/self_attention": pattern_hook(i) for i in range(n_layers)}
@@ -133,16 +142,37 @@ class TransformerLensAdapter(Adapter):
     def batch_size(self, batch: Any) -> int:
         return int(_split(batch)[0].shape[0])
 
+    def _sides(self, batch: Any) -> dict[str, tuple[Tensor, Tensor | None]]:
+        """Per side, ``(token ids (B, L), 0/1 mask (B, L) or None)``."""
+        ids, mask, extra = _split(batch)
+        if not self.enc_dec:
+            return {self.side: (ids, mask)}
+        dec = extra.get("decoder_input_ids")
+        if not isinstance(dec, Tensor) or dec.dim() != 2 or dec.shape[0] != ids.shape[0]:
+            raise InputError(
+                f"{type(self.model).__name__} wraps an encoder-decoder model: a batch needs "
+                "'decoder_input_ids', a (B, T) tensor with the batch size of 'input_ids' "
+                f"{tuple(ids.shape)}, got {_describe(dec)}"
+            )
+        dmask = extra.get("decoder_attention_mask")
+        if dmask is not None:
+            _check_mask(dmask, dec, "decoder_attention_mask", "decoder_input_ids")
+        return {"encoder": (ids, mask), "decoder": (dec, dmask)}
+
     def run(self, batch: Any, sink: Sink, wanted: set[str]) -> None:
         ids, mask, extra = _split(batch)
-        pad_rows = None if mask is None or bool(mask.all()) else ~mask.bool()
-
+        sides = self._sides(batch)
+        # per query side, the padded queries (None: no padding on that side)
+        pad = {s: None if m is None or bool(m.all()) else ~m.bool() for s, (_i, m) in sides.items()}
         fired: set[str] = set()
 
         def hook_for(name: str) -> Any:
+            stack, _layer, kind = name.split("/")
+            rows = pad[KIND_AXES[(stack, kind)][0]]
+
             def hook(pattern: Tensor, hook: Any) -> None:
                 fired.add(name)
-                sink(name, pattern if pad_rows is None else _uniform_rows(pattern, pad_rows))
+                sink(name, pattern if rows is None else _uniform_rows(pattern, rows))
 
             return hook
 
@@ -170,28 +200,90 @@ class TransformerLensAdapter(Adapter):
     # -- what a ragged archive stores ----------------------------------------------------
 
     def lengths(self, batch: Any) -> dict[str, int] | None:
-        return {self.side: int(_split(batch)[0].shape[1])}
+        return {s: int(ids.shape[1]) for s, (ids, _m) in self._sides(batch).items()}
 
     def masks(self, batch: Any) -> dict[str, np.ndarray] | None:
-        mask = _split(batch)[1]
-        return None if mask is None else {self.side: _np(mask).astype(bool)}
+        """Per side, True = real token; every side once any side has a mask (else None)."""
+        sides = self._sides(batch)
+        if all(m is None for _i, m in sides.values()):
+            return None
+        return {
+            s: np.ones(tuple(ids.shape), dtype=bool) if m is None else _np(m).astype(bool)
+            for s, (ids, m) in sides.items()
+        }
 
     def tokens(self, batch: Any) -> dict[str, dict[str, Any]] | None:
         if self.tokenizer is None:
             return None
-        ids = _np(_split(batch)[0]).astype(np.int64)
-        to_tokens = self.tokenizer.convert_ids_to_tokens
-        labels = [[str(t) for t in to_tokens(row)] for row in ids.tolist()]
-        return {self.side: {"ids": ids, "labels": labels}}
+        out = {}
+        for side, (t, _m) in self._sides(batch).items():
+            ids = _np(t).astype(np.int64)
+            to_tokens = self.tokenizer.convert_ids_to_tokens
+            labels = [[str(x) for x in to_tokens(row)] for row in ids.tolist()]
+            out[side] = {"ids": ids, "labels": labels}
+        return out
 
     def layout(self, batch: Any, shapes: Mapping[str, tuple[int, ...]]) -> TokenLayout:
-        """One side; with a tokenizer, labelled by the first sample's tokens."""
+        """The sides of the arrays; with a tokenizer, labelled by the first sample's tokens."""
         base = super().layout(batch, shapes)
-        lay = getattr(base, self.side)
-        toks = (self.tokens(batch) or {}).get(self.side)
-        if toks is not None and lay is not None and len(toks["labels"][0]) == lay.length:
-            lay = SideLayout.from_labels(toks["labels"][0], name="text")
-        return TokenLayout(**{self.side: lay})
+        toks = self.tokens(batch) or {}
+
+        def side(name: str) -> SideLayout | None:
+            lay = getattr(base, name)
+            got = toks.get(name)
+            if got is None or lay is None or len(got["labels"][0]) != lay.length:
+                return lay
+            return SideLayout.from_labels(got["labels"][0], name="text")
+
+        return TokenLayout(side("encoder"), side("decoder"))
+
+
+def _enc_dec_points(hook_dict: Mapping[str, Any], what: str) -> dict[str, str]:
+    """Array name -> hook point of an encoder-decoder bridge (T5: ``encoder_blocks.{i}.attn``,
+    ``decoder_blocks.{i}.self_attn`` / ``.cross_attn``), as deep as its hook points go."""
+    out: dict[str, str] = {}
+    for stack, groups in _ENC_DEC_HOOKS.items():
+        i = 0
+        while any(h.format(i) in hook_dict for h in groups.values()):
+            for kind, h in groups.items():
+                if h.format(i) not in hook_dict:
+                    raise CaptureError(
+                        f"cannot capture attention from {what}: its {stack} block {i} has no "
+                        f"hook point {h.format(i)}"
+                    )
+                out[f"{stack}/{i}/{kind}"] = h.format(i)
+            i += 1
+    if not any(n.startswith("encoder/") for n in out) or not any(
+        n.startswith("decoder/") for n in out
+    ):
+        some = sorted(k for k in hook_dict if "pattern" in k)[:4]
+        raise CaptureError(
+            f"cannot capture attention from {what}: it wraps an encoder-decoder model, "
+            "expected hook points encoder_blocks.<layer>.attn.hook_pattern and "
+            "decoder_blocks.<layer>.self_attn/cross_attn.hook_pattern, found "
+            f"{some or 'no pattern hook points'}; capture the Hugging Face model itself: "
+            "capture(bridge.original_model, batches, path)"
+        )
+    return dict(sorted(out.items(), key=lambda kv: _order(kv[0])))
+
+
+def _order(name: str) -> tuple[bool, int, bool]:
+    stack, layer, kind = name.split("/")
+    return (stack != "encoder", int(layer), kind != "self_attention")
+
+
+def _describe(x: Any) -> str:
+    if isinstance(x, Tensor):
+        return f"shape {tuple(x.shape)}"
+    return "none" if x is None else type(x).__name__
+
+
+def _check_mask(mask: Any, ids: Tensor, key: str, id_key: str) -> None:
+    if not isinstance(mask, Tensor) or tuple(mask.shape) != tuple(ids.shape):
+        raise InputError(
+            f"{key} has {_describe(mask)} but {id_key} has {tuple(ids.shape)}; expected the "
+            "same (B, T): one 0/1 entry per token"
+        )
 
 
 def _parameters(model: Any) -> set[str]:
@@ -238,12 +330,7 @@ def _split(batch: Any) -> tuple[Tensor, Tensor | None, dict[str, Any]]:
             f"{tuple(ids.shape)} of {ids.dtype}"
         )
     if mask is not None:
-        if not isinstance(mask, Tensor) or tuple(mask.shape) != tuple(ids.shape):
-            shape = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
-            raise InputError(
-                f"attention_mask has shape {shape} but input_ids has {tuple(ids.shape)}; "
-                "expected the same (B, T): one 0/1 entry per token"
-            )
+        _check_mask(mask, ids, "attention_mask", "input_ids")
     return ids, mask, extra
 
 
