@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from attnscope.errors import SelectionError
+from attnscope.errors import MissingExtraError, SelectionError
 from attnscope.interop.bertviz import bertviz_arrays, bertviz_kwargs, head_view, model_view
 from attnscope.store import ArchiveWriter, SideLayout, TokenLayout, open_archive
 
@@ -186,3 +186,9 @@ def test_reading_the_arrays_imports_no_torch(dec_only) -> None:
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_without_bertviz_the_error_names_the_extra(dec_only, monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "bertviz", None)  # import bertviz now fails
+    with pytest.raises(MissingExtraError, match=r"pip install 'attnscope\[bertviz\]'"):
+        head_view(dec_only, 0, html_action="return")
