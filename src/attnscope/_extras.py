@@ -4,7 +4,8 @@ The core install (``pip install attnscope``: store, analysis, render, CLI) needs
 and no Dask; capture needs ``attnscope[capture]``, Hugging Face models ``attnscope[hf]``,
 Dask clusters and xarray/dask views ``attnscope[dask]``, archives on S3 ``attnscope[s3]``,
 saved Hugging Face ``datasets`` folders as capture inputs ``attnscope[datasets]``, a
-notebook kernel (``attnscope.show`` displays inline) ``attnscope[notebook]``.
+notebook kernel (``attnscope.show`` displays inline) ``attnscope[notebook]``,
+TransformerLens models ``attnscope[tl]``, the BertViz export ``attnscope[bertviz]``.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ EXTRA_OF = {
     "datasets": "datasets",
     "IPython": "notebook",
     "ipykernel": "notebook",
+    "transformer_lens": "tl",
+    "bertviz": "bertviz",
 }
 
 

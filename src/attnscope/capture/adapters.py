@@ -8,7 +8,9 @@ one ``run`` and are removed in ``finally``.
 Supported: the reference :class:`~attnscope.capture.model.Transformer`,
 ``torch.nn.MultiheadAttention`` (alone or in ``nn.TransformerEncoder`` /
 ``nn.TransformerDecoder`` / ``nn.Transformer``), and Hugging Face ``transformers``
-models (:mod:`attnscope.capture.hf`: hooks on the attention modules, layer by layer).
+models (:mod:`attnscope.capture.hf`: hooks on the attention modules, layer by layer), and
+TransformerLens models (:mod:`attnscope.capture.transformer_lens`: each layer's
+``hook_pattern``).
 A ``torch.compile``d model is captured through the module it wraps.
 """
 
@@ -27,11 +29,15 @@ from attnscope.capture.base import Adapter, Sink, call_model, describe, first_te
 from attnscope.capture.blocks import softmax_blocks
 from attnscope.capture.hf import HFAdapter
 from attnscope.capture.model import Transformer
+from attnscope.capture.transformer_lens import TransformerLensAdapter, is_transformer_lens
 from attnscope.contracts import KIND_AXES
 from attnscope.errors import CaptureError, InputError, SelectionError
 from attnscope.store.layout import TokenLayout
 
-__all__ = ["Adapter", "ReferenceAdapter", "TorchMHAAdapter", "HFAdapter", "adapter_for"]
+__all__ = [
+    "Adapter", "ReferenceAdapter", "TorchMHAAdapter", "HFAdapter", "TransformerLensAdapter",
+    "adapter_for",
+]  # fmt: skip
 
 
 class ReferenceAdapter(Adapter):
@@ -324,14 +330,16 @@ def adapter_for(model: nn.Module, tokenizer: Any = None) -> Adapter:
     model = unwrap_compiled(model)
     if isinstance(model, Transformer):
         return ReferenceAdapter(model)
+    if is_transformer_lens(model):  # before HF: a TransformerBridge holds a HF config
+        return TransformerLensAdapter(model, tokenizer)
     if _is_hf(model):
         return HFAdapter(model, tokenizer)
     if any(isinstance(m, nn.MultiheadAttention) for m in model.modules()):
         return TorchMHAAdapter(model)
     raise CaptureError(
         f"cannot capture attention from {type(model).__name__}: it is not an attnscope "
-        "Transformer, a Hugging Face model, or a model built from nn.MultiheadAttention. "
-        "Subclass attnscope.capture.adapters.Adapter to report its weights"
+        "Transformer, a Hugging Face model, a TransformerLens model, or a model built from "
+        "nn.MultiheadAttention. Subclass attnscope.capture.adapters.Adapter to report its weights"
     )
 
 

@@ -96,13 +96,15 @@ def capture(
     ----------
     model
         The reference ``Transformer``, an ``nn.MultiheadAttention``-based model, a Hugging
-        Face model (layer by layer: see ``docs/capture.md``), or a custom
-        :class:`~attnscope.capture.adapters.Adapter`. A ``torch.compile``d model is
+        Face model (layer by layer: see ``docs/capture.md``), a TransformerLens
+        ``TransformerBridge`` / ``HookedTransformer`` (each layer's ``hook_pattern``), or a
+        custom :class:`~attnscope.capture.adapters.Adapter`. A ``torch.compile``d model is
         captured through the module it wraps.
     batches
         Any iterable (e.g. a ``DataLoader``). Reference model: ``(enc, dec)`` pairs of
         modality dicts; HF: dicts of model inputs (each batch may have its own length, e.g.
-        ``padding="longest"``); MHA models: tensors / arg tuples / kwarg dicts.
+        ``padding="longest"``); TransformerLens: ``(B, T)`` token ids or dicts with
+        ``input_ids`` and ``attention_mask``; MHA models: tensors / arg tuples / kwarg dicts.
     archive_path
         ``*.zarr`` (default format) or ``*.h5``; ``format`` overrides the suffix.
     layers, heads, kinds
