@@ -37,6 +37,7 @@ from attnscope.capture.options import (
 from attnscope.capture.provenance import input_digest, input_hash_ids, run_provenance
 from attnscope.capture.ragged import BeforeRun, Lengths, side_lengths
 from attnscope.capture.recorder import Recorder, trim
+from attnscope.capture.resume import ResumeCheck
 from attnscope.capture.shard import shard_for
 from attnscope.capture.writer import WriterThread, storage_error, to_host
 from attnscope.contracts import DEFAULT_COMPRESSOR
@@ -284,14 +285,9 @@ class _Job:
         self.skip = 0  # samples committed before this run (skipped, not re-run)
         self.pos = 0  # index of the next batch's first sample
         self.n_batches = 0
-        # per-batch input hashes go with each batch as sample ids; an archive resumed from
-        # a version that did not write them continues without (its ids must match)
-        self.hash_inputs = True
-        # resume: the committed samples' input hashes ((n, 4) uint64 words; None: not
-        # recorded) and the archive's batch size, compared with this run's batches
-        self.committed_hashes: np.ndarray | None = None
-        self.hash_base = 0  # sample of committed_hashes[0] (a rank's range start)
-        self.resume_bsz: int | None = None
+        # per-batch input hashes go with each batch as sample ids; on resume, batches are
+        # compared with the committed samples' before anything is skipped or written
+        self.resume = ResumeCheck(who="" if self.shard is None else f"rank {self.shard.rank}: ")
         self.generated: list[dict[str, Any]] | None = None if self.generate is None else []
         self.bar = progress_bar(opts.progress, opts.total)
         self.t0 = time.perf_counter()
@@ -336,12 +332,12 @@ class _Job:
         if self.shard is not None and bi == self.shard.first_batch:
             self.pos = bi * bsz  # equal-sized batches: this rank's first sample
         if self.pos < self.skip:  # (a rank learns its skip when it opens its range)
-            self._check_committed(bi, bsz, batch)
+            self.resume.check(bi, bsz, self.pos, batch)
         if self.pos + bsz <= self.skip:  # committed by an earlier run
             self.pos += bsz
             return
         drop = max(0, self.skip - self.pos)
-        digest = input_digest(batch) if self.hash_inputs else None
+        digest = input_digest(batch) if self.resume.hash_inputs else None
         batch = self.adapter.to_device(batch, self.device)
         self.recorder.begin(drop)
         first = self.writer is None  # the archive is made by this batch (or its first block)
@@ -376,8 +372,8 @@ class _Job:
                 # this rank resumes after its own committed samples, which must come from
                 # this run's inputs (as a single-process resume checks)
                 self.skip = self.pos + self.writer.writer.committed
-                self._adopt_hashes(self.writer.writer)
-                self._check_committed(bi, bsz, None, digest)
+                self.resume.adopt(self.writer.writer.committed_ids(INPUT_HASH_KEYS), self.pos)
+                self.resume.check(bi, bsz, self.pos, None, digest)
                 drop = min(bsz, self.skip - self.pos)
                 captured = trim(captured, drop)
         elif not first:
@@ -443,38 +439,6 @@ class _Job:
             self.stream_masks = self.lengths.block_masks(batch, lengths, bsz + drop, drop)
         self.writer.put_block(bsz, name, r0, data, fence, t, self.stream_masks)
 
-    def _adopt_hashes(self, writer: ArchiveWriter) -> None:
-        """A rejoining rank: its committed samples' input hashes, from its own range."""
-        ids = writer.committed_ids(INPUT_HASH_KEYS)
-        if ids is not None:
-            self.committed_hashes = np.stack([ids[k].astype(np.uint64) for k in INPUT_HASH_KEYS], 1)
-            self.hash_base = self.pos
-
-    def _check_committed(self, bi: int, bsz: int, batch: Any, digest: Any = None) -> None:
-        """Resume: refuse a batch whose committed samples came from other inputs."""
-        who = "" if self.shard is None else f"rank {self.shard.rank}: "
-        if bi == 0 and self.resume_bsz is not None and bsz != self.resume_bsz:
-            raise ConfigError(
-                f"resume: batch size differs: archive has {self.resume_bsz}, this run's first "
-                f"batch has {bsz}; resume with the batch size (--batch-size "
-                f"{self.resume_bsz}) and inputs that wrote the archive"
-            )
-        i = self.pos - self.hash_base
-        if self.committed_hashes is None or not 0 <= i < len(self.committed_hashes):
-            return
-        stored = self.committed_hashes[i]
-        digest = input_digest(batch) if digest is None else digest
-        words = np.array([w[0] for w in input_hash_ids(digest, 1).values()])
-        if not np.array_equal(stored, words):
-            have = stored.astype(">u8").tobytes().hex()[:12]
-            got = words.astype(">u8").tobytes().hex()[:12]
-            raise ConfigError(
-                f"{who}resume: batch {bi}'s inputs differ from the committed ones (sample "
-                f"{self.pos}): archive has input hash sha256:{have}…, this run's batch has "
-                f"sha256:{got}…; resume with the inputs, order and batch size that wrote the "
-                "archive, or capture into a new one"
-            )
-
     def _forward(self, bi: int, batch: Any) -> None:
         try:
             with torch.inference_mode():
@@ -503,13 +467,7 @@ class _Job:
             check_format(self.opts, self.path, arch.format)
             meta = arch.metadata
             fields, n = arch.token_fields(), arch.n_samples
-            ids = arch.sample_ids if n else {}
-            self.hash_inputs = n == 0 or set(INPUT_HASH_KEYS) <= set(ids)
-            if n and self.hash_inputs:
-                cols = [np.asarray(ids[k], dtype=np.uint64) for k in INPUT_HASH_KEYS]
-                self.committed_hashes = np.stack(cols, 1)
-        bsz = meta.get("batch_size")
-        self.resume_bsz = int(bsz) if n and isinstance(bsz, int) else None
+            self.resume.read(meta, arch.sample_ids if n else {}, n)
         self.identity.check(meta)
         check_codec(meta, self.opts.compressor, self.opts.level)
         self.lengths.adopt(meta, fields, n)
