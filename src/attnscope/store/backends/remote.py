@@ -65,6 +65,7 @@ BACKENDS = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "a
 _URL = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]+)://")  # two letters at least: not C://
 _CHAINED = re.compile(r"^\w[\w+.-]*::")  # fsspec chained URLs: simplecache::s3://..., zip::...
 _registered: dict[str, dict[str, Any]] = {}
+_UNCACHED = {"use_listings_cache": False}
 _reachable: set[tuple[str, str]] = set()  # (url, options) whose credentials and bucket passed
 T = TypeVar("T")
 
@@ -186,8 +187,13 @@ def _backend_error(url: str, e: BaseException) -> MissingExtraError | ConfigErro
     )
 
 
-def filesystem(url: str) -> tuple[Any, str]:
-    """``(fsspec filesystem, path inside it)`` of ``url`` (synchronous API)."""
+def filesystem(url: str, *, cached: bool = True) -> tuple[Any, str]:
+    """``(fsspec filesystem, path inside it)`` of ``url`` (synchronous API).
+
+    ``cached=False``: an instance without fsspec's listings cache, for objects that other
+    writers create and delete meanwhile (leases): s3fs answers ``info``, ``cat_file`` and
+    ``rm`` from a cached listing of the parent, so an object created after another thread
+    listed the folder reads as missing."""
     refuse_chained(url)
     url = _normal(url)
     try:
@@ -195,7 +201,7 @@ def filesystem(url: str) -> tuple[Any, str]:
     except ImportError as e:
         raise missing_extra_error("fsspec", f"the archive URL {url!r}") from e
     try:
-        fs, path = url_to_fs(url, **storage_options(url))
+        fs, path = url_to_fs(url, **storage_options(url), **({} if cached else _UNCACHED))
     except (ImportError, ValueError, TypeError) as e:
         if isinstance(e, ImportError) or "protocol not known" in str(e).lower():
             raise _backend_error(url, e) from e
@@ -451,12 +457,16 @@ def _create(fs: Any, path: str, body: bytes) -> bool:
     except TypeError as e:
         if "mode" not in str(e):
             raise
+        fs.invalidate_cache(path)
         if fs.exists(path):
             return False
         fs.pipe_file(path, body)
     return True
 
 
+# Single lock objects are deleted with ``rm_file`` (one DELETE): ``rm`` first expands the
+# path through fsspec's listings cache, which another thread's listing may have filled
+# before the object existed, and then silently deletes nothing.
 class RemoteLease:
     """Writer lease on a URL: a JSON object in ``<url>/.attnscope-locks/``.
 
@@ -486,22 +496,26 @@ class RemoteLease:
         except FileNotFoundError:
             return None
         except ValueError:
-            storage_call(self.dir, fs.rm, full)  # a PUT is whole: debris, not a writer
+            storage_call(self.dir, fs.rm_file, full)  # a PUT is whole: debris, not a writer
             return None
         return rec if isinstance(rec, dict) else None
 
     def _sweep(self, fs: Any, root: str, me: str, *, mine: str | None = None) -> None:
         """Remove stale records of this host; raise if a live overlapping one is found
         (``mine``: this writer's own record, skipped)."""
-        for key in keys(self.dir):
+        try:
+            found = storage_call(self.dir, fs.find, root)
+        except FileNotFoundError:
+            found = []
+        for full in found:
+            key = str(full).rstrip("/").rsplit("/", 1)[-1]
             if not key.endswith(".json") or key == mine:
                 continue
-            full = f"{root}/{key}"
             rec = self._read(fs, full)
             if rec is None:
                 continue
             if rec.get("host") == me and isinstance(rec.get("pid"), int) and not alive(rec["pid"]):
-                storage_call(self.dir, fs.rm, full)  # stale: its writer died on this host
+                storage_call(self.dir, fs.rm_file, full)  # stale: its writer died on this host
                 continue
             other = None if rec.get("range") is None else tuple(rec["range"])
             if overlap(self.range, other):  # type: ignore[arg-type]
@@ -515,7 +529,8 @@ class RemoteLease:
                 raise err
 
     def acquire(self) -> RemoteLease:
-        fs, root = filesystem(self.dir)
+        check_reachable(self.dir)
+        fs, root = filesystem(self.dir, cached=False)
         me = socket.gethostname()
         self._sweep(fs, root, me)
         rec = lock_record(me, self.range)
@@ -542,7 +557,7 @@ class RemoteLease:
 
     def check(self) -> None:
         """Raise unless this writer's record is still the one at its name (one GET)."""
-        fs, root = filesystem(self.dir)
+        fs, root = filesystem(self.dir, cached=False)
         found = self._read(fs, f"{root}/{self.name}")
         if found is None or found.get("token") != self.token:
             raise lost_error(self.archive, self.file, found)
@@ -553,9 +568,9 @@ class RemoteLease:
             return
         self.held = False
         try:
-            fs, root = filesystem(self.dir)
+            fs, root = filesystem(self.dir, cached=False)
             found = json.loads(fs.cat_file(f"{root}/{self.name}"))
             if found.get("token") == self.token:  # never another writer's record
-                fs.rm(f"{root}/{self.name}")
+                fs.rm_file(f"{root}/{self.name}")
         except Exception:  # noqa: BLE001 - a vanished object or a lost connection
             pass
