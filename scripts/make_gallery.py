@@ -108,7 +108,7 @@ def minilm_figures(arc_path: Path, tables: Path, out: Path) -> list[Path]:
                                                            "sample 0"),
                          out, "minilm-grid"))
         made.append(save(plot_layer_comparison(
-            {i: arc.attention("encoder", i, "self_attention") for i in arc.layers("encoder")},
+            {i: arc.attention("encoder", i, "self_attention") for i in arc.layers["encoder"]},
             head_idx=None, batch_idx=5, title="MiniLM, mean of heads per layer, sample 5"),
             out, "minilm-layers"))
     made.append(save(plot_head_metric(tables / "head_stats.parquet", stack="encoder",

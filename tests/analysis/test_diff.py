@@ -159,9 +159,9 @@ def test_mismatched_shape_refused(tmp_path: Path) -> None:
 def test_mismatched_heads_refused(tmp_path: Path) -> None:
     w = make_weights(seed=1)
     a = build_archive(tmp_path / "a.zarr", w, make_layout())
-    names = open_archive(a.path).arrays()
+    names = open_archive(a.path).arrays
     b = build_archive(tmp_path / "b.zarr", w, make_layout(), heads={n: [0, 1, 2, 5] for n in names})
-    assert open_archive(b.path).heads("encoder/0/self_attention") == [0, 1, 2, 5]
+    assert open_archive(b.path).heads["encoder/0/self_attention"] == (0, 1, 2, 5)
     with pytest.raises(ConfigError, match=r"differs in heads: A \[0, 1, 2, 3\], B \[0, 1, 2, 5\]"):
         diff_archives(a, b, tmp_path / "out")
 

@@ -134,7 +134,7 @@ def test_diff_and_rollout_speak_model_head_ids(kept_heads_archive, tmp_path: Pat
     one = sample_rollout(kept_heads_archive, 0, heads=[3])[("encoder", "self_attention")][0]
     with open_archive(kept_heads_archive) as a:
         mats = [np.asarray(a.attention("encoder", i, "self_attention")[0, 1], dtype=np.float64)
-                for i in a.layers("encoder")]
+                for i in a.layers["encoder"]]
     from attnscope.analysis.rollout import attention_rollout
 
     np.testing.assert_allclose(one, attention_rollout(mats), atol=1e-6)

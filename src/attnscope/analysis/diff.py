@@ -79,12 +79,12 @@ def check_same_layout(a: Any, b: Any, *, max_bytes: int = 64 << 20) -> None:
         raise ConfigError(
             f"archives differ in sample count: A has {a.n_samples}, B has {b.n_samples}"
         )
-    na, nb = set(a.arrays()), set(b.arrays())
+    na, nb = set(a.arrays), set(b.arrays)
     if na != nb:
         raise ConfigError(
             f"archives differ in arrays: only in A {sorted(na - nb)}, only in B {sorted(nb - na)}"
         )
-    for name in a.arrays():
+    for name in a.arrays:
         xa, xb = a.attention(name), b.attention(name)
         ra, rb = (_kept(x) for x in (xa, xb))
         if ra != rb:
@@ -230,7 +230,7 @@ def diff_archives(
         id_a, id_b = arc_a.identity(), arc_b.identity()
         fa, fb = str(id_a["fingerprint"]), str(id_b["fingerprint"])
         with ParquetSink(out_dir, DIFF, id_a, {"attnscope.identity_b": id_b}) as sink:
-            for name in arc_a.arrays():
+            for name in arc_a.arrays:
                 arr = arc_a.attention(name)
                 heads = np.asarray([*arr.heads, AVERAGE_HEAD], dtype=np.int64)
                 for sl, xa, xb, rows in _blocks(arc_a, arc_b, name, max_bytes):

@@ -162,7 +162,7 @@ def _depth(config: Any, stack: str) -> int | None:
 
 def _stack_names(archive: Any, stack: str, kind: str) -> list[str]:
     """Every layer's ``stack/layer/kind``, refusing a stack with a layer missing."""
-    stored = archive.layers(stack)
+    stored = archive.layers.get(stack, ())
     depth = _depth(archive.metadata.get("model_config") or {}, stack)
     want = range(depth if depth is not None else (max(stored) + 1 if stored else 0))
     names = [array_name(stack, i, kind) for i in want]
@@ -183,7 +183,7 @@ def rollout_arrays(archive: Any) -> dict[str, list[str]]:
     is stored without the encoder's or the decoder's self-attention it needs.
     """
     def has(stack: str, kind: str) -> bool:
-        return any(n.startswith(f"{stack}/") and n.endswith("/" + kind) for n in archive.arrays())
+        return any(n.startswith(f"{stack}/") and n.endswith("/" + kind) for n in archive.arrays)
 
     out: dict[str, list[str]] = {"encoder": [], "decoder": [], "cross": []}
     if has("encoder", "self_attention"):

@@ -124,13 +124,13 @@ def timeline(
 
 
 def _select(arc: Any, query: Any, arrays: Iterable[str] | None) -> list[str]:
-    names = sorted(arc.arrays())
+    names = sorted(arc.arrays)
     if arrays is not None:
         want = [arrays] if isinstance(arrays, str) else list(arrays)
         names = [n for n in names if any(n == p or n.startswith(p.rstrip("/") + "/") for p in want)]
         if not names:
             raise SelectionError(
-                f"arrays {want} match no array; expected among {sorted(arc.arrays())}"
+                f"arrays {want} match no array; expected among {sorted(arc.arrays)}"
             )
     if isinstance(query, str) and query not in ("all", "last"):
         names = [n for n in names if _has_segment(arc, n, query)]

@@ -337,7 +337,7 @@ def render_diff(
         check_structure(arc_a, every_chunk=False)
         check_structure(arc_b, every_chunk=False)
         check_same_layout(arc_a, arc_b)
-        names = list(arrays) if arrays is not None else arc_a.arrays()
+        names = list(arrays) if arrays is not None else list(arc_a.arrays)
         for i in samples if samples is not None else [0]:
             if not 0 <= int(i) < arc_a.n_samples:
                 raise SelectionError(f"sample {i} out of range; archives have {arc_a.n_samples}")

@@ -234,7 +234,7 @@ def _viewer_data(
                                      max_cells) for smp in samples}
         arrays.append({
             "name": name, "stack": stack, "layer": int(layer), "kind": kind,
-            "heads": [int(h) for h in arc.heads(name)], "rows": rows_side, "cols": k_side,
+            "heads": [int(h) for h in arc.heads[name]], "rows": rows_side, "cols": k_side,
             "data": data,
         })
     head_stats, seg, pairs = (tables[n] for n in FIGURE_TABLES)
@@ -465,12 +465,12 @@ def _build(
     max_bytes: int,
     timeline: dict[str, Any] | None = None,
 ) -> str:
-    names = list(arrays) if arrays is not None else arc.arrays()
-    unknown = [n for n in names if n not in arc.arrays()]
+    names = list(arrays) if arrays is not None else list(arc.arrays)
+    unknown = [n for n in names if n not in arc.arrays]
     if unknown:
-        raise SelectionError(f"unknown array(s) {unknown}; the archive has {arc.arrays()}")
+        raise SelectionError(f"unknown array(s) {unknown}; the archive has {list(arc.arrays)}")
     if not names:
-        raise SelectionError(f"no arrays selected; the archive has {arc.arrays()}")
+        raise SelectionError(f"no arrays selected; the archive has {list(arc.arrays)}")
     if not 0 <= sample < arc.n_samples:
         raise SelectionError(f"sample {sample} out of range [0, {arc.n_samples})")
     if max_cells < 1:
@@ -524,7 +524,7 @@ def _build(
         "samples": arc.n_samples,
         "stored dtype": arc.dtype,
         "mode": arc.mode if arc.topk is None else f"{arc.mode} (top-{arc.topk})",
-        "arrays": len(arc.arrays()),
+        "arrays": len(arc.arrays),
         "fingerprint": ident.get("fingerprint"),
     }
     body.append(f"<h2>Archive</h2>{_kv(overview)}")
