@@ -81,7 +81,8 @@ def to_xarray(
         and ``key`` (positions). Other coordinates: ``query_segment`` / ``key_segment``
         (segment name of each position), ``query_token`` ``(sample, query)`` and
         ``key_token`` ``(sample, key)`` (each sample's own token labels; ``""`` where
-        padded), ``query_token_id`` / ``key_token_id`` when ids were stored (-1 where
+        padded; lazy, so ``where(cond, drop=True)`` on them needs ``cond.compute()``),
+        ``query_token_id`` / ``key_token_id`` when ids were stored (-1 where
         padded), and ``sample_<key>`` for each stored sample id. Attributes: the archive's
         identity, ``stack``, ``kind``, ``query_side`` / ``key_side`` and
         ``query_segments`` / ``key_segments`` (JSON ``[name, start, stop]`` along the dims),
