@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 
 from attnscope.analysis.blocks import dense_block, sample_slices, sparse_causal
 from attnscope.analysis.tables import TABLE_SCHEMAS
-from attnscope.contracts import IDENTITY_KEY
+from attnscope.contracts import IDENTITY_KEY, TABLE_VERSION_KEY, TABLE_VERSIONS
 from attnscope.errors import SelectionError, ShapeError
 from attnscope.store import check_structure, open_archive
 from attnscope.store.names import array_name
@@ -335,6 +335,8 @@ class ParquetSink:
         self.path = Path(out_dir) / f"{name}.parquet"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         meta = {IDENTITY_KEY: json.dumps(identity, sort_keys=True)}
+        if TABLE_VERSIONS.get(name, 1) > 1:
+            meta[TABLE_VERSION_KEY] = str(TABLE_VERSIONS[name])
         meta.update({k: json.dumps(v, sort_keys=True) for k, v in (extra or {}).items()})
         self.schema = TABLE_SCHEMAS[name].with_metadata(meta)
         self._partial = self.path.with_name(self.path.name + ".partial")

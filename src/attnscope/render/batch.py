@@ -248,7 +248,8 @@ def load_tables(tables_dir: str | os.PathLike, arc: Any) -> dict[str, Any]:
                 f"no {name}.parquet in {tables_dir}; expected the folder written by "
                 f"`attnscope analyze ARCHIVE --out {tables_dir}`"
             )
-        found[name] = load_table(tables_dir, name, arc)  # StaleTableError for another archive
+        # the mean-of-heads rows too (head_index -1); StaleTableError for another archive
+        found[name] = load_table(tables_dir, name, arc, with_mean_head=True)
     return found
 
 

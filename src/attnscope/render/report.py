@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.colors import to_rgb
 
-from attnscope.contracts import AVERAGE_HEAD, KIND_AXES, STACKS
+from attnscope.contracts import AVERAGE_HEAD, HEAD_INDEX, KIND_AXES, STACKS
 from attnscope.errors import ConfigError, SelectionError, ShapeError
 from attnscope.render._crop import crop_layout, positions_of, read_real
 from attnscope.render._figure_jobs import load_timeline
@@ -202,7 +202,7 @@ def _timeline(tables_dir: str | os.PathLike[str], arc: AttentionArchive) -> dict
         return None
     df = load_timeline(tables_dir, arc)
     series: dict[str, Any] = {}
-    keys = ["stack", "kind", "episode", "layer", "head"]
+    keys = ["stack", "kind", "episode", "layer", HEAD_INDEX]
     for (st, kd, ep, lyr, hd), g in df.groupby(keys, sort=True):
         mass = g.groupby(["key_segment", "step"], sort=False)["mass"].mean()
         lines = [[str(seg), [int(x) for x in m.index.get_level_values("step")],
@@ -267,7 +267,7 @@ def _entropy(head_stats: pd.DataFrame, names: Sequence[str]) -> dict[str, Any]:
         sub = head_stats[(head_stats["stack"] == stack) & (head_stats["kind"] == kind)]
         if sub.empty:
             continue
-        pv = sub.pivot_table(index="layer", columns="head", values="norm_entropy_mean",
+        pv = sub.pivot_table(index="layer", columns=HEAD_INDEX, values="norm_entropy_mean",
                              aggfunc="mean").sort_index().sort_index(axis=1)
         heads = [h for h in pv.columns if h != AVERAGE_HEAD] + (
             [AVERAGE_HEAD] if AVERAGE_HEAD in pv.columns else [])
@@ -285,7 +285,7 @@ def _mass(seg: pd.DataFrame, names: Sequence[str]) -> dict[str, Any]:
     for name in names:
         sub = _rows(seg, name)
         per_head = {}
-        for head, g in sub.groupby("head", sort=True):
+        for head, g in sub.groupby(HEAD_INDEX, sort=True):
             pv = g.pivot_table(index="query_segment", columns="key_segment", values="mass",
                                aggfunc="mean", sort=False)
             rows = list(dict.fromkeys(g["query_segment"]))
@@ -315,7 +315,7 @@ def _pairs(pairs: pd.DataFrame, names: Sequence[str], samples: list[int], k: int
             f"{int(s)}|{int(h)}": [[int(q), int(kk), round(float(w), 6), _text(ql), _text(kl)]
                                    for q, kk, w, ql, kl in g[cols].head(k)
                                    .itertuples(index=False)]
-            for (s, h), g in sub.groupby(["sample", "head"], sort=True)
+            for (s, h), g in sub.groupby(["sample", HEAD_INDEX], sort=True)
         }
     return out
 

@@ -91,9 +91,10 @@ def resolve_key(names: Sequence[str], key: Any) -> str:
         if int(layer) not in layers:
             hint = (f" (layers are numbers, not positions: the last is "
                     f"archive.layers[{stack!r}][-1])" if int(layer) < 0 else "")
+            what = (f"no array '{stack}/{int(layer)}/{_kind(parts[2])}'" if len(parts) == 3
+                    else f"no {stack} layer {int(layer)}")
             raise SelectionError(
-                f"no {stack} layer {int(layer)} in the archive (key {key!r}); "
-                f"{stack} layers stored: {layers}{hint}"
+                f"{what} in the archive (key {key!r}); {stack} layers stored: {layers}{hint}"
             )
         got = [g for g in got if g[1] == int(layer)]
     if len(parts) == 3:
