@@ -167,6 +167,7 @@ def test_padded_minilm_metrics_equal_numpy_over_real_rows(tmp_path, minilm_batch
         t: load_table(out, t, archive=path, with_mean_head=True)
         for t in ("head_stats", "row_stats", "top_pairs", "segment_mass")
     }
+    tables["head_similarity"] = load_table(out, "head_similarity", archive=path)
     heads = list(range(12))
     sample = 0
     stats_ref: dict[int, list[np.ndarray]] = {0: [], 3: []}

@@ -15,7 +15,7 @@ from analysis_helpers import make_layout, make_weights
 
 from attnscope.analysis import analyze, diff_archives, load_table, timeline
 from attnscope.contracts import MEAN_HEAD_TABLES, TABLE_VERSION_KEY, TABLE_VERSIONS
-from attnscope.errors import ConfigError, StaleTableError
+from attnscope.errors import ConfigError, SelectionError, StaleTableError
 from attnscope.store import ArchiveWriter, open_archive
 
 PER_HEAD = ("head_stats", "row_stats", "top_pairs", "segment_mass")
@@ -173,3 +173,10 @@ def test_old_schema_tables_feed_the_figures_and_the_report(tables, tmp_path) -> 
     pages = [write_report(path, tmp_path / f"{d.name}.html", tables_dir=d).read_text()
              for d in (out, old)]
     assert pages[0] == pages[1]
+
+
+def test_unknown_columns_name_the_table_columns(tables) -> None:
+    _, out, _ = tables
+    with pytest.raises(SelectionError, match=r"table 'mean_head_stats' has no column\(s\) "
+                                             r"\['head_index'\]; its columns: \["):
+        load_table(out, "mean_head_stats", columns=["head_index"])

@@ -272,6 +272,9 @@ def load_table(
         raise SelectionError(f"unknown table {name!r}; expected one of {list(TABLES)}")
     if columns is not None and not isinstance(columns, list):
         raise ConfigError(f"columns must be a list of names, got {type(columns).__name__}")
+    known = [c for c, _t in TABLE_COLUMNS[name]]
+    if columns is not None and (bad := [c for c in columns if c not in known]):
+        raise SelectionError(f"table {name!r} has no column(s) {bad}; its columns: {known}")
     if with_mean_head:
         if name not in MEAN_HEAD_TABLES:
             raise ConfigError(
