@@ -117,3 +117,19 @@ def test_call_forms_still_work_and_warn(arc):
         assert a.heads("decoder/1/cross_attention") == [1, 3]
     with pytest.warns(DeprecationWarning), pytest.raises(SelectionError, match="unknown stack"):
         a.layers("middle")
+
+
+def test_a_foreign_node_leaves_the_views_readable(arc):
+    """A node that is no attnscope array (damage) is listed, refused when opened, and
+    leaves the other views and keys working."""
+    import zarr
+
+    a, _ = arc
+    zarr.open_group(a.path, mode="r+").create_group("encoder/extra").create_array(
+        "foo", shape=(1,), dtype="f4")
+    with open_archive(a.path) as b:
+        assert "encoder/extra/foo" in b.arrays
+        assert b.layers["encoder"] == (0,) and b["encoder", 0].name == "encoder/0/self_attention"
+        assert ("encoder", 0, "self") in b and dict(b.kinds)[("encoder", 0)] == ("self_attention",)
+        with pytest.raises(SelectionError, match="bad array name"):
+            b["encoder/extra/foo"]

@@ -58,6 +58,18 @@ def _is_int(x: Any) -> bool:
     return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
 
 
+def _parsed(names: Sequence[str]) -> list[tuple[str, int, str]]:
+    """``(stack, layer, kind)`` of each name; a foreign node (damage, which opening it
+    reports) is left out."""
+    out = []
+    for n in names:
+        try:
+            out.append(parse_array_name(n))
+        except SelectionError:
+            continue
+    return out
+
+
 def resolve_key(names: Sequence[str], key: Any) -> str:
     """The array name ``key`` designates among ``names`` (the grammar in the module doc).
 
@@ -77,7 +89,7 @@ def resolve_key(names: Sequence[str], key: Any) -> str:
     if stack not in STACKS:
         raise SelectionError(f"bad archive key {key!r}: unknown stack {stack!r}; "
                              f"expected one of {STACKS}")
-    got = [parse_array_name(n) for n in names if n.startswith(stack + "/")]
+    got = [p for p in _parsed(names) if p[0] == stack]
     if not got:
         raise SelectionError(f"the archive holds no {stack} array (key {key!r}); "
                              f"it holds {list(names)}")
@@ -184,8 +196,7 @@ class LayerMap(_View):
 
     def __init__(self, names: Sequence[str]) -> None:
         got: dict[str, set[int]] = {}
-        for n in names:
-            s, layer, _k = parse_array_name(n)
+        for s, layer, _k in _parsed(names):
             got.setdefault(s, set()).add(layer)
         self._by = {s: tuple(sorted(got[s])) for s in STACKS if s in got}
 
@@ -215,8 +226,7 @@ class KindMap(_View):
 
     def __init__(self, names: Sequence[str]) -> None:
         self._by: dict[tuple[str, int], tuple[str, ...]] = {}
-        for n in names:
-            s, layer, k = parse_array_name(n)
+        for s, layer, k in _parsed(names):
             self._by[(s, layer)] = (*self._by.get((s, layer), ()), k)
 
     def __getitem__(self, key: Any) -> tuple[str, ...]:
