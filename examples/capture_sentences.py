@@ -31,7 +31,7 @@ def main(checkpoint: str, out: str) -> None:
     with open_archive(out) as archive:
         labels, _ = archive.tokens("encoder", 2)
         real = archive.masks("encoder")[2]
-        print(f"{out}: {archive.n_samples} sentences, {len(archive.arrays())} arrays; "
+        print(f"{out}: {archive.n_samples} sentences, {len(archive.arrays)} arrays; "
               f"sample 2 is {[t for t, r in zip(labels, real) if r]}")  # fmt: skip
 
 

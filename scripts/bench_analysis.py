@@ -43,7 +43,7 @@ def make_archive(path: Path, n: int, h: int, t: int, seed: int = 0) -> None:
 def numpy_pass(path: Path) -> float:
     a = open_archive(path)
     total = 0.0
-    for name in a.arrays():
+    for name in a.arrays:
         for _, block in a[name].iter_blocks(max_bytes=32 << 20):
             total += float(block.sum(dtype=np.float32))
     return total
@@ -72,8 +72,8 @@ def main() -> None:
         path = Path(d) / "bench.zarr"
         make_archive(path, args.samples, args.heads, args.tokens)
         a = open_archive(path)
-        mb = sum(a[x].nbytes for x in a.arrays()) / 1e6
-        print(f"archive: {a.arrays()} {a[a.arrays()[0]].shape} float16, {mb:.1f} MB logical")
+        mb = sum(a[x].nbytes for x in a.arrays) / 1e6
+        print(f"archive: {a.arrays} {a[a.arrays[0]].shape} float16, {mb:.1f} MB logical")
         print(f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
         passes: list[tuple[str, Any]] = [("numpy read + sum (limit)", lambda: numpy_pass(path))]
         for sim in sims:

@@ -129,7 +129,7 @@ def measure(log: RequestLog, batches: int, b: int, layers: int) -> dict[str, col
         w.close()
     with log.counting() as out["open + metadata"]:
         a = open_archive(url)
-        _ = (a.n_samples, a.arrays(), a.layout, a.metadata)
+        _ = (a.n_samples, a.arrays, a.layout, a.metadata)
     with log.counting() as out["read one head"]:
         a["encoder/0/self_attention"][batches * b // 2, 1]
     a.close()
@@ -150,7 +150,7 @@ def measure_open(log: RequestLog, samples: int, chunk: int) -> dict[str, collect
     out: dict[str, collections.Counter] = {}
     with log.counting() as out["open + metadata"]:
         a = open_archive(url)
-        _ = (a.n_samples, a.arrays(), a.layout, a.metadata)
+        _ = (a.n_samples, a.arrays, a.layout, a.metadata)
     with log.counting() as out["read one sample"]:
         a["encoder/0/self_attention"][samples // 2]
     a.close()

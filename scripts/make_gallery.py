@@ -82,7 +82,7 @@ def save(fig, out: Path, name: str) -> Path:
 
 
 def minilm_figures(arc_path: Path, tables: Path, out: Path) -> list[Path]:
-    from attnscope.analysis import rollout_archive
+    from attnscope.analysis import load_table, rollout_archive
     from attnscope.render import (
         plot_head_grid,
         plot_head_metric,
@@ -108,14 +108,16 @@ def minilm_figures(arc_path: Path, tables: Path, out: Path) -> list[Path]:
                                                            "sample 0"),
                          out, "minilm-grid"))
         made.append(save(plot_layer_comparison(
-            {i: arc.attention("encoder", i, "self_attention") for i in arc.layers("encoder")},
+            {i: arc.attention("encoder", i, "self_attention") for i in arc.layers["encoder"]},
             head_idx=None, batch_idx=5, title="MiniLM, mean of heads per layer, sample 5"),
             out, "minilm-layers"))
-    made.append(save(plot_head_metric(tables / "head_stats.parquet", stack="encoder",
-                                      kind="self_attention", metric="norm_entropy_mean"),
+    # with_mean_head: the heads and the mean over them ("avg"), as render_archive draws them
+    made.append(save(plot_head_metric(load_table(tables, "head_stats", with_mean_head=True),
+                                      stack="encoder", kind="self_attention",
+                                      metric="norm_entropy_mean"),
                      out, "minilm-entropy"))
-    made.append(save(plot_top_pair_summary(tables / "top_pairs.parquet", stack="encoder",
-                                           layer=0, kind="self_attention"),
+    made.append(save(plot_top_pair_summary(load_table(tables, "top_pairs", with_mean_head=True),
+                                           stack="encoder", layer=0, kind="self_attention"),
                      out, "minilm-top-pairs"))
     rollout_archive(arc_path, tables)
     made.append(save(plot_rollout(tables, sample=4, archive=arc_path), out, "minilm-rollout"))
@@ -123,6 +125,7 @@ def minilm_figures(arc_path: Path, tables: Path, out: Path) -> list[Path]:
 
 
 def demo_figures(demo: Path, out: Path) -> list[Path]:
+    from attnscope.analysis import load_table
     from attnscope.render import plot_attention_flow, plot_head_grid, plot_heatmap
     from attnscope.render.overlay import plot_overlay
     from attnscope.render.tables import plot_segment_mass, plot_top_pair_summary
@@ -149,8 +152,8 @@ def demo_figures(demo: Path, out: Path) -> list[Path]:
     made.append(save(plot_segment_mass(tables / "segment_mass.parquet", stack="decoder",
                                        layer=2, kind="cross_attention"),
                      out, "demo-segment-mass"))
-    made.append(save(plot_top_pair_summary(tables / "top_pairs.parquet", stack="decoder",
-                                           layer=0, kind="self_attention"),
+    made.append(save(plot_top_pair_summary(load_table(tables, "top_pairs", with_mean_head=True),
+                                           stack="decoder", layer=0, kind="self_attention"),
                      out, "demo-top-pairs"))
     import pandas as pd
 

@@ -110,7 +110,7 @@ def test_capture_from_npz_inputs_with_selection(runner, tmp_path) -> None:
 
     with open_archive(out) as a:
         assert a.n_samples == 5
-        assert a.arrays() == ["decoder/0/cross_attention", "decoder/1/cross_attention"]
+        assert a.arrays == ["decoder/0/cross_attention", "decoder/1/cross_attention"]
         assert a["decoder/1/cross_attention"].shape == (5, 2, 5, 10)
 
 
@@ -151,7 +151,7 @@ def test_capture_hf_config(runner, tmp_path) -> None:
     from attnscope.store import open_archive
 
     with open_archive(out) as a:
-        assert a.arrays() == ["encoder/0/self_attention", "encoder/1/self_attention"]
+        assert a.arrays == ["encoder/0/self_attention", "encoder/1/self_attention"]
         assert a["encoder/1/self_attention"].shape == (6, 2, 9, 9)
 
 

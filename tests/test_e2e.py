@@ -44,7 +44,7 @@ def test_demo_runs_every_stage(tmp_path, fmt) -> None:
     assert verify(archive).ok
     with open_archive(archive) as a:
         assert a.n_samples == 4
-        assert len(a.arrays()) == 9
+        assert len(a.arrays) == 9
         assert [s.name for s in a.layout.encoder.segments] == [
             "text",
             "robot0_eef_pos",

@@ -41,7 +41,9 @@ def test_readme_api_snippet_runs(tmp_path, monkeypatch) -> None:
     exec(compile(first, "README-api", "exec"), ns)
     assert ns["summary"].committed == 32
     assert ns["head"].shape == (10, 19)
-    assert set(ns["stats"]["head"]) == {-1, 0, 3}
+    assert set(ns["stats"]["head_index"]) == {0, 3}
+    assert list(ns["by_layer"].index) == [0, 1, 2]
+    assert ns["ds"].attention.sel(layer=0, head=3, sample=5).shape == (10, 19)
     assert (tmp_path / "flow.png").exists()
     # the guide block defines its own enc/dec and continues with the model of the first one
     exec(compile(guide, "README-guide", "exec"), ns)

@@ -34,6 +34,8 @@ __all__ = [
     "PAD_LABEL",
     "PAD_ID",
     "AVERAGE_HEAD",
+    "HEAD_INDEX",
+    "MEAN_HEAD_TABLES",
     "TABLE_COLUMNS",
     "TABLES",
     "IDENTITY_KEY",
@@ -109,8 +111,23 @@ PAD_LABEL = ""
 PAD_ID = -1
 
 # --- the analysis tables -----------------------------------------------------------------
-#: head number of the rows computed on the mean over the (selected) heads
+#: column naming the head in per-head tables: the model's original head number (not
+#: ``head``, which would hide ``DataFrame.head`` in pandas)
+HEAD_INDEX = "head_index"
+#: ``head_index`` of the mean-over-heads rows where a reader joins them to the per-head rows
+#: (``load_table(..., with_mean_head=True)``, the figures); tables written since version 2
+#: keep those rows in their own table (:data:`MEAN_HEAD_TABLES`), never beside real heads
 AVERAGE_HEAD = -1
+#: per-head table -> the table of the same metrics computed on the mean over the (selected)
+#: heads: the per-head table's columns without ``head_index``
+MEAN_HEAD_TABLES: dict[str, str] = {
+    "head_stats": "mean_head_stats",
+    "row_stats": "mean_head_row_stats",
+    "top_pairs": "mean_head_top_pairs",
+    "segment_mass": "mean_head_segment_mass",
+    "diff": "mean_head_diff",
+    "timeline": "mean_head_timeline",
+}
 _KEYS = (
     ("archive_fingerprint", "string"),
     ("stack", "string"),
@@ -122,7 +139,7 @@ TABLE_COLUMNS: dict[str, tuple[tuple[str, str], ...]] = {
     "head_stats": _KEYS
     + (
         ("sample", "int64"),
-        ("head", "int64"),
+        (HEAD_INDEX, "int64"),
         ("n_queries", "int32"),
         ("n_keys", "int32"),
         ("causal", "bool"),
@@ -144,7 +161,7 @@ TABLE_COLUMNS: dict[str, tuple[tuple[str, str], ...]] = {
     "row_stats": _KEYS
     + (
         ("sample", "int64"),
-        ("head", "int64"),
+        (HEAD_INDEX, "int64"),
         ("query", "int64"),
         ("query_label", "string"),
         ("query_segment", "string"),
@@ -157,7 +174,7 @@ TABLE_COLUMNS: dict[str, tuple[tuple[str, str], ...]] = {
     "top_pairs": _KEYS
     + (
         ("sample", "int64"),
-        ("head", "int64"),
+        (HEAD_INDEX, "int64"),
         ("rank", "int64"),
         ("query", "int64"),
         ("key", "int64"),
@@ -172,7 +189,7 @@ TABLE_COLUMNS: dict[str, tuple[tuple[str, str], ...]] = {
     "segment_mass": _KEYS
     + (
         ("sample", "int64"),
-        ("head", "int64"),
+        (HEAD_INDEX, "int64"),
         ("query_segment", "string"),
         ("key_segment", "string"),
         ("mass", "float32"),
@@ -204,7 +221,7 @@ TABLE_COLUMNS: dict[str, tuple[tuple[str, str], ...]] = {
     + (
         ("archive_fingerprint_b", "string"),
         ("sample", "int64"),
-        ("head", "int64"),
+        (HEAD_INDEX, "int64"),
         ("n_queries", "int32"),
         ("js", "float32"),
         ("entropy_a", "float32"),
@@ -217,24 +234,36 @@ TABLE_COLUMNS: dict[str, tuple[tuple[str, str], ...]] = {
         ("episode", "int64"),
         ("step", "int64"),
         ("sample", "int64"),
-        ("head", "int64"),
+        (HEAD_INDEX, "int64"),
         ("query_group", "string"),
         ("key_segment", "string"),
         ("key_kind", "string"),
         ("mass", "float32"),
     ),
 }
+TABLE_COLUMNS.update({
+    mean: tuple(c for c in TABLE_COLUMNS[table] if c[0] != HEAD_INDEX)
+    for table, mean in MEAN_HEAD_TABLES.items()
+})
+_OWN = ("timeline", "rollout", "diff", MEAN_HEAD_TABLES["timeline"], MEAN_HEAD_TABLES["diff"])
 #: tables that ``attnscope.analysis.analyze`` writes; the others come from their own functions
 #: (``timeline``: ``analysis.timeline``, for archives with episode/step ids)
 #: (``rollout``: ``analysis.rollout``; ``diff``: ``analysis.diff_archives``)
-TABLES = tuple(t for t in TABLE_COLUMNS if t not in ("timeline", "rollout", "diff"))
+TABLES = tuple(t for t in TABLE_COLUMNS if t not in _OWN)
 #: Parquet schema-metadata key holding the identity JSON of the analysed archive
 IDENTITY_KEY = "attnscope.identity"
 #: Parquet schema-metadata key holding a table's column version (:data:`TABLE_VERSIONS`)
 TABLE_VERSION_KEY = "attnscope.table_version"
 #: column version of each table (absent: 1); readers accept every older version.
-#: top_pairs 2: + ``allowed_keys`` (tables of version 1 lack it)
-TABLE_VERSIONS: dict[str, int] = {"top_pairs": 2}
+#: top_pairs 2: + ``allowed_keys`` (tables of version 1 lack it). Per-head tables 2 (top_pairs
+#: 3): column ``head`` renamed ``head_index``, the mean-over-heads rows (``head == -1``
+#: before) moved to :data:`MEAN_HEAD_TABLES` (new at that version)
+TABLE_VERSIONS: dict[str, int] = {
+    **{t: 2 for t in MEAN_HEAD_TABLES},
+    "top_pairs": 3,
+    **{mean: 2 for mean in MEAN_HEAD_TABLES.values()},
+    MEAN_HEAD_TABLES["top_pairs"]: 3,
+}
 #: file names written beside the tables
 MANIFEST = "manifest.json"
 STATISTICS_JSON = "attention_statistics.json"

@@ -169,7 +169,7 @@ def _overlays_and_timeline(archive: Path, figures_dir: Path, timeline_table: Any
 
     out = []
     with open_archive(archive) as arc:
-        layer = arc.layers("decoder")[-1]
+        layer = arc.layers["decoder"][-1]
         for name in image_groups(arc.layout.encoder):
             fig = plot_overlay(arc, sample=0, image=name, query=QUERY,
                                array=f"decoder/{layer}/cross_attention")

@@ -17,7 +17,7 @@ from analysis_helpers import build_archive, make_layout, make_weights
 from attnscope.analysis import TABLES, StaleTableError, analyze, load_table, statistics_json
 from attnscope.errors import AttnscopeError, ConfigError, SelectionError
 
-KEY = ["stack", "layer", "kind", "sample", "head"]
+KEY = ["stack", "layer", "kind", "sample", "head_index"]
 
 
 def _direct_entropy(x: np.ndarray) -> np.ndarray:
@@ -37,10 +37,11 @@ def test_head_stats_match_numpy(analysed: tuple) -> None:
     df = load_table(paths["head_stats"].parent, "head_stats", archive=a)
     x = w["decoder"][0]["self_attention"]
     sel = df[(df["stack"] == "decoder") & (df["kind"] == "self_attention")].sort_values(
-        ["sample", "head"]
+        ["sample", "head_index"]
     )
     assert sel.causal.all()  # detected from the zero upper triangle
-    real = sel[sel["head"] >= 0]
+    assert (df.head_index >= 0).all()  # real heads only: a naive groupby pools real heads
+    real = sel
     ent = _direct_entropy(x)
     np.testing.assert_allclose(real.entropy_mean, ent.mean(-1).ravel(), atol=1e-5)
     np.testing.assert_allclose(real.entropy_max, ent.max(-1).ravel(), atol=1e-5)
@@ -48,18 +49,23 @@ def test_head_stats_match_numpy(analysed: tuple) -> None:
     np.testing.assert_allclose(real["std"], x.std((2, 3)).ravel(), rtol=1e-4)
     np.testing.assert_allclose(real["max"], x.max((2, 3)).ravel())
     np.testing.assert_allclose(real.sink_score, x[..., 0].mean(-1).ravel(), rtol=1e-5)
-    avg = sel[sel["head"] == -1]
-    np.testing.assert_allclose(avg.entropy_mean, _direct_entropy(x.mean(1)).mean(-1), atol=1e-5)
+    mean = load_table(paths["head_stats"].parent, "mean_head_stats", archive=a)
+    assert "head_index" not in mean.columns
+    avg = mean[(mean["stack"] == "decoder") & (mean["kind"] == "self_attention")]
+    np.testing.assert_allclose(avg.sort_values("sample").entropy_mean,
+                               _direct_entropy(x.mean(1)).mean(-1), atol=1e-5)
 
 
 def test_top_pairs_match_argsort_with_labels(analysed: tuple) -> None:
     a, w, paths = analysed
-    df = pd.read_parquet(paths["top_pairs"])
+    df = load_table(paths["top_pairs"].parent, "top_pairs", with_mean_head=True)
+    assert set(df.head_index) == {0, 1, 2, 3, -1}  # the mean table's rows at head_index -1
     x = w["decoder"][0]["cross_attention"]
     labels = a.layout.encoder.labels
     for head in (1, -1):
         m = x[2, head] if head >= 0 else x[2].mean(0)
-        got = df[(df["kind"] == "cross_attention") & (df["sample"] == 2) & (df["head"] == head)]
+        got = df[(df["kind"] == "cross_attention") & (df["sample"] == 2)
+                 & (df["head_index"] == head)]
         got = got.sort_values("rank")
         order = np.argsort(-m.ravel(), kind="stable")[:5]
         np.testing.assert_array_equal(got["query"], order // m.shape[1])
@@ -76,7 +82,7 @@ def test_segment_mass_rows_sum_to_one(analysed: tuple) -> None:
     np.testing.assert_allclose(sums, 1, rtol=1e-4)
     x = w["decoder"][0]["cross_attention"]
     got = df.query(
-        "kind == 'cross_attention' and sample == 0 and head == 0 "
+        "kind == 'cross_attention' and sample == 0 and head_index == 0 "
         "and query_segment == 'action' and key_segment == 'agentview_image'"
     ).mass
     np.testing.assert_allclose(got, x[0, 0, 1:, 7:].sum(-1).mean(), rtol=1e-5)
@@ -86,7 +92,8 @@ def test_row_stats_and_similarity_shapes(analysed: tuple) -> None:
     _, w, paths = analysed
     rows = pd.read_parquet(paths["row_stats"])
     x = w["encoder"][0]["self_attention"]
-    enc = rows[(rows["stack"] == "encoder") & (rows["head"] == 3)].sort_values(["sample", "query"])
+    enc = rows[(rows["stack"] == "encoder") & (rows.head_index == 3)]
+    enc = enc.sort_values(["sample", "query"])
     np.testing.assert_allclose(enc.row_max, x[:, 3].max(-1).ravel())
     np.testing.assert_allclose(enc.entropy, _direct_entropy(x[:, 3]).ravel(), atol=1e-5)
     sim = pd.read_parquet(paths["head_similarity"])
@@ -168,7 +175,8 @@ def test_workers_and_heads_selection(small: tuple, tmp_path: Path) -> None:
         pd.testing.assert_frame_equal(pd.read_parquet(p1[name]), pd.read_parquet(p2[name]))
     p3 = analyze(a, tmp_path / "h", progress=False, arrays=["encoder"], heads=[1, 3])
     df = pd.read_parquet(p3["head_stats"])
-    assert set(df["head"]) == {1, 3, -1} and set(df["stack"]) == {"encoder"}
+    assert set(df["head_index"]) == {1, 3} and set(df["stack"]) == {"encoder"}
+    assert set(pd.read_parquet(p3["mean_head_stats"])["stack"]) == {"encoder"}
 
 
 def test_dask_cluster_equals_single_process(small: tuple, tmp_path: Path) -> None:

@@ -55,10 +55,13 @@ def test_identical_archives_diff_to_exactly_zero(small: tuple, tmp_path: Path) -
     a, w = small
     b = build_archive(tmp_path / "b.zarr", w, make_layout())
     df = pd.read_parquet(diff_archives(a, b, tmp_path / "out"))
-    assert len(df) == 3 * 6 * 5  # arrays x samples x (4 heads + mean)
-    assert (df["js"] == 0).all() and (df["entropy_change"] == 0).all()
-    assert (df["max_abs_diff"] == 0).all()
-    assert set(df["head"]) == {0, 1, 2, 3, -1}
+    assert len(df) == 3 * 6 * 4  # arrays x samples x 4 heads
+    mean = pd.read_parquet(tmp_path / "out" / "mean_head_diff.parquet")
+    assert len(mean) == 3 * 6 and "head_index" not in mean.columns  # the head mean, apart
+    for d in (df, mean):
+        assert (d["js"] == 0).all() and (d["entropy_change"] == 0).all()
+        assert (d["max_abs_diff"] == 0).all()
+    assert set(df["head_index"]) == {0, 1, 2, 3}
     assert df["archive_fingerprint"].unique().tolist() == [a.identity()["fingerprint"]]
     assert df["archive_fingerprint_b"].unique().tolist() == [b.identity()["fingerprint"]]
     load_table(tmp_path / "out", "diff", archive=a)  # current for A
@@ -72,20 +75,21 @@ def test_planted_change_shows_only_there(tmp_path: Path) -> None:
     changed = softmax_block(rng, (6, 10, 12))
     w2["decoder"][1]["cross_attention"][:, 2] = changed  # head 2 of decoder/1/cross_attention
     b = build_archive(tmp_path / "b.h5", w2, make_layout())
-    df = pd.read_parquet(diff_archives(a, b, tmp_path / "out"))
+    diff_archives(a, b, tmp_path / "out")
+    df = load_table(tmp_path / "out", "diff", archive=a, with_mean_head=True)
     here = (df["stack"] == "decoder") & (df["layer"] == 1) & (df["kind"] == "cross_attention")
-    touched = here & df["head"].isin([2, -1])
+    touched = here & df["head_index"].isin([2, -1])
     assert (df.loc[~touched, "js"] == 0).all()
     assert (df.loc[~touched, "entropy_change"] == 0).all()
     assert (df.loc[touched, "js"] > 0).all()
     old = w["decoder"][1]["cross_attention"]
-    got = df[here & (df["head"] == 2)].sort_values("sample")
+    got = df[here & (df["head_index"] == 2)].sort_values("sample")
     np.testing.assert_allclose(got["js"], _js_reference(old[:, 2], changed).mean(-1), rtol=1e-5)
     np.testing.assert_allclose(
         got["entropy_change"],
         (_entropy(changed) - _entropy(old[:, 2])).mean(-1), atol=1e-5,
     )
-    mean = df[here & (df["head"] == -1)].sort_values("sample")
+    mean = df[here & (df["head_index"] == -1)].sort_values("sample")
     new = w2["decoder"][1]["cross_attention"]
     np.testing.assert_allclose(
         mean["js"], _js_reference(old.mean(1), new.mean(1)).mean(-1), rtol=1e-4
@@ -114,7 +118,7 @@ def test_ragged_rows_pool_real_queries_only(tmp_path: Path) -> None:
                               max_lengths={"encoder": 4}) as wr:
         wr.append({"encoder/0/self_attention": y}, masks={"encoder": mask})
     df = pd.read_parquet(diff_archives(a, tmp_path / "b.zarr", tmp_path / "out"))
-    s0 = df[(df["sample"] == 0) & (df["head"] == 0)].iloc[0]
+    s0 = df[(df["sample"] == 0) & (df["head_index"] == 0)].iloc[0]
     assert s0.n_queries == 3
     u = np.full(3, 1 / 3)
     assert s0.js == pytest.approx(_js_reference(u, np.array([1.0, 0, 0])), rel=1e-5)
@@ -159,9 +163,9 @@ def test_mismatched_shape_refused(tmp_path: Path) -> None:
 def test_mismatched_heads_refused(tmp_path: Path) -> None:
     w = make_weights(seed=1)
     a = build_archive(tmp_path / "a.zarr", w, make_layout())
-    names = open_archive(a.path).arrays()
+    names = open_archive(a.path).arrays
     b = build_archive(tmp_path / "b.zarr", w, make_layout(), heads={n: [0, 1, 2, 5] for n in names})
-    assert open_archive(b.path).heads("encoder/0/self_attention") == [0, 1, 2, 5]
+    assert open_archive(b.path).heads["encoder/0/self_attention"] == (0, 1, 2, 5)
     with pytest.raises(ConfigError, match=r"differs in heads: A \[0, 1, 2, 3\], B \[0, 1, 2, 5\]"):
         diff_archives(a, b, tmp_path / "out")
 

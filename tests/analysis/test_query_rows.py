@@ -11,13 +11,13 @@ import pandas as pd
 import pytest
 from analysis_helpers import build_archive, make_layout, make_weights, softmax_block
 
-from attnscope.analysis import analyze, diff_archives, rollout_archive, timeline
+from attnscope.analysis import analyze, diff_archives, load_table, rollout_archive, timeline
 from attnscope.contracts import KIND_AXES
 from attnscope.errors import ConfigError, SelectionError
 from attnscope.store import ArchiveWriter, open_archive
 
 ROWS = {"encoder": [2, 11], "decoder": [0, 3, 9]}
-KEY = ["stack", "layer", "kind", "sample", "head", "query"]
+KEY = ["stack", "layer", "kind", "sample", "head_index", "query"]
 ROW_COLS = ["entropy", "norm_entropy", "row_max", "mean_distance", "sink_score"]
 
 
@@ -47,7 +47,8 @@ def _pair(tmp_path: Path, fmt: str, rows: dict = ROWS, **kw) -> tuple[Path, Path
 
 def _tables(tmp_path: Path, path: Path, name: str) -> dict[str, pd.DataFrame]:
     paths = analyze(path, tmp_path / name, progress=False, topk=4)
-    return {t: pd.read_parquet(paths[t]) for t in ("row_stats", "top_pairs", "head_stats")}
+    return {t: load_table(paths[t].parent, t, with_mean_head=True)  # mean rows: head_index -1
+            for t in ("row_stats", "top_pairs", "head_stats")}
 
 
 @pytest.mark.parametrize("sparse", [None, 5])
@@ -78,7 +79,7 @@ def test_top_pairs_are_the_top_of_the_kept_rows_at_original_indices(tmp_path, fm
     _full, part = _pair(tmp_path, fmt)
     tp = _tables(tmp_path, part, "tp")["top_pairs"]
     for (stack, layer, kind, sample, head), g in tp.groupby(
-        ["stack", "layer", "kind", "sample", "head"]
+        ["stack", "layer", "kind", "sample", "head_index"]
     ):
         if head < 0:
             continue

@@ -116,7 +116,7 @@ def _check_sample(
     for table in ("head_stats", "row_stats", "top_pairs", "segment_mass"):
         df = tables[table]
         tables[f"_{table}"] = df[(df.layer == layer) & (df["sample"] == sample)]
-    hs = tables["_head_stats"].set_index("head").loc[heads + [-1]]
+    hs = tables["_head_stats"].set_index("head_index").loc[heads + [-1]]
     assert (hs.n_queries == ref["n"]).all() and (hs.n_keys == ref["n"]).all()
     for col, key, agg in [
         ("entropy_mean", "entropy", np.mean),
@@ -138,7 +138,7 @@ def _check_sample(
     assert sorted(set(rs["query"])) == ref["real"].tolist()  # no padded row
     assert len(rs) == (len(heads) + 1) * ref["n"]
     for hi, h in enumerate(heads + [-1]):
-        r = rs[rs["head"] == h].sort_values("query")
+        r = rs[rs.head_index == h].sort_values("query")
         np.testing.assert_allclose(r.entropy, ref["entropy"][hi], rtol=2e-4, atol=2e-5)
         np.testing.assert_allclose(r.norm_entropy, ref["norm_entropy"][hi], rtol=2e-4, atol=2e-5)
         np.testing.assert_allclose(r.sink_score, ref["sink_score"][hi], rtol=2e-4, atol=1e-6)
@@ -146,7 +146,7 @@ def _check_sample(
 
     tp = tables["_top_pairs"]
     for hi, h in enumerate(heads + [-1]):
-        t = tp[tp["head"] == h].sort_values("rank")
+        t = tp[tp.head_index == h].sort_values("rank")
         np.testing.assert_allclose(t.weight, ref["top_w"][hi], rtol=1e-5, atol=1e-7)
         assert mask[t["query"]].all() and mask[t["key"]].all()  # never padding
         assert list(t.query_label) == [labels[q] for q in t["query"]]
@@ -163,10 +163,11 @@ def test_padded_minilm_metrics_equal_numpy_over_real_rows(tmp_path, minilm_batch
     _write(path, minilm_batches, max_len, layers=[0, 3])
     out = tmp_path / "tables"
     analyze(path, out, topk=5, progress=False)
-    tables = {
-        t: load_table(out, t, archive=path)
-        for t in ("head_stats", "row_stats", "top_pairs", "segment_mass", "head_similarity")
+    tables = {  # the mean-of-heads rows at head_index -1
+        t: load_table(out, t, archive=path, with_mean_head=True)
+        for t in ("head_stats", "row_stats", "top_pairs", "segment_mass")
     }
+    tables["head_similarity"] = load_table(out, "head_similarity", archive=path)
     heads = list(range(12))
     sample = 0
     stats_ref: dict[int, list[np.ndarray]] = {0: [], 3: []}
@@ -266,10 +267,10 @@ def test_ragged_tables_hold_only_real_tokens(tmp_path_factory, lengths, left, se
     analyze(path, out, topk=3, progress=False, head_similarity="js")
     with open_archive(path) as a:
         np.testing.assert_array_equal(a.lengths("encoder"), lengths)
-    rs = load_table(out, "row_stats")
-    tp = load_table(out, "top_pairs")
-    hs = load_table(out, "head_stats")
-    sm = load_table(out, "segment_mass")
+    rs = load_table(out, "row_stats", with_mean_head=True)
+    tp = load_table(out, "top_pairs", with_mean_head=True)
+    hs = load_table(out, "head_stats", with_mean_head=True)
+    sm = load_table(out, "segment_mass", with_mean_head=True)
     js = load_table(out, "head_similarity")
     for i, (m, labels) in enumerate(samples):
         r = rs[rs["sample"] == i]
@@ -282,6 +283,6 @@ def test_ragged_tables_hold_only_real_tokens(tmp_path_factory, lengths, left, se
         h = hs[hs["sample"] == i]
         assert (h.n_queries == m.sum()).all()
         assert np.isclose(h["mean"], 1 / m.sum(), rtol=1e-4).all()  # rows sum to 1 over n keys
-        s = sm[sm["sample"] == i].groupby(["head", "query_segment"]).mass.sum()
+        s = sm[sm["sample"] == i].groupby(["head_index", "query_segment"]).mass.sum()
         np.testing.assert_allclose(s, 1, atol=1e-4)
         assert (js[js["sample"] == i].js.between(-1e-6, np.log(2) + 1e-6)).all()

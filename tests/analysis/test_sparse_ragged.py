@@ -112,7 +112,7 @@ def test_head_stats_mean_and_entropy_match_numpy(tmp_path: Path) -> None:
         r = np.flatnonzero(MASK[i])
         for h in range(ref.shape[1]):
             sub = ref[i, h][np.ix_(r, r)]
-            row = hs[(hs["sample"] == i) & (hs["head"] == h)].iloc[0]
+            row = hs[(hs["sample"] == i) & (hs.head_index == h)].iloc[0]
             assert row["mean"] == pytest.approx(1.0 / len(r), rel=1e-5)
             assert row["mean"] == pytest.approx(sub.mean(), rel=1e-5)
             assert row["entropy_mean"] == pytest.approx(_entropy(sub).mean(), rel=1e-4)
@@ -134,7 +134,7 @@ def test_diff_of_identical_sparse_ragged_archives_is_zero(tmp_path: Path) -> Non
     b = _write(tmp_path / "b.zarr", _weights())
     df = pd.read_parquet(diff_archives(a, b, tmp_path / "out"))
     assert (df.js.abs() < 1e-7).all()
-    s0 = df[(df["sample"] == 0) & (df["head"] == 0) & (df.layer == 0)].iloc[0]
+    s0 = df[(df["sample"] == 0) & (df.head_index == 0) & (df.layer == 0)].iloc[0]
     r = np.flatnonzero(MASK[0])
     assert s0.entropy_a == pytest.approx(_entropy(ref[0, 0][np.ix_(r, r)]).mean(), rel=1e-4)
 
@@ -167,7 +167,7 @@ def test_timeline_skips_a_sample_whose_query_group_is_padding(tmp_path: Path) ->
     df = pd.read_parquet(t)
     # samples 0 and 3 have tail tokens 3, 4 both padded: no rows; the others are written
     assert sorted(set(df["sample"])) == [1, 2]
-    s2 = df[(df["sample"] == 2) & (df["head"] == 0)].set_index("key_segment")["mass"]
+    s2 = df[(df["sample"] == 2) & (df.head_index == 0)].set_index("key_segment")["mass"]
     a = open_archive(path)
     w = dense_block(a.attention("encoder/0/self_attention"), slice(2, 3))[0, 0]
     assert s2["head"] == pytest.approx(w[3, :3].sum(), rel=1e-5)  # only tail token 3 is real

@@ -47,11 +47,11 @@ def spy(monkeypatch):
 
 def _equal(a_path, b_path, atol: float = 1e-6) -> list[str]:
     with open_archive(a_path) as a, open_archive(b_path) as b:
-        assert a.arrays() == b.arrays()
+        assert a.arrays == b.arrays
         assert a.metadata["layout"] == b.metadata["layout"]
-        for n in a.arrays():
+        for n in a.arrays:
             np.testing.assert_allclose(b[n][:], a[n][:], atol=atol, rtol=0, err_msg=n)
-        return list(a.arrays())
+        return list(a.arrays)
 
 
 # -- the block math ----------------------------------------------------------------------
@@ -131,8 +131,8 @@ def test_blocks_compose_with_heads_layers_and_topk(tmp_path, spy) -> None:
     capture(model, data, tmp_path / "b.zarr", query_block=6, **opts)
     assert spy
     with open_archive(tmp_path / "w.zarr") as a, open_archive(tmp_path / "b.zarr") as b:
-        assert a.arrays() == b.arrays() == ["encoder/1/self_attention", "decoder/1/self_attention"]
-        for n in a.arrays():
+        assert a.arrays == b.arrays == ["encoder/1/self_attention", "decoder/1/self_attention"]
+        for n in a.arrays:
             for x, y in zip(a[n].topk_arrays(), b[n].topk_arrays()):
                 np.testing.assert_allclose(y, x, atol=1e-3, err_msg=n)
 
@@ -164,7 +164,7 @@ def test_hf_blocks_keep_a_row_policy_rows(tmp_path, spy) -> None:
             query_block=2, progress=False)  # fmt: skip
     assert {n for n, *_ in spy} == set(want)
     with open_archive(tmp_path / "g.zarr") as a:
-        for n in a.arrays():
+        for n in a.arrays:
             assert list(a.query_rows(n)) == [0, 3, 6]
             np.testing.assert_allclose(a[n][:], want[n], atol=1e-5, rtol=0, err_msg=n)
 
@@ -258,7 +258,7 @@ def test_hf_family_streams_blocks_equal_to_output_attentions(tmp_path, spy, fami
     capture(model, [batch], tmp_path / "a.zarr", dtype="float32", progress=False, query_block=2)
     assert {n for n, *_ in spy} == set(want)
     with open_archive(tmp_path / "a.zarr") as a:
-        for n in a.arrays():
+        for n in a.arrays:
             atol = 1e-5 if dtype == torch.float32 else 2**-7
             np.testing.assert_allclose(a[n][:], want[n], atol=atol, rtol=0, err_msg=n)
     assert model.config._attn_implementation == "sdpa"  # given back
@@ -286,7 +286,7 @@ def test_pretrained_minilm_sentence_streams_blocks_equal_to_its_own_weights(tmp_
         assert a.layout.encoder.labels[1] == "attention"
         # layer 0 equals to float32 rounding; later layers see hidden states that went
         # through the fused kernel, not eager: a few 1e-6 differences
-        for n in a.arrays():
+        for n in a.arrays:
             np.testing.assert_allclose(a[n][:], want[n], atol=1e-5, rtol=0, err_msg=n)
 
 
@@ -304,7 +304,7 @@ def test_compiled_hf_model_streams_blocks_and_still_runs(tmp_path, spy) -> None:
             progress=False)  # fmt: skip
     assert {n for n, *_ in spy} == set(want)
     with open_archive(tmp_path / "c.zarr") as a:
-        for n in a.arrays():
+        for n in a.arrays:
             np.testing.assert_allclose(a[n][:], want[n], atol=2**-7, rtol=0, err_msg=n)
     with torch.inference_mode():
         torch.testing.assert_close(compiled(**batch).logits, before)
@@ -514,7 +514,7 @@ def test_hf_encoder_decoder_first_batch_streams_with_its_whole_layout(tmp_path, 
     assert spy
     with open_archive(tmp_path / "w.zarr") as a, open_archive(tmp_path / "b.zarr") as b:
         assert a.metadata["layout"] == b.metadata["layout"] and b.n_samples == 4
-        for n in a.arrays():
+        for n in a.arrays:
             np.testing.assert_allclose(b[n][:], a[n][:], atol=1e-5, err_msg=n)
 
 

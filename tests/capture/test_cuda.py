@@ -65,8 +65,8 @@ def test_family_on_cuda_matches_output_attentions(tmp_path, family, dtype) -> No
     want = {k: v.float().cpu() for k, v in reference_attentions(model, on_gpu).items()}
     want = as_stored(model, batch, want)
     with open_archive(tmp_path / "a.zarr") as a:
-        assert set(a.arrays()) == set(want)
-        for name in a.arrays():
+        assert set(a.arrays) == set(want)
+        for name in a.arrays:
             np.testing.assert_allclose(a[name][:], want[name], atol=ATOL[dtype], rtol=0,
                                        err_msg=name)  # fmt: skip
 
@@ -95,8 +95,8 @@ def test_query_blocks_on_cuda_match_output_attentions(tmp_path, family, dtype) -
     on_dev = {k: v.to(DEVICE) for k, v in batch.items()}
     want = {k: v.float().cpu().numpy() for k, v in reference_attentions(model, on_dev).items()}
     with open_archive(tmp_path / "a.zarr") as a:
-        assert set(a.arrays()) == set(want)
-        for name in a.arrays():
+        assert set(a.arrays) == set(want)
+        for name in a.arrays:
             np.testing.assert_allclose(a[name][:], want[name], atol=ATOL[dtype], rtol=0,
                                        err_msg=name)  # fmt: skip
 

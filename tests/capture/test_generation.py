@@ -55,8 +55,8 @@ def _check(path, model, prompts: dict, summary, atol: float) -> None:
     seq = torch.tensor([g["ids"] for g in summary.generated])
     want, real = _forward_over(model, prompts, seq)
     with open_archive(path) as a:
-        assert set(a.arrays()) == set(want)
-        for name in a.arrays():
+        assert set(a.arrays) == set(want)
+        for name in a.arrays:
             got, ref = a[name][:], want[name].float().numpy()
             assert got.shape == ref.shape, name
             # rows of padding queries attend to nothing real: generate and a full forward
@@ -250,7 +250,7 @@ def test_generation_with_token_type_ids_equals_forward_over_final_sequences(tmp_
     want = reference_attentions(model, batch)  # fmt: skip
     real = full.bool().numpy()
     with open_archive(tmp_path / "t.zarr") as a:
-        for name in a.arrays():
+        for name in a.arrays:
             got, ref = a[name][:], want[name].float().numpy()
             diff = np.abs(got - ref).max(axis=(1, 3))  # (B, T)
             assert diff[real].max() <= 1e-5, name

@@ -40,7 +40,7 @@ def test_hf_encoder_only_with_tokenizer_labels(tmp_path, quiet_hf) -> None:
     ids = torch.randint(0, 50, (2, 6))
     capture(bert, [{"input_ids": ids}], tmp_path / "bert.zarr", tokenizer=Tok(), progress=False)
     with open_archive(tmp_path / "bert.zarr") as a:
-        assert a.arrays() == ["encoder/0/self_attention", "encoder/1/self_attention"]
+        assert a.arrays == ["encoder/0/self_attention", "encoder/1/self_attention"]
         assert list(a.layout.encoder.labels) == [f"tok{i}" for i in ids[0].tolist()]
         bert.set_attn_implementation("eager")  # capture restored the model's own setting
         want = bert(input_ids=ids, output_attentions=True).attentions[1].detach().numpy()
@@ -56,7 +56,7 @@ def test_hf_decoder_only_is_causal(tmp_path, quiet_hf) -> None:
     ).eval()
     capture(gpt, [{"input_ids": torch.randint(0, 50, (2, 6))}], tmp_path / "g.zarr", progress=False)
     with open_archive(tmp_path / "g.zarr") as a:
-        assert a.arrays() == ["decoder/0/self_attention", "decoder/1/self_attention"]
+        assert a.arrays == ["decoder/0/self_attention", "decoder/1/self_attention"]
         x = a["decoder/0/self_attention"][:]
         assert (x[..., np.triu_indices(6, 1)[0], np.triu_indices(6, 1)[1]] == 0).all()
 
@@ -83,7 +83,7 @@ def test_hf_encoder_decoder_cross_attention(tmp_path, quiet_hf) -> None:
     }
     capture(bart, [batch], tmp_path / "b.h5", progress=False)
     with open_archive(tmp_path / "b.h5") as a:
-        assert a.arrays() == [
+        assert a.arrays == [
             "encoder/0/self_attention",
             "decoder/0/self_attention",
             "decoder/0/cross_attention",
@@ -148,7 +148,7 @@ def test_selected_layer_is_eager_and_the_others_stay_on_sdpa(tmp_path, quiet_hf,
         assert m.config._attn_implementation == "sdpa"
     want = reference_attentions(model, batch)
     with open_archive(tmp_path / "a.zarr") as a:
-        assert all(n.split("/")[1] == "1" for n in a.arrays())
+        assert all(n.split("/")[1] == "1" for n in a.arrays)
         # layer 0 ran the fused kernel: its output differs from eager by float rounding only
         got = a[f"{stack}/1/self_attention"][:]
         np.testing.assert_allclose(got, as_stored(model, batch, want)[f"{stack}/1/self_attention"],
@@ -241,7 +241,7 @@ def test_legacy_family_falls_back_to_output_attentions(tmp_path, quiet_hf) -> No
     capture(model, [batch], tmp_path / "b.zarr", dtype="float32", progress=False)
     want = reference_attentions(model, batch)
     with open_archive(tmp_path / "b.zarr") as a:
-        for name in a.arrays():
+        for name in a.arrays:
             np.testing.assert_allclose(a[name][:], want[name].numpy(), atol=1e-6)
 
 

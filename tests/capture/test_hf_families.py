@@ -40,8 +40,8 @@ def quiet_hf():
 def _check_archive(path, want: dict[str, np.ndarray], atol: float) -> None:
     """Every stored cell equals ``want`` (the model's own weights, padding zeroed)."""
     with open_archive(path) as a:
-        assert set(a.arrays()) == set(want)
-        for name in a.arrays():
+        assert set(a.arrays) == set(want)
+        for name in a.arrays:
             ref = want[name]
             got = a[name][:]
             assert got.shape == ref.shape, name
@@ -89,7 +89,7 @@ def test_t5_asymmetric_depth_keeps_every_decoder_layer(tmp_path, enc, dec) -> No
     batch = batch_for("t5", model)
     capture(model, [batch], tmp_path / "t5.zarr", progress=False, layers=[dec - 1])
     with open_archive(tmp_path / "t5.zarr") as a:
-        kept = a.arrays()
+        kept = a.arrays
     want = [f"decoder/{dec - 1}/self_attention", f"decoder/{dec - 1}/cross_attention"]
     if dec - 1 < enc:
         want.insert(0, f"encoder/{dec - 1}/self_attention")
@@ -168,7 +168,7 @@ def test_pretrained_minilm_padded_sentences_match_output_attentions(tmp_path) ->
         tmp_path / "m.zarr", as_stored(model, batch, reference_attentions(model, batch)), 1e-5
     )
     with open_archive(tmp_path / "m.zarr") as a:
-        assert len(a.arrays()) == model.config.num_hidden_layers
+        assert len(a.arrays) == model.config.num_hidden_layers
         assert a.ragged  # padded sentences: per-sample masks and tokens
         np.testing.assert_array_equal(a.masks("encoder"), batch["attention_mask"].numpy() == 1)
         assert a.tokens("encoder", 1)[0][0] == "[CLS]"

@@ -38,7 +38,7 @@ def test_capture_writes_every_array_equal_to_model_weights(model, tmp_path, suff
     ref = reference_weights(model, data)
     with open_archive(tmp_path / f"run{suffix}") as a:
         assert a.n_samples == 6
-        assert sorted(a.arrays()) == sorted(ref)
+        assert sorted(a.arrays) == sorted(ref)
         for name, want in ref.items():
             got = a[name][:]
             assert got.dtype == np.float16
@@ -63,8 +63,8 @@ def test_selection_of_layers_heads_kinds_happens_before_storage(model, tmp_path)
     )
     ref = reference_weights(model, data)
     with open_archive(tmp_path / "sel.zarr") as a:
-        assert a.arrays() == ["decoder/1/cross_attention"]
-        assert a.heads("decoder/1/cross_attention") == [0, 3]
+        assert a.arrays == ["decoder/1/cross_attention"]
+        assert a.heads["decoder/1/cross_attention"] == (0, 3)
         got = a["decoder/1/cross_attention"][:]
         assert got.dtype == np.float32
         np.testing.assert_allclose(got, ref["decoder/1/cross_attention"][:, [0, 3]], atol=1e-6)
@@ -273,7 +273,7 @@ def test_torch_nn_transformer_all_three_kinds(tmp_path) -> None:
     data = [(torch.randn(3, 7, 16), torch.randn(3, 5, 16)) for _ in range(2)]
     capture(net, data, tmp_path / "nn.zarr", dtype="float32", progress=False)
     with open_archive(tmp_path / "nn.zarr") as a:
-        assert a.arrays() == [
+        assert a.arrays == [
             "encoder/0/self_attention",
             "encoder/1/self_attention",
             "decoder/0/self_attention",
@@ -294,7 +294,7 @@ def test_plain_encoder_stack_bypasses_fast_path(tmp_path) -> None:
     net = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, batch_first=True), 2).eval()
     capture(net, [torch.randn(2, 6, 16)], tmp_path / "e.h5", progress=False)
     with open_archive(tmp_path / "e.h5") as a:
-        assert a.arrays() == ["encoder/0/self_attention", "encoder/1/self_attention"]
+        assert a.arrays == ["encoder/0/self_attention", "encoder/1/self_attention"]
         assert a.n_samples == 2
 
 

@@ -62,7 +62,7 @@ def _model() -> Transformer:
 def _complete(path) -> None:
     ref = reference_weights(_model(), batches(3))
     with open_archive(path) as a:
-        assert a.n_samples == 6 and sorted(a.arrays()) == sorted(ref)
+        assert a.n_samples == 6 and sorted(a.arrays) == sorted(ref)
         for name, want in ref.items():
             np.testing.assert_allclose(a[name][:], want, atol=1e-3, err_msg=name)
         assert set(INPUT_HASH_KEYS) <= set(a.sample_ids)

@@ -134,9 +134,9 @@ def test_kept_rows_equal_the_models_own_weights(model, tmp_path, spec, opts, suf
     rows = RowPolicy.parse(spec).resolve(LAYOUT)
     heads = opts.get("heads", [0, 1, 2, 3])
     with open_archive(path) as a:
-        assert a.arrays()
+        assert a.arrays
         assert a.metadata["query_rows"] == {k: v.tolist() for k, v in rows.items()}
-        for name in a.arrays():
+        for name in a.arrays:
             stack, _layer, kind = name.split("/")
             side = "encoder" if stack == "encoder" else "decoder"
             want = ref[name][:, heads]
@@ -156,7 +156,7 @@ def test_topk_of_kept_rows_equals_topk_of_the_full_capture(model, tmp_path) -> N
     capture(model, data, tmp_path / "last.zarr", topk=3, dtype="float32", progress=False,
             rows="decoder:last=3", heads=[2])  # fmt: skip
     with open_archive(tmp_path / "full.zarr") as f, open_archive(tmp_path / "last.zarr") as a:
-        for name in a.arrays():
+        for name in a.arrays:
             r = a.query_rows(name)
             full = f[name][:][:, [2]]
             if name.startswith("decoder"):
@@ -230,7 +230,7 @@ def test_hf_padded_batches_keep_rows_of_the_padded_axis(tmp_path) -> None:
         assert a.ragged
         for i, b in enumerate((b1, b2)):
             want = hf_models.as_stored(model, b, hf_models.reference_attentions(model, b))
-            for name in a.arrays():
+            for name in a.arrays:
                 got = a[name][2 * i : 2 * i + 2]
                 assert got.shape == (2, 2, 3, 7)
                 full = np.zeros((2, 2, 7, 7), dtype=np.float32)
@@ -250,7 +250,7 @@ def test_hf_last_row_of_a_padded_axis(tmp_path) -> None:
             progress=False)  # fmt: skip
     want = hf_models.as_stored(model, b, hf_models.reference_attentions(model, b))
     with open_archive(tmp_path / "g.zarr") as a:
-        for name in a.arrays():
+        for name in a.arrays:
             assert a.query_rows(name).tolist() == [6]
             np.testing.assert_allclose(a[name][:], want[name][:, :, [6]], atol=1e-6)
         # sample 1 has 5 real tokens: its row 6 is padding, stored as zeros
@@ -277,6 +277,6 @@ def test_generation_keeps_the_policy_rows_of_the_final_sequence(tmp_path) -> Non
     capture(model, [prompts], tmp_path / "last.zarr", generate=gen, dtype="float32",
             progress=False, rows="decoder:last=3")  # fmt: skip
     with open_archive(tmp_path / "full.zarr") as f, open_archive(tmp_path / "last.zarr") as a:
-        for name in f.arrays():
+        for name in f.arrays:
             assert a.query_rows(name).tolist() == [6, 7, 8]  # the generated tokens' rows
             np.testing.assert_array_equal(a[name][:], f[name][:][:, :, 6:9])

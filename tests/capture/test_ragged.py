@@ -166,7 +166,7 @@ def test_resume_of_a_partly_committed_batch_keeps_masks_and_tokens_aligned(tmp_p
     tokens = {s: {k: v[:1] for k, v in t.items() if v is not None}
               for s, t in adapter_for(model, tok).tokens(b1).items()}  # fmt: skip
     with open_archive(tmp_path / "full.zarr") as full, ArchiveWriter.open(path) as w:
-        w.append({k: full[k][2:3][..., :n, :n] for k in full.arrays()},
+        w.append({k: full[k][2:3][..., :n, :n] for k in full.arrays},
                  masks={"encoder": b1["attention_mask"][:1].bool().numpy()}, tokens=tokens,
                  sample_ids=input_hash_ids(input_digest(b1), 1))  # fmt: skip
     summary = capture(model, batches, path, resume=True, **opts)

@@ -111,7 +111,7 @@ def as_stored(w: np.ndarray, mask: torch.Tensor | None) -> np.ndarray:
 
 def _stored(path: Path) -> dict[str, np.ndarray]:
     with open_archive(path) as a:
-        return {n: a[n][:] for n in a.arrays()}
+        return {n: a[n][:] for n in a.arrays}
 
 
 def test_bridge_gpt2_stores_every_layer_pattern_and_tokens(tmp_path, tok_dir) -> None:
@@ -121,7 +121,7 @@ def test_bridge_gpt2_stores_every_layer_pattern_and_tokens(tmp_path, tok_dir) ->
     want = patterns(model, ids)
     capture(model, [ids], tmp_path / "a.zarr", dtype="float32", progress=False)
     with open_archive(tmp_path / "a.zarr") as a:
-        assert a.arrays() == ["decoder/0/self_attention", "decoder/1/self_attention"]
+        assert a.arrays == ["decoder/0/self_attention", "decoder/1/self_attention"]
         assert not a.ragged
         for i in range(2):
             np.testing.assert_array_equal(a[f"decoder/{i}/self_attention"][:], want[i])
@@ -187,7 +187,7 @@ def test_bidirectional_bridge_is_an_encoder(tmp_path, tok_dir) -> None:
     want = patterns(model, batch)
     capture(model, [batch], tmp_path / "a.zarr", dtype="float32", progress=False)
     with open_archive(tmp_path / "a.zarr") as a:
-        assert a.arrays() == ["encoder/0/self_attention", "encoder/1/self_attention"]
+        assert a.arrays == ["encoder/0/self_attention", "encoder/1/self_attention"]
         np.testing.assert_array_equal(a.masks("encoder"), batch["attention_mask"].bool().numpy())
         for i in range(2):
             ref = as_stored(want[i], batch["attention_mask"])
@@ -205,10 +205,10 @@ def test_right_padded_bridge_archive_equals_hugging_face_archive(tmp_path, tok_d
     model = bridge(family, tok_dir, tmp_path / "m")
     capture(model, [batch], tmp_path / "tl.zarr", dtype="float32", progress=False)
     with open_archive(tmp_path / "hf.zarr") as h, open_archive(tmp_path / "tl.zarr") as t:
-        assert h.arrays() == t.arrays() and h.ragged and t.ragged
+        assert h.arrays == t.arrays and h.ragged and t.ragged
         np.testing.assert_array_equal(h.masks("decoder"), t.masks("decoder"))
         assert h.labels("decoder") == t.labels("decoder")
-        for n in h.arrays():
+        for n in h.arrays:
             np.testing.assert_allclose(t[n][:], h[n][:], rtol=0, atol=1e-6, err_msg=n)
 
 
@@ -229,13 +229,13 @@ def test_encoder_decoder_bridge_equals_hugging_face_archive(tmp_path, tok_dir, f
         _, cache = model.run_with_cache(batch["input_ids"], **{k: v for k, v in batch.items()
                                                               if k != "input_ids"})  # fmt: skip
     with open_archive(tmp_path / "hf.zarr") as h, open_archive(tmp_path / "tl.zarr") as t:
-        assert h.arrays() == t.arrays()
-        n_enc, n_dec = len(t.layers("encoder")), len(t.layers("decoder"))
+        assert h.arrays == t.arrays
+        n_enc, n_dec = len(t.layers["encoder"]), len(t.layers["decoder"])
         assert (n_enc, n_dec) == {"t5_2enc_3dec": (2, 3), "t5_3enc_2dec": (3, 2)}[family]
         for side in ("encoder", "decoder"):
             np.testing.assert_array_equal(h.masks(side), t.masks(side))
             assert h.labels(side) == t.labels(side)
-        for n in h.arrays():
+        for n in h.arrays:
             np.testing.assert_allclose(t[n][:], h[n][:], rtol=0, atol=1e-6, err_msg=n)
         em, dm = batch["attention_mask"].bool().numpy(), dec["attention_mask"].bool().numpy()
         cross = t["decoder/1/cross_attention"][:]
@@ -253,8 +253,8 @@ def test_layers_heads_topk_select_from_the_patterns(tmp_path, tok_dir) -> None:
             progress=False)  # fmt: skip
     capture(model, [batch], tmp_path / "top.zarr", topk=2, dtype="float32", progress=False)
     with open_archive(tmp_path / "sel.zarr") as a:
-        assert a.arrays() == ["decoder/1/self_attention"]
-        assert a.heads("decoder/1/self_attention") == [3, 0]
+        assert a.arrays == ["decoder/1/self_attention"]
+        assert a.heads["decoder/1/self_attention"] == [3, 0]
         ref = as_stored(want[1], batch["attention_mask"])[:, [3, 0]]
         np.testing.assert_array_equal(a["decoder/1/self_attention"][:], ref)
     with open_archive(tmp_path / "top.zarr") as a:
@@ -435,7 +435,7 @@ def test_hooked_encoder_takes_the_mask_as_one_zero_attention_mask(tmp_path, tok_
         )
     capture(model, [batch], tmp_path / "a.zarr", dtype="float32", progress=False)
     with open_archive(tmp_path / "a.zarr") as a:
-        assert a.arrays() == ["encoder/0/self_attention", "encoder/1/self_attention"]
+        assert a.arrays == ["encoder/0/self_attention", "encoder/1/self_attention"]
         for i in range(2):
             ref = as_stored(cache["pattern", i].numpy(), batch["attention_mask"])
             np.testing.assert_array_equal(a[f"encoder/{i}/self_attention"][:], ref)

@@ -18,7 +18,7 @@ from attnscope.store import ArchiveWriter, open_archive
 
 def _expected_bytes(path, itemsize: int) -> int:
     with open_archive(path) as a:
-        return sum(int(np.prod(a[n].shape)) * itemsize for n in a.arrays())
+        return sum(int(np.prod(a[n].shape)) * itemsize for n in a.arrays)
 
 
 @pytest.mark.parametrize(("dtype", "itemsize"), [("float16", 2), ("bfloat16", 2), ("float32", 4)])
@@ -35,7 +35,7 @@ def test_bytes_and_mb_per_s_count_the_stored_dtype(
 def test_sparse_bytes_count_values_and_indices(small_model, make_batches, tmp_path) -> None:
     s = capture(small_model, make_batches(1), tmp_path / "sp.zarr", topk=2, progress=False)
     with open_archive(tmp_path / "sp.zarr") as a:
-        n_rows = sum(int(np.prod(a[n].shape[:3])) for n in a.arrays())
+        n_rows = sum(int(np.prod(a[n].shape[:3])) for n in a.arrays)
     assert s.bytes == n_rows * 2 * (2 + 2)  # k=2 float16 values + k=2 int16 indices per row
 
 

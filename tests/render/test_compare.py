@@ -50,10 +50,13 @@ def test_diff_of_unchanged_head_is_zero(pair: tuple) -> None:
 
 
 def test_diff_summary_puts_the_change_in_its_cell(pair: tuple, tmp_path: Path) -> None:
-    from attnscope.analysis import diff_archives
+    from attnscope.analysis import diff_archives, load_table
 
     a, b, _ = pair
-    df = pd.read_parquet(diff_archives(a, b, tmp_path / "d"))
+    per_head = pd.read_parquet(diff_archives(a, b, tmp_path / "d"))
+    fig = plot_diff_summary(per_head, stack="encoder", kind="self_attention")
+    assert np.asarray(fig.axes[0].images[0].get_array()).shape == (1, 4)  # 4 heads
+    df = load_table(tmp_path / "d", "diff", with_mean_head=True)
     fig = plot_diff_summary(df, stack="encoder", kind="self_attention")
     data = np.asarray(fig.axes[0].images[0].get_array())
     assert data.shape == (1, 5)  # one layer x (4 heads + mean)
@@ -82,7 +85,8 @@ def test_cli_diff_end_to_end(pair: tuple, tmp_path: Path) -> None:
                                    "--figures", "--heads", "1"])
     assert res.exit_code == 0, res.output
     df = pd.read_parquet(out / "diff.parquet")
-    assert (df[df["js"] > 0]["head"].isin([1, -1])).all()
+    assert (df[df["js"] > 0]["head_index"] == 1).all()
+    assert (pd.read_parquet(out / "mean_head_diff.parquet")["js"] > 0).any()
     assert (out / "diff" / "encoder-L00-self_attention-s0000-h01.png").exists()
     assert (out / "diff" / "encoder-L00-self_attention-s0000-havg.png").exists()
     assert (out / "diff" / "summary-js-encoder-self_attention.png").exists()
@@ -134,7 +138,7 @@ def test_diff_and_rollout_speak_model_head_ids(kept_heads_archive, tmp_path: Pat
     one = sample_rollout(kept_heads_archive, 0, heads=[3])[("encoder", "self_attention")][0]
     with open_archive(kept_heads_archive) as a:
         mats = [np.asarray(a.attention("encoder", i, "self_attention")[0, 1], dtype=np.float64)
-                for i in a.layers("encoder")]
+                for i in a.layers["encoder"]]
     from attnscope.analysis.rollout import attention_rollout
 
     np.testing.assert_allclose(one, attention_rollout(mats), atol=1e-6)

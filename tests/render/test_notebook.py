@@ -132,7 +132,7 @@ def test_show_is_attnscope_show(archive) -> None:
 
     assert attnscope.show is attnscope.render.show is show
     with open_archive(archive) as arc:
-        assert arc.arrays() == ARRAYS  # the one call of the archive's listing in this file
+        assert arc.arrays == ARRAYS  # the one call of the archive's listing in this file
 
 
 def test_show_outside_a_notebook_prints_plain_text(archive, capsys) -> None:

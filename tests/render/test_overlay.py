@@ -6,7 +6,6 @@ from pathlib import Path
 
 import matplotlib.image as mpimg
 import numpy as np
-import pandas as pd
 import pytest
 from click.testing import CliRunner
 
@@ -130,15 +129,15 @@ def test_plot_overlay_over_frame(planted: tuple) -> None:
 
 def test_timeline_equals_numpy_on_planted_episode(planted: tuple, tmp_path: Path) -> None:
     path, w = planted
-    out = timeline(path, tmp_path / "t", query="traj")
-    df = pd.read_parquet(out)
+    timeline(path, tmp_path / "t", query="traj")
+    df = load_table(tmp_path / "t", "timeline", with_mean_head=True)  # mean: head_index -1
     x = w["decoder/1/cross_attention"][3:6]  # episode 1, steps 0..2
     want_img = x[:, :, 2:5, 3:12].sum(-1).mean(-1).mean(-1)  # head mean
     got = df[(df.episode == 1) & (df.layer == 1) & (df.kind == "cross_attention")
-             & (df["head"] == -1) & (df.key_segment == "cam")].sort_values("step")
+             & (df.head_index == -1) & (df.key_segment == "cam")].sort_values("step")
     np.testing.assert_allclose(got["mass"], want_img, atol=5e-3)
     assert list(got["step"]) == [0, 1, 2] and set(got["key_kind"]) == {"image"}
-    head0 = df[(df.layer == 0) & (df.kind == "cross_attention") & (df["head"] == 0)
+    head0 = df[(df.layer == 0) & (df.kind == "cross_attention") & (df.head_index == 0)
                & (df.key_segment == "cam")]
     np.testing.assert_allclose(head0["mass"], 1.0, atol=1e-3)
     assert set(df.query_group) == {"traj"} and set(df["stack"]) == {"decoder"}

@@ -108,7 +108,7 @@ def test_head_idx_is_the_models_head_id(kept_heads_archive):
         assert head_ids(arr) == [0, 3] and head_position(arr, 3) == 1
         p = prepare_matrix(arr, head_idx=3, batch_idx=1)
         np.testing.assert_array_equal(p.data, arr[1, 1])
-        view = arc.to_xarray("encoder/1/self_attention")
+        view = arc.to_xarray("encoder").attention.sel(layer=1)
         assert view["head"].values.tolist() == [0, 3]
         np.testing.assert_array_equal(p.data, view.sel(head=3, sample=1).values)
         with pytest.raises(SelectionError, match=r"head_idx 1 is not a stored head.*\[0, 3\]"):

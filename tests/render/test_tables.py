@@ -10,7 +10,7 @@ from attnscope.render.tables import prepare_segment_mass, prepare_top_pairs
 @pytest.fixture
 def head_stats(rng):
     rows = [
-        dict(stack=st, layer=lyr, kind="self_attention", sample=s, head=h,
+        dict(stack=st, layer=lyr, kind="self_attention", sample=s, head_index=h,
              entropy_mean=float(rng.random()))
         for st in ("encoder", "decoder") for lyr in range(3) for s in range(2) for h in range(4)
     ]
@@ -21,7 +21,7 @@ def head_stats(rng):
 def segment_mass(rng):
     segs = ["text", "robot0_eef_pos", "agentview_image"]
     rows = [
-        dict(stack="encoder", layer=0, kind="self_attention", sample=0, head=h,
+        dict(stack="encoder", layer=0, kind="self_attention", sample=0, head_index=h,
              query_segment=q, key_segment=k, mass=float(rng.random()))
         for h in range(2) for q in segs for k in segs
     ]
@@ -33,7 +33,7 @@ def test_entropy_heatmap_is_layer_by_head_mean_over_samples(head_stats, tmp_path
     fig = plot_head_metric(tmp_path / "head_stats.parquet", stack="decoder", kind="self_attention")
     ax = fig.axes[0]
     want = (head_stats[head_stats["stack"] == "decoder"]
-            .groupby(["layer", "head"]).entropy_mean.mean().unstack().to_numpy())
+            .groupby(["layer", "head_index"]).entropy_mean.mean().unstack().to_numpy())
     np.testing.assert_allclose(ax.images[0].get_array(), want)
     assert ax.get_xlabel() == "head" and ax.get_ylabel() == "layer"
     assert ax.images[0].get_clim() == pytest.approx((want.min(), want.max()))
@@ -44,7 +44,7 @@ def test_segment_mass_keeps_sequence_order_and_averages_heads(segment_mass):
     pv = prepare_segment_mass(segment_mass, stack="encoder", layer=0, kind="self_attention")
     assert list(pv.index) == ["text", "robot0_eef_pos", "agentview_image"]
     fig = plot_segment_mass(segment_mass, stack="encoder", layer=0, head=1)
-    sel = segment_mass[segment_mass["head"] == 1]
+    sel = segment_mass[segment_mass.head_index == 1]
     img = fig.axes[0].images[0].get_array()
     assert img[0, 2] == pytest.approx(
         sel[(sel.query_segment == "text") & (sel.key_segment == "agentview_image")].mass.item())
@@ -52,7 +52,7 @@ def test_segment_mass_keeps_sequence_order_and_averages_heads(segment_mass):
 
 
 def test_top_pairs_sorted_with_labels():
-    df = pd.DataFrame(dict(stack="encoder", layer=0, kind="self_attention", sample=0, head=0,
+    df = pd.DataFrame(dict(stack="encoder", layer=0, kind="self_attention", sample=0, head_index=0,
                            query=[0, 1, 2], key=[2, 0, 1], weight=[0.2, 0.9, 0.5],
                            query_label=["a", "b", "c"], key_label=["c", "a", "b"]))
     tp = prepare_top_pairs(df, k=2)
@@ -70,7 +70,7 @@ def test_unknown_selection_and_missing_column(segment_mass):
 
 
 def test_segment_mass_uses_average_head_rows_when_present(segment_mass):
-    avg = segment_mass[segment_mass["head"] == 0].assign(head=-1, mass=0.5)
+    avg = segment_mass[segment_mass.head_index == 0].assign(head_index=-1, mass=0.5)
     df = pd.concat([segment_mass, avg])
     pv = prepare_segment_mass(df, stack="encoder", layer=0, kind="self_attention")
     assert (pv.to_numpy() == 0.5).all()
@@ -89,7 +89,7 @@ def test_unknown_metric_lists_the_head_stats_metrics(head_stats):
 
 def test_every_table_figure_renders_from_analyze_output(small_archive, tmp_path):
     """Tables written by ``analyze`` feed every table figure: a renamed column fails here."""
-    from attnscope.analysis import analyze
+    from attnscope.analysis import analyze, load_table
     from attnscope.render import render_archive
     from attnscope.render.tables import METRICS
 
@@ -103,13 +103,17 @@ def test_every_table_figure_renders_from_analyze_output(small_archive, tmp_path)
     hs = pd.read_parquet(tmp_path / "tables" / "head_stats.parquet")
     for metric in METRICS:  # every numeric head_stats column is a drawable metric
         fig = plot_head_metric(hs, stack="decoder", kind="cross_attention", metric=metric)
-        assert fig.axes[0].images[0].get_array().shape == (3, 5)  # 3 layers x (4 heads + avg)
+        assert fig.axes[0].images[0].get_array().shape == (3, 4)  # 3 layers x 4 heads
+    both = load_table(tmp_path / "tables", "head_stats", with_mean_head=True)
+    fig = plot_head_metric(both, stack="decoder", kind="cross_attention")
+    assert fig.axes[0].images[0].get_array().shape == (3, 5)  # + the mean of heads
+    assert "avg" in [t.get_text() for t in fig.axes[0].get_xticklabels()]
 
 
 def _pairs(rows):
     """A top_pairs table from (sample, head, rank, query, key, weight, qlabel, klabel,
     allowed_keys) rows."""
-    cols = ["sample", "head", "rank", "query", "key", "weight", "query_label", "key_label",
+    cols = ["sample", "head_index", "rank", "query", "key", "weight", "query_label", "key_label",
             "allowed_keys"]
     df = pd.DataFrame(rows, columns=cols)
     return df.assign(stack="decoder", layer=0, kind="self_attention")
@@ -130,10 +134,10 @@ def test_top_pair_summary_counts_each_heads_top_pair_over_samples():
                  (s, 3, 1, 1, 0, 0.7, "the", "<s>", 2)]
     df = _pairs(rows)
     tp = prepare_top_pair_summary(df, stack="decoder", layer=0, kind="self_attention")
-    h0 = tp[tp["head"] == 0]
+    h0 = tp[tp.head_index == 0]
     assert h0["pair"].tolist() == ["cat -> the"] and h0["count"].item() == 4
     assert h0["weight"].item() == pytest.approx(0.65) and h0["share"].item() == 1.0
-    h3 = tp[tp["head"] == 3]
+    h3 = tp[tp.head_index == 3]
     assert h3["pair"].tolist() == ["sat -> cat", "the -> <s>"]
     assert h3["count"].tolist() == [3, 1] and h3["samples"].tolist() == [4, 4]
     fig = plot_top_pair_summary(df, stack="decoder", layer=0, kind="self_attention")
@@ -153,7 +157,8 @@ def test_top_pairs_of_one_sample_leave_forced_cells_out():
 
 
 def test_top_pairs_table_marks_forced_cells(small_archive, tmp_path):
-    """analyze writes allowed_keys (top_pairs version 2): row 0 of a causal array is forced."""
+    """analyze writes allowed_keys (top_pairs version 2; 3: head_index): row 0 of a causal
+    array is forced."""
     import pyarrow.parquet as pq
 
     from attnscope.analysis import analyze
@@ -161,7 +166,7 @@ def test_top_pairs_table_marks_forced_cells(small_archive, tmp_path):
 
     analyze(small_archive, tmp_path / "t", topk=16, progress=False)
     meta = pq.read_schema(tmp_path / "t" / "top_pairs.parquet").metadata
-    assert meta[TABLE_VERSION_KEY.encode()] == b"2"
+    assert meta[TABLE_VERSION_KEY.encode()] == b"3"
     df = pd.read_parquet(tmp_path / "t" / "top_pairs.parquet")
     enc = df[df["stack"] == "encoder"]
     assert (enc["allowed_keys"] == 5).all()  # bidirectional, 5 keys

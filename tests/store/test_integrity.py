@@ -13,7 +13,14 @@ import numpy as np
 import pytest
 
 from attnscope.errors import ArchiveCorruptError, ArchiveError, ConfigError
-from attnscope.store import ArchiveWriter, check_structure, info, open_archive, verify
+from attnscope.store import (
+    ArchiveWriter,
+    check_structure,
+    info,
+    open_archive,
+    parse_array_name,
+    verify,
+)
 from attnscope.store.integrity import structure_problems
 
 from .store_testlib import make_batch
@@ -76,7 +83,7 @@ def _every_reader_path(path: str, name: str = NAME) -> list[str]:
             lambda: [b for _s, b in arr.iter_blocks()],
             lambda: np.asarray(arr),
             lambda: a.to_dask(name).compute(),
-            lambda: a.to_xarray(name).values,
+            lambda: a.to_xarray(*parse_array_name(name)[::2]).attention.values,
         ):
             with pytest.raises(ArchiveCorruptError) as e:
                 read()
@@ -157,7 +164,7 @@ def test_deleted_array_fails_verify_and_reads(five, fmt):
     assert not rep.ok
     assert f"{NAME}: listed in the root metadata but missing from storage" in rep.problems[0]
     with open_archive(five) as a:
-        assert NAME not in a.arrays() and a.missing_arrays() == [NAME]
+        assert NAME not in a.arrays and a.missing_arrays() == [NAME]
         with pytest.raises(ArchiveCorruptError, match="missing from storage"):
             a[NAME]
 
@@ -190,7 +197,7 @@ def _junk_array_metadata(path: str, fmt: str) -> None:
 
 def _read_all(path: str) -> None:
     with open_archive(path) as a:
-        for n in a.arrays():
+        for n in a.arrays:
             a[n][...]
 
 

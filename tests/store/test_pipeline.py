@@ -49,7 +49,7 @@ def test_submitted_batches_equal_appended_ones(tmp_path, fmt, layout, rng):
         assert w.flush() == 15
     with open_archive(ref) as a, open_archive(got) as b:
         assert a.n_samples == b.n_samples == 15
-        for name in a.arrays():
+        for name in a.arrays:
             np.testing.assert_array_equal(a[name][:], b[name][:])
     assert verify(got).ok
 

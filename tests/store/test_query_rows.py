@@ -140,13 +140,14 @@ def test_xarray_view_names_the_kept_rows(tmp_path) -> None:
     with ArchiveWriter.create(path, LAYOUT, dtype="float32", query_rows=ROWS) as w:
         w.append(batch)
     with open_archive(path) as a:
-        da = a.to_xarray("decoder/0/cross_attention")
-        assert list(da["query"].values) == ["traj[0]", "traj[3]"]
-        assert list(da["query_segment"].values) == ["traj", "traj"]
-        assert list(da["query_position"].values) == ROWS["decoder"]
-        np.testing.assert_array_equal(da.values, batch["decoder/0/cross_attention"])
-        ds = a.to_xarray()
-        assert ds.sizes["decoder_query"] == 2 and ds.sizes["encoder_query"] == 5
+        ds = a.to_xarray("decoder", "cross")
+        assert list(ds["query"].values) == ROWS["decoder"]  # the original positions
+        assert ds["query_token"].values.tolist() == [["traj[0]", "traj[3]"]] * 2
+        assert list(ds["query_segment"].values) == ["traj", "traj"]
+        np.testing.assert_array_equal(ds.attention.sel(layer=0).values,
+                                      batch["decoder/0/cross_attention"])
+        assert ds.mask.shape == (2, 2, 5) and bool(ds.mask.all())
+        assert a.to_xarray("encoder").sizes["query"] == 5
 
 
 def test_xarray_query_segments_count_the_kept_rows(tmp_path) -> None:
@@ -160,23 +161,21 @@ def test_xarray_query_segments_count_the_kept_rows(tmp_path) -> None:
     with ArchiveWriter.create(path, LAYOUT, dtype="float32", query_rows={"decoder": rows}) as w:
         w.append({"decoder/0/cross_attention": full[:, :, rows], "encoder/0/self_attention": enc})
     with open_archive(path) as a:
-        da = a.to_xarray("decoder/0/cross_attention")
+        da = a.to_xarray("decoder").attention.sel(layer=0)
         segs = json.loads(da.attrs["query_segments"])
         assert segs == [["text", 0, 1], ["traj", 1, 3]]
         for seg, start, stop in segs:
             part = da.isel(query=slice(start, stop))
             assert set(part["query_segment"].values) == {seg}
-            pos = part["query_position"].values  # the original positions, inside the segment
+            pos = part["query"].values  # the original positions, inside the segment
             orig = LAYOUT.decoder.segment(seg)
             assert len(pos) and ((pos >= orig.start) & (pos < orig.stop)).all()
             np.testing.assert_array_equal(part.values, full[:, :, pos])
         assert json.loads(da.attrs["key_segments"]) == [["a", 0, 3], ["b", 3, 5]]
-        ds = a.to_xarray()  # the Dataset's variables carry the same attrs
-        assert json.loads(ds["decoder/0/cross_attention"].attrs["query_segments"]) == segs
-        enc_segs = json.loads(a.to_xarray("encoder/0/self_attention").attrs["query_segments"])
+        enc_segs = json.loads(a.to_xarray("encoder").attrs["query_segments"])
         assert enc_segs == [["a", 0, 3], ["b", 3, 5]]  # every row kept: the layout's positions
     with ArchiveWriter.create(tmp_path / "k.zarr", LAYOUT, query_rows={"decoder": [3, 4]}) as w:
         w.append({"decoder/0/cross_attention": full[:, :, [3, 4]]})
     with open_archive(tmp_path / "k.zarr") as a:  # a segment without a kept row is left out
-        da = a.to_xarray("decoder/0/cross_attention")
-        assert json.loads(da.attrs["query_segments"]) == [["traj", 0, 2]]
+        ds = a.to_xarray()
+        assert json.loads(ds.attrs["query_segments"]) == [["traj", 0, 2]]

@@ -52,7 +52,7 @@ def test_roundtrip_equals_input_within_stored_precision(path, layout, rng, dtype
     with open_archive(path) as a:
         assert a.format == fmt
         assert a.n_samples == 5 and a.dtype == dtype and a.schema_version == 1  # not ragged: v1
-        assert a.arrays() == [
+        assert a.arrays == [
             f"{s}/{i}/{k}"
             for s, kinds in (
                 ("encoder", ["self_attention"]),
@@ -88,12 +88,10 @@ def test_roundtrip_metadata_layout_and_heads(path, layout, rng):
         assert a.metadata["provenance"]["seed"] == 7
         assert a.metadata["provenance"]["tags"] == {"run": "x"}
         assert a.metadata["n_samples"] == 2
-        assert a.heads("encoder", 0, "self_attention") == [0, 2, 5, 7]
-        assert a.heads("decoder/0/cross_attention") == list(range(H))
-        assert a.layers("decoder") == [0] and a.kinds("decoder", 0) == [
-            "self_attention",
-            "cross_attention",
-        ]
+        assert a.heads["encoder", 0, "self_attention"] == (0, 2, 5, 7)
+        assert a.heads["decoder/0/cross_attention"] == tuple(range(H))
+        assert a.layers["decoder"] == (0,)
+        assert a.kinds["decoder", 0] == ("self_attention", "cross_attention")
         json.dumps(a.metadata)  # JSON-able throughout
         ident = a.identity()
         assert ident["n_samples"] == 2 and len(ident["fingerprint"]) == 16
@@ -195,23 +193,20 @@ def test_iter_blocks_covers_all_samples_chunk_aligned(path, fmt, layout, rng):
 
 
 def test_to_dask_and_to_xarray(path, layout, rng):
-    ref = write(path, layout, [make_batch(rng, 3, layers=1)], dtype="float32")
+    ref = write(path, layout, [make_batch(rng, 3, layers=2)], dtype="float32")
     with open_archive(path) as a:
         d = a.to_dask("decoder/0/cross_attention")
         np.testing.assert_allclose(d.compute(), ref["decoder/0/cross_attention"])
-        da = a.to_xarray("decoder/0/cross_attention")
-        assert da.dims == ("sample", "head", "query", "key")
-        assert list(da.coords["key"].values) == list(layout.encoder.labels)
-        assert list(da.coords["query_segment"].values) == ["action"] * DEC
-        np.testing.assert_allclose(da.isel(head=1).values, ref["decoder/0/cross_attention"][:, 1])
-        ds = a.to_xarray()
-        assert set(ds.data_vars) == set(ref)
-        assert ds["decoder/0/cross_attention"].dims == (
-            "sample",
-            "head",
-            "decoder_query",
-            "encoder_key",
-        )
+        np.testing.assert_allclose(a.to_dask(("decoder", 1, "cross")).compute(),
+                                   ref["decoder/1/cross_attention"])
+        ds = a.to_xarray("decoder", "cross_attention")
+        assert ds.attention.dims == ("layer", "sample", "head", "query", "key")
+        assert ds.attrs["query_side"] == "decoder" and ds.attrs["key_side"] == "encoder"
+        assert ds["key_token"].values.tolist() == [list(layout.encoder.labels)] * 3
+        assert list(ds.coords["query_segment"].values) == ["action"] * DEC
+        for layer in (0, 1):
+            np.testing.assert_allclose(ds.attention.sel(layer=layer).isel(head=1).values,
+                                       ref[f"decoder/{layer}/cross_attention"][:, 1])
 
 
 # -- sparse ------------------------------------------------------------------------------

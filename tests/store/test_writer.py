@@ -52,7 +52,7 @@ def test_hdf5_keeps_one_sample_per_chunk(tmp_path, layout, rng) -> None:
     with ArchiveWriter.create(path, layout) as w:
         w.append(make_batch(rng, 3))
     with open_archive(path) as a:
-        assert all(a[n].chunks[0] == 1 for n in a.arrays())
+        assert all(a[n].chunks[0] == 1 for n in a.arrays)
     with pytest.warns(UserWarning, match="chunk_samples=4 ignored"):
         ArchiveWriter.create(tmp_path / "d.h5", layout, chunk_samples=4).close()
 
@@ -77,7 +77,7 @@ def test_batch_size_chunks_also_for_arrays_created_on_first_append(tmp_path, lay
         assert a["decoder/0/cross_attention"].chunks[0] == 256
     with open_archive(tmp_path / "b.zarr") as a:
         assert a.metadata["batch_size"] == 6
-        for name in a.arrays():
+        for name in a.arrays:
             assert 6 % a[name].chunks[0] == 0, name
 
 
@@ -88,7 +88,7 @@ def test_first_power_of_two_batch_sets_the_chunk_when_batch_size_is_unset(tmp_pa
             w.append(make_batch(rng, 4, layers=1))
     with open_archive(tmp_path / "p.zarr") as a:
         assert a.metadata["batch_size"] is None and a.n_samples == 12
-        for name in a.arrays():
+        for name in a.arrays:
             assert a[name].chunks[0] == 4, name
 
 
@@ -96,7 +96,7 @@ def test_array_list_recorded_in_root_metadata(path, layout, rng) -> None:
     with ArchiveWriter.create(path, layout) as w:
         w.append(make_batch(rng, 2, layers=1))
     with open_archive(path) as a:
-        assert a.metadata["arrays"] == a.arrays() and len(a.arrays()) == 3
+        assert a.metadata["arrays"] == a.arrays and len(a.arrays) == 3
         assert a.missing_arrays() == []
 
 

@@ -33,7 +33,7 @@ except pytest.skip.Exception:  # s3fs or moto missing
 def _load(path: str) -> dict[str, Any]:
     """Everything the archive holds for its committed samples, array by array."""
     with open_archive(path) as a:
-        out: dict[str, Any] = {name: a[name][:] for name in a.arrays()}
+        out: dict[str, Any] = {name: a[name][:] for name in a.arrays}
         out.update({f"id/{k}": v for k, v in a.sample_ids.items()})
         out["mask"] = a.masks("encoder")
         out["token_ids"] = [a.tokens("encoder", i)[1] for i in range(a.n_samples)]
@@ -82,7 +82,7 @@ def _replaced(path: str) -> None:
     provably ours) by a new, empty archive."""
     ArchiveWriter.create(path, LAYOUT, overwrite=True, **OPTS).close()
     with open_archive(path) as a:
-        assert a.n_samples == 0 and a.arrays() == [] and not a.sample_ids
+        assert a.n_samples == 0 and a.arrays == [] and not a.sample_ids
 
 
 def _killed(rep: dict) -> list[str]:

@@ -7,6 +7,7 @@ Examples
 >>> from attnscope.analysis import analyze, load_table  # doctest: +SKIP
 >>> paths = analyze("run.zarr", "out/", topk=10, workers=2)  # doctest: +SKIP
 >>> load_table("out/", "head_stats", archive="run.zarr").head()  # doctest: +SKIP
+>>> load_table("out/", "mean_head_stats")  # the head-averaged map's metrics  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -39,11 +40,13 @@ from attnscope.analysis.rollout import (
 from attnscope.analysis.statistics import statistics_json
 from attnscope.analysis.tables import TABLE_SCHEMAS, TABLES, load_table
 from attnscope.analysis.timeline import timeline, timeline_mass
-from attnscope.contracts import AVERAGE_HEAD
+from attnscope.contracts import AVERAGE_HEAD, HEAD_INDEX, MEAN_HEAD_TABLES
 from attnscope.errors import StaleTableError
 
 __all__ = [
     "AVERAGE_HEAD",
+    "HEAD_INDEX",
+    "MEAN_HEAD_TABLES",
     "TABLES",
     "TABLE_SCHEMAS",
     "StaleTableError",

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from attnscope.analysis import metrics as M
-from attnscope.contracts import AVERAGE_HEAD
+from attnscope.contracts import AVERAGE_HEAD, HEAD_INDEX
 from attnscope.errors import InputError
 
 __all__ = ["ArraySpec", "BlockTokens", "StatsAccumulator", "analyze_block", "densify_topk"]
@@ -332,7 +332,7 @@ def _sample_head_index(
     n, hh = len(samples), len(head_ids)
     return {
         "sample": np.repeat(samples, hh * inner),
-        "head": np.tile(np.repeat(head_ids, inner), n),
+        HEAD_INDEX: np.tile(np.repeat(head_ids, inner), n),
         name: np.tile(np.arange(inner, dtype=np.int64), n * hh),
     }
 
@@ -450,7 +450,7 @@ def analyze_block(
     tables: dict[str, dict[str, np.ndarray]] = {}
     head_cols = {
         "sample": np.repeat(samples, hh),
-        "head": np.tile(head_ids, n),
+        HEAD_INDEX: np.tile(head_ids, n),
         "n_queries": np.repeat(nq, hh).astype(np.int32),
         "n_keys": np.repeat(nk, hh).astype(np.int32),
         "entropy_mean": e_mean,
@@ -520,7 +520,7 @@ def analyze_block(
         ).astype(np.float32)  # (n, hh, nqs, nks)
     cols = {
         "sample": np.repeat(samples, hh * nqs * nks),
-        "head": np.tile(np.repeat(head_ids, nqs * nks), n),
+        HEAD_INDEX: np.tile(np.repeat(head_ids, nqs * nks), n),
         "query_segment": np.tile(np.repeat(np.arange(nqs), nks), n * hh),
         "key_segment": np.tile(np.arange(nks), n * hh * nqs),
         "mass": seg.reshape(-1),

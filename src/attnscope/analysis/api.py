@@ -130,7 +130,7 @@ def _side_length(a: Any, arr: Any) -> int:
 
 
 def _select(a: Any, arrays: Sequence[str] | None) -> list[str]:
-    names = list(a.arrays())
+    names = list(a.arrays)
     if arrays is None:
         return names
     if isinstance(arrays, str):

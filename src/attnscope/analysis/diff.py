@@ -20,7 +20,7 @@ import numpy as np
 from attnscope.analysis.blocks import dense_block, key_mask, sample_slices, sparse_causal
 from attnscope.analysis.metrics import as_float32, row_entropy
 from attnscope.analysis.rollout import ParquetSink
-from attnscope.contracts import AVERAGE_HEAD, KIND_AXES
+from attnscope.contracts import AVERAGE_HEAD, HEAD_INDEX, KIND_AXES, MEAN_HEAD_TABLES
 from attnscope.errors import ConfigError
 from attnscope.store import check_structure, open_archive
 
@@ -79,12 +79,12 @@ def check_same_layout(a: Any, b: Any, *, max_bytes: int = 64 << 20) -> None:
         raise ConfigError(
             f"archives differ in sample count: A has {a.n_samples}, B has {b.n_samples}"
         )
-    na, nb = set(a.arrays()), set(b.arrays())
+    na, nb = set(a.arrays), set(b.arrays)
     if na != nb:
         raise ConfigError(
             f"archives differ in arrays: only in A {sorted(na - nb)}, only in B {sorted(nb - na)}"
         )
-    for name in a.arrays():
+    for name in a.arrays:
         xa, xb = a.attention(name), b.attention(name)
         ra, rb = (_kept(x) for x in (xa, xb))
         if ra != rb:
@@ -199,7 +199,8 @@ def diff_archives(
 ) -> Path:
     """Write ``out_dir/diff.parquet``: how archive B's attention differs from A's.
 
-    Per (array, sample, head), and for the mean over heads (``head = -1``), over the real
+    Per (array, sample, head), and for the mean over heads (``mean_head_diff.parquet``
+    beside it, :data:`~attnscope.contracts.MEAN_HEAD_TABLES`), over the real
     query rows of the sample: ``js`` (mean Jensen-Shannon divergence of B's row against
     A's, natural log, in ``[0, ln 2]``), ``entropy_a`` / ``entropy_b`` (mean row entropy,
     nats), ``entropy_change`` (B - A) and ``max_abs_diff`` (largest ``|B - A|`` cell).
@@ -229,24 +230,30 @@ def diff_archives(
         check_same_layout(arc_a, arc_b, max_bytes=max_bytes)
         id_a, id_b = arc_a.identity(), arc_b.identity()
         fa, fb = str(id_a["fingerprint"]), str(id_b["fingerprint"])
-        with ParquetSink(out_dir, DIFF, id_a, {"attnscope.identity_b": id_b}) as sink:
-            for name in arc_a.arrays():
+        extra = {"attnscope.identity_b": id_b}
+        with ParquetSink(out_dir, DIFF, id_a, extra) as sink, ParquetSink(
+                out_dir, MEAN_HEAD_TABLES[DIFF], id_a, extra) as mean_sink:
+            for name in arc_a.arrays:
                 arr = arc_a.attention(name)
                 heads = np.asarray([*arr.heads, AVERAGE_HEAD], dtype=np.int64)
                 for sl, xa, xb, rows in _blocks(arc_a, arc_b, name, max_bytes):
                     got = _diff_rows(xa, xb, rows)
                     n, h = got["js"].shape
                     m = n * h
-                    sink.write({
-                        "archive_fingerprint": [fa] * m,
-                        "stack": [arr.stack] * m,
+                    cols = {
+                        "archive_fingerprint": np.full(m, fa),
+                        "stack": np.full(m, arr.stack),
                         "layer": np.full(m, arr.layer, dtype=np.int32),
-                        "kind": [arr.kind] * m,
-                        "archive_fingerprint_b": [fb] * m,
+                        "kind": np.full(m, arr.kind),
+                        "archive_fingerprint_b": np.full(m, fb),
                         "sample": np.repeat(np.arange(sl.start, sl.stop, dtype=np.int64), h),
-                        "head": np.tile(heads, n),
+                        HEAD_INDEX: np.tile(heads, n),
                         **{k: v.ravel() for k, v in got.items()},
-                    })
+                    }
+                    is_mean = cols[HEAD_INDEX] == AVERAGE_HEAD  # to their own table
+                    sink.write({k: v[~is_mean] for k, v in cols.items()})
+                    mean_sink.write({k: v[is_mean] for k, v in cols.items()
+                                     if k != HEAD_INDEX})
         return sink.path
 
 

@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 
 from attnscope.analysis.blocks import dense_block, sample_slices, sparse_causal
 from attnscope.analysis.tables import TABLE_SCHEMAS
-from attnscope.contracts import IDENTITY_KEY
+from attnscope.contracts import IDENTITY_KEY, TABLE_VERSION_KEY, TABLE_VERSIONS
 from attnscope.errors import SelectionError, ShapeError
 from attnscope.store import check_structure, open_archive
 from attnscope.store.names import array_name
@@ -162,7 +162,7 @@ def _depth(config: Any, stack: str) -> int | None:
 
 def _stack_names(archive: Any, stack: str, kind: str) -> list[str]:
     """Every layer's ``stack/layer/kind``, refusing a stack with a layer missing."""
-    stored = archive.layers(stack)
+    stored = archive.layers.get(stack, ())
     depth = _depth(archive.metadata.get("model_config") or {}, stack)
     want = range(depth if depth is not None else (max(stored) + 1 if stored else 0))
     names = [array_name(stack, i, kind) for i in want]
@@ -183,7 +183,7 @@ def rollout_arrays(archive: Any) -> dict[str, list[str]]:
     is stored without the encoder's or the decoder's self-attention it needs.
     """
     def has(stack: str, kind: str) -> bool:
-        return any(n.startswith(f"{stack}/") and n.endswith("/" + kind) for n in archive.arrays())
+        return any(n.startswith(f"{stack}/") and n.endswith("/" + kind) for n in archive.arrays)
 
     out: dict[str, list[str]] = {"encoder": [], "decoder": [], "cross": []}
     if has("encoder", "self_attention"):
@@ -335,6 +335,8 @@ class ParquetSink:
         self.path = Path(out_dir) / f"{name}.parquet"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         meta = {IDENTITY_KEY: json.dumps(identity, sort_keys=True)}
+        if TABLE_VERSIONS.get(name, 1) > 1:
+            meta[TABLE_VERSION_KEY] = str(TABLE_VERSIONS[name])
         meta.update({k: json.dumps(v, sort_keys=True) for k, v in (extra or {}).items()})
         self.schema = TABLE_SCHEMAS[name].with_metadata(meta)
         self._partial = self.path.with_name(self.path.name + ".partial")

@@ -102,7 +102,7 @@ def _entries_from_archive(archive: Any, *, max_bytes: int = 64 << 20) -> dict[st
     with open_archive(archive) as a:
         check_structure(a)
         accs: dict[str, tuple[StatsAccumulator, Any]] = {}
-        for name in a.arrays():
+        for name in a.arrays:
             arr = a[name]
             acc = StatsAccumulator()
             for x, cells in iter_array_blocks(arr, max_bytes=max_bytes):

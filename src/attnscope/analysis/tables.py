@@ -16,11 +16,15 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from attnscope.analysis._engine import ArraySpec
 from attnscope.contracts import (
+    AVERAGE_HEAD,
+    HEAD_INDEX,
     IDENTITY_KEY,
+    MEAN_HEAD_TABLES,
     TABLE_COLUMNS,
     TABLE_VERSION_KEY,
     TABLE_VERSIONS,
@@ -85,6 +89,7 @@ class TableWriter:
 
     def tables(self) -> list[str]:
         out = ["head_stats", "row_stats", "top_pairs", "segment_mass"]
+        out += [MEAN_HEAD_TABLES[t] for t in out]
         return out + (["head_similarity"] if self.similarity else [])
 
     def _partial(self, name: str) -> Path:
@@ -109,7 +114,10 @@ class TableWriter:
     def write(self, spec: ArraySpec, result: dict[str, Any]) -> None:
         for name, cols in result["tables"].items():
             labels = result.get("labels") or (spec.q_labels, spec.k_labels)
-            self._writer(name).write_table(self._to_table(name, spec, cols, labels))
+            table = self._to_table(name, spec, cols, labels)
+            for part, rows in split_mean_head(name, table).items():
+                self._writer(part).write_table(rows.replace_schema_metadata(
+                    self._schemas[part].metadata))
 
     def _to_table(
         self,
@@ -181,6 +189,20 @@ class TableWriter:
             self._partial(name).unlink(missing_ok=True)
 
 
+def split_mean_head(name: str, table: pa.Table) -> dict[str, pa.Table]:
+    """A block of per-head table ``name`` whose ``head_index`` holds :data:`AVERAGE_HEAD` on
+    its mean-over-heads rows, split into ``{name: the real heads' rows, mean table: the mean
+    rows without head_index}`` (:data:`MEAN_HEAD_TABLES`); other tables as they are."""
+    mean = MEAN_HEAD_TABLES.get(name)
+    if mean is None:
+        return {name: table}
+    is_mean = pc.equal(table[HEAD_INDEX], AVERAGE_HEAD)
+    return {
+        name: table.filter(pc.invert(is_mean)),
+        mean: table.filter(is_mean).drop_columns([HEAD_INDEX]),
+    }
+
+
 def _resolve(path: Any) -> str:
     return str(Path(str(path)).resolve()) if path is not None else ""
 
@@ -196,14 +218,27 @@ def table_identity(path: str | os.PathLike[str]) -> dict[str, Any]:
     return json.loads(raw)
 
 
+#: mean table -> its per-head table (old tables kept the mean rows there as ``head == -1``)
+_BASE_OF = {mean: table for table, mean in MEAN_HEAD_TABLES.items()}
+#: the per-head tables' head column before version 2 (mean rows: AVERAGE_HEAD)
+_OLD_HEAD = "head"
+
+
 def load_table(
     out_dir: str | os.PathLike[str],
     name: str,
     archive: Any = None,
     *,
     columns: list[str] | None = None,
+    with_mean_head: bool = False,
 ) -> Any:
     """Read one analysis table as a pandas DataFrame, optionally checking it is current.
+
+    Per-head tables (``head_stats``, ``row_stats``, ``top_pairs``, ``segment_mass``,
+    ``diff``, ``timeline``) hold real heads only, named by ``head_index``; the metrics of the
+    mean over the heads are the ``mean_head_*`` tables (:data:`MEAN_HEAD_TABLES`). Tables
+    written before (version 1; top_pairs 2: a ``head`` column, the mean rows at
+    ``head == -1``) read the same way.
 
     Parameters
     ----------
@@ -217,6 +252,10 @@ def load_table(
         :class:`StaleTableError`.
     columns : list of str, optional
         Read only these columns.
+    with_mean_head : bool
+        For a per-head table: append the mean table's rows, with ``head_index`` =
+        :data:`~attnscope.contracts.AVERAGE_HEAD` (-1), as the figures draw them. Filter
+        them out (``df[df.head_index >= 0]``) before pooling heads.
 
     Returns
     -------
@@ -225,11 +264,34 @@ def load_table(
     Examples
     --------
     >>> df = load_table("out", "head_stats", archive="run.zarr")  # doctest: +SKIP
+    >>> df.groupby("layer").entropy_mean.mean()                   # real heads only
+    >>> load_table("out", "mean_head_stats")                      # the head-averaged map's
     """
     name = name.removesuffix(".parquet")
     if name not in TABLE_SCHEMAS:
         raise SelectionError(f"unknown table {name!r}; expected one of {list(TABLES)}")
+    if columns is not None and not isinstance(columns, list):
+        raise ConfigError(f"columns must be a list of names, got {type(columns).__name__}")
+    known = [c for c, _t in TABLE_COLUMNS[name]]
+    if columns is not None and (bad := [c for c in columns if c not in known]):
+        raise SelectionError(f"table {name!r} has no column(s) {bad}; its columns: {known}")
+    if with_mean_head:
+        if name not in MEAN_HEAD_TABLES:
+            raise ConfigError(
+                f"with_mean_head needs a per-head table, one of {list(MEAN_HEAD_TABLES)}; "
+                f"got {name!r}"
+            )
+        heads = load_table(out_dir, name, archive, columns=columns)
+        cols = None if columns is None else [c for c in columns if c != HEAD_INDEX]
+        mean = load_table(out_dir, MEAN_HEAD_TABLES[name], archive, columns=cols)
+        if columns is None or HEAD_INDEX in columns:
+            mean.insert(int(heads.columns.get_loc(HEAD_INDEX)), HEAD_INDEX,
+                        np.full(len(mean), AVERAGE_HEAD, dtype=np.int64))
+        return _concat(heads, mean)
     path = Path(out_dir) / f"{name}.parquet"
+    base = Path(out_dir) / f"{_BASE_OF.get(name, name)}.parquet"
+    if not path.exists() and name in _BASE_OF and base.exists() and _is_old(base):
+        path = base  # a table of version 1: its mean rows live in the per-head table
     if not path.exists():
         raise FileNotFoundError(
             f"no table {path}; run attnscope analyze first (similarity tables need "
@@ -249,6 +311,36 @@ def load_table(
                     f"{key}={got.get(key)!r}, but the archive now has {key}={want.get(key)!r}; "
                     "re-run attnscope analyze"
                 )
-    if columns is not None and not isinstance(columns, list):
-        raise ConfigError(f"columns must be a list of names, got {type(columns).__name__}")
-    return pq.read_table(path, columns=columns).to_pandas()
+    if not _is_old(path):
+        return pq.read_table(path, columns=columns).to_pandas()
+    return _read_old(path, name, columns)
+
+
+def _is_old(path: Path) -> bool:
+    """Whether a per-head table predates version 2 (``head`` column, mean rows inside)."""
+    return _OLD_HEAD in pq.read_schema(path).names
+
+
+def _read_old(path: Path, name: str, columns: list[str] | None) -> Any:
+    """A table of version 1 (top_pairs: 2) read as the current version: ``head`` renamed
+    ``head_index`` and the rows split between the per-head and the mean table."""
+    mean = name in _BASE_OF
+    want = [c for c, _t in TABLE_COLUMNS[name]] if columns is None else columns
+    old = pq.read_schema(path).names
+    read = [_OLD_HEAD if c == HEAD_INDEX else c for c in want if c in old or c == HEAD_INDEX]
+    op = "==" if mean else "!="
+    table = pq.read_table(path, columns=list(dict.fromkeys([*read, _OLD_HEAD])),
+                          filters=[(_OLD_HEAD, op, AVERAGE_HEAD)])
+    if mean or HEAD_INDEX not in want:
+        table = table.drop_columns([_OLD_HEAD])
+    else:
+        table = table.rename_columns([HEAD_INDEX if c == _OLD_HEAD else c
+                                      for c in table.column_names])
+    return table.select([c for c in want if c in table.column_names]).to_pandas()
+
+
+def _concat(a: Any, b: Any) -> Any:
+    """Rows of ``a`` then ``b`` (same columns), a fresh index."""
+    import pandas as pd
+
+    return pd.concat([a, b], ignore_index=True)

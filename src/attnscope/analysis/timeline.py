@@ -19,8 +19,15 @@ import numpy as np
 import pyarrow as pa
 
 from attnscope.analysis.blocks import iter_array_blocks, query_rows
-from attnscope.analysis.tables import TableWriter, _const, _lookup
-from attnscope.contracts import AVERAGE_HEAD, EPISODE_ID, KIND_AXES, STEP_ID
+from attnscope.analysis.tables import TableWriter, _const, _lookup, split_mean_head
+from attnscope.contracts import (
+    AVERAGE_HEAD,
+    EPISODE_ID,
+    HEAD_INDEX,
+    KIND_AXES,
+    MEAN_HEAD_TABLES,
+    STEP_ID,
+)
 from attnscope.errors import ConfigError, SelectionError
 from attnscope.store import check_structure, open_archive
 from attnscope.store.layout import SideLayout
@@ -36,10 +43,12 @@ class _TimelineWriter(TableWriter):
     """The tables writer (``.partial`` files, final names on commit), timeline only."""
 
     def tables(self) -> list[str]:
-        return [TIMELINE]
+        return [TIMELINE, MEAN_HEAD_TABLES[TIMELINE]]
 
     def write_table(self, table: pa.Table) -> None:
-        self._writer(TIMELINE).write_table(table)
+        for name, rows in split_mean_head(TIMELINE, table).items():
+            self._writer(name).write_table(rows.replace_schema_metadata(
+                self._schemas[name].metadata))
 
 
 def has_episodes(archive: Any) -> bool:
@@ -124,13 +133,13 @@ def timeline(
 
 
 def _select(arc: Any, query: Any, arrays: Iterable[str] | None) -> list[str]:
-    names = sorted(arc.arrays())
+    names = sorted(arc.arrays)
     if arrays is not None:
         want = [arrays] if isinstance(arrays, str) else list(arrays)
         names = [n for n in names if any(n == p or n.startswith(p.rstrip("/") + "/") for p in want)]
         if not names:
             raise SelectionError(
-                f"arrays {want} match no array; expected among {sorted(arc.arrays())}"
+                f"arrays {want} match no array; expected among {sorted(arc.arrays)}"
             )
     if isinstance(query, str) and query not in ("all", "last"):
         names = [n for n in names if _has_segment(arc, n, query)]
@@ -202,7 +211,7 @@ def _array_tables(
         wq = wq if kept is None else wq[:, kept]
         mass = timeline_mass(block[keep], wq[keep], klay)  # (n, H, n_seg)
         mass = np.concatenate([mass, mass.mean(axis=1, keepdims=True)], axis=1)
-        heads = np.append(np.arange(h), AVERAGE_HEAD)
+        heads = np.append(np.asarray(arr.heads, dtype=np.int64), AVERAGE_HEAD)  # model ids
         nseg = len(seg_names)
         n = len(samples)
         s_col = np.repeat(samples, (h + 1) * nseg)
@@ -211,7 +220,7 @@ def _array_tables(
             "episode": pa.array(episode[s_col]),
             "step": pa.array(step[s_col]),
             "sample": pa.array(s_col.astype(np.int64)),
-            "head": pa.array(np.tile(np.repeat(heads, nseg), n).astype(np.int64)),
+            HEAD_INDEX: pa.array(np.tile(np.repeat(heads, nseg), n).astype(np.int64)),
             "query_group": _const(qname, len(s_col), pa.string()),
             "key_segment": _lookup(seg_col, seg_names),
             "key_kind": _lookup(seg_col, seg_kinds),

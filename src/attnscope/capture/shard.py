@@ -128,7 +128,7 @@ def _created(path: Path) -> tuple[dict[str, Any] | None, AttnscopeError | None]:
     try:
         with open_archive(path) as arch:
             meta = arch.metadata
-            return (meta if meta.get("arrays") and arch.arrays() else None), None
+            return (meta if meta.get("arrays") and arch.arrays else None), None
     except AttnscopeError as e:
         return None, e
 

@@ -31,7 +31,7 @@ def load_timeline(tables_dir: str | os.PathLike | None, arc: Any) -> Any:
             f"{None if tables_dir is None else str(tables_dir)!r}): run "
             "`attnscope analyze ARCHIVE --out DIR` on an archive with episode/step ids"
         )
-    return load_table(tables_dir, "timeline", arc)
+    return load_table(tables_dir, "timeline", arc, with_mean_head=True)
 
 
 def default_what(arc: Any, what: tuple[str, ...], tables_dir: Any) -> tuple[str, ...]:

@@ -248,7 +248,8 @@ def load_tables(tables_dir: str | os.PathLike, arc: Any) -> dict[str, Any]:
                 f"no {name}.parquet in {tables_dir}; expected the folder written by "
                 f"`attnscope analyze ARCHIVE --out {tables_dir}`"
             )
-        found[name] = load_table(tables_dir, name, arc)  # StaleTableError for another archive
+        # the mean-of-heads rows too (head_index -1); StaleTableError for another archive
+        found[name] = load_table(tables_dir, name, arc, with_mean_head=True)
     return found
 
 
@@ -287,7 +288,7 @@ def _request(
     """Check a selection against the archive; every error is raised before drawing."""
     all_stacks = [s for s in STACKS if s in _stacks(arc)]
     stacks_ = _check_subset(_as_list(stacks, "stacks"), all_stacks, "stack")
-    known = {lyr for st in stacks_ for lyr in arc.layers(st)}
+    known = {lyr for st in stacks_ for lyr in arc.layers.get(st, ())}
     layers_ = _check_subset(_as_list(layers, "layers"), sorted(known), "layer")
     known_k = sorted({k for (_, _, k) in _all_sel(arc, stacks_)})
     kinds_ = _check_subset(_as_list(kinds, "kinds"), known_k, "kind")
@@ -539,7 +540,7 @@ def _render_parallel(
 
 
 def _stacks(arc: Any) -> list[str]:
-    return sorted({n.split("/")[0] for n in arc.arrays()})
+    return sorted({n.split("/")[0] for n in arc.arrays})
 
 
 def _all_sel(arc: Any, stacks: Sequence[str]) -> list[tuple[str, int, str]]:
@@ -547,8 +548,8 @@ def _all_sel(arc: Any, stacks: Sequence[str]) -> list[tuple[str, int, str]]:
         (st, lyr, kd)
         for st in stacks
         if st in _stacks(arc)
-        for lyr in arc.layers(st)
-        for kd in arc.kinds(st, lyr)
+        for lyr in arc.layers.get(st, ())
+        for kd in arc.kinds[st, lyr]
     ]
 
 

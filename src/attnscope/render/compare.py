@@ -25,11 +25,13 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
+from attnscope.contracts import HEAD_INDEX
 from attnscope.errors import InputError, SelectionError, ShapeError
 from attnscope.render._prepare import MAX_PIXELS, AxisSpec, PreparedMatrix, prepare_matrix
 from attnscope.render._save import finish, save_figure
 from attnscope.render._style import STYLE, plain
 from attnscope.render.plots import draw_matrix, new_figure
+from attnscope.render.tables import load_table as as_frame
 from attnscope.store.layout import Segment, SideLayout
 
 __all__ = [
@@ -268,12 +270,13 @@ def prepare_diff_summary(
 ) -> PreparedMatrix:
     """layer x head of ``metric`` (a numeric ``diff`` column), mean over samples; the head
     mean (``-1``) is the last column, labelled ``mean``."""
+    diff_table = as_frame(diff_table)  # a table before version 2: its head column renamed
     if metric not in diff_table.columns or metric in ("stack", "kind", "archive_fingerprint"):
         raise SelectionError(f"table 'diff' has no numeric {metric!r} column")
     sel = diff_table[(diff_table["stack"] == stack) & (diff_table["kind"] == kind)]
     if not len(sel):
         raise SelectionError(f"diff table has no rows for {stack}/{kind}")
-    g = sel.groupby(["layer", "head"])[metric].mean().unstack("head")
+    g = sel.groupby(["layer", HEAD_INDEX])[metric].mean().unstack(HEAD_INDEX)
     heads = sorted(h for h in g.columns if h >= 0) + [h for h in g.columns if h < 0]
     g = g[heads]
     data = g.to_numpy(dtype=np.float32)
@@ -337,7 +340,7 @@ def render_diff(
         check_structure(arc_a, every_chunk=False)
         check_structure(arc_b, every_chunk=False)
         check_same_layout(arc_a, arc_b)
-        names = list(arrays) if arrays is not None else arc_a.arrays()
+        names = list(arrays) if arrays is not None else list(arc_a.arrays)
         for i in samples if samples is not None else [0]:
             if not 0 <= int(i) < arc_a.n_samples:
                 raise SelectionError(f"sample {i} out of range; archives have {arc_a.n_samples}")
@@ -355,7 +358,7 @@ def render_diff(
             if isinstance(df, (str, os.PathLike)):
                 from attnscope.analysis.tables import load_table  # reading only
 
-                df = load_table(df, "diff", arc_a)
+                df = load_table(df, "diff", arc_a, with_mean_head=True)
             for stack, kind in sorted(set(zip(df["stack"], df["kind"], strict=True))):
                 fig = plot_diff_summary(df, stack=stack, kind=kind)
                 files.append(save_figure(fig, out / f"summary-js-{stack}-{kind}.{fmt}", fmt=fmt))

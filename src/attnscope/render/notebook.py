@@ -107,7 +107,7 @@ class Viewer:
 
 def _all_arrays(arc: AttentionArchive) -> list[str]:
     """The archive's array names (the one place this module asks for them)."""
-    return list(arc.arrays())
+    return list(arc.arrays)
 
 
 def _names(arc: AttentionArchive, arrays: Sequence[str] | str | None) -> list[str] | None:

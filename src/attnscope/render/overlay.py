@@ -123,7 +123,7 @@ def default_array(arc: Any, query: Any) -> tuple[str, str]:
     """``(stack, kind)`` an overlay reads when none is given: decoder cross-attention for
     decoder queries, encoder self-attention for encoder queries (a segment name decides
     the side; otherwise the decoder when the archive has cross-attention)."""
-    names = set(arc.arrays())
+    names = set(arc.arrays)
     has_cross = any(n.endswith("/cross_attention") for n in names)
     lay = arc.layout
     if isinstance(query, str) and query not in QUERY_WORDS:
@@ -139,11 +139,11 @@ def default_array(arc: Any, query: Any) -> tuple[str, str]:
 
 def _array_name(arc: Any, array: str | None, layer: int | None, query: Any) -> str:
     if array is not None:
-        if array not in arc:
-            raise SelectionError(f"no array {array!r}; expected one of {sorted(arc.arrays())}")
+        if array not in arc.arrays:
+            raise SelectionError(f"no array {array!r}; expected one of {sorted(arc.arrays)}")
         return array
     stack, kind = default_array(arc, query)
-    layers = [lyr for lyr in arc.layers(stack) if kind in arc.kinds(stack, lyr)]
+    layers = [lyr for lyr in arc.layers.get(stack, ()) if kind in arc.kinds[stack, lyr]]
     if not layers:
         raise SelectionError(f"the archive has no {stack} {kind}; pass array='stack/layer/kind'")
     if layer is None:

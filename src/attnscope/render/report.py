@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.colors import to_rgb
 
-from attnscope.contracts import AVERAGE_HEAD, KIND_AXES, STACKS
+from attnscope.contracts import AVERAGE_HEAD, HEAD_INDEX, KIND_AXES, STACKS
 from attnscope.errors import ConfigError, SelectionError, ShapeError
 from attnscope.render._crop import crop_layout, positions_of, read_real
 from attnscope.render._figure_jobs import load_timeline
@@ -209,7 +209,7 @@ def _timeline(tables_dir: str | os.PathLike[str], arc: AttentionArchive) -> dict
         return None
     df = load_timeline(tables_dir, arc)
     series: dict[str, Any] = {}
-    keys = ["stack", "kind", "episode", "layer", "head"]
+    keys = ["stack", "kind", "episode", "layer", HEAD_INDEX]
     for (st, kd, ep, lyr, hd), g in df.groupby(keys, sort=True):
         mass = g.groupby(["key_segment", "step"], sort=False)["mass"].mean()
         lines = [[str(seg), [int(x) for x in m.index.get_level_values("step")],
@@ -243,7 +243,7 @@ def _viewer_data(
                                      max_cells) for smp in samples}
         arrays.append({
             "name": name, "stack": stack, "layer": int(layer), "kind": kind,
-            "heads": [int(h) for h in arc.heads(name)], "rows": rows_side, "cols": k_side,
+            "heads": [int(h) for h in arc.heads[name]], "rows": rows_side, "cols": k_side,
             "data": data,
         })
     if tables is not None:
@@ -278,7 +278,7 @@ def _entropy(head_stats: pd.DataFrame, names: Sequence[str]) -> dict[str, Any]:
         sub = head_stats[(head_stats["stack"] == stack) & (head_stats["kind"] == kind)]
         if sub.empty:
             continue
-        pv = sub.pivot_table(index="layer", columns="head", values="norm_entropy_mean",
+        pv = sub.pivot_table(index="layer", columns=HEAD_INDEX, values="norm_entropy_mean",
                              aggfunc="mean").sort_index().sort_index(axis=1)
         heads = [h for h in pv.columns if h != AVERAGE_HEAD] + (
             [AVERAGE_HEAD] if AVERAGE_HEAD in pv.columns else [])
@@ -296,7 +296,7 @@ def _mass(seg: pd.DataFrame, names: Sequence[str]) -> dict[str, Any]:
     for name in names:
         sub = _rows(seg, name)
         per_head = {}
-        for head, g in sub.groupby("head", sort=True):
+        for head, g in sub.groupby(HEAD_INDEX, sort=True):
             pv = g.pivot_table(index="query_segment", columns="key_segment", values="mass",
                                aggfunc="mean", sort=False)
             rows = list(dict.fromkeys(g["query_segment"]))
@@ -326,7 +326,7 @@ def _pairs(pairs: pd.DataFrame, names: Sequence[str], samples: list[int], k: int
             f"{int(s)}|{int(h)}": [[int(q), int(kk), round(float(w), 6), _text(ql), _text(kl)]
                                    for q, kk, w, ql, kl in g[cols].head(k)
                                    .itertuples(index=False)]
-            for (s, h), g in sub.groupby(["sample", "head"], sort=True)
+            for (s, h), g in sub.groupby(["sample", HEAD_INDEX], sort=True)
         }
     return out
 
@@ -476,12 +476,12 @@ def _build(
     max_bytes: int,
     timeline: dict[str, Any] | None = None,
 ) -> str:
-    names = list(arrays) if arrays is not None else arc.arrays()
-    unknown = [n for n in names if n not in arc.arrays()]
+    names = list(arrays) if arrays is not None else list(arc.arrays)
+    unknown = [n for n in names if n not in arc.arrays]
     if unknown:
-        raise SelectionError(f"unknown array(s) {unknown}; the archive has {arc.arrays()}")
+        raise SelectionError(f"unknown array(s) {unknown}; the archive has {list(arc.arrays)}")
     if not names:
-        raise SelectionError(f"no arrays selected; the archive has {arc.arrays()}")
+        raise SelectionError(f"no arrays selected; the archive has {list(arc.arrays)}")
     if not 0 <= sample < arc.n_samples:
         raise SelectionError(f"sample {sample} out of range [0, {arc.n_samples})")
     if max_cells < 1:
@@ -507,7 +507,7 @@ def _build(
         "samples": arc.n_samples,
         "stored dtype": arc.dtype,
         "mode": arc.mode if arc.topk is None else f"{arc.mode} (top-{arc.topk})",
-        "arrays": len(arc.arrays()),
+        "arrays": len(arc.arrays),
         "fingerprint": ident.get("fingerprint"),
     }
     body.append(f"<h2>Archive</h2>{_kv(overview)}")

@@ -6,7 +6,10 @@
   ``segment_mass.parquet``, one panel per head or the mean over heads;
 * :func:`plot_top_pairs` -- the strongest query -> key pairs from ``top_pairs.parquet``.
 
-Each accepts a :class:`pandas.DataFrame` or a path to the Parquet file. Column names are
+Each accepts a :class:`pandas.DataFrame` or a path to the Parquet file. The per-head
+tables hold real heads only; the mean over heads is drawn when the frame also holds its
+rows at ``head_index == -1`` (``attnscope.analysis.load_table(dir, name,
+with_mean_head=True)``, what ``render_archive`` and the report read). Column names are
 the analysis schema's (:data:`attnscope.contracts.TABLE_COLUMNS`), with no other spellings:
 a missing column is an :class:`~attnscope.errors.InputError` naming the column and the
 table, so a renamed column fails loudly instead of drawing the wrong thing. The matrices
@@ -24,7 +27,7 @@ import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from attnscope.contracts import AVERAGE_HEAD, TABLE_COLUMNS
+from attnscope.contracts import AVERAGE_HEAD, HEAD_INDEX, TABLE_COLUMNS
 from attnscope.errors import InputError, SelectionError
 from attnscope.render._axes import fit_title, short
 from attnscope.render._prepare import AxisSpec, PreparedMatrix
@@ -64,15 +67,20 @@ def _head_label(h: Any) -> str:
 
 
 def load_table(table: pd.DataFrame | PathLike) -> pd.DataFrame:
-    """A DataFrame as is, or read from a Parquet path."""
+    """A DataFrame as is, or read from a Parquet path; a table written before version 2
+    (column ``head``, mean rows at -1) gets its ``head`` column named ``head_index``."""
     if isinstance(table, pd.DataFrame):
-        return table
-    path = os.fspath(table)
-    if not os.path.exists(path):
-        from attnscope.errors import ArchiveNotFoundError
+        df = table
+    else:
+        path = os.fspath(table)
+        if not os.path.exists(path):
+            from attnscope.errors import ArchiveNotFoundError
 
-        raise ArchiveNotFoundError(f"analysis table not found: {path}")
-    return pd.read_parquet(path)
+            raise ArchiveNotFoundError(f"analysis table not found: {path}")
+        df = pd.read_parquet(path)
+    if "head" in df.columns and HEAD_INDEX not in df.columns:
+        df = df.rename(columns={"head": HEAD_INDEX})
+    return df
 
 
 def _select(table: pd.DataFrame | PathLike, name: str, **sel: Any) -> pd.DataFrame:
@@ -139,9 +147,9 @@ def prepare_head_metric(
     if metric not in METRICS:
         raise InputError(f"unknown head metric {metric!r}; expected one of {list(METRICS)}")
     df = _select(head_stats, "head_stats", stack=stack, kind=kind)
-    require(df, "head_stats", "layer", "head", metric)
+    require(df, "head_stats", "layer", HEAD_INDEX, metric)
     return (
-        df.pivot_table(index="layer", columns="head", values=metric, aggfunc="mean")
+        df.pivot_table(index="layer", columns=HEAD_INDEX, values=metric, aggfunc="mean")
         .sort_index()
         .sort_index(axis=1)
     )
@@ -192,10 +200,11 @@ def prepare_segment_mass(
     segment_order: Sequence[str] | None = None,
 ) -> pd.DataFrame:
     """Query-segment x key-segment mass of one head (or the mean over heads and samples)."""
-    df = _select(segment_mass, "segment_mass", stack=stack, layer=layer, kind=kind, head=head)
-    require(df, "segment_mass", "head", "query_segment", "key_segment", "mass")
+    df = _select(segment_mass, "segment_mass", stack=stack, layer=layer, kind=kind,
+                 **{HEAD_INDEX: head})
+    require(df, "segment_mass", HEAD_INDEX, "query_segment", "key_segment", "mass")
     if head is None:
-        avg = df[df["head"] == AVERAGE_HEAD]
+        avg = df[df[HEAD_INDEX] == AVERAGE_HEAD]
         # the table's own mean-of-heads rows when present, else the mean of the head rows
         df = avg if len(avg) else df
     pv = df.pivot_table(index="query_segment", columns="key_segment", values="mass", aggfunc="mean")
@@ -252,17 +261,16 @@ def prepare_top_pairs(
 ) -> pd.DataFrame:
     """The ``k`` heaviest pairs, with a ``pair`` column ``"query label -> key label"``;
     forced cells (:func:`drop_forced`) left out."""
-    df = _select(
-        top_pairs, "top_pairs", stack=stack, layer=layer, kind=kind, head=head, sample=sample
-    )
-    require(df, "top_pairs", "weight", "query_label", "key_label", "layer", "head", "sample")
+    df = _select(top_pairs, "top_pairs", stack=stack, layer=layer, kind=kind,
+                 **{HEAD_INDEX: head}, sample=sample)
+    require(df, "top_pairs", "weight", "query_label", "key_label", "layer", HEAD_INDEX, "sample")
     df = drop_forced(df)
     df = df.sort_values("weight", ascending=False, kind="stable").head(k)
     pair = df["query_label"].astype(str) + " -> " + df["key_label"].astype(str)
     # pairs pooled over several heads/samples/layers: say where each one comes from
-    for name, tag in (("layer", "L"), ("head", "h"), ("sample", "s")):
+    for name, tag in (("layer", "L"), (HEAD_INDEX, "h"), ("sample", "s")):
         if df[name].nunique() > 1:
-            vals = df[name].map(_head_label) if name == "head" else df[name].astype(str)
+            vals = df[name].map(_head_label) if name == HEAD_INDEX else df[name].astype(str)
             pair = pair + f" ({tag}" + vals + ")"
     out = pd.DataFrame({"pair": pair.to_numpy(), "weight": df["weight"].to_numpy()})
     return out.reset_index(drop=True)
@@ -353,27 +361,27 @@ def prepare_top_pair_summary(
 
     Returns
     -------
-    DataFrame with columns ``head``, ``pair`` (``"query label -> key label"``), ``count``
+    DataFrame with columns ``head_index``, ``pair`` (``"query label -> key label"``), ``count``
     (samples where it is the head's top pair), ``share`` (count / samples of that head),
     ``weight`` (its mean weight there), ``samples``, ``query_label``, ``key_label``.
     """
     df = _select(top_pairs, "top_pairs", stack=stack, layer=layer, kind=kind)
-    require(df, "top_pairs", "sample", "head", "rank", "weight", "query_label", "key_label")
+    require(df, "top_pairs", "sample", HEAD_INDEX, "rank", "weight", "query_label", "key_label")
     df = drop_forced(df)
-    top = df.sort_values(["sample", "head", "rank"], kind="stable").groupby(
-        ["sample", "head"], sort=True).head(1)
+    top = df.sort_values(["sample", HEAD_INDEX, "rank"], kind="stable").groupby(
+        ["sample", HEAD_INDEX], sort=True).head(1)
     top = top.assign(pair=top["query_label"].astype(str) + " -> " + top["key_label"].astype(str))
-    g = top.groupby(["head", "pair"], sort=True).agg(
+    g = top.groupby([HEAD_INDEX, "pair"], sort=True).agg(
         count=("sample", "size"), weight=("weight", "mean"),
         query_label=("query_label", "first"), key_label=("key_label", "first")).reset_index()
-    samples = top.groupby("head")["sample"].nunique()
-    g["samples"] = g["head"].map(samples).astype(np.int64)
+    samples = top.groupby(HEAD_INDEX)["sample"].nunique()
+    g["samples"] = g[HEAD_INDEX].map(samples).astype(np.int64)
     g["share"] = g["count"] / g["samples"]
-    g["order"] = g["head"].where(g["head"] != AVERAGE_HEAD, np.iinfo(np.int64).max)
+    g["order"] = g[HEAD_INDEX].where(g[HEAD_INDEX] != AVERAGE_HEAD, np.iinfo(np.int64).max)
     g = g.sort_values(["order", "count", "weight", "pair"], ascending=[True, False, False, True],
                       kind="stable")
-    g = g.groupby("head", sort=False).head(n)
-    cols = ["head", "pair", "count", "share", "weight", "samples", "query_label", "key_label"]
+    g = g.groupby(HEAD_INDEX, sort=False).head(n)
+    cols = [HEAD_INDEX, "pair", "count", "share", "weight", "samples", "query_label", "key_label"]
     return g[cols].reset_index(drop=True)
 
 
@@ -398,7 +406,7 @@ def plot_top_pair_summary(
     tp = prepare_top_pair_summary(top_pairs, stack=stack, layer=layer, kind=kind, n=n)
     if tp.empty:
         raise SelectionError("no attention pairs match this selection")
-    heads = list(dict.fromkeys(tp["head"]))
+    heads = list(dict.fromkeys(tp[HEAD_INDEX]))
     ncols = max(1, min(ncols, len(heads)))
     nrows = math.ceil(len(heads) / ncols)
     fig = new_figure((4.2 * ncols, (0.32 * n + 1.0) * nrows + 0.9))
@@ -407,7 +415,7 @@ def plot_top_pair_summary(
     for extra in flat[len(heads):]:
         extra.remove()
     for ax, h in zip(flat, heads):
-        sub = tp[tp["head"] == h]
+        sub = tp[tp[HEAD_INDEX] == h]
         y = np.arange(len(sub))
         ax.barh(y, sub["share"].to_numpy(), color=STYLE.bar_color)
         names = [f"{short(q, 16)} -> {short(k, 16)}"

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from attnscope.contracts import AVERAGE_HEAD
+from attnscope.contracts import AVERAGE_HEAD, HEAD_INDEX
 from attnscope.errors import SelectionError
 from attnscope.render._style import STYLE, plain
 
@@ -27,15 +27,18 @@ def timeline_series(
 ) -> dict[int, dict[str, tuple[np.ndarray, np.ndarray]]]:
     """``{layer: {key segment: (steps, mass)}}`` of one episode, steps ascending.
 
-    ``head``: a head number or ``-1`` (the head mean). Several samples at the same step
-    (repeated captures) are averaged.
+    ``head``: a head number or ``-1`` (the head mean: the table's mean rows when it holds
+    them, ``load_table(dir, "timeline", with_mean_head=True)``, else the mean of its head
+    rows, the same number since the mass is linear in the weights). Several samples at the
+    same step (repeated captures) are averaged.
     """
-    sel = df[
-        (df["episode"] == episode)
-        & (df["stack"] == stack)
-        & (df["kind"] == kind)
-        & (df["head"] == head)
-    ]
+    from attnscope.render.tables import load_table
+
+    df = load_table(df)
+    sel = df[(df["episode"] == episode) & (df["stack"] == stack) & (df["kind"] == kind)]
+    heads = sel[HEAD_INDEX]
+    if head != AVERAGE_HEAD or (heads == AVERAGE_HEAD).any():
+        sel = sel[heads == head]
     if sel.empty:
         raise SelectionError(
             f"the timeline table has no rows for episode {episode}, {stack} {kind}, head "

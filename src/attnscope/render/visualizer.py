@@ -254,7 +254,7 @@ class AttentionVisualizer:
             if arc is not None:
                 if stack is None:
                     raise SelectionError("with an archive, pass stack= ('encoder' or 'decoder')")
-                wanted = list(arc.layers(stack)) if layers is None else list(layers)
+                wanted = list(arc.layers[stack]) if layers is None else list(layers)
                 items = {i: arc.attention(stack, i, attention_type) for i in wanted}
                 q, k = None, None  # each sample's own labels and real tokens (prepare_matrix)
             else:

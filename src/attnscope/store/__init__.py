@@ -6,7 +6,8 @@ and h5py (h5py, dask and xarray lazily, inside the functions that need them).
 Modules, one job each: ``names`` (array names), ``codecs`` (dtype encodings),
 ``validation`` (checks of appended weights), ``meta`` (root metadata, format sniffing),
 ``batch`` (what one appended batch must look like), ``writer`` (``ArchiveWriter``),
-``reader`` (``open_archive``, ``AttentionArchive``, ``AttentionArray``), ``views``
+``reader`` (``open_archive``, ``AttentionArchive``, ``AttentionArray``), ``catalog``
+(``archive.arrays/layers/kinds/heads`` and the keys ``archive[...]`` takes), ``views``
 (dask / xarray), ``integrity`` (``check_structure``: the structural check every data
 command runs), ``verify`` (``verify`` / ``info``). ``backends/`` is where bytes live: ``location``
 (a path or URL resolved once at the door), ``base`` (the backend interface),

@@ -59,7 +59,7 @@ def archive_html(arc: AttentionArchive) -> str:
                 segs = "; ".join(f"{s.name} [{s.start}:{s.stop}]" for s in lay.segments)
                 sides.append([side, lay.length, segs, _labels(lay.labels)])
         arrays = []
-        for name in arc.arrays():
+        for name in arc.arrays:
             a = arc[name]
             arrays.append([name, "x".join(map(str, a.shape)), str(a.dtype),
                            ", ".join(map(str, a.heads)), "x".join(map(str, a.chunks))])

@@ -88,7 +88,7 @@ def _arrays(a: AttentionArchive, st: Structure) -> None:
             f"{name}: listed in the root metadata but missing from storage (deleted?)"
         )
         st.unreadable.add(name)
-    if not a.arrays() and a.n_samples:
+    if not a.arrays and a.n_samples:
         st.problems.append(
             f"{a.n_samples} samples committed but the archive holds no attention arrays"
         )
@@ -153,7 +153,7 @@ def _shape(a: AttentionArchive, name: str, arr: Any, st: Structure) -> None:
 def _attention(a: AttentionArchive, st: Structure) -> None:
     """Each attention array opens, fits the layout and stores every committed chunk."""
     n = a.n_samples
-    for name in a.arrays():
+    for name in a.arrays:
         before = len(st.problems)
         try:
             arr = a.attention(name)

@@ -29,9 +29,10 @@ from attnscope.contracts import (
     TOKEN_MASK,
 )
 from attnscope.errors import ArchiveCorruptError, ConfigError, InputError, SelectionError
-from attnscope.store import _display
+from attnscope.store import _display, views
 from attnscope.store.backends.base import ArrayHandle, MiB
 from attnscope.store.backends.location import locate
+from attnscope.store.catalog import ArrayNames, HeadMap, KindMap, LayerMap, has_key, resolve_key
 from attnscope.store.codecs import decode, read_dtype
 from attnscope.store.commitlog import DigestIndex
 from attnscope.store.frames import frame_cameras, frame_handle
@@ -45,7 +46,7 @@ from attnscope.store.meta import (
     open_backend,
     sniff_format,
 )
-from attnscope.store.names import array_name, parse_array_name, stored_names
+from attnscope.store.names import parse_array_name, stored_names
 from attnscope.store.tokens import decode_labels, side_path
 
 __all__ = ["AttentionArchive", "AttentionArray", "open_archive"]
@@ -325,62 +326,61 @@ class AttentionArchive:
             "fingerprint": h.hexdigest()[:16],
         }
 
-    # -- arrays -------------------------------------------------------------------------
-    def arrays(self) -> list[str]:
-        """Array names sorted by (stack, layer, kind)."""
-        return list(self._names)
+    # -- arrays (the views and key grammar: store/catalog.py) -----------------------------
+    @property
+    def arrays(self) -> ArrayNames:
+        """Stored array names, sorted by (stack, layer, kind): ``archive.arrays[0]``."""
+        return ArrayNames(self._names)
+
+    @property
+    def layers(self) -> LayerMap:
+        """Stack -> stored layer numbers: ``archive.layers["encoder"]`` -> ``(0, 1, 2)``."""
+        return LayerMap(self._names)
+
+    @property
+    def kinds(self) -> KindMap:
+        """``(stack, layer)`` -> stored kinds: ``archive.kinds["decoder", 0]``."""
+        return KindMap(self._names)
+
+    @property
+    def heads(self) -> HeadMap:
+        """Array -> original head numbers kept: ``archive.heads["encoder", 0]``."""
+        return HeadMap(self)
 
     def missing_arrays(self) -> list[str]:
-        """Arrays the root metadata lists that storage no longer holds (damage).
-
-        Archives written before the list was recorded report none.
-        """
+        """Arrays the root metadata lists that storage no longer holds (damage); none for
+        archives written before the list was recorded."""
         return [n for n in self._root.get("arrays", []) if n not in self._names]
 
-    def layers(self, stack: str) -> list[int]:
-        if stack not in STACKS:
-            raise SelectionError(f"unknown stack {stack!r}; expected one of {STACKS}")
-        return sorted({parse_array_name(n)[1] for n in self._names if n.startswith(stack + "/")})
-
-    def kinds(self, stack: str, layer: int) -> list[str]:
-        pre = f"{stack}/{int(layer)}/"
-        return [n[len(pre) :] for n in self._names if n.startswith(pre)]
-
     def attention(
-        self, stack: str, layer: int | None = None, kind: str | None = None
+        self, stack: Any, layer: int | None = None, kind: str | None = None
     ) -> AttentionArray:
-        """Lazy array of ``stack/layer/kind`` (or pass one array name)."""
-        name = stack if layer is None and kind is None else array_name(stack, layer, kind)  # type: ignore[arg-type]
+        """Lazy array of ``stack/layer/kind``, or of any key ``archive[...]`` takes (an
+        array name, ``(stack, layer[, kind])``); the kind defaults when the layer holds one."""
+        key = (stack, layer) if kind is None else (stack, layer, kind)
+        key = stack if layer is None and kind is None else key
+        if isinstance(key, str) and key in self.missing_arrays():
+            raise ArchiveCorruptError(f"{self.path!r}: array {key!r} is listed in the root "
+                                      "metadata but missing from storage; the archive is damaged")
+        name = resolve_key(self._names, key)
         if name not in self._cache:
-            if name not in self._names:
-                if name in self.missing_arrays():
-                    raise ArchiveCorruptError(
-                        f"{self.path!r}: array {name!r} is listed in the root metadata but "
-                        "missing from storage; the archive is damaged"
-                    )
-                raise SelectionError(
-                    f"archive {self.path!r} has no array {name!r}; it holds {self._names}"
-                )
             with damage_is_corruption(self.path):
                 self._cache[name] = AttentionArray(self, name)
         return self._cache[name]
 
     def query_rows(self, name: str) -> np.ndarray | None:
-        """The original query rows array ``name`` stores (ascending int64), or None: every
-        row (also for archives written before row policies)."""
+        """Original query rows array ``name`` stores (ascending int64); None: every row."""
         return self.attention(name).query_rows
 
-    def __getitem__(self, name: str) -> AttentionArray:
-        return self.attention(name)
+    def __getitem__(self, key: Any) -> AttentionArray:
+        """``a["encoder/0/self_attention"]``, ``a["encoder", 0]``, ``a["decoder", 0, "cross"]``."""
+        return self.attention(key)
 
-    def __contains__(self, name: object) -> bool:
-        return name in self._names
+    def __contains__(self, key: object) -> bool:
+        return has_key(self._names, key)
 
-    def heads(
-        self, name_or_stack: str, layer: int | None = None, kind: str | None = None
-    ) -> list[int]:
-        """Original head indices kept in one array."""
-        return list(self.attention(name_or_stack, layer, kind).heads)
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
 
     @property
     def sample_ids(self) -> dict[str, np.ndarray]:
@@ -533,17 +533,15 @@ class AttentionArchive:
         return out
 
     # -- out of core --------------------------------------------------------------------
-    def to_dask(self, name: str) -> Any:
-        """Dask array ``(N, H, T, S)`` over the committed samples, chunked like storage."""
-        from attnscope.store.views import to_dask
+    def to_dask(self, key: Any) -> Any:
+        """Dask array ``(N, H, T, S)`` of ``archive[key]``, chunked like storage ([dask] extra)."""
+        return views.to_dask(self, key)
 
-        return to_dask(self, name)
-
-    def to_xarray(self, name: str | None = None) -> Any:
-        """Labelled, lazy (dask-backed) view: see :func:`attnscope.store.views.to_xarray`."""
-        from attnscope.store.views import to_xarray
-
-        return to_xarray(self, name)
+    def to_xarray(self, stack: str | None = None, kind: str | None = None, *,
+                  masked: bool = True) -> Any:
+        """Lazy ``xarray.Dataset`` of one (stack, kind), all layers along ``layer``: see
+        :func:`attnscope.store.views.to_xarray`; needs ``attnscope[dask]``."""
+        return views.to_xarray(self, stack, kind, masked=masked)
 
     # -- lifetime -----------------------------------------------------------------------
     def close(self) -> None:

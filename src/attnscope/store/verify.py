@@ -120,7 +120,7 @@ def _check(
         )
     if "arrays" not in meta:
         rep.notes.append("array list not recorded (older archive): deleted arrays not checked")
-    for name in a.arrays():
+    for name in a.arrays:
         if name in structure.unreadable:
             continue
         rep.arrays_checked += 1
@@ -266,7 +266,7 @@ def info(path: str | os.PathLike) -> dict[str, Any]:
     with open_archive(path) as a:
         meta = a.metadata
         arrays = []
-        for name in a.arrays():
+        for name in a.arrays:
             arr = a.attention(name)
             stored = arr.stored_nbytes()
             arrays.append(

@@ -23,7 +23,7 @@ def test_plain_h5py_with_hdf5plugin_reads_what_attnscope_reads(tmp_path, layout,
     with ArchiveWriter.create(path, layout, compressor=compressor) as w:
         w.append(make_batch(rng, 3, layers=2))
     with open_archive(path) as a:
-        ours = {n: a[n][...] for n in a.arrays()}
+        ours = {n: a[n][...] for n in a.arrays}
         n = a.n_samples
     with h5py.File(path, "r") as f:  # what any h5py user does after `import hdf5plugin`
         for name, want in ours.items():
@@ -90,7 +90,7 @@ def test_archive_written_before_checksums_still_reads_and_resumes(
     with ArchiveWriter.create(path, layout, compressor=compressor) as w:
         w.append(first)
     with open_archive(path) as a:
-        want = {n: a[n][...] for n in a.arrays()}
+        want = {n: a[n][...] for n in a.arrays}
     _old_style(path, compressor)
     with open_archive(path) as a:
         assert a.missing_arrays() == []

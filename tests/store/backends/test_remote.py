@@ -121,7 +121,7 @@ def test_roundtrip_on_s3_equals_local(url, tmp_path, ragged) -> None:
     with open_archive(url) as a, open_archive(local) as b:
         assert a.n_samples == b.n_samples == 6 and a.ragged == ragged
         assert a.identity()["archive"] == url
-        for name in b.arrays():
+        for name in b.arrays:
             np.testing.assert_array_equal(a[name][:], b[name][:])
         if ragged:
             np.testing.assert_array_equal(a.masks("encoder"), b.masks("encoder"))
@@ -260,7 +260,7 @@ def test_kill9_during_capture_to_s3_then_resume(url, endpoint, tmp_path) -> None
     capture(Transformer(32, 16, 4, 2, 2).eval(), data, local, progress=False)
     with open_archive(url) as a, open_archive(local) as b:
         assert a.n_samples == b.n_samples == n + 4
-        for name in b.arrays():
+        for name in b.arrays:
             np.testing.assert_array_equal(a[name][:], b[name][:])
     assert verify(url).ok
     assert not remote.keys(url + "/.attnscope-locks")
