@@ -700,9 +700,9 @@ _bench.loader.exec_module(bench_s3)  # type: ignore[union-attr]
 
 def test_request_counts_per_batch_and_per_open_do_not_grow_with_the_archive() -> None:
     """Counted at the server: an append costs one PUT per chunk it fills, one log document,
-    one record and one lease check (HEAD and GET of its record) (plus, when an array grows, its metadata: capacity
-    doubles, so after batches 2, 3, 5, 9, ...); opening an archive 10x larger costs the
-    same."""
+    one record and one lease check (HEAD and GET of its record), plus, when an array grows,
+    its metadata (capacity doubles: after batches 2, 3, 5, 9, ...); opening an archive 10x
+    larger costs the same."""
     with bench_s3.moto_s3() as log:
         small = bench_s3.measure(log, batches=4, b=4, layers=1)
         large = bench_s3.measure(log, batches=12, b=4, layers=1)
