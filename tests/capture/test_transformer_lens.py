@@ -254,7 +254,7 @@ def test_layers_heads_topk_select_from_the_patterns(tmp_path, tok_dir) -> None:
     capture(model, [batch], tmp_path / "top.zarr", topk=2, dtype="float32", progress=False)
     with open_archive(tmp_path / "sel.zarr") as a:
         assert a.arrays == ["decoder/1/self_attention"]
-        assert a.heads["decoder/1/self_attention"] == [3, 0]
+        assert a.heads["decoder/1/self_attention"] == (3, 0)
         ref = as_stored(want[1], batch["attention_mask"])[:, [3, 0]]
         np.testing.assert_array_equal(a["decoder/1/self_attention"][:], ref)
     with open_archive(tmp_path / "top.zarr") as a:

@@ -145,7 +145,7 @@ def bertviz_arrays(
                         "side's tokens); BertViz draws whole attention matrices: leave it out "
                         "with kinds=, or capture without a row policy"
                     )
-                hs = a.heads[name]
+                hs = list(a.heads[name])
                 if arg in heads and heads[arg] != hs:
                     raise SelectionError(
                         f"{name} keeps heads {hs} but {members[0]} keeps {heads[arg]}; BertViz "
