@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from attnscope.analysis._engine import ArraySpec
+from attnscope.analysis._folder import TableFolder
 from attnscope.contracts import (
     IDENTITY_KEY,
     TABLE_COLUMNS,
@@ -27,9 +28,16 @@ from attnscope.contracts import (
     TABLES,
 )
 from attnscope.errors import ArchiveError, ConfigError, SelectionError, StaleTableError
-from attnscope.store import open_archive
+from attnscope.store import open_archive, remote
 
-__all__ = ["TABLES", "TABLE_SCHEMAS", "TableWriter", "load_table", "StaleTableError"]
+__all__ = [
+    "TABLES",
+    "TABLE_SCHEMAS",
+    "TableWriter",
+    "load_table",
+    "StaleTableError",
+    "table_exists",
+]
 
 _ARROW_TYPES = {
     "string": pa.string(),
@@ -70,12 +78,16 @@ class TableWriter:
     """Streams block results into ``<out_dir>/<table>.parquet`` (via ``.partial`` files).
 
     Files only get their final names in :meth:`commit`, so an interrupted run never
-    leaves a complete-looking but partial table behind.
+    leaves a complete-looking but partial table behind. ``out_dir`` may be an fsspec URL
+    (``s3://bucket/tables``): see ``analysis/_folder.py``.
     """
 
-    def __init__(self, out_dir: Path, identity: dict[str, Any], similarity: str | None) -> None:
-        self.out_dir = Path(out_dir)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+    def __init__(
+        self, out_dir: str | os.PathLike[str] | TableFolder, identity: dict[str, Any],
+        similarity: str | None,
+    ) -> None:
+        self.folder = TableFolder(out_dir)
+        self.folder.prepare()
         self.identity = identity
         self.similarity = similarity
         self._writers: dict[str, pq.ParquetWriter] = {}
@@ -87,16 +99,18 @@ class TableWriter:
         out = ["head_stats", "row_stats", "top_pairs", "segment_mass"]
         return out + (["head_similarity"] if self.similarity else [])
 
-    def _partial(self, name: str) -> Path:
-        return self.out_dir / f"{name}.parquet.partial"
+    def _partial(self, name: str) -> str:
+        return f"{name}.parquet.partial"
 
     def _writer(self, name: str) -> pq.ParquetWriter:
         w = self._writers.get(name)
         if w is None:
             schema = self._schemas[name]
+            where, fs = self.folder.parquet_target(self._partial(name))
             w = pq.ParquetWriter(
-                self._partial(name),
+                where,
                 schema,
+                filesystem=fs,
                 compression="zstd",
                 # Dictionary-encode the repetitive columns only: for float metrics Parquet's
                 # dictionary attempt hashes every value before falling back (~10x the cost
@@ -152,19 +166,21 @@ class TableWriter:
         arrays = [data[f.name].cast(f.type) for f in schema]
         return pa.Table.from_arrays(arrays, schema=schema)
 
-    def commit(self) -> dict[str, Path]:
-        """Close the writers and give every table its final name (empty tables included)."""
-        out: dict[str, Path] = {}
+    def commit(self) -> dict[str, Any]:
+        """Close the writers and give every table its final name (empty tables included).
+
+        Returns ``{table: Path}`` (an ``ArchiveURL`` for a folder at a URL)."""
+        out: dict[str, Any] = {}
         for name in self.tables():
             w = self._writers.get(name)
             if w is None:
-                pq.write_table(self._schemas[name].empty_table(), self._partial(name))
+                where, fs = self.folder.parquet_target(self._partial(name))
+                pq.write_table(self._schemas[name].empty_table(), where, filesystem=fs)
             else:
                 w.close()
                 del self._writers[name]
-            final = self.out_dir / f"{name}.parquet"
-            os.replace(self._partial(name), final)
-            out[name] = final
+            self.folder.replace(self._partial(name), f"{name}.parquet")
+            out[name] = self.folder.file(f"{name}.parquet")
         return out
 
     def abort(self) -> None:
@@ -178,16 +194,32 @@ class TableWriter:
                 pass
         self._writers.clear()
         for name in self.tables():
-            self._partial(name).unlink(missing_ok=True)
+            try:
+                self.folder.remove(self._partial(name))
+            except Exception:  # noqa: BLE001 - storage gone: the error on its way out wins
+                pass
 
 
 def _resolve(path: Any) -> str:
-    return str(Path(str(path)).resolve()) if path is not None else ""
+    if path is None:
+        return ""
+    p = remote.fspath(str(path))
+    return p if remote.is_url(p) else str(Path(p).resolve())
 
 
-def table_identity(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The archive identity stored in a table's Parquet metadata."""
-    meta = pq.read_schema(path).metadata or {}
+def table_exists(out_dir: str | os.PathLike[str], name: str) -> bool:
+    """Whether the tables folder ``out_dir`` (a local folder or a URL) holds ``name``
+    (e.g. ``"timeline.parquet"``)."""
+    return TableFolder(out_dir).exists(name)
+
+
+def table_identity(
+    path: str | os.PathLike[str], folder: TableFolder | None = None
+) -> dict[str, Any]:
+    """The archive identity stored in a table's Parquet metadata (``path``: a file, or
+    its name in ``folder``)."""
+    schema = pq.read_schema(path) if folder is None else folder.read_schema(os.fspath(path))
+    meta = schema.metadata or {}
     raw = meta.get(_IDENTITY_KEY)
     if raw is None:
         raise ArchiveError(
@@ -208,7 +240,7 @@ def load_table(
     Parameters
     ----------
     out_dir : str or Path
-        The directory :func:`attnscope.analysis.analyze` wrote to.
+        The directory :func:`attnscope.analysis.analyze` wrote to (or its URL).
     name : str
         Table name, one of :data:`TABLES` (with or without ``.parquet``).
     archive : AttentionArchive or path, optional
@@ -229,8 +261,10 @@ def load_table(
     name = name.removesuffix(".parquet")
     if name not in TABLE_SCHEMAS:
         raise SelectionError(f"unknown table {name!r}; expected one of {list(TABLES)}")
-    path = Path(out_dir) / f"{name}.parquet"
-    if not path.exists():
+    folder = TableFolder(out_dir)
+    file = f"{name}.parquet"
+    path = folder.file(file)
+    if not folder.exists(file):
         raise FileNotFoundError(
             f"no table {path}; run attnscope analyze first (similarity tables need "
             "head_similarity set)"
@@ -238,7 +272,7 @@ def load_table(
     if archive is not None:
         with open_archive(archive) as a:
             want = a.identity()
-        got = table_identity(path)
+        got = table_identity(file, folder)
         for key in ("fingerprint", "n_samples", "archive"):
             g, w = got.get(key), want.get(key)
             if key == "archive":
@@ -251,4 +285,4 @@ def load_table(
                 )
     if columns is not None and not isinstance(columns, list):
         raise ConfigError(f"columns must be a list of names, got {type(columns).__name__}")
-    return pq.read_table(path, columns=columns).to_pandas()
+    return folder.read_table(file, columns=columns).to_pandas()

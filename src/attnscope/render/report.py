@@ -198,7 +198,9 @@ def _frames(arc: AttentionArchive, images: dict[str, list[Any]], samples: Sequen
 def _timeline(tables_dir: str | os.PathLike[str], arc: AttentionArchive) -> dict[str, Any] | None:
     """The ``timeline`` table as lines: ``{"stack|kind": {episode: {layer: {head: [[key
     segment, steps, mass], ...]}}}}``; None without ``timeline.parquet``."""
-    if not (Path(tables_dir) / "timeline.parquet").exists():
+    from attnscope.analysis.tables import table_exists  # reading only
+
+    if not table_exists(tables_dir, "timeline.parquet"):  # a local folder or a URL
         return None
     df = load_timeline(tables_dir, arc)
     series: dict[str, Any] = {}
