@@ -1,0 +1,221 @@
+"""The whole multi-machine path on a local moto S3 server: capture by N processes into one
+archive on S3 (under ``torchrun``, and as a job array given ``--rank/--world-size``), one
+rank killed with SIGKILL after committing and resumed, analysis on a Dask cluster of worker
+processes reading the S3 archive and writing the tables to S3, then render and report from
+S3 archive + S3 tables without torch. Every array, table and figure equals the
+single-process local run.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+
+pytest.importorskip("s3fs")
+pytest.importorskip("moto.server")
+pytest.importorskip("torch")
+
+from click.testing import CliRunner  # noqa: E402
+from s3_testlib import moto_s3  # noqa: E402
+
+from attnscope.analysis.tables import TABLES  # noqa: E402
+from attnscope.cli import cli  # noqa: E402
+from attnscope.store import open_archive, remote, verify  # noqa: E402
+
+MODEL = {
+    "embed_dim": 32,
+    "context_length": 16,
+    "num_heads": 4,
+    "num_encoder_layers": 1,
+    "num_decoder_layers": 2,
+    "enc_modalities": {"text": 4, "image": 6},
+    "dec_modalities": {"action": 5},
+}
+BATCHES = ["--batches", "4", "--batch-size", "2", "--seed", "0"]  # 8 samples, 2 per rank
+# what render draws in both runs: one layer, one head, one sample, every figure kind
+FIGURES = ["--layers", "0", "--heads", "0", "--samples", "0", "--workers", "1", "--no-progress"]
+
+# The CLI, with one rank killed by SIGKILL right after its first batch is committed, the
+# first time it runs (torchrun counts its restarts in TORCHELASTIC_RESTART_COUNT).
+CLI_KILLING_A_RANK = textwrap.dedent(
+    """
+    import os, signal, sys
+    rank = os.environ.get("RANK")
+    if "--rank" in sys.argv:
+        rank = sys.argv[sys.argv.index("--rank") + 1]
+    first = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+    if first and rank is not None and rank == os.environ.get("KILL_RANK"):
+        from attnscope.store import writer as W
+        _submit = W.ArchiveWriter.submit
+        def submit(self, *a, **k):
+            _submit(self, *a, **k)
+            self.flush()  # committed
+            os.kill(os.getpid(), signal.SIGKILL)
+        W.ArchiveWriter.submit = submit
+    from attnscope.cli import cli
+    cli(sys.argv[1:], prog_name="attnscope")
+    """
+)
+# render or report with torch unimportable: a core-only install
+WITHOUT_TORCH = textwrap.dedent(
+    """
+    import sys
+    sys.modules["torch"] = None  # import torch raises ImportError
+    from attnscope.cli import cli
+    try:
+        cli(sys.argv[1:], prog_name="attnscope")
+    finally:
+        torch = [m for m, v in sys.modules.items() if m.split(".")[0] == "torch" and v]
+        assert not torch, f"torch was imported: {torch[:3]}"
+    """
+)
+
+
+def _ok(args: list[str]) -> None:
+    res = CliRunner().invoke(cli, args, catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+
+
+def _run(args: list[str], env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True,
+                          timeout=timeout)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def s3() -> Any:
+    with moto_s3() as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("cluster")
+    (root / "model.json").write_text(json.dumps(MODEL))
+    (root / "cli_killing_a_rank.py").write_text(CLI_KILLING_A_RANK)
+    (root / "without_torch.py").write_text(WITHOUT_TORCH)
+    return root
+
+
+@pytest.fixture(scope="module")
+def local(work: Path) -> dict[str, Path]:
+    """The single-process local run: archive, tables, figures and report."""
+    out = {"archive": work / "local.zarr", "tables": work / "local-tables",
+           "figs": work / "local-figs", "report": work / "local.html"}  # fmt: skip
+    _ok(["capture", "--config", str(work / "model.json"), *BATCHES, "--out",
+         str(out["archive"]), "--no-progress"])  # fmt: skip
+    _ok(["analyze", str(out["archive"]), "--out", str(out["tables"]), "--no-progress"])
+    _ok(["render", str(out["archive"]), "--out", str(out["figs"]), "--tables",
+         str(out["tables"]), *FIGURES])  # fmt: skip
+    _ok(["report", str(out["archive"]), "--tables", str(out["tables"]), "--out",
+         str(out["report"])])  # fmt: skip
+    return out
+
+
+def _equal_archives(url: str, local: Path) -> None:
+    assert verify(url).ok
+    with open_archive(url) as a, open_archive(local) as b:
+        assert a.n_samples == b.n_samples == 8
+        assert a.arrays() == b.arrays()
+        for name in b.arrays():
+            np.testing.assert_array_equal(a[name][:], b[name][:], err_msg=name)
+        ids, want = a.sample_ids, b.sample_ids
+        assert sorted(ids) == sorted(want)
+        for k in want:
+            np.testing.assert_array_equal(ids[k], want[k], err_msg=k)
+    assert not remote.keys(url + "/.attnscope-locks")  # every rank released its lease
+
+
+def _capture_args(work: Path, url: str) -> list[str]:
+    return ["capture", "--config", str(work / "model.json"), *BATCHES, "--out", url,
+            "--no-progress"]  # fmt: skip
+
+
+def test_torchrun_capture_to_s3_dask_analysis_and_core_render_equal_one_local_process(
+    s3, work, local
+) -> None:
+    import distributed
+
+    url, tabs = s3.url("run.zarr"), s3.url("tables")
+    # torchrun, two ranks; rank 1 is killed after its first commit, torchrun restarts the
+    # group once: rank 0 rejoins with nothing left to do, rank 1 resumes after its commit
+    torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                "--max-restarts", "1", str(work / "cli_killing_a_rank.py")]  # fmt: skip
+    res = _run([*torchrun, *_capture_args(work, url)], s3.env(KILL_RANK="1"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "SIGKILL" in res.stderr or "Signals.SIGKILL" in res.stderr or "-9" in res.stderr
+    _equal_archives(url, local["archive"])
+
+    # analysis on a Dask cluster of two worker processes reading the archive on S3; the
+    # tables go to S3
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                  dashboard_address=None) as cluster:  # fmt: skip
+        _ok(["analyze", url, "--out", tabs, "--scheduler", cluster.scheduler_address,
+             "--no-progress"])  # fmt: skip
+    names = sorted(f"{t}.parquet" for t in TABLES)
+    assert set(names) <= set(remote.keys(tabs))
+    fs, root = remote.filesystem(tabs)
+    for name in names:
+        with fs.open(f"{root}/{name}", "rb") as f:
+            got = pd.read_parquet(f)
+        want = pd.read_parquet(local["tables"] / name)
+        # the fingerprint hashes root metadata recording where and when each capture ran;
+        # every computed column is equal
+        ident = [c for c in want.columns if c.startswith("archive")]
+        pd.testing.assert_frame_equal(got.drop(columns=ident), want.drop(columns=ident))
+
+    # render and report from the S3 archive and S3 tables with torch unimportable
+    figs, page = work / "s3-figs", work / "s3.html"
+    core = [str(work / "without_torch.py")]
+    res = _run([*core, "render", url, "--out", str(figs), "--tables", tabs, *FIGURES], s3.env())
+    assert res.returncode == 0, res.stderr[-3000:]
+    res = _run([*core, "report", url, "--tables", tabs, "--out", str(page)], s3.env())
+    assert res.returncode == 0, res.stderr[-3000:]
+    got = {p.relative_to(figs): p for p in figs.rglob("*.png")}
+    want = {p.relative_to(local["figs"]): p for p in local["figs"].rglob("*.png")}
+    assert len(want) > 5 and got.keys() == want.keys()
+    for k in want:
+        assert got[k].read_bytes() == want[k].read_bytes(), k
+    assert _page(page, url) == _page(local["report"], local["archive"])
+
+
+def _page(path: Path, archive: Any) -> str:
+    """A report without what differs between the two runs: the archive's name and
+    fingerprint, and the provenance table (when, on which host and pid each capture ran).
+    The embedded attention, tables and figures are compared whole."""
+    text = re.sub(r"<h3>Provenance</h3><table>.*?</table>", "", path.read_text())
+    with open_archive(archive) as a:
+        ident = a.identity()
+    for v in (ident["fingerprint"], str(ident["archive"]), Path(str(archive)).name):
+        text = text.replace(str(v), "ARCHIVE")
+    return text
+
+
+def test_job_array_capture_to_s3_with_a_killed_rank_equals_one_local_process(
+    s3, work, local
+) -> None:
+    url = s3.url("array.zarr")
+    cmd = [str(work / "cli_killing_a_rank.py"), *_capture_args(work, url), "--world-size", "2"]
+    env = s3.env(KILL_RANK="1")
+    env.pop("RANK", None), env.pop("WORLD_SIZE", None)
+    procs = [subprocess.Popen([sys.executable, *cmd, "--rank", str(r)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for r in (1, 0)]  # fmt: skip
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [-signal.SIGKILL, 0], outs
+    with open_archive(url) as a:  # rank 0's samples and rank 1's first batch are committed
+        assert a.commits["range-0-4"][2] == 4 and a.commits["range-4-8"][2] == 2
+        assert a.n_samples == 6
+    # the job array reruns the failed task: it resumes after its committed batch
+    res = _run([*cmd, "--rank", "1"], {k: v for k, v in env.items() if k != "KILL_RANK"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    _equal_archives(url, local["archive"])
