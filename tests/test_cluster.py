@@ -219,3 +219,87 @@ def test_job_array_capture_to_s3_with_a_killed_rank_equals_one_local_process(
     res = _run([*cmd, "--rank", "1"], {k: v for k, v in env.items() if k != "KILL_RANK"})
     assert res.returncode == 0, res.stderr[-3000:]
     _equal_archives(url, local["archive"])
+
+
+# The CLI, with a storage fault right after this process's first batch is committed:
+# FAULT=credentials makes the S3 server refuse every request from now on (moto starts
+# checking credentials, and these are unknown to it: as keys that expired mid-run);
+# FAULT=bucket moves the archive's bucket away (its objects to BACKUP, then deleted).
+CLI_WITH_A_FAULT = textwrap.dedent(
+    """
+    import json, os, sys, urllib.request
+    from attnscope.store import writer as W
+    BACKUP = "attnscope-test-backup"
+    def fault():
+        opts = json.loads(os.environ["ATTNSCOPE_STORAGE_OPTIONS"])
+        if os.environ["FAULT"] == "credentials":
+            url = opts["endpoint_url"] + "/moto-api/reset-auth"
+            req = urllib.request.Request(url, data=b"0", method="POST",
+                                         headers={"Content-Type": "text/plain"})
+            urllib.request.urlopen(req).close()
+            return
+        import s3fs
+        fs = s3fs.S3FileSystem(**opts)
+        bucket = os.environ["BUCKET"]
+        fs.mkdir(BACKUP)
+        for key in fs.find(bucket):
+            fs.copy(key, BACKUP + key[len(bucket):])
+        fs.rm(bucket, recursive=True)
+    _submit, done = W.ArchiveWriter.submit, []
+    def submit(self, *a, **k):
+        _submit(self, *a, **k)
+        if not done:
+            done.append(1)
+            self.flush()  # committed
+            fault()
+    if os.environ.get("FAULT"):
+        W.ArchiveWriter.submit = submit
+    from attnscope.cli import cli
+    cli(sys.argv[1:], prog_name="attnscope")
+    """
+)
+
+
+def _restore_bucket(s3, bucket: str) -> None:
+    fs, backup = s3.fs(), "attnscope-test-backup"
+    fs.mkdir(bucket)
+    for key in fs.find(backup):
+        fs.copy(key, bucket + key[len(backup) :])
+    fs.rm(backup, recursive=True)
+
+
+@pytest.mark.parametrize("fault", ["credentials", "bucket"])
+def test_storage_fault_mid_run_is_one_line_and_the_rank_resumes_once_fixed(
+    s3, work, local, fault
+) -> None:
+    import urllib.request
+
+    bucket = "attnscope-vanishing" if fault == "bucket" else s3.bucket
+    if fault == "bucket":
+        s3.fs().mkdir(bucket)
+    url = f"s3://{bucket}/{fault}.zarr"
+    args = [*_capture_args(work, url), "--world-size", "2"]
+    _ok([*args, "--rank", "0"])
+    (work / "cli_with_a_fault.py").write_text(CLI_WITH_A_FAULT)
+    rank1 = [str(work / "cli_with_a_fault.py"), *args, "--rank", "1"]
+    try:
+        res = _run(rank1, s3.env(FAULT=fault, BUCKET=bucket))
+    finally:  # the cause is fixed
+        if fault == "credentials":
+            req = urllib.request.Request(f"{s3.endpoint}/moto-api/reset-auth", data=b"inf",
+                                         method="POST", headers={"Content-Type": "text/plain"})
+            urllib.request.urlopen(req).close()
+        elif not s3.fs().exists(bucket):
+            _restore_bucket(s3, bucket)
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert res.returncode == 1 and len(lines) == 1, res.stderr[-3000:]
+    want = ("access to the storage was refused mid-run" if fault == "credentials"
+            else f"bucket '{bucket}' no longer exists")  # fmt: skip
+    assert lines[0].startswith("Error: ") and want in lines[0], lines[0]
+    assert "samples committed before are safe" in lines[0], lines[0]
+    with open_archive(url) as a:  # nothing committed was lost
+        assert a.commits["range-0-4"][2] == 4 and a.commits["range-4-8"][2] == 2
+    assert verify(url).ok
+    res = _run(rank1, s3.env())  # rerun once fixed: the rank resumes after its commit
+    assert res.returncode == 0, res.stderr[-3000:]
+    _equal_archives(url, local["archive"])
