@@ -542,6 +542,8 @@ CASES: dict[str, Callable[[Path], list[str]]] = {
     "capture rank rejoin with other weights": lambda w: _rank_rejoin(w, "--seed", "1"),
     "capture rank rejoin with another batch size": lambda w: _rank_rejoin(
         w, "--batch-size", "1", "--batches", "4"),
+    "capture rank rejoin with another world size": lambda w: _rank_rejoin(
+        w, "--world-size", "1"),
     # every reading command on an array whose metadata is junk
     **{f"{cmd} junk array zarr.json": _junk_array_meta(cmd)
        for cmd in ("info", "verify", "analyze", "render", "report")},

@@ -219,6 +219,13 @@ def test_job_array_capture_to_s3_with_a_killed_rank_equals_one_local_process(
     res = _run([*cmd, "--rank", "1"], {k: v for k, v in env.items() if k != "KILL_RANK"})
     assert res.returncode == 0, res.stderr[-3000:]
     _equal_archives(url, local["archive"])
+    # a second process given rank 1 while a live one holds its shard is refused
+    from attnscope.store import ArchiveWriter
+
+    with ArchiveWriter.open(url, sample_range=(4, 8)):
+        res = CliRunner().invoke(cli, [*_capture_args(work, url), "--world-size", "2",
+                                       "--rank", "1"])  # fmt: skip
+    assert res.exit_code == 1 and "two processes given rank 1" in res.stderr, res.output
 
 
 # The CLI, with a storage fault right after this process's first batch is committed:

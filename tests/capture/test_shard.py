@@ -246,5 +246,18 @@ def test_a_world_size_that_does_not_match_the_shards_found_is_refused(tmp_path) 
     # 4 batches over 4 ranks: rank 1 runs batch 1, samples [2, 4) of rank 0's shard [0, 4)
     with pytest.raises(ConfigError, match="world size does not match") as e:
         capture(_model(), batches(4), path, rank=1, world_size=4, progress=False, wait_s=60)
-    assert "\n" not in str(e.value) and "[0, 4]" in str(e.value)
+    assert "\n" not in str(e.value) and "shard [0, 4) of another rank" in str(e.value)
+    _equals_reference(path, 8)
+
+
+def test_two_processes_given_the_same_rank_are_refused(tmp_path) -> None:
+    from attnscope.errors import ArchiveLockedError
+    from attnscope.store import ArchiveWriter
+
+    path = tmp_path / "mp.zarr"
+    _run(path, 0)
+    with ArchiveWriter.open(path, sample_range=(4, 8)):  # a live rank 1 holds its shard
+        with pytest.raises(ArchiveLockedError, match="rank 1: .*two processes given rank 1"):
+            _run(path, 1)
+    assert _run(path, 1).samples == 4  # once that process is gone, rank 1 runs
     _equals_reference(path, 8)

@@ -122,9 +122,9 @@ class Shard:
         if bad:
             raise ConfigError(
                 f"rank {self.rank}: world size does not match the archive's shards: this "
-                f"rank's samples {list(mine)} overlap the committed shard {list(bad[0])} of "
-                f"another rank (shards found: {[list(r) for r in found]}); rejoin with the "
-                "world size (--world-size) that wrote the archive"
+                f"rank's samples {_show(mine)} overlap the committed shard {_show(bad[0])} of "
+                f"another rank (shards found: {', '.join(map(_show, found))}); rejoin with "
+                "the world size (--world-size) that wrote the archive"
             )
 
 
@@ -143,6 +143,10 @@ class Shard:
                 )
         except ConfigError as e:
             raise ConfigError(f"rank {self.rank}: {e}") from None
+
+
+def _show(r: tuple[int, int]) -> str:
+    return f"[{r[0]}, {r[1]})"
 
 
 def _ranges(meta: dict[str, Any]) -> list[tuple[int, int]]:

@@ -33,7 +33,8 @@ def load_timeline(tables_dir: str | os.PathLike | None, arc: Any) -> Any:
     return load_table(tables_dir, "timeline", arc)
 
 
-def _has_timeline(tables_dir: Any) -> bool:
+def has_timeline(tables_dir: Any) -> bool:
+    """Whether the tables folder (local or a URL) holds ``timeline.parquet``."""
     from attnscope.analysis.tables import table_exists  # reading only
 
     return table_exists(tables_dir, "timeline.parquet")
@@ -43,7 +44,7 @@ def default_what(arc: Any, what: tuple[str, ...], tables_dir: Any) -> tuple[str,
     """``what=None``: overlays only for layouts with image groups, timelines only when the
     tables folder has one."""
     sides = [lay for lay in (arc.layout.encoder, arc.layout.decoder) if lay is not None]
-    has_tl = tables_dir is not None and _has_timeline(tables_dir)
+    has_tl = tables_dir is not None and has_timeline(tables_dir)
     keep = {"overlay": any(overlay.image_groups(lay) for lay in sides), "timeline": has_tl}
     return tuple(w for w in what if keep.get(w, True))
 
