@@ -109,3 +109,42 @@ def test_tables_url_errors_are_one_line(s3, archive, monkeypatch) -> None:
     s3.fs().pipe_file(url, b"x")
     with pytest.raises(ConfigError, match="is an object; expected a folder"):
         analyze(archive, url, progress=False)
+
+
+def _moto_auth(s3, value: bytes) -> None:
+    """Turn moto's credential checks on (``b"0"``: from the next request, and the test's
+    keys are unknown to it, as keys that expired) or off (``b"inf"``)."""
+    import urllib.request
+
+    req = urllib.request.Request(f"{s3.endpoint}/moto-api/reset-auth", data=value,
+                                 method="POST", headers={"Content-Type": "text/plain"})
+    urllib.request.urlopen(req).close()
+
+
+def test_credentials_refused_mid_analysis_are_one_line_and_a_rerun_completes(
+    s3, archive, tmp_path, monkeypatch
+) -> None:
+    from attnscope.analysis.tables import TableWriter
+
+    url = s3.url("tables")
+    real_write = TableWriter.write
+
+    def write(self: Any, *a: Any, **k: Any) -> None:
+        real_write(self, *a, **k)
+        _moto_auth(s3, b"0")  # the credentials stop working after the first block
+
+    monkeypatch.setattr(TableWriter, "write", write)
+    try:
+        with pytest.raises(ConfigError, match=f"access to '{url}' denied") as e:
+            analyze(archive, url, progress=False, block_bytes=1)
+    finally:
+        _moto_auth(s3, b"inf")
+    assert "\n" not in str(e.value)
+    assert not [k for k in remote.keys(url) if k.endswith(".parquet")]  # no table looks done
+    monkeypatch.setattr(TableWriter, "write", real_write)
+    got = analyze(archive, url, progress=False)  # once renewed, a rerun writes every table
+    local = analyze(archive, tmp_path / "t", progress=False)
+    for name in TABLES:
+        pd.testing.assert_frame_equal(load_table(url, name, archive=archive),
+                                      pd.read_parquet(local[name]))  # fmt: skip
+    assert str(got["manifest"]) == f"{url}/manifest.json"

@@ -57,8 +57,11 @@ class TableFolder:
         remote.check_reachable(self.url)  # credentials and bucket: one line each
         return remote.filesystem(self.url)
 
-    def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
-        assert self.url is not None
+    def call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        """``fn(*args, **kwargs)``; at a URL, credential and access failures become the
+        store's one-line errors (``store.remote.storage_call``)."""
+        if self.url is None:
+            return fn(*args, **kwargs)
         return remote.storage_call(self.url, fn, *args, **kwargs)
 
     def refuse_file(self) -> None:
@@ -68,7 +71,7 @@ class TableFolder:
                 raise ConfigError(f"tables folder {str(self.local)!r} is a file; expected a folder")
             return
         fs, root = self._fs()
-        if self._call(fs.isfile, root):
+        if self.call(fs.isfile, root):
             raise ConfigError(f"tables folder {self.url!r} is an object; expected a folder")
 
     def prepare(self) -> None:
@@ -81,8 +84,8 @@ class TableFolder:
         if self.local is not None:
             return (self.local / name).exists()
         fs, root = self._fs()
-        self._call(fs.invalidate_cache, root)
-        return bool(self._call(fs.exists, f"{root}/{name}"))
+        self.call(fs.invalidate_cache, root)
+        return bool(self.call(fs.exists, f"{root}/{name}"))
 
     def parquet_target(self, name: str) -> tuple[Any, Any]:
         """``(where, filesystem)`` for ``pyarrow.parquet`` writers and readers."""
@@ -97,8 +100,8 @@ class TableFolder:
             os.replace(self.local / src, self.local / dst)
             return
         fs, root = self._fs()
-        self._call(fs.copy, f"{root}/{src}", f"{root}/{dst}")
-        self._call(fs.rm, f"{root}/{src}")
+        self.call(fs.copy, f"{root}/{src}", f"{root}/{dst}")
+        self.call(fs.rm, f"{root}/{src}")
 
     def remove(self, name: str) -> None:
         """Delete ``name`` if it is there."""
@@ -107,7 +110,7 @@ class TableFolder:
             return
         fs, root = self._fs()
         try:
-            self._call(fs.rm, f"{root}/{name}")
+            self.call(fs.rm, f"{root}/{name}")
         except FileNotFoundError:
             pass
 
@@ -118,14 +121,14 @@ class TableFolder:
             (self.local / name).write_text(text, encoding="utf-8")
         else:
             fs, root = self._fs()
-            self._call(fs.pipe_file, f"{root}/{name}", text.encode("utf-8"))
+            self.call(fs.pipe_file, f"{root}/{name}", text.encode("utf-8"))
         return self.file(name)
 
     def read_text(self, name: str) -> str:
         if self.local is not None:
             return (self.local / name).read_text(encoding="utf-8")
         fs, root = self._fs()
-        return self._call(fs.cat_file, f"{root}/{name}").decode("utf-8")
+        return self.call(fs.cat_file, f"{root}/{name}").decode("utf-8")
 
     def read_schema(self, name: str) -> Any:
         import pyarrow.parquet as pq
@@ -133,7 +136,7 @@ class TableFolder:
         where, fs = self.parquet_target(name)
         if fs is None:
             return pq.read_schema(where)
-        return self._call(pq.read_schema, where, filesystem=fs)
+        return self.call(pq.read_schema, where, filesystem=fs)
 
     def read_table(self, name: str, columns: list[str] | None = None) -> Any:
         import pyarrow.parquet as pq
@@ -141,4 +144,4 @@ class TableFolder:
         where, fs = self.parquet_target(name)
         if fs is None:
             return pq.read_table(where, columns=columns)
-        return self._call(pq.read_table, where, columns=columns, filesystem=fs)
+        return self.call(pq.read_table, where, columns=columns, filesystem=fs)

@@ -123,7 +123,9 @@ class TableWriter:
     def write(self, spec: ArraySpec, result: dict[str, Any]) -> None:
         for name, cols in result["tables"].items():
             labels = result.get("labels") or (spec.q_labels, spec.k_labels)
-            self._writer(name).write_table(self._to_table(name, spec, cols, labels))
+            table = self._to_table(name, spec, cols, labels)
+            w = self.folder.call(self._writer, name)  # at a URL: storage errors in one line
+            self.folder.call(w.write_table, table)
 
     def _to_table(
         self,
@@ -175,9 +177,10 @@ class TableWriter:
             w = self._writers.get(name)
             if w is None:
                 where, fs = self.folder.parquet_target(self._partial(name))
-                pq.write_table(self._schemas[name].empty_table(), where, filesystem=fs)
+                empty = self._schemas[name].empty_table()
+                self.folder.call(pq.write_table, empty, where, filesystem=fs)
             else:
-                w.close()
+                self.folder.call(w.close)  # at a URL: the object is uploaded here
                 del self._writers[name]
             self.folder.replace(self._partial(name), f"{name}.parquet")
             out[name] = self.folder.file(f"{name}.parquet")
