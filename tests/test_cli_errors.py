@@ -518,8 +518,14 @@ CASES: dict[str, Callable[[Path], list[str]]] = {
     "capture to an HDF5 URL": lambda w: _capture(w, "--out", "s3://bucket/run.h5"),
     "info of an HDF5 URL": lambda w: ["info", "s3://bucket/run.h5"],
     "verify of a zip URL": lambda w: ["verify", "memory://attnscope-cli/run.zarr.zip"],
-    "analyze tables out to a URL": lambda w: [
-        "analyze", str(w / "x.zarr"), "--out", "s3://bucket/tables"],
+    "analyze tables out to a chained fsspec URL": lambda w: [
+        "analyze", str(w / "x.zarr"), "--out", "simplecache::memory://attnscope-cli/tables"],
+    "render tables from a chained fsspec URL": lambda w: [
+        "render", str(w / "x.zarr"), "--out", str(w / "figs"), "--what", "tables",
+        "--tables", "simplecache::memory://attnscope-cli/tables"],
+    "report tables from a memory URL holding none": lambda w: [
+        "report", str(w / "x.zarr"), "--tables", "memory://attnscope-cli-none/tables",
+        "--out", str(w / "r.html")],
     "render figures out to a URL": lambda w: [
         "render", str(w / "x.zarr"), "--out", "s3://bucket/figs"],
     "info of an S3 URL without a bucket": lambda w: ["info", "s3:///run.zarr"],
@@ -536,6 +542,8 @@ CASES: dict[str, Callable[[Path], list[str]]] = {
     "capture rank rejoin with other weights": lambda w: _rank_rejoin(w, "--seed", "1"),
     "capture rank rejoin with another batch size": lambda w: _rank_rejoin(
         w, "--batch-size", "1", "--batches", "4"),
+    "capture rank rejoin with another world size": lambda w: _rank_rejoin(
+        w, "--world-size", "1"),
     # every reading command on an array whose metadata is junk
     **{f"{cmd} junk array zarr.json": _junk_array_meta(cmd)
        for cmd in ("info", "verify", "analyze", "render", "report")},

@@ -108,7 +108,7 @@ class _LocalPath(click.Path):
         from attnscope.store.backends.remote import fspath, is_url
 
         if isinstance(value, str) and is_url(value):
-            self.fail(f"{value!r} is a URL; tables, figures and reports are local files only, "
+            self.fail(f"{value!r} is a URL; figures and reports are local files only, "
                       "expected a local path", param, ctx)  # fmt: skip
         if isinstance(value, str):
             value = fspath(value)
@@ -116,6 +116,23 @@ class _LocalPath(click.Path):
 
 
 LOCAL = _LocalPath(path_type=Path)
+
+
+class _TablesFolder(click.ParamType):
+    """A tables folder: a local path, or an fsspec URL (``s3://bucket/tables``, kept whole
+    like an archive URL; reached with the archive's storage options)."""
+
+    name = "folder"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if not isinstance(value, str):
+            return value
+        from attnscope.store.backends.location import locate
+
+        return locate(value)
+
+
+TABLES = _TablesFolder()
 
 layers_opt = click.option("--layers", callback=_int_list, help="Layer indices, e.g. '0,2', '0-3'.")
 heads_opt = click.option("--heads", callback=_int_list, help="Head indices, e.g. '0,3'.")
@@ -381,7 +398,8 @@ def verify(archive: Path, tolerance: float) -> None:
 
 @cli.command()
 @click.argument("archive", type=ARCHIVE)
-@click.option("--out", type=LOCAL, required=True, help="Tables folder.")
+@click.option("--out", type=TABLES, required=True,
+              help="Tables folder: a local path or a URL (s3://bucket/tables).")
 @click.option("--topk", default=10, show_default=True, help="Top pairs per head.")
 @click.option("--sink-token", default=0, show_default=True, help="Token for the sink score.")
 @click.option("--workers", default=1, show_default=True, help="Local parallel workers.")
@@ -392,6 +410,9 @@ def analyze(archive: Path, out: Path, topk: int, sink_token: int, workers: int,
     """Compute attention metrics into Parquet tables (+ attention_statistics.json).
 
     Example: attnscope analyze run.zarr --out tables --workers 2
+
+    On a cluster: attnscope analyze s3://lab/run.zarr --out s3://lab/tables --scheduler
+    tcp://host:8786
     """
     from attnscope.analysis import analyze as run_analyze
 
@@ -417,7 +438,7 @@ def analyze(archive: Path, out: Path, topk: int, sink_token: int, workers: int,
 @click.option("--what", callback=_str_list, default=None,
               help=f"Figure families, any of {','.join(FIGURE_KINDS)} (default: all; "
                    "tables only with --tables, overlay for image groups, timeline with its table).")
-@click.option("--tables", "tables_dir", type=LOCAL, default=None,
+@click.option("--tables", "tables_dir", type=TABLES, default=None,
               help="Tables folder written by `attnscope analyze` for this archive "
                    "(needed for --what tables).")
 @click.option("--fmt", type=click.Choice(FIGURE_FORMATS), default="png", show_default=True)
@@ -466,7 +487,7 @@ def render(archive: Path, out: Path, layers: list[int] | None, heads: list[int] 
 
 @cli.command()
 @click.argument("archive", type=ARCHIVE)
-@click.option("--tables", "tables_dir", type=LOCAL, default=None,
+@click.option("--tables", "tables_dir", type=TABLES, default=None,
               help="Tables folder written by `attnscope analyze` for this archive (default: "
                    "analyse into a temporary folder, removed afterwards).")
 @click.option("--out", type=LOCAL, default=Path("report.html"),

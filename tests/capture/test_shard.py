@@ -156,3 +156,108 @@ def test_rank_0_killed_while_creating_the_archive_creates_it_again(tmp_path):
     assert _run(path, 0).samples == 4  # made again, then its range
     assert _run(path, 1).samples == 4
     _equals_reference(path, 8)
+
+
+class _Loader:
+    """Batches with a len() that are not a list (like a DataLoader): never read ahead."""
+
+    def __init__(self, batches: list) -> None:
+        self.batches = batches
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):
+        return iter(self.batches)
+
+
+def _ragged(lengths: list[int]) -> list[dict]:
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for n in lengths:
+        ids = torch.randint(3, 100, (2, n), generator=g)
+        mask = torch.ones_like(ids)
+        mask[1, n - 2 :] = 0  # sample 1 padded
+        out.append({"input_ids": ids, "attention_mask": mask})
+    return out
+
+
+def _no_max_model():
+    """A text model without maximum positions or tokenizer (as T5): a ragged archive's
+    maximum then comes from the first batch, which differs between ranks."""
+    from .hf_models import make
+
+    model = make("distilbert")
+    model.config.max_position_embeddings = 10**9  # what capture reads as "no maximum"
+    return model
+
+
+def test_ragged_ranks_agree_on_rank_0s_maximum_without_max_length(tmp_path) -> None:
+    # rank 0's first batch has 7 tokens, rank 1's has 4: rank 1 takes rank 0's maximum
+    data = _ragged([7, 5, 4, 6])
+    path = tmp_path / "mp.zarr"
+    for rank in (0, 1):
+        capture(_no_max_model(), _Loader(data), path, rank=rank, world_size=2, dtype="float32",
+                progress=False, wait_s=60)  # fmt: skip
+    one = tmp_path / "one.zarr"
+    capture(_no_max_model(), data, one, max_length=7, dtype="float32", progress=False)
+    assert verify(path).ok
+    with open_archive(path) as a, open_archive(one) as b:
+        assert a.metadata["max_lengths"] == {"encoder": 7} and a.n_samples == 8
+        np.testing.assert_array_equal(a.masks("encoder"), b.masks("encoder"))
+        for name in b.arrays():
+            np.testing.assert_array_equal(a[name][:], b[name][:], err_msg=name)
+
+
+def test_ragged_rank_with_a_batch_longer_than_rank_0s_maximum_is_refused(tmp_path) -> None:
+    from attnscope.errors import ShapeError
+
+    data = _ragged([5, 5, 4, 9])
+    path = tmp_path / "mp.zarr"
+    _kw = dict(world_size=2, dtype="float32", progress=False, wait_s=60)
+    capture(_no_max_model(), _Loader(data), path, rank=0, **_kw)
+    with pytest.raises(ShapeError) as e:
+        capture(_no_max_model(), _Loader(data), path, rank=1, **_kw)
+    msg = str(e.value)
+    assert "\n" not in msg and "batch 3 has 9 encoder tokens" in msg
+    assert "maximum of 5" in msg and "every rank takes from rank 0's archive" in msg
+    with open_archive(path) as a:  # rank 1's batch before it stays committed
+        assert a.commits["range-4-8"][2] == 2 and a.n_samples == 6
+    assert verify(path).ok
+
+
+def test_fixed_length_archive_and_ragged_rank_cannot_agree(tmp_path) -> None:
+    data = _ragged([5, 5, 4, 6])
+    for b in data[:2]:  # rank 0's batches carry no padding mask: a fixed-length archive
+        del b["attention_mask"]
+    path = tmp_path / "mp.zarr"
+    _kw = dict(world_size=2, dtype="float32", progress=False, wait_s=60)
+    capture(_no_max_model(), _Loader(data), path, rank=0, **_kw)
+    with pytest.raises(ConfigError, match="rank 1: the ranks cannot agree on the token layout"):
+        capture(_no_max_model(), _Loader(data), path, rank=1, **_kw)
+    with open_archive(path) as a:
+        assert a.n_samples == 4
+
+
+def test_a_world_size_that_does_not_match_the_shards_found_is_refused(tmp_path) -> None:
+    path = tmp_path / "mp.zarr"
+    _run(path, 0)
+    _run(path, 1)
+    # 4 batches over 4 ranks: rank 1 runs batch 1, samples [2, 4) of rank 0's shard [0, 4)
+    with pytest.raises(ConfigError, match="world size does not match") as e:
+        capture(_model(), batches(4), path, rank=1, world_size=4, progress=False, wait_s=60)
+    assert "\n" not in str(e.value) and "shard [0, 4) of another rank" in str(e.value)
+    _equals_reference(path, 8)
+
+
+def test_two_processes_given_the_same_rank_are_refused(tmp_path) -> None:
+    from attnscope.errors import ArchiveLockedError
+    from attnscope.store import ArchiveWriter
+
+    path = tmp_path / "mp.zarr"
+    _run(path, 0)
+    with ArchiveWriter.open(path, sample_range=(4, 8)):  # a live rank 1 holds its shard
+        with pytest.raises(ArchiveLockedError, match="rank 1: .*two processes given rank 1"):
+            _run(path, 1)
+    assert _run(path, 1).samples == 4  # once that process is gone, rank 1 runs
+    _equals_reference(path, 8)

@@ -131,6 +131,38 @@ def test_storage_error_says_what_the_errno_means(code, what, free) -> None:
         assert ("the 4 samples committed before are safe" in msg) is bool(committed)
 
 
+class _ClientError(Exception):
+    """The shape of botocore's ClientError: an error code in ``response``."""
+
+    def __init__(self, code: str) -> None:
+        super().__init__(f"An error occurred ({code})")
+        self.response = {"Error": {"Code": code}}
+
+
+def _raised_from(err: OSError, cause: BaseException) -> OSError:
+    err.__cause__ = cause
+    return err
+
+
+@pytest.mark.parametrize(
+    ("err", "what"),
+    [
+        (FileNotFoundError("The specified bucket does not exist"),
+         "bucket 'lab' no longer exists"),
+        (_raised_from(OSError("Forbidden"), _ClientError("ExpiredToken")),
+         "access to the storage was refused mid-run"),
+        (PermissionError("The AWS Access Key Id you provided does not exist"),
+         "access to the storage was refused mid-run"),
+    ],
+)  # fmt: skip
+def test_storage_error_on_object_storage_names_the_cause(err, what) -> None:
+    msg = str(storage_error(err, "s3://lab/run.zarr", 4))
+    assert msg.startswith(what) and "'s3://lab/run.zarr'" in msg and "\n" not in msg
+    assert "[Errno" not in msg and "the 4 samples committed before are safe" in msg
+    # the same errors on a local path keep their errno's meaning
+    assert not str(storage_error(err, "run.zarr", 4)).startswith(what)
+
+
 # Runs the CLI in a child process whose HDF5 file stops growing at the n-th append: the
 # file-size limit (RLIMIT_FSIZE) is set to the file's size, so HDF5's C code fails to write
 # with EFBIG as it fails with ENOSPC on a full disk (tried on a 5 MiB tmpfs: the same, with

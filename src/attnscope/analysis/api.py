@@ -21,6 +21,7 @@ import numpy as np
 
 from attnscope._extras import require
 from attnscope.analysis._engine import ArraySpec, StatsAccumulator, analyze_block
+from attnscope.analysis._folder import TableFolder
 from attnscope.analysis.blocks import (
     detect_causal,
     query_rows,
@@ -30,7 +31,7 @@ from attnscope.analysis.blocks import (
 )
 from attnscope.analysis.statistics import entries_from_accumulators, write_statistics
 from attnscope.analysis.tables import TableWriter
-from attnscope.contracts import KIND_AXES
+from attnscope.contracts import KIND_AXES, MANIFEST, STATISTICS_JSON
 from attnscope.errors import ConfigError, SelectionError
 from attnscope.store import check_structure, open_archive
 
@@ -266,8 +267,9 @@ def analyze(
     archive_or_path : AttentionArchive, str or Path
         The archive (Zarr or HDF5, dense or sparse top-k).
     out_dir : str or Path
-        Output directory (created). Tables are written as ``*.parquet.partial`` and renamed
-        only once complete.
+        Output directory (created), or a folder at an fsspec URL (``s3://bucket/tables``,
+        reached with the archive's storage options: ``store.set_storage_options``).
+        Tables are written as ``*.parquet.partial`` and renamed only once complete.
     topk : int
         Top pairs per (sample, head) and for the head average; ``1 <= topk <= T * S``.
     sink_token : int
@@ -299,7 +301,8 @@ def analyze(
     Returns
     -------
     dict of str to Path
-        Table name -> file: ``head_stats``, ``row_stats``, ``top_pairs``, ``segment_mass``,
+        Table name -> file (a ``RemoteLocation``, a ``str``: the URL, in a folder at a
+        URL): ``head_stats``, ``row_stats``, ``top_pairs``, ``segment_mass``,
         ``head_similarity``, plus ``statistics`` (``attention_statistics.json``) and
         ``manifest`` (``manifest.json``).
 
@@ -314,8 +317,8 @@ def analyze(
         raise ConfigError(f"workers must be a positive integer, got {workers!r}")
     if int(block_bytes) < 1:
         raise ConfigError(f"block_bytes must be positive, got {block_bytes}")
-    if Path(out_dir).exists() and not Path(out_dir).is_dir():
-        raise ConfigError(f"tables folder {os.fspath(out_dir)!r} is a file; expected a folder")
+    folder = TableFolder(out_dir)
+    folder.refuse_file()
     with open_archive(archive_or_path) as a:
         check_structure(a)
         names = _select(a, arrays)
@@ -334,8 +337,7 @@ def analyze(
         jobs = [(sp, sl) for sp in specs for sl in sample_slices(a[sp.name], int(block_bytes))]
         identity = dict(a.identity())
         identity["archive"] = str(identity.get("archive", a.path))
-        out = Path(out_dir)
-        writer = TableWriter(out, identity, head_similarity)
+        writer = TableWriter(folder, identity, head_similarity)
         accs = {sp.name: StatsAccumulator() for sp in specs}
         total = sum(
             int(np.prod(a[sp.name].shape[1:])) * (sl.stop - sl.start) * a[sp.name].dtype.itemsize
@@ -355,7 +357,7 @@ def analyze(
             writer.abort()
             raise
         stats_doc = entries_from_accumulators({nm: (accs[nm], a[nm]) for nm in names})
-        paths["statistics"] = write_statistics(stats_doc, out / "attention_statistics.json")
+        paths["statistics"] = write_statistics(stats_doc, STATISTICS_JSON, folder)
         manifest = {
             "identity": identity,
             "tables": {k: v.name for k, v in paths.items()},
@@ -374,7 +376,5 @@ def analyze(
                 },
             },
         }
-        mpath = out / "manifest.json"
-        mpath.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-        paths["manifest"] = mpath
+        paths["manifest"] = folder.write_text(MANIFEST, json.dumps(manifest, indent=2) + "\n")
         return paths

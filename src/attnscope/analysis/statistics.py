@@ -171,8 +171,14 @@ def statistics_json(
     return doc
 
 
-def write_statistics(doc: Mapping[str, Any], save_path: str | os.PathLike[str]) -> Path:
-    """Write a statistics document as indented UTF-8 JSON."""
+def write_statistics(
+    doc: Mapping[str, Any], save_path: str | os.PathLike[str], folder: Any = None
+) -> Path:
+    """Write a statistics document as indented UTF-8 JSON (``save_path``: a file, or its
+    name in ``folder``, an ``analysis._folder.TableFolder``, which may be at a URL)."""
+    if folder is not None:
+        text = json.dumps(doc, indent=2, ensure_ascii=False) + "\n"
+        return folder.write_text(os.fspath(save_path), text)  # type: ignore[no-any-return]
     path = Path(save_path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

@@ -20,6 +20,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from attnscope.analysis._engine import ArraySpec
+from attnscope.analysis._folder import TableFolder
 from attnscope.contracts import (
     AVERAGE_HEAD,
     HEAD_INDEX,
@@ -32,8 +33,16 @@ from attnscope.contracts import (
 )
 from attnscope.errors import ArchiveError, ConfigError, SelectionError, StaleTableError
 from attnscope.store import open_archive
+from attnscope.store.backends.location import locate
 
-__all__ = ["TABLES", "TABLE_SCHEMAS", "TableWriter", "load_table", "StaleTableError"]
+__all__ = [
+    "TABLES",
+    "TABLE_SCHEMAS",
+    "TableWriter",
+    "load_table",
+    "StaleTableError",
+    "table_exists",
+]
 
 _ARROW_TYPES = {
     "string": pa.string(),
@@ -74,12 +83,16 @@ class TableWriter:
     """Streams block results into ``<out_dir>/<table>.parquet`` (via ``.partial`` files).
 
     Files only get their final names in :meth:`commit`, so an interrupted run never
-    leaves a complete-looking but partial table behind.
+    leaves a complete-looking but partial table behind. ``out_dir`` may be an fsspec URL
+    (``s3://bucket/tables``): see ``analysis/_folder.py``.
     """
 
-    def __init__(self, out_dir: Path, identity: dict[str, Any], similarity: str | None) -> None:
-        self.out_dir = Path(out_dir)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+    def __init__(
+        self, out_dir: str | os.PathLike[str] | TableFolder, identity: dict[str, Any],
+        similarity: str | None,
+    ) -> None:
+        self.folder = TableFolder(out_dir)
+        self.folder.prepare()
         self.identity = identity
         self.similarity = similarity
         self._writers: dict[str, pq.ParquetWriter] = {}
@@ -92,16 +105,18 @@ class TableWriter:
         out += [MEAN_HEAD_TABLES[t] for t in out]
         return out + (["head_similarity"] if self.similarity else [])
 
-    def _partial(self, name: str) -> Path:
-        return self.out_dir / f"{name}.parquet.partial"
+    def _partial(self, name: str) -> str:
+        return f"{name}.parquet.partial"
 
     def _writer(self, name: str) -> pq.ParquetWriter:
         w = self._writers.get(name)
         if w is None:
             schema = self._schemas[name]
+            where, fs = self.folder.parquet_target(self._partial(name))
             w = pq.ParquetWriter(
-                self._partial(name),
+                where,
                 schema,
+                filesystem=fs,
                 compression="zstd",
                 # Dictionary-encode the repetitive columns only: for float metrics Parquet's
                 # dictionary attempt hashes every value before falling back (~10x the cost
@@ -116,8 +131,9 @@ class TableWriter:
             labels = result.get("labels") or (spec.q_labels, spec.k_labels)
             table = self._to_table(name, spec, cols, labels)
             for part, rows in split_mean_head(name, table).items():
-                self._writer(part).write_table(rows.replace_schema_metadata(
-                    self._schemas[part].metadata))
+                rows = rows.replace_schema_metadata(self._schemas[part].metadata)
+                w = self.folder.call(self._writer, part)  # at a URL: storage errors in one line
+                self.folder.call(w.write_table, rows)
 
     def _to_table(
         self,
@@ -160,19 +176,22 @@ class TableWriter:
         arrays = [data[f.name].cast(f.type) for f in schema]
         return pa.Table.from_arrays(arrays, schema=schema)
 
-    def commit(self) -> dict[str, Path]:
-        """Close the writers and give every table its final name (empty tables included)."""
-        out: dict[str, Path] = {}
+    def commit(self) -> dict[str, Any]:
+        """Close the writers and give every table its final name (empty tables included).
+
+        Returns ``{table: Path}`` (a ``RemoteLocation`` for a folder at a URL)."""
+        out: dict[str, Any] = {}
         for name in self.tables():
             w = self._writers.get(name)
             if w is None:
-                pq.write_table(self._schemas[name].empty_table(), self._partial(name))
+                where, fs = self.folder.parquet_target(self._partial(name))
+                empty = self._schemas[name].empty_table()
+                self.folder.call(pq.write_table, empty, where, filesystem=fs)
             else:
-                w.close()
+                self.folder.call(w.close)  # at a URL: the object is uploaded here
                 del self._writers[name]
-            final = self.out_dir / f"{name}.parquet"
-            os.replace(self._partial(name), final)
-            out[name] = final
+            self.folder.replace(self._partial(name), f"{name}.parquet")
+            out[name] = self.folder.file(f"{name}.parquet")
         return out
 
     def abort(self) -> None:
@@ -186,7 +205,10 @@ class TableWriter:
                 pass
         self._writers.clear()
         for name in self.tables():
-            self._partial(name).unlink(missing_ok=True)
+            try:
+                self.folder.remove(self._partial(name))
+            except Exception:  # noqa: BLE001 - storage gone: the error on its way out wins
+                pass
 
 
 def split_mean_head(name: str, table: pa.Table) -> dict[str, pa.Table]:
@@ -204,12 +226,25 @@ def split_mean_head(name: str, table: pa.Table) -> dict[str, pa.Table]:
 
 
 def _resolve(path: Any) -> str:
-    return str(Path(str(path)).resolve()) if path is not None else ""
+    if path is None:
+        return ""
+    loc = locate(path)
+    return str(loc) if loc.remote else str(Path(loc).resolve())
 
 
-def table_identity(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The archive identity stored in a table's Parquet metadata."""
-    meta = pq.read_schema(path).metadata or {}
+def table_exists(out_dir: str | os.PathLike[str], name: str) -> bool:
+    """Whether the tables folder ``out_dir`` (a local folder or a URL) holds ``name``
+    (e.g. ``"timeline.parquet"``)."""
+    return TableFolder(out_dir).exists(name)
+
+
+def table_identity(
+    path: str | os.PathLike[str], folder: TableFolder | None = None
+) -> dict[str, Any]:
+    """The archive identity stored in a table's Parquet metadata (``path``: a file, or
+    its name in ``folder``)."""
+    schema = pq.read_schema(path) if folder is None else folder.read_schema(os.fspath(path))
+    meta = schema.metadata or {}
     raw = meta.get(_IDENTITY_KEY)
     if raw is None:
         raise ArchiveError(
@@ -243,7 +278,7 @@ def load_table(
     Parameters
     ----------
     out_dir : str or Path
-        The directory :func:`attnscope.analysis.analyze` wrote to.
+        The directory :func:`attnscope.analysis.analyze` wrote to (or its URL).
     name : str
         Table name, one of :data:`TABLES` (with or without ``.parquet``).
     archive : AttentionArchive or path, optional
@@ -288,11 +323,14 @@ def load_table(
             mean.insert(int(heads.columns.get_loc(HEAD_INDEX)), HEAD_INDEX,
                         np.full(len(mean), AVERAGE_HEAD, dtype=np.int64))
         return _concat(heads, mean)
-    path = Path(out_dir) / f"{name}.parquet"
-    base = Path(out_dir) / f"{_BASE_OF.get(name, name)}.parquet"
-    if not path.exists() and name in _BASE_OF and base.exists() and _is_old(base):
-        path = base  # a table of version 1: its mean rows live in the per-head table
-    if not path.exists():
+    folder = TableFolder(out_dir)
+    file = f"{name}.parquet"
+    base = f"{_BASE_OF.get(name, name)}.parquet"
+    if (not folder.exists(file) and name in _BASE_OF and folder.exists(base)
+            and _is_old(folder, base)):  # fmt: skip
+        file = base  # a table of version 1: its mean rows live in the per-head table
+    path = folder.file(file)
+    if not folder.exists(file):
         raise FileNotFoundError(
             f"no table {path}; run attnscope analyze first (similarity tables need "
             "head_similarity set)"
@@ -300,7 +338,7 @@ def load_table(
     if archive is not None:
         with open_archive(archive) as a:
             want = a.identity()
-        got = table_identity(path)
+        got = table_identity(file, folder)
         for key in ("fingerprint", "n_samples", "archive"):
             g, w = got.get(key), want.get(key)
             if key == "archive":
@@ -311,26 +349,26 @@ def load_table(
                     f"{key}={got.get(key)!r}, but the archive now has {key}={want.get(key)!r}; "
                     "re-run attnscope analyze"
                 )
-    if not _is_old(path):
-        return pq.read_table(path, columns=columns).to_pandas()
-    return _read_old(path, name, columns)
+    if not _is_old(folder, file):
+        return folder.read_table(file, columns=columns).to_pandas()
+    return _read_old(folder, file, name, columns)
 
 
-def _is_old(path: Path) -> bool:
+def _is_old(folder: TableFolder, file: str) -> bool:
     """Whether a per-head table predates version 2 (``head`` column, mean rows inside)."""
-    return _OLD_HEAD in pq.read_schema(path).names
+    return _OLD_HEAD in folder.read_schema(file).names
 
 
-def _read_old(path: Path, name: str, columns: list[str] | None) -> Any:
+def _read_old(folder: TableFolder, file: str, name: str, columns: list[str] | None) -> Any:
     """A table of version 1 (top_pairs: 2) read as the current version: ``head`` renamed
     ``head_index`` and the rows split between the per-head and the mean table."""
     mean = name in _BASE_OF
     want = [c for c, _t in TABLE_COLUMNS[name]] if columns is None else columns
-    old = pq.read_schema(path).names
+    old = folder.read_schema(file).names
     read = [_OLD_HEAD if c == HEAD_INDEX else c for c in want if c in old or c == HEAD_INDEX]
     op = "==" if mean else "!="
-    table = pq.read_table(path, columns=list(dict.fromkeys([*read, _OLD_HEAD])),
-                          filters=[(_OLD_HEAD, op, AVERAGE_HEAD)])
+    table = folder.read_table(file, columns=list(dict.fromkeys([*read, _OLD_HEAD])),
+                              filters=[(_OLD_HEAD, op, AVERAGE_HEAD)])
     if mean or HEAD_INDEX not in want:
         table = table.drop_columns([_OLD_HEAD])
     else:

@@ -121,7 +121,7 @@ def timeline(
         episode = np.asarray(ids[EPISODE_ID]).astype(np.int64)
         step = np.asarray(ids[STEP_ID]).astype(np.int64)
         names = _select(arc, query, arrays)
-        w = _TimelineWriter(Path(out_dir), arc.identity(), None)
+        w = _TimelineWriter(out_dir, arc.identity(), None)  # a local folder or a URL
         try:
             for name in names:
                 for table in _array_tables(arc, name, query, episode, step, w, block_bytes):

@@ -359,6 +359,8 @@ class _Job:
         self._forward(bi, batch)
         lengths = side_lengths(self.recorder.shapes)
         streamed = bool(self.recorder.streamed)
+        if first and self.shard is not None and self.shard.rank > 0 and self.adapter.ragged_ok:
+            self.lengths.join(self.shard.created_meta(self.path), self.shard.rank)  # its maxima
         layout = self.lengths.decide(batch, lengths, self._layout(batch)) if first else (
             self.lengths.layout(lengths) if self.lengths.ragged else self._layout(batch)
         )

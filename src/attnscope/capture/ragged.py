@@ -138,6 +138,9 @@ class Lengths:
             if adapter.ragged_ok and max_length is None and not isinstance(batches, (list, tuple))
             else None
         )
+        # a rank > 0 of a multi-process capture: (rank 0's maxima, None: fixed-length), as
+        # its archive's metadata has them (see join)
+        self.joined: tuple[dict[str, int] | None, int] | None = None
         self.max_lengths: dict[str, int] | None = None  # ragged: side -> maximum tokens
         self.fixed: TokenLayout | None = None  # fixed-length: the archive's layout
         # resume: side -> token fields the committed samples carry (None: not checked)
@@ -145,10 +148,20 @@ class Lengths:
 
     # -- the archive's shape -------------------------------------------------------------
 
+    def join(self, meta: Mapping[str, Any], rank: int) -> None:
+        """A rank > 0 of a multi-process capture takes the maxima rank 0 chose (exchanged
+        through the archive's metadata), so every rank agrees whatever its own first batch:
+        :meth:`decide` then adopts them and :meth:`check` refuses a batch that does not fit."""
+        given = meta.get("max_lengths")
+        self.joined = ({str(k): int(v) for k, v in given.items()} if given else None, rank)
+
     def decide(self, batch: Any, lengths: Mapping[str, int], layout: TokenLayout) -> TokenLayout:
         """First batch of a new archive: ragged or not, the maxima; returns the layout."""
         masks = self.adapter.masks(batch) if self.adapter.ragged_ok else None
-        if self.option is None and masks is None and not self.differ:
+        ragged = not (self.option is None and masks is None and not self.differ)
+        if self.joined is not None:
+            return self._adopt_joined(lengths, layout, ragged)
+        if not ragged:
             self.fixed = layout
             return layout
         opt = self.option
@@ -167,6 +180,29 @@ class Lengths:
             self.max_lengths[side] = (
                 int(want) if want is not None else max(n, self.scanned.get(side, 0))
             )
+        return self.layout(lengths)
+
+    def _adopt_joined(
+        self, lengths: Mapping[str, int], layout: TokenLayout, ragged: bool
+    ) -> TokenLayout:
+        assert self.joined is not None
+        have, rank = self.joined
+        if have is None:
+            if ragged:
+                raise ConfigError(
+                    f"rank {rank}: the ranks cannot agree on the token layout: rank 0 made a "
+                    "fixed-length archive (its first batch had no padding mask), this rank's "
+                    "batches are ragged; pass the same max_length (--max-length) to every rank"
+                )
+            self.fixed = layout
+            return layout
+        if set(lengths) - set(have):
+            raise ConfigError(
+                f"rank {rank}: the ranks cannot agree on the token layout: rank 0's archive "
+                f"has sides {sorted(have)}, this rank's batches {sorted(lengths)}; every rank "
+                "needs the same model, kinds and inputs"
+            )
+        self.max_lengths = dict(have)
         return self.layout(lengths)
 
     def adopt(self, meta: Mapping[str, Any], token_fields: Mapping[str, Any], n: int) -> None:
@@ -221,6 +257,8 @@ class Lengths:
                     why = f"max_lengths[{side!r}]"
                     if self.model_max is not None and cap == self.model_max[0]:
                         why += f": {self.model_max[1]}"
+                    elif self.joined is not None and self.option is None:
+                        why += ", which every rank takes from rank 0's archive"
                     raise ShapeError(
                         f"batch {bi} has {n} {side} tokens, more than the archive's maximum "
                         f"of {cap} ({why}); nothing of this batch was written "

@@ -70,11 +70,15 @@ class Shard:
             meta, err = _created(path)
             if meta is not None:
                 self._check(meta, identity, layout, bsz)
+                self._check_world(meta, bsz)
                 try:
                     return ArchiveWriter.open(path, sample_range=rng)
                 except ArchiveLockedError as e:
                     if not e.whole:  # another process runs this rank's samples
-                        raise ArchiveLockedError(f"rank {self.rank}: {e}") from None
+                        raise ArchiveLockedError(
+                            f"rank {self.rank}: {e} (two processes given rank {self.rank}? "
+                            "expected one process per rank)"
+                        ) from None
                     why = f"a whole-archive writer still holds it ({e})"
             elif err is not None:
                 why = f"it is not readable yet ({err})"
@@ -84,6 +88,44 @@ class Shard:
                     f"{why}"
                 )
             time.sleep(0.2)
+
+    def created_meta(self, path: Path) -> dict[str, Any]:
+        """The root metadata of the archive rank 0 created, waiting for it up to
+        ``wait_s`` (how ranks > 0 learn what rank 0 decided, e.g. a ragged archive's
+        maxima)."""
+        deadline = time.monotonic() + self.wait_s
+        while True:
+            meta, err = _created(path)
+            if meta is not None:
+                return meta
+            if time.monotonic() > deadline:
+                why = "it was not created by rank 0" if err is None else f"{err}"
+                raise CaptureError(
+                    f"rank {self.rank}: archive {path} was not ready within {self.wait_s} s: "
+                    f"{why}"
+                )
+            time.sleep(0.2)
+
+    def _check_world(self, meta: dict[str, Any], bsz: int) -> None:
+        """Refuse a world size that does not match the ranks the archive was made for
+        (its capacity and the sample ranges its ranks committed)."""
+        cap = meta.get("capacity")
+        want = self.total if self.total is not None else self.n_batches * bsz
+        if isinstance(cap, int) and cap != want:
+            raise ConfigError(
+                f"rank {self.rank}: the archive holds {cap} samples but this run's batches "
+                f"give {want}; rejoin with the batches that made it"
+            )
+        found = sorted(_ranges(meta))
+        mine = (self.first_batch * bsz, min(want, self.stop_batch * bsz))
+        bad = [r for r in found if r != mine and r[0] < mine[1] and mine[0] < r[1]]
+        if bad:
+            raise ConfigError(
+                f"rank {self.rank}: world size does not match the archive's shards: this "
+                f"rank's samples {_show(mine)} overlap the committed shard {_show(bad[0])} of "
+                f"another rank (shards found: {', '.join(map(_show, found))}); rejoin with "
+                "the world size (--world-size) that wrote the archive"
+            )
 
 
     def _check(
@@ -101,6 +143,19 @@ class Shard:
                 )
         except ConfigError as e:
             raise ConfigError(f"rank {self.rank}: {e}") from None
+
+
+def _show(r: tuple[int, int]) -> str:
+    return f"[{r[0]}, {r[1]})"
+
+
+def _ranges(meta: dict[str, Any]) -> list[tuple[int, int]]:
+    """Sample ranges of the range writers (ranks) that committed to the archive."""
+    out = []
+    for rid, rec in (meta.get("commits") or {}).items():
+        if rid.startswith("range-") and len(rec) == 3 and int(rec[2]) > 0:
+            out.append((int(rec[0]), int(rec[1])))
+    return out
 
 
 def _creation(path: Path) -> str:

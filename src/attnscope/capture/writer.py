@@ -180,18 +180,65 @@ _ADVICE = {
 }
 
 
+# error codes of object stores (botocore's ClientError codes) whose credentials stopped
+# working mid-run, and of a bucket that is gone
+_DENIED = frozenset({"AccessDenied", "InvalidAccessKeyId", "ExpiredToken", "ExpiredTokenException",
+                     "InvalidToken", "InvalidClientTokenId", "SignatureDoesNotMatch",
+                     "RequestExpired", "TokenRefreshRequired"})  # fmt: skip
+_NO_BUCKET = frozenset({"NoSuchBucket"})
+
+
+def _codes(e: BaseException) -> set[str]:
+    """Exception type names and ``response["Error"]["Code"]`` values along ``e``'s causes."""
+    out: set[str] = set()
+    seen: set[int] = set()
+    cur: BaseException | None = e
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        out.add(type(cur).__name__)
+        code = (getattr(cur, "response", None) or {}).get("Error", {}).get("Code")
+        if isinstance(code, str):
+            out.add(code)
+        cur = cur.__cause__ or cur.__context__
+    return out
+
+
+def _remote_cause(e: OSError, url: str) -> tuple[str, str] | None:
+    """``(what happened, what to do)`` for a failed write to object storage, or None."""
+    from attnscope.store.backends.remote import bucket_of
+
+    codes = _codes(e)
+    text = " ".join(str(e).split())[:160]
+    if codes & _NO_BUCKET or (isinstance(e, FileNotFoundError) and bucket_of(url)):
+        return (f"bucket {bucket_of(url)!r} no longer exists ({text})",
+                "restore the bucket (attnscope never creates buckets)")  # fmt: skip
+    if codes & _DENIED or isinstance(e, PermissionError):
+        return (f"access to the storage was refused mid-run ({text})",
+                "renew the credentials (storage options key/secret/token, AWS_* or the "
+                "profile)")  # fmt: skip
+    return None
+
+
 def storage_error(e: OSError, path: Any, committed: int) -> CaptureError:
-    """A one-line error for a failed write: what the errno means, what to do, and that
-    the committed samples are safe (only disk full / quota advises freeing space)."""
+    """A one-line error for a failed write: what the errno means (on object storage: a
+    bucket that is gone, credentials that stopped working), what to do, and that the
+    committed samples are safe (only disk full / quota advises freeing space)."""
+    from attnscope.store.backends.location import locate
+
     what, todo = _ADVICE.get(e.errno or 0, (e.strerror or str(e), "fix the cause"))
+    cause = _remote_cause(e, str(path)) if locate(path).remote else None
+    if cause is not None:
+        what, todo = cause
     if committed:
         then = (
             f"the {committed} samples committed before are safe: {todo} and run again "
-            "with resume=True (attnscope capture ... --resume)"
+            "with resume=True (attnscope capture ... --resume; a rank of a multi-process "
+            "capture: its same command)"
         )
     else:
         then = f"no sample was committed: {todo} and run again (--resume if the archive exists)"
-    err = CaptureError(f"{what} while writing {str(path)!r} ([Errno {e.errno}]); {then}")
+    no = "" if e.errno is None else f" ([Errno {e.errno}])"
+    err = CaptureError(f"{what} while writing {str(path)!r}{no}; {then}")
     err.__cause__ = e
     return err
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 from attnscope.contracts import AVERAGE_HEAD, KIND_AXES
@@ -23,9 +22,9 @@ def head_tag(h: int | None) -> str:
 
 def load_timeline(tables_dir: str | os.PathLike | None, arc: Any) -> Any:
     """The ``timeline`` table of ``tables_dir``, checked against ``arc``."""
-    from attnscope.analysis.tables import load_table
+    from attnscope.analysis.tables import load_table, table_exists
 
-    if tables_dir is None or not (Path(tables_dir) / "timeline.parquet").exists():
+    if tables_dir is None or not table_exists(tables_dir, "timeline.parquet"):
         raise ConfigError(
             f"figure type 'timeline' needs timeline.parquet in the tables folder (got "
             f"{None if tables_dir is None else str(tables_dir)!r}): run "
@@ -34,11 +33,18 @@ def load_timeline(tables_dir: str | os.PathLike | None, arc: Any) -> Any:
     return load_table(tables_dir, "timeline", arc, with_mean_head=True)
 
 
+def has_timeline(tables_dir: Any) -> bool:
+    """Whether the tables folder (local or a URL) holds ``timeline.parquet``."""
+    from attnscope.analysis.tables import table_exists  # reading only
+
+    return table_exists(tables_dir, "timeline.parquet")
+
+
 def default_what(arc: Any, what: tuple[str, ...], tables_dir: Any) -> tuple[str, ...]:
     """``what=None``: overlays only for layouts with image groups, timelines only when the
     tables folder has one."""
     sides = [lay for lay in (arc.layout.encoder, arc.layout.decoder) if lay is not None]
-    has_tl = tables_dir is not None and (Path(tables_dir) / "timeline.parquet").exists()
+    has_tl = tables_dir is not None and has_timeline(tables_dir)
     keep = {"overlay": any(overlay.image_groups(lay) for lay in sides), "timeline": has_tl}
     return tuple(w for w in what if keep.get(w, True))
 

@@ -239,11 +239,11 @@ def load_tables(tables_dir: str | os.PathLike, arc: Any) -> dict[str, Any]:
     Read with :func:`attnscope.analysis.load_table` against ``arc``, so tables computed
     from another archive raise :class:`~attnscope.errors.StaleTableError`.
     """
-    from attnscope.analysis.tables import load_table  # reading only; no analysis is run
+    from attnscope.analysis.tables import load_table, table_exists  # reading only
 
     found = {}
     for name in FIGURE_TABLES:
-        if not (Path(tables_dir) / f"{name}.parquet").exists():
+        if not table_exists(tables_dir, f"{name}.parquet"):  # a local folder or a URL
             raise ArchiveNotFoundError(
                 f"no {name}.parquet in {tables_dir}; expected the folder written by "
                 f"`attnscope analyze ARCHIVE --out {tables_dir}`"

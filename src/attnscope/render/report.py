@@ -33,7 +33,7 @@ from matplotlib.colors import to_rgb
 from attnscope.contracts import AVERAGE_HEAD, HEAD_INDEX, KIND_AXES, STACKS
 from attnscope.errors import ConfigError, SelectionError, ShapeError
 from attnscope.render._crop import crop_layout, positions_of, read_real
-from attnscope.render._figure_jobs import load_timeline
+from attnscope.render._figure_jobs import has_timeline, load_timeline
 from attnscope.render._prepare import block_reduce, causal_mask
 from attnscope.render._style import STYLE, colormap, mask_color
 from attnscope.render._viewer import CSS, markup, script
@@ -205,7 +205,7 @@ def _frames(arc: AttentionArchive, images: dict[str, list[Any]], samples: Sequen
 def _timeline(tables_dir: str | os.PathLike[str], arc: AttentionArchive) -> dict[str, Any] | None:
     """The ``timeline`` table as lines: ``{"stack|kind": {episode: {layer: {head: [[key
     segment, steps, mass], ...]}}}}``; None without ``timeline.parquet``."""
-    if not (Path(tables_dir) / "timeline.parquet").exists():
+    if not has_timeline(tables_dir):  # a local folder or a URL
         return None
     df = load_timeline(tables_dir, arc)
     series: dict[str, Any] = {}
