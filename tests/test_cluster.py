@@ -30,7 +30,8 @@ from s3_testlib import moto_s3  # noqa: E402
 
 from attnscope.analysis.tables import TABLES  # noqa: E402
 from attnscope.cli import cli  # noqa: E402
-from attnscope.store import open_archive, remote, verify  # noqa: E402
+from attnscope.store import open_archive, verify  # noqa: E402
+from attnscope.store.backends import remote  # noqa: E402
 
 MODEL = {
     "embed_dim": 32,

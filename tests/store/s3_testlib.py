@@ -52,7 +52,7 @@ def moto_s3() -> Iterator[S3]:
     import moto.server
     import s3fs
 
-    from attnscope.store import remote
+    from attnscope.store.backends import remote
 
     saved = {k: os.environ.get(k) for k in ("AWS_EC2_METADATA_DISABLED", "AWS_DEFAULT_REGION")}
     os.environ.update(AWS_EC2_METADATA_DISABLED="true", AWS_DEFAULT_REGION="us-east-1")
