@@ -14,6 +14,7 @@ from typing import Any
 import click
 
 from attnscope import __version__
+from attnscope._cli_params import ARCHIVE, LOCAL, TABLES, int_list, str_list
 from attnscope._extras import EXTRA_OF, missing_extra_error
 from attnscope.contracts import COMPRESSORS, DTYPES, FIGURE_FORMATS, FIGURE_KINDS, FORMATS
 from attnscope.errors import AttnscopeError, ConfigError
@@ -57,88 +58,12 @@ def _one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {' '.join(str(e).split())}"
 
 
-def _int_list(ctx: click.Context, param: click.Parameter, value: str | None) -> list[int] | None:
-    """Comma-separated integers and low-high ranges ('0,2,4-7'). An empty list or a
-    reversed range ('3-1') would select nothing: refused in one line naming the value."""
-    if value is None:
-        return None
-    form = "expected integers like '0,2,4-7' (ranges low-high)"
-    out: list[int] = []
-    for part in (p.strip() for p in value.split(",")):
-        try:
-            ends = [int(x) for x in part.split("-", 1)] if "-" in part[1:] else [int(part)]
-        except ValueError:
-            if not part:
-                continue
-            raise click.BadParameter(f"{form}, got {value!r}") from None
-        if len(ends) == 2 and ends[0] > ends[1]:
-            raise ConfigError(f"--{param.name} {value!r}: range {part!r} is reversed; {form}")
-        out.extend(range(ends[0], ends[-1] + 1))
-    if not out:
-        raise ConfigError(f"--{param.name} selects nothing: got {value!r}; {form}")
-    return out
 
-
-def _str_list(ctx: click.Context, param: click.Parameter, value: str | None) -> list[str] | None:
-    return None if value is None else [v.strip() for v in value.split(",") if v.strip()]
-
-
-class _Archive(click.ParamType):
-    """An archive path or fsspec URL, resolved once into a ``Location`` (``Path`` would
-    fold ``s3://`` into ``s3:/``)."""
-
-    name = "archive"
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
-        if not isinstance(value, str):
-            return value
-        from attnscope.store.backends.location import locate
-
-        return locate(value)
-
-
-ARCHIVE = _Archive()
-
-
-class _LocalPath(click.Path):
-    """A local output or table folder: a URL is refused (``Path`` would fold ``s3://b/t``
-    into a local folder ``s3:/b/t``); a ``file://`` URL becomes its local path."""
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
-        from attnscope.store.backends.remote import fspath, is_url
-
-        if isinstance(value, str) and is_url(value):
-            self.fail(f"{value!r} is a URL; figures and reports are local files only, "
-                      "expected a local path", param, ctx)  # fmt: skip
-        if isinstance(value, str):
-            value = fspath(value)
-        return super().convert(value, param, ctx)
-
-
-LOCAL = _LocalPath(path_type=Path)
-
-
-class _TablesFolder(click.ParamType):
-    """A tables folder: a local path, or an fsspec URL (``s3://bucket/tables``, kept whole
-    like an archive URL; reached with the archive's storage options)."""
-
-    name = "folder"
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
-        if not isinstance(value, str):
-            return value
-        from attnscope.store.backends.location import locate
-
-        return locate(value)
-
-
-TABLES = _TablesFolder()
-
-layers_opt = click.option("--layers", callback=_int_list, help="Layer indices, e.g. '0,2', '0-3'.")
-heads_opt = click.option("--heads", callback=_int_list, help="Head indices, e.g. '0,3'.")
+layers_opt = click.option("--layers", callback=int_list, help="Layer indices, e.g. '0,2', '0-3'.")
+heads_opt = click.option("--heads", callback=int_list, help="Head indices, e.g. '0,3'.")
 kinds_opt = click.option(
     "--kinds",
-    callback=_str_list,
+    callback=str_list,
     help="Kinds: self_attention, cross_attention or stack/kind, comma-separated.",
 )
 format_opt = click.option(
@@ -431,11 +356,11 @@ def analyze(archive: Path, out: Path, topk: int, sink_token: int, workers: int,
 @cli.command()
 @click.argument("archive", type=ARCHIVE)
 @click.option("--out", type=LOCAL, required=True, help="Figures folder.")
-@click.option("--layers", callback=_int_list, help="Layer indices, e.g. '0,2', '0-3'.")
-@click.option("--heads", callback=_int_list, help="Head indices, e.g. '0,3'.")
-@click.option("--samples", callback=_int_list, help="Sample indices (default: 0).")
+@click.option("--layers", callback=int_list, help="Layer indices, e.g. '0,2', '0-3'.")
+@click.option("--heads", callback=int_list, help="Head indices, e.g. '0,3'.")
+@click.option("--samples", callback=int_list, help="Sample indices (default: 0).")
 @kinds_opt
-@click.option("--what", callback=_str_list, default=None,
+@click.option("--what", callback=str_list, default=None,
               help=f"Figure families, any of {','.join(FIGURE_KINDS)} (default: all; "
                    "tables only with --tables, overlay for image groups, timeline with its table).")
 @click.option("--tables", "tables_dir", type=TABLES, default=None,
@@ -494,7 +419,7 @@ def render(archive: Path, out: Path, layers: list[int] | None, heads: list[int] 
               show_default=True)
 @click.option("--sample", type=int, default=None,
               help="Sample shown when it opens (default: the first of --samples, else 0).")
-@click.option("--samples", callback=_int_list,
+@click.option("--samples", callback=int_list,
               help="Samples embedded in the viewer, e.g. '0-3,9' (default: as many as fit "
                    "~1.3 MB, from 0).")
 def report(archive: Path, tables_dir: Path | None, out: Path, sample: int | None,
@@ -531,9 +456,9 @@ def report(archive: Path, tables_dir: Path | None, out: Path, sample: int | None
 @click.argument("archive", type=ARCHIVE)
 @click.option("--out", type=LOCAL, required=True,
               help="Folder for rollout.parquet (and rollout/ figures).")
-@click.option("--samples", callback=_int_list,
+@click.option("--samples", callback=int_list,
               help="Samples to roll out, e.g. '0-3,9' (default: all).")
-@click.option("--heads", callback=_int_list,
+@click.option("--heads", callback=int_list,
               help="Original head ids to average (default: every stored head).")
 @click.option("--figures", is_flag=True,
               help="Also draw rollout heatmaps (of the --samples given, else of sample 0).")
@@ -570,8 +495,8 @@ def rollout(archive: Path, out: Path, samples: list[int] | None, heads: list[int
               help="Folder for diff.parquet (and diff/ figures).")
 @click.option("--figures", is_flag=True,
               help="Also draw B - A heatmaps (head mean) and per-layer/head JS summaries.")
-@click.option("--samples", callback=_int_list, help="Samples drawn with --figures (default: 0).")
-@click.option("--heads", callback=_int_list,
+@click.option("--samples", callback=int_list, help="Samples drawn with --figures (default: 0).")
+@click.option("--heads", callback=int_list,
               help="Heads drawn with --figures, besides the head mean.")
 @click.option("--fmt", type=click.Choice(FIGURE_FORMATS), default="png", show_default=True)
 def diff(archive_a: Path, archive_b: Path, out: Path, figures: bool,
