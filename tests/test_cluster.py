@@ -127,8 +127,8 @@ def _equal_archives(url: str, local: Path) -> None:
     assert verify(url).ok
     with open_archive(url) as a, open_archive(local) as b:
         assert a.n_samples == b.n_samples == 8
-        assert a.arrays() == b.arrays()
-        for name in b.arrays():
+        assert a.arrays == b.arrays
+        for name in b.arrays:
             np.testing.assert_array_equal(a[name][:], b[name][:], err_msg=name)
         ids, want = a.sample_ids, b.sample_ids
         assert sorted(ids) == sorted(want)

@@ -556,11 +556,22 @@ class RemoteLease:
         return self
 
     def check(self) -> None:
-        """Raise unless this writer's record is still the one at its name (one GET)."""
+        """Raise unless this writer's record is still the one at its name (a HEAD and a
+        GET). A failure of the store itself (access denied, the bucket gone) is raised as
+        the store's ``OSError``, as a failed chunk write would be, for the caller to name."""
         fs, root = filesystem(self.dir, cached=False)
-        found = self._read(fs, f"{root}/{self.name}")
-        if found is None or found.get("token") != self.token:
-            raise lost_error(self.archive, self.file, found)
+        full = f"{root}/{self.name}"
+        try:
+            found = json.loads(fs.cat_file(full))
+        except FileNotFoundError:
+            bucket = bucket_of(self.archive)
+            if bucket is not None and not _bucket_exists(fs, bucket, root):
+                raise  # the bucket is gone, not only the lease
+            found = None
+        except ValueError:
+            found = None
+        if not isinstance(found, dict) or found.get("token") != self.token:
+            raise lost_error(self.archive, self.file, found if isinstance(found, dict) else None)
 
     def release(self) -> None:
         """Delete this writer's lock object (idempotent; errors are ignored)."""
