@@ -14,10 +14,7 @@ scripts, or the CLI.
 from __future__ import annotations
 
 import html
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from attnscope.store.reader import AttentionArchive, AttentionArray
+from typing import Any
 
 __all__ = ["archive_html", "array_html"]
 
@@ -39,7 +36,7 @@ def _labels(labels: Any, n: int = 6) -> str:
     return ", ".join(shown) + (", ..." if len(labels) > n else "")
 
 
-def archive_html(arc: AttentionArchive) -> str:
+def archive_html(arc: Any) -> str:  # an AttentionArchive (reader imports this module)
     """The archive's summary table as an HTML fragment."""
     try:
         meta = arc.metadata
@@ -78,7 +75,7 @@ def archive_html(arc: AttentionArchive) -> str:
     )
 
 
-def array_html(arr: AttentionArray) -> str:
+def array_html(arr: Any) -> str:  # an AttentionArray
     """The array's interactive viewer (drawn by render, imported here, lazily)."""
     from attnscope.render.notebook import array_html as viewer_html
 

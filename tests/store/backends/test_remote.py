@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import logging
 import os
 import signal
 import subprocess
@@ -25,9 +24,10 @@ import pandas as pd
 import pytest
 
 pytest.importorskip("s3fs")
-moto_server = pytest.importorskip("moto.server")
+pytest.importorskip("moto.server")
 
 from click.testing import CliRunner  # noqa: E402
+from s3_testlib import BUCKET, KEYS, moto_s3  # noqa: E402
 
 from attnscope.cli import cli  # noqa: E402
 from attnscope.errors import (  # noqa: E402
@@ -47,8 +47,6 @@ from attnscope.store import (  # noqa: E402
 )
 from attnscope.store.backends import remote  # noqa: E402
 
-BUCKET = "attnscope-test"
-KEYS = {"key": "testing", "secret": "testing"}
 _ref = importlib.util.spec_from_file_location(
     "capture_ref_data", Path(__file__).parents[2] / "capture" / "ref_data.py"
 )
@@ -59,29 +57,8 @@ _ref.loader.exec_module(ref_data)  # type: ignore[union-attr]
 @pytest.fixture(scope="module")
 def endpoint():
     """A moto S3 server on a free local port, one bucket, options registered for s3://."""
-    saved = {k: os.environ.get(k) for k in ("AWS_EC2_METADATA_DISABLED", "AWS_DEFAULT_REGION")}
-    os.environ.update(AWS_EC2_METADATA_DISABLED="true", AWS_DEFAULT_REGION="us-east-1")
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
-    srv = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    srv.start()
-    host, port = srv.get_host_and_port()
-    url = f"http://{host}:{port}"
-    opts = {"endpoint_url": url, **KEYS}
-    remote.set_storage_options("s3://", opts)
-    import s3fs
-
-    try:
-        s3fs.S3FileSystem(**opts).mkdir(BUCKET)
-    except FileExistsError:  # moto's state is per process: a second server sees the bucket
-        pass
-    yield url
-    remote.set_storage_options("s3://", None)
-    srv.stop()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with moto_s3() as s3:
+        yield s3.endpoint
 
 
 @pytest.fixture
